@@ -1,0 +1,139 @@
+"""AsyncLLM: the engine loop on its own thread, driven from asyncio (the server's interface).
+
+HTTP handlers never run model code: they put commands into an inbox; the loop thread applies them between
+steps, runs steps, and hands each output to the request's asyncio queue with call_soon_threadsafe."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+from ferry.engine.engine import LLMEngine, PromptInput
+from ferry.engine.stats import EngineStats
+from ferry.errors import InvalidRequest, Overloaded
+from ferry.request import FinishReason, RequestOutput, SamplingParams
+
+log = logging.getLogger("ferry")
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.max_model_len = engine.max_model_len
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._stats = engine.stats()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ferry-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_options(cls, model: str, **options) -> "AsyncLLM":
+        from ferry.engine.options import engine_config
+        return cls(LLMEngine.from_config(engine_config(model, **options)))
+
+    # -- asyncio side -----------------------------------------------------------------------------
+
+    async def generate(self, prompt: PromptInput, params: SamplingParams, request_id: str,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request; the last has finished=True. Raises InvalidRequest /
+        ContextLengthExceeded / Overloaded before the first output. Closing the iterator early aborts it."""
+        if self._stop.is_set():
+            raise Overloaded("the engine is shutting down")
+        _, ids = self.engine.encode_prompt(prompt)  # validation only reads immutable engine state
+        self.engine.validate(ids, params)
+        with self._lock:
+            if request_id in self._streams:
+                raise InvalidRequest(f"request id {request_id!r} is already in use")
+            if self._pending() >= self.engine.config.scheduler.max_waiting:
+                raise Overloaded(f"{self._pending()} requests are waiting (max {self.engine.config.scheduler.max_waiting}); retry later")
+            loop, q = asyncio.get_running_loop(), asyncio.Queue()
+            self._streams[request_id] = (loop, q)
+        self._inbox.put(("add", request_id, prompt, params, priority))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def _pending(self) -> int:
+        return self._stats.num_waiting + self._inbox.qsize()
+
+    async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting requests; with drain, let the running ones finish first."""
+        self._stop.set()
+        self._inbox.put(("wake",))
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # -- engine thread ----------------------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _apply(self, cmd: tuple) -> None:
+        if cmd[0] == "add":
+            _, rid, prompt, params, priority = cmd
+            try:
+                self.engine.add_request(rid, prompt, params, priority=priority)
+            except Exception as e:
+                self._deliver(rid, e)
+        elif cmd[0] == "abort":
+            out = self.engine.abort_request(cmd[1])
+            if out is not None:
+                self._deliver(cmd[1], out)
+
+    def _loop(self) -> None:
+        while True:
+            block = not self.engine.has_unfinished()
+            if block and self._stop.is_set():
+                break
+            try:
+                cmd = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+                self._apply(cmd)
+                while True:
+                    self._apply(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            if self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except Exception:  # the engine itself is broken: fail everyone rather than hang
+                    log.exception("engine loop failed")
+                    outputs = []
+                    for rid in list(self.engine.output.groups):
+                        out = self.engine.end_request(rid, FinishReason.ERROR, "internal engine error")
+                        if out:
+                            outputs.append(out)
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+            self._stats = self.engine.stats()

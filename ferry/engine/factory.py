@@ -1,0 +1,72 @@
+"""The one place that turns an EngineConfig into objects (policies by name included)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ferry.config import EngineConfig, ModelConfig
+from ferry.engine.engine import EngineParts
+from ferry.errors import InvalidRequest
+from ferry.kvcache.manager import KVCacheManager
+from ferry.kvcache.storage import KVStorage, bytes_per_block
+from ferry.models.loader import load_model
+from ferry.runner.runner import Runner
+from ferry.sampling import Sampler
+from ferry.scheduler.policies import POLICIES
+from ferry.scheduler.scheduler import Scheduler
+from ferry.tokenizer import Tokenizer
+
+log = logging.getLogger("ferry")
+
+
+def resolve_dtype(name: str, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        name = model_cfg.checkpoint_dtype
+        if name == "float16" and device.type == "cpu":
+            name = "bfloat16"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise InvalidRequest(f"dtype {name!r} is not supported; use float32 or bfloat16")
+    return dtypes[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidRequest(f"unknown device {name!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest("device cuda was asked for but this torch build has no CUDA device; use --device cpu")
+    return device
+
+
+def build_engine_parts(cfg: EngineConfig) -> EngineParts:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_cfg = ModelConfig.from_hf(cfg.model)
+    tokenizer = Tokenizer.load(cfg.model)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, model_cfg, device)
+
+    block_size = cfg.cache.block_size
+    per_block = bytes_per_block(model_cfg, block_size, dtype)
+    num_blocks = cfg.cache.kv_cache_memory // per_block
+    if num_blocks < 1:
+        raise InvalidRequest(f"kv_cache_memory={cfg.cache.kv_cache_memory} bytes holds no KV block "
+                             f"({per_block} bytes each for this model); raise --kv-cache-memory")
+    swap = cfg.scheduler.preemption_mode == "swap"
+    num_host_blocks = cfg.cache.swap_space // per_block if swap else 0
+    max_len = min(model_cfg.max_model_len, num_blocks * block_size)
+    if cfg.max_model_len:
+        max_len = min(max_len, cfg.max_model_len)
+    if max_len < model_cfg.max_model_len and not cfg.max_model_len:
+        log.info("context capped at %d tokens by the KV cache budget", max_len)
+
+    model = load_model(model_cfg, dtype, device, max_len)
+    storage = KVStorage(model_cfg, num_blocks, num_host_blocks, block_size, dtype, device)
+    kv = KVCacheManager(num_blocks, block_size, cfg.cache.enable_prefix_caching, num_host_blocks)
+    scheduler = Scheduler(cfg.scheduler, kv, POLICIES[cfg.scheduler.policy]())
+    eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_cfg.eos_token_ids)
+    runner = Runner(model, storage, Sampler(eos, seed=cfg.seed), block_size, device)
+    return EngineParts(cfg, model_cfg, tokenizer, kv, storage, scheduler, runner, max_len, eos)

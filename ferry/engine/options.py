@@ -1,0 +1,102 @@
+"""Engine options, defined once: `ferry generate/chat/serve` flags and `ferry.LLM(...)` keywords come from
+this table (a flag --kv-cache-memory is the keyword kv_cache_memory=)."""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ferry.config import CacheConfig, EngineConfig, SchedulerConfig
+from ferry.errors import InvalidRequest
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string such as '512M', '2G', '1.5GiB'."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise InvalidRequest(f"cannot read {value!r} as a size; use bytes or a number with K, M or G (e.g. 512M)")
+        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size < 0:
+        raise InvalidRequest(f"size must be >= 0, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # keyword name; the flag is --name-with-dashes
+    default: Any
+    type: Callable[[str], Any]
+    help: str
+    choices: tuple | None = None
+
+
+def _bool(v: str | bool) -> bool:
+    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+
+
+ENGINE_OPTIONS: tuple[Option, ...] = (
+    Option("dtype", "auto", str, "weight and activation dtype (auto: the checkpoint's; float16 runs as bfloat16 on CPU)",
+           ("auto", "float32", "bfloat16")),
+    Option("device", "cpu", str, "torch device: cpu, or cuda where torch has it"),
+    Option("threads", None, int, "torch intra-op threads (default: torch's choice)"),
+    Option("max_model_len", None, int, "context length cap (default: the model's, limited by the KV cache)"),
+    Option("seed", 0, int, "seed of the generator used by requests without their own seed"),
+    Option("kv_cache_memory", "1G", parse_size, "bytes for the KV cache (e.g. 512M, 2G); never exceeded"),
+    Option("block_size", 16, int, "tokens per KV block"),
+    Option("swap_space", "1G", parse_size, "host bytes for KV swapped out on preemption (with --preemption-mode swap)"),
+    Option("enable_prefix_caching", True, _bool, "share KV blocks of common prompt prefixes between requests"),
+    Option("max_num_batched_tokens", 512, int, "token budget per engine step (prefill chunks + decodes)"),
+    Option("max_num_seqs", 64, int, "most requests running at once"),
+    Option("max_waiting", 1024, int, "most requests queued; more are refused as overloaded"),
+    Option("scheduling_policy", "fcfs", str, "order of admission and preemption", ("fcfs", "priority")),
+    Option("preemption_mode", "recompute", str, "what happens to the KV of a preempted request", ("recompute", "swap")),
+)
+_BY_NAME = {o.name: o for o in ENGINE_OPTIONS}
+
+
+def engine_config(model: str, **kwargs: Any) -> EngineConfig:
+    """EngineConfig from keyword options (the same names as the CLI flags). Unknown names are an error."""
+    unknown = set(kwargs) - set(_BY_NAME)
+    if unknown:
+        raise TypeError(f"unknown engine option(s) {sorted(unknown)}; known: {sorted(_BY_NAME)}")
+    v = {o.name: o.default for o in ENGINE_OPTIONS}
+    v.update({k: x for k, x in kwargs.items()})
+    for o in ENGINE_OPTIONS:
+        if v[o.name] is not None and o.type is not str:
+            v[o.name] = o.type(v[o.name])
+        if o.choices and v[o.name] not in o.choices:
+            raise InvalidRequest(f"{o.name} must be one of {', '.join(o.choices)}, got {v[o.name]!r}")
+    for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "max_waiting"):
+        if v[name] < 1:
+            raise InvalidRequest(f"{name} must be >= 1, got {v[name]}")
+    return EngineConfig(
+        model=str(model), device=v["device"], dtype=v["dtype"], threads=v["threads"],
+        max_model_len=v["max_model_len"], seed=v["seed"],
+        cache=CacheConfig(block_size=v["block_size"], kv_cache_memory=v["kv_cache_memory"],
+                          swap_space=v["swap_space"], enable_prefix_caching=v["enable_prefix_caching"]),
+        scheduler=SchedulerConfig(max_num_batched_tokens=v["max_num_batched_tokens"], max_num_seqs=v["max_num_seqs"],
+                                  max_waiting=v["max_waiting"], policy=v["scheduling_policy"],
+                                  preemption_mode=v["preemption_mode"]),
+    )
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    for o in ENGINE_OPTIONS:
+        flag = "--" + o.name.replace("_", "-")
+        if o.type is _bool:
+            group.add_argument(flag, default=o.default, action=argparse.BooleanOptionalAction, help=o.help)
+        else:
+            group.add_argument(flag, default=o.default, type=o.type if o.type is not parse_size else str,
+                               choices=o.choices, help=f"{o.help} (default: {o.default})")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {o.name: getattr(args, o.name) for o in ENGINE_OPTIONS}

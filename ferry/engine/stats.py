@@ -1,0 +1,22 @@
+"""Counters the engine keeps for /metrics and benchmarks. Plain data."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0  # requests holding KV blocks
+    num_waiting: int = 0  # requests queued (new or preempted)
+    num_kv_blocks_total: int = 0
+    num_kv_blocks_used: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which found
+    num_preemptions: int = 0  # cumulative
+    num_prompt_tokens: int = 0  # cumulative, of finished and running requests
+    num_generation_tokens: int = 0  # cumulative
+    num_steps: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0

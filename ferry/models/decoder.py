@@ -1,0 +1,88 @@
+"""One decoder-only transformer covering every supported family; config flags pick the variants
+(q/k norm, biases, sliding windows, dense or MoE feed-forward). Layers are plain nn.Modules that get
+the step's attention metadata and their layer's KV cache as arguments."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ferry.config import ModelConfig
+from ferry.models.layers.attention import AttnMetadata, paged_attention, write_kv
+from ferry.models.layers.linear import linear
+from ferry.models.layers.mlp import MoE, DenseMLP, _meta
+from ferry.models.layers.norm import RMSNorm
+from ferry.models.layers.rotary import Rotary, apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
+        self.qkv = _meta(cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size)  # q, k, v fused
+        self.qkv_bias = _meta(cfg.q_size + 2 * cfg.kv_size) if cfg.qkv_bias else None
+        self.o = _meta(cfg.hidden_size, cfg.q_size)
+        self.o_bias = _meta(cfg.hidden_size) if cfg.o_bias else None
+        norm_dims = {"head": (cfg.head_dim, cfg.head_dim), "full": (cfg.q_size, cfg.kv_size)}.get(cfg.qk_norm)
+        self.q_norm = RMSNorm(norm_dims[0], cfg.rms_norm_eps) if norm_dims else None
+        self.k_norm = RMSNorm(norm_dims[1], cfg.rms_norm_eps) if norm_dims else None
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cfg, T = self.cfg, x.shape[0]
+        q, k, v = linear(x, self.qkv, self.qkv_bias).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.reshape(T, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        return linear(out, self.o, self.o_bias)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        sparse = cfg.moe is not None and cfg.moe.sparse_layers[layer]
+        self.mlp = MoE(cfg.moe, cfg.hidden_size) if sparse else DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, meta, kv_cache)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = _meta(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else _meta(cfg.vocab_size, cfg.hidden_size)
+        self.max_len = max_len
+        self.rotary: Rotary | None = None  # built after weights are loaded (knows the device)
+
+    def init_rotary(self, device: torch.device | str) -> None:
+        self.rotary = Rotary(self.cfg.rope, self.cfg.head_dim, self.max_len, device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> float32 logits [S, V] for the rows in logits_indices [S]."""
+        x = self.embed[input_ids]
+        cos, sin = self.rotary.tables(meta.positions, x.dtype)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, meta, kv)
+        x = self.norm(x[logits_indices])
+        return linear(x, self.embed if self.lm_head is None else self.lm_head).float()

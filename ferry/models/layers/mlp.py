@@ -1,0 +1,97 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and the routed mixture of experts.
+
+Legend: T tokens, D hidden, I intermediate, E experts, A experts per token (top-k)."""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ferry.config import MoEConfig
+from ferry.models.layers.linear import linear
+
+
+def _meta(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU with gate and up fused into one [2I, D] weight (one matmul instead of two)."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up = _meta(2 * inter, hidden)
+        self.down = _meta(hidden, inter)
+        self.gate_up_bias = _meta(2 * inter) if bias else None
+        self.down_bias = _meta(hidden) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.gate_up, self.down, self.gate_up_bias, self.down_bias)
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+           gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
+    gu = linear(x, gate_up, gate_up_bias)  # [T, 2I]
+    inter = gu.shape[-1] // 2
+    return linear(F.silu(gu[..., :inter]) * gu[..., inter:], down, down_bias)
+
+
+class ExpertWeights(Protocol):
+    """Where a MoE layer gets its experts' weights: resident tensors, or an offloading store."""
+
+    def weights(self, expert_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(gate_up [2I, D], down [D, I]) for each expert id, in order."""
+        ...
+
+
+class ResidentExperts(nn.Module):
+    """All experts of one layer in memory, stacked: gate_up [E, 2I, D], down [E, D, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_up = _meta(num_experts, 2 * inter, hidden)
+        self.down = _meta(num_experts, hidden, inter)
+
+    def weights(self, expert_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.gate_up[e], self.down[e]) for e in expert_ids]
+
+
+class MoE(nn.Module):
+    """Softmax router -> top-A experts -> weighted sum; plus qwen2_moe's gated shared expert."""
+
+    def __init__(self, cfg: MoEConfig, hidden: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = _meta(cfg.num_experts, hidden)
+        self.experts: ExpertWeights = ResidentExperts(cfg.num_experts, hidden, cfg.intermediate_size)
+        self.shared = DenseMLP(hidden, cfg.shared_intermediate_size) if cfg.shared_intermediate_size else None
+        self.shared_gate = _meta(1, hidden) if cfg.shared_intermediate_size else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-A expert ids [T, A] and their weights [T, A] (in x's dtype)."""
+        probs = torch.softmax(linear(x, self.router).float(), dim=-1)  # [T, E]
+        top_w, top_ids = torch.topk(probs, self.cfg.top_k, dim=-1)
+        if self.cfg.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return top_ids, top_w.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top_ids, top_w = self.route(x)
+        out = torch.zeros_like(x)
+        flat = top_ids.flatten()  # [T*A]
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.cfg.num_experts).tolist()
+        active = [e for e, c in enumerate(counts) if c]
+        tokens = order // self.cfg.top_k  # token row of each (token, slot) pair, grouped by expert
+        weights = top_w.flatten()[order]
+        start = 0
+        for e, (gate_up, down) in zip(active, self.experts.weights(active)):
+            rows = tokens[start:start + counts[e]]
+            y = swiglu(x[rows], gate_up, down) * weights[start:start + counts[e], None]
+            out.index_add_(0, rows, y)
+            start += counts[e]
+        if self.shared is not None:
+            out += torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
+        return out

@@ -1,0 +1,140 @@
+"""CPU kernels for ferry.
+
+``linear(x, weight, bias)`` is a drop-in for ``torch.nn.functional.linear``.
+For decode-sized inputs (few rows of ``x``) on a CPU with AVX-512 it runs a
+C++ kernel (``gemv.cpp``) that streams the weight from DRAM about twice as
+fast as ``F.linear``; everything else goes to ``F.linear``.
+
+The extension is compiled lazily, on the first call that could use it, with
+torch's ``cpp_extension`` toolchain (needs a C++ compiler and ``ninja``), and
+cached under ``$FERRY_CACHE_DIR/ops`` (default ``~/.cache/ferry/ops``). If
+the build fails, a warning is logged once and ``F.linear`` is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["linear", "kernel_available", "cpu_features", "MAX_M"]
+
+log = logging.getLogger(__name__)
+
+# Largest number of rows of x handled by the kernel; above it F.linear (MKL /
+# oneDNN GEMM) wins because the problem stops being bandwidth-bound.
+# Chosen from bench/gemv.py measurements (see the report in that file's
+# docstring): float32 and bf16 both stay ahead of F.linear through M=16.
+MAX_M = {torch.float32: 16, torch.bfloat16: 16}
+
+_SRC = Path(__file__).with_name("gemv.cpp")
+_lock = threading.Lock()
+_ext: ModuleType | None = None
+_features = 0
+_tried = False
+
+
+def _build_dir() -> Path:
+    root = os.environ.get("FERRY_CACHE_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "ferry"
+    return base / "ops"
+
+
+def _needs_compile(build_dir: Path) -> bool:
+    # Heuristic for the message only; cpp_extension decides for real (it
+    # hashes sources and flags).
+    try:
+        src_mtime = _SRC.stat().st_mtime
+        return not any(p.stat().st_mtime >= src_mtime for p in build_dir.glob("ferry_gemv*.so"))
+    except OSError:
+        return True
+
+
+def _load() -> ModuleType | None:
+    """Compile/load the extension once per process; None if unavailable."""
+    global _ext, _features, _tried
+    if _tried:
+        return _ext
+    with _lock:
+        if _tried:
+            return _ext
+        try:
+            from torch.utils import cpp_extension
+
+            build_dir = _build_dir()
+            build_dir.mkdir(parents=True, exist_ok=True)
+            if _needs_compile(build_dir):
+                print("ferry: compiling CPU kernels (once) ...", flush=True)
+            ext = cpp_extension.load(
+                name="ferry_gemv",
+                sources=[str(_SRC)],
+                extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
+            _features = int(ext.cpu_features())
+            _ext = ext
+        except Exception as exc:  # no compiler, no ninja, bad toolchain, ...
+            log.warning(
+                "ferry: could not build CPU kernels (%s: %s); using torch.nn.functional.linear",
+                type(exc).__name__,
+                str(exc).strip().splitlines()[-1] if str(exc).strip() else "",
+            )
+            _ext = None
+            _features = 0
+        _tried = True
+    return _ext
+
+
+def kernel_available() -> bool:
+    """True if the extension is built and at least the float32 kernel runs here."""
+    return _load() is not None and bool(_features & 1)
+
+
+def cpu_features() -> dict[torch.dtype, bool]:
+    """Which dtypes the kernel supports on this CPU (all False without the kernel)."""
+    _load()
+    return {torch.float32: bool(_features & 1), torch.bfloat16: bool(_features & 2)}
+
+
+def _usable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    dt = x.dtype
+    max_m = MAX_M.get(dt)
+    if max_m is None or weight.dtype != dt or x.device.type != "cpu":
+        return False
+    if weight.dim() != 2 or x.dim() < 1 or not weight.is_contiguous():
+        return False
+    if x.shape[-1] != weight.shape[1] or weight.device.type != "cpu":
+        return False
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if m < 1 or m > max_m:
+        return False
+    if bias is not None and (bias.dtype != dt or bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        return False
+    if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
+        if torch.is_grad_enabled():
+            return False
+    if _load() is None:
+        return False
+    return bool(_features & (1 if dt == torch.float32 else 2))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``torch.nn.functional.linear`` with a fast path for small-M CPU decode."""
+    if not _usable(x, weight, bias):
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    y = _ext.linear_small_m(x2, weight, bias)  # type: ignore[union-attr]
+    return y.reshape(*lead, weight.shape[0])

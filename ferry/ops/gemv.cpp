@@ -1,0 +1,270 @@
+// ferry CPU kernels: small-M linear  y = x @ W.T (+ b)  for decode.
+//
+// At batch 1..16 a linear layer is bound by streaming W from DRAM.  The
+// kernels here read every weight byte exactly once per call: a block of RB
+// weight rows is multiplied against every row of x while it is hot in L1/L2,
+// rows are split across threads with at::parallel_for, and weight lines are
+// software-prefetched ahead of use.
+//
+// The AVX-512 code lives in functions carrying __attribute__((target(...)))
+// so the translation unit itself is compiled for the baseline ISA: loading
+// the module on a CPU without AVX-512 is safe, and cpu_features() tells the
+// Python side which kernels may be called.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+#define FERRY_TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define FERRY_TGT_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// ---------------------------------------------------------------------------
+// Element traits: one 64-byte vector of weights per step.
+// ---------------------------------------------------------------------------
+struct F32 {
+  using T = float;
+  static constexpr int kStep = 16;  // elements per 64-byte vector
+  FERRY_TGT static inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  FERRY_TGT static inline __m512 load_tail(const float* p, int n) {
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+  }
+  FERRY_TGT static inline __m512 mac(__m512 acc, __m512 w, __m512 x) {
+    return _mm512_fmadd_ps(w, x, acc);
+  }
+};
+
+struct BF16 {
+  using T = c10::BFloat16;
+  static constexpr int kStep = 32;
+  FERRY_TGT_BF16 static inline __m512 load(const c10::BFloat16* p) {
+    return _mm512_castsi512_ps(_mm512_loadu_si512((const void*)p));
+  }
+  FERRY_TGT_BF16 static inline __m512 load_tail(const c10::BFloat16* p, int n) {
+    return _mm512_castsi512_ps(
+        _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1ull), (const void*)p));
+  }
+  FERRY_TGT_BF16 static inline __m512 mac(__m512 acc, __m512 w, __m512 x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Micro kernel: MB rows of x  x  RB rows of W, full K.
+// out[m * RB + r] = sum_k x[m, k] * w[r, k]
+// ---------------------------------------------------------------------------
+template <class E, int MB, int RB, bool PREFETCH>
+FERRY_TGT_BF16 __attribute__((always_inline)) inline void micro(
+    const typename E::T* __restrict x, int64_t ldx,
+    const typename E::T* __restrict w, int64_t K,
+    int64_t pf,  // prefetch distance in elements (along each row)
+    float* __restrict out) {
+  constexpr int S = E::kStep;
+  __m512 acc[MB][RB];
+#pragma GCC unroll 64
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 64
+    for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
+
+  const int64_t Kmain = K - K % S;
+  int64_t k = 0;
+  for (; k < Kmain; k += S) {
+    __m512 wv[RB];
+#pragma GCC unroll 64
+    for (int r = 0; r < RB; ++r) {
+      if (PREFETCH)
+        _mm_prefetch((const char*)(w + r * K + k + pf), _MM_HINT_T0);
+      wv[r] = E::load(w + r * K + k);
+    }
+#pragma GCC unroll 64
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = E::load(x + m * ldx + k);
+#pragma GCC unroll 64
+      for (int r = 0; r < RB; ++r) acc[m][r] = E::mac(acc[m][r], wv[r], xv);
+    }
+  }
+  if (k < K) {
+    const int n = (int)(K - k);
+    __m512 wv[RB];
+#pragma GCC unroll 64
+    for (int r = 0; r < RB; ++r) wv[r] = E::load_tail(w + r * K + k, n);
+#pragma GCC unroll 64
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = E::load_tail(x + m * ldx + k, n);
+#pragma GCC unroll 64
+      for (int r = 0; r < RB; ++r) acc[m][r] = E::mac(acc[m][r], wv[r], xv);
+    }
+  }
+#pragma GCC unroll 64
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 64
+    for (int r = 0; r < RB; ++r) out[m * RB + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+inline void store_out(float* y, float v) { *y = v; }
+inline void store_out(c10::BFloat16* y, float v) { *y = c10::BFloat16(v); }  // RNE
+
+// One block of RB weight rows against all M rows of x.  The first M tile
+// streams the rows from DRAM (with prefetch); later tiles re-read them from
+// L1/L2.
+template <class E, int MT, int RB>
+FERRY_TGT_BF16 void row_block(const typename E::T* x, int64_t M, const typename E::T* w,
+                              int64_t K, int64_t n0, const typename E::T* bias,
+                              typename E::T* y, int64_t N, int64_t pf) {
+  using T = typename E::T;
+  float out[MT * RB];
+  for (int64_t m0 = 0; m0 < M; m0 += MT) {
+    const int64_t mt = std::min<int64_t>(MT, M - m0);
+    const T* xm = x + m0 * K;
+    const T* wr = w + n0 * K;
+    // Dispatch the M remainder to a narrower tile (compile-time MB).
+    switch (mt) {
+#define FERRY_CASE(MBV)                                                      \
+  case MBV:                                                                  \
+    if constexpr (MBV <= MT) {                                               \
+      if (m0 == 0)                                                           \
+        micro<E, MBV, RB, true>(xm, K, wr, K, pf, out);                      \
+      else                                                                   \
+        micro<E, MBV, RB, false>(xm, K, wr, K, pf, out);                     \
+    }                                                                        \
+    break;
+      FERRY_CASE(1) FERRY_CASE(2) FERRY_CASE(3) FERRY_CASE(4)
+      FERRY_CASE(5) FERRY_CASE(6) FERRY_CASE(7) FERRY_CASE(8)
+#undef FERRY_CASE
+      default:
+        break;
+    }
+    for (int64_t m = 0; m < mt; ++m) {
+      T* yr = y + (m0 + m) * N + n0;
+      for (int r = 0; r < RB; ++r) {
+        float v = out[m * RB + r];
+        if (bias) v += static_cast<float>(bias[n0 + r]);
+        store_out(yr + r, v);
+      }
+    }
+  }
+}
+
+// Rows [nb0*RB, nb1*RB) of W, plus (if last) the N % RB tail rows one by one.
+template <class E, int MT, int RB>
+FERRY_TGT_BF16 void run_range(const typename E::T* x, int64_t M, const typename E::T* w,
+                              int64_t K, const typename E::T* bias, typename E::T* y,
+                              int64_t N, int64_t nb0, int64_t nb1, int64_t pf) {
+  const int64_t nfull = N / RB;
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    if (nb < nfull) {
+      row_block<E, MT, RB>(x, M, w, K, nb * RB, bias, y, N, pf);
+    } else {
+      for (int64_t n = nfull * RB; n < N; ++n)
+        row_block<E, MT, 1>(x, M, w, K, n, bias, y, N, pf);
+    }
+  }
+}
+
+template <class E, int MT, int RB>
+void launch(const typename E::T* x, int64_t M, const typename E::T* w, int64_t K,
+            const typename E::T* bias, typename E::T* y, int64_t N, int64_t pf,
+            int64_t min_rows_per_task) {
+  // One extra "block" index holds the N % RB tail rows.
+  const int64_t nblocks = N / RB + (N % RB ? 1 : 0);
+  const int64_t grain = std::max<int64_t>(1, min_rows_per_task / RB);
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    run_range<E, MT, RB>(x, M, w, K, bias, y, N, b0, b1, pf);
+  });
+}
+
+// Tile configuration (MT rows of x per pass, RB rows of W per block).
+// Chosen by measurement on Zen 5; see bench/gemv.py.
+template <class E>
+void dispatch(const typename E::T* x, int64_t M, const typename E::T* w, int64_t K,
+              const typename E::T* bias, typename E::T* y, int64_t N, int64_t rb,
+              int64_t pf, int64_t min_rows) {
+  if (rb <= 0) rb = (M <= 2) ? 8 : 4;
+  if (pf < 0) pf = 8 * E::kStep;
+  if (M <= 2) {
+    if (rb == 4) return launch<E, 2, 4>(x, M, w, K, bias, y, N, pf, min_rows);
+    if (rb == 8) return launch<E, 2, 8>(x, M, w, K, bias, y, N, pf, min_rows);
+    return launch<E, 2, 2>(x, M, w, K, bias, y, N, pf, min_rows);
+  }
+  if (rb == 2) return launch<E, 8, 2>(x, M, w, K, bias, y, N, pf, min_rows);
+  if (rb == 8) return launch<E, 2, 8>(x, M, w, K, bias, y, N, pf, min_rows);
+  return launch<E, 4, 4>(x, M, w, K, bias, y, N, pf, min_rows);
+}
+
+bool cpu_has_avx512f() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma");
+}
+
+bool cpu_has_avx512bf16() {
+  __builtin_cpu_init();
+  return cpu_has_avx512f() && __builtin_cpu_supports("avx512bf16");
+}
+
+}  // namespace
+
+// bit 0: float32 kernel usable (AVX-512F/BW/VL/DQ + FMA), bit 1: bf16 kernel
+// usable (additionally AVX512_BF16).
+int64_t cpu_features() {
+  return (cpu_has_avx512f() ? 1 : 0) | (cpu_has_avx512bf16() ? 2 : 0);
+}
+
+// y = x @ w.T (+ bias). x: [M, K], w: [N, K], bias: [N] or None. All
+// contiguous CPU tensors of one dtype (float32 or bfloat16). rb/pf/min_rows
+// are tuning knobs (<= 0 / < 0: defaults).
+torch::Tensor linear_small_m(const torch::Tensor& x, const torch::Tensor& w,
+                             const c10::optional<torch::Tensor>& bias, int64_t rb,
+                             int64_t pf, int64_t min_rows) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "ferry gemv: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "ferry gemv: x and w must be 2-D");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "ferry gemv: dtype mismatch");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "ferry gemv: need contiguous x, w");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K, "ferry gemv: shape mismatch");
+  TORCH_CHECK(M >= 1 && M <= 64, "ferry gemv: M must be in [1, 64]");
+  const void* bptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() &&
+                    bias->dim() == 1 && bias->size(0) == N,
+                "ferry gemv: bad bias");
+    bptr = bias->data_ptr();
+  }
+  if (min_rows <= 0) min_rows = 64;
+  auto y = torch::empty({M, N}, x.options());
+  if (N == 0) return y;
+  if (K == 0) {
+    if (bptr) y.copy_(bias->unsqueeze(0).expand({M, N}));
+    else y.zero_();
+    return y;
+  }
+  if (x.scalar_type() == at::kFloat) {
+    TORCH_CHECK(cpu_has_avx512f(), "ferry gemv: CPU lacks AVX-512");
+    dispatch<F32>(x.data_ptr<float>(), M, w.data_ptr<float>(), K,
+                  static_cast<const float*>(bptr), y.data_ptr<float>(), N, rb, pf, min_rows);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(cpu_has_avx512bf16(), "ferry gemv: CPU lacks AVX512_BF16");
+    using B = c10::BFloat16;
+    dispatch<BF16>(x.data_ptr<B>(), M, w.data_ptr<B>(), K, static_cast<const B*>(bptr),
+                   y.data_ptr<B>(), N, rb, pf, min_rows);
+  } else {
+    TORCH_CHECK(false, "ferry gemv: unsupported dtype ", x.scalar_type());
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cpu_features", &cpu_features);
+  m.def("linear_small_m", &linear_small_m, "y = x @ w.T + b for small M",
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("rb") = 0,
+        py::arg("pf") = -1, py::arg("min_rows") = 0);
+}

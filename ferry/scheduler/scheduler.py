@@ -1,0 +1,176 @@
+"""Iteration-level scheduler (pure Python, no torch).
+
+There is no prefill or decode phase: each request has num_computed_tokens and num_tokens, and a step
+gives some requests some tokens within a token budget. That covers chunked prefill (a long prompt takes
+several steps), mixing prefill chunks with decodes, prefix-cache hits (computed tokens that start > 0)
+and recompute after preemption (num_computed_tokens back to 0)."""
+from __future__ import annotations
+
+from ferry.config import SchedulerConfig
+from ferry.kvcache.manager import KVCacheManager
+from ferry.plan import ScheduledReq, StepPlan, StepResult
+from ferry.request import FinishReason, Request, RequestStatus
+from ferry.scheduler.policies import SchedulingPolicy
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager, policy: SchedulingPolicy) -> None:
+        self.cfg = cfg
+        self.kv = kv
+        self.policy = policy
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []  # admission order
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []  # since the last plan, for the runner to drop state
+        self.num_preemptions = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    # -- queue management -------------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        self.requests[req.req_id] = req
+        self.waiting.append(req)
+
+    def finish(self, req_id: str, reason: FinishReason) -> Request | None:
+        """End a request now (abort, stop string, error). Returns it, or None if unknown / already done."""
+        req = self.requests.pop(req_id, None)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req, reason)
+        return req
+
+    def _release(self, req: Request, reason: FinishReason) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.kv.free(req)
+        self.kv.drop_swapped(req)
+        self._finished_ids.append(req.req_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(finished_req_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.cfg.max_num_batched_tokens
+        scheduled: set[str] = set()
+        preempted = False
+
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while (table := self.kv.allocate_slots(req, num_new)) is None:
+                candidates = [r for r in self.running if r.req_id not in scheduled]
+                victim = self.policy.pick_victim(candidates)
+                self._preempt(victim, plan)
+                preempted = True
+                if victim is req:
+                    break
+            if table is None:
+                continue
+            plan.reqs.append(self._scheduled(req, num_new, table))
+            scheduled.add(req.req_id)
+            budget -= num_new
+
+        if not preempted:
+            self._admit(plan, budget)
+        return plan
+
+    def _admit(self, plan: StepPlan, budget: int) -> None:
+        for req in self.policy.order(self.waiting):
+            if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
+                break
+            if req.swapped_block_ids is not None:
+                num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+                swapped = self.kv.swap_in(req, num_new)
+                if swapped is None:
+                    break
+                pairs, table = swapped
+                plan.swap_in.extend(pairs)
+            else:
+                computed, num_cached = self.kv.get_computed_blocks(req)
+                num_new = min(req.num_tokens - num_cached, budget)
+                if not self.kv.can_allocate(req, num_new, computed):
+                    break
+                req.num_computed_tokens = num_cached
+                table = self.kv.allocate_slots(req, num_new, computed)
+                if req.num_preemptions == 0:
+                    req.num_cached_prompt_tokens = num_cached
+                    self.prefix_queries += req.num_prompt_tokens
+                    self.prefix_hits += num_cached
+            self.waiting.remove(req)
+            self.running.append(req)
+            req.status = RequestStatus.RUNNING
+            plan.reqs.append(self._scheduled(req, num_new, table))
+            budget -= num_new
+
+    def _scheduled(self, req: Request, num_new: int, table: list[int]) -> ScheduledReq:
+        start = req.num_computed_tokens
+        return ScheduledReq(
+            req_id=req.req_id,
+            token_ids=req.all_token_ids[start:start + num_new],
+            start_pos=start,
+            block_ids=list(table),
+            sample=start + num_new == req.num_tokens,
+            params=req.params,
+            all_token_ids=req.all_token_ids,
+            num_prompt_tokens=req.num_prompt_tokens,
+            seed_offset=req.seed_offset,
+        )
+
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        self.running.remove(req)
+        if self.cfg.preemption_mode == "swap" and self.kv.can_swap_out(req):
+            plan.swap_out.extend(self.kv.swap_out(req))
+        else:
+            self.kv.free(req)
+            req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, req)
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Advance the scheduled requests; returns those that got a new token (finished ones included)."""
+        progressed = []
+        for s in plan.reqs:
+            req = self.requests.get(s.req_id)
+            if req is None:  # finished while the step ran
+                continue
+            req.num_computed_tokens = s.start_pos + len(s.token_ids)
+            self.kv.cache_full_blocks(req)
+            if not s.sample:
+                continue
+            req.append_output(result.sampled_token_ids[s.req_id])
+            reason = self._stop_reason(req)
+            if reason is not None:
+                self.running.remove(req)
+                del self.requests[req.req_id]
+                self._release(req, reason)
+            progressed.append(req)
+        return progressed
+
+    def _stop_reason(self, req: Request) -> FinishReason | None:
+        token, p = req.output_token_ids[-1], req.params
+        if req.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                req.stop_reason = token
+                return FinishReason.STOP
+            if not p.ignore_eos and token in req.eos_token_ids:
+                return FinishReason.STOP
+        if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
+            return FinishReason.LENGTH
+        if req.num_tokens >= req.max_model_len:
+            return FinishReason.LENGTH
+        return None
