@@ -1,0 +1,160 @@
+"""`ferry generate | chat | serve | run` — `ferry` and `python -m ferry` are the same CLI.
+
+Engine flags come from ferry/engine/options.py (each is also a keyword of ferry.LLM); sampling flags are
+SamplingParams fields with the same names."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ferry.engine.options import add_engine_arguments, engine_kwargs
+from ferry.errors import FerryError
+from ferry.request import SamplingParams
+
+SAMPLING_FLAGS = (  # (SamplingParams field, type, help)
+    ("max_tokens", int, "tokens to generate at most"),
+    ("temperature", float, "0 is greedy"),
+    ("top_p", float, "nucleus sampling mass"),
+    ("top_k", int, "sample among the k best (0: all)"),
+    ("min_p", float, "drop tokens below min_p x the best probability"),
+    ("repetition_penalty", float, "HF-style penalty over prompt and output (1: off)"),
+    ("presence_penalty", float, "OpenAI presence penalty"),
+    ("frequency_penalty", float, "OpenAI frequency penalty"),
+    ("seed", int, "per-request seed"),
+    ("n", int, "completions per prompt"),
+)
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    for name, typ, help_ in SAMPLING_FLAGS:
+        group.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
+    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.set_defaults(default_max_tokens=max_tokens)
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    kw = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS if getattr(args, name) is not None}
+    kw.setdefault("max_tokens", args.default_max_tokens)
+    kw.setdefault("temperature", 0.0)
+    if args.stop:
+        kw["stop"] = args.stop
+    return SamplingParams(**kw)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ferry.engine.llm import LLM
+
+    params = _sampling_params(args)
+    llm = LLM(args.model, **engine_kwargs(args))
+    if len(args.prompt) == 1 and params.n == 1:  # one prompt: stream it
+        printed = 0
+        for out in llm.stream(args.prompt[0], params):
+            text = out.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+        sys.stdout.write("\n")
+        return 0
+    for prompt, out in zip(args.prompt, llm.generate(args.prompt, params)):
+        for c in out.outputs:
+            print(f"--- prompt: {prompt!r}" + (f" [{c.index}]" if params.n > 1 else ""))
+            print(c.text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ferry.engine.llm import LLM
+
+    params = _sampling_params(args)
+    llm = LLM(args.model, **engine_kwargs(args))
+    if not llm.tokenizer.has_chat_template:
+        print(f"error: {args.model} has no chat template in tokenizer_config.json; use `ferry generate`", file=sys.stderr)
+        return 2
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("ferry chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = llm.tokenizer.apply_chat_template(messages)
+        printed, text = 0, ""
+        for out in llm.stream({"prompt_token_ids": ids}, params):
+            text = out.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": text})
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ferry.server.app import run_server, server_kwargs
+
+    run_server(args.model, **server_kwargs(args), **engine_kwargs(args))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ferry.default_model import default_model_path
+    from ferry.server.app import run_server, server_kwargs
+
+    path = default_model_path()
+    print(f"ferry: serving the built-in default model {path}", file=sys.stderr)
+    run_server(str(path), **server_kwargs(args), **engine_kwargs(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferry", description="LLM inference and serving for machines smaller than the model")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text offline")
+    p.add_argument("model", help="local Hugging Face folder (config.json + *.safetensors + tokenizer)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    _add_sampling_arguments(p, max_tokens=64)
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat using the checkpoint's chat template")
+    p.add_argument("model")
+    p.add_argument("--system", default=None, help="system message")
+    _add_sampling_arguments(p, max_tokens=256)
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_chat)
+
+    for name, func, help_ in (("serve", cmd_serve, "OpenAI-compatible HTTP server"),
+                              ("run", cmd_run, "serve the built-in default model")):
+        p = sub.add_parser(name, help=help_)
+        if name == "serve":
+            p.add_argument("model")
+        _add_server_arguments(p)
+        add_engine_arguments(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    from ferry.server.app import add_server_arguments
+
+    add_server_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FerryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
