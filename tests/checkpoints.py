@@ -303,13 +303,14 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, Any], dict[str, Any] | None]] = {
         ),
         None,
     ),
-    "olmoe": (
+    "olmoe": (  # no moe_intermediate_size: OLMoE experts use intermediate_size
         "olmoe",
         "bytelevel",
         dict(
-            _MOE,
+            num_hidden_layers=2,
             intermediate_size=32,
             num_experts=8,
+            num_experts_per_tok=2,
             norm_topk_prob=False,
             clip_qkv=2.0,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
@@ -317,14 +318,13 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, Any], dict[str, Any] | None]] = {
         None,
     ),
 }
-# olmoe has no moe_intermediate_size: its experts use intermediate_size.
-_FAMILIES["olmoe"][2].pop("moe_intermediate_size")
 
 FAMILIES: list[str] = list(_FAMILIES)
 MOE_FAMILIES: list[str] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 INITIALIZER_RANGE = 0.15
 FINAL_NORM_SCALE = 3.0
+ROUTER_STD = 0.5
 
 
 def family_model_type(family: str) -> str:
@@ -372,7 +372,8 @@ def _build_config(family: str, vocab_size: int, dtype: torch.dtype):
 @torch.no_grad()
 def _reinit(model: torch.nn.Module, seed: int) -> None:
     """Deterministic re-initialization independent of transformers' own init: norm weights ~ 1 + N(0, 0.2)
-    (the final norm times FINAL_NORM_SCALE), biases ~ N(0, 0.1), every other tensor ~ N(0, INITIALIZER_RANGE)."""
+    (the final norm times FINAL_NORM_SCALE), MoE router weights ~ N(0, ROUTER_STD), biases ~ N(0, 0.1), every
+    other tensor ~ N(0, INITIALIZER_RANGE)."""
     gen = torch.Generator().manual_seed(seed)
     seen: set[int] = set()
     for name, p in sorted(model.named_parameters(remove_duplicate=False), key=lambda kv: kv[0]):
@@ -384,6 +385,8 @@ def _reinit(model: torch.nn.Module, seed: int) -> None:
             p.copy_(FINAL_NORM_SCALE * (1.0 + 0.2 * noise))
         elif "norm" in name and name.endswith("weight") and p.dim() == 1:
             p.copy_(1.0 + 0.2 * noise)
+        elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # MoE routers
+            p.copy_(ROUTER_STD * noise)  # wide router logits: top-k choice robust to rounding
         elif name.endswith("bias"):
             p.copy_(0.1 * noise)
         else:
@@ -425,7 +428,7 @@ def make_checkpoint(
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
 
-    model_type, style, _, legacy = _FAMILIES[family]
+    _, style, _, legacy = _FAMILIES[family]
     vocab_size = tokenizer_vocab_size(style)
     cfg = _build_config(family, vocab_size, dtype)
     _quiet_transformers()
@@ -627,31 +630,25 @@ def _self_check(root: pathlib.Path) -> None:  # pragma: no cover - a developer t
         if family in ("smollm", "qwen2", "qwen3"):
             assert desc["tie_word_embeddings"] and "lm_head.weight" not in w
         if family in MOE_FAMILIES:
+            # transformers 5 routers (…TopKRouter, not nn.Linear) return (router_logits, scores, indices).
+            gaps: list[torch.Tensor] = []
+
+            def hook(_m: Any, _i: Any, out: Any) -> None:
+                top = out[0].float().sort(-1, descending=True).values
+                gaps.append(top[:, 1] - top[:, 2])
+
             model = load_hf_model(folder)
-            gaps = []
             hooks = [
-                mod.register_forward_hook(
-                    lambda _m, _i, out: gaps.append(
-                        (lambda s: s[:, 1] - s[:, 2])(torch.softmax(out.float(), -1).sort(-1, descending=True).values)
-                    )
-                )
+                mod.register_forward_hook(hook)
                 for name, mod in model.named_modules()
-                if name.endswith(("mlp.gate", "block_sparse_moe.gate")) and isinstance(mod, torch.nn.Linear)
+                if name.endswith(("mlp.gate", "block_sparse_moe.gate"))
             ]
-            # transformers 5 routers are not nn.Linear: hook the raw logits through F.linear instead.
-            if not hooks:
-                for name, mod in model.named_modules():
-                    if name.endswith(("mlp.gate", "block_sparse_moe.gate")):
-                        hooks.append(mod.register_forward_hook(
-                            lambda _m, _i, out: gaps.append(
-                                (lambda s: s[:, 1] - s[:, 2])(torch.softmax(out[0].float(), -1).sort(-1, descending=True).values)
-                            )
-                        ))
+            assert hooks, "no router found"
             hf_logits(folder, ids)
             for h in hooks:
                 h.remove()
             g = torch.cat(gaps)
-            print(f"   router: 2nd-3rd expert prob gap min {g.min():.5f} median {g.median():.4f} over {g.numel()} tokens")
+            print(f"   router: 2nd-3rd expert logit gap min {g.min():.5f} median {g.median():.4f} over {g.numel()}")
     print("all checks passed")
 
 

@@ -31,3 +31,11 @@ def shared_models() -> pathlib.Path:
     if not SHARED_MODELS.is_dir():
         pytest.skip(f"shared models folder not found: {SHARED_MODELS}")
     return SHARED_MODELS
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine spin against each other."""
+    import torch
+
+    torch.set_num_threads(1)

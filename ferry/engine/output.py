@@ -57,7 +57,8 @@ class OutputProcessor:
         first = children[0]
         g = _Group(request_id, prompt, first.prompt_token_ids, first.params)
         for i, req in enumerate(children):
-            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
+            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens,
+                                           continuation=True)  # " Paris", not "Paris", as vLLM
             g.children.append(_Child(i, req, detok, [] if req.params.logprobs is not None else None))
             self.child_group[req.req_id] = g
         self.groups[request_id] = g
@@ -72,6 +73,8 @@ class OutputProcessor:
                 continue
             child = g.children[int(req.seed_offset)]
             delta = child.detok.add(req.output_token_ids[-1])
+            if req.finished:  # text held back for an incomplete byte sequence is final now
+                delta += child.detok.flush()
             child.text += delta
             if child.logprobs is not None and req.req_id in result.logprobs:
                 child.logprobs.append(result.logprobs[req.req_id])

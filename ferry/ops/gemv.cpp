@@ -58,37 +58,102 @@ struct BF16 {
 };
 
 // ---------------------------------------------------------------------------
+// Horizontal sums: n accumulators -> n floats, out[i] = sum of lanes of a[i].
+// A transposing add tree (45 ops for 16 vectors) instead of n separate
+// reductions (~8 ops each); matters once M grows and compute shows up.
+// ---------------------------------------------------------------------------
+FERRY_TGT inline __m512 hsum16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[i], a[i + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[i], b[i + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[i], b[i + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_shuffle_ps(c[i], c[i + 2], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(c[i], c[i + 2], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // e = [a0 a2 a1 a3 | a8 a10 a9 a11 | a4 a6 a5 a7 | a12 a14 a13 a15]
+  const __m512i idx = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+  return _mm512_permutexvar_ps(idx, e);
+}
+
+FERRY_TGT inline __m256 hsum8(const __m512* a) {
+  __m512 b[4], c[2];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[i], a[i + 4], _MM_SHUFFLE(3, 2, 3, 2)));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[i], b[i + 2], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[i], b[i + 2], _MM_SHUFFLE(3, 1, 3, 1)));
+  // c0 lanes: a0 a4 a2 a6, c1 lanes: a1 a5 a3 a7
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 e = _mm512_add_ps(d, _mm512_permute_ps(d, _MM_SHUFFLE(2, 3, 0, 1)));
+  // e = [a0 a0 a1 a1 | a4 a4 a5 a5 | a2 a2 a3 a3 | a6 a6 a7 a7]
+  const __m512i idx = _mm512_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, e));
+}
+
+template <int C>
+FERRY_TGT __attribute__((always_inline)) inline void hsum(const __m512* a, float* out) {
+  int i = 0;
+#pragma GCC unroll 8
+  for (; i + 16 <= C; i += 16) _mm512_storeu_ps(out + i, hsum16(a + i));
+  if constexpr (C % 16 >= 8) {
+    _mm256_storeu_ps(out + i, hsum8(a + i));
+    i += 8;
+  }
+#pragma GCC unroll 8
+  for (; i < C; ++i) out[i] = _mm512_reduce_add_ps(a[i]);
+}
+
+// ---------------------------------------------------------------------------
 // Micro kernel: MB rows of x  x  RB rows of W, full K.
 // out[m * RB + r] = sum_k x[m, k] * w[r, k]
+// If PREFETCH, pfp walks linearly through memory ahead of the block: every
+// step consumes RB cache lines of W (one per row), so RB lines starting at
+// pfp are prefetched and pfp advances by RB lines. Over the block pfp moves
+// by the block's size, i.e. it stays a fixed distance ahead in the thread's
+// contiguous slice of W, independent of row length.
 // ---------------------------------------------------------------------------
+#ifndef FERRY_PF_HINT
+#define FERRY_PF_HINT _MM_HINT_T0
+#endif
+
 template <class E, int MB, int RB, bool PREFETCH>
 FERRY_TGT_BF16 __attribute__((always_inline)) inline void micro(
     const typename E::T* __restrict x, int64_t ldx,
     const typename E::T* __restrict w, int64_t K,
-    int64_t pf,  // prefetch distance in elements (along each row)
-    float* __restrict out) {
+    const char* pfp, float* __restrict out) {
   constexpr int S = E::kStep;
-  __m512 acc[MB][RB];
+  __m512 acc[MB * RB];
 #pragma GCC unroll 64
-  for (int m = 0; m < MB; ++m)
-#pragma GCC unroll 64
-    for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int i = 0; i < MB * RB; ++i) acc[i] = _mm512_setzero_ps();
 
   const int64_t Kmain = K - K % S;
   int64_t k = 0;
   for (; k < Kmain; k += S) {
+    if (PREFETCH) {
+#pragma GCC unroll 64
+      for (int r = 0; r < RB; ++r) _mm_prefetch(pfp + 64 * r, FERRY_PF_HINT);
+      pfp += 64 * RB;
+    }
     __m512 wv[RB];
 #pragma GCC unroll 64
-    for (int r = 0; r < RB; ++r) {
-      if (PREFETCH)
-        _mm_prefetch((const char*)(w + r * K + k + pf), _MM_HINT_T0);
-      wv[r] = E::load(w + r * K + k);
-    }
+    for (int r = 0; r < RB; ++r) wv[r] = E::load(w + r * K + k);
 #pragma GCC unroll 64
     for (int m = 0; m < MB; ++m) {
       const __m512 xv = E::load(x + m * ldx + k);
 #pragma GCC unroll 64
-      for (int r = 0; r < RB; ++r) acc[m][r] = E::mac(acc[m][r], wv[r], xv);
+      for (int r = 0; r < RB; ++r) acc[m * RB + r] = E::mac(acc[m * RB + r], wv[r], xv);
     }
   }
   if (k < K) {
@@ -100,41 +165,38 @@ FERRY_TGT_BF16 __attribute__((always_inline)) inline void micro(
     for (int m = 0; m < MB; ++m) {
       const __m512 xv = E::load_tail(x + m * ldx + k, n);
 #pragma GCC unroll 64
-      for (int r = 0; r < RB; ++r) acc[m][r] = E::mac(acc[m][r], wv[r], xv);
+      for (int r = 0; r < RB; ++r) acc[m * RB + r] = E::mac(acc[m * RB + r], wv[r], xv);
     }
   }
-#pragma GCC unroll 64
-  for (int m = 0; m < MB; ++m)
-#pragma GCC unroll 64
-    for (int r = 0; r < RB; ++r) out[m * RB + r] = _mm512_reduce_add_ps(acc[m][r]);
+  hsum<MB * RB>(acc, out);
 }
 
 inline void store_out(float* y, float v) { *y = v; }
 inline void store_out(c10::BFloat16* y, float v) { *y = c10::BFloat16(v); }  // RNE
 
-// One block of RB weight rows against all M rows of x.  The first M tile
-// streams the rows from DRAM (with prefetch); later tiles re-read them from
-// L1/L2.
+// One block of RB weight rows against all M rows of x, MT rows of x at a
+// time. The first M tile streams the rows from DRAM (with prefetch); later
+// tiles re-read them from L1/L2.
 template <class E, int MT, int RB>
 FERRY_TGT_BF16 void row_block(const typename E::T* x, int64_t M, const typename E::T* w,
                               int64_t K, int64_t n0, const typename E::T* bias,
-                              typename E::T* y, int64_t N, int64_t pf) {
+                              typename E::T* y, int64_t N, int64_t pf_bytes) {
   using T = typename E::T;
   float out[MT * RB];
+  const T* wr = w + n0 * K;
+  const char* pfp = reinterpret_cast<const char*>(wr) + pf_bytes;
   for (int64_t m0 = 0; m0 < M; m0 += MT) {
     const int64_t mt = std::min<int64_t>(MT, M - m0);
     const T* xm = x + m0 * K;
-    const T* wr = w + n0 * K;
-    // Dispatch the M remainder to a narrower tile (compile-time MB).
     switch (mt) {
-#define FERRY_CASE(MBV)                                                      \
-  case MBV:                                                                  \
-    if constexpr (MBV <= MT) {                                               \
-      if (m0 == 0)                                                           \
-        micro<E, MBV, RB, true>(xm, K, wr, K, pf, out);                      \
-      else                                                                   \
-        micro<E, MBV, RB, false>(xm, K, wr, K, pf, out);                     \
-    }                                                                        \
+#define FERRY_CASE(MBV)                                             \
+  case MBV:                                                         \
+    if constexpr (MBV <= MT) {                                      \
+      if (m0 == 0)                                                  \
+        micro<E, MBV, RB, true>(xm, K, wr, K, pfp, out);            \
+      else                                                          \
+        micro<E, MBV, RB, false>(xm, K, wr, K, pfp, out);           \
+    }                                                               \
     break;
       FERRY_CASE(1) FERRY_CASE(2) FERRY_CASE(3) FERRY_CASE(4)
       FERRY_CASE(5) FERRY_CASE(6) FERRY_CASE(7) FERRY_CASE(8)
@@ -153,50 +215,55 @@ FERRY_TGT_BF16 void row_block(const typename E::T* x, int64_t M, const typename 
   }
 }
 
-// Rows [nb0*RB, nb1*RB) of W, plus (if last) the N % RB tail rows one by one.
+// Row blocks [nb0, nb1) of W; block index N / RB (if N % RB) is the tail,
+// done one row at a time.
 template <class E, int MT, int RB>
 FERRY_TGT_BF16 void run_range(const typename E::T* x, int64_t M, const typename E::T* w,
                               int64_t K, const typename E::T* bias, typename E::T* y,
-                              int64_t N, int64_t nb0, int64_t nb1, int64_t pf) {
+                              int64_t N, int64_t nb0, int64_t nb1, int64_t pf_bytes) {
   const int64_t nfull = N / RB;
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     if (nb < nfull) {
-      row_block<E, MT, RB>(x, M, w, K, nb * RB, bias, y, N, pf);
+      row_block<E, MT, RB>(x, M, w, K, nb * RB, bias, y, N, pf_bytes);
     } else {
       for (int64_t n = nfull * RB; n < N; ++n)
-        row_block<E, MT, 1>(x, M, w, K, n, bias, y, N, pf);
+        row_block<E, MT, 1>(x, M, w, K, n, bias, y, N, pf_bytes);
     }
   }
 }
 
 template <class E, int MT, int RB>
 void launch(const typename E::T* x, int64_t M, const typename E::T* w, int64_t K,
-            const typename E::T* bias, typename E::T* y, int64_t N, int64_t pf,
+            const typename E::T* bias, typename E::T* y, int64_t N, int64_t pf_bytes,
             int64_t min_rows_per_task) {
-  // One extra "block" index holds the N % RB tail rows.
   const int64_t nblocks = N / RB + (N % RB ? 1 : 0);
   const int64_t grain = std::max<int64_t>(1, min_rows_per_task / RB);
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-    run_range<E, MT, RB>(x, M, w, K, bias, y, N, b0, b1, pf);
+    run_range<E, MT, RB>(x, M, w, K, bias, y, N, b0, b1, pf_bytes);
   });
 }
 
-// Tile configuration (MT rows of x per pass, RB rows of W per block).
-// Chosen by measurement on Zen 5; see bench/gemv.py.
+// Tile configurations: (MT rows of x per pass, RB rows of W per block).
+#ifndef FERRY_CONFIGS
+#define FERRY_CONFIGS(X) X(1, 8) X(2, 8) X(4, 4) X(8, 3) X(6, 4)
+#endif
+
 template <class E>
 void dispatch(const typename E::T* x, int64_t M, const typename E::T* w, int64_t K,
-              const typename E::T* bias, typename E::T* y, int64_t N, int64_t rb,
-              int64_t pf, int64_t min_rows) {
-  if (rb <= 0) rb = (M <= 2) ? 8 : 4;
-  if (pf < 0) pf = 8 * E::kStep;
-  if (M <= 2) {
-    if (rb == 4) return launch<E, 2, 4>(x, M, w, K, bias, y, N, pf, min_rows);
-    if (rb == 8) return launch<E, 2, 8>(x, M, w, K, bias, y, N, pf, min_rows);
-    return launch<E, 2, 2>(x, M, w, K, bias, y, N, pf, min_rows);
+              const typename E::T* bias, typename E::T* y, int64_t N, int64_t mt,
+              int64_t rb, int64_t pf_bytes, int64_t min_rows) {
+  if (mt <= 0 || rb <= 0) {
+    if (M == 1) mt = 1, rb = 8;
+    else if (M == 2) mt = 2, rb = 8;
+    else if (M <= 4) mt = 4, rb = 4;
+    else mt = 8, rb = 3;
   }
-  if (rb == 2) return launch<E, 8, 2>(x, M, w, K, bias, y, N, pf, min_rows);
-  if (rb == 8) return launch<E, 2, 8>(x, M, w, K, bias, y, N, pf, min_rows);
-  return launch<E, 4, 4>(x, M, w, K, bias, y, N, pf, min_rows);
+  if (pf_bytes < 0) pf_bytes = 4096;
+#define FERRY_X(A, B) \
+  if (mt == A && rb == B) return launch<E, A, B>(x, M, w, K, bias, y, N, pf_bytes, min_rows);
+  FERRY_CONFIGS(FERRY_X)
+#undef FERRY_X
+  TORCH_CHECK(false, "ferry gemv: no tile config mt=", mt, " rb=", rb);
 }
 
 bool cpu_has_avx512f() {
@@ -220,11 +287,11 @@ int64_t cpu_features() {
 }
 
 // y = x @ w.T (+ bias). x: [M, K], w: [N, K], bias: [N] or None. All
-// contiguous CPU tensors of one dtype (float32 or bfloat16). rb/pf/min_rows
-// are tuning knobs (<= 0 / < 0: defaults).
+// contiguous CPU tensors of one dtype (float32 or bfloat16). mt/rb/pf/min_rows
+// are tuning knobs (<= 0 / < 0: defaults; pf is in bytes).
 torch::Tensor linear_small_m(const torch::Tensor& x, const torch::Tensor& w,
-                             const c10::optional<torch::Tensor>& bias, int64_t rb,
-                             int64_t pf, int64_t min_rows) {
+                             const c10::optional<torch::Tensor>& bias, int64_t mt,
+                             int64_t rb, int64_t pf, int64_t min_rows) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "ferry gemv: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "ferry gemv: x and w must be 2-D");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "ferry gemv: dtype mismatch");
@@ -250,12 +317,12 @@ torch::Tensor linear_small_m(const torch::Tensor& x, const torch::Tensor& w,
   if (x.scalar_type() == at::kFloat) {
     TORCH_CHECK(cpu_has_avx512f(), "ferry gemv: CPU lacks AVX-512");
     dispatch<F32>(x.data_ptr<float>(), M, w.data_ptr<float>(), K,
-                  static_cast<const float*>(bptr), y.data_ptr<float>(), N, rb, pf, min_rows);
+                  static_cast<const float*>(bptr), y.data_ptr<float>(), N, mt, rb, pf, min_rows);
   } else if (x.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(cpu_has_avx512bf16(), "ferry gemv: CPU lacks AVX512_BF16");
     using B = c10::BFloat16;
     dispatch<BF16>(x.data_ptr<B>(), M, w.data_ptr<B>(), K, static_cast<const B*>(bptr),
-                   y.data_ptr<B>(), N, rb, pf, min_rows);
+                   y.data_ptr<B>(), N, mt, rb, pf, min_rows);
   } else {
     TORCH_CHECK(false, "ferry gemv: unsupported dtype ", x.scalar_type());
   }
@@ -265,6 +332,6 @@ torch::Tensor linear_small_m(const torch::Tensor& x, const torch::Tensor& w,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_features", &cpu_features);
   m.def("linear_small_m", &linear_small_m, "y = x @ w.T + b for small M",
-        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("rb") = 0,
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("mt") = 0, py::arg("rb") = 0,
         py::arg("pf") = -1, py::arg("min_rows") = 0);
 }

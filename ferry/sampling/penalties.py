@@ -4,9 +4,12 @@
   logit > 0 -> logit / p, else logit * p. 1 disables it.
 - frequency_penalty, presence_penalty (OpenAI): over the output tokens only,
   logit -= frequency * count + presence * (count > 0). 0 disables them.
+Repetition first, then frequency / presence (vLLM's order).
 
-Token counts are built with one scatter per call from the flattened token lists; only the
-tensors some row needs are built.
+Only the logits of tokens that occur are touched: the token lists are flattened once into flat
+indices row * V + token (one Python pass), and the penalties are a gather / compute / scatter
+over those, with no full [R, V] arithmetic. A token occurring several times appears several
+times in the index; every copy writes the same value, so that is harmless.
 """
 from __future__ import annotations
 
@@ -29,64 +32,61 @@ def apply_penalties(
     the prompt. Token ids outside [0, V) are ignored.
     """
     num_rows, vocab = logits.shape
-    assert len(token_ids) == len(num_prompt_tokens) == len(repetition) == len(presence) == len(frequency) == num_rows
+    if not (len(token_ids) == len(num_prompt_tokens) == len(repetition) == len(presence) == len(frequency) == num_rows):
+        raise ValueError("apply_penalties: one entry per row expected in every list")
     need_rep = any(p != 1.0 for p in repetition)
     need_out = any(p != 0.0 for p in presence) or any(f != 0.0 for f in frequency)
     if num_rows == 0 or not (need_rep or need_out):
         return logits
+    work = logits if logits.is_contiguous() else logits.contiguous()
+    flat_logits = work.view(-1)
     device = logits.device
 
-    # Flatten the tokens the penalties look at: prompt + output if a repetition penalty is on,
-    # else only the output.
+    # rows that need a repetition penalty contribute prompt + output, the others only output
     flat: list[int] = []
     lengths: list[int] = []
-    starts: list[int] = []  # per row, where the output starts inside its own slice
-    for ids, npt in zip(token_ids, num_prompt_tokens):
-        if need_rep:
+    prompt_lens: list[int] = []  # per row: how many of its flattened tokens are prompt tokens
+    for ids, npt, rep in zip(token_ids, num_prompt_tokens, repetition):
+        if rep != 1.0:
             flat.extend(ids)
             lengths.append(len(ids))
-            starts.append(npt)
+            prompt_lens.append(min(npt, len(ids)))
         else:
             out = ids[npt:]
             flat.extend(out)
             lengths.append(len(out))
-            starts.append(0)
+            prompt_lens.append(0)
+    if not flat:
+        return logits
     tokens = torch.tensor(flat, dtype=torch.long)
     lens = torch.tensor(lengths, dtype=torch.long)
     rows = torch.repeat_interleave(torch.arange(num_rows), lens)
-    is_output = None
-    if need_rep:
-        # position of each token within its row, compared to the row's prompt length
-        offsets = torch.cumsum(lens, 0) - lens
-        pos = torch.arange(tokens.numel()) - torch.repeat_interleave(offsets, lens)
-        is_output = pos >= torch.repeat_interleave(torch.tensor(starts, dtype=torch.long), lens)
-    if tokens.numel() and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
-        ok = (tokens >= 0) & (tokens < vocab)
-        tokens, rows = tokens[ok], rows[ok]
-        if is_output is not None:
-            is_output = is_output[ok]
-    tokens, rows = tokens.to(device), rows.to(device)
-
-    counts = None  # output-token counts [R, V]
-    if need_out:
-        counts = torch.zeros(num_rows, vocab, dtype=logits.dtype, device=device)
-        if is_output is not None:
-            is_output = is_output.to(device)
-            out_rows, out_tokens = rows[is_output], tokens[is_output]
-        else:
-            out_rows, out_tokens = rows, tokens
-        counts.index_put_((out_rows, out_tokens), torch.ones_like(out_tokens, dtype=logits.dtype), accumulate=True)
+    offsets = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(tokens.numel()) - torch.repeat_interleave(offsets, lens)
+    is_output = pos >= torch.repeat_interleave(torch.tensor(prompt_lens, dtype=torch.long), lens)
+    valid = (tokens >= 0) & (tokens < vocab)
+    if not bool(valid.all()):
+        tokens, rows, is_output = tokens[valid], rows[valid], is_output[valid]
+    keys = (rows * vocab + tokens).to(device)
+    rows = rows.to(device)
 
     if need_rep:
-        seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
-        seen[rows, tokens] = True
-        rep = torch.tensor(repetition, dtype=logits.dtype, device=device).unsqueeze(1)
-        penalized = torch.where(logits > 0, logits / rep, logits * rep)
-        logits.copy_(torch.where(seen, penalized, logits))
+        rep = torch.tensor(repetition, dtype=logits.dtype, device=device)[rows]
+        vals = flat_logits[keys]
+        flat_logits[keys] = torch.where(vals > 0, vals / rep, vals * rep)
 
     if need_out:
-        assert counts is not None
-        freq = torch.tensor(frequency, dtype=logits.dtype, device=device).unsqueeze(1)
-        pres = torch.tensor(presence, dtype=logits.dtype, device=device).unsqueeze(1)
-        logits.sub_(counts * freq + (counts > 0).to(logits.dtype) * pres)
+        out_mask = is_output.to(device)
+        out_keys, out_rows = keys[out_mask], rows[out_mask]
+        if out_keys.numel():
+            # exact per-token counts: accumulate ones into a scratch row-major [R * V] buffer
+            counts = torch.zeros_like(flat_logits)
+            counts.index_put_((out_keys,), torch.ones_like(out_keys, dtype=counts.dtype), accumulate=True)
+            cnt = counts[out_keys]
+            freq = torch.tensor(frequency, dtype=logits.dtype, device=device)[out_rows]
+            pres = torch.tensor(presence, dtype=logits.dtype, device=device)[out_rows]
+            flat_logits[out_keys] = flat_logits[out_keys] - (freq * cnt + pres)
+
+    if work is not logits:
+        logits.copy_(work)
     return logits

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: `ferry serve MODEL` (see app.py). No torch is imported here."""

@@ -1,0 +1,168 @@
+"""The FastAPI app (build_app), the process around it (run_server) and its CLI flags (add_server_arguments).
+
+    HTTP -> GuardMiddleware (API key, body size, UTF-8 / JSON) -> route -> Serving -> AsyncLLM (engine thread)
+
+Lifecycle: uvicorn's graceful shutdown on SIGTERM/SIGINT stops accepting connections and waits for in-flight
+responses (streams included) up to --request-timeout; then the lifespan hook drains the engine."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+
+from ferry.errors import FerryError
+from ferry.server.errors import ModelNotFound, error_response
+from ferry.server.lifecycle import ClientDisconnected
+from ferry.server.metrics import CONTENT_TYPE, ServerMetrics
+from ferry.server.middleware import GuardMiddleware
+from ferry.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from ferry.server.serving import Serving
+
+if TYPE_CHECKING:
+    from ferry.engine.async_engine import AsyncLLM
+
+log = logging.getLogger("ferry.server")
+
+DEFAULT_HOST = "127.0.0.1"  # loopback unless asked: an open port on a shared machine serves anyone
+DEFAULT_PORT = 8000
+DEFAULT_REQUEST_TIMEOUT = 600.0
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+
+_ERRORS = {status: {"description": desc} for status, desc in (
+    (400, "invalid request or context length exceeded"), (401, "missing or wrong API key"),
+    (404, "unknown model"), (408, "request timeout"), (413, "body too large"), (429, "overloaded; retry later"),
+    (500, "engine error"))}
+
+
+def build_app(engine: "AsyncLLM", *, served_model_name: str | None = None, api_key: str | None = None,
+              request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              shutdown_engine: bool = True) -> FastAPI:
+    """An OpenAI-compatible app over a running AsyncLLM. The engine's own --max-waiting bounds its queue (429s).
+    shutdown_engine: drain and stop the engine when the app shuts down (its lifespan ends)."""
+    model_name = served_model_name or str(engine.model_config.path)
+    metrics = ServerMetrics(engine.stats, model_name)
+    serving = Serving(engine, model_name, metrics, request_timeout)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if shutdown_engine:
+            log.info("draining the engine (%d requests in flight)", engine.num_unfinished)
+            await engine.shutdown(drain=True, timeout=request_timeout)
+
+    app = FastAPI(title="ferry", summary="OpenAI-compatible LLM server", version=_version(), lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
+
+    for exc_type in (FerryError, RequestValidationError, HTTPException, Exception):
+        app.add_exception_handler(exc_type, _handle)
+    app.add_exception_handler(ClientDisconnected, _client_gone)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+
+    @app.post("/v1/completions", responses=_ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await serving.completions(body, request.receive)
+
+    @app.post("/v1/chat/completions", responses=_ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat(body, request.receive)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "ferry",
+                "root": str(engine.model_config.path), "max_model_len": engine.max_model_len}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", responses={404: _ERRORS[404]})
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != model_name:
+            raise ModelNotFound(f"the model {model_id!r} does not exist; this server serves {model_name!r}")
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not _engine_alive(engine):
+            return JSONResponse({"status": "error", "detail": "the engine loop has stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize", responses=_ERRORS)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return await serving.tokenize(body)
+
+    @app.post("/detokenize", responses=_ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return await serving.detokenize(body)
+
+    return app
+
+
+async def _handle(_: Request, exc: Exception) -> Response:
+    return error_response(exc)
+
+
+async def _client_gone(_: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
+def _engine_alive(engine: "AsyncLLM") -> bool:
+    alive = getattr(engine, "is_alive", None)
+    if callable(alive):
+        return bool(alive())
+    thread = getattr(engine, "_thread", None)
+    return thread is None or thread.is_alive()
+
+
+def _version() -> str:
+    from ferry import __version__
+    return __version__
+
+
+# -- the process ----------------------------------------------------------------------------------
+
+
+def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
+               served_model_name: str | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+               **engine_options: Any) -> None:
+    """Load the model, serve it until SIGTERM/SIGINT, drain in-flight requests, return."""
+    import uvicorn
+
+    from ferry.engine.async_engine import AsyncLLM
+
+    engine = AsyncLLM.from_options(model, **engine_options)
+    app = build_app(engine, served_model_name=served_model_name or str(model), api_key=api_key,
+                    request_timeout=request_timeout)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(request_timeout),
+                            timeout_keep_alive=5)
+    uvicorn.Server(config).run()
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST}, loopback only; "
+                                                             "0.0.0.0 serves every interface)")
+    group.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})")
+    group.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, "
+                                                       "/detokenize")
+    group.add_argument("--served-model-name", default=None, help="the model name clients send (default: the MODEL "
+                                                                 "argument as given)")
+    group.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+                       help=f"seconds before a request is aborted, and the most SIGTERM waits for in-flight "
+                            f"requests (default: {DEFAULT_REQUEST_TIMEOUT:g})")
+
+
+def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"host": args.host, "port": args.port, "api_key": args.api_key, "served_model_name": args.served_model_name,
+            "request_timeout": args.request_timeout}

@@ -1,0 +1,112 @@
+"""/metrics: Prometheus text from a registry of our own (never prometheus_client's global one, so two apps in
+one process — tests — do not collide).
+
+Engine-side numbers (queues, KV blocks, prefix cache, preemptions, token counts) are read from
+AsyncLLM.stats() at scrape time by a collector; per-request latencies are observed by the server as
+requests finish."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ferry.engine.stats import EngineStats
+from ferry.request import RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                    40.0, 80.0, 160.0, 640.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 10.0)
+
+
+class EngineCollector(Collector):
+    """Gauges and counters read from the engine's stats snapshot at scrape time."""
+
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+        self._stats = stats
+        self._labels = {"model_name": model_name}
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        names, values = list(self._labels), list(self._labels.values())
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=names)
+            g.add_metric(values, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=names)
+            c.add_metric(values, value)
+            return c
+
+        yield gauge("ferry_num_requests_running", "Requests holding KV blocks (being computed).", s.num_running)
+        yield gauge("ferry_num_requests_waiting", "Requests queued for admission (new or preempted).", s.num_waiting)
+        yield gauge("ferry_kv_blocks_used", "KV cache blocks held by requests.", s.num_kv_blocks_used)
+        yield gauge("ferry_kv_blocks_total", "KV cache blocks in the pool.", s.num_kv_blocks_total)
+        yield gauge("ferry_kv_cache_usage_ratio", "Fraction of KV blocks held by requests.",
+                    s.num_kv_blocks_used / s.num_kv_blocks_total if s.num_kv_blocks_total else 0.0)
+        yield gauge("ferry_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up.",
+                    s.prefix_cache_hit_rate)
+        yield counter("ferry_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield counter("ferry_prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        yield counter("ferry_num_preemptions", "Requests preempted (KV recomputed or swapped).", s.num_preemptions)
+        yield counter("ferry_prompt_tokens", "Prompt tokens admitted.", s.num_prompt_tokens)
+        yield counter("ferry_generation_tokens", "Tokens generated.", s.num_generation_tokens)
+        yield counter("ferry_engine_steps", "Engine steps run.", s.num_steps)
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(EngineCollector(stats, model_name))
+        labels = ["model_name"]
+        self._model = model_name
+        self.ttft = Histogram("ferry_time_to_first_token_seconds", "Time from arrival to the first token.",
+                              labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("ferry_time_per_output_token_seconds", "Mean time between output tokens of a request.",
+                              labels, buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("ferry_e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.finished = Counter("ferry_request_success", "Requests finished, by finish reason.",
+                                labels + ["finished_reason"], registry=self.registry)
+        self.responses = Counter("ferry_http_responses", "HTTP responses, by status code.",
+                                 ["status"], registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def clock(self) -> "RequestClock":
+        return RequestClock(self)
+
+    def observe(self, arrival: float, first_token: float | None, end: float, out: RequestOutput) -> None:
+        m = self._model
+        for c in out.outputs:
+            self.finished.labels(m, c.finish_reason or "abort").inc()
+        if first_token is None:
+            return
+        self.ttft.labels(m).observe(first_token - arrival)
+        self.e2e.labels(m).observe(end - arrival)
+        num_tokens = max((len(c.token_ids) for c in out.outputs), default=0)
+        if num_tokens > 1:
+            self.tpot.labels(m).observe((end - first_token) / (num_tokens - 1))
+
+
+class RequestClock:
+    """Times of one engine request: arrival, first token, end. observe() once it finishes."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.arrival = time.monotonic()
+        self.first_token: float | None = None
+
+    def on_output(self, out: RequestOutput) -> None:
+        if self.first_token is None and any(c.token_ids for c in out.outputs):
+            self.first_token = time.monotonic()
+        if out.finished:
+            self.metrics.observe(self.arrival, self.first_token, time.monotonic(), out)

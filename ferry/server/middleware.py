@@ -1,0 +1,123 @@
+"""The guard in front of every route (plain ASGI, so it runs before FastAPI touches the body):
+
+1. API key: with --api-key, /v1/* /tokenize /detokenize need `Authorization: Bearer KEY` (401 otherwise).
+2. Body: POST bodies larger than max_body_bytes are refused with 413 before they are read whole; a body that
+   is not UTF-8, not JSON or not a JSON object is a 400 that says where it breaks. A body that parses is
+   passed on as application/json whatever its Content-Type (curl -d sends form encoding by default).
+3. Counts responses by status for /metrics.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ferry.server.errors import BadRequest, PayloadTooLarge, ServerError, Unauthorized, error_response
+from ferry.server.metrics import ServerMetrics
+
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+JSON_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def parse_json_body(body: bytes) -> None:
+    """Raises BadRequest with a precise message when the body is not a UTF-8 JSON object."""
+    if not body.strip():
+        raise BadRequest("the request body is empty; send a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the request body is not valid UTF-8: byte 0x{body[e.start]:02x} at offset {e.start} "
+                         f"({e.reason})") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} "
+                         f"(offset {e.pos})") from None
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"the request body is not usable JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"the request body must be a JSON object, got a JSON {type(value).__name__}")
+
+
+class GuardMiddleware:
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.responses.labels(str(message["status"])).inc()
+            await send(message)
+
+        try:
+            self._check_key(scope)
+            if scope["method"] == "POST" and scope["path"] in JSON_ROUTES:
+                body = await self._read_body(scope, receive)
+                parse_json_body(body)
+                scope = _as_json(scope)
+                receive = _replay(body, receive)
+        except ServerError as e:
+            await error_response(e)(scope, receive, counting_send)
+            return
+        await self.app(scope, receive, counting_send)
+
+    def _check_key(self, scope: Scope) -> None:
+        if self.api_key is None or not scope["path"].startswith(PROTECTED_PREFIXES):
+            return
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
+        if not secrets.compare_digest(token.strip().encode("utf-8", "replace"), self.api_key.encode("utf-8")):
+            raise Unauthorized("incorrect API key")
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the request body has {int(declared)} bytes; this server takes at most {limit}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the request body exceeds {limit} bytes, the most this server takes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _as_json(scope: Scope) -> Scope:
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    headers.append((b"content-type", b"application/json"))
+    return {**scope, "headers": headers}
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands out the already-read body once, then the real one (which reports disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,228 @@
+"""The OpenAI endpoints' logic: request -> prompt token ids + SamplingParams -> engine streams -> response.
+
+Nothing here blocks the event loop: tokenization and chat templates run in worker threads, the model runs on
+the engine's own thread. Errors before the first output (bad request, context length, overload) become
+HTTP errors; after a stream has started they become an SSE error event."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, AsyncGenerator
+
+import jinja2
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
+
+from ferry.errors import ContextLengthExceeded, FerryError, RequestFailed
+from ferry.request import RequestOutput, SamplingParams
+from ferry.server.errors import BadRequest, ModelNotFound, RequestTimeout, error_response
+from ferry.server.lifecycle import ClientDisconnected, EventStreamResponse, merge_outputs, until_disconnect
+from ferry.server.metrics import RequestClock, ServerMetrics
+from ferry.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from ferry.server.streaming import (DONE, ChunkWriter, DeltaTracker, TokenTexts, chat_logprobs, completion_logprobs,
+                                   error_event, usage)
+
+if TYPE_CHECKING:
+    from ferry.engine.async_engine import AsyncLLM
+
+Merged = AsyncGenerator[tuple[int, RequestOutput], None]
+
+
+def context_check(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """max_tokens to use: the request's when prompt + max_tokens fits the context, else ContextLengthExceeded
+    (as vLLM does, rather than silently generating less); None means the rest of the context."""
+    room = max_model_len - num_prompt_tokens
+    if room < 1:
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {max_model_len} tokens, but the prompt has {num_prompt_tokens} "
+            f"tokens (at least one must be left to generate); shorten the prompt")
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {max_model_len} tokens, but {num_prompt_tokens + max_tokens} "
+            f"were requested ({num_prompt_tokens} in the prompt, {max_tokens} in max_tokens); lower max_tokens to "
+            f"at most {room} or shorten the prompt")
+    return max_tokens
+
+
+class Serving:
+    def __init__(self, engine: "AsyncLLM", model_name: str, metrics: ServerMetrics, request_timeout: float) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+        self.request_timeout = request_timeout
+        self.texts = TokenTexts(engine.tokenizer.decode)
+
+    # -- prompts ----------------------------------------------------------------------------------
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.model_name:
+            raise ModelNotFound(f"the model {requested!r} does not exist; this server serves {self.model_name!r}",
+                                param="model")
+
+    async def encode(self, text: str) -> list[int]:
+        return list(await asyncio.to_thread(self.engine.tokenizer.encode, text))
+
+    async def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        tok = self.engine.tokenizer
+        if not getattr(tok, "has_chat_template", True):
+            raise BadRequest("this model has no chat template (tokenizer_config.json); use /v1/completions")
+        try:
+            ids = await asyncio.to_thread(tok.apply_chat_template, messages, add_generation_prompt=add_generation_prompt)
+        except FerryError:
+            raise
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
+            raise BadRequest(f"the model's chat template cannot render these messages: {e}", param="messages") from None
+        return list(ids)
+
+    # -- endpoints --------------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, receive: Receive) -> Response:
+        self.check_model(body.model)
+        prompts = [p if isinstance(p, list) else await self.encode(p) for p in body.prompts()]
+        max_len = self.engine.max_model_len
+        params = [body.sampling_params(context_check(len(ids), body.max_tokens, max_len), body.logprobs)
+                  for ids in prompts]
+        return await self._serve("completion", body, prompts, params, receive)
+
+    async def chat(self, body: ChatCompletionRequest, receive: Receive) -> Response:
+        self.check_model(body.model)
+        ids = await self.render_chat(body.template_messages(), body.add_generation_prompt)
+        max_tokens = context_check(len(ids), body.max_new_tokens, self.engine.max_model_len)
+        return await self._serve("chat", body, [ids], [body.sampling_params(max_tokens, body.num_logprobs)], receive)
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        if body.messages is not None:
+            msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+            ids = await self.render_chat(msgs, body.add_generation_prompt)
+        else:
+            ids = await self.encode(body.prompt or "")
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        vocab = self.engine.model_config.vocab_size
+        bad = [t for t in body.tokens if t >= vocab]
+        if bad:
+            raise BadRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": await asyncio.to_thread(self.engine.tokenizer.decode, body.tokens)}
+
+    # -- one request, streamed or not -------------------------------------------------------------
+
+    async def _serve(self, kind: str, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
+                     params: list[SamplingParams], receive: Receive) -> Response:
+        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        deadline = asyncio.get_running_loop().time() + self.request_timeout
+        clocks = [self.metrics.clock() for _ in prompts]
+        streams = [self.engine.generate(ids, p, f"{response_id}-{i}", priority=body.priority)
+                   for i, (ids, p) in enumerate(zip(prompts, params))]
+        merged = merge_outputs(streams)
+        try:
+            if body.stream:
+                # The first output (or the error) comes before the headers, so overload and bad prompts get
+                # a real status code instead of a 200 with an error event.
+                first = await until_disconnect(self._next(merged, deadline), receive)
+                if first is None:
+                    raise RequestFailed("the engine ended the request without output")
+                events = self._events(kind, response_id, body, prompts, merged, first, clocks, deadline)
+                return EventStreamResponse(events)
+            finals = await until_disconnect(self._collect(merged, clocks, deadline), receive)
+        except BaseException as e:
+            await merged.aclose()
+            if isinstance(e, ClientDisconnected):
+                self._count_aborts(clocks)
+            raise
+        return JSONResponse(self._response(kind, response_id, body, prompts, finals))
+
+    async def _next(self, merged: Merged, deadline: float) -> tuple[int, RequestOutput] | None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await anext(merged, None)
+        except TimeoutError:
+            raise RequestTimeout(f"the request did not finish within {self.request_timeout:g} s "
+                                 f"(the server's --request-timeout)") from None
+
+    async def _collect(self, merged: Merged, clocks: list[RequestClock], deadline: float) -> list[RequestOutput]:
+        finals: list[RequestOutput | None] = [None] * len(clocks)
+        while (item := await self._next(merged, deadline)) is not None:
+            i, out = item
+            clocks[i].on_output(out)
+            if out.finished:
+                finals[i] = out
+        if any(f is None for f in finals):
+            raise RequestFailed("the engine ended the request without a final output")
+        return finals  # type: ignore[return-value]
+
+    def _count_aborts(self, clocks: list[RequestClock]) -> None:
+        for _ in clocks:
+            self.metrics.finished.labels(self.model_name, "abort").inc()
+
+    async def _events(self, kind: str, response_id: str, body: CompletionRequest | ChatCompletionRequest,
+                      prompts: list[list[int]], merged: Merged, first: tuple[int, RequestOutput],
+                      clocks: list[RequestClock], deadline: float) -> AsyncGenerator[str, None]:
+        writer = ChunkWriter(kind, response_id, self.model_name, self.texts, body.include_usage)
+        tracker = DeltaTracker()
+        num_generated = [0] * len(prompts)
+        finished = [False] * len(prompts)
+        try:
+            if kind == "chat":
+                yield writer.roles(list(range(body.n)))
+            item: tuple[int, RequestOutput] | None = first
+            while item is not None:
+                i, out = item
+                clocks[i].on_output(out)
+                deltas = [d for c in out.outputs if (d := tracker.delta(i * body.n + c.index, c)) is not None
+                          and (d.text or d.logprobs or d.finish_reason)]  # token ids alone are not sent
+                if deltas:
+                    yield writer.deltas(deltas)
+                if out.error or any(c.finish_reason == "error" for c in out.outputs):
+                    yield error_event(f"the engine failed this request: {out.error or 'unknown error'}")
+                    break
+                if out.finished:
+                    finished[i] = True
+                    num_generated[i] = sum(len(c.token_ids) for c in out.outputs)
+                item = await self._next(merged, deadline)
+            else:
+                if body.include_usage:
+                    yield writer.usage(sum(len(p) for p in prompts), sum(num_generated))
+        except RequestTimeout as e:
+            yield error_event(str(e), "timeout_error", "request_timeout")
+        except FerryError as e:  # e.g. the 2nd prompt of a batch refused as overloaded after the 1st streamed
+            err = error_response(e).body
+            yield f"data: {err.decode('utf-8')}\n\n"
+        finally:
+            if not all(finished):
+                self._count_aborts([c for c, f in zip(clocks, finished) if not f])
+            await merged.aclose()
+        yield DONE
+
+    # -- non-streamed responses -------------------------------------------------------------------
+
+    def _response(self, kind: str, response_id: str, body: CompletionRequest | ChatCompletionRequest,
+                  prompts: list[list[int]], finals: list[RequestOutput]) -> dict[str, Any]:
+        choices: list[dict[str, Any]] = []
+        num_generated = 0
+        for i, out in enumerate(finals):
+            if out.error or any(c.finish_reason == "error" for c in out.outputs):
+                raise RequestFailed(out.error or "unknown error")
+            for c in out.outputs:
+                num_generated += len(c.token_ids)
+                choice: dict[str, Any] = {"index": i * body.n + c.index}
+                if kind == "chat":
+                    choice["message"] = {"role": "assistant", "content": c.text}
+                    choice["logprobs"] = chat_logprobs(c.logprobs, self.texts) if c.logprobs is not None else None
+                else:
+                    choice["text"] = c.text
+                    choice["logprobs"] = completion_logprobs(c.logprobs, self.texts) if c.logprobs is not None else None
+                choice["finish_reason"] = c.finish_reason
+                choice["stop_reason"] = c.stop_reason
+                choices.append(choice)
+        return {"id": response_id, "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": self.model_name, "choices": choices,
+                "usage": usage(sum(len(p) for p in prompts), num_generated)}
+
+
+__all__ = ["Serving", "context_check"]

@@ -1,0 +1,52 @@
+"""Imports go downward only (config -> request -> plan -> {models, kvcache, ...} -> {scheduler, runner} ->
+engine -> server -> cli), and the scheduler side stays free of torch."""
+from __future__ import annotations
+
+import ast
+import pathlib
+
+PKG = pathlib.Path(__file__).resolve().parents[2] / "ferry"
+RANK = {
+    "errors": 0, "config": 1, "request": 2, "plan": 3,
+    "ops": 4, "models": 5, "kvcache": 4, "sampling": 4, "tokenizer": 4, "tiers": 4,
+    "scheduler": 6, "runner": 6, "engine": 7, "default_model": 7, "server": 8, "cli": 9, "__main__": 10, "__init__": 10,
+}
+TORCH_FREE = ("scheduler", "request", "plan", "config", "errors", "kvcache/manager.py", "kvcache/block_pool.py",
+              "kvcache/prefix_cache.py")
+
+
+def _imports(path: pathlib.Path) -> list[str]:
+    mods = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            mods += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.append(node.module)
+    return mods
+
+
+def _unit(rel: pathlib.Path) -> str:
+    return rel.parts[0].removesuffix(".py")
+
+
+def test_imports_point_downward():
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        here = _unit(rel)
+        for mod in _imports(path):
+            if not mod.startswith("ferry."):
+                continue
+            there = mod.split(".")[1]
+            if there != here and RANK.get(there, 0) > RANK.get(here, 0):
+                bad.append(f"{rel} imports {mod}")
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_scheduler_side_has_no_torch():
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = str(path.relative_to(PKG))
+        if rel.startswith(TORCH_FREE) and any(m == "torch" or m.startswith("torch.") for m in _imports(path)):
+            bad.append(rel)
+    assert not bad, f"torch imported in {bad}"
