@@ -41,7 +41,8 @@ class Attention(nn.Module):
         v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # one rotary pass over q and k together: [T, H + K, Dh]
+        q, k = apply_rotary(torch.cat((q, k), dim=1), cos, sin).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
         return linear(out, self.o, self.o_bias)
