@@ -1,7 +1,7 @@
 """`ferry generate | chat | serve | run` — `ferry` and `python -m ferry` are the same CLI.
 
 Engine flags come from ferry/engine/options.py (each is also a keyword of ferry.LLM); sampling flags are
-SamplingParams fields with the same names."""
+SamplingParams fields with the same names. `--seed` is the engine's: it makes sampling reproducible."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +20,6 @@ SAMPLING_FLAGS = (  # (SamplingParams field, type, help)
     ("repetition_penalty", float, "HF-style penalty over prompt and output (1: off)"),
     ("presence_penalty", float, "OpenAI presence penalty"),
     ("frequency_penalty", float, "OpenAI frequency penalty"),
-    ("seed", int, "per-request seed"),
     ("n", int, "completions per prompt"),
 )
 

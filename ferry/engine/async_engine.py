@@ -27,6 +27,7 @@ class AsyncLLM:
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
+        self._not_started: set[str] = set()  # accepted, no output yet: what --max-waiting bounds
         self._stats = engine.stats()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ferry-engine", daemon=True)
@@ -45,16 +46,19 @@ class AsyncLLM:
         ContextLengthExceeded / Overloaded before the first output. Closing the iterator early aborts it."""
         if self._stop.is_set():
             raise Overloaded("the engine is shutting down")
-        _, ids = self.engine.encode_prompt(prompt)  # validation only reads immutable engine state
+        # tokenizing a long prompt takes a while: not on the event loop (it only reads immutable engine state)
+        text, ids = await asyncio.to_thread(self.engine.encode_prompt, prompt)
         self.engine.validate(ids, params)
+        max_waiting = self.engine.config.scheduler.max_waiting
         with self._lock:
             if request_id in self._streams:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
-            if self._pending() >= self.engine.config.scheduler.max_waiting:
-                raise Overloaded(f"{self._pending()} requests are waiting (max {self.engine.config.scheduler.max_waiting}); retry later")
+            if len(self._not_started) >= max_waiting:
+                raise Overloaded(f"{len(self._not_started)} requests are waiting (max {max_waiting}); retry later")
             loop, q = asyncio.get_running_loop(), asyncio.Queue()
             self._streams[request_id] = (loop, q)
-        self._inbox.put(("add", request_id, prompt, params, priority))
+            self._not_started.add(request_id)
+        self._inbox.put(("add", request_id, {"prompt": text, "prompt_token_ids": ids}, params, priority))
         finished = False
         try:
             while True:
@@ -70,6 +74,7 @@ class AsyncLLM:
                 self.abort(request_id)
             with self._lock:
                 self._streams.pop(request_id, None)
+                self._not_started.discard(request_id)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -77,8 +82,8 @@ class AsyncLLM:
     def stats(self) -> EngineStats:
         return self._stats
 
-    def _pending(self) -> int:
-        return self._stats.num_waiting + self._inbox.qsize()
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting requests; with drain, let the running ones finish first."""
@@ -96,6 +101,7 @@ class AsyncLLM:
     def _deliver(self, request_id: str, item) -> None:
         with self._lock:
             target = self._streams.get(request_id)
+            self._not_started.discard(request_id)
         if target is not None:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, item)

@@ -64,8 +64,10 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         """(text, token ids) of a prompt given as text, token ids or {"prompt"| "prompt_token_ids": ...}."""
+        text = None
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
+                text = prompt.get("prompt")  # the text, when the caller already tokenized it
                 prompt = prompt["prompt_token_ids"]
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
@@ -81,7 +83,7 @@ class LLMEngine:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        return None, list(prompt)
+        return text if isinstance(text, str) else None, list(prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         n = len(prompt_token_ids)

@@ -1,6 +1,7 @@
 """The one place that turns an EngineConfig into objects (policies by name included)."""
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
@@ -11,6 +12,8 @@ from ferry.errors import InvalidRequest
 from ferry.kvcache.manager import KVCacheManager
 from ferry.kvcache.storage import KVStorage, bytes_per_block
 from ferry.models.loader import load_model
+from ferry.ops import kernel_available
+from ferry.ops.attention import paged_decode_attention_available
 from ferry.runner.runner import Runner
 from ferry.sampling import Sampler
 from ferry.scheduler.policies import POLICIES
@@ -41,7 +44,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _tune_malloc() -> None:
+    """Keep freed large buffers in the heap (glibc): a decode step allocates the same multi-MB activations
+    every time, and returning them to the OS makes each step pay page faults again."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def build_engine_parts(cfg: EngineConfig) -> EngineParts:
+    if torch.device(cfg.device).type == "cpu":
+        _tune_malloc()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model_cfg = ModelConfig.from_hf(cfg.model)
@@ -64,6 +81,9 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         log.info("context capped at %d tokens by the KV cache budget", max_len)
 
     model = load_model(model_cfg, dtype, device, max_len)
+    if device.type == "cpu":  # compile the CPU kernels now, not on the first request
+        paged_decode_attention_available()
+        kernel_available()
     storage = KVStorage(model_cfg, num_blocks, num_host_blocks, block_size, dtype, device)
     kv = KVCacheManager(num_blocks, block_size, cfg.cache.enable_prefix_caching, num_host_blocks)
     scheduler = Scheduler(cfg.scheduler, kv, POLICIES[cfg.scheduler.policy]())

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear", "kernel_available", "cpu_features", "MAX_M"]
+__all__ = ["linear", "kernel_available", "cpu_features", "kernel_calls", "MAX_M"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def _load() -> ModuleType | None:
                 build_directory=str(build_dir),
                 verbose=False,
             )
+            ext.set_max_m(MAX_M[torch.float32], MAX_M[torch.bfloat16])
             _features = int(ext.cpu_features())
             _ext = ext
         except Exception as exc:  # no compiler, no ninja, bad toolchain, ...
@@ -104,37 +105,29 @@ def cpu_features() -> dict[torch.dtype, bool]:
     return {torch.float32: bool(_features & 1), torch.bfloat16: bool(_features & 2)}
 
 
-def _usable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    dt = x.dtype
-    max_m = MAX_M.get(dt)
-    if max_m is None or weight.dtype != dt or x.device.type != "cpu":
+def kernel_calls() -> int:
+    """How many times the kernel ran in this process (tests, diagnostics)."""
+    return int(_ext.kernel_calls()) if _ext is not None else 0
+
+
+def _may_use_kernel(x: Tensor) -> bool:
+    # Cheap pre-check deciding whether a call is worth compiling for.
+    if x.device.type != "cpu" or x.dtype not in MAX_M or x.dim() < 1 or x.shape[-1] == 0:
         return False
-    if weight.dim() != 2 or x.dim() < 1 or not weight.is_contiguous():
-        return False
-    if x.shape[-1] != weight.shape[1] or weight.device.type != "cpu":
-        return False
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if m < 1 or m > max_m:
-        return False
-    if bias is not None and (bias.dtype != dt or bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        return False
-    if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
-        if torch.is_grad_enabled():
-            return False
-    if _load() is None:
-        return False
-    return bool(_features & (1 if dt == torch.float32 else 2))
+    return 1 <= x.numel() // x.shape[-1] <= MAX_M[x.dtype]
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``torch.nn.functional.linear`` with a fast path for small-M CPU decode."""
-    if not _usable(x, weight, bias):
-        return F.linear(x, weight, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
-    y = _ext.linear_small_m(x2, weight, bias)  # type: ignore[union-attr]
-    return y.reshape(*lead, weight.shape[0])
+    """``torch.nn.functional.linear`` with a fast path for small-M CPU decode.
+
+    The eligibility checks run in C++ (``gemv.cpp: linear``), which falls back
+    to ``at::linear`` itself, so a call costs about as much as ``F.linear``.
+    """
+    ext = _ext
+    if ext is not None:
+        return ext.linear(x, weight, bias)
+    if not _tried and _may_use_kernel(x):
+        ext = _load()
+        if ext is not None:
+            return ext.linear(x, weight, bias)
+    return F.linear(x, weight, bias)

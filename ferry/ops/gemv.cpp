@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+#include <atomic>
 
 namespace {
 
@@ -266,17 +268,44 @@ void dispatch(const typename E::T* x, int64_t M, const typename E::T* w, int64_t
   TORCH_CHECK(false, "ferry gemv: no tile config mt=", mt, " rb=", rb);
 }
 
-bool cpu_has_avx512f() {
+// Streaming-read reference: sum of 64-byte lines of a buffer viewed as
+// floats, split across threads like the kernel. Used by bench/gemv.py to
+// report the attainable DRAM read bandwidth next to the kernel's.
+FERRY_TGT float read_range(const char* p, int64_t nlines) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 4 <= nlines; i += 4) {
+    const float* q = reinterpret_cast<const float*>(p + 64 * i);
+    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(q));
+    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(q + 16));
+    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(q + 32));
+    a3 = _mm512_add_ps(a3, _mm512_loadu_ps(q + 48));
+  }
+  for (; i < nlines; ++i)
+    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(reinterpret_cast<const float*>(p + 64 * i)));
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+bool detect_avx512f() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("fma");
 }
 
-bool cpu_has_avx512bf16() {
-  __builtin_cpu_init();
-  return cpu_has_avx512f() && __builtin_cpu_supports("avx512bf16");
+bool cpu_has_avx512f() {
+  static const bool has = detect_avx512f();
+  return has;
 }
+
+bool cpu_has_avx512bf16() {
+  static const bool has = cpu_has_avx512f() && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// Largest M sent to the kernel per dtype (set from Python, see MAX_M there).
+std::atomic<int64_t> g_max_m_f32{16}, g_max_m_bf16{16};
+std::atomic<int64_t> g_kernel_calls{0};
 
 }  // namespace
 
@@ -314,6 +343,7 @@ torch::Tensor linear_small_m(const torch::Tensor& x, const torch::Tensor& w,
     else y.zero_();
     return y;
   }
+  g_kernel_calls.fetch_add(1, std::memory_order_relaxed);
   if (x.scalar_type() == at::kFloat) {
     TORCH_CHECK(cpu_has_avx512f(), "ferry gemv: CPU lacks AVX-512");
     dispatch<F32>(x.data_ptr<float>(), M, w.data_ptr<float>(), K,
@@ -329,8 +359,75 @@ torch::Tensor linear_small_m(const torch::Tensor& x, const torch::Tensor& w,
   return y;
 }
 
+// Drop-in for F.linear: the kernel when it applies (CPU, float32/bf16 with
+// CPU support, contiguous 2-D weight, 1 <= M <= max_m rows after flattening
+// leading dims, no autograd needed), at::linear otherwise. Doing the checks
+// here keeps the per-call overhead ~1 us instead of ~6 us in Python.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w,
+                     const c10::optional<torch::Tensor>& bias) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  const auto dt = x.scalar_type();
+  int64_t max_m = 0;
+  if (dt == at::kFloat && cpu_has_avx512f()) max_m = g_max_m_f32.load(std::memory_order_relaxed);
+  else if (dt == at::kBFloat16 && cpu_has_avx512bf16())
+    max_m = g_max_m_bf16.load(std::memory_order_relaxed);
+  bool ok = max_m > 0 && w.scalar_type() == dt && x.dim() >= 1 && w.dim() == 2 &&
+            x.layout() == at::kStrided && w.layout() == at::kStrided && x.device().is_cpu() &&
+            w.device().is_cpu() && w.is_contiguous();
+  int64_t K = 0, M = 0;
+  if (ok) {
+    K = x.size(-1);
+    ok = K > 0 && w.size(1) == K && w.size(0) > 0;
+  }
+  if (ok) {
+    M = x.numel() / K;
+    ok = M >= 1 && M <= max_m;
+  }
+  if (ok && has_bias)
+    ok = bias->scalar_type() == dt && bias->dim() == 1 && bias->size(0) == w.size(0) &&
+         bias->device().is_cpu() && bias->layout() == at::kStrided;
+  if (ok && at::GradMode::is_enabled())
+    ok = !(x.requires_grad() || w.requires_grad() || (has_bias && bias->requires_grad()));
+  if (!ok) return at::linear(x, w, bias);
+
+  const torch::Tensor x2 = (x.dim() == 2 ? x : x.reshape({M, K})).contiguous();
+  c10::optional<torch::Tensor> b2;
+  if (has_bias) b2 = bias->contiguous();
+  torch::Tensor y = linear_small_m(x2, w, b2, 0, 0, -1, 0);
+  if (x.dim() == 2) return y;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.size(0);
+  return y.view(shape);
+}
+
+void set_max_m(int64_t f32, int64_t bf16) {
+  g_max_m_f32.store(f32);
+  g_max_m_bf16.store(bf16);
+}
+
+int64_t kernel_calls() { return g_kernel_calls.load(); }
+
+double stream_read(const torch::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "stream_read: contiguous CPU tensor");
+  TORCH_CHECK(cpu_has_avx512f(), "stream_read: CPU lacks AVX-512");
+  const char* p = static_cast<const char*>(t.data_ptr());
+  const int64_t nlines = t.numel() * t.element_size() / 64;
+  std::vector<float> part(std::max(1, at::get_num_threads()), 0.f);
+  at::parallel_for(0, nlines, 4096, [&](int64_t b, int64_t e) {
+    part[at::get_thread_num() % part.size()] += read_range(p + 64 * b, e - b);
+  });
+  double s = 0;
+  for (float v : part) s += v;
+  return s;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("stream_read", &stream_read, "read a tensor's bytes (bandwidth reference)");
   m.def("cpu_features", &cpu_features);
+  m.def("linear", &linear, "F.linear with the small-M kernel where it applies", py::arg("x"),
+        py::arg("w"), py::arg("bias") = py::none());
+  m.def("set_max_m", &set_max_m, "largest M using the kernel (float32, bfloat16)");
+  m.def("kernel_calls", &kernel_calls, "number of kernel invocations (for tests)");
   m.def("linear_small_m", &linear_small_m, "y = x @ w.T + b for small M",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("mt") = 0, py::arg("rb") = 0,
         py::arg("pf") = -1, py::arg("min_rows") = 0);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from ferry.errors import FerryError
-from ferry.server.errors import ModelNotFound, error_response
+from ferry.server.errors import ModelNotFound, ServerError, error_response
 from ferry.server.lifecycle import ClientDisconnected
 from ferry.server.metrics import CONTENT_TYPE, ServerMetrics
 from ferry.server.middleware import GuardMiddleware
@@ -61,7 +62,9 @@ def build_app(engine: "AsyncLLM", *, served_model_name: str | None = None, api_k
     app = FastAPI(title="ferry", summary="OpenAI-compatible LLM server", version=_version(), lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
 
-    for exc_type in (FerryError, RequestValidationError, HTTPException, Exception):
+    # Exception itself is handled by Starlette's outermost middleware, which also logs the traceback: only
+    # unexpected errors should get there.
+    for exc_type in (ServerError, FerryError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, _handle)
     app.add_exception_handler(ClientDisconnected, _client_gone)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
@@ -118,11 +121,7 @@ async def _client_gone(_: Request, exc: Exception) -> Response:
 
 
 def _engine_alive(engine: "AsyncLLM") -> bool:
-    alive = getattr(engine, "is_alive", None)
-    if callable(alive):
-        return bool(alive())
-    thread = getattr(engine, "_thread", None)
-    return thread is None or thread.is_alive()
+    return engine.is_alive()
 
 
 def _version() -> str:
@@ -141,11 +140,14 @@ def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, a
 
     from ferry.engine.async_engine import AsyncLLM
 
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     engine = AsyncLLM.from_options(model, **engine_options)
     app = build_app(engine, served_model_name=served_model_name or str(model), api_key=api_key,
                     request_timeout=request_timeout)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(request_timeout),
-                            timeout_keep_alive=5)
+    # graceful shutdown waits for in-flight requests at most as long as one request may take
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_keep_alive=5,
+                            timeout_graceful_shutdown=max(1, math.ceil(request_timeout)))
     uvicorn.Server(config).run()
 
 

@@ -84,6 +84,11 @@ class ServerMetrics:
     def clock(self) -> "RequestClock":
         return RequestClock(self)
 
+    def count_aborts(self, num_requests: int) -> None:
+        """Engine requests whose client went away (or that were cut short) before they finished."""
+        if num_requests:
+            self.finished.labels(self._model, "abort").inc(num_requests)
+
     def observe(self, arrival: float, first_token: float | None, end: float, out: RequestOutput) -> None:
         m = self._model
         for c in out.outputs:

@@ -6,8 +6,10 @@ HTTP errors; after a stream has started they become an SSE error event."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncGenerator
 
 import jinja2
@@ -25,6 +27,8 @@ from ferry.server.streaming import (DONE, ChunkWriter, DeltaTracker, TokenTexts,
 
 if TYPE_CHECKING:
     from ferry.engine.async_engine import AsyncLLM
+
+log = logging.getLogger("ferry.server")
 
 Merged = AsyncGenerator[tuple[int, RequestOutput], None]
 
@@ -53,7 +57,8 @@ class Serving:
         self.model_name = model_name
         self.metrics = metrics
         self.request_timeout = request_timeout
-        self.texts = TokenTexts(engine.tokenizer.decode)
+        # logprobs name every token, special ones included
+        self.texts = TokenTexts(lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False))
 
     # -- prompts ----------------------------------------------------------------------------------
 
@@ -108,110 +113,104 @@ class Serving:
         bad = [t for t in body.tokens if t >= vocab]
         if bad:
             raise BadRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
-        return {"prompt": await asyncio.to_thread(self.engine.tokenizer.decode, body.tokens)}
+        text = await asyncio.to_thread(self.engine.tokenizer.decode, body.tokens, skip_special_tokens=False)
+        return {"prompt": text}  # special tokens kept, as vLLM's /detokenize
 
     # -- one request, streamed or not -------------------------------------------------------------
 
     async def _serve(self, kind: str, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
                      params: list[SamplingParams], receive: Receive) -> Response:
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        deadline = asyncio.get_running_loop().time() + self.request_timeout
-        clocks = [self.metrics.clock() for _ in prompts]
         streams = [self.engine.generate(ids, p, f"{response_id}-{i}", priority=body.priority)
                    for i, (ids, p) in enumerate(zip(prompts, params))]
-        merged = merge_outputs(streams)
+        call = Call(kind, response_id, body, prompts, merge_outputs(streams), [self.metrics.clock() for _ in prompts],
+                    asyncio.get_running_loop().time() + self.request_timeout)
         try:
             if body.stream:
                 # The first output (or the error) comes before the headers, so overload and bad prompts get
                 # a real status code instead of a 200 with an error event.
-                first = await until_disconnect(self._next(merged, deadline), receive)
-                if first is None:
-                    raise RequestFailed("the engine ended the request without output")
-                events = self._events(kind, response_id, body, prompts, merged, first, clocks, deadline)
-                return EventStreamResponse(events)
-            finals = await until_disconnect(self._collect(merged, clocks, deadline), receive)
+                first = await until_disconnect(self._next(call), receive)
+                if first is None or _failed(first[1]):
+                    raise RequestFailed(first[1].error if first and first[1].error else "the engine ended the request "
+                                        "without output")
+                return EventStreamResponse(self._events(call, first))
+            finals = await until_disconnect(self._collect(call), receive)
         except BaseException as e:
-            await merged.aclose()
+            await call.merged.aclose()
             if isinstance(e, ClientDisconnected):
-                self._count_aborts(clocks)
+                self.metrics.count_aborts(len(prompts))
             raise
-        return JSONResponse(self._response(kind, response_id, body, prompts, finals))
+        return JSONResponse(self._response(call, finals))
 
-    async def _next(self, merged: Merged, deadline: float) -> tuple[int, RequestOutput] | None:
+    async def _next(self, call: "Call") -> tuple[int, RequestOutput] | None:
         try:
-            async with asyncio.timeout_at(deadline):
-                return await anext(merged, None)
+            async with asyncio.timeout_at(call.deadline):
+                item = await anext(call.merged, None)
         except TimeoutError:
             raise RequestTimeout(f"the request did not finish within {self.request_timeout:g} s "
                                  f"(the server's --request-timeout)") from None
+        if item is not None:
+            call.clocks[item[0]].on_output(item[1])
+        return item
 
-    async def _collect(self, merged: Merged, clocks: list[RequestClock], deadline: float) -> list[RequestOutput]:
-        finals: list[RequestOutput | None] = [None] * len(clocks)
-        while (item := await self._next(merged, deadline)) is not None:
-            i, out = item
-            clocks[i].on_output(out)
-            if out.finished:
-                finals[i] = out
+    async def _collect(self, call: "Call") -> list[RequestOutput]:
+        finals: list[RequestOutput | None] = [None] * len(call.prompts)
+        while (item := await self._next(call)) is not None:
+            if item[1].finished:
+                finals[item[0]] = item[1]
         if any(f is None for f in finals):
             raise RequestFailed("the engine ended the request without a final output")
         return finals  # type: ignore[return-value]
 
-    def _count_aborts(self, clocks: list[RequestClock]) -> None:
-        for _ in clocks:
-            self.metrics.finished.labels(self.model_name, "abort").inc()
-
-    async def _events(self, kind: str, response_id: str, body: CompletionRequest | ChatCompletionRequest,
-                      prompts: list[list[int]], merged: Merged, first: tuple[int, RequestOutput],
-                      clocks: list[RequestClock], deadline: float) -> AsyncGenerator[str, None]:
-        writer = ChunkWriter(kind, response_id, self.model_name, self.texts, body.include_usage)
+    async def _events(self, call: "Call", first: tuple[int, RequestOutput]) -> AsyncGenerator[str, None]:
+        n = call.body.n
+        writer = ChunkWriter(call.kind, call.response_id, self.model_name, self.texts, call.body.include_usage)
         tracker = DeltaTracker()
-        num_generated = [0] * len(prompts)
-        finished = [False] * len(prompts)
+        num_generated = [0] * len(call.prompts)
+        finished = [False] * len(call.prompts)
         try:
-            if kind == "chat":
-                yield writer.roles(list(range(body.n)))
+            if call.kind == "chat":
+                yield writer.roles(list(range(n)))
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
                 i, out = item
-                clocks[i].on_output(out)
-                deltas = [d for c in out.outputs if (d := tracker.delta(i * body.n + c.index, c)) is not None
+                deltas = [d for c in out.outputs if (d := tracker.delta(i * n + c.index, c)) is not None
                           and (d.text or d.logprobs or d.finish_reason)]  # token ids alone are not sent
                 if deltas:
                     yield writer.deltas(deltas)
-                if out.error or any(c.finish_reason == "error" for c in out.outputs):
+                if _failed(out):
                     yield error_event(f"the engine failed this request: {out.error or 'unknown error'}")
                     break
                 if out.finished:
                     finished[i] = True
                     num_generated[i] = sum(len(c.token_ids) for c in out.outputs)
-                item = await self._next(merged, deadline)
+                item = await self._next(call)
             else:
-                if body.include_usage:
-                    yield writer.usage(sum(len(p) for p in prompts), sum(num_generated))
+                if call.body.include_usage:
+                    yield writer.usage(call.num_prompt_tokens, sum(num_generated))
         except RequestTimeout as e:
             yield error_event(str(e), "timeout_error", "request_timeout")
         except FerryError as e:  # e.g. the 2nd prompt of a batch refused as overloaded after the 1st streamed
-            err = error_response(e).body
-            yield f"data: {err.decode('utf-8')}\n\n"
+            yield f"data: {bytes(error_response(e).body).decode('utf-8')}\n\n"
+        except Exception as e:  # a bug while serving this stream ends this stream only
+            log.exception("error while streaming %s", call.response_id)
+            yield error_event(f"internal error: {type(e).__name__}: {e}")
         finally:
-            if not all(finished):
-                self._count_aborts([c for c, f in zip(clocks, finished) if not f])
-            await merged.aclose()
+            self.metrics.count_aborts(finished.count(False))
+            await call.merged.aclose()
         yield DONE
 
-    # -- non-streamed responses -------------------------------------------------------------------
-
-    def _response(self, kind: str, response_id: str, body: CompletionRequest | ChatCompletionRequest,
-                  prompts: list[list[int]], finals: list[RequestOutput]) -> dict[str, Any]:
+    def _response(self, call: "Call", finals: list[RequestOutput]) -> dict[str, Any]:
+        chat = call.kind == "chat"
         choices: list[dict[str, Any]] = []
         num_generated = 0
         for i, out in enumerate(finals):
-            if out.error or any(c.finish_reason == "error" for c in out.outputs):
+            if _failed(out):
                 raise RequestFailed(out.error or "unknown error")
             for c in out.outputs:
                 num_generated += len(c.token_ids)
-                choice: dict[str, Any] = {"index": i * body.n + c.index}
-                if kind == "chat":
+                choice: dict[str, Any] = {"index": i * call.body.n + c.index}
+                if chat:
                     choice["message"] = {"role": "assistant", "content": c.text}
                     choice["logprobs"] = chat_logprobs(c.logprobs, self.texts) if c.logprobs is not None else None
                 else:
@@ -220,9 +219,27 @@ class Serving:
                 choice["finish_reason"] = c.finish_reason
                 choice["stop_reason"] = c.stop_reason
                 choices.append(choice)
-        return {"id": response_id, "object": "chat.completion" if kind == "chat" else "text_completion",
+        return {"id": call.response_id, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name, "choices": choices,
-                "usage": usage(sum(len(p) for p in prompts), num_generated)}
+                "usage": usage(call.num_prompt_tokens, num_generated)}
 
 
-__all__ = ["Serving", "context_check"]
+@dataclass
+class Call:
+    """One API request on its way through the engine (one engine request per prompt)."""
+
+    kind: str  # "chat" | "completion"
+    response_id: str
+    body: CompletionRequest | ChatCompletionRequest
+    prompts: list[list[int]]  # token ids per prompt
+    merged: Merged  # the prompts' engine streams, merged; closing it aborts them
+    clocks: list[RequestClock]  # per prompt, for the latency histograms
+    deadline: float  # loop time after which the request is aborted (--request-timeout)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+def _failed(out: RequestOutput) -> bool:
+    return bool(out.error) or any(c.finish_reason == "error" for c in out.outputs)

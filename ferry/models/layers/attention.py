@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ferry.ops.attention import paged_decode_attention, paged_decode_attention_available
+
 
 @dataclass
 class PrefillChunk:
@@ -80,7 +82,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
     B = meta.num_decodes
     if B:
-        out[:B] = _decode_attention(q[:B], k_cache, v_cache, meta, scale, window).to(q.dtype)
+        if q.device.type == "cpu" and paged_decode_attention_available():
+            o = paged_decode_attention(q[:B], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, window, scale)
+        else:
+            o = _decode_attention(q[:B], k_cache, v_cache, meta, scale, window)
+        out[:B] = o.to(q.dtype)
     for i, chunk in enumerate(meta.prefills):
         rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         if chunk.start_pos == 0:  # nothing cached before: use this step's k/v directly

@@ -1,0 +1,21 @@
+"""Decode attention read straight from the paged KV cache (paged_attention.cpp)."""
+from __future__ import annotations
+
+import torch
+
+from ferry.ops.build import load_extension
+
+
+def _ext():
+    return load_extension("ferry_paged_attention", ["paged_attention.cpp"], ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"])
+
+
+def paged_decode_attention_available() -> bool:
+    return _ext() is not None
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           ctx_lens: torch.Tensor, window: int | None, scale: float) -> torch.Tensor:
+    """q [B, H, Dh] -> float32 [B, H, Dh]; caches [num_blocks, bs, K, Dh] (float32 or bfloat16)."""
+    return _ext().paged_decode_attention(q.float().contiguous(), k_cache, v_cache, block_tables, ctx_lens,
+                                         window or 0, scale)
