@@ -104,8 +104,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ferry.server.app import run_server, server_kwargs
 
     path = default_model_path()
-    print(f"ferry: serving the built-in default model {path}", file=sys.stderr)
-    run_server(str(path), **server_kwargs(args), **engine_kwargs(args))
+    kw = server_kwargs(args)
+    kw["served_model_name"] = kw["served_model_name"] or "ferry-default"
+    url = f"http://{kw['host']}:{kw['port']}/v1"
+    print(f"""ferry: serving the built-in default model ({path}) as "{kw['served_model_name']}" at {url}
+  (random weights until the in-house trained model lands: the text is noise)
+  curl {url}/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{kw['served_model_name']}", "prompt": "Once upon a time", "max_tokens": 32}}'
+  or: openai.OpenAI(base_url="{url}", api_key="none").completions.create(model="{kw['served_model_name']}", prompt="Hi")""",
+          file=sys.stderr, flush=True)
+    run_server(str(path), **kw, **engine_kwargs(args))
     return 0
 
 
