@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--num-requests-fp32", type=int, default=32, help="float32 is ~4x slower: fewer requests")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--hf-batch-size", type=int, default=16)
@@ -70,6 +71,7 @@ def main() -> None:
     vocab = 32000
     prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(128, 512))] for _ in range(args.num_requests)]
     record = {"question": "ferry vs transformers generate: decode, prefill, throughput", "machine": machine(),
+              "num_requests": args.num_requests, "output_len": args.output_len,
               "model": args.shape, "threads": args.threads, "results": {}}
     record["bandwidth_gbs_before"] = memory_bandwidth_gbs()
     scenarios = args.scenarios.split(",")
@@ -102,19 +104,21 @@ def main() -> None:
             res["decode_weight_gbs"] = {k: weight_bytes * v["median"] / 1e9 for k, v in res["decode_tok_s"].items() if k != "ratio"}
             print(f"[{dtype_name}] decode tok/s", {k: round(v["median"], 1) for k, v in res["decode_tok_s"].items()})
 
-        if "prefill" in scenarios:  # time to first token of a 512-token prompt
-            p = [prompts[0][:128] * 4]
-            r = interleaved({"transformers": lambda: 512 / hf_generate(hf, p, 1, 1)[0],
-                             "ferry": lambda: 512 / ferry_generate(llm, p, 1)[0]}, args.runs)
+        if "prefill" in scenarios:  # time to first token of a 512-token prompt, a new prompt every call
+            fresh = iter([[rng.randrange(3, vocab) for _ in range(512)]] for _ in range(4 * args.runs))
+            r = interleaved({"transformers": lambda: 512 / hf_generate(hf, next(fresh), 1, 1)[0],
+                             "ferry": lambda: 512 / ferry_generate(llm, next(fresh), 1)[0]}, args.runs)
             res["prefill512_tok_s"] = {k: summary(v) for k, v in r.items()}
             res["prefill512_tok_s"]["ratio"] = summary([a / b for a, b in zip(r["ferry"], r["transformers"])])
             print(f"[{dtype_name}] prefill tok/s", {k: round(v["median"], 1) for k, v in res["prefill512_tok_s"].items()})
 
         if "throughput" in scenarios:  # all requests at once, output tokens per second
-            total = args.num_requests * args.output_len
+            batch = prompts[:args.num_requests_fp32] if dtype_name == "float32" else prompts
+            res["num_requests"] = len(batch)
+            total = len(batch) * args.output_len
             runs = max(1, args.runs - 1)
-            r = interleaved({"transformers": lambda: total / hf_generate(hf, prompts, args.output_len, args.hf_batch_size)[0],
-                             "ferry": lambda: total / ferry_generate(llm, prompts, args.output_len)[0]}, runs)
+            r = interleaved({"transformers": lambda: total / hf_generate(hf, batch, args.output_len, args.hf_batch_size)[0],
+                             "ferry": lambda: total / ferry_generate(llm, batch, args.output_len)[0]}, runs)
             res["throughput_tok_s"] = {k: summary(v) for k, v in r.items()}
             res["throughput_tok_s"]["ratio"] = summary([a / b for a, b in zip(r["ferry"], r["transformers"])])
             print(f"[{dtype_name}] throughput tok/s", {k: round(v["median"], 1) for k, v in res["throughput_tok_s"].items()})

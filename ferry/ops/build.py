@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -37,7 +38,7 @@ def load_extension(name: str, sources: list[str], cflags: list[str]) -> ModuleTy
             srcs = [str(HERE / s) for s in sources]
             newest = max(Path(s).stat().st_mtime for s in srcs)
             if not any(p.stat().st_mtime >= newest for p in d.glob(f"{name}*.so")):
-                print(f"ferry: compiling CPU kernel {name} (once) ...", flush=True)
+                print(f"ferry: compiling CPU kernel {name} (once) ...", file=sys.stderr, flush=True)
             _modules[name] = cpp_extension.load(name=name, sources=srcs, extra_cflags=cflags,
                                                 extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
         except Exception as e:  # no compiler, no ninja, bad toolchain
