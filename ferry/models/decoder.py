@@ -11,7 +11,8 @@ from ferry.models.layers.attention import AttnMetadata, paged_attention, write_k
 from ferry.models.layers.linear import linear
 from ferry.models.layers.mlp import MoE, DenseMLP, _meta
 from ferry.models.layers.norm import RMSNorm
-from ferry.models.layers.rotary import Rotary, apply_rotary
+from ferry.models.layers.rotary import Rotary
+from ferry.ops.fused import rotary_
 
 
 class Attention(nn.Module):
@@ -41,8 +42,9 @@ class Attention(nn.Module):
         v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        # one rotary pass over q and k together: [T, H + K, Dh]
-        q, k = apply_rotary(torch.cat((q, k), dim=1), cos, sin).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+        # one in-place rotary pass over q and k together: [T, H + K, Dh]
+        qk = torch.cat((q, k), dim=1)
+        q, k = rotary_(qk, cos, sin).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
         return linear(out, self.o, self.o_bias)
@@ -57,10 +59,13 @@ class DecoderLayer(nn.Module):
         sparse = cfg.moe is not None and cfg.moe.sparse_layers[layer]
         self.mlp = MoE(cfg.moe, cfg.hidden_size) if sparse else DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, meta, kv_cache)
-        return x + self.mlp(self.post_attn_norm(x))
+    def forward(self, h: torch.Tensor | None, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttnMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """h: the previous layer's output (None for the first), added into residual in place; returns this
+        layer's output. Same arithmetic as x = x + attn(norm(x)); x = x + mlp(norm(x)), fused."""
+        n = self.input_norm(residual, h)
+        n = self.post_attn_norm(residual, self.attn(n, cos, sin, meta, kv_cache))
+        return self.mlp(n)
 
 
 class DecoderModel(nn.Module):
@@ -81,9 +86,11 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> float32 logits [S, V] for the rows in logits_indices [S]."""
-        x = self.embed[input_ids]
-        cos, sin = self.rotary.tables(meta.positions, x.dtype)
+        residual = self.embed[input_ids]  # fancy indexing copies: safe to update in place
+        cos, sin = self.rotary.tables(meta.positions, residual.dtype)
+        h = None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, meta, kv)
-        x = self.norm(x[logits_indices])
+            h = layer(h, residual, cos, sin, meta, kv)
+        residual += h
+        x = self.norm(residual[logits_indices].contiguous())
         return linear(x, self.embed if self.lm_head is None else self.lm_head).float()

@@ -7,14 +7,17 @@ fast as ``F.linear``; everything else goes to ``F.linear``.
 
 The extension is compiled lazily, on the first call that could use it, with
 torch's ``cpp_extension`` toolchain (needs a C++ compiler and ``ninja``), and
-cached under ``$FERRY_CACHE_DIR/ops`` (default ``~/.cache/ferry/ops``). If
-the build fails, a warning is logged once and ``F.linear`` is used.
+cached under ``$FERRY_CACHE_DIR/ops/gemv`` (default ``~/.cache/ferry/ops/gemv``).
+If the build fails, a warning is logged once and ``F.linear`` is used.
+``MAX_M`` is handed to the extension when it loads; change it before the
+first call.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -41,9 +44,12 @@ _tried = False
 
 
 def _build_dir() -> Path:
+    # One subdirectory per extension: cpp_extension's build lock is per
+    # directory, and a process that finds the lock taken assumes *its* module
+    # is being built there, so extensions must not share a directory.
     root = os.environ.get("FERRY_CACHE_DIR")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "ferry"
-    return base / "ops"
+    return base / "ops" / "gemv"
 
 
 def _needs_compile(build_dir: Path) -> bool:
@@ -70,7 +76,7 @@ def _load() -> ModuleType | None:
             build_dir = _build_dir()
             build_dir.mkdir(parents=True, exist_ok=True)
             if _needs_compile(build_dir):
-                print("ferry: compiling CPU kernels (once) ...", flush=True)
+                print("ferry: compiling CPU kernels (once) ...", file=sys.stderr, flush=True)
             ext = cpp_extension.load(
                 name="ferry_gemv",
                 sources=[str(_SRC)],

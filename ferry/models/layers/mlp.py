@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ferry.config import MoEConfig
 from ferry.models.layers.linear import linear
+from ferry.ops.fused import silu_mul
 
 
 def _meta(*shape: int) -> nn.Parameter:
@@ -33,9 +33,7 @@ class DenseMLP(nn.Module):
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
            gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
-    gu = linear(x, gate_up, gate_up_bias)  # [T, 2I]
-    inter = gu.shape[-1] // 2
-    return linear(F.silu(gu[..., :inter]) * gu[..., inter:], down, down_bias)
+    return linear(silu_mul(linear(x, gate_up, gate_up_bias)), down, down_bias)  # [T, 2I] -> [T, I] -> [T, D]
 
 
 class ExpertWeights(Protocol):

@@ -82,12 +82,5 @@ class Rotary:
         self.sin = (emb.sin() * scale).to(device)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for each token: [T, 1, dim] in the activation dtype (broadcast over heads)."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, dim]; rotate_half convention (HF)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+        """cos, sin for each token: [T, dim] in the activation dtype (ops.fused.rotary_ applies them)."""
+        return self.cos[positions].to(dtype).contiguous(), self.sin[positions].to(dtype).contiguous()
