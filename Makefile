@@ -26,7 +26,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
-	$(BIN)/python bench/engine_vs_hf.py
+	$(BIN)/python -m bench.engine_vs_hf
+	$(BIN)/python bench/serving.py
+	$(BIN)/python -m bench.report
 
 clean:
 	rm -rf $(VENV) build *.egg-info

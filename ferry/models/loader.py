@@ -6,7 +6,6 @@ disk on the next request. q/k/v and gate/up are fused, and experts stacked, whil
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -153,12 +152,3 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_l
     model.init_rotary(device)
     return model.eval()
 
-
-def unused_tensors(cfg: ModelConfig) -> list[str]:
-    """Checkpoint tensors the model does not use (for diagnostics)."""
-    reader = _Reader(checkpoint_files(Path(cfg.path)))
-    used = set()
-    for v in _hf_names(cfg, reader).values():
-        for g in (v if isinstance(v, tuple) else [v]):
-            used.update(g)
-    return [k for k in reader.where if k not in used and not re.search(r"rotary_emb", k)]

@@ -26,8 +26,11 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.T
     return weight * F.rms_norm(residual.float(), (residual.shape[-1],), eps=eps).to(residual.dtype)
 
 
+SILU_MAX_ROWS = 16  # the kernel's exp is scalar: past a few rows torch's vectorized silu is faster
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if _usable(gate_up) and gate_up.is_contiguous():
+    if gate_up.numel() <= SILU_MAX_ROWS * gate_up.shape[-1] and _usable(gate_up) and gate_up.is_contiguous():
         return _ext().silu_mul(gate_up)
     inter = gate_up.shape[-1] // 2
     return F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
