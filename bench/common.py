@@ -33,14 +33,15 @@ def machine() -> dict:
 
 
 def memory_bandwidth_gbs(size_mb: int = 512, reps: int = 5) -> float:
-    """Read bandwidth: summing a buffer far larger than the L3 cache (best of reps)."""
-    x = torch.ones(size_mb * (1 << 20) // 4, dtype=torch.float32)
+    """DRAM bandwidth: copying a buffer far larger than the L3 cache (bytes read + written, best of reps)."""
+    src = torch.ones(size_mb * (1 << 20) // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        x.sum()
+        dst.copy_(src)
         best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
+    return 2 * src.numel() * 4 / best / 1e9
 
 
 def interleaved(fns: dict[str, Callable[[], float]], runs: int) -> dict[str, list[float]]:

@@ -10,13 +10,17 @@ Before timing, both engines must produce the same greedy tokens in float32.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 
 import torch
 
-from bench.common import interleaved, machine, memory_bandwidth_gbs, save, summary
+from bench.common import RESULTS, interleaved, machine, memory_bandwidth_gbs, save, summary
 from bench.models import build
+
+
+RESULTS_FILE = RESULTS / "engine_vs_hf.json"
 
 
 def hf_model(path, dtype):
@@ -62,6 +66,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--scenarios", default="decode,prefill,throughput")
+    ap.add_argument("--update", action="store_true",
+                    help="rerun only --scenarios and keep the other results already in bench/results/engine_vs_hf.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from ferry import LLM
@@ -73,6 +79,8 @@ def main() -> None:
     record = {"question": "ferry vs transformers generate: decode, prefill, throughput", "machine": machine(),
               "num_requests": args.num_requests, "output_len": args.output_len,
               "model": args.shape, "threads": args.threads, "results": {}}
+    if args.update and RESULTS_FILE.is_file():
+        record["results"] = json.loads(RESULTS_FILE.read_text())["results"]
     record["bandwidth_gbs_before"] = memory_bandwidth_gbs()
     scenarios = args.scenarios.split(",")
     for dtype_name in args.dtypes.split(","):
@@ -80,7 +88,8 @@ def main() -> None:
         hf = hf_model(path, dtype)
         llm = LLM(path, dtype=dtype_name, kv_cache_memory="3G", max_num_seqs=64, max_num_batched_tokens=512)
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
-        res = record["results"].setdefault(dtype_name, {"weight_bytes": weight_bytes})
+        res = record["results"].setdefault(dtype_name, {})
+        res["weight_bytes"] = weight_bytes
         # correctness first: the same greedy tokens (float32 only; bfloat16 rounds differently per engine)
         check = prompts[:4]
         _, want = hf_generate(hf, check, 16, 1)

@@ -33,9 +33,10 @@ def engine_vs_hf(rec: dict) -> str:
                     for d, res in rec["results"].items() if "decode_weight_gbs" in res)
     match = "; ".join(f"{d}: {res['greedy_match']:.0%}" for d, res in rec["results"].items())
     return "\n".join(rows) + (
-        f"\n\nWeights streamed per second in single-stream decode ({gbs}); the machine's measured read bandwidth "
-        f"in the same run: {bw:.0f} GB/s. Greedy tokens equal to transformers before timing ({match}; float32 must "
-        f"be 100% or the run stops; bfloat16 rounds differently in each engine).")
+        f"\n\nWeights streamed per second in single-stream decode ({gbs}). A 512 MB torch copy measured "
+        f"{bw:.0f} GB/s at the start of the run (a lower bound: this machine's bandwidth drifts between ~40 and "
+        f"~75 GB/s, so compare the ratios, which come from interleaved runs). Greedy tokens equal to transformers "
+        f"before timing ({match}; float32 must be 100% or the run stops; bfloat16 rounds differently in each engine).")
 
 
 def render() -> str:

@@ -33,7 +33,9 @@ def load_extension(name: str, sources: list[str], cflags: list[str]) -> ModuleTy
         try:
             from torch.utils import cpp_extension
 
-            d = build_dir()
+            # one folder per extension: cpp_extension's build lock is per folder, and a process finding the
+            # lock taken assumes its own module is being built there
+            d = build_dir() / name
             d.mkdir(parents=True, exist_ok=True)
             srcs = [str(HERE / s) for s in sources]
             newest = max(Path(s).stat().st_mtime for s in srcs)
