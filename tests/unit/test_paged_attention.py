@@ -14,7 +14,7 @@ def test_kernel_matches_torch_reference(dtype, window):
     if not paged_decode_attention_available():
         pytest.skip("no C++ toolchain: the torch path is what runs")
     g = torch.Generator().manual_seed(0)
-    B, H, K, Dh, bs, nb = 5, 8, 2, 16, 4, 40
+    B, H, K, Dh, bs, nb = 5, 8, 2, 16, 4, 48
     k_cache = torch.randn(nb, bs, K, Dh, generator=g).to(dtype)
     v_cache = torch.randn(nb, bs, K, Dh, generator=g).to(dtype)
     lens = torch.tensor([1, 7, 16, 33, 29])
