@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -53,6 +54,21 @@ def time_pass(fn, xs, ws, bs) -> float:
     for i in range(n):
         fn(xs, ws[i], bs[i] if bs is not None else None)
     return (time.perf_counter() - t0) / n
+
+
+def cpu_name() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {}
+    for line in info:
+        if ":" in line:
+            key, val = (p.strip() for p in line.split(":", 1))
+            fields.setdefault(key, val)
+        elif fields:
+            break
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def bench_case(n: int, k: int, m: int, dtype: torch.dtype, args) -> dict:
@@ -95,6 +111,7 @@ def bench_case(n: int, k: int, m: int, dtype: torch.dtype, args) -> dict:
         "torch_gbps": wbytes / med["torch"] / 1e9,
         "ferry_gbps": wbytes / med["ferry"] / 1e9,
         "speedup": speedup,
+        "kernel_used": ops.cpu_features()[dtype] and m <= ops.MAX_M[dtype],
         "max_rel_err": err,
     }
     if "read" in med:
@@ -108,7 +125,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="NxK weight shapes")
     ap.add_argument("--m", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="rows of x")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    ap.add_argument("--runs", type=int, default=7, help="interleaved A/B runs per case (median)")
+    ap.add_argument("--runs", type=int, default=7, help="interleaved runs per case (median)")
     ap.add_argument("--rotate-mb", type=int, default=320, help="total size of rotated weight copies")
     ap.add_argument("--bias", action="store_true", help="include a bias vector")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gemv.json")
@@ -146,7 +163,8 @@ def main() -> None:
     meta = {
         "torch": torch.__version__,
         "threads": args.threads,
-        "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
         "kernel_available": ops.kernel_available(),
         "max_m": {str(k).replace("torch.", ""): v for k, v in ops.MAX_M.items()},
         "rotate_mb": args.rotate_mb,

@@ -7,7 +7,7 @@ fast as ``F.linear``; everything else goes to ``F.linear``.
 
 The extension is compiled lazily, on the first call that could use it, with
 torch's ``cpp_extension`` toolchain (needs a C++ compiler and ``ninja``), and
-cached under ``$FERRY_CACHE_DIR/ops/gemv`` (default ``~/.cache/ferry/ops/gemv``).
+cached under ``$FERRY_CACHE_DIR/ops/ferry_gemv`` (default ``~/.cache/ferry/ops/ferry_gemv``).
 If the build fails, a warning is logged once and ``F.linear`` is used.
 ``MAX_M`` is handed to the extension when it loads; change it before the
 first call.
@@ -31,10 +31,12 @@ __all__ = ["linear", "kernel_available", "cpu_features", "kernel_calls", "MAX_M"
 log = logging.getLogger(__name__)
 
 # Largest number of rows of x sent to the kernel; above it F.linear. Measured
-# with bench/gemv.py (Zen 4, 2 threads): the kernel beats F.linear at every
-# M <= 16 for both dtypes (~2-3.5x at M=1..4 where it runs at DRAM speed,
-# still 1.2-3x at M=16 where both are compute-bound). Past 16 the gain fades
-# (about even with MKL/oneDNN at M=32), so 16 is the crossover.
+# with bench/gemv.py (Zen 4, 2 threads, weights streamed from DRAM): the
+# kernel beats F.linear at every M <= 16 for both dtypes (~2-5x at M=1..4
+# where it runs at DRAM speed, 1.3-3x at M=16 where it is compute-bound).
+# Past 16 the gain fades (even with MKL/oneDNN around M=32), so 16 is the
+# crossover. One exception is decided in C++: float32 with M > 8 and a weight
+# under 1 MiB goes to F.linear (both compute-bound there, MKL about as fast).
 MAX_M = {torch.float32: 16, torch.bfloat16: 16}
 
 _SRC = Path(__file__).with_name("gemv.cpp")
@@ -50,7 +52,7 @@ def _build_dir() -> Path:
     # is being built there, so extensions must not share a directory.
     root = os.environ.get("FERRY_CACHE_DIR")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "ferry"
-    return base / "ops" / "gemv"
+    return base / "ops" / "ferry_gemv"
 
 
 def _needs_compile(build_dir: Path) -> bool:

@@ -125,6 +125,10 @@ def test_dispatch_uses_kernel(dtype):
     with torch.no_grad():
         ops.linear(x, wg)  # no autograd: kernel
     assert ops.kernel_calls() - n0 == 4
+    # float32 M > 8 with a weight < 1 MiB: compute-bound, F.linear is as fast.
+    x12 = torch.randn(12, 72).to(dtype)
+    ops.linear(x12, w)
+    assert ops.kernel_calls() - n0 == (5 if dtype == torch.bfloat16 else 4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
