@@ -1,4 +1,4 @@
-"""`ferry generate | chat | serve | run` — `ferry` and `python -m ferry` are the same CLI.
+"""`ferry generate | chat | serve | run | convert` — `ferry` and `python -m ferry` are the same CLI.
 
 Engine flags come from ferry/engine/options.py (each is also a keyword of ferry.LLM); sampling flags are
 SamplingParams fields with the same names. `--seed` is the engine's: it makes sampling reproducible."""
@@ -117,6 +117,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ferry.experts.convert import convert_expert_store
+
+    index = convert_expert_store(args.model, args.expert_store, args.dtype)
+    n = sum(len(r) for r in index.experts.values())
+    print(f"wrote {n} experts ({n * index.layout.record_nbytes / 2**20:.1f} MiB, {index.layout.dtype}) "
+          f"to {args.expert_store}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description="LLM inference and serving for machines smaller than the model")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_server_arguments(p)
         add_engine_arguments(p)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("convert", help="write a MoE model's experts as an expert store (--expert-store DIR)")
+    p.add_argument("model")
+    p.add_argument("--expert-store", required=True, help="output folder; run with --expert-store DIR")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="experts' dtype (default: auto)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -205,6 +205,14 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    expert_store: str | None = None  # folder written by `ferry convert --expert-store`; None: experts resident
+    expert_cache_memory: int | None = None  # bytes of RAM for cached experts (None: every expert); never exceeded
+    expert_eviction: str = "lru"  # lru | correlation
+    expert_prefetch: str = "none"  # none | correlation | pregate
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     device: str = "cpu"
@@ -214,3 +222,4 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)

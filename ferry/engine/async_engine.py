@@ -122,6 +122,7 @@ class AsyncLLM:
         while True:
             block = not self.engine.has_unfinished()
             if block and self._stop.is_set():
+                self.engine.close()
                 break
             try:
                 cmd = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()

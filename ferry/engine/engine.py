@@ -13,6 +13,7 @@ from ferry.config import EngineConfig, ModelConfig
 from ferry.engine.output import OutputProcessor
 from ferry.engine.stats import EngineStats
 from ferry.errors import ContextLengthExceeded, InvalidRequest
+from ferry.experts.store import ExpertStore
 from ferry.kvcache.manager import KVCacheManager
 from ferry.kvcache.storage import KVStorage
 from ferry.request import FinishReason, Request, RequestOutput, SamplingParams
@@ -38,6 +39,7 @@ class EngineParts:
     runner: Runner
     max_model_len: int
     eos_token_ids: frozenset[int]
+    experts: ExpertStore | None = None  # MoE experts served from disk (--expert-store)
 
 
 class LLMEngine:
@@ -148,9 +150,14 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    def close(self) -> None:
+        """Stop background work and free what the engine holds outside Python's reach (expert cache, I/O thread)."""
+        if self.parts.experts is not None:
+            self.parts.experts.close()
+
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(
+        return EngineStats(experts=self.parts.experts.stats() if self.parts.experts else None,
             num_running=len(s.running), num_waiting=len(s.waiting),
             num_kv_blocks_total=self.kv.pool.num_blocks, num_kv_blocks_used=self.kv.pool.num_used,
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,

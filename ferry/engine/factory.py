@@ -6,9 +6,12 @@ import logging
 
 import torch
 
-from ferry.config import EngineConfig, ModelConfig
+from ferry.config import EngineConfig, ModelConfig, OffloadConfig
 from ferry.engine.engine import EngineParts
 from ferry.errors import InvalidRequest
+from ferry.experts.policies import EVICTION_POLICIES
+from ferry.experts.predictors import PREDICTORS, PreGatePredictor
+from ferry.experts.store import ExpertStore
 from ferry.kvcache.manager import KVCacheManager
 from ferry.kvcache.storage import KVStorage, bytes_per_block
 from ferry.models.loader import load_model
@@ -56,6 +59,20 @@ def _tune_malloc() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
+def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.dtype,
+                       device: torch.device) -> ExpertStore | None:
+    if cfg.expert_store is None:
+        return None
+    if model_cfg.moe is None:
+        raise InvalidRequest(f"--expert-store is for MoE models; {model_cfg.architecture} has no experts")
+    if device.type != "cpu":
+        raise InvalidRequest("--expert-store runs on --device cpu only for now")
+    moe_layers = [l for l in range(model_cfg.num_layers) if model_cfg.moe.sparse_layers[l]]
+    shape = (moe_layers, model_cfg.moe.num_experts, model_cfg.moe.top_k)
+    return ExpertStore(cfg.expert_store, model_cfg, dtype, cfg.expert_cache_memory,
+                       EVICTION_POLICIES[cfg.expert_eviction](*shape), PREDICTORS[cfg.expert_prefetch](*shape))
+
+
 def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     if torch.device(cfg.device).type == "cpu":
         _tune_malloc()
@@ -80,13 +97,21 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     if max_len < model_cfg.max_model_len and not cfg.max_model_len:
         log.info("context capped at %d tokens by the KV cache budget", max_len)
 
-    model = load_model(model_cfg, dtype, device, max_len)
-    if device.type == "cpu":  # compile the CPU kernels now, not on the first request
-        paged_decode_attention_available()
-        kernel_available()
-    storage = KVStorage(model_cfg, num_blocks, num_host_blocks, block_size, dtype, device)
-    kv = KVCacheManager(num_blocks, block_size, cfg.cache.enable_prefix_caching, num_host_blocks)
-    scheduler = Scheduler(cfg.scheduler, kv, POLICIES[cfg.scheduler.policy]())
-    eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_cfg.eos_token_ids)
-    runner = Runner(model, storage, Sampler(eos, seed=cfg.seed), block_size, device)
-    return EngineParts(cfg, model_cfg, tokenizer, kv, storage, scheduler, runner, max_len, eos)
+    experts = build_expert_store(cfg.offload, model_cfg, dtype, device)
+    try:
+        model = load_model(model_cfg, dtype, device, max_len, experts.layer if experts else None)
+        if experts and isinstance(experts.predictor, PreGatePredictor):
+            experts.predictor.set_routers({l: model.layers[l].mlp.router for l in experts.index.layer_files})
+        if device.type == "cpu":  # compile the CPU kernels now, not on the first request
+            paged_decode_attention_available()
+            kernel_available()
+        storage = KVStorage(model_cfg, num_blocks, num_host_blocks, block_size, dtype, device)
+        kv = KVCacheManager(num_blocks, block_size, cfg.cache.enable_prefix_caching, num_host_blocks)
+        scheduler = Scheduler(cfg.scheduler, kv, POLICIES[cfg.scheduler.policy]())
+        eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_cfg.eos_token_ids)
+        runner = Runner(model, storage, Sampler(eos, seed=cfg.seed), block_size, device)
+        return EngineParts(cfg, model_cfg, tokenizer, kv, storage, scheduler, runner, max_len, eos, experts)
+    except BaseException:
+        if experts:  # its I/O thread and cache must not outlive a failed start
+            experts.close()
+        raise

@@ -18,6 +18,16 @@ class LLM:
         self.engine = LLMEngine.from_config(engine_config(model, **options))
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Free what the engine holds beyond Python objects (the expert cache and its I/O thread)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ferry.config import CacheConfig, EngineConfig, SchedulerConfig
+from ferry.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
 from ferry.errors import InvalidRequest
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
@@ -57,6 +57,12 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("max_waiting", 1024, int, "most requests queued; more are refused as overloaded"),
     Option("scheduling_policy", "fcfs", str, "order of admission and preemption", ("fcfs", "priority")),
     Option("preemption_mode", "recompute", str, "what happens to the KV of a preempted request", ("recompute", "swap")),
+    Option("expert_store", None, str, "MoE: read experts on demand from this folder (`ferry convert MODEL --expert-store DIR`)"),
+    Option("expert_cache_memory", None, parse_size, "MoE with --expert-store: bytes of RAM for cached experts "
+           "(e.g. 256M; default: all experts); never exceeded"),
+    Option("expert_eviction", "lru", str, "MoE with --expert-store: which cached expert to evict", ("lru", "correlation")),
+    Option("expert_prefetch", "none", str, "MoE with --expert-store: how the next layer's experts are predicted and "
+           "read ahead", ("none", "correlation", "pregate")),
 )
 _BY_NAME = {o.name: o for o in ENGINE_OPTIONS}
 
@@ -76,6 +82,9 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
     for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "max_waiting"):
         if v[name] < 1:
             raise InvalidRequest(f"{name} must be >= 1, got {v[name]}")
+    if v["expert_store"] is None and (v["expert_cache_memory"] is not None or v["expert_prefetch"] != "none"
+                                      or v["expert_eviction"] != "lru"):
+        raise InvalidRequest("expert_cache_memory, expert_eviction and expert_prefetch need expert_store")
     return EngineConfig(
         model=str(model), device=v["device"], dtype=v["dtype"], threads=v["threads"],
         max_model_len=v["max_model_len"], seed=v["seed"],
@@ -84,6 +93,8 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_batched_tokens=v["max_num_batched_tokens"], max_num_seqs=v["max_num_seqs"],
                                   max_waiting=v["max_waiting"], policy=v["scheduling_policy"],
                                   preemption_mode=v["preemption_mode"]),
+        offload=OffloadConfig(expert_store=v["expert_store"], expert_cache_memory=v["expert_cache_memory"],
+                              expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"]),
     )
 
 

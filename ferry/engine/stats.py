@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ferry.experts.stats import ExpertStats
+
 
 @dataclass
 class EngineStats:
@@ -16,6 +18,7 @@ class EngineStats:
     num_prompt_tokens: int = 0  # cumulative, of finished and running requests
     num_generation_tokens: int = 0  # cumulative
     num_steps: int = 0
+    experts: ExpertStats | None = None  # MoE expert store counters (with --expert-store)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -131,14 +132,23 @@ def _build(reader: _Reader, names, dtype: torch.dtype, device: torch.device) -> 
     return t.to(device=device, dtype=dtype, copy=True)  # copy: anonymous memory, not the file's mmap
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_len: int) -> DecoderModel:
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_len: int,
+               experts: Callable[[int], torch.nn.Module] | None = None) -> DecoderModel:
+    """experts: layer -> the ExpertWeights of that MoE layer, when experts live elsewhere (an offloading
+    store); their tensors are then not read from the checkpoint."""
     folder = Path(cfg.path)
     reader = _Reader(checkpoint_files(folder))
     model = DecoderModel(cfg, max_len)
+    if experts is not None:
+        for i, layer in enumerate(model.layers):
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp.experts = experts(i)
     expected = dict(model.named_parameters())
     state = {}
     names = _hf_names(cfg, reader)
     for name, hf_names in tqdm(names.items(), desc=f"loading {folder.name}", unit="tensor", disable=None, leave=False):
+        if name not in expected:  # served by `experts`
+            continue
         t = _build(reader, hf_names, dtype, device)
         want = tuple(expected[name].shape)
         if tuple(t.shape) != want:

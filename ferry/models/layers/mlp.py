@@ -3,7 +3,7 @@
 Legend: T tokens, D hidden, I intermediate, E experts, A experts per token (top-k)."""
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -39,8 +39,11 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
 class ExpertWeights(Protocol):
     """Where a MoE layer gets its experts' weights: resident tensors, or an offloading store."""
 
-    def weights(self, expert_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(gate_up [2I, D], down [D, I]) for each expert id, in order."""
+    def weights(self, expert_ids: Sequence[int], x: torch.Tensor,
+                top_ids: torch.Tensor) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """(gate_up [2I, D], down [D, I]) for each expert id, in order. The layer's input x [T, D] and routing
+        top_ids [T, A] let a store predict later layers' experts. An offloading store yields lazily (a yielded
+        pair may be valid only until the next one is asked for), so iterate it to the end."""
         ...
 
 
@@ -52,7 +55,8 @@ class ResidentExperts(nn.Module):
         self.gate_up = _meta(num_experts, 2 * inter, hidden)
         self.down = _meta(num_experts, hidden, inter)
 
-    def weights(self, expert_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def weights(self, expert_ids: Sequence[int], x: torch.Tensor,
+                top_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.gate_up[e], self.down[e]) for e in expert_ids]
 
 
@@ -85,7 +89,8 @@ class MoE(nn.Module):
         tokens = order // self.cfg.top_k  # token row of each (token, slot) pair, grouped by expert
         weights = top_w.flatten()[order]
         start = 0
-        for e, (gate_up, down) in zip(active, self.experts.weights(active)):
+        for i, (gate_up, down) in enumerate(self.experts.weights(active, x, top_ids)):
+            e = active[i]
             rows = tokens[start:start + counts[e]]
             y = swiglu(x[rows], gate_up, down) * weights[start:start + counts[e], None]
             out.index_add_(0, rows, y)

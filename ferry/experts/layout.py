@@ -1,0 +1,110 @@
+"""The on-disk expert store: one file per MoE layer, each expert's weights contiguous at an ALIGNed offset,
+described by `index.json`.
+
+An expert record is  gate_up [2I, D] | pad to 64 B | down [D, I] | pad to ALIGN  in the store's dtype, so
+one aligned read fills one cache slot and the two tensors are views into it. index.json holds the
+layout, each expert's offset and CRC32 (of its unpadded bytes), and enough of the model's shape to refuse
+a store built for another model."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ferry.errors import ModelLoadError
+from ferry.tiers.disk import ALIGN, align_up
+
+INDEX_NAME = "index.json"
+FORMAT = "ferry-expert-store"
+VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExpertRecord:
+    offset: int  # byte offset of the expert in its layer file (ALIGNed)
+    crc32: int  # of the gate_up and down bytes (not the padding)
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Byte layout shared by every expert of the store."""
+
+    dtype: str
+    hidden_size: int  # D
+    intermediate_size: int  # I
+    down_offset: int  # where down starts inside an expert record
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def gate_up_shape(self) -> tuple[int, int]:
+        return 2 * self.intermediate_size, self.hidden_size
+
+    @property
+    def down_shape(self) -> tuple[int, int]:
+        return self.hidden_size, self.intermediate_size
+
+    @property
+    def payload_nbytes(self) -> int:
+        """Bytes of real data in a record (the checksummed part)."""
+        return self.down_offset + self.hidden_size * self.intermediate_size * self.torch_dtype.itemsize
+
+    @property
+    def record_nbytes(self) -> int:
+        """Bytes of one record on disk and of one cache slot in RAM."""
+        return align_up(self.payload_nbytes, ALIGN)
+
+    @classmethod
+    def for_shape(cls, dtype: str, hidden: int, inter: int) -> "ExpertLayout":
+        item = DTYPES[dtype].itemsize
+        return cls(dtype, hidden, inter, align_up(2 * inter * hidden * item, 64))
+
+    def views(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) views into a uint8 slot of record_nbytes."""
+        dt = self.torch_dtype
+        g = slot[:2 * self.intermediate_size * self.hidden_size * dt.itemsize].view(dt).view(self.gate_up_shape)
+        d = slot[self.down_offset:self.payload_nbytes].view(dt).view(self.down_shape)
+        return g, d
+
+
+@dataclass(frozen=True)
+class StoreIndex:
+    layout: ExpertLayout
+    architecture: str
+    num_layers: int
+    num_experts: int
+    layer_files: dict[int, str]  # MoE layer -> file name inside the store folder
+    experts: dict[int, list[ExpertRecord]]  # MoE layer -> record of each expert
+
+    def to_json(self) -> str:
+        d = {"format": FORMAT, "version": VERSION, "architecture": self.architecture,
+             "num_layers": self.num_layers, "num_experts": self.num_experts, "alignment": ALIGN,
+             "layout": asdict(self.layout), "record_nbytes": self.layout.record_nbytes,
+             "layers": {str(l): {"file": self.layer_files[l], "experts": [asdict(r) for r in self.experts[l]]}
+                        for l in sorted(self.experts)}}
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "StoreIndex":
+        path = Path(folder) / INDEX_NAME
+        if not path.is_file():
+            raise ModelLoadError(f"{folder} is not an expert store: {INDEX_NAME} is missing "
+                                 "(build one with `ferry convert MODEL --expert-store DIR`)")
+        try:
+            d = json.loads(path.read_text())
+            if d.get("format") != FORMAT or d.get("version") != VERSION:
+                raise ModelLoadError(f"{path} is not a version-{VERSION} {FORMAT} index")
+            if d["alignment"] != ALIGN:
+                raise ModelLoadError(f"{path} was written with alignment {d['alignment']}, this ferry reads {ALIGN}")
+            layout = ExpertLayout(**d["layout"])
+            layers = {int(l): v for l, v in d["layers"].items()}
+            return cls(layout, d["architecture"], d["num_layers"], d["num_experts"],
+                       {l: v["file"] for l, v in layers.items()},
+                       {l: [ExpertRecord(**r) for r in v["experts"]] for l, v in layers.items()})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"{path} is malformed ({type(e).__name__}: {e})") from None

@@ -1,0 +1,110 @@
+"""Which experts the next MoE layer will route to, guessed while the current one runs.
+
+A predictor sees every MoE layer's input and routing (`observe`) and returns, for the next MoE layer,
+a probability per expert it expects (`predict`); the store prefetches the likeliest ones.
+Legend: T tokens, D hidden, E experts, A experts per token."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ferry.errors import InvalidRequest
+
+
+class ExpertPredictor:
+    """Base: predicts nothing (on-demand loading only)."""
+
+    def __init__(self, moe_layers: Sequence[int], num_experts: int, top_k: int) -> None:
+        self.moe_layers = list(moe_layers)
+        self.next_layer = dict(zip(self.moe_layers, self.moe_layers[1:] + self.moe_layers[:1]))
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    def observe(self, layer: int, x: torch.Tensor, top_ids: torch.Tensor) -> None:
+        """layer's input x [T, D] and its routing top_ids [T, A]."""
+
+    def predict(self, layer: int, x: torch.Tensor, top_ids: torch.Tensor) -> dict[int, float]:
+        """expert -> probability of use at the MoE layer after `layer`, from layer's input and routing."""
+        return {}
+
+
+def _union_probs(scores: torch.Tensor, top_k: int) -> dict[int, float]:
+    """scores [T, E] (a distribution per token) -> P(expert used by at least one token), over each token's
+    top-A guesses (a guess's chance: A x its score, at most 1)."""
+    w, ids = torch.topk(scores.double(), min(top_k, scores.shape[-1]), dim=-1)  # [T, A]
+    chosen = torch.zeros_like(scores, dtype=torch.float64).scatter_(1, ids, (w * top_k).clamp(0, 1))
+    used = 1 - (1 - chosen).prod(dim=0)  # [E]
+    return {int(e): float(used[e]) for e in torch.nonzero(used > 0).flatten()}
+
+
+class CorrelationPredictor(ExpertPredictor):
+    """Co-activation counts between layer l's and the next MoE layer's experts, learned online:
+    counts[l][a, b] = tokens routed to a at l and to b at the next layer. A token's guess for the next layer
+    is the count row-sum of its current experts, normalized; learned statistics can be saved as JSON."""
+
+    def __init__(self, moe_layers: Sequence[int], num_experts: int, top_k: int) -> None:
+        super().__init__(moe_layers, num_experts, top_k)
+        self.counts = {l: torch.zeros(num_experts, num_experts, dtype=torch.float64) for l in self.moe_layers}
+        self._prev: tuple[int, torch.Tensor] | None = None  # (layer, one-hot routing [T, E]) of the last layer seen
+
+    def _one_hot(self, top_ids: torch.Tensor) -> torch.Tensor:
+        oh = torch.zeros(top_ids.shape[0], self.num_experts, dtype=torch.float64)
+        return oh.scatter_(1, top_ids.long(), 1.0)
+
+    def observe(self, layer: int, x: torch.Tensor, top_ids: torch.Tensor) -> None:
+        cur = self._one_hot(top_ids)
+        if self._prev is not None:
+            prev_layer, prev = self._prev
+            if self.next_layer.get(prev_layer) == layer and prev.shape[0] == cur.shape[0] and layer != self.moe_layers[0]:
+                self.counts[prev_layer] += prev.T @ cur  # [E, T] @ [T, E]
+        self._prev = (layer, cur)
+
+    def predict(self, layer: int, x: torch.Tensor, top_ids: torch.Tensor) -> dict[int, float]:
+        if layer == self.moe_layers[-1]:
+            return {}  # the next MoE layer belongs to the next forward: other tokens
+        rows = self._one_hot(top_ids) @ self.counts[layer]  # [T, E]
+        total = rows.sum(-1, keepdim=True)
+        if not bool((total > 0).any()):
+            return {}  # nothing learned yet: no guess rather than a random one
+        return _union_probs(rows / total.clamp(min=1), self.top_k)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"num_experts": self.num_experts, "moe_layers": self.moe_layers,
+                                          "counts": {str(l): c.tolist() for l, c in self.counts.items()}}))
+
+    def load(self, path: str | Path) -> None:
+        try:
+            d = json.loads(Path(path).read_text())
+            if d["num_experts"] != self.num_experts or d["moe_layers"] != self.moe_layers:
+                raise InvalidRequest(f"{path} holds statistics of another model ({d['num_experts']} experts, "
+                                     f"MoE layers {d['moe_layers']}); this one has {self.num_experts}, {self.moe_layers}")
+            self.counts = {int(l): torch.tensor(c, dtype=torch.float64) for l, c in d["counts"].items()}
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, InvalidRequest):
+                raise
+            raise InvalidRequest(f"{path} is not a saved correlation table ({type(e).__name__}: {e})") from None
+
+
+class PreGatePredictor(ExpertPredictor):
+    """Apply the next MoE layer's router to the current layer's input (the residual stream changes little
+    between adjacent layers), as Read-ME's pre-gating and SmallThinker's pre-attention router do."""
+
+    def __init__(self, moe_layers: Sequence[int], num_experts: int, top_k: int) -> None:
+        super().__init__(moe_layers, num_experts, top_k)
+        self.routers: dict[int, torch.Tensor] = {}  # MoE layer -> router weight [E, D], set once weights are loaded
+
+    def set_routers(self, routers: dict[int, torch.Tensor]) -> None:
+        self.routers = routers
+
+    def predict(self, layer: int, x: torch.Tensor, top_ids: torch.Tensor) -> dict[int, float]:
+        nxt = self.next_layer[layer]
+        if layer == self.moe_layers[-1] or nxt not in self.routers:
+            return {}
+        probs = torch.softmax((x @ self.routers[nxt].T).float(), dim=-1)  # [T, E]
+        return _union_probs(probs, self.top_k)
+
+
+PREDICTORS = {"none": ExpertPredictor, "correlation": CorrelationPredictor, "pregate": PreGatePredictor}

@@ -1,0 +1,248 @@
+"""ExpertStore: experts read from an expert store folder on demand into a RAM cache under a byte budget,
+with prediction-driven prefetch on a background I/O thread. Each MoE layer gets a `StoreExperts`
+(the models' ExpertWeights protocol), so model code does not know experts live on disk.
+
+One layer call, for the experts its tokens routed to (ascending ids, the order the resident path uses,
+so sums happen in the same order and tokens match it exactly):
+  1. the predictor learns from this routing and guesses the next MoE layer's experts;
+  2. reads start for every missing expert of this layer that gets a slot without evicting one this layer
+     still needs (demand, first in the I/O queue), then for the guessed ones (prefetch, after);
+  3. experts are handed out one at a time, pinned while the forward computes with them; more reads are
+     started as slots free up. The forward waits (stall time) only for an expert not read yet;
+  4. once the layer is done, guessed experts that found no slot in 2 may evict this layer's."""
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ferry.config import ModelConfig
+from ferry.errors import FerryError, InvalidRequest, ModelLoadError
+from ferry.experts.cache import Entry, ExpertCache
+from ferry.experts.layout import StoreIndex
+from ferry.experts.policies import EvictionPolicy, Key
+from ferry.experts.predictors import ExpertPredictor
+from ferry.experts.stats import ExpertStats
+from ferry.tiers.disk import DirectFile
+
+_DEMAND, _PREFETCH, _STOP = 0, 1, 2  # I/O queue priorities
+
+
+class ExpertReadError(FerryError):
+    """An expert could not be read from the store (I/O error, truncated file, checksum mismatch)."""
+
+
+class ExpertStore:
+    def __init__(self, folder: str | os.PathLike, cfg: ModelConfig, dtype: torch.dtype, budget_bytes: int | None,
+                 policy: EvictionPolicy, predictor: ExpertPredictor, allow_direct: bool = True) -> None:
+        self.folder = Path(folder)
+        self.index = StoreIndex.load(folder)
+        self.layout = self.index.layout
+        self._check_model(cfg, dtype)
+        self.files = {l: self._open(l, allow_direct) for l in self.index.layer_files}
+        total = len(self.files) * self.index.num_experts * self.layout.record_nbytes
+        self.cache = ExpertCache(total if budget_bytes is None else budget_bytes, self.layout.record_nbytes, policy)
+        self.policy = policy
+        self.predictor = predictor
+        self._stats = ExpertStats(num_slots=self.cache.num_slots, cache_nbytes=self.cache.nbytes,
+                                  budget_nbytes=total if budget_bytes is None else budget_bytes,
+                                  io_mode=",".join(sorted({f.mode for f in self.files.values()})))
+        self._predicted: dict[int, set[int]] = {}  # MoE layer -> experts predicted for its next call
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._io_loop, name="ferry-expert-io", daemon=True)
+        self._thread.start()
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _check_model(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        ix, lay = self.index, self.layout
+        moe_layers = [l for l in range(cfg.num_layers) if cfg.moe and cfg.moe.sparse_layers[l]]
+        if cfg.moe is None:
+            raise InvalidRequest(f"{cfg.path} ({cfg.architecture}) has no experts; --expert-store is for MoE models")
+        mine = (ix.architecture, ix.num_layers, ix.num_experts, lay.hidden_size, lay.intermediate_size,
+                sorted(ix.layer_files))
+        theirs = (cfg.architecture, cfg.num_layers, cfg.moe.num_experts, cfg.hidden_size, cfg.moe.intermediate_size,
+                  moe_layers)
+        if mine != theirs:
+            raise ModelLoadError(f"expert store {self.folder} was built for another model: (architecture, layers, "
+                                 f"experts, hidden, expert intermediate, MoE layers) = {mine}, the model has {theirs}")
+        if lay.torch_dtype != dtype:
+            raise InvalidRequest(f"expert store {self.folder} holds {lay.dtype} experts but the engine runs "
+                                 f"{str(dtype).removeprefix('torch.')}; use --dtype {lay.dtype} or convert again "
+                                 "with that --dtype")
+
+    def _open(self, layer: int, allow_direct: bool) -> DirectFile:
+        path = self.folder / self.index.layer_files[layer]
+        try:
+            f = DirectFile(path, allow_direct)
+        except OSError as e:
+            raise ModelLoadError(f"cannot open expert file {path} (layer {layer}): {e}") from None
+        need = max(r.offset for r in self.index.experts[layer]) + self.layout.record_nbytes
+        if f.size < need:
+            f.close()
+            raise ModelLoadError(f"expert file {path} (layer {layer}) is truncated: {f.size} bytes, the index "
+                                 f"needs {need}; convert the model again")
+        return f
+
+    def layer(self, layer: int) -> "StoreExperts":
+        return StoreExperts(self, layer)
+
+    # -- the forward's side -------------------------------------------------------------------------
+
+    def weights(self, layer: int, expert_ids: Sequence[int], x: torch.Tensor,
+                top_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        keys = [(layer, int(e)) for e in expert_ids]
+        self._score_prediction(layer, set(k[1] for k in keys))
+        self.predictor.observe(layer, x, top_ids)
+        guess = self.predictor.predict(layer, x, top_ids)
+        nxt = self.predictor.next_layer.get(layer, layer)
+        guessed = [(nxt, e) for e, _ in sorted(guess.items(), key=lambda kv: -kv[1])]
+        with self.cache.cond:
+            self.policy.on_layer(layer, {(nxt, e): p for e, p in guess.items()})
+            cached = {k: self.cache.lookup(k) for k in keys}  # a hit if the same entry is still there when asked for
+            self._stats.lookups += len(keys)
+            self._start_reads(keys, set(keys), _DEMAND)
+            if guessed:
+                self._predicted[nxt] = set(e for _, e in guessed)
+                self._start_reads(guessed, set(keys) | set(guessed), _PREFETCH)
+        for i, key in enumerate(keys):
+            entry = self._acquire(key, set(keys[i + 1:]), cached[key])
+            try:
+                yield self.layout.views(self.cache.slot(entry.slot))
+            finally:
+                with self.cache.cond:
+                    entry.pins -= 1
+                    self.cache.cond.notify_all()
+                    self._start_reads(keys[i + 1:], set(keys[i + 1:]), _DEMAND)
+        if guessed:  # this layer's experts are free to go now: make room for the guessed ones
+            with self.cache.cond:
+                self._start_reads(guessed, set(guessed), _PREFETCH)
+
+    def _score_prediction(self, layer: int, used: set[int]) -> None:
+        if type(self.predictor) is ExpertPredictor or layer == self.predictor.moe_layers[0]:
+            return  # no predictor, or the first MoE layer (no layer before it in this forward to predict from)
+        predicted = self._predicted.pop(layer, set())
+        self._stats.num_needed += len(used)
+        self._stats.num_predicted += len(predicted)
+        self._stats.num_predicted_used += len(predicted & used)
+
+    def _start_reads(self, keys: Sequence[Key], protect: set[Key], priority: int) -> None:
+        """Start reads of the keys not cached, while slots can be had without waiting or evicting protected ones."""
+        for key in keys:
+            if self.cache.lookup(key) is not None:
+                continue
+            entry = self.cache.reserve(key, protect, allow_protected=False)
+            if entry is None:
+                return
+            entry.prefetched = priority == _PREFETCH
+            self._stats.num_prefetches += entry.prefetched
+            self._jobs.put((priority, next(self._seq), entry))
+
+    def _acquire(self, key: Key, keep: set[Key], cached: Entry | None) -> Entry:
+        """key's entry, read and pinned; waits for its read (or for a slot) if needed. A hit when it was cached
+        (or being prefetched) before this layer asked and still is."""
+        t0 = time.perf_counter()
+        cond = self.cache.cond
+        with cond:
+            while True:
+                entry = self.cache.lookup(key)
+                if entry is None:
+                    entry = self.cache.reserve(key, keep, allow_protected=True)
+                    if entry is None:  # every slot is being read into or used: wait for one
+                        cond.wait()
+                        continue
+                    self._jobs.put((_DEMAND, next(self._seq), entry))
+                break
+            self._stats.hits += entry is cached
+            entry.pins += 1
+            while not entry.done:
+                cond.wait()
+            self._stats.stall_seconds += time.perf_counter() - t0
+            if entry.error is not None:
+                entry.pins -= 1
+                self.cache.remove(entry)
+                raise entry.error
+            if entry.prefetched:
+                entry.prefetched = False
+                self._stats.num_prefetches_used += 1
+            self.policy.on_access(key)
+            return entry
+
+    # -- the I/O thread -------------------------------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        while True:
+            _, _, entry = self._jobs.get()
+            if entry is None:
+                return
+            error = self._read(entry)
+            with self.cache.cond:
+                entry.done, entry.error = True, error
+                self.cache.cond.notify_all()
+
+    def _read(self, entry: Entry) -> Exception | None:
+        layer, expert = entry.key
+        f = self.files[layer]
+        rec = self.index.experts[layer][expert]
+        slot = self.cache.slot(entry.slot)
+        try:
+            f.read_into(memoryview(slot.numpy()), rec.offset)
+        except OSError as e:
+            return ExpertReadError(f"cannot read expert {expert} of layer {layer} from {f.path}: {e}")
+        crc = zlib.crc32(memoryview(slot.numpy())[:self.layout.payload_nbytes])
+        if crc != rec.crc32:
+            return ExpertReadError(f"expert {expert} of layer {layer} in {f.path} (offset {rec.offset}) fails its "
+                                   f"checksum (crc32 {crc:#010x}, index says {rec.crc32:#010x}): the file is corrupt")
+        return None
+
+    # -- accounting and shutdown ----------------------------------------------------------------------
+
+    def stats(self) -> ExpertStats:
+        s = self._stats
+        reads = [f.stats for f in self.files.values()]
+        s.bytes_read = sum(r.bytes_read for r in reads)
+        s.num_reads = sum(r.num_reads for r in reads)
+        s.read_seconds = sum(r.read_seconds for r in reads)
+        s.num_evictions = self.cache.num_evictions
+        s.max_slots_used = self.cache.max_slots_used
+        return ExpertStats(**vars(s))
+
+    def empty(self) -> None:
+        """Wait for reads in flight and drop every cached expert (all slots free again)."""
+        with self.cache.cond:
+            self.cache.clear()
+            self._predicted.clear()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put((_STOP, next(self._seq), None))  # after every read already queued
+        self._thread.join()
+        self.empty()
+        self.cache.release_slab()
+        for f in self.files.values():
+            f.close()
+
+
+class StoreExperts(nn.Module):
+    """One MoE layer's experts, served by an ExpertStore (implements models.layers.mlp.ExpertWeights)."""
+
+    def __init__(self, store: ExpertStore, layer: int) -> None:
+        super().__init__()
+        self.store = store
+        self.layer = layer
+
+    def weights(self, expert_ids: Sequence[int], x: torch.Tensor,
+                top_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.store.weights(self.layer, expert_ids, x, top_ids)
