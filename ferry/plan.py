@@ -43,3 +43,5 @@ class StepPlan:
 class StepResult:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)  # req_id -> new token, for reqs with sample=True
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # req_id -> logprobs, when params.logprobs is set
+    # req_id -> (position of the first scored token, logprobs), when params.prompt_logprobs is set
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)

@@ -29,6 +29,7 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
     min_tokens: int = 0
     logprobs: int | None = None  # number of top logprobs to return per token (0: only the sampled one)
+    prompt_logprobs: int | None = None  # same, for each prompt token (vLLM); disables prefix-cache hits
     skip_special_tokens: bool = True
 
     MAX_LOGPROBS = 20
@@ -57,8 +58,10 @@ class SamplingParams:
         _check(_is_int(self.min_tokens) and self.min_tokens >= 0, f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
-               f"logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            _check(v is None or (_is_int(v) and 0 <= v <= self.MAX_LOGPROBS),
+                   f"{name} must be an integer in [0, {self.MAX_LOGPROBS}], got {v!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be a list of token ids >= 0")
 
@@ -142,7 +145,7 @@ class Request:
 
 @dataclass
 class TokenLogprob:
-    """Logprobs for one generated token: the sampled one and the top-n alternatives."""
+    """Logprobs for one token (sampled, or given in the prompt) and the top-n alternatives."""
 
     token_id: int
     logprob: float
@@ -170,3 +173,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # None for the first prompt token, as vLLM

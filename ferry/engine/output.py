@@ -34,6 +34,7 @@ class _Group:
     params: SamplingParams
     children: list[_Child] = field(default_factory=list)
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -44,7 +45,8 @@ class _Group:
                                  finish_reason=c.finish_reason, logprobs=c.logprobs, stop_reason=c.stop_reason)
                 for c in self.children]
         cached = min(c.req.num_cached_prompt_tokens for c in self.children)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished, cached, self.error)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished, cached, self.error,
+                             self.prompt_logprobs)
 
 
 class OutputProcessor:
@@ -56,6 +58,8 @@ class OutputProcessor:
     def add(self, request_id: str, prompt: str | None, children: list[Request]) -> None:
         first = children[0]
         g = _Group(request_id, prompt, first.prompt_token_ids, first.params)
+        if first.params.prompt_logprobs is not None:
+            g.prompt_logprobs = [None] * len(first.prompt_token_ids)
         for i, req in enumerate(children):
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens,
                                            continuation=True)  # " Paris", not "Paris", as vLLM
@@ -67,6 +71,10 @@ class OutputProcessor:
         """Outputs of the groups that moved, and child ids that a stop string ended (the engine finishes them)."""
         touched: dict[str, _Group] = {}
         stopped: list[str] = []
+        for req_id, (first_pos, lps) in result.prompt_logprobs.items():
+            g = self.child_group.get(req_id)
+            if g is not None and g.prompt_logprobs is not None:  # a recomputed prompt writes the same values again
+                g.prompt_logprobs[first_pos:first_pos + len(lps)] = lps
         for req in progressed:
             g = self.child_group.get(req.req_id)
             if g is None:

@@ -17,6 +17,9 @@ class ModelInputs:
     meta: AttnMetadata
     logits_indices: torch.Tensor  # [S] rows whose logits are needed (last token of each sampling request)
     sample_reqs: list[ScheduledReq]  # the S requests, in logits row order
+    # prompt_logprobs requests: (request, position of the first scored token, next-token targets); their
+    # logits rows follow the S sampling rows in logits_indices, in this order
+    prompt_scored: list[tuple[ScheduledReq, int, list[int]]]
 
 
 def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> ModelInputs:
@@ -29,6 +32,8 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Model
     logits_rows: list[int] = []
     sample_reqs: list[ScheduledReq] = []
     chunks: list[PrefillChunk] = []
+    scored: list[tuple[ScheduledReq, int, list[int]]] = []
+    scored_rows: list[int] = []
     for r in ordered:
         q_start = len(token_ids)
         n = len(r.token_ids)
@@ -41,6 +46,11 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Model
         if r.sample:
             logits_rows.append(q_start + n - 1)
             sample_reqs.append(r)
+        if r.params.prompt_logprobs is not None:  # score each prompt token from the one before it
+            targets = r.all_token_ids[r.start_pos + 1:min(r.start_pos + n, r.num_prompt_tokens - 1) + 1]
+            if targets:
+                scored.append((r, r.start_pos + 1, targets))
+                scored_rows.extend(range(q_start, q_start + len(targets)))
     max_blocks = max((len(r.block_ids) for r in decodes), default=0)
     tables = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in decodes]
 
@@ -56,4 +66,4 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Model
         decode_ctx_lens=t([r.start_pos + 1 for r in decodes]),
         prefills=chunks,
     )
-    return ModelInputs(t(token_ids), meta, t(logits_rows), sample_reqs)
+    return ModelInputs(t(token_ids), meta, t(logits_rows + scored_rows), sample_reqs, scored)

@@ -6,6 +6,7 @@ import torch
 from ferry.kvcache.storage import KVStorage
 from ferry.models.decoder import DecoderModel
 from ferry.plan import StepPlan, StepResult
+from ferry.request import TokenLogprob
 from ferry.runner.inputs import build_inputs
 from ferry.sampling import Sampler
 
@@ -29,10 +30,29 @@ class Runner:
             return result
         inputs = build_inputs(plan, self.block_size, self.device)
         logits = self.model(inputs.input_ids, inputs.meta, self.storage.layers, inputs.logits_indices)
+        num_sample = len(inputs.sample_reqs)
+        if inputs.prompt_scored:
+            self._score_prompts(logits[num_sample:], inputs.prompt_scored, result)
         if inputs.sample_reqs:
-            tokens, logprobs = self.sampler(logits, inputs.sample_reqs)
+            tokens, logprobs = self.sampler(logits[:num_sample], inputs.sample_reqs)
             for r, tok, lp in zip(inputs.sample_reqs, tokens, logprobs):
                 result.sampled_token_ids[r.req_id] = tok
                 if lp is not None:
                     result.logprobs[r.req_id] = lp
         return result
+
+    @staticmethod
+    def _score_prompts(logits: torch.Tensor, scored: list, result: StepResult) -> None:
+        """Logprob of each prompt token given the ones before it (and the top-k), for prompt_logprobs."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        row = 0
+        for r, first_pos, targets in scored:
+            n = len(targets)
+            rows = lp[row:row + n]
+            picked = rows.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0].tolist()
+            k = r.params.prompt_logprobs
+            top_v, top_i = rows.topk(k, dim=-1) if k else (rows[:, :0], rows[:, :0].long())
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+            result.prompt_logprobs[r.req_id] = (first_pos, [
+                TokenLogprob(t, p, list(zip(ti, tv))) for t, p, ti, tv in zip(targets, picked, top_i, top_v)])
+            row += n

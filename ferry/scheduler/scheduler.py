@@ -99,7 +99,8 @@ class Scheduler:
                 pairs, table = swapped
                 plan.swap_in.extend(pairs)
             else:
-                computed, num_cached = self.kv.get_computed_blocks(req)
+                # A prompt scored token by token must be computed in full: no prefix-cache hit.
+                computed, num_cached = ([], 0) if req.params.prompt_logprobs is not None else self.kv.get_computed_blocks(req)
                 num_new = min(req.num_tokens - num_cached, budget)
                 if not self.kv.can_allocate(req, num_new, computed):
                     break

@@ -185,3 +185,28 @@ def test_async_engine_streams_and_aborts(llama):
                 pass
         await engine.shutdown()
     asyncio.run(main())
+
+
+def test_prompt_logprobs_match_transformers(llama):
+    """prompt_logprobs scores every prompt token (through chunked prefill and a shared prefix) as transformers does."""
+    from tests.checkpoints import hf_logits
+
+    llm = LLM(str(llama), dtype="float32", kv_cache_memory="4M", max_num_batched_tokens=16)
+    prompts = random_prompts(3, [40, 23, 7], vocab_size=300, seed=3)
+    prompts[1] = prompts[0][:20] + prompts[1][:3]  # shares a cached prefix with prompt 0: must still be scored
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        greedy(max_tokens=2, prompt_logprobs=3), use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        ref = torch.log_softmax(hf_logits(llama, p), dim=-1)
+        lps = out.prompt_logprobs
+        assert lps[0] is None and len(lps) == len(p)
+        for i in range(1, len(p)):
+            assert lps[i].token_id == p[i]
+            assert lps[i].logprob == pytest.approx(ref[i - 1, p[i]].item(), abs=1e-4)
+            assert [t for t, _ in lps[i].top] == ref[i - 1].topk(3).indices.tolist()
+    assert llm.engine.kv.pool.num_used == 0
+
+
+def test_prompt_logprobs_rejects_bad_values():
+    with pytest.raises(ValueError, match="prompt_logprobs must be an integer"):
+        SamplingParams(prompt_logprobs=-1)

@@ -1,0 +1,1 @@
+"""Training kit for ferry's in-house models (not part of the ferry package)."""

@@ -1,0 +1,226 @@
+"""Train ferry's in-house models on 2 CPU cores; export them in Hugging Face format.
+
+    python -m modelkit.train all              # ferry-tiny, ferry-tiny-moe, then ferry-tiny-draft
+    python -m modelkit.train ferry-tiny       # one model
+    python -m modelkit.train ferry-tiny --smoke --out /tmp/x   # 20 tiny steps (what CI runs)
+
+Half of the training rows are ordinary text from the corpus (``modelkit.data``),
+the others are RULER-style retrieval tasks (``ferry.eval.tasks``) at random
+depths, so the dense model learns to retrieve from anywhere in its context.
+The loss is the next-token loss over all tokens plus the mean loss over answer
+tokens (so a 5-token answer in 4096 tokens still weighs), plus, for the MoE,
+the Switch load-balancing loss. The draft model is distilled from ferry-tiny.
+Seeded; the log and a loss-curve PNG go to ``modelkit/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ferry.eval.tasks import TASKS, Haystack, make_sample
+from modelkit import data
+from modelkit.model import CausalLM, Spec
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "ferry" / "assets"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Phase:
+    seq_len: int
+    batch: int
+    steps: int
+
+
+@dataclass
+class Recipe:
+    spec: Spec
+    phases: list[Phase]
+    task_frac: float = 0.5
+    lr: float = 2e-3
+    aux_coef: float = 0.02
+    teacher: str | None = None  # distil from this model's logits
+    tasks: tuple[str, ...] = TASKS
+    extra: dict = field(default_factory=dict)
+
+
+RECIPES = {
+    "ferry-tiny": Recipe(
+        Spec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768),
+        [Phase(1024, 8, 700), Phase(4096, 2, 250)],
+    ),
+    "ferry-tiny-moe": Recipe(
+        Spec(hidden_size=192, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
+             num_experts=8, top_k=2, max_position_embeddings=2048),
+        [Phase(512, 16, 500)], task_frac=0.2, lr=2e-3,
+    ),
+    "ferry-tiny-draft": Recipe(
+        Spec(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=384),
+        [Phase(1024, 8, 300)], task_frac=0.0, teacher="ferry-tiny",
+    ),
+}
+
+
+class _Tok:
+    def __init__(self):
+        from tokenizers import Tokenizer
+
+        self.t = Tokenizer.from_file(str(data.build_tokenizer()))
+        self.eos = self.t.token_to_id("</s>")
+
+    def encode(self, s: str) -> list[int]:
+        return self.t.encode(s).ids
+
+
+def make_batch(recipe: Recipe, tok: _Tok, hay: Haystack, rng: random.Random, phase: Phase):
+    """Rows of seq_len+1 tokens, an answer mask and each row's task ('' for text)."""
+    rows, masks, kinds = [], [], []
+    n = phase.seq_len + 1
+    for _ in range(phase.batch):
+        if rng.random() < recipe.task_frac:
+            task = rng.choice(recipe.tasks)
+            s = make_sample(task, tok, hay, rng, phase.seq_len - 24, rng.random())
+            ids = s.prompt_ids + s.answer_ids + [tok.eos]
+            pad = hay.take(n - len(ids), rng)
+            row = pad + ids
+            mask = [0] * (len(pad) + len(s.prompt_ids)) + [1] * len(s.answer_ids) + [0]
+            rows.append(row[:n]); masks.append(mask[:n]); kinds.append(task)
+        else:
+            rows.append(hay.take(n, rng)); masks.append([0] * n); kinds.append("")
+    x = torch.tensor(rows)
+    # mask[t] marks token t as an answer token; it is predicted at position t-1.
+    return x[:, :-1], x[:, 1:], torch.tensor(masks)[:, 1:].bool(), kinds
+
+
+def load_trained(name: str, root: Path = ASSETS) -> CausalLM:
+    m = CausalLM(RECIPES[name].spec)
+    sd = {k: v.float() for k, v in load_file(root / name / "model.safetensors").items()}
+    m.load_state_dict(sd, strict=False)
+    if m.spec.tie_word_embeddings:
+        assert torch.equal(m.model.embed_tokens.weight, sd["model.embed_tokens.weight"])
+    return m.eval()
+
+
+def export(model: CausalLM, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(model.export_state(), out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(model.spec.hf_config(), indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    data.build_tokenizer(out)
+
+
+def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int = 2) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    recipe = RECIPES[name]
+    phases = [Phase(160, 2, 10), Phase(256, 2, 10)] if smoke else recipe.phases
+    tok = _Tok()
+    hay = Haystack(data.token_ids("train"))
+    model = CausalLM(recipe.spec).train()
+    teacher = load_trained(recipe.teacher) if recipe.teacher and not smoke else None
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    total = sum(p.steps for p in phases)
+    warm = max(1, min(50, total // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    )
+    log: list[dict] = []
+    t0 = time.time()
+    bar = tqdm(total=total, desc=name, unit="step")
+    step = 0
+    for phase in phases:
+        for _ in range(phase.steps):
+            x, y, amask, kinds = make_batch(recipe, tok, hay, rng, phase)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(x)
+            logits = logits.float()
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view_as(y)
+            loss = ce.mean()
+            if amask.any():
+                loss = loss + ce[amask].mean()
+            if recipe.spec.num_experts:
+                loss = loss + recipe.aux_coef * model.aux_loss()
+            if teacher is not None:
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    t_logits = teacher(x).float()
+                kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
+                loss = 0.5 * loss + 0.5 * kl / y.shape[1]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            if step % 10 == 0 or step == total:
+                rec = {"step": step, "seq_len": phase.seq_len, "loss": loss.item(),
+                       "text_loss": ce[~amask].mean().item(), "elapsed_s": round(time.time() - t0, 1)}
+                with torch.no_grad():
+                    hit = (logits.argmax(-1) == y) | ~amask
+                for task in set(kinds) - {""}:
+                    rows = [i for i, k in enumerate(kinds) if k == task]
+                    rec[f"acc_{task}"] = hit[rows].all(-1).float().mean().item()
+                log.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", text=f"{rec['text_loss']:.3f}")
+    bar.close()
+    model.eval()
+    export(model, out)
+    summary = {"model": name, "seed": seed, "steps": total, "threads": threads,
+               "train_minutes": round((time.time() - t0) / 60, 1), "spec": recipe.spec.to_dict(),
+               "phases": [vars(p) for p in phases], "log": log}
+    if not smoke:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
+        plot(summary, RESULTS / f"{name}-loss.png")
+    return summary
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = summary["log"]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in log]
+    ax[0].plot(steps, [r["loss"] for r in log], label="total loss")
+    ax[0].plot(steps, [r["text_loss"] for r in log], label="text next-token loss")
+    ax[0].set_xlabel("step"); ax[0].set_ylabel("loss"); ax[0].legend(); ax[0].set_title(summary["model"])
+    for task in TASKS:
+        pts = [(r["step"], r[f"acc_{task}"]) for r in log if f"acc_{task}" in r]
+        if pts:
+            ax[1].plot(*zip(*pts), ".", alpha=0.5, label=task)
+    ax[1].set_xlabel("step"); ax[1].set_ylabel("answer exact (teacher-forced, per batch)"); ax[1].legend()
+    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=[*RECIPES, "all"])
+    p.add_argument("--out", type=Path, help="output folder (default ferry/assets/MODEL)")
+    p.add_argument("--smoke", action="store_true", help="20 steps on short rows: checks the loop, not the model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    for name in RECIPES if a.model == "all" else [a.model]:
+        out = a.out / name if a.out and a.model == "all" else a.out or ASSETS / name
+        s = train(name, out, a.smoke, a.seed, a.threads)
+        print(f"{name}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
+
+
+if __name__ == "__main__":
+    main()
