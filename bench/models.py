@@ -1,7 +1,19 @@
 """Random-weight checkpoints with real model shapes, for speed benchmarks (quality is not measured on them).
 
-Written straight to safetensors in Hugging Face layout (so both ferry and transformers load them), with a
-synthetic word-level tokenizer covering the whole vocabulary. Built once into bench/.cache/."""
+Written straight to safetensors in Hugging Face layout (so ferry, transformers and the GGUF converter all load
+them), with a synthetic word-level tokenizer covering the whole vocabulary. Built once into bench/.cache/.
+Vocabularies are cut to 32k (the rest of each shape is the real one, except the MoE's expert count):
+
+    qwen2.5-0.5b   Qwen2.5-0.5B: 24 layers, hidden 896, GQA 14/2, q/k/v biases, tied embeddings  (0.36B params)
+    llama-1b       Llama-3.2-1B: 16 layers, hidden 2048, GQA 32/8, tied embeddings, plain rope     (1.0B params)
+    olmoe-16e      OLMoE-1B-7B with 16 experts instead of 64 and top-2 instead of top-8 (the same 1:8
+                   sparsity): 16 layers, hidden 2048, 16 heads, q/k norms, expert FFN 1024     (1.9B params;
+                   the full 64 experts would not fit three engines side by side in 24 GiB)
+
+`resolve(name)` takes one of these, a tiny smoke shape (bench/peers/tiny.py) or a path to a Hugging Face folder.
+
+    .venv/bin/python -m bench.models llama-1b       # build one (all of them without an argument)
+"""
 from __future__ import annotations
 
 import json
@@ -12,44 +24,100 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 CACHE = Path(__file__).resolve().parent / ".cache"
+SHARD_BYTES = 2 << 30  # checkpoints above this are written in shards (so building never holds all of it twice)
 
 SHAPES = {
-    # Qwen2.5-0.5B with the vocabulary cut to 32k (the rest of the shape is the real one)
     "qwen2.5-0.5b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896,
                          intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0,
                          rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=32000),
+    "llama-1b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048,
+                     intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=64, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                     tie_word_embeddings=True, vocab_size=32000),
+    "olmoe-16e": dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", hidden_size=2048,
+                      intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                      num_experts=16, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=None,
+                      max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, vocab_size=32000),
 }
+
+
+def resolve(name: str | Path) -> Path:
+    """A checkpoint folder: a shape of SHAPES or bench/peers/tiny.py (built if missing), or an existing path."""
+    if str(name) in SHAPES:
+        return build(str(name))
+    if str(name).startswith("tiny-"):
+        from bench.peers.tiny import build_tiny
+        return build_tiny(str(name))
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"--model {name}: not a shape ({', '.join(SHAPES)}, tiny-*) nor a Hugging Face folder")
+    return path
+
+
+def layer_tensors(cfg: dict, i: int, w) -> dict[str, torch.Tensor]:
+    """HF tensors of decoder layer i; w(*shape, std=...) draws random weights."""
+    D, I = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or D // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    p = f"model.layers.{i}."
+    t = {p + "input_layernorm.weight": 1 + w(D, std=0.1), p + "post_attention_layernorm.weight": 1 + w(D, std=0.1),
+         p + "self_attn.q_proj.weight": w(q, D), p + "self_attn.k_proj.weight": w(kv, D),
+         p + "self_attn.v_proj.weight": w(kv, D), p + "self_attn.o_proj.weight": w(D, q)}
+    if cfg["model_type"] == "qwen2":
+        t.update({p + "self_attn.q_proj.bias": w(q), p + "self_attn.k_proj.bias": w(kv), p + "self_attn.v_proj.bias": w(kv)})
+    if cfg["model_type"] == "olmoe":  # q/k RMSNorm over the whole projection
+        t.update({p + "self_attn.q_norm.weight": 1 + w(q, std=0.1), p + "self_attn.k_norm.weight": 1 + w(kv, std=0.1)})
+    if "num_experts" in cfg:
+        t[p + "mlp.gate.weight"] = w(cfg["num_experts"], D, std=0.5)  # router: clear top-k choices
+        for e in range(cfg["num_experts"]):
+            x = f"{p}mlp.experts.{e}."
+            t.update({x + "gate_proj.weight": w(I, D), x + "up_proj.weight": w(I, D), x + "down_proj.weight": w(D, I)})
+    else:
+        t.update({p + "mlp.gate_proj.weight": w(I, D), p + "mlp.up_proj.weight": w(I, D),
+                  p + "mlp.down_proj.weight": w(D, I)})
+    return t
 
 
 def build(name: str, root: Path = CACHE, seed: int = 0) -> Path:
     cfg = dict(SHAPES[name], hidden_act="silu", bos_token_id=0, eos_token_id=1, dtype="float32",
                use_sliding_window=False, attention_dropout=0.0)
     path = root / name
-    if (path / "model.safetensors").is_file():
+    if (path / "config.json").is_file():  # written last
         return path
     path.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    D, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = D // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    bias = cfg["model_type"] == "qwen2"
 
     def w(*shape: int, std: float = 0.02) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * std
 
-    t = {"model.embed_tokens.weight": w(V, D), "model.norm.weight": 1 + w(D, std=0.1)}
+    D, V = cfg["hidden_size"], cfg["vocab_size"]
+    shards: list[dict[str, torch.Tensor]] = [{"model.embed_tokens.weight": w(V, D), "model.norm.weight": 1 + w(D, std=0.1)}]
+    if not cfg["tie_word_embeddings"]:
+        shards[0]["lm_head.weight"] = w(V, D)
+    index: dict[str, str] = {}
+
+    def flush(final: bool = False) -> None:
+        nonlocal shards
+        if not final and sum(t.numel() * 4 for t in shards[-1].values()) < SHARD_BYTES:
+            return
+        fname = f"model-{len(set(index.values())) + 1:05d}.safetensors"
+        save_file(shards[-1], str(path / fname))
+        index.update({k: fname for k in shards[-1]})
+        shards = [{}]
+
     for i in tqdm(range(cfg["num_hidden_layers"]), desc=f"building {name}", unit="layer"):
-        p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": 1 + w(D, std=0.1), p + "post_attention_layernorm.weight": 1 + w(D, std=0.1),
-                  p + "self_attn.q_proj.weight": w(q, D), p + "self_attn.k_proj.weight": w(kv, D),
-                  p + "self_attn.v_proj.weight": w(kv, D), p + "self_attn.o_proj.weight": w(D, q),
-                  p + "mlp.gate_proj.weight": w(I, D), p + "mlp.up_proj.weight": w(I, D), p + "mlp.down_proj.weight": w(D, I)})
-        if bias:
-            t.update({p + "self_attn.q_proj.bias": w(q), p + "self_attn.k_proj.bias": w(kv), p + "self_attn.v_proj.bias": w(kv)})
-    save_file(t, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+        shards[-1].update(layer_tensors(cfg, i, w))
+        flush()
+    flush(final=True)
+    files = sorted(set(index.values()))
+    if len(files) == 1:  # one file: the plain name, no index
+        (path / files[0]).rename(path / "model.safetensors")
+    else:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
     _word_tokenizer(path, V)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face folder (Llama / Qwen2 dense) -> GGUF at f32, bf16 or f16, for llama.cpp.
+"""Hugging Face folder (Llama / Qwen2 dense, OLMoE) -> GGUF at f32, bf16 or f16, for llama.cpp.
 
 Converts in the peers venv (numpy + the `gguf` package, no torch; safetensors are read with numpy), so the
 main venv stays free of peer packages; started from the main venv it re-runs itself there. In code,
@@ -11,6 +11,10 @@ checkpoint or this file.
 Layout follows llama.cpp's convert_hf_to_gguf.py:
 - tensor names token_embd, blk.N.{attn_norm, attn_q, attn_k, attn_v (+ .bias), attn_output, ffn_norm,
   ffn_gate, ffn_up, ffn_down}, output_norm, and output only when the embeddings are untied;
+- OLMoE (`olmoe`, NEOX rope like HF, no permutation): q_norm/k_norm -> attn_{q,k}_norm, the router
+  mlp.gate -> ffn_gate_inp, and each layer's experts stacked into ffn_{gate,up,down}_exps [experts, out, in]
+  (convert_hf_to_gguf.py OlmoeModel); llama.cpp's olmoe has no clip_qkv, no top-k renormalisation and k_norm
+  over the whole hidden size (so no GQA): such checkpoints are refused rather than converted wrongly;
 - 1-D tensors (norms, biases) stay float32 whatever the outtype, as convert_hf_to_gguf.py does;
 - q/k rows are permuted for `llama` (llama.cpp ropes adjacent pairs, LLAMA_ROPE_TYPE_NORM, while HF's
   rotate_half pairs dimension i with i + d/2: LlamaModel.permute); `qwen2` uses NEOX rope, which is HF's
@@ -35,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]          # bench/
 CACHE = ROOT / ".cache" / "gguf"
 OUTTYPES = ("f32", "bf16", "f16")
-ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "OlmoeForCausalLM": "olmoe"}
 LAYER_NAMES = {  # HF suffix inside model.layers.N. -> llama.cpp name inside blk.N.
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
@@ -44,7 +48,10 @@ LAYER_NAMES = {  # HF suffix inside model.layers.N. -> llama.cpp name inside blk
     "self_attn.v_proj.bias": "attn_v.bias",
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
 }
+EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                 "lm_head.weight": "output.weight"}
 
@@ -144,6 +151,9 @@ def write_hparams(w, cfg: dict, arch: str, ftype: int) -> None:
     if head_dim != D // H:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if cfg.get("num_experts"):
+        w.add_expert_count(cfg["num_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
     w.add_file_type(ftype)
 
 
@@ -214,6 +224,9 @@ def export(model_dir: Path, outtype: str, out: Path) -> Path:
     arch = ARCHS[archs[0]]
     if cfg.get("use_sliding_window") or (arch == "llama" and cfg.get("sliding_window")):
         raise NotImplementedError("sliding-window attention is not converted")
+    if arch == "olmoe" and (cfg.get("clip_qkv") is not None or cfg.get("norm_topk_prob")
+                            or cfg.get("num_key_value_heads", cfg["num_attention_heads"]) != cfg["num_attention_heads"]):
+        raise NotImplementedError("llama.cpp's olmoe has no clip_qkv, no norm_topk_prob and no GQA")
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "bf16": gguf.GGMLQuantizationType.BF16,
              "f16": gguf.GGMLQuantizationType.F16}[outtype]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
@@ -226,7 +239,16 @@ def export(model_dir: Path, outtype: str, out: Path) -> Path:
     w = gguf.GGUFWriter(str(tmp), arch)
     write_hparams(w, cfg, arch, ftype)
     write_vocab(w, model_dir, cfg)
+    experts: dict[str, list[np.ndarray | None]] = {}  # stacked name -> per-expert arrays of one layer
     for hf_name, x in read_tensors(model_dir):
+        if ".mlp.experts." in hf_name:  # model.layers.N.mlp.experts.E.gate_proj.weight
+            idx, _, _, e, proj, _ = hf_name[len("model.layers."):].split(".")
+            key = f"blk.{idx}.{EXPERT_NAMES[proj]}.weight"
+            parts = experts.setdefault(key, [None] * cfg["num_experts"])
+            parts[int(e)] = x
+            if all(p is not None for p in parts):
+                w.add_tensor(key, gguf.quants.quantize(np.stack(experts.pop(key)), qtype), raw_dtype=qtype)
+            continue
         name = gguf_name(hf_name)
         if name is None or (name == "output.weight" and cfg.get("tie_word_embeddings", False)):
             continue
@@ -236,6 +258,8 @@ def export(model_dir: Path, outtype: str, out: Path) -> Path:
             x = permute_qk(x, KV)
         t = gguf.GGMLQuantizationType.F32 if x.ndim <= 1 else qtype
         w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), t), raw_dtype=t)
+    if experts:
+        raise ValueError(f"incomplete experts in {model_dir}: {sorted(experts)[:3]}")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
@@ -245,11 +269,11 @@ def export(model_dir: Path, outtype: str, out: Path) -> Path:
 
 
 def smoke() -> None:
-    """Tiny llama + tiny qwen2 at every outtype, then llama.cpp's greedy tokens against ferry's (float32)."""
+    """Tiny llama, qwen2 and olmoe at every outtype, then llama.cpp's greedy tokens against ferry's (float32)."""
     sys.path.insert(0, str(ROOT.parent))
     from bench.peers.parity import offline_check
     from bench.peers.tiny import build_tiny
-    for shape in ("tiny-qwen2", "tiny-llama"):
+    for shape in ("tiny-qwen2", "tiny-llama", "tiny-olmoe"):
         src = build_tiny(shape)
         for t in OUTTYPES:
             p = ensure(src, t)

@@ -5,22 +5,18 @@ keeps logits only with logits_all. The low-level API is the whole of libllama, s
 as llama.cpp's own `batched` and `llama-bench` tools do: one llama_batch carrying tokens of many sequences
 (seq_id per token), a unified KV cache, greedy argmax over the returned logits.
 
-Ops (each prints one JSON object):
-    greedy   {"prompts": [[ids]], "max_tokens": n}               -> {"token_ids": [[ids]]}
-    decode   {"prompt": [ids], "max_tokens": n}                  -> {"tok_s": decode rate after the prefill}
-    prefill  {"prompt": [ids]}                                   -> {"tok_s": prompt tokens / time to first logits}
-    batched  {"prompts": [[ids]], "max_tokens": n}               -> {"tok_s": generated tokens / total time, ...}
-every op also takes "model" (a GGUF path), "threads", and optionally "kv_type" ("f16" default, as llama.cpp;
-"f32" for the exactness check), "flash_attn" ("auto" default, as llama.cpp's tools; "off"), "n_batch", "quiet".
-
-From the main venv: `run(op, **kw)` runs this file with the peers' python and returns the JSON.
+It runs as a worker of bench/engines (`python bench/peers/llamacpp.py --worker`, the same JSON-lines ops as
+ferry's and transformers' workers): the model is loaded once (into anonymous memory, no mmap); each job gets a
+fresh context sized to it (KV cache of the job's tokens, one sequence per prompt), made before its timer
+starts. Worker options: "model" (a GGUF path), "threads", and optionally "kv_type" ("f16" default, as
+llama.cpp; "f32" for the exactness check; the worker picks f32 for float32 GGUFs), "flash_attn" ("auto"
+default, as llama.cpp's tools; "off"), "n_batch" (512), "quiet".
 
     .venv/bin/python bench/peers/llamacpp.py --smoke     # tiny GGUFs, 1 thread, every op (runs in the peers venv)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -28,25 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: bench.engines.worker
+from bench.engines.worker import Engine, serve  # noqa: E402
+
 _QUIET = None
 FLASH = {"auto": -1, "off": 0, "on": 1}   # LLAMA_FLASH_ATTN_TYPE_*
 KV_TYPES = {"f32": 0, "f16": 1}           # GGML_TYPE_*
 
 
-def run(op: str, timeout: float | None = None, **kw) -> dict:
-    """Run one op in the peers venv (llama.cpp's logs go to stderr, shown only if it fails)."""
-    from bench.peers.env import peer_python
-    r = subprocess.run([peer_python(), str(Path(__file__)), "--op", op], input=json.dumps(kw),
-                       capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"llama.cpp {op} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 class Offline:
-    """One libllama model + context. n_seq_max sequences share a unified KV cache of n_ctx tokens."""
+    """One libllama model; `context(n_ctx, n_seq_max)` (re)creates the context: n_seq_max sequences sharing a
+    unified KV cache of n_ctx tokens."""
 
-    def __init__(self, model: str, threads: int, n_ctx: int, n_seq_max: int = 1, kv_type: str = "f16",
+    def __init__(self, model: str, threads: int, n_ctx: int = 256, n_seq_max: int = 1, kv_type: str = "f16",
                  flash_attn: str = "auto", n_batch: int = 512, quiet: bool = False) -> None:
         import llama_cpp as L
         self.L = L
@@ -62,18 +52,32 @@ class Offline:
         self.model = L.llama_model_load_from_file(str(model).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model}")
+        self.threads, self.kv_type, self.flash_attn, self.n_batch = threads, kv_type, flash_attn, n_batch
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.ctx = None
+        self.shape = (0, 0)
+        self.batch = L.llama_batch_init(n_batch, 0, 1)
+        self.context(n_ctx, n_seq_max)
+
+    def context(self, n_ctx: int, n_seq_max: int) -> None:
+        """A fresh context with room for n_ctx tokens over n_seq_max sequences (kept if it is already that)."""
+        L = self.L
+        n_ctx = max(256, -(-n_ctx // 256) * 256)
+        if self.ctx is not None and self.shape == (n_ctx, n_seq_max):
+            self.clear()
+            return
+        if self.ctx is not None:
+            L.llama_free(self.ctx)
         cp = L.llama_context_default_params()
-        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, n_seq_max
-        cp.n_threads = cp.n_threads_batch = threads
-        cp.type_k = cp.type_v = KV_TYPES[kv_type]
-        cp.flash_attn_type = FLASH[flash_attn]
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, self.n_batch, self.n_batch, n_seq_max
+        cp.n_threads = cp.n_threads_batch = self.threads
+        cp.type_k = cp.type_v = KV_TYPES[self.kv_type]
+        cp.flash_attn_type = FLASH[self.flash_attn]
         cp.kv_unified = True
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            raise RuntimeError("llama.cpp could not create a context")
-        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
-        self.n_batch = n_batch
-        self.batch = L.llama_batch_init(n_batch, 0, 1)
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens, {n_seq_max} sequences")
+        self.shape = (n_ctx, n_seq_max)
 
     def clear(self) -> None:
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
@@ -113,64 +117,54 @@ class Offline:
                     first[s] = self._argmax(i)
         return first
 
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-        """Greedy, all sequences decoded together (one batch entry per sequence per step), no stop on eos."""
+    def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+        """Greedy, every prompt prefilled then all sequences decoded together (one batch entry per unfinished
+        sequence per step), no stop on end-of-sequence; sequence i stops after max_tokens[i] tokens."""
         self.clear()
         out = [[t] for t in self.prefill(prompts)]
-        for step in range(1, max_tokens):
-            self._decode([(o[-1], len(p) + step - 1, s, True) for s, (p, o) in enumerate(zip(prompts, out))])
-            for s, o in enumerate(out):
-                o.append(self._argmax(s))
+        for step in range(1, max(max_tokens)):
+            live = [s for s in range(len(prompts)) if len(out[s]) < max_tokens[s]]
+            for k in range(0, len(live), self.n_batch):
+                chunk = live[k:k + self.n_batch]
+                self._decode([(out[s][-1], len(prompts[s]) + step - 1, s, True) for s in chunk])
+                for i, s in enumerate(chunk):
+                    out[s].append(self._argmax(i))
         return out
 
 
-def op_greedy(llm: Offline, a: dict) -> dict:
-    """Greedy tokens per prompt, one at a time, with the top-k logprobs at every step (k = "logprobs", 5)."""
-    k = a.get("logprobs", 5)
-    token_ids, logprobs = [], []
-    for p in a["prompts"]:
-        llm.clear()
-        llm.prefill([p])
-        tops = [llm.top_logprobs(-1, k)]
-        out = [tops[0][0][0]]
-        for step in range(1, a["max_tokens"]):
-            llm._decode([(out[-1], len(p) + step - 1, 0, True)])
-            tops.append(llm.top_logprobs(-1, k))
-            out.append(tops[-1][0][0])
-        token_ids.append(out)
-        logprobs.append(tops)
-    return {"token_ids": token_ids, "logprobs": logprobs}
+class LlamaCppEngine(Engine):
+    """The worker's engine: options model (GGUF), dtype (picks the KV type: f32 for float32, else f16),
+    threads, and optionally kv_type, flash_attn, n_batch."""
 
+    def __init__(self, model: str, dtype: str, threads: int, kv_type: str | None = None, flash_attn: str = "auto",
+                 n_batch: int = 512, quiet: bool = True, **_ignored) -> None:
+        kv_type = kv_type or ("f32" if dtype == "float32" else "f16")
+        self.llm = Offline(model, threads, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch, quiet=quiet)
 
-def op_decode(llm: Offline, a: dict) -> dict:
-    """Single stream: time of max_tokens tokens minus the time of one (the prefill), as bench/engine_vs_hf.py."""
-    p, n = a["prompt"], a["max_tokens"]
-    t = time.perf_counter(); llm.generate([p], 1); one = time.perf_counter() - t
-    t = time.perf_counter(); llm.generate([p], n); full = time.perf_counter() - t
-    return {"tok_s": (n - 1) / max(full - one, 1e-9)}
+    def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> dict:
+        self.llm.context(sum(len(p) for p in prompts) + sum(max_tokens) + 16, len(prompts))
+        t = time.perf_counter()
+        out = self.llm.generate(prompts, max_tokens)
+        seconds, n = time.perf_counter() - t, sum(len(o) for o in out)
+        return {"seconds": seconds, "output_tokens": n, "tok_s": n / seconds}
 
-
-def op_prefill(llm: Offline, a: dict) -> dict:
-    t = time.perf_counter(); llm.generate([a["prompt"]], 1)
-    return {"tok_s": len(a["prompt"]) / (time.perf_counter() - t)}
-
-
-def op_batched(llm: Offline, a: dict) -> dict:
-    t = time.perf_counter(); out = llm.generate(a["prompts"], a["max_tokens"]); dt = time.perf_counter() - t
-    n = sum(len(o) for o in out)
-    return {"tok_s": n / dt, "seconds": dt, "generated_tokens": n}
-
-
-OPS = {"greedy": op_greedy, "decode": op_decode, "prefill": op_prefill, "batched": op_batched}
-
-
-def execute(op: str, a: dict) -> dict:
-    prompts = a.get("prompts") or [a["prompt"]]
-    n_ctx = sum(len(p) for p in prompts) + len(prompts) * a.get("max_tokens", 1) + 16
-    n_seq = len(prompts) if op == "batched" else 1
-    llm = Offline(a["model"], a["threads"], n_ctx=max(n_ctx, 256), n_seq_max=n_seq, kv_type=a.get("kv_type", "f16"),
-                  flash_attn=a.get("flash_attn", "auto"), n_batch=a.get("n_batch", 512), quiet=a.get("quiet", False))
-    return OPS[op](llm, a)
+    def greedy(self, prompts: list[list[int]], max_tokens: int, logprobs: int = 5) -> dict:
+        """One prompt at a time, with the top-k logprobs at every step."""
+        llm = self.llm
+        llm.context(max(len(p) for p in prompts) + max_tokens + 16, 1)
+        token_ids, lps = [], []
+        for p in prompts:
+            llm.clear()
+            llm.prefill([p])
+            tops = [llm.top_logprobs(-1, logprobs)]
+            out = [tops[0][0][0]]
+            for step in range(1, max_tokens):
+                llm._decode([(out[-1], len(p) + step - 1, 0, True)])
+                tops.append(llm.top_logprobs(-1, logprobs))
+                out.append(tops[-1][0][0])
+            token_ids.append(out)
+            lps.append(tops)
+        return {"token_ids": token_ids, "logprobs": lps}
 
 
 def smoke() -> None:
@@ -182,27 +176,25 @@ def smoke() -> None:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 32000, size=n).tolist() for n in (5, 9, 17)]
     for m in models:
-        base = {"model": str(m), "threads": 1, "quiet": True}
-        exact = {"kv_type": "f32", "flash_attn": "off"}
-        one = execute("greedy", {**base, **exact, "prompts": prompts, "max_tokens": 8})["token_ids"]
-        llm = Offline(m, 1, n_ctx=256, n_seq_max=len(prompts), quiet=True, **exact)
-        together = llm.generate(prompts, 8)
+        eng = LlamaCppEngine(str(m), "float32", 1, flash_attn="off")
+        one = eng.greedy(prompts, 8)["token_ids"]
+        eng.llm.context(256, len(prompts))
+        together = eng.llm.generate(prompts, [8] * len(prompts))
         print(f"{m.name}: greedy {one[0]}; batched == one at a time: {together == one}")
-        print(f"{m.name}: decode {execute('decode', {**base, 'prompt': prompts[0], 'max_tokens': 16})['tok_s']:.0f} tok/s, "
-              f"prefill {execute('prefill', {**base, 'prompt': prompts[2] * 8})['tok_s']:.0f} tok/s, "
-              f"batched {execute('batched', {**base, 'prompts': prompts, 'max_tokens': 8})['tok_s']:.0f} tok/s")
+        print(f"{m.name}: decode {eng.decode(prompts[0], 16)['tok_s']:.0f} tok/s, "
+              f"prefill {eng.prefill(prompts[2] * 8)['tok_s']:.0f} tok/s, "
+              f"batched {eng.generate(prompts, [8, 4, 2])['output_tokens']} tokens")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--op", choices=sorted(OPS), help="read the op's JSON arguments from stdin")
+    ap.add_argument("--worker", action="store_true", help="serve bench/engines/worker.py ops on stdin/stdout")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:  # the main venv: build the tiny GGUFs here, run the ops in the peers venv
-            sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
             from bench.peers.env import peer_python
             from bench.peers.gguf_export import ensure
             from bench.peers.tiny import TINY, build_tiny
@@ -211,10 +203,10 @@ def main() -> None:
             subprocess.run([peer_python(), __file__, "--smoke"], check=True)
             return
         smoke()
-    elif args.op:
-        print(json.dumps(execute(args.op, json.loads(sys.stdin.read()))))
+    elif args.worker:
+        serve(LlamaCppEngine)
     else:
-        ap.error("--op or --smoke")
+        ap.error("--worker or --smoke")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Do ferry and llama.cpp compute the same thing? Checked before any timing: a faster wrong answer never counts.
+"""Do the engines compute the same thing? Checked before any timing: a faster wrong answer never counts.
 
-- offline_check: ferry's `LLM` at float32 against llama.cpp (libllama, float32 GGUF, float32 KV cache, no flash
-  attention) on the same token-id prompts, greedy, no end-of-sequence stop. Float32 on both sides with the
+- check: every engine at float32 (each in its own worker, one after the other) on the same token-id prompts,
+  greedy, no end-of-sequence stop, against ferry: transformers on the same safetensors, llama.cpp on the float32
+  GGUF with a float32 KV cache and no flash attention. Float32 on both sides with the
   same weights must give the same tokens, and the same top-5 log-probabilities at every step up to float32
   rounding (max_logprob_diff). Greedy tokens alone are a weak test on random weights, whose outputs are
   dominated by echoing the input: a qwen2 GGUF with wrongly permuted q/k still matches ferry's greedy tokens
@@ -43,25 +44,54 @@ def logprob_diff(a: list[list[list[tuple[int, float]]]], b: list[list[list[tuple
     return worst
 
 
-def ferry_greedy(model_dir: str | Path, prompts: list[list[int]], max_tokens: int, dtype: str, threads: int,
-                 logprobs: int = 5) -> tuple[list[list[int]], list]:
-    from ferry import LLM, SamplingParams
-    llm = LLM(str(model_dir), dtype=dtype, threads=threads, kv_cache_memory="256M")
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
-    outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
-    return [list(o.token_ids) for o in outs], [[list(lp.top) for lp in o.logprobs] for o in outs]
+def check(model_dir: str | Path, engines: list[str], threads: int, num_prompts: int = 4,
+          max_tokens: int = 16) -> dict:
+    """Each engine's float32 greedy tokens and top-5 logprobs against ferry's. "ok" when every peer gives the
+    same tokens with logprobs within LOGPROB_TOL; an engine that cannot run the model is listed, not failed."""
+    from bench.engines import Unavailable, start
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    prompts = check_prompts(vocab, num_prompts)
+    outs, out = {}, {"prompts": len(prompts), "max_tokens": max_tokens, "engines": {}, "unavailable": {}}
+    for name in ["ferry", *[e for e in engines if e != "ferry"]]:
+        try:
+            with start(name, model_dir, "float32", threads, **_check_options(name)) as w:
+                outs[name] = w.call("greedy", prompts=prompts, max_tokens=max_tokens, logprobs=5)
+        except Unavailable as e:
+            out["unavailable"][name] = str(e)
+    want = outs["ferry"]
+    for name, got in outs.items():
+        if name == "ferry":
+            continue
+        res = agreement(want["token_ids"], got["token_ids"])
+        res["max_logprob_diff"] = logprob_diff(want["logprobs"], got["logprobs"], res["first_divergence"])
+        res["ok"] = res["exact"] and res["max_logprob_diff"] <= LOGPROB_TOL
+        out["engines"][name] = res
+    out["ok"] = all(r["ok"] for r in out["engines"].values())
+    return out
+
+
+def _check_options(name: str) -> dict:
+    if name == "ferry":
+        return {"kv_cache_memory": "256M"}
+    if name == "llama.cpp":
+        return {"kv_type": "f32", "flash_attn": "off"}
+    return {}
+
+
+def describe(result: dict) -> str:
+    """One line for logs and README notes."""
+    parts = []
+    for n, r in result["engines"].items():
+        tokens = "same greedy tokens" if r["exact"] else f"greedy agreement {r['agreement']:.0%}"
+        parts.append(f"{n}: {tokens}, max top-5 logprob diff {r['max_logprob_diff']:.1e}")
+    parts += [f"{n}: not run ({why})" for n, why in result["unavailable"].items()]
+    return "; ".join(parts)
 
 
 def offline_check(model_dir: str | Path, gguf_f32: str | Path, threads: int, num_prompts: int = 4,
                   max_tokens: int = 16) -> dict:
-    """ferry vs llama.cpp at float32; "ok" when the tokens are equal and the logprobs within LOGPROB_TOL."""
-    from bench.peers.llamacpp import run
-    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
-    prompts = check_prompts(vocab, num_prompts)
-    want, want_lp = ferry_greedy(model_dir, prompts, max_tokens, "float32", threads)
-    r = run("greedy", model=str(gguf_f32), threads=threads, prompts=prompts, max_tokens=max_tokens,
-            kv_type="f32", flash_attn="off", logprobs=5)
-    res = agreement(want, r["token_ids"])
-    res["max_logprob_diff"] = logprob_diff(want_lp, r["logprobs"], res["first_divergence"])
-    res["ok"] = res["exact"] and res["max_logprob_diff"] <= LOGPROB_TOL
-    return {**res, "prompts": len(prompts), "max_tokens": max_tokens, "ferry": want, "llama.cpp": r["token_ids"]}
+    """ferry vs llama.cpp at float32 (bench/serving.py's check): check() reduced to the llama.cpp pair."""
+    r = check(model_dir, ["llama.cpp"], threads, num_prompts, max_tokens)
+    if "llama.cpp" in r["unavailable"]:
+        raise RuntimeError(r["unavailable"]["llama.cpp"])
+    return {**r["engines"]["llama.cpp"], "prompts": r["prompts"], "max_tokens": r["max_tokens"]}

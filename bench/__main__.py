@@ -1,0 +1,50 @@
+"""`python -m bench SCENARIO [options]` (also `ferry bench SCENARIO` from a source checkout).
+
+Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tiny version into bench/.cache/smoke/):
+    throughput  offline, many mixed-length requests at once: ferry vs transformers vs llama.cpp
+    decode      single-stream decode latency: ferry vs transformers vs llama.cpp
+    prefill     prompt processing at 512, 2K and 8K tokens: ferry vs transformers vs llama.cpp
+    serving     Poisson arrivals against the OpenAI servers: ferry vs llama.cpp's llama-server
+    memory      peak RSS of each engine for the same job
+    all         every scenario at its default size, then the README tables (what `make bench` runs)
+    report      regenerate the README tables from bench/results/*.json
+Every scenario first checks at float32 that all engines give ferry's greedy tokens; `SCENARIO --help` for options.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SCENARIOS = ("throughput", "decode", "prefill", "serving", "memory")
+
+
+def run(scenario: str, argv: list[str]) -> int:
+    if scenario == "report":
+        from bench import report
+        report.main()
+        return 0
+    if scenario == "all":
+        for name in SCENARIOS:
+            print(f"=== {name} ===", flush=True)
+            importlib.import_module(f"bench.{name}").main(argv)
+        from bench import report
+        report.main()
+        return 0
+    if scenario not in SCENARIOS:
+        print(__doc__, file=sys.stderr)
+        print(f"unknown scenario {scenario!r}", file=sys.stderr)
+        return 2
+    importlib.import_module(f"bench.{scenario}").main(argv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    return run(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
