@@ -1,14 +1,16 @@
-"""`ferry generate | chat | serve | run | convert` — `ferry` and `python -m ferry` are the same CLI.
+"""`ferry generate | chat | serve | run | convert | bench` — `ferry` and `python -m ferry` are the same CLI.
 
 Engine flags come from ferry/engine/options.py (each is also a keyword of ferry.LLM); sampling flags are
 SamplingParams fields with the same names. `--seed` is the engine's: it makes sampling reproducible."""
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
-from ferry.engine.options import add_engine_arguments, engine_kwargs
+from ferry.engine.options import ENGINE_OPTIONS, add_engine_arguments, engine_kwargs
 from ferry.errors import FerryError
+from ferry.eval.tasks import TASKS
 from ferry.request import SamplingParams
 
 SAMPLING_FLAGS = (  # (SamplingParams field, type, help)
@@ -127,6 +129,42 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from ferry.eval.report import heatmap, table
+    from ferry.eval.suite import EvalConfig, evaluate, to_json
+
+    cfg = EvalConfig(tasks=tuple(args.tasks), lengths=tuple(args.lengths or ()), depths=tuple(args.depths),
+                     samples=args.samples, ppl_tokens=args.ppl_tokens, draft=args.draft, seed=args.eval_seed,
+                     parts=tuple(args.parts), **({"text": args.text} if args.text else {}))
+    defaults = {o.name: o.default for o in ENGINE_OPTIONS}
+    options = {k: v for k, v in engine_kwargs(args).items() if v != defaults[k]}
+    reports = evaluate(args.model, options, cfg)
+    print(table(reports))
+    if args.json:
+        args.json.write_text(json.dumps(to_json(reports, cfg), indent=1))
+    if args.plot:
+        heatmap(reports, args.plot)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The benchmark suite lives in bench/ of a source checkout (next to ferry/), not in the installed package."""
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "bench" / "__main__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        from bench.__main__ import run
+    except ImportError:
+        print("error: `ferry bench` runs the benchmark suite in bench/ of a ferry source checkout (git clone, then "
+              "`pip install -e .`); this installation has no bench/ folder next to ferry/", file=sys.stderr)
+        return 2
+    return run(args.scenario, args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description="LLM inference and serving for machines smaller than the model")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,11 +192,36 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_arguments(p)
         p.set_defaults(func=func)
 
+    p = sub.add_parser("eval", help="quality: perplexity, retrieval by length and depth, draft acceptance, MoE routing; "
+                                    "with engine options, side by side with full precision")
+    p.add_argument("model")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS, help="retrieval tasks (none: skip)")
+    p.add_argument("--lengths", nargs="+", type=int, help="context lengths (default: 512, 1024, ... up to the model's)")
+    p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
+    p.add_argument("--samples", type=int, default=4, help="samples per task, length and depth")
+    p.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens scored for perplexity")
+    p.add_argument("--draft", help="a draft model folder: report its greedy acceptance rate against MODEL")
+    p.add_argument("--text", type=pathlib.Path, help="held-out text file (default: the bundled one)")
+    p.add_argument("--parts", nargs="+", default=["ppl", "retrieval", "draft", "moe"],
+                   choices=["ppl", "retrieval", "draft", "moe"], help="what to evaluate")
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of the task generator")
+    p.add_argument("--json", type=pathlib.Path, help="write the report as JSON")
+    p.add_argument("--plot", type=pathlib.Path, help="write a PNG heat map of accuracy by length and depth")
+    add_engine_arguments(p)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("convert", help="write a MoE model's experts as an expert store (--expert-store DIR)")
     p.add_argument("model")
     p.add_argument("--expert-store", required=True, help="output folder; run with --expert-store DIR")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="experts' dtype (default: auto)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bench", help="benchmark suite against transformers and llama.cpp (source checkout only)",
+                       description="ferry bench SCENARIO [options]: throughput, decode, prefill, serving, memory, "
+                                   "all, report; `ferry bench SCENARIO --help` for each one's options")
+    p.add_argument("scenario", help="throughput | decode | prefill | serving | memory | all | report")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="the scenario's options")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

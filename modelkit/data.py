@@ -96,7 +96,7 @@ def build_corpus() -> tuple[Path, Path]:
 
 
 def build_tokenizer(out_dir: Path | None = None) -> Path:
-    """Byte-level BPE with digits split one by one (numbers stay copyable)."""
+    """Byte-level BPE with digits split one by one (numbers stay copyable); also written to out_dir."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     path = CACHE / "tokenizer.json"
@@ -114,14 +114,19 @@ def build_tokenizer(out_dir: Path | None = None) -> Path:
         tok.train([str(train)], trainer)
         tok.save(str(path))
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "tokenizer.json").write_text(path.read_text())
-        (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        write_tokenizer(path, out_dir)
+    return path
+
+
+def write_tokenizer(path: Path, out_dir: Path) -> None:
+    """tokenizer.json + a tokenizer_config.json with the chat template, as transformers and ferry read them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.json").write_text(path.read_text())
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-            "add_bos_token": False, "model_max_length": 4096, "chat_template": CHAT_TEMPLATE,
-        }, indent=2))
-    return path
+        "add_bos_token": False, "model_max_length": 4096, "chat_template": CHAT_TEMPLATE,
+    }, indent=2))
 
 
 def token_ids(split: str) -> "list[int]":

@@ -58,7 +58,9 @@ class Recipe:
 
 RECIPES = {
     "ferry-tiny": Recipe(
-        Spec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768),
+        # Trained on 4096-token rows; the context allows a 4096-token prompt plus its answer.
+        Spec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768,
+             max_position_embeddings=4608),
         [Phase(1024, 8, 700), Phase(4096, 2, 250)],
     ),
     "ferry-tiny-moe": Recipe(
@@ -74,10 +76,11 @@ RECIPES = {
 
 
 class _Tok:
-    def __init__(self):
+    def __init__(self, path: Path):
         from tokenizers import Tokenizer
 
-        self.t = Tokenizer.from_file(str(data.build_tokenizer()))
+        self.path = path
+        self.t = Tokenizer.from_file(str(path))
         self.eos = self.t.token_to_id("</s>")
 
     def encode(self, s: str) -> list[int]:
@@ -113,12 +116,12 @@ def load_trained(name: str, root: Path = ASSETS) -> CausalLM:
     return m.eval()
 
 
-def export(model: CausalLM, out: Path) -> None:
+def export(model: CausalLM, out: Path, tokenizer: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(model.export_state(), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(model.spec.hf_config(), indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    data.build_tokenizer(out)
+    data.write_tokenizer(tokenizer, out)
 
 
 def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int = 2) -> dict:
@@ -126,11 +129,18 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
     torch.manual_seed(seed)
     rng = random.Random(seed)
     recipe = RECIPES[name]
-    phases = [Phase(160, 2, 10), Phase(256, 2, 10)] if smoke else recipe.phases
-    tok = _Tok()
-    hay = Haystack(data.token_ids("train"))
+    if smoke:  # no corpus download: the bundled held-out text and the committed tokenizer
+        phases = [Phase(160, 2, 10), Phase(256, 2, 10)]
+        tok = _Tok(ASSETS / "ferry-tiny" / "tokenizer.json")
+        hay = Haystack(tok.encode((ASSETS / "heldout.txt").read_text()))
+    else:
+        phases = recipe.phases
+        tok = _Tok(data.build_tokenizer())
+        hay = Haystack(data.token_ids("train"))
     model = CausalLM(recipe.spec).train()
-    teacher = load_trained(recipe.teacher) if recipe.teacher and not smoke else None
+    teacher = None
+    if recipe.teacher:  # smoke: a random teacher of the right shape exercises the distillation path
+        teacher = CausalLM(RECIPES[recipe.teacher].spec).eval() if smoke else load_trained(recipe.teacher)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.1)
     total = sum(p.steps for p in phases)
     warm = max(1, min(50, total // 10))
@@ -177,7 +187,7 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", text=f"{rec['text_loss']:.3f}")
     bar.close()
     model.eval()
-    export(model, out)
+    export(model, out, tok.path)
     summary = {"model": name, "seed": seed, "steps": total, "threads": threads,
                "train_minutes": round((time.time() - t0) / 60, 1), "spec": recipe.spec.to_dict(),
                "phases": [vars(p) for p in phases], "log": log}

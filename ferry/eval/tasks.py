@@ -120,20 +120,26 @@ def multikey(tok: Tokenizer, hay: Haystack, rng: random.Random, length: int, dep
 
 def kv(tok: Tokenizer, hay: Haystack, rng: random.Random, length: int, depth: float) -> Sample:
     """A long list of ``key: value`` pairs and no filler; find one key's value."""
-    pair_len = len(tok.encode(" key 0a1b2c: value 3d4e5f."))
-    n = max(2, (length - 24) // max(1, pair_len))
-    keys = list({_hexkey(rng) for _ in range(n * 2)})[:n]
-    values = [_hexkey(rng) for _ in keys]
-    t = min(n - 1, int(round(depth * (n - 1))))
-    ids: list[int] = []
-    for k, v in zip(keys, values):
-        ids.extend(tok.encode(f" key {k}: value {v}."))
-    q = f" What is the value of key {keys[t]}? The value of key {keys[t]} is"
-    q_ids = tok.encode(q)
-    # Trim or pad (with more pairs' worth of filler) so the prompt is `length` long.
-    ids = ids[: max(0, length - len(q_ids))]
-    ids = hay.take(length - len(q_ids) - len(ids), rng) + ids
-    return Sample("kv", ids + q_ids, f" {values[t]}", tok.encode(f" {values[t]}"), depth)
+    q_len = len(tok.encode(" What is the value of key 0a1b2c? The value of key 0a1b2c is")) + 4  # + slack
+    pairs: list[tuple[str, str, list[int]]] = []
+    used = 0
+    keys: set[str] = set()
+    while True:
+        k, v = _hexkey(rng), _hexkey(rng)
+        ids = tok.encode(f" key {k}: value {v}.")
+        if used + len(ids) > length - q_len:
+            break
+        if k not in keys:
+            keys.add(k)
+            pairs.append((k, v, ids))
+            used += len(ids)
+    if len(pairs) < 2:
+        raise ValueError(f"length {length} is too short for task 'kv'")
+    k, v, _ = pairs[min(len(pairs) - 1, int(round(depth * (len(pairs) - 1))))]
+    q_ids = tok.encode(f" What is the value of key {k}? The value of key {k} is")
+    body = [i for _, _, ids in pairs for i in ids]
+    ids = hay.take(length - len(q_ids) - len(body), rng) + body + q_ids  # filler pads to the exact length
+    return Sample("kv", ids, f" {v}", tok.encode(f" {v}"), depth)
 
 
 def vartrack(tok: Tokenizer, hay: Haystack, rng: random.Random, length: int, depth: float) -> Sample:

@@ -1,0 +1,1 @@
+"""Quality evaluation: perplexity, long-context retrieval, draft acceptance, MoE routing (``ferry eval``)."""
