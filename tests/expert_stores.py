@@ -1,0 +1,32 @@
+"""Tiny MoE checkpoints with their expert stores, built once per test session, and the checks every run
+with a store ends with (budget held, nothing pinned, every slot back after emptying)."""
+from __future__ import annotations
+
+import pathlib
+
+from ferry.experts.convert import convert_expert_store
+from ferry.experts.store import ExpertStore
+from tests.checkpoints import make_checkpoint
+
+_BUILT: dict[tuple[str, str], tuple[pathlib.Path, pathlib.Path]] = {}
+
+
+def make_store(family: str, root: pathlib.Path, dtype: str = "float32") -> tuple[pathlib.Path, pathlib.Path]:
+    """(checkpoint folder, expert store folder) of a tiny random MoE checkpoint."""
+    key = (family, dtype)
+    if key not in _BUILT:
+        ckpt = make_checkpoint(family, root)
+        store = root / f"{family}-{dtype}.experts"
+        convert_expert_store(ckpt, store, dtype)
+        _BUILT[key] = (ckpt, store)
+    return _BUILT[key]
+
+
+def check_store_clean(store: ExpertStore, budget: int) -> None:
+    """After a run: the budget held, no expert pinned, and emptying the cache gives every slot back."""
+    stats = store.stats()
+    assert store.cache.nbytes <= budget and stats.cache_nbytes <= budget
+    assert stats.max_slots_used <= store.cache.num_slots
+    assert all(e.pins == 0 for e in store.cache.entries.values()), "an expert stayed pinned"
+    store.empty()
+    assert store.cache.all_free, "expert slots leaked"

@@ -1,0 +1,103 @@
+"""The RAM expert cache and its eviction policies: the budget holds under any access pattern (with prefetch
+on the I/O thread), nothing stays pinned, and every slot comes back."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ferry.config import ModelConfig
+from ferry.experts.cache import ExpertCache
+from ferry.experts.layout import StoreIndex
+from ferry.experts.policies import FrequencyCorrelationPolicy, LRUPolicy
+from ferry.experts.predictors import ExpertPredictor
+from ferry.experts.store import ExpertStore
+from ferry.models.loader import load_model
+from tests.expert_stores import check_store_clean, make_store
+
+
+def test_lru_evicts_least_recently_used():
+    p = LRUPolicy()
+    for k in [(0, 1), (0, 2), (1, 3)]:
+        p.on_insert(k)
+    p.on_access((0, 1))
+    assert p.choose_victim([(0, 1), (0, 2), (1, 3)]) == (0, 2)
+    assert p.choose_victim([(0, 1), (1, 3)]) == (1, 3)
+    p.on_remove((1, 3))
+    assert p.choose_victim([(0, 1), (1, 3)]) == (0, 1)
+
+
+def test_frequency_correlation_policy_keeps_what_is_needed_next():
+    p = FrequencyCorrelationPolicy(moe_layers=[0, 1, 2], num_experts=8, top_k=2)
+    for k in [(0, 1), (1, 1), (2, 1)]:
+        p.on_insert(k)
+        p.on_access(k)
+    p.on_layer(1, {})  # layer 1 runs: layer 2 is next, layer 1's experts are a whole cycle away
+    assert p.choose_victim([(0, 1), (1, 1), (2, 1)]) == (1, 1)
+    p.on_layer(1, {(2, 1): 0.0, (2, 5): 1.0})  # the predictor says layer 2 will not use expert 1
+    assert p.choose_victim([(0, 1), (2, 1)]) == (2, 1)
+    for _ in range(5):  # frequently used experts of the same layer outlive rare ones
+        p.on_layer(0, {})
+        p.on_access((0, 1))
+    p.on_insert((0, 7))
+    assert p.choose_victim([(0, 1), (0, 7)]) == (0, 7)
+
+
+@pytest.mark.parametrize("budget", [4096 * 3, 4096 * 3 + 4095, 4096 * 7])
+def test_cache_slab_never_exceeds_the_budget(budget):
+    cache = ExpertCache(budget, 4096, LRUPolicy())
+    assert cache.nbytes <= budget and cache.slab.data_ptr() % 4096 == 0
+    with cache.cond:
+        entries = [cache.reserve((0, e), set(), False) for e in range(cache.num_slots)]
+        assert cache.reserve((1, 0), set(), False) is None  # all loading: nothing to evict
+        for e in entries:
+            e.done = True
+        entries[0].pins = 1
+        assert cache.reserve((1, 0), {(0, 1)}, False).slot == entries[2].slot  # not pinned, not protected
+        entries[0].pins = 0
+        for e in cache.entries.values():
+            e.done = True
+        cache.clear()
+    assert cache.all_free
+
+
+class _RandomPredictor(ExpertPredictor):
+    """Guesses random experts for the next layer: prefetches that compete with demand reads."""
+
+    def predict(self, layer, x, top_ids):
+        return {e: random.random() for e in random.sample(range(self.num_experts), 3)}
+
+
+@pytest.mark.parametrize("policy", [LRUPolicy, FrequencyCorrelationPolicy])
+@pytest.mark.parametrize("num_slots", [1, 3, 9])
+def test_budget_holds_and_nothing_leaks_under_random_routing(tmp_ckpt_dir, policy, num_slots):
+    random.seed(num_slots)
+    ckpt, folder = make_store("qwen3_moe", tmp_ckpt_dir)
+    cfg = ModelConfig.from_hf(ckpt)
+    shape = ([0, 1], cfg.moe.num_experts, cfg.moe.top_k)
+    resident = load_model(cfg, torch.float32, torch.device("cpu"), 64)
+    want = {(l, e): (resident.layers[l].mlp.experts.gate_up[e], resident.layers[l].mlp.experts.down[e])
+            for l in (0, 1) for e in range(8)}
+    record = StoreIndex.load(folder).layout.record_nbytes
+    store = ExpertStore(folder, cfg, torch.float32, num_slots * record + 100, policy(*shape), _RandomPredictor(*shape))
+    try:
+        for step in range(60):
+            layer = step % 2
+            experts = sorted(random.sample(range(8), random.randint(1, 8)))
+            x = torch.randn(3, cfg.hidden_size)
+            got = store.weights(layer, experts, x, torch.tensor([experts[:1]] * 3))
+            for (g, d), e in zip(got, experts):  # the store's iterator first: zip runs it to its end
+                assert store.cache.num_used <= num_slots
+                assert torch.equal(g, want[(layer, e)][0]) and torch.equal(d, want[(layer, e)][1])
+            if step == 30:  # a forward that stops early (an exception in the layer) must not keep a pin
+                gen = store.weights(layer, experts, x, torch.tensor([experts[:1]] * 3))
+                next(gen)
+                gen.close()
+        s = store.stats()
+        assert s.num_prefetches > 0 and s.max_slots_used <= num_slots
+        check_store_clean(store, num_slots * record + 100)
+    finally:
+        store.close()
+    assert store.cache.slab is None
+
