@@ -59,6 +59,25 @@ class EngineCollector(Collector):
         yield counter("ferry_prompt_tokens", "Prompt tokens admitted.", s.num_prompt_tokens)
         yield counter("ferry_generation_tokens", "Tokens generated.", s.num_generation_tokens)
         yield counter("ferry_engine_steps", "Engine steps run.", s.num_steps)
+        if s.experts is not None:
+            yield from _expert_metrics(s, gauge, counter)
+
+
+def _expert_metrics(s: EngineStats, gauge: Callable, counter: Callable) -> Iterator[Metric]:
+    """MoE expert store (--expert-store): cache, prefetch and disk I/O."""
+    e = s.experts
+    yield gauge("ferry_expert_cache_hit_rate", "Experts found in RAM (or already being prefetched) / needed.", e.hit_rate)
+    yield counter("ferry_expert_cache_lookups", "Experts needed by MoE layers.", e.lookups)
+    yield counter("ferry_expert_cache_hits", "Experts needed and found in the RAM cache.", e.hits)
+    yield gauge("ferry_expert_cache_bytes", "RAM held for cached experts (never above the budget).", e.cache_nbytes)
+    yield gauge("ferry_expert_prefetch_precision", "Predicted experts the layer used / predicted.", e.prefetch_precision)
+    yield gauge("ferry_expert_prefetch_recall", "Used experts that were predicted / used.", e.prefetch_recall)
+    yield counter("ferry_expert_bytes_read", "Expert bytes read from disk.", e.bytes_read)
+    yield gauge("ferry_expert_bytes_read_per_token", "Expert bytes read from disk per generated token.",
+                e.bytes_read / s.num_generation_tokens if s.num_generation_tokens else 0.0)
+    yield counter("ferry_expert_io_stall_seconds", "Time forwards waited for expert reads.", e.stall_seconds)
+    yield gauge("ferry_expert_io_stall_seconds_per_token", "Time waiting for expert reads per generated token.",
+                e.stall_seconds / s.num_generation_tokens if s.num_generation_tokens else 0.0)
 
 
 class ServerMetrics:
