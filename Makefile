@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench install clean
+.PHONY: run test bench bench-smoke install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,10 +25,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# every scenario of bench/ at its default size (~45 min on 2 idle cores, plus ~40 min the first time to build
+# the peers into bench/.cache/), then the README tables; see bench/README.md
 bench: $(STAMP)
-	$(BIN)/python -m bench.engine_vs_hf
-	$(BIN)/python bench/serving.py
-	$(BIN)/python -m bench.report
+	$(BIN)/python -m bench all
+
+# every scenario at its tiny --smoke size (a few minutes), results in bench/.cache/smoke/: checks the code only
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench all --smoke
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,7 +6,8 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
     prefill     prompt processing at 512, 2K and 8K tokens: ferry vs transformers vs llama.cpp
     serving     Poisson arrivals against the OpenAI servers: ferry vs llama.cpp's llama-server
     memory      peak RSS of each engine for the same job
-    all         every scenario at its default size, then the README tables (what `make bench` runs)
+    all         every scenario at its default size, then the README tables (what `make bench` runs);
+                `all --smoke` runs every smoke version and fills a copy of the README in bench/.cache/smoke/
     report      regenerate the README tables from bench/results/*.json
 Every scenario first checks at float32 that all engines give ferry's greedy tokens; `SCENARIO --help` for options.
 """
@@ -19,16 +20,20 @@ SCENARIOS = ("throughput", "decode", "prefill", "serving", "memory")
 
 
 def run(scenario: str, argv: list[str]) -> int:
+    from bench import report
     if scenario == "report":
-        from bench import report
-        report.main()
+        report.main(argv)
         return 0
-    if scenario == "all":
+    if scenario == "all":  # --smoke fills a copy of the README in bench/.cache/smoke/, never the real one
         for name in SCENARIOS:
             print(f"=== {name} ===", flush=True)
             importlib.import_module(f"bench.{name}").main(argv)
-        from bench import report
-        report.main()
+        if "--smoke" in argv:
+            from bench.common import SMOKE
+            (SMOKE / "README.md").write_text((report.ROOT / "README.md").read_text())
+            report.main(["--results", str(SMOKE), "--readme", str(SMOKE / "README.md")])
+        else:
+            report.main([])
         return 0
     if scenario not in SCENARIOS:
         print(__doc__, file=sys.stderr)

@@ -1,68 +1,181 @@
-"""Regenerate the README's benchmark tables from bench/results/*.json (between the BENCH markers)."""
+"""Regenerate the README's benchmark tables from bench/results/*.json.
+
+Each scenario fills its own markers, `<!-- BENCH:<scenario> -->` ... `<!-- /BENCH:<scenario> -->`: one table per
+scenario with every engine's median and ferry's ratio to each peer (median of the per-round ratios, min–max),
+a note on the run (model, threads, parity, bandwidth) and the command that reproduces it. Where an engine could
+not run a case the cell says n/a with a numbered reason under the table. The older `<!-- BENCH -->` block keeps
+the engine-vs-transformers table of bench/engine_vs_hf.py's last run until decode, prefill and throughput
+results replace it.
+
+    python -m bench report            # or: ferry bench report
+    python -m bench report --results bench/.cache/smoke --readme /tmp/README.md   # e.g. render smoke results
+"""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+TITLES = {"throughput": "Offline throughput", "decode": "Single-stream decode", "prefill": "Prefill",
+          "serving": "Online serving against llama.cpp's server", "memory": "Peak memory for the same job"}
+SCENARIOS = tuple(TITLES)
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+    if math.isnan(x):
+        return "n/a"
+    return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
-def engine_vs_hf(rec: dict) -> str:
+def command(rec: dict) -> str:
+    """The command line that produced rec, as `python -m bench SCENARIO ...` (from the recorded argv)."""
+    argv = rec["machine"].get("argv", [])
+    rest = argv[argv.index(rec["scenario"]) + 1:] if rec["scenario"] in argv else argv[1:]
+    return " ".join(["python -m bench", rec["scenario"], *rest])
+
+
+def offline_table(rec: dict) -> str:
+    """decode / prefill / throughput / memory: a row per case, a column per engine, then ferry/peer ratios."""
+    engines = rec["engines"]
+    peers = [e for e in engines if e != "ferry"] if "ferry" in engines else []
+    head = ["case", "dtype", *engines, *[f"ferry / {p}" for p in peers]]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reasons: list[str] = []
+
+    def na(reason: str) -> str:
+        if reason not in reasons:
+            reasons.append(reason)
+        return f"n/a ({reasons.index(reason) + 1})"
+
+    for c in rec["cases"]:
+        cells = [c["label"], c["dtype"]]
+        for e in engines:
+            s = c["engines"].get(e, {"unavailable": "not run"})
+            cells.append(na(s["unavailable"]) if "unavailable" in s else _fmt(s["median"]))
+        for p in peers:
+            r = c["ratios"].get(p)
+            cells.append(f"**{r['median']:.2f}x** ({r['min']:.2f}–{r['max']:.2f})" if r and not math.isnan(r["median"])
+                         else "n/a")
+        rows.append("| " + " | ".join(cells) + " |")
+    better = {c["metric"]: c["higher_is_better"] for c in rec["cases"]}
+    units = "; ".join(f"{m}, {'higher' if hb else 'lower'} is better (a ratio above 1 means ferry "
+                      f"{'is faster' if hb else 'uses more'})" for m, hb in better.items())
+    notes = [f"({i + 1}) {r}" for i, r in enumerate(reasons)]
+    return "\n".join(rows) + ("\n\n" + "; ".join(notes) if notes else "") + f"\n\nUnits: {units}."
+
+
+def offline_note(rec: dict) -> str:
+    from bench.peers.parity import describe
+    cfg = rec["config"]
+    threads = cfg["threads"]
+    parts = [f"{rec['model_name']} (random weights)", f"{threads} thread{'s' * (threads != 1)} for every engine",
+             f"median of {cfg['runs']} runs after a warm-up, engines alternating"]
+    if "parity_float32" in rec:
+        parts.append(f"float32 check against ferry before timing: {describe(rec['parity_float32'])}")
+    if "bandwidth_gbs_before" in rec:
+        parts.append(f"memory bandwidth {rec['bandwidth_gbs_before']:.0f}–{rec.get('bandwidth_gbs_after', 0):.0f} GB/s")
+    peers = rec.get("peers", {})
+    if peers:
+        parts.append(f"llama-cpp-python {peers.get('llama_cpp_python')}")
+    parts.append(f"transformers {rec['machine']['transformers']}, torch {rec['machine']['torch']}")
+    return "; ".join(parts) + "."
+
+
+def offline_section(rec: dict, scenario: str) -> str:
+    extra = ""
+    if scenario == "decode":
+        gbs = [f"{c['dtype']}: " + ", ".join(f"{e} {v:.1f}" for e, v in c.get("weight_gbs", {}).items())
+               for c in rec["cases"] if c.get("weight_gbs")]
+        if gbs:
+            extra = f"\n\nWeight bytes streamed per second, GB/s ({'; '.join(gbs)})."
+    return (f"### {TITLES[scenario]} ({rec['model_name']}, {rec['config']['threads']} threads)\n\n"
+            f"{offline_table(rec)}{extra}\n\n{offline_note(rec)}\n\nReproduce: `{command(rec)}` "
+            f"(results in `bench/results/{scenario}.{{json,png}}`).\n\n![](bench/results/{scenario}.png)")
+
+
+def serving_section(rec: dict) -> str:
+    from bench.serving import markdown
+    c = rec["config"]
+    lo_in, _, hi_in = c["input_len"].partition(":")
+    lo_out, _, hi_out = c["output_len"].partition(":")
+    text = (f"Poisson arrivals at each rate ({c['num_requests']} requests per point, prompts of {lo_in}–{hi_in} "
+            f"random token ids, {lo_out}–{hi_out} output tokens, streamed, temperature 0, end-of-sequence "
+            "disabled), ferry's server against llama.cpp's `llama-server` (built from the llama.cpp sources "
+            "bundled with llama-cpp-python, `GGML_NATIVE=ON`), same weights (the GGUF is converted from the same "
+            f"safetensors at the same precision), {c['threads']} threads each, {c['max_num_seqs']} concurrent "
+            f"sequences each, engines alternating per rate, median of {c['runs']} runs; the ratio row is the median "
+            "of per-run ratios (lower is better for latencies). Before timing, ferry and llama.cpp at float32 must "
+            "agree on greedy tokens and top-5 logprobs (within 1e-3) or the run stops. Goodput: requests per second "
+            f"meeting TTFT ≤ {c['slo_ttft']:g} s and TPOT ≤ {1e3 * c['slo_tpot']:.0f} ms.")
+    argv = rec["machine"].get("argv", [])
+    cmd = command({**rec, "scenario": "serving"}) if "serving" in argv else "python -m bench serving"
+    return (f"### {TITLES['serving']}\n\n{text}\n\n{markdown(rec)}\n\nReproduce: `{cmd}` (~10 min; the first run "
+            "builds the peers into `bench/.cache/`).\n\n![](bench/results/serving.png)")
+
+
+def engine_vs_hf_legacy(rec: dict) -> str:
+    """The table of bench/engine_vs_hf.py (removed: decode, prefill and throughput now cover it)."""
     rows = ["| dtype | scenario | transformers | ferry | ferry / transformers (median, min–max) |",
             "|---|---|---|---|---|"]
     names = {"decode_tok_s": "single-stream decode, tok/s", "prefill512_tok_s": "prefill 512 tokens, tok/s",
              "throughput_tok_s": "throughput, {n} requests, output tok/s"}
     for dtype, res in rec["results"].items():
         for key, label in names.items():
-            if key not in res:
-                continue
-            label = label.format(n=res.get("num_requests", rec.get("num_requests")))
-            m = res[key]
-            r = m["ratio"]
-            rows.append(f"| {dtype} | {label} | {_fmt(m['transformers']['median'])} | {_fmt(m['ferry']['median'])} | "
-                        f"**{r['median']:.2f}x** ({r['min']:.2f}–{r['max']:.2f}) |")
-    bw = rec.get("bandwidth_gbs_before", 0)
-    gbs = "; ".join(f"{d}: ferry {res['decode_weight_gbs']['ferry']:.1f} GB/s, transformers "
-                    f"{res['decode_weight_gbs']['transformers']:.1f} GB/s"
-                    for d, res in rec["results"].items() if "decode_weight_gbs" in res)
-    match = "; ".join(f"{d}: {res['greedy_match']:.0%}" for d, res in rec["results"].items())
-    return "\n".join(rows) + (
-        f"\n\nWeights streamed per second in single-stream decode ({gbs}). A 512 MB torch copy measured "
-        f"{bw:.0f} GB/s at the start of the run (a lower bound: this machine's bandwidth drifts between ~40 and "
-        f"~75 GB/s, so compare the ratios, which come from interleaved runs). Greedy tokens equal to transformers "
-        f"before timing ({match}; float32 must be 100% or the run stops; bfloat16 rounds differently in each engine).")
+            if key in res:
+                m, r = res[key], res[key]["ratio"]
+                rows.append(f"| {dtype} | {label.format(n=res.get('num_requests', rec.get('num_requests')))} | "
+                            f"{_fmt(m['transformers']['median'])} | {_fmt(m['ferry']['median'])} | "
+                            f"**{r['median']:.2f}x** ({r['min']:.2f}–{r['max']:.2f}) |")
+    return (f"### Engine core against transformers ({rec['model']}, random weights, {rec['threads']} threads; "
+            "earlier run)\n\n" + "\n".join(rows) + "\n\nFrom `bench/engine_vs_hf.py` (git history), now folded into "
+            "the decode, prefill and throughput scenarios above, which replace this table once they have results."
+            "\n\n![](bench/results/engine_vs_hf.png)")
 
 
-def render() -> str:
-    parts = []
-    f = RESULTS / "engine_vs_hf.json"
-    if f.is_file():
+def render(results: Path = RESULTS) -> dict[str, str]:
+    """Marker name ("" for the older <!-- BENCH --> block) -> its generated content."""
+    out: dict[str, str] = {}
+    for s in SCENARIOS:
+        f = results / f"{s}.json"
+        if not f.is_file():
+            out[s] = f"### {TITLES[s]}\n\nNot measured yet: `ferry bench {s}` (or `make bench` for every scenario)."
+            continue
         rec = json.loads(f.read_text())
-        parts.append(f"### Engine core against transformers ({rec['model']}, random weights, {rec['threads']} threads)\n\n"
-                     + engine_vs_hf(rec) + "\n\nReproduce: `python -m bench.engine_vs_hf` "
-                     "(results in `bench/results/engine_vs_hf.{json,png}`).\n\n![](bench/results/engine_vs_hf.png)")
-    extra = RESULTS / "serving.md"
-    if extra.is_file():
-        parts.append(extra.read_text().strip())
-    return "\n\n".join(parts)
+        out[s] = serving_section(rec) if s == "serving" else offline_section(rec, s)
+    legacy = results / "engine_vs_hf.json"
+    superseded = all((results / f"{s}.json").is_file() for s in ("decode", "prefill", "throughput"))
+    out[""] = engine_vs_hf_legacy(json.loads(legacy.read_text())) if legacy.is_file() and not superseded else ""
+    return out
 
 
-def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    block = "<!-- BENCH -->\n" + render() + "\n<!-- /BENCH -->"
-    if "<!-- /BENCH -->" in text:
-        text = re.sub(r"<!-- BENCH -->.*?<!-- /BENCH -->", lambda _: block, text, flags=re.S)
-    else:
-        text = text.replace("<!-- BENCH -->", block)
-    readme.write_text(text)
-    print("README benchmark section updated")
+def fill(text: str, blocks: dict[str, str]) -> str:
+    for name, content in blocks.items():
+        tag = f"BENCH:{name}" if name else "BENCH"
+        start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+        if start not in text:
+            print(f"README has no {start} marker; skipped")
+            continue
+        block = f"{start}\n{content}\n{end}" if content else f"{start}\n{end}"
+        if end in text:
+            text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+        else:
+            text = text.replace(start, block)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="ferry bench report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of <scenario>.json files")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the file whose markers are filled")
+    args = ap.parse_args(argv)
+    text = args.readme.read_text()
+    args.readme.write_text(fill(text, render(args.results)))
+    print(f"{args.readme} benchmark tables updated from {args.results}")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ Before any timing: ferry (float32) and llama.cpp (float32 GGUF) must give the sa
 logprobs on the same prompts, offline; then each running server's greedy output is compared to ferry's server's
 at the benchmark precision (reported as an agreement rate: bf16 rounds differently per engine).
 
-    python bench/serving.py                          # default (bf16, 2 threads, ~10 min); results/serving.{json,png}
-    python bench/serving.py --dtype float32 --out serving-f32
-    python bench/serving.py --engines ferry,llama.cpp,llama-cpp-python   # add llama-cpp-python's own server
-    python bench/serving.py --report bench/results/serving.json          # README table (markdown), redraw plot
-    python bench/serving.py --smoke                  # tiny model, 1 thread, ~20 s; bench/.cache/smoke/serving.json
+    python -m bench serving                          # default (bf16, 2 threads, ~10 min); results/serving.{json,png}
+    python -m bench serving --dtype float32 --out serving-f32
+    python -m bench serving --model llama-1b         # any bench/models.py shape or a Hugging Face folder
+    python -m bench serving --engines ferry,llama.cpp,llama-cpp-python   # add llama-cpp-python's own server
+    python -m bench serving --report bench/results/serving.json          # the table (markdown), redraw the plot
+    python -m bench serving --smoke                  # tiny model, 1 thread, ~1 min; bench/.cache/smoke/serving.json
 
 The peers (llama-cpp-python, gguf, llama-server) install themselves into bench/.cache/ on first use: see
 bench/peers/env.py (the first run compiles llama.cpp twice, ~40 min on 2 cores).
@@ -35,13 +36,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/serving.py` from the repo root
-from bench.common import machine, memory_bandwidth_gbs, save, summary
+from bench.common import machine, memory_bandwidth_gbs, result_path, summary
 from bench.peers import client, gguf_export, servers
 from bench.peers.env import versions
+from bench.models import resolve
 from bench.peers.parity import agreement, check_prompts, offline_check
 
 ENGINES = ("ferry", "llama.cpp", "llama-cpp-python")
-SMOKE = Path(__file__).resolve().parent / ".cache" / "smoke"
 OUTTYPE = {"bfloat16": "bf16", "float32": "f32"}
 METRICS = ("output_tok_s", "request_s", "goodput_request_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
            "tpot_p99_s", "e2e_p99_s")
@@ -70,10 +71,11 @@ def server_agreement(running: dict[str, servers.Server], vocab: int, max_tokens:
     return {n: agreement(ref, o)["agreement"] for n, o in outs.items() if ref is not None and n != "ferry"}
 
 
-def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="qwen2.5-0.5b", help="a bench/models.py shape (random weights)")
-    ap.add_argument("--model", type=Path, help="a Hugging Face folder instead of --shape")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="ferry bench serving", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-0.5b",
+                    help="a bench/models.py shape (random weights), tiny-qwen2 / tiny-llama, or a Hugging Face folder")
     ap.add_argument("--engines", default="ferry,llama.cpp", help=f"comma list of {', '.join(ENGINES)}")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(OUTTYPE))
     ap.add_argument("--threads", type=int, default=2)
@@ -93,26 +95,27 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--report", type=Path, help="print the markdown table of a saved JSON and redraw its plot")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model, 1 thread, short run; writes bench/.cache/smoke/serving.{json,png}")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.smoke:
-        args.shape, args.threads, args.rates, args.num_requests = "tiny-qwen2", 1, "4,inf", 6
+        args.model = "tiny-qwen2" if args.model == "qwen2.5-0.5b" else args.model
+        args.threads, args.rates, args.num_requests = "tiny-qwen2", 1, "4,inf", 6
         args.input_len, args.output_len, args.runs, args.max_num_seqs = "8:48", "4:16", 2, 4
     if unknown := set(args.engines.split(",")) - set(ENGINES):
         ap.error(f"unknown engines {unknown}")
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.report:
         record = json.loads(args.report.read_text())
         plot(record, args.report.with_suffix(".png"))
         print(markdown(record))
         return
     engines = args.engines.split(",")
-    model = args.model or build_model(args.shape)
+    model = resolve(args.model)
     gguf = gguf_export.ensure(model, OUTTYPE[args.dtype])
-    record = {"question": "online serving: ferry vs llama.cpp's server, Poisson arrivals", "machine": machine(),
+    record = {"scenario": "serving", "question": "online serving: ferry vs llama.cpp's server, Poisson arrivals", "machine": machine(),
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "model": str(model), "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "engines": engines,
               "ratio_note": "ratio ferry/<peer> per run pair: > 1 is better for throughput and goodput, "
@@ -162,23 +165,11 @@ def serve_and_measure(args, model: Path, gguf: Path, record: dict) -> None:
 
 def finish(args, record: dict) -> None:
     """The JSON (bench/results/<out>.json, or bench/.cache/smoke/ for --smoke) and, with results, the plot."""
-    if args.smoke:
-        path = SMOKE / "serving.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2))
-    else:
-        path = save(args.out, record)
+    path = result_path("serving", args.smoke, args.out)
+    path.write_text(json.dumps(record, indent=2))
     print("saved", path)
     if "summary" in record:
         plot(record, path.with_suffix(".png"))
-
-
-def build_model(shape: str) -> Path:
-    from bench import models
-    if shape.startswith("tiny-"):
-        from bench.peers.tiny import build_tiny
-        return build_tiny(shape)
-    return models.build(shape)
 
 
 def measure(args, running: dict[str, servers.Server], rates: list[float], input_len, output_len, vocab: int) -> list:
