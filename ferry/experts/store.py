@@ -2,13 +2,14 @@
 with prediction-driven prefetch on a background I/O thread. Each MoE layer gets a `StoreExperts`
 (the models' ExpertWeights protocol), so model code does not know experts live on disk.
 
-One layer call, for the experts its tokens routed to (ascending ids, the order the resident path uses,
-so sums happen in the same order and tokens match it exactly):
+One layer call, for the experts its tokens routed to:
   1. the predictor learns from this routing and guesses the next MoE layer's experts;
   2. reads start for every missing expert of this layer that gets a slot without evicting one this layer
      still needs (demand, first in the I/O queue), then for the guessed ones (prefetch, after);
-  3. experts are handed out one at a time, pinned while the forward computes with them; more reads are
-     started as slots free up. The forward waits (stall time) only for an expert not read yet;
+  3. experts are handed out one at a time, those already in RAM first, so the forward computes with them
+     while the others are read (it sums the results in expert order, so tokens match the resident path
+     exactly); each is pinned while in use, and more reads start as slots free up. The forward waits
+     (stall time) only when no expert it still needs has been read;
   4. once the layer is done, guessed experts that found no slot in 2 may evict this layer's."""
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ class ExpertStore:
     # -- the forward's side -------------------------------------------------------------------------
 
     def weights(self, layer: int, expert_ids: Sequence[int], x: torch.Tensor,
-                top_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                top_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         keys = [(layer, int(e)) for e in expert_ids]
         self._score_prediction(layer, set(k[1] for k in keys))
         self.predictor.observe(layer, x, top_ids)
@@ -115,18 +116,27 @@ class ExpertStore:
             if guessed:
                 self._predicted[nxt] = set(e for _, e in guessed)
                 self._start_reads(guessed, set(keys) | set(guessed), _PREFETCH)
-        for i, key in enumerate(keys):
-            entry = self._acquire(key, set(keys[i + 1:]), cached[key])
+        remaining = list(range(len(keys)))
+        while remaining:
+            with self.cache.cond:  # an expert already read first, else the lowest id (its read was queued first)
+                pos = next((p for p in remaining if self._is_ready(keys[p])), remaining[0])
+            remaining.remove(pos)
+            later = [keys[p] for p in remaining]
+            entry = self._acquire(keys[pos], set(later), cached[keys[pos]])
             try:
-                yield self.layout.views(self.cache.slot(entry.slot))
+                yield (pos, *self.layout.views(self.cache.slot(entry.slot)))
             finally:
                 with self.cache.cond:
                     entry.pins -= 1
                     self.cache.cond.notify_all()
-                    self._start_reads(keys[i + 1:], set(keys[i + 1:]), _DEMAND)
+                    self._start_reads(later, set(later), _DEMAND)
         if guessed:  # this layer's experts are free to go now: make room for the guessed ones
             with self.cache.cond:
                 self._start_reads(guessed, set(guessed), _PREFETCH)
+
+    def _is_ready(self, key: Key) -> bool:
+        entry = self.cache.lookup(key)
+        return entry is not None and entry.done and entry.error is None
 
     def _score_prediction(self, layer: int, used: set[int]) -> None:
         if type(self.predictor) is ExpertPredictor or layer == self.predictor.moe_layers[0]:
@@ -244,5 +254,5 @@ class StoreExperts(nn.Module):
         self.layer = layer
 
     def weights(self, expert_ids: Sequence[int], x: torch.Tensor,
-                top_ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                top_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         return self.store.weights(self.layer, expert_ids, x, top_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 
 import pytest
 import torch
@@ -37,7 +38,9 @@ def _open(ckpt, store, budget=None, allow_direct=True) -> ExpertStore:
 
 def _get(store: ExpertStore, layer: int, experts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     x, top_ids = torch.zeros(1, store.layout.hidden_size), torch.tensor([experts[:1]])
-    return [(g.clone(), d.clone()) for g, d in store.weights(layer, experts, x, top_ids)]
+    got = {i: (g.clone(), d.clone()) for i, g, d in store.weights(layer, experts, x, top_ids)}
+    assert sorted(got) == list(range(len(experts)))  # every position once
+    return [got[i] for i in range(len(experts))]
 
 
 def test_store_holds_the_checkpoints_experts_aligned(mixtral):
@@ -75,6 +78,27 @@ def test_every_read_comes_from_disk_and_is_counted(mixtral, allow_direct):
         _get(store, 0, [2])
         s = store.stats()
         assert (s.num_reads, s.bytes_read, s.lookups, s.hits) == (3, 3 * record, 5, 2)
+    finally:
+        store.close()
+
+
+def test_experts_in_ram_are_handed_out_first(mixtral):
+    ckpt, folder = mixtral
+    store = _open(ckpt, folder)
+    try:
+        _get(store, 0, [5, 7])
+        gate, read = threading.Event(), store._read
+
+        def slow_read(entry):  # a slow disk for expert 1
+            if entry.key == (0, 1):
+                gate.wait(10)
+            return read(entry)
+        store._read = slow_read
+        x, top_ids = torch.zeros(1, store.layout.hidden_size), torch.tensor([[1, 5]])
+        order = store.weights(0, [1, 5, 7], x, top_ids)
+        first = next(order)[0]
+        gate.set()
+        assert first == 1 and sorted(i for i, _, _ in order) == [0, 2]  # expert 5 computes while 1 is read
     finally:
         store.close()
 

@@ -3,6 +3,7 @@
 Legend: T tokens, D hidden, I intermediate, E experts, A experts per token (top-k)."""
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Protocol, Sequence
 
 import torch
@@ -40,10 +41,11 @@ class ExpertWeights(Protocol):
     """Where a MoE layer gets its experts' weights: resident tensors, or an offloading store."""
 
     def weights(self, expert_ids: Sequence[int], x: torch.Tensor,
-                top_ids: torch.Tensor) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """(gate_up [2I, D], down [D, I]) for each expert id, in order. The layer's input x [T, D] and routing
-        top_ids [T, A] let a store predict later layers' experts. An offloading store yields lazily (a yielded
-        pair may be valid only until the next one is asked for), so iterate it to the end."""
+                top_ids: torch.Tensor) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(i, gate_up [2I, D], down [D, I]) once for each position i of expert_ids, in the order the weights
+        are at hand (an offloading store hands out cached experts while it reads the others). The layer's
+        input x [T, D] and routing top_ids [T, A] let a store predict later layers' experts. A store yields
+        lazily (a pair may be valid only until the next is asked for), so iterate it to the end."""
         ...
 
 
@@ -56,8 +58,8 @@ class ResidentExperts(nn.Module):
         self.down = _meta(num_experts, hidden, inter)
 
     def weights(self, expert_ids: Sequence[int], x: torch.Tensor,
-                top_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(self.gate_up[e], self.down[e]) for e in expert_ids]
+                top_ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        return [(i, self.gate_up[e], self.down[e]) for i, e in enumerate(expert_ids)]
 
 
 class MoE(nn.Module):
@@ -88,13 +90,15 @@ class MoE(nn.Module):
         active = [e for e, c in enumerate(counts) if c]
         tokens = order // self.cfg.top_k  # token row of each (token, slot) pair, grouped by expert
         weights = top_w.flatten()[order]
-        start = 0
-        for i, (gate_up, down) in enumerate(self.experts.weights(active, x, top_ids)):
-            e = active[i]
-            rows = tokens[start:start + counts[e]]
-            y = swiglu(x[rows], gate_up, down) * weights[start:start + counts[e], None]
-            out.index_add_(0, rows, y)
-            start += counts[e]
+        ends = list(itertools.accumulate(counts[e] for e in active))
+        spans = [slice(end - counts[e], end) for e, end in zip(active, ends)]  # each expert's (token, slot) pairs
+        done: dict[int, torch.Tensor] = {}  # computed out of order, not yet summed
+        summed = 0
+        for i, gate_up, down in self.experts.weights(active, x, top_ids):
+            done[i] = swiglu(x[tokens[spans[i]]], gate_up, down) * weights[spans[i], None]
+            while summed in done:  # sum in expert order whatever the compute order: the same bits every time
+                out.index_add_(0, tokens[spans[summed]], done.pop(summed))
+                summed += 1
         if self.shared is not None:
             out += torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
         return out
