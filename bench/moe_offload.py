@@ -112,7 +112,7 @@ def main() -> None:
     if not (store / "index.json").exists():
         convert_expert_store(model, store, "bfloat16")
     index = StoreIndex.load(store)
-    total = index.layout.record_nbytes * sum(len(r) for r in index.experts.values())
+    total = index.total_nbytes
     records = []
     for batch in [int(b) for b in args.batches.split(",")]:
         base = decode_run(str(model), batch, args.new_tokens)
@@ -121,7 +121,7 @@ def main() -> None:
         for frac in [float(f) for f in args.budgets.split(",")]:
             for mode, options in MODES.items():
                 r = decode_run(str(model), batch, args.new_tokens, expert_store=str(store),
-                               expert_cache_memory=max(int(total * frac), index.layout.record_nbytes), **options)
+                               expert_cache_memory=max(int(total * frac), index.slot_nbytes), **options)
                 r.update(mode=mode, budget=frac, relative=r["tok_per_s"] / base["tok_per_s"],
                          token_exact=r["token_ids"] == base["token_ids"])
                 records.append(r)

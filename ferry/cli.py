@@ -107,12 +107,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = default_model_path()
     kw = server_kwargs(args)
-    kw["served_model_name"] = kw["served_model_name"] or "ferry-default"
+    kw["served_model_name"] = kw["served_model_name"] or "ferry-tiny"
     url = f"http://{kw['host']}:{kw['port']}/v1"
-    print(f"""ferry: serving the built-in default model ({path}) as "{kw['served_model_name']}" at {url}
-  (random weights until the in-house trained model lands: the text is noise)
+    print(f"""ferry: serving the in-house model ferry-tiny ({path}) as "{kw['served_model_name']}" at {url}
+  (a 4M-parameter model trained by the project on Python and Debian documentation, with long-context retrieval)
   curl {url}/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "{kw['served_model_name']}", "prompt": "Once upon a time", "max_tokens": 32}}'
+    -d '{{"model": "{kw['served_model_name']}", "prompt": "The os module provides", "max_tokens": 32}}'
   or: openai.OpenAI(base_url="{url}", api_key="none").completions.create(model="{kw['served_model_name']}", prompt="Hi")""",
           file=sys.stderr, flush=True)
     run_server(str(path), **kw, **engine_kwargs(args))
@@ -122,10 +122,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from ferry.experts.convert import convert_expert_store
 
-    index = convert_expert_store(args.model, args.expert_store, args.dtype)
-    n = sum(len(r) for r in index.experts.values())
-    print(f"wrote {n} experts ({n * index.layout.record_nbytes / 2**20:.1f} MiB, {index.layout.dtype}) "
-          f"to {args.expert_store}", file=sys.stderr)
+    index = convert_expert_store(args.model, args.expert_store, args.dtype, args.expert_bits, args.int4_fraction)
+    bits = [r.bits for recs in index.experts.values() for r in recs]
+    kinds = ", ".join(f"{bits.count(b)} {'int%d' % b if b else index.layout.dtype}" for b in sorted(set(bits)))
+    print(f"wrote {len(bits)} experts ({kinds}; {index.total_nbytes / 2**20:.1f} MiB) to {args.expert_store}",
+          file=sys.stderr)
     return 0
 
 
@@ -214,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--expert-store", required=True, help="output folder; run with --expert-store DIR")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="experts' dtype (default: auto)")
+    p.add_argument("--expert-bits", default="none", choices=("none", "8", "4", "auto"),
+                   help="store experts as int8 / int4 with group-wise scales (lossy); auto: int4 for the least "
+                        "sensitive experts (measured), int8 for the others (default: none)")
+    p.add_argument("--int4-fraction", type=float, default=0.5, help="with --expert-bits auto: share of experts at int4")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="benchmark suite against transformers and llama.cpp (source checkout only)",

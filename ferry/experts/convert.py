@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from ferry.config import ModelConfig
 from ferry.errors import InvalidRequest, ModelLoadError
 from ferry.experts.layout import DTYPES, INDEX_NAME, ExpertLayout, ExpertRecord, StoreIndex
+from ferry.experts.quant import QuantLayout, group_size_for
 from ferry.models.loader import _build, _hf_names, _Reader, checkpoint_files
+
+BITS = ("none", "8", "4", "auto")  # --expert-bits: dense, all int8, all int4, int4 for the least sensitive
 
 
 def store_dtype(name: str, cfg: ModelConfig) -> str:
@@ -37,11 +41,40 @@ def expert_bytes(gate_up: torch.Tensor, down: torch.Tensor, layout: ExpertLayout
     return bytes(rec)
 
 
-def payload_crc(record: bytes | memoryview, layout: ExpertLayout) -> int:
+def payload_crc(record: bytes | memoryview, layout: ExpertLayout | QuantLayout) -> int:
     return zlib.crc32(record[:layout.payload_nbytes])
 
 
-def convert_expert_store(model: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "auto") -> StoreIndex:
+def int4_error(gate_up: torch.Tensor, down: torch.Tensor, group: int, num_tokens: int = 64) -> float:
+    """Measured sensitivity of one expert to int4: relative error of its output on Gaussian inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(num_tokens, gate_up.shape[1], generator=g)
+    q = QuantLayout(4, group, gate_up.shape[1], down.shape[1])
+    slot = torch.frombuffer(bytearray(q.encode(gate_up, down)), dtype=torch.uint8)
+    gq, dq = q.unpack(slot, torch.empty(gate_up.shape), torch.empty(down.shape))
+    want = _swiglu(x, gate_up.float(), down.float())
+    return float((_swiglu(x, gq, dq) - want).norm() / want.norm().clamp(min=1e-12))
+
+
+def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ down.T
+
+
+def choose_bits(int4_errors: dict[tuple[int, int], float], int4_fraction: float) -> dict[tuple[int, int], int]:
+    """(layer, expert) -> 4 for the int4_fraction of experts least hurt by int4 (measured), 8 for the others."""
+    num_int4 = round(len(int4_errors) * int4_fraction)
+    return {k: 4 if i < num_int4 else 8 for i, k in enumerate(sorted(int4_errors, key=int4_errors.get))}
+
+
+def convert_expert_store(model: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "auto",
+                         bits: str = "none", int4_fraction: float = 0.5) -> StoreIndex:
+    """bits: none (experts as they are, in dtype), 8 / 4 (every expert int8 / int4), auto (int4 for the
+    int4_fraction least sensitive experts, int8 for the rest). Quantized stores are lossy."""
+    if bits not in BITS:
+        raise InvalidRequest(f"expert bits must be one of {', '.join(BITS)}, got {bits!r}")
+    if not 0 <= int4_fraction <= 1:
+        raise InvalidRequest(f"int4 fraction must be in [0, 1], got {int4_fraction}")
     cfg = ModelConfig.from_hf(str(model))
     if cfg.moe is None:
         raise InvalidRequest(f"{model} ({cfg.architecture}) has no experts; --expert-store is for MoE models")
@@ -50,26 +83,31 @@ def convert_expert_store(model: str | os.PathLike, out_dir: str | os.PathLike, d
     out.mkdir(parents=True, exist_ok=True)
     reader = _Reader(checkpoint_files(Path(cfg.path)))
     names = _hf_names(cfg, reader)
-    layout = ExpertLayout.for_shape(name, cfg.hidden_size, cfg.moe.intermediate_size)
-    want = {"gate_up": (cfg.moe.num_experts, *layout.gate_up_shape), "down": (cfg.moe.num_experts, *layout.down_shape)}
+    group = group_size_for(cfg.hidden_size, cfg.moe.intermediate_size) if bits != "none" else 0
+    if bits != "none" and not group:
+        raise InvalidRequest(f"cannot quantize experts of hidden size {cfg.hidden_size} and intermediate size "
+                             f"{cfg.moe.intermediate_size}: both must be multiples of 32")
+    layout = ExpertLayout.for_shape(name, cfg.hidden_size, cfg.moe.intermediate_size, group)
+    moe_layers = [l for l in range(cfg.num_layers) if cfg.moe.sparse_layers[l]]
+
+    def layers() -> Iterator[tuple[int, dict[str, torch.Tensor]]]:  # one layer's experts in memory at a time
+        return ((l, _read_layer(cfg, reader, names, l, layout)) for l in moe_layers)
+
+    if bits == "auto":
+        chosen = choose_bits({(l, e): int4_error(t["gate_up"][e], t["down"][e], group)
+                              for l, t in layers() for e in range(cfg.moe.num_experts)}, int4_fraction)
+    else:
+        chosen = {(l, e): {"none": 0, "8": 8, "4": 4}[bits] for l in moe_layers for e in range(cfg.moe.num_experts)}
     files, records = {}, {}
-    for layer in range(cfg.num_layers):
-        if not cfg.moe.sparse_layers[layer]:
-            continue
-        stacked = {}
-        for part in ("gate_up", "down"):
-            t = _build(reader, names[f"layers.{layer}.mlp.experts.{part}"], DTYPES[name], torch.device("cpu"))
-            if tuple(t.shape) != want[part]:
-                raise ModelLoadError(f"layer {layer} experts' {part} has shape {tuple(t.shape)}, config.json implies "
-                                     f"{want[part]}")
-            stacked[part] = t
+    for layer, t in layers():
         files[layer] = f"layer{layer:03d}.experts"
         records[layer] = []
-        path = out / files[layer]
-        with open(path, "wb") as f:
+        with open(out / files[layer], "wb") as f:
             for e in range(cfg.moe.num_experts):
-                rec = expert_bytes(stacked["gate_up"][e], stacked["down"][e], layout)
-                records[layer].append(ExpertRecord(offset=f.tell(), crc32=payload_crc(rec, layout)))
+                fmt = layout.record_format(chosen[(layer, e)])
+                rec = expert_bytes(t["gate_up"][e], t["down"][e], layout) if fmt is layout else \
+                    fmt.encode(t["gate_up"][e], t["down"][e])
+                records[layer].append(ExpertRecord(f.tell(), payload_crc(rec, fmt), chosen[(layer, e)]))
                 f.write(rec)
             f.flush()
             os.fsync(f.fileno())
@@ -79,3 +117,16 @@ def convert_expert_store(model: str | os.PathLike, out_dir: str | os.PathLike, d
     tmp.write_text(index.to_json())
     tmp.replace(out / INDEX_NAME)  # the index appears only once every layer file is complete
     return index
+
+
+def _read_layer(cfg: ModelConfig, reader: _Reader, names: dict, layer: int, layout: ExpertLayout) -> dict:
+    """{"gate_up": [E, 2I, D], "down": [E, D, I]} of one MoE layer, in the store dtype."""
+    E = cfg.moe.num_experts
+    out = {}
+    for part, shape in (("gate_up", layout.gate_up_shape), ("down", layout.down_shape)):
+        t = _build(reader, names[f"layers.{layer}.mlp.experts.{part}"], layout.torch_dtype, torch.device("cpu"))
+        if tuple(t.shape) != (E, *shape):
+            raise ModelLoadError(f"layer {layer} experts' {part} has shape {tuple(t.shape)}, config.json implies "
+                                 f"{(E, *shape)}")
+        out[part] = t
+    return out

@@ -1,8 +1,9 @@
 """The on-disk expert store: one file per MoE layer, each expert's weights contiguous at an ALIGNed offset,
 described by `index.json`.
 
-An expert record is  gate_up [2I, D] | pad to 64 B | down [D, I] | pad to ALIGN  in the store's dtype, so
-one aligned read fills one cache slot and the two tensors are views into it. index.json holds the
+A dense expert record is  gate_up [2I, D] | pad to 64 B | down [D, I] | pad to ALIGN  in the store's dtype,
+so one aligned read fills one cache slot and the two tensors are views into it; quantized records
+(int8/int4, quant.py) are dequantized into the store's dtype when used. index.json holds the
 layout, each expert's offset and CRC32 (of its unpadded bytes), and enough of the model's shape to refuse
 a store built for another model."""
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ferry.errors import ModelLoadError
+from ferry.experts.quant import QuantLayout
 from ferry.tiers.disk import ALIGN, align_up
 
 INDEX_NAME = "index.json"
@@ -26,6 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ExpertRecord:
     offset: int  # byte offset of the expert in its layer file (ALIGNed)
     crc32: int  # of the gate_up and down bytes (not the padding)
+    bits: int = 0  # 0: dense in the store's dtype; 8 or 4: quantized (quant.py)
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,8 @@ class ExpertLayout:
     dtype: str
     hidden_size: int  # D
     intermediate_size: int  # I
-    down_offset: int  # where down starts inside an expert record
+    down_offset: int  # where down starts inside a dense expert record
+    group_size: int = 0  # inputs per scale of quantized experts (0: the store has none)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -60,9 +64,15 @@ class ExpertLayout:
         return align_up(self.payload_nbytes, ALIGN)
 
     @classmethod
-    def for_shape(cls, dtype: str, hidden: int, inter: int) -> "ExpertLayout":
+    def for_shape(cls, dtype: str, hidden: int, inter: int, group_size: int = 0) -> "ExpertLayout":
         item = DTYPES[dtype].itemsize
-        return cls(dtype, hidden, inter, align_up(2 * inter * hidden * item, 64))
+        return cls(dtype, hidden, inter, align_up(2 * inter * hidden * item, 64), group_size)
+
+    def record_format(self, bits: int) -> "ExpertLayout | QuantLayout":
+        """The byte layout of a record stored at `bits` (0: this dense layout)."""
+        if bits == 0:
+            return self
+        return QuantLayout(bits, self.group_size, self.hidden_size, self.intermediate_size)
 
     def views(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) views into a uint8 slot of record_nbytes."""
@@ -81,10 +91,21 @@ class StoreIndex:
     layer_files: dict[int, str]  # MoE layer -> file name inside the store folder
     experts: dict[int, list[ExpertRecord]]  # MoE layer -> record of each expert
 
+    @property
+    def slot_nbytes(self) -> int:
+        """RAM for any one expert of the store: its largest record."""
+        bits = {r.bits for recs in self.experts.values() for r in recs}
+        return max(self.layout.record_format(b).record_nbytes for b in bits)
+
+    @property
+    def total_nbytes(self) -> int:
+        """Every expert's record."""
+        return sum(self.layout.record_format(r.bits).record_nbytes for recs in self.experts.values() for r in recs)
+
     def to_json(self) -> str:
         d = {"format": FORMAT, "version": VERSION, "architecture": self.architecture,
              "num_layers": self.num_layers, "num_experts": self.num_experts, "alignment": ALIGN,
-             "layout": asdict(self.layout), "record_nbytes": self.layout.record_nbytes,
+             "layout": asdict(self.layout), "slot_nbytes": self.slot_nbytes,
              "layers": {str(l): {"file": self.layer_files[l], "experts": [asdict(r) for r in self.experts[l]]}
                         for l in sorted(self.experts)}}
         return json.dumps(d, indent=1)

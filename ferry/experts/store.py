@@ -49,12 +49,19 @@ class ExpertStore:
         self.layout = self.index.layout
         self._check_model(cfg, dtype)
         self.files = {l: self._open(l, allow_direct) for l in self.index.layer_files}
-        total = len(self.files) * self.index.num_experts * self.layout.record_nbytes
-        self.cache = ExpertCache(total if budget_bytes is None else budget_bytes, self.layout.record_nbytes, policy)
+        slot_nbytes = self.index.slot_nbytes
+        quantized = any(r.bits for recs in self.index.experts.values() for r in recs)
+        # quantized experts are dequantized into one scratch pair (in the budget too)
+        self._scratch = (torch.empty(self.layout.gate_up_shape, dtype=dtype),
+                         torch.empty(self.layout.down_shape, dtype=dtype)) if quantized else None
+        scratch_nbytes = sum(t.nbytes for t in self._scratch) if quantized else 0
+        total = len(self.files) * self.index.num_experts * slot_nbytes + scratch_nbytes
+        budget = total if budget_bytes is None else budget_bytes
+        self.cache = ExpertCache(max(budget - scratch_nbytes, 0), slot_nbytes, policy)
         self.policy = policy
         self.predictor = predictor
-        self._stats = ExpertStats(num_slots=self.cache.num_slots, cache_nbytes=self.cache.nbytes,
-                                  budget_nbytes=total if budget_bytes is None else budget_bytes,
+        self._stats = ExpertStats(num_slots=self.cache.num_slots, cache_nbytes=self.cache.nbytes + scratch_nbytes,
+                                  budget_nbytes=budget,
                                   io_mode=",".join(sorted({f.mode for f in self.files.values()})))
         self._predicted: dict[int, set[int]] = {}  # MoE layer -> experts predicted for its next call
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
@@ -88,7 +95,7 @@ class ExpertStore:
             f = DirectFile(path, allow_direct)
         except OSError as e:
             raise ModelLoadError(f"cannot open expert file {path} (layer {layer}): {e}") from None
-        need = max(r.offset for r in self.index.experts[layer]) + self.layout.record_nbytes
+        need = max(r.offset + self.layout.record_format(r.bits).record_nbytes for r in self.index.experts[layer])
         if f.size < need:
             f.close()
             raise ModelLoadError(f"expert file {path} (layer {layer}) is truncated: {f.size} bytes, the index "
@@ -124,7 +131,7 @@ class ExpertStore:
             later = [keys[p] for p in remaining]
             entry = self._acquire(keys[pos], set(later), cached[keys[pos]])
             try:
-                yield (pos, *self.layout.views(self.cache.slot(entry.slot)))
+                yield (pos, *self._unpack(keys[pos], self.cache.slot(entry.slot)))
             finally:
                 with self.cache.cond:
                     entry.pins -= 1
@@ -133,6 +140,13 @@ class ExpertStore:
         if guessed:  # this layer's experts are free to go now: make room for the guessed ones
             with self.cache.cond:
                 self._start_reads(guessed, set(guessed), _PREFETCH)
+
+    def _unpack(self, key: Key, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) of a read expert: views into its slot, or dequantized into the scratch pair."""
+        bits = self.index.experts[key[0]][key[1]].bits
+        if bits == 0:
+            return self.layout.views(slot)
+        return self.layout.record_format(bits).unpack(slot, *self._scratch)
 
     def _is_ready(self, key: Key) -> bool:
         entry = self.cache.lookup(key)
@@ -204,12 +218,13 @@ class ExpertStore:
         layer, expert = entry.key
         f = self.files[layer]
         rec = self.index.experts[layer][expert]
+        fmt = self.layout.record_format(rec.bits)
         slot = self.cache.slot(entry.slot)
         try:
-            f.read_into(memoryview(slot.numpy()), rec.offset)
+            f.read_into(memoryview(slot.numpy())[:fmt.record_nbytes], rec.offset)
         except OSError as e:
             return ExpertReadError(f"cannot read expert {expert} of layer {layer} from {f.path}: {e}")
-        crc = zlib.crc32(memoryview(slot.numpy())[:self.layout.payload_nbytes])
+        crc = zlib.crc32(memoryview(slot.numpy())[:fmt.payload_nbytes])
         if crc != rec.crc32:
             return ExpertReadError(f"expert {expert} of layer {layer} in {f.path} (offset {rec.offset}) fails its "
                                    f"checksum (crc32 {crc:#010x}, index says {rec.crc32:#010x}): the file is corrupt")

@@ -200,4 +200,4 @@ def test_cli_convert_writes_a_store(mixtral, tmp_path, capsys):
     assert main(["convert", str(ckpt), "--expert-store", str(tmp_path / "s"), "--dtype", "bfloat16"]) == 0
     index = StoreIndex.load(tmp_path / "s")
     assert index.layout.dtype == "bfloat16" and sorted(index.experts) == [0, 1]
-    assert "wrote 16 experts" in capsys.readouterr().err
+    assert "wrote 16 experts (16 bfloat16;" in capsys.readouterr().err
