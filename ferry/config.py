@@ -210,6 +210,7 @@ class OffloadConfig:
     expert_cache_memory: int | None = None  # bytes of RAM for cached experts (None: every expert); never exceeded
     expert_eviction: str = "lru"  # lru | correlation
     expert_prefetch: str = "none"  # none | correlation | pregate
+    explain: bool = False  # print the planner's measured costs and choices at start
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 
 import torch
 
 from ferry.config import EngineConfig, ModelConfig, OffloadConfig
 from ferry.engine.engine import EngineParts
 from ferry.errors import InvalidRequest
+from ferry.experts.planner import make_plan, measure_costs
 from ferry.experts.policies import EVICTION_POLICIES
 from ferry.experts.predictors import PREDICTORS, PreGatePredictor
 from ferry.experts.store import ExpertStore
@@ -59,8 +61,8 @@ def _tune_malloc() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.dtype,
-                       device: torch.device) -> ExpertStore | None:
+def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                       max_num_seqs: int) -> ExpertStore | None:
     if cfg.expert_store is None:
         return None
     if model_cfg.moe is None:
@@ -69,8 +71,19 @@ def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.
         raise InvalidRequest("--expert-store runs on --device cpu only for now")
     moe_layers = [l for l in range(model_cfg.num_layers) if model_cfg.moe.sparse_layers[l]]
     shape = (moe_layers, model_cfg.moe.num_experts, model_cfg.moe.top_k)
-    return ExpertStore(cfg.expert_store, model_cfg, dtype, cfg.expert_cache_memory,
-                       EVICTION_POLICIES[cfg.expert_eviction](*shape), PREDICTORS[cfg.expert_prefetch](*shape))
+    store = ExpertStore(cfg.expert_store, model_cfg, dtype, cfg.expert_cache_memory,
+                        EVICTION_POLICIES[cfg.expert_eviction](*shape), PREDICTORS[cfg.expert_prefetch](*shape))
+    if cfg.expert_prefetch != "none" or cfg.explain:
+        try:
+            plan = make_plan(measure_costs(store), model_cfg.moe.num_experts, model_cfg.moe.top_k, len(moe_layers),
+                             store.cache.num_slots, max_num_seqs)
+        except BaseException:
+            store.close()
+            raise
+        store.prefetch_width = plan.prefetch_width
+        if cfg.explain:
+            print(plan.explain(), file=sys.stderr, flush=True)
+    return store
 
 
 def build_engine_parts(cfg: EngineConfig) -> EngineParts:
@@ -97,7 +110,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     if max_len < model_cfg.max_model_len and not cfg.max_model_len:
         log.info("context capped at %d tokens by the KV cache budget", max_len)
 
-    experts = build_expert_store(cfg.offload, model_cfg, dtype, device)
+    experts = build_expert_store(cfg.offload, model_cfg, dtype, device, cfg.scheduler.max_num_seqs)
     try:
         model = load_model(model_cfg, dtype, device, max_len, experts.layer if experts else None)
         if experts and isinstance(experts.predictor, PreGatePredictor):

@@ -63,6 +63,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("expert_eviction", "lru", str, "MoE with --expert-store: which cached expert to evict", ("lru", "correlation")),
     Option("expert_prefetch", "none", str, "MoE with --expert-store: how the next layer's experts are predicted and "
            "read ahead", ("none", "correlation", "pregate")),
+    Option("explain", False, _bool, "MoE with --expert-store: print the I/O-compute plan (measured disk and compute "
+           "costs, prefetch width, recommended sequences per step) at start"),
 )
 _BY_NAME = {o.name: o for o in ENGINE_OPTIONS}
 
@@ -83,8 +85,8 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         if v[name] < 1:
             raise InvalidRequest(f"{name} must be >= 1, got {v[name]}")
     if v["expert_store"] is None and (v["expert_cache_memory"] is not None or v["expert_prefetch"] != "none"
-                                      or v["expert_eviction"] != "lru"):
-        raise InvalidRequest("expert_cache_memory, expert_eviction and expert_prefetch need expert_store")
+                                      or v["expert_eviction"] != "lru" or v["explain"]):
+        raise InvalidRequest("expert_cache_memory, expert_eviction, expert_prefetch and explain need expert_store")
     return EngineConfig(
         model=str(model), device=v["device"], dtype=v["dtype"], threads=v["threads"],
         max_model_len=v["max_model_len"], seed=v["seed"],
@@ -94,7 +96,8 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
                                   max_waiting=v["max_waiting"], policy=v["scheduling_policy"],
                                   preemption_mode=v["preemption_mode"]),
         offload=OffloadConfig(expert_store=v["expert_store"], expert_cache_memory=v["expert_cache_memory"],
-                              expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"]),
+                              expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"],
+                              explain=v["explain"]),
     )
 
 

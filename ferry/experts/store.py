@@ -64,6 +64,7 @@ class ExpertStore:
                                   budget_nbytes=budget,
                                   io_mode=",".join(sorted({f.mode for f in self.files.values()})))
         self._predicted: dict[int, set[int]] = {}  # MoE layer -> experts predicted for its next call
+        self.prefetch_width: int | None = None  # most guessed experts read ahead per layer (None: all; the planner's)
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._seq = itertools.count()
         self._closed = False
@@ -114,7 +115,7 @@ class ExpertStore:
         self.predictor.observe(layer, x, top_ids)
         guess = self.predictor.predict(layer, x, top_ids)
         nxt = self.predictor.next_layer.get(layer, layer)
-        guessed = [(nxt, e) for e, _ in sorted(guess.items(), key=lambda kv: -kv[1])]
+        guessed = [(nxt, e) for e, _ in sorted(guess.items(), key=lambda kv: -kv[1])][:self.prefetch_width]
         with self.cache.cond:
             self.policy.on_layer(layer, {(nxt, e): p for e, p in guess.items()})
             cached = {k: self.cache.lookup(k) for k in keys}  # a hit if the same entry is still there when asked for
@@ -241,6 +242,14 @@ class ExpertStore:
         s.num_evictions = self.cache.num_evictions
         s.max_slots_used = self.cache.max_slots_used
         return ExpertStats(**vars(s))
+
+    def reset_stats(self) -> None:
+        """Zero the counters (after the planner's probe, so they describe serving only)."""
+        self._stats = ExpertStats(num_slots=self._stats.num_slots, cache_nbytes=self._stats.cache_nbytes,
+                                  budget_nbytes=self._stats.budget_nbytes, io_mode=self._stats.io_mode)
+        self.cache.num_evictions = self.cache.max_slots_used = 0
+        for f in self.files.values():
+            f.stats = type(f.stats)()
 
     def empty(self) -> None:
         """Wait for reads in flight and drop every cached expert (all slots free again)."""
