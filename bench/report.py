@@ -92,7 +92,8 @@ def offline_section(rec: dict, scenario: str) -> str:
                for c in rec["cases"] if c.get("weight_gbs")]
         if gbs:
             extra = f"\n\nWeight bytes streamed per second, GB/s ({'; '.join(gbs)})."
-    return (f"### {TITLES[scenario]} ({rec['model_name']}, {rec['config']['threads']} threads)\n\n"
+    threads = rec["config"]["threads"]
+    return (f"### {TITLES[scenario]} ({rec['model_name']}, {threads} thread{'s' * (threads != 1)})\n\n"
             f"{offline_table(rec)}{extra}\n\n{offline_note(rec)}\n\nReproduce: `{command(rec)}` "
             f"(results in `bench/results/{scenario}.{{json,png}}`).\n\n![](bench/results/{scenario}.png)")
 

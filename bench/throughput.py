@@ -8,8 +8,8 @@ static batches of --hf-batch-size sorted by prompt length, each generating its l
 the asked-for tokens count). Greedy, end-of-sequence disabled. Every run draws fresh prompts (seeded, so the
 same for every engine within a round), so no prefix cache helps.
 
-    python -m bench throughput                     # default: qwen2.5-0.5b, bfloat16, 48 requests (~8 min)
-    python -m bench throughput --dtypes float32 --num-requests 24 --out throughput-f32
+    python -m bench throughput                     # default: qwen2.5-0.5b, bfloat16, 32 requests (~8 min)
+    python -m bench throughput --dtypes float32 --num-requests 16 --out throughput-f32
     python -m bench throughput --smoke             # tiny model, 1 thread (< 1 min), bench/.cache/smoke/
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="ferry bench throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap, dtypes="bfloat16", runs=3)
-    ap.add_argument("--num-requests", type=int, default=48, help="requests per job, all submitted at once (16+)")
-    ap.add_argument("--input-len", default="32:512", help="prompt tokens, uniform in lo:hi")
+    ap.add_argument("--num-requests", type=int, default=32, help="requests per job, all submitted at once (16+)")
+    ap.add_argument("--input-len", default="32:256", help="prompt tokens, uniform in lo:hi")
     ap.add_argument("--output-len", default="32:128", help="output tokens, uniform in lo:hi")
     args = ap.parse_args(argv)
     apply_smoke(args, num_requests=16, input_len="4:48", output_len="2:12", dtypes="float32")
