@@ -211,6 +211,7 @@ class OffloadConfig:
     expert_eviction: str = "lru"  # lru | correlation
     expert_prefetch: str = "none"  # none | correlation | pregate
     explain: bool = False  # print the planner's measured costs and choices at start
+    expert_correlation_file: str | None = None  # correlation prefetch statistics: loaded at start, saved at close
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,11 @@ def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.
         raise InvalidRequest("--expert-store runs on --device cpu only for now")
     moe_layers = [l for l in range(model_cfg.num_layers) if model_cfg.moe.sparse_layers[l]]
     shape = (moe_layers, model_cfg.moe.num_experts, model_cfg.moe.top_k)
+    predictor = PREDICTORS[cfg.expert_prefetch](*shape)
+    if cfg.expert_correlation_file:
+        predictor.persist_to(cfg.expert_correlation_file)
     store = ExpertStore(cfg.expert_store, model_cfg, dtype, cfg.expert_cache_memory,
-                        EVICTION_POLICIES[cfg.expert_eviction](*shape), PREDICTORS[cfg.expert_prefetch](*shape))
+                        EVICTION_POLICIES[cfg.expert_eviction](*shape), predictor)
     if cfg.expert_prefetch != "none" or cfg.explain:
         try:
             plan = make_plan(measure_costs(store), model_cfg.moe.num_experts, model_cfg.moe.top_k, len(moe_layers),

@@ -65,6 +65,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "read ahead", ("none", "correlation", "pregate")),
     Option("explain", False, _bool, "MoE with --expert-store: print the I/O-compute plan (measured disk and compute "
            "costs, prefetch width, recommended sequences per step) at start"),
+    Option("expert_correlation_file", None, str, "MoE with --expert-prefetch correlation: JSON of co-activation "
+           "statistics, loaded at start if it exists and saved at shutdown"),
 )
 _BY_NAME = {o.name: o for o in ENGINE_OPTIONS}
 
@@ -87,6 +89,8 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
     if v["expert_store"] is None and (v["expert_cache_memory"] is not None or v["expert_prefetch"] != "none"
                                       or v["expert_eviction"] != "lru" or v["explain"]):
         raise InvalidRequest("expert_cache_memory, expert_eviction, expert_prefetch and explain need expert_store")
+    if v["expert_correlation_file"] is not None and v["expert_prefetch"] != "correlation":
+        raise InvalidRequest("expert_correlation_file needs expert_prefetch=correlation")
     return EngineConfig(
         model=str(model), device=v["device"], dtype=v["dtype"], threads=v["threads"],
         max_model_len=v["max_model_len"], seed=v["seed"],
@@ -97,7 +101,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
                                   preemption_mode=v["preemption_mode"]),
         offload=OffloadConfig(expert_store=v["expert_store"], expert_cache_memory=v["expert_cache_memory"],
                               expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"],
-                              explain=v["explain"]),
+                              explain=v["explain"], expert_correlation_file=v["expert_correlation_file"]),
     )
 
 

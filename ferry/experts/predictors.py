@@ -30,6 +30,9 @@ class ExpertPredictor:
         """expert -> probability of use at the MoE layer after `layer`, from layer's input and routing."""
         return {}
 
+    def close(self) -> None:
+        """The engine shuts down (a learned predictor may save what it learned)."""
+
 
 def _union_probs(scores: torch.Tensor, top_k: int) -> dict[int, float]:
     """scores [T, E] (a distribution per token) -> P(expert used by at least one token), over each token's
@@ -49,6 +52,17 @@ class CorrelationPredictor(ExpertPredictor):
         super().__init__(moe_layers, num_experts, top_k)
         self.counts = {l: torch.zeros(num_experts, num_experts, dtype=torch.float64) for l in self.moe_layers}
         self._prev: tuple[int, torch.Tensor] | None = None  # (layer, one-hot routing [T, E]) of the last layer seen
+        self.path: Path | None = None  # where the statistics persist between runs (persist_to)
+
+    def persist_to(self, path: str | Path) -> None:
+        """Start from the statistics saved at path (if any), and save them there at close()."""
+        self.path = Path(path)
+        if self.path.exists():
+            self.load(self.path)
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.save(self.path)
 
     def _one_hot(self, top_ids: torch.Tensor) -> torch.Tensor:
         oh = torch.zeros(top_ids.shape[0], self.num_experts, dtype=torch.float64)

@@ -43,7 +43,8 @@ class ExpertReadError(FerryError):
 
 class ExpertStore:
     def __init__(self, folder: str | os.PathLike, cfg: ModelConfig, dtype: torch.dtype, budget_bytes: int | None,
-                 policy: EvictionPolicy, predictor: ExpertPredictor, allow_direct: bool = True) -> None:
+                 policy: EvictionPolicy, predictor: ExpertPredictor, allow_direct: bool = True,
+                 num_io_threads: int = 2) -> None:
         self.folder = Path(folder)
         self.index = StoreIndex.load(folder)
         self.layout = self.index.layout
@@ -68,8 +69,11 @@ class ExpertStore:
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._seq = itertools.count()
         self._closed = False
-        self._thread = threading.Thread(target=self._io_loop, name="ferry-expert-io", daemon=True)
-        self._thread.start()
+        # a few reads in flight at once: one small read at a time leaves an SSD's queue mostly empty
+        self._threads = [threading.Thread(target=self._io_loop, name=f"ferry-expert-io-{i}", daemon=True)
+                         for i in range(num_io_threads)]
+        for t in self._threads:
+            t.start()
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -261,10 +265,13 @@ class ExpertStore:
         if self._closed:
             return
         self._closed = True
-        self._jobs.put((_STOP, next(self._seq), None))  # after every read already queued
-        self._thread.join()
+        for _ in self._threads:
+            self._jobs.put((_STOP, next(self._seq), None))  # after every read already queued
+        for t in self._threads:
+            t.join()
         self.empty()
         self.cache.release_slab()
+        self.predictor.close()
         for f in self.files.values():
             f.close()
 

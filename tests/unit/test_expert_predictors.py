@@ -78,3 +78,20 @@ def test_store_counts_prefetch_precision_and_recall(tmp_ckpt_dir):
         check_store_clean(store, s.budget_nbytes)
     finally:
         store.close()
+
+
+def test_engine_keeps_correlation_statistics_between_runs(tmp_ckpt_dir, tmp_path):
+    from ferry import LLM, SamplingParams
+
+    ckpt, folder = make_store("mixtral", tmp_ckpt_dir)
+    path = tmp_path / "corr.json"
+    options = dict(dtype="float32", kv_cache_memory="4M", expert_store=str(folder), expert_prefetch="correlation",
+                   expert_correlation_file=str(path))
+    with LLM(str(ckpt), **options) as llm:
+        llm.generate([[1, 5, 9, 13, 20]], SamplingParams(max_tokens=4), use_tqdm=False)
+        learned = {l: c.clone() for l, c in llm.engine.parts.experts.predictor.counts.items()}
+    assert path.exists() and learned[0].sum() > 0
+    with LLM(str(ckpt), **options) as llm:  # starts from what the first run learned
+        assert torch.equal(llm.engine.parts.experts.predictor.counts[0], learned[0])
+    with pytest.raises(InvalidRequest, match="needs expert_prefetch=correlation"):
+        LLM(str(ckpt), **{**options, "expert_prefetch": "pregate"})
