@@ -1,6 +1,6 @@
 """The peers' own environment, owned by the suite and cached under bench/.cache/ (git-ignored).
 
-- bench/.cache/peers/: a venv with `llama-cpp-python[server]` and `gguf` from PyPI. The wheel is compiled
+- bench/.cache/peers/: a venv with `llama-cpp-python[server]` and `gguf` from PyPI (pinned below). The wheel is compiled
   from source by pip (GGML_NATIVE=ON, so it uses this CPU's AVX-512/BF16); it takes ~15-25 min on 2 cores.
 - bench/.cache/peers/bin/llama-server: llama.cpp's own HTTP server, built from the llama.cpp sources vendored
   in that same llama-cpp-python release (the wheel ships only libllama, not the tools). It is the server
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,9 @@ CACHE = Path(__file__).resolve().parents[1] / ".cache"
 VENV = CACHE / "peers"
 SERVER_BIN = VENV / "bin" / "llama-server"
 SRC = CACHE / "llama.cpp-src"             # llama.cpp sources vendored in llama-cpp-python's sdist
-PIP_SPEC = ["llama-cpp-python[server]", "gguf"]
+# pinned: bench/peers/llamacpp.py drives libllama's low-level API (load modes, flash_attn_type, kv_unified),
+# which changes between releases; move the pins together with a `python -m bench decode --smoke` run
+PIP_SPEC = ["llama-cpp-python[server]==0.3.36", "gguf==0.19.0"]
 
 
 @functools.cache
@@ -34,7 +37,8 @@ def peer_python() -> str:
     print(f"setting up {VENV} (pip install {' '.join(PIP_SPEC)}; compiles llama.cpp, 15-25 min) ...", flush=True)
     if not py.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", *PIP_SPEC], check=True)
+    env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON")}  # this CPU's ISA
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *PIP_SPEC], check=True, env=env)
     return str(py)
 
 

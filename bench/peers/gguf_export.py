@@ -57,7 +57,13 @@ GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.we
 
 
 def gguf_path(model_dir: Path, outtype: str) -> Path:
-    return CACHE / f"{Path(model_dir).resolve().name}-{outtype}.gguf"
+    """bench/.cache/gguf/<folder>-<outtype>.gguf for the shapes built in bench/.cache, else with a hash of the
+    folder's path (two checkpoints with the same folder name must not share a GGUF)."""
+    src = Path(model_dir).resolve()
+    if src.parent == ROOT / ".cache":
+        return CACHE / f"{src.name}-{outtype}.gguf"
+    import hashlib
+    return CACHE / f"{src.name}-{hashlib.sha1(str(src).encode()).hexdigest()[:8]}-{outtype}.gguf"
 
 
 def ensure(model_dir: str | Path, outtype: str) -> Path:
