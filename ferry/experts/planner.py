@@ -100,7 +100,7 @@ def make_plan(costs: Costs, num_experts: int, top_k: int, num_layers: int, num_s
     # experts the disk reads during one layer's compute (at least a token's worth), and that the cache holds
     # (a finished layer's experts are the first to go: they are a whole forward away from their next use)
     readable = int(chosen["compute_ms"] / 1e3 * costs.bandwidth / costs.expert_nbytes)
-    width = min(E, num_slots, max(readable, A))
+    width = 0 if kept >= 1 else min(E, num_slots, max(readable, A))  # all experts stay in RAM: nothing to guess
     notes = []
     if kept >= 1:
         notes.append("every expert fits in the cache: after the first reads nothing is read again")

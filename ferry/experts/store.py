@@ -117,7 +117,7 @@ class ExpertStore:
         keys = [(layer, int(e)) for e in expert_ids]
         self._score_prediction(layer, set(k[1] for k in keys))
         self.predictor.observe(layer, x, top_ids)
-        guess = self.predictor.predict(layer, x, top_ids)
+        guess = self.predictor.predict(layer, x, top_ids) if self.prefetch_width != 0 else {}
         nxt = self.predictor.next_layer.get(layer, layer)
         guessed = [(nxt, e) for e, _ in sorted(guess.items(), key=lambda kv: -kv[1])][:self.prefetch_width]
         with self.cache.cond:
@@ -158,8 +158,8 @@ class ExpertStore:
         return entry is not None and entry.done and entry.error is None
 
     def _score_prediction(self, layer: int, used: set[int]) -> None:
-        if type(self.predictor) is ExpertPredictor or layer == self.predictor.moe_layers[0]:
-            return  # no predictor, or the first MoE layer (no layer before it in this forward to predict from)
+        if type(self.predictor) is ExpertPredictor or self.prefetch_width == 0 or layer == self.predictor.moe_layers[0]:
+            return  # no prediction, or the first MoE layer (no layer before it in this forward to predict from)
         predicted = self._predicted.pop(layer, set())
         self._stats.num_needed += len(used)
         self._stats.num_predicted += len(predicted)
@@ -214,7 +214,11 @@ class ExpertStore:
             _, _, entry = self._jobs.get()
             if entry is None:
                 return
-            error = self._read(entry)
+            try:
+                error = self._read(entry)
+            except Exception as e:  # never leave a forward waiting on a read that died
+                error = ExpertReadError(f"reading expert {entry.key[1]} of layer {entry.key[0]} failed: "
+                                        f"{type(e).__name__}: {e}")
             with self.cache.cond:
                 entry.done, entry.error = True, error
                 self.cache.cond.notify_all()

@@ -32,6 +32,7 @@ def test_slow_disk_plan_says_it_is_io_bound_and_keeps_prefetch_to_a_tokens_worth
     assert any("I/O-bound" in n for n in plan.notes) and any("fewer than one layer needs" in n for n in plan.notes)
     everything = make_plan(costs, num_experts=8, top_k=2, num_layers=4, num_slots=32, max_num_seqs=4)
     assert all(r["reads"] == 0 for r in everything.rows) and any("fits in the cache" in n for n in everything.notes)
+    assert everything.prefetch_width == 0  # nothing is ever evicted: no prediction needed
 
 
 def test_measured_costs_leave_nothing_behind(tmp_ckpt_dir):
