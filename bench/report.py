@@ -34,7 +34,8 @@ def _fmt(x: float) -> str:
 def command(rec: dict) -> str:
     """The command line that produced rec, as `python -m bench SCENARIO ...` (from the recorded argv)."""
     argv = rec["machine"].get("argv", [])
-    rest = argv[argv.index(rec["scenario"]) + 1:] if rec["scenario"] in argv else argv[1:]
+    at = next((i for i, a in enumerate(argv) if a in (rec["scenario"], "all")), None)  # `all` runs every scenario
+    rest = argv[at + 1:] if at is not None else []
     return " ".join(["python -m bench", rec["scenario"], *rest])
 
 
@@ -112,8 +113,7 @@ def serving_section(rec: dict) -> str:
             "of per-run ratios (lower is better for latencies). Before timing, ferry and llama.cpp at float32 must "
             "agree on greedy tokens and top-5 logprobs (within 1e-3) or the run stops. Goodput: requests per second "
             f"meeting TTFT ≤ {c['slo_ttft']:g} s and TPOT ≤ {1e3 * c['slo_tpot']:.0f} ms.")
-    argv = rec["machine"].get("argv", [])
-    cmd = command({**rec, "scenario": "serving"}) if "serving" in argv else "python -m bench serving"
+    cmd = command({**rec, "scenario": "serving"})
     return (f"### {TITLES['serving']}\n\n{text}\n\n{markdown(rec)}\n\nReproduce: `{cmd}` (~10 min; the first run "
             "builds the peers into `bench/.cache/`).\n\n![](bench/results/serving.png)")
 

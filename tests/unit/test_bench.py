@@ -38,3 +38,11 @@ def test_table_says_why_a_peer_is_missing():
     table = offline_table(rec)
     assert "| prefill 8192 tokens | bfloat16 | 400 | n/a (1) | 500 | n/a | **0.80x** (0.75–0.85) |" in table
     assert "(1) over the 600 s limit per run" in table
+
+
+def test_reproduce_command_from_the_recorded_argv():
+    from bench.report import command
+    assert command({"scenario": "decode", "machine": {"argv": ["/v/bin/ferry", "bench", "decode", "--runs", "3"]}}) \
+        == "python -m bench decode --runs 3"
+    assert command({"scenario": "memory", "machine": {"argv": ["bench/__main__.py", "all", "--threads", "2"]}}) \
+        == "python -m bench memory --threads 2"
