@@ -101,3 +101,29 @@ def test_budget_holds_and_nothing_leaks_under_random_routing(tmp_ckpt_dir, polic
         store.close()
     assert store.cache.slab is None
 
+
+
+def _hit_rate(folder, cfg, policy, num_slots: int, pattern: list[tuple[int, list[int]]]) -> float:
+    shape = ([0, 1], 8, 2)
+    store = ExpertStore(folder, cfg, torch.float32, num_slots * StoreIndex.load(folder).layout.record_nbytes,
+                        policy(*shape), ExpertPredictor(*shape))
+    try:
+        x = torch.zeros(1, cfg.hidden_size)
+        for layer, experts in pattern:
+            for _ in store.weights(layer, experts, x, torch.tensor([experts[:1]])):
+                pass
+        return store.stats().hit_rate
+    finally:
+        store.close()
+
+
+def test_frequency_correlation_policy_beats_lru_on_hot_experts(tmp_ckpt_dir):
+    """Both layers use experts 1 and 4 every forward; layer 0 adds a rare one. LRU lets the rare ones push out
+    hot experts; counting uses (and evicting the layer just computed first) keeps the hot ones."""
+    ckpt, folder = make_store("mixtral", tmp_ckpt_dir)
+    rng = random.Random(0)
+    pattern = [(l, sorted({1, 4} | ({rng.choice([0, 2, 3, 5, 6, 7])} if l == 0 else set())))
+               for _ in range(40) for l in (0, 1)]
+    cfg = ModelConfig.from_hf(ckpt)
+    lru, fc = (_hit_rate(folder, cfg, p, 4, pattern) for p in (LRUPolicy, FrequencyCorrelationPolicy))
+    assert fc >= lru + 0.1, (lru, fc)
