@@ -82,6 +82,7 @@ class Scenario:
 
     def __init__(self, name: str, question: str, args: argparse.Namespace) -> None:
         self.name, self.args = name, args
+        self.started = time.perf_counter()
         self.record = new_record(name, question, args)
         self.model = resolve(args.model)
         self.cfg = model_config(self.model)
@@ -119,8 +120,8 @@ class Scenario:
             try:
                 out[name] = stack.enter_context(start(name, self.model, dtype, self.args.threads, **opts))
                 print(f"[{self.name}] {name} {dtype} loaded in {out[name].info['load_s']:.0f}s", flush=True)
-            except (Unavailable, WorkerError) as e:
-                out[name] = str(e)
+            except (Unavailable, WorkerError, TimeoutError) as e:
+                out[name] = str(e).splitlines()[0][:200]
         return out
 
     def case(self, label: str, dtype: str, metric: str, fns: dict[str, Callable[[], float] | str],
@@ -154,11 +155,12 @@ class Scenario:
     def save(self, ylabel: str = "", log: bool = False) -> Path:
         from bench.common import plot_cases
         self.record["bandwidth_gbs_after"] = memory_bandwidth_gbs()
+        self.record["duration_s"] = time.perf_counter() - self.started
         path = result_path(self.name, self.args.smoke, self.args.out)
         path.write_text(json.dumps(self.record, indent=2, default=str))
         if self.record["cases"]:
             plot_cases(self.record, path.with_suffix(".png"), ylabel, log)
-        print(f"[{self.name}] saved {path} (+ .png)")
+        print(f"[{self.name}] saved {path} (+ .png) after {self.record['duration_s']:.0f} s")
         return path
 
 

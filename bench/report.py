@@ -1,7 +1,8 @@
 """Regenerate the README's benchmark tables from bench/results/*.json.
 
 Each scenario fills its own markers, `<!-- BENCH:<scenario> -->` ... `<!-- /BENCH:<scenario> -->`: one table per
-scenario with every engine's median and ferry's ratio to each peer (median of the per-round ratios, min–max),
+result file (bench/results/<scenario>.json, then any <scenario>-<name>.json saved with --out) with every engine's
+median and ferry's ratio to each peer (median of the per-round ratios, min–max),
 a note on the run (model, threads, parity, bandwidth) and the command that reproduces it. Where an engine could
 not run a case the cell says n/a with a numbered reason under the table. The older `<!-- BENCH -->` block keeps
 the engine-vs-transformers table of bench/engine_vs_hf.py's last run until decode, prefill and throughput
@@ -114,7 +115,8 @@ def serving_section(rec: dict) -> str:
             "agree on greedy tokens and top-5 logprobs (within 1e-3) or the run stops. Goodput: requests per second "
             f"meeting TTFT ≤ {c['slo_ttft']:g} s and TPOT ≤ {1e3 * c['slo_tpot']:.0f} ms.")
     cmd = command({**rec, "scenario": "serving"})
-    return (f"### {TITLES['serving']}\n\n{text}\n\n{markdown(rec)}\n\nReproduce: `{cmd}` (~10 min; the first run "
+    title = f"{TITLES['serving']} ({Path(rec['model']).name}, {c['dtype']})"
+    return (f"### {title}\n\n{text}\n\n{markdown(rec)}\n\nReproduce: `{cmd}` (~10 min; the first run "
             "builds the peers into `bench/.cache/`).\n\n![](bench/results/serving.png)")
 
 
@@ -141,12 +143,17 @@ def render(results: Path = RESULTS) -> dict[str, str]:
     """Marker name ("" for the older <!-- BENCH --> block) -> its generated content."""
     out: dict[str, str] = {}
     for s in SCENARIOS:
-        f = results / f"{s}.json"
-        if not f.is_file():
+        # <scenario>.json (the default run) first, then runs saved with --out <scenario>-<name> (other models, dtypes)
+        files = [f for f in [results / f"{s}.json", *sorted(results.glob(f"{s}-*.json"))] if f.is_file()]
+        if not files:
             out[s] = f"### {TITLES[s]}\n\nNot measured yet: `ferry bench {s}` (or `make bench` for every scenario)."
             continue
-        rec = json.loads(f.read_text())
-        out[s] = serving_section(rec) if s == "serving" else offline_section(rec, s)
+        parts = []
+        for f in files:
+            rec = json.loads(f.read_text())
+            section = serving_section(rec) if s == "serving" else offline_section(rec, s)
+            parts.append(section.replace(f"bench/results/{s}.", f"bench/results/{f.stem}."))
+        out[s] = "\n\n".join(parts)
     legacy = results / "engine_vs_hf.json"
     superseded = all((results / f"{s}.json").is_file() for s in ("decode", "prefill", "throughput"))
     out[""] = engine_vs_hf_legacy(json.loads(legacy.read_text())) if legacy.is_file() and not superseded else ""
