@@ -83,7 +83,7 @@ def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.
         except BaseException:
             store.close()
             raise
-        store.prefetch_width = plan.prefetch_width
+        store.prefetch_width, store.prefetch_depth = plan.prefetch_width, plan.prefetch_depth
         if cfg.explain:
             print(plan.explain(), file=sys.stderr, flush=True)
     return store

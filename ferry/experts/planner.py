@@ -1,6 +1,6 @@
 """The I/O-compute planner (after Klotski's constraint-sensitive planner): from measured disk bandwidth and
-expert compute time, and the cache budget, pick how many experts to prefetch per layer and how many
-sequences to decode per step, and say why (`--explain`).
+expert compute time, and the cache budget, pick how many experts to prefetch per layer (width), for how
+many layers ahead (depth), and how many sequences to decode per step, and say why (`--explain`).
 
 ferry already runs Klotski's expert-aware order inside a step: every token of the step goes through a
 layer together, so each expert read serves all the tokens routed to it, experts in RAM are computed
@@ -38,6 +38,7 @@ class Costs:
 class Plan:
     batch: int  # sequences per step the planner recommends (at most max_num_seqs)
     prefetch_width: int  # experts read ahead per layer
+    prefetch_depth: int  # MoE layers ahead
     costs: Costs
     rows: list[dict] = field(default_factory=list)  # per candidate batch: the model's numbers
     notes: list[str] = field(default_factory=list)
@@ -53,7 +54,8 @@ class Plan:
             mark = "  <- plan" if r["batch"] == self.batch else ""
             lines.append(f"  {r['batch']:5d}  {r['distinct']:13.1f}  {r['reads']:11.1f}  {r['compute_ms']:10.3f}  "
                          f"{r['io_ms']:6.3f}  {r['tok_s']:16.1f}  {r['tok_s_serial']:12.1f}{mark}")
-        lines.append(f"  prefetch width {self.prefetch_width} experts per layer; batch {self.batch} sequences per step")
+        lines.append(f"  prefetch width {self.prefetch_width} experts per layer, depth {self.prefetch_depth} layers; "
+                     f"batch {self.batch} sequences per step (recommended: --max-num-seqs)")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -101,6 +103,9 @@ def make_plan(costs: Costs, num_experts: int, top_k: int, num_layers: int, num_s
     # (a finished layer's experts are the first to go: they are a whole forward away from their next use)
     readable = int(chosen["compute_ms"] / 1e3 * costs.bandwidth / costs.expert_nbytes)
     width = 0 if kept >= 1 else min(E, num_slots, max(readable, A))  # all experts stay in RAM: nothing to guess
+    # two layers ahead when the disk reads two layers' guesses during one layer's compute and the cache holds them
+    # beside the layer's own experts (only predictors that see past the next layer use it: pre-gating)
+    depth = 2 if width and readable >= 2 * width and num_slots >= round(chosen["distinct"]) + 2 * width else 1
     notes = []
     if kept >= 1:
         notes.append("every expert fits in the cache: after the first reads nothing is read again")
@@ -110,4 +115,4 @@ def make_plan(costs: Costs, num_experts: int, top_k: int, num_layers: int, num_s
     if num_slots < round(chosen["distinct"]):
         notes.append(f"the cache holds {num_slots} experts, fewer than one layer needs per step "
                      f"({chosen['distinct']:.1f}): experts are re-read within a step")
-    return Plan(chosen["batch"], width, costs, rows, notes)
+    return Plan(chosen["batch"], width, depth, costs, rows, notes)

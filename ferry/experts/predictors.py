@@ -30,6 +30,13 @@ class ExpertPredictor:
         """expert -> probability of use at the MoE layer after `layer`, from layer's input and routing."""
         return {}
 
+    def predict_ahead(self, layer: int, x: torch.Tensor, top_ids: torch.Tensor,
+                      depth: int) -> dict[int, dict[int, float]]:
+        """MoE layer -> (expert -> probability), for up to `depth` MoE layers after `layer` in this forward,
+        nearest first. Here: the next layer only."""
+        guess = self.predict(layer, x, top_ids)
+        return {self.next_layer[layer]: guess} if guess else {}
+
     def close(self) -> None:
         """The engine shuts down (a learned predictor may save what it learned)."""
 
@@ -114,11 +121,17 @@ class PreGatePredictor(ExpertPredictor):
         self.routers = routers
 
     def predict(self, layer: int, x: torch.Tensor, top_ids: torch.Tensor) -> dict[int, float]:
-        nxt = self.next_layer[layer]
-        if layer == self.moe_layers[-1] or nxt not in self.routers:
-            return {}
-        probs = torch.softmax((x @ self.routers[nxt].T).float(), dim=-1)  # [T, E]
-        return _union_probs(probs, self.top_k)
+        return self.predict_ahead(layer, x, top_ids, 1).get(self.next_layer[layer], {})
+
+    def predict_ahead(self, layer: int, x: torch.Tensor, top_ids: torch.Tensor,
+                      depth: int) -> dict[int, dict[int, float]]:
+        """Each of the next `depth` layers' routers applied to this layer's input."""
+        i = self.moe_layers.index(layer)
+        out = {}
+        for target in self.moe_layers[i + 1:i + 1 + depth]:
+            if target in self.routers:
+                out[target] = _union_probs(torch.softmax((x @ self.routers[target].T).float(), dim=-1), self.top_k)
+        return out
 
 
 PREDICTORS = {"none": ExpertPredictor, "correlation": CorrelationPredictor, "pregate": PreGatePredictor}

@@ -34,7 +34,7 @@ from ferry.experts.predictors import ExpertPredictor
 from ferry.experts.stats import ExpertStats
 from ferry.tiers.disk import DirectFile
 
-_DEMAND, _PREFETCH, _STOP = 0, 1, 2  # I/O queue priorities
+_DEMAND, _PREFETCH, _STOP = 0, 1, 9  # I/O queue priorities
 
 
 class ExpertReadError(FerryError):
@@ -66,6 +66,7 @@ class ExpertStore:
                                   io_mode=",".join(sorted({f.mode for f in self.files.values()})))
         self._predicted: dict[int, set[int]] = {}  # MoE layer -> experts predicted for its next call
         self.prefetch_width: int | None = None  # most guessed experts read ahead per layer (None: all; the planner's)
+        self.prefetch_depth = 1  # MoE layers ahead to read guessed experts for (the planner's)
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._seq = itertools.count()
         self._closed = False
@@ -117,16 +118,18 @@ class ExpertStore:
         keys = [(layer, int(e)) for e in expert_ids]
         self._score_prediction(layer, set(k[1] for k in keys))
         self.predictor.observe(layer, x, top_ids)
-        guess = self.predictor.predict(layer, x, top_ids) if self.prefetch_width != 0 else {}
-        nxt = self.predictor.next_layer.get(layer, layer)
-        guessed = [(nxt, e) for e, _ in sorted(guess.items(), key=lambda kv: -kv[1])][:self.prefetch_width]
+        ahead = self.predictor.predict_ahead(layer, x, top_ids, self.prefetch_depth) if self.prefetch_width != 0 else {}
+        guessed = []  # read order: nearest layer first, then likeliest first
+        for target, guess in ahead.items():
+            chosen = [e for e, _ in sorted(guess.items(), key=lambda kv: -kv[1])][:self.prefetch_width]
+            self._predicted[target] = set(chosen)  # a nearer layer's later guess replaces this one
+            guessed += [(target, e) for e in chosen]
         with self.cache.cond:
-            self.policy.on_layer(layer, {(nxt, e): p for e, p in guess.items()})
+            self.policy.on_layer(layer, {(t, e): p for t, guess in ahead.items() for e, p in guess.items()})
             cached = {k: self.cache.lookup(k) for k in keys}  # a hit if the same entry is still there when asked for
             self._stats.lookups += len(keys)
             self._start_reads(keys, set(keys), _DEMAND)
             if guessed:
-                self._predicted[nxt] = set(e for _, e in guessed)
                 self._start_reads(guessed, set(keys) | set(guessed), _PREFETCH)
         remaining = list(range(len(keys)))
         while remaining:

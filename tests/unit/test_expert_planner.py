@@ -22,13 +22,15 @@ def test_fast_disk_plan_is_compute_bound_and_prefetches_what_it_can_read():
     assert all(r["batch"] <= 16 for r in plan.rows)
     readable = int(row["compute_ms"] / 1e3 * 2e9 / MIB)
     assert plan.prefetch_width == min(64, 256, max(readable, 4))
+    assert plan.prefetch_depth == (2 if readable >= 2 * plan.prefetch_width else 1)
+    assert make_plan(Costs(1e12, MIB, 1e-3, 1e-4), 64, 4, 16, 256, 16).prefetch_depth == 2  # reads are free
     assert "<- plan" in plan.explain() and f"prefetch width {plan.prefetch_width}" in plan.explain()
 
 
 def test_slow_disk_plan_says_it_is_io_bound_and_keeps_prefetch_to_a_tokens_worth():
     costs = Costs(bandwidth=1e8, expert_nbytes=8 * MIB, expert_overhead_s=1e-4, token_s=1e-5)
     plan = make_plan(costs, num_experts=8, top_k=2, num_layers=4, num_slots=3, max_num_seqs=4)
-    assert plan.prefetch_width == 2
+    assert plan.prefetch_width == 2 and plan.prefetch_depth == 1
     assert any("I/O-bound" in n for n in plan.notes) and any("fewer than one layer needs" in n for n in plan.notes)
     everything = make_plan(costs, num_experts=8, top_k=2, num_layers=4, num_slots=32, max_num_seqs=4)
     assert all(r["reads"] == 0 for r in everything.rows) and any("fits in the cache" in n for n in everything.notes)

@@ -95,3 +95,16 @@ def test_engine_keeps_correlation_statistics_between_runs(tmp_ckpt_dir, tmp_path
         assert torch.equal(llm.engine.parts.experts.predictor.counts[0], learned[0])
     with pytest.raises(InvalidRequest, match="needs expert_prefetch=correlation"):
         LLM(str(ckpt), **{**options, "expert_prefetch": "pregate"})
+
+
+def test_pregate_looks_several_layers_ahead_within_the_forward():
+    torch.manual_seed(1)
+    p = PreGatePredictor([0, 1, 3], num_experts=8, top_k=2)  # layer 2 is dense
+    routers = {l: torch.randn(8, 16) for l in (0, 1, 3)}
+    p.set_routers(routers)
+    x = torch.randn(2, 16)
+    ahead = p.predict_ahead(0, x, torch.zeros(2, 2, dtype=torch.long), depth=2)
+    assert list(ahead) == [1, 3]
+    assert set(ahead[3]) == set(torch.topk(x @ routers[3].T, 2, dim=-1).indices.flatten().tolist())
+    assert list(p.predict_ahead(1, x, torch.zeros(2, 2, dtype=torch.long), depth=2)) == [3]
+    assert p.predict_ahead(3, x, torch.zeros(2, 2, dtype=torch.long), depth=2) == {}
