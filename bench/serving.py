@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.smoke:
         args.model = "tiny-qwen2" if args.model == "qwen2.5-0.5b" else args.model
-        args.threads, args.rates, args.num_requests = "tiny-qwen2", 1, "4,inf", 6
+        args.threads, args.rates, args.num_requests = 1, "4,inf", 6
         args.input_len, args.output_len, args.runs, args.max_num_seqs = "8:48", "4:16", 2, 4
     if unknown := set(args.engines.split(",")) - set(ENGINES):
         ap.error(f"unknown engines {unknown}")
