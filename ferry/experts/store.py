@@ -49,21 +49,17 @@ class ExpertStore:
         self.index = StoreIndex.load(folder)
         self.layout = self.index.layout
         self._check_model(cfg, dtype)
-        self.files = {l: self._open(l, allow_direct) for l in self.index.layer_files}
-        slot_nbytes = self.index.slot_nbytes
-        quantized = any(r.bits for recs in self.index.experts.values() for r in recs)
-        # quantized experts are dequantized into one scratch pair (in the budget too)
-        self._scratch = (torch.empty(self.layout.gate_up_shape, dtype=dtype),
-                         torch.empty(self.layout.down_shape, dtype=dtype)) if quantized else None
-        scratch_nbytes = sum(t.nbytes for t in self._scratch) if quantized else 0
-        total = len(self.files) * self.index.num_experts * slot_nbytes + scratch_nbytes
-        budget = total if budget_bytes is None else budget_bytes
-        self.cache = ExpertCache(max(budget - scratch_nbytes, 0), slot_nbytes, policy)
+        self.files: dict[int, DirectFile] = {}
+        try:
+            for layer in self.index.layer_files:
+                self.files[layer] = self._open(layer, allow_direct)
+            self._init_cache(budget_bytes, dtype, policy)
+        except BaseException:
+            for f in self.files.values():  # no file descriptor outlives a failed start
+                f.close()
+            raise
         self.policy = policy
         self.predictor = predictor
-        self._stats = ExpertStats(num_slots=self.cache.num_slots, cache_nbytes=self.cache.nbytes + scratch_nbytes,
-                                  budget_nbytes=budget,
-                                  io_mode=",".join(sorted({f.mode for f in self.files.values()})))
         self._predicted: dict[int, set[int]] = {}  # MoE layer -> experts predicted for its next call
         self.prefetch_width: int | None = None  # most guessed experts read ahead per layer (None: all; the planner's)
         self.prefetch_depth = 1  # MoE layers ahead to read guessed experts for (the planner's)
@@ -77,6 +73,20 @@ class ExpertStore:
             t.start()
 
     # -- setup ------------------------------------------------------------------------------------
+
+    def _init_cache(self, budget_bytes: int | None, dtype: torch.dtype, policy: EvictionPolicy) -> None:
+        slot_nbytes = self.index.slot_nbytes
+        quantized = any(r.bits for recs in self.index.experts.values() for r in recs)
+        # quantized experts are dequantized into one scratch pair (in the budget too)
+        self._scratch = (torch.empty(self.layout.gate_up_shape, dtype=dtype),
+                         torch.empty(self.layout.down_shape, dtype=dtype)) if quantized else None
+        scratch_nbytes = sum(t.nbytes for t in self._scratch) if quantized else 0
+        total = len(self.files) * self.index.num_experts * slot_nbytes + scratch_nbytes
+        budget = total if budget_bytes is None else budget_bytes
+        self.cache = ExpertCache(max(budget - scratch_nbytes, 0), slot_nbytes, policy)
+        self._stats = ExpertStats(num_slots=self.cache.num_slots, cache_nbytes=self.cache.nbytes + scratch_nbytes,
+                                  budget_nbytes=budget,
+                                  io_mode=",".join(sorted({f.mode for f in self.files.values()})))
 
     def _check_model(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         ix, lay = self.index, self.layout

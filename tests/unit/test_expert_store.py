@@ -184,6 +184,9 @@ def test_bad_options_and_inputs_are_clear_errors(tmp_ckpt_dir, mixtral, tmp_path
     ckpt, folder = mixtral
     with pytest.raises(InvalidRequest, match="holds no expert"):
         _open(ckpt, folder, budget=1000)
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [f for f in open_files if str(folder) in f], "a failed start left expert files open"
     with pytest.raises(InvalidRequest, match="need expert_store"):
         LLM(str(ckpt), expert_cache_memory="1M")
     with pytest.raises(ModelLoadError, match="index.json is missing"):
