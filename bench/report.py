@@ -109,7 +109,7 @@ def serving_section(rec: dict) -> str:
             f"random token ids, {lo_out}–{hi_out} output tokens, streamed, temperature 0, end-of-sequence "
             "disabled), ferry's server against llama.cpp's `llama-server` (built from the llama.cpp sources "
             "bundled with llama-cpp-python, `GGML_NATIVE=ON`), same weights (the GGUF is converted from the same "
-            f"safetensors at the same precision), {c['threads']} threads each, {c['max_num_seqs']} concurrent "
+            f"safetensors at the same precision), {c['threads']} thread{'s' * (c['threads'] != 1)} each, {c['max_num_seqs']} concurrent "
             f"sequences each, engines alternating per rate, median of {c['runs']} runs; the ratio row is the median "
             "of per-run ratios (lower is better for latencies). Before timing, ferry and llama.cpp at float32 must "
             "agree on greedy tokens and top-5 logprobs (within 1e-3) or the run stops. Goodput: requests per second "
