@@ -49,8 +49,10 @@ class Recipe:
     spec: Spec
     phases: list[Phase]
     task_frac: float = 0.5
+    repeat_frac: float = 0.0  # rows whose second half repeats the first: a dense copying signal (induction)
     lr: float = 2e-3
     aux_coef: float = 0.02
+    answer_weight: float = 2.0  # weight of the mean loss over answer tokens
     teacher: str | None = None  # distil from this model's logits
     tasks: tuple[str, ...] = TASKS
     extra: dict = field(default_factory=dict)
@@ -61,16 +63,17 @@ RECIPES = {
         # Trained on 4096-token rows; the context allows a 4096-token prompt plus its answer.
         Spec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768,
              max_position_embeddings=4608),
-        [Phase(1024, 8, 700), Phase(4096, 2, 250)],
+        # Curriculum: retrieval is learnt first on short rows, then stretched to 1024 and 4096 tokens.
+        [Phase(256, 32, 350), Phase(1024, 8, 350), Phase(4096, 2, 250)], repeat_frac=0.25,
     ),
     "ferry-tiny-moe": Recipe(
         Spec(hidden_size=192, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
              num_experts=8, top_k=2, max_position_embeddings=2048),
-        [Phase(512, 16, 500)], task_frac=0.2, lr=2e-3,
+        [Phase(512, 16, 400)], task_frac=0.2, lr=2e-3,
     ),
     "ferry-tiny-draft": Recipe(
         Spec(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=384),
-        [Phase(1024, 8, 300)], task_frac=0.0, teacher="ferry-tiny",
+        [Phase(1024, 8, 250)], task_frac=0.0, teacher="ferry-tiny",
     ),
 }
 
@@ -92,7 +95,12 @@ def make_batch(recipe: Recipe, tok: _Tok, hay: Haystack, rng: random.Random, pha
     rows, masks, kinds = [], [], []
     n = phase.seq_len + 1
     for _ in range(phase.batch):
-        if rng.random() < recipe.task_frac:
+        u = rng.random()
+        if u < recipe.repeat_frac:
+            half = hay.take((n + 1) // 2, rng)
+            row = (half + half)[:n]
+            rows.append(row); masks.append([0] * len(half) + [1] * (n - len(half))); kinds.append("repeat")
+        elif u < recipe.repeat_frac + recipe.task_frac:
             task = rng.choice(recipe.tasks)
             s = make_sample(task, tok, hay, rng, phase.seq_len - 24, rng.random())
             ids = s.prompt_ids + s.answer_ids + [tok.eos]
@@ -107,9 +115,10 @@ def make_batch(recipe: Recipe, tok: _Tok, hay: Haystack, rng: random.Random, pha
     return x[:, :-1], x[:, 1:], torch.tensor(masks)[:, 1:].bool(), kinds
 
 
-def load_trained(name: str, root: Path = ASSETS) -> CausalLM:
+def load_trained(name: str, folder: Path | None = None) -> CausalLM:
+    """The exported checkpoint of recipe ``name`` (from ``folder``, default ferry/assets/NAME) as a CausalLM."""
     m = CausalLM(RECIPES[name].spec)
-    sd = {k: v.float() for k, v in load_file(root / name / "model.safetensors").items()}
+    sd = {k: v.float() for k, v in load_file((folder or ASSETS / name) / "model.safetensors").items()}
     m.load_state_dict(sd, strict=False)
     if m.spec.tie_word_embeddings:
         assert torch.equal(m.model.embed_tokens.weight, sd["model.embed_tokens.weight"])
@@ -124,7 +133,9 @@ def export(model: CausalLM, out: Path, tokenizer: Path) -> None:
     data.write_tokenizer(tokenizer, out)
 
 
-def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int = 2) -> dict:
+def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int = 2,
+          init: Path | None = None, phases: list[Phase] | None = None, tag: str = "") -> dict:
+    """Train ``name`` by its recipe (or the given phases), from scratch or from the checkpoint in ``init``."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -134,10 +145,11 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
         tok = _Tok(ASSETS / "ferry-tiny" / "tokenizer.json")
         hay = Haystack(tok.encode((ASSETS / "heldout.txt").read_text()))
     else:
-        phases = recipe.phases
+        phases = phases or recipe.phases
         tok = _Tok(data.build_tokenizer())
         hay = Haystack(data.token_ids("train"))
-    model = CausalLM(recipe.spec).train()
+    model = load_trained(name, init) if init else CausalLM(recipe.spec)
+    model.train()
     teacher = None
     if recipe.teacher:  # smoke: a random teacher of the right shape exercises the distillation path
         teacher = CausalLM(RECIPES[recipe.teacher].spec).eval() if smoke else load_trained(recipe.teacher)
@@ -160,7 +172,7 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view_as(y)
             loss = ce.mean()
             if amask.any():
-                loss = loss + ce[amask].mean()
+                loss = loss + recipe.answer_weight * ce[amask].mean()
             if recipe.spec.num_experts:
                 loss = loss + recipe.aux_coef * model.aux_loss()
             if teacher is not None:
@@ -180,21 +192,24 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
                        "text_loss": ce[~amask].mean().item(), "elapsed_s": round(time.time() - t0, 1)}
                 with torch.no_grad():
                     hit = (logits.argmax(-1) == y) | ~amask
-                for task in set(kinds) - {""}:
+                rec["answer_token_acc"] = ((logits.argmax(-1) == y) & amask).sum().item() / max(1, amask.sum().item())
+                for task in set(kinds) - {"", "repeat"}:
                     rows = [i for i, k in enumerate(kinds) if k == task]
                     rec[f"acc_{task}"] = hit[rows].all(-1).float().mean().item()
                 log.append(rec)
+                tqdm.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", text=f"{rec['text_loss']:.3f}")
     bar.close()
     model.eval()
     export(model, out, tok.path)
-    summary = {"model": name, "seed": seed, "steps": total, "threads": threads,
+    summary = {"model": name, "seed": seed, "init": str(init) if init else None, "steps": total, "threads": threads,
                "train_minutes": round((time.time() - t0) / 60, 1), "spec": recipe.spec.to_dict(),
                "phases": [vars(p) for p in phases], "log": log}
     if not smoke:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
-        plot(summary, RESULTS / f"{name}-loss.png")
+        stem = f"{name}-{tag}" if tag else name
+        (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+        plot(summary, RESULTS / f"{stem}-loss.png")
     return summary
 
 
@@ -225,10 +240,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke", action="store_true", help="20 steps on short rows: checks the loop, not the model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="", help="suffix of the log and plot names in modelkit/results/")
+    p.add_argument("--repeat-frac", type=float, help="override the recipe's share of repeated-span rows")
+    p.add_argument("--init", type=Path, help="continue from this checkpoint folder instead of from scratch")
+    p.add_argument("--phase", action="append", metavar="SEQ_LEN,BATCH,STEPS",
+                   help="train these phases instead of the recipe's (repeatable)")
     a = p.parse_args(argv)
+    phases = [Phase(*map(int, x.split(","))) for x in a.phase] if a.phase else None
     for name in RECIPES if a.model == "all" else [a.model]:
+        if a.repeat_frac is not None:
+            RECIPES[name].repeat_frac = a.repeat_frac
         out = a.out / name if a.out and a.model == "all" else a.out or ASSETS / name
-        s = train(name, out, a.smoke, a.seed, a.threads)
+        s = train(name, out, a.smoke, a.seed, a.threads, a.init, phases, a.tag)
         print(f"{name}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
 
 
