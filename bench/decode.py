@@ -15,7 +15,7 @@ import argparse
 import random
 from contextlib import ExitStack
 
-from bench.offline import Scenario, add_arguments, apply_smoke, timed, warm_up
+from bench.offline import Scenario, add_arguments, parse_args, timed, warm_up
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,8 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(ap, dtypes="bfloat16,float32", runs=5)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
-    args = ap.parse_args(argv)
-    apply_smoke(args, prompt_len=16, max_tokens=8, dtypes="float32")
+    args = parse_args(ap, argv, prompt_len=16, max_tokens=8, dtypes="float32")
     sc = Scenario("decode", "single-stream decode tok/s: ferry vs transformers generate vs llama.cpp", args)
     sc.parity()
     rng = random.Random(0)

@@ -19,7 +19,7 @@ import argparse
 
 from bench.engines import Unavailable, start
 from bench.engines.worker import WorkerError
-from bench.offline import Scenario, add_arguments, apply_smoke, engine_options
+from bench.offline import Scenario, add_arguments, parse_args, engine_options
 from bench.throughput import parse_range, workload
 
 
@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--input-len", default="32:256", help="prompt tokens, uniform in lo:hi")
     ap.add_argument("--output-len", default="32", help="output tokens, uniform in lo:hi")
-    args = ap.parse_args(argv)
-    apply_smoke(args, num_requests=4, input_len="4:48", output_len="4", dtypes="float32")
+    args = parse_args(ap, argv, num_requests=4, input_len="4:48", output_len="4", dtypes="float32")
     sc = Scenario("memory", "peak RSS of each engine for the same job", args)
     sc.parity()
     inp, outp = parse_range(args.input_len), parse_range(args.output_len)

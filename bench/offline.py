@@ -43,12 +43,18 @@ def add_arguments(ap: argparse.ArgumentParser, dtypes: str = "bfloat16", runs: i
                          "writes bench/.cache/smoke/<scenario>.{json,png}")
 
 
-def apply_smoke(args: argparse.Namespace, **sizes) -> None:
-    """--smoke: the tiny model, one thread, one run, and the scenario's own tiny sizes."""
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None, **smoke_sizes) -> argparse.Namespace:
+    """The scenario's arguments; with --smoke, the tiny model, one thread, one run and the scenario's tiny sizes,
+    each only where the command line did not say (`--smoke --model llama-1b --dtypes bfloat16` keeps those)."""
+    args = ap.parse_args(argv)
     if args.smoke:
-        args.model, args.threads, args.runs = SMOKE_MODEL if args.model == "qwen2.5-0.5b" else args.model, 1, 1
-        for k, v in sizes.items():
-            setattr(args, k, v)
+        smoke = {"model": SMOKE_MODEL, "threads": 1, "runs": 1, **smoke_sizes}
+        unset = object()
+        given = ap.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in smoke}))
+        for k, v in smoke.items():
+            if getattr(given, k) is unset:  # argparse fills only attributes the namespace lacks
+                setattr(args, k, v)
+    return args
 
 
 def model_config(model: Path) -> dict:
@@ -182,4 +188,4 @@ def warm_up(workers: dict, op: str, **kw) -> None:
                 workers[name] = f"failed the warm-up: {str(e).splitlines()[0][:200]}"
 
 
-__all__ = ["Scenario", "add_arguments", "apply_smoke", "timed", "warm_up", "summary", "ratio"]
+__all__ = ["Scenario", "add_arguments", "parse_args", "timed", "warm_up", "summary", "ratio"]

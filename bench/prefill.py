@@ -17,7 +17,7 @@ import argparse
 import random
 from contextlib import ExitStack
 
-from bench.offline import Scenario, add_arguments, apply_smoke, timed, warm_up
+from bench.offline import Scenario, add_arguments, parse_args, timed, warm_up
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,8 +25,7 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap, dtypes="bfloat16", runs=3)
     ap.add_argument("--lengths", default="512,2048,8192", help="prompt lengths in tokens")
-    args = ap.parse_args(argv)
-    apply_smoke(args, lengths="64,256", dtypes="float32")
+    args = parse_args(ap, argv, lengths="64,256", dtypes="float32")
     sc = Scenario("prefill", "prefill tok/s at 512, 2K, 8K tokens: ferry vs transformers vs llama.cpp", args)
     sc.parity()
     rng = random.Random(0)

@@ -18,7 +18,7 @@ import argparse
 import random
 from contextlib import ExitStack
 
-from bench.offline import Scenario, add_arguments, apply_smoke, timed, warm_up
+from bench.offline import Scenario, add_arguments, parse_args, timed, warm_up
 
 
 def parse_range(s: str) -> tuple[int, int]:
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-requests", type=int, default=32, help="requests per job, all submitted at once (16+)")
     ap.add_argument("--input-len", default="32:256", help="prompt tokens, uniform in lo:hi")
     ap.add_argument("--output-len", default="32:128", help="output tokens, uniform in lo:hi")
-    args = ap.parse_args(argv)
-    apply_smoke(args, num_requests=16, input_len="4:48", output_len="2:12", dtypes="float32")
+    args = parse_args(ap, argv, num_requests=16, input_len="4:48", output_len="2:12", dtypes="float32")
     sc = Scenario("throughput", "offline throughput, many mixed-length requests: ferry vs transformers vs llama.cpp",
                   args)
     sc.parity()
