@@ -70,6 +70,12 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(ok), "min": min(ok), "max": max(ok), "runs": values}
 
 
+def parse_range(s: str) -> tuple[int, int]:
+    """"32:256" -> (32, 256); "64" -> (64, 64)."""
+    lo, _, hi = s.partition(":")
+    return int(lo), int(hi or lo)
+
+
 def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 

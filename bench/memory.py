@@ -20,7 +20,8 @@ import argparse
 from bench.engines import Unavailable, start
 from bench.engines.worker import WorkerError
 from bench.offline import Scenario, add_arguments, parse_args, engine_options
-from bench.throughput import parse_range, workload
+from bench.common import parse_range
+from bench.throughput import workload
 
 
 def main(argv: list[str] | None = None) -> None:

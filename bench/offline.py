@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
-from bench.common import interleaved, memory_bandwidth_gbs, new_record, paired, result_path, ratio, summary
+from bench.common import interleaved, memory_bandwidth_gbs, new_record, paired, result_path
 from bench.engines import ENGINES, Unavailable, Worker, start
 from bench.engines.worker import WorkerError
 from bench.models import SHAPES, resolve
@@ -186,6 +186,3 @@ def warm_up(workers: dict, op: str, **kw) -> None:
                 w.call(op, **kw)
             except (WorkerError, TimeoutError) as e:
                 workers[name] = f"failed the warm-up: {str(e).splitlines()[0][:200]}"
-
-
-__all__ = ["Scenario", "add_arguments", "parse_args", "timed", "warm_up", "summary", "ratio"]

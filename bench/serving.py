@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/serving.py` from the repo root
-from bench.common import machine, memory_bandwidth_gbs, result_path, summary
+from bench.common import machine, memory_bandwidth_gbs, parse_range, ratio, result_path, summary
 from bench.peers import client, gguf_export, servers
 from bench.peers.env import versions
 from bench.models import resolve
@@ -46,11 +46,6 @@ ENGINES = ("ferry", "llama.cpp", "llama-cpp-python")
 OUTTYPE = {"bfloat16": "bf16", "float32": "f32"}
 METRICS = ("output_tok_s", "request_s", "goodput_request_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
            "tpot_p99_s", "e2e_p99_s")
-
-
-def parse_range(s: str) -> tuple[int, int]:
-    lo, _, hi = s.partition(":")
-    return int(lo), int(hi or lo)
 
 
 def make_server(name: str, args, model: Path, gguf: Path, ctx_per_seq: int) -> servers.Server:
@@ -204,13 +199,9 @@ def summarize(runs: list, engines: list[str], rates: list[str]) -> dict:
             s[n] = {m: summary([r[rate][n][m] for r in runs]) for m in METRICS}
             s[n]["failed"] = sum(r[rate][n]["failed"] for r in runs)
         for peer in [e for e in engines if e != "ferry" and "ferry" in engines]:
-            s[f"ratio ferry/{peer}"] = {m: summary([_ratio(r[rate]["ferry"][m], r[rate][peer][m]) for r in runs])
+            s[f"ratio ferry/{peer}"] = {m: summary([ratio(r[rate]["ferry"][m], r[rate][peer][m]) for r in runs])
                                         for m in METRICS}
     return out
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
 
 def print_table(record: dict) -> None:

@@ -18,12 +18,8 @@ import argparse
 import random
 from contextlib import ExitStack
 
+from bench.common import parse_range
 from bench.offline import Scenario, add_arguments, parse_args, timed, warm_up
-
-
-def parse_range(s: str) -> tuple[int, int]:
-    lo, _, hi = s.partition(":")
-    return int(lo), int(hi or lo)
 
 
 def workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab: int, seed: int) -> dict:
