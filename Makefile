@@ -25,7 +25,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-# every scenario of bench/ at its default size (~45 min on 2 idle cores, plus ~40 min the first time to build
+# every scenario of bench/ at its default size (~40 min on 2 idle cores, plus ~40 min the first time to build
 # the peers into bench/.cache/), then the README tables; see bench/README.md
 bench: $(STAMP)
 	$(BIN)/python -m bench all
