@@ -47,7 +47,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ferry.engine.llm import LLM
 
     params = _sampling_params(args)
-    llm = LLM(args.model, **engine_kwargs(args))
+    with LLM(args.model, **engine_kwargs(args)) as llm:  # closing saves what the engine learned (expert statistics)
+        return _generate(llm, args, params)
+
+
+def _generate(llm, args: argparse.Namespace, params: SamplingParams) -> int:
     if len(args.prompt) == 1 and params.n == 1:  # one prompt: stream it
         printed = 0
         for out in llm.stream(args.prompt[0], params):
@@ -68,7 +72,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from ferry.engine.llm import LLM
 
     params = _sampling_params(args)
-    llm = LLM(args.model, **engine_kwargs(args))
+    with LLM(args.model, **engine_kwargs(args)) as llm:
+        return _chat(llm, args, params)
+
+
+def _chat(llm, args: argparse.Namespace, params: SamplingParams) -> int:
     if not llm.tokenizer.has_chat_template:
         print(f"error: {args.model} has no chat template in tokenizer_config.json; use `ferry generate`", file=sys.stderr)
         return 2

@@ -204,3 +204,14 @@ def test_cli_convert_writes_a_store(mixtral, tmp_path, capsys):
     index = StoreIndex.load(tmp_path / "s")
     assert index.layout.dtype == "bfloat16" and sorted(index.experts) == [0, 1]
     assert "wrote 16 experts (16 bfloat16;" in capsys.readouterr().err
+
+
+def test_cli_generate_from_a_store_saves_learned_statistics(mixtral, tmp_path, capsys):
+    ckpt, folder = mixtral
+    stats = tmp_path / "corr.json"
+    argv = ["generate", str(ckpt), "--prompt", "Once upon a time", "--max-tokens", "4", "--dtype", "float32",
+            "--kv-cache-memory", "4M", "--expert-store", str(folder), "--expert-cache-memory", "100K",
+            "--expert-prefetch", "correlation", "--expert-correlation-file", str(stats), "--explain"]
+    assert main(argv) == 0
+    assert "expert plan" in capsys.readouterr().err
+    assert json.loads(stats.read_text())["num_experts"] == 8
