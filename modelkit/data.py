@@ -95,24 +95,30 @@ def build_corpus() -> tuple[Path, Path]:
     return train, held
 
 
-def build_tokenizer(out_dir: Path | None = None) -> Path:
-    """Byte-level BPE with digits split one by one (numbers stay copyable); also written to out_dir."""
+def train_tokenizer(files: list[Path], path: Path, vocab_size: int = VOCAB_SIZE) -> Path:
+    """Byte-level BPE with digits split one by one (numbers stay copyable), saved as tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train([str(f) for f in files], trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def build_tokenizer(out_dir: Path | None = None) -> Path:
+    """The corpus tokenizer (trained once, cached); also written to out_dir with its config."""
     path = CACHE / "tokenizer.json"
     if not path.exists():
-        train, _ = build_corpus()
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=VOCAB_SIZE, special_tokens=SPECIAL, show_progress=True,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        tok.train([str(train)], trainer)
-        tok.save(str(path))
+        train_tokenizer([build_corpus()[0]], path)
     if out_dir is not None:
         write_tokenizer(path, out_dir)
     return path

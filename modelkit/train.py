@@ -140,9 +140,9 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
     torch.manual_seed(seed)
     rng = random.Random(seed)
     recipe = RECIPES[name]
-    if smoke:  # no corpus download: the bundled held-out text and the committed tokenizer
-        phases = [Phase(160, 2, 10), Phase(256, 2, 10)]
-        tok = _Tok(ASSETS / "ferry-tiny" / "tokenizer.json")
+    if smoke:  # no corpus download: the bundled held-out text, and a small tokenizer trained on it
+        phases = [Phase(320, 2, 10), Phase(400, 2, 10)]
+        tok = _Tok(data.train_tokenizer([ASSETS / "heldout.txt"], out / "smoke-tokenizer.json", 1024))
         hay = Haystack(tok.encode((ASSETS / "heldout.txt").read_text()))
     else:
         phases = phases or recipe.phases
