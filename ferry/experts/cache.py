@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -63,16 +64,22 @@ class ExpertCache:
     def lookup(self, key: Key) -> Entry | None:
         return self.entries.get(key)
 
-    def reserve(self, key: Key, protect: set[Key], allow_protected: bool) -> Entry | None:
-        """A new loading entry for key in a free slot, or in the slot of an evicted one: done, unpinned, and
-        not protected (unless allow_protected). None when no slot can be had now."""
+    def reserve(self, key: Key, protect: set[Key], allow_protected: bool,
+                only: set[Key] | None = None, admit: Callable[[Key], bool] | None = None) -> Entry | None:
+        """A new loading entry for key in a free slot, or in the slot of an evicted one: done, unpinned, not
+        protected (unless allow_protected), among `only` when given, and one `admit` accepts. None when no slot
+        can be had now."""
         if not self.free_slots:
-            victims = [k for k, e in self.entries.items() if e.done and not e.pins and k not in protect]
+            victims = [k for k, e in self.entries.items() if e.done and not e.pins and k not in protect
+                       and (only is None or k in only)]
             if not victims and allow_protected:
                 victims = [k for k, e in self.entries.items() if e.done and not e.pins]
             if not victims:
                 return None
-            self.remove(self.entries[self.policy.choose_victim(victims)])
+            victim = self.policy.choose_victim(victims)
+            if admit is not None and not admit(victim):
+                return None
+            self.remove(self.entries[victim])
             self.num_evictions += 1
         entry = Entry(key, self.free_slots.pop())
         self.entries[key] = entry

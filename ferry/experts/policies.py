@@ -29,6 +29,10 @@ class EvictionPolicy:
     def choose_victim(self, candidates: Sequence[Key]) -> Key:
         raise NotImplementedError
 
+    def admit(self, key: Key, p: float, victim: Key) -> bool:
+        """Should a prefetch of key (predicted with probability p) evict victim? Default: yes."""
+        return True
+
 
 class LRUPolicy(EvictionPolicy):
     """Evict the expert used (or inserted) longest ago."""
@@ -95,6 +99,10 @@ class FrequencyCorrelationPolicy(LRUPolicy):
     def choose_victim(self, candidates: Sequence[Key]) -> Key:
         rank = {k: i for i, k in enumerate(self.order)}
         return min(candidates, key=lambda k: (self.score(k), rank.get(k, -1)))
+
+    def admit(self, key: Key, p: float, victim: Key) -> bool:
+        """Only when the guess is worth more than what it displaces (sticky routing keeps a layer's experts hot)."""
+        return p / self._distance(key[0]) > self.score(victim)
 
 
 EVICTION_POLICIES = {"lru": LRUPolicy, "correlation": FrequencyCorrelationPolicy}

@@ -5,12 +5,14 @@ with prediction-driven prefetch on a background I/O thread. Each MoE layer gets 
 One layer call, for the experts its tokens routed to:
   1. the predictor learns from this routing and guesses the next MoE layer's experts;
   2. reads start for every missing expert of this layer that gets a slot without evicting one this layer
-     still needs (demand, first in the I/O queue), then for the guessed ones (prefetch, after);
+     still needs (demand, first in the I/O queue), then for the guessed ones that find a free slot
+     (prefetch, after: a guess never evicts a cached expert that may be needed sooner);
   3. experts are handed out one at a time, those already in RAM first, so the forward computes with them
      while the others are read (it sums the results in expert order, so tokens match the resident path
      exactly); each is pinned while in use, and more reads start as slots free up. The forward waits
      (stall time) only when no expert it still needs has been read;
-  4. once the layer is done, guessed experts that found no slot in 2 may evict this layer's."""
+  4. once the layer is done, guessed experts that found no slot in 2 may evict this layer's experts (a
+     whole forward away from their next use), and only those."""
 from __future__ import annotations
 
 import itertools
@@ -129,18 +131,19 @@ class ExpertStore:
         self._score_prediction(layer, set(k[1] for k in keys))
         self.predictor.observe(layer, x, top_ids)
         ahead = self.predictor.predict_ahead(layer, x, top_ids, self.prefetch_depth) if self.prefetch_width != 0 else {}
-        guessed = []  # read order: nearest layer first, then likeliest first
+        guessed, probs = [], {}  # read order: nearest layer first, then likeliest first
         for target, guess in ahead.items():
             chosen = [e for e, _ in sorted(guess.items(), key=lambda kv: -kv[1])][:self.prefetch_width]
             self._predicted[target] = set(chosen)  # a nearer layer's later guess replaces this one
             guessed += [(target, e) for e in chosen]
+            probs.update({(target, e): guess[e] for e in chosen})
         with self.cache.cond:
             self.policy.on_layer(layer, {(t, e): p for t, guess in ahead.items() for e, p in guess.items()})
             cached = {k: self.cache.lookup(k) for k in keys}  # a hit if the same entry is still there when asked for
             self._stats.lookups += len(keys)
             self._start_reads(keys, set(keys), _DEMAND)
-            if guessed:
-                self._start_reads(guessed, set(keys) | set(guessed), _PREFETCH)
+            if guessed:  # into free slots only: a guess never displaces an expert that may be needed sooner
+                self._start_reads(guessed, set(keys) | set(guessed), _PREFETCH, only=set(), probs=probs)
         remaining = list(range(len(keys)))
         while remaining:
             with self.cache.cond:  # an expert already read first, else the lowest id (its read was queued first)
@@ -155,9 +158,9 @@ class ExpertStore:
                     entry.pins -= 1
                     self.cache.cond.notify_all()
                     self._start_reads(later, set(later), _DEMAND)
-        if guessed:  # this layer's experts are free to go now: make room for the guessed ones
+        if guessed:  # this layer's experts are a whole forward from their next use: guesses may take their slots
             with self.cache.cond:
-                self._start_reads(guessed, set(guessed), _PREFETCH)
+                self._start_reads(guessed, set(guessed), _PREFETCH, only=set(keys), probs=probs)
 
     def _unpack(self, key: Key, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) of a read expert: views into its slot, or dequantized into the scratch pair."""
@@ -178,13 +181,16 @@ class ExpertStore:
         self._stats.num_predicted += len(predicted)
         self._stats.num_predicted_used += len(predicted & used)
 
-    def _start_reads(self, keys: Sequence[Key], protect: set[Key], priority: int) -> None:
-        """Start reads of the keys not cached, while slots can be had without waiting or evicting protected ones."""
+    def _start_reads(self, keys: Sequence[Key], protect: set[Key], priority: int, only: set[Key] | None = None,
+                     probs: dict[Key, float] | None = None) -> None:
+        """Start reads of the keys not cached, while slots can be had without waiting or evicting protected ones
+        (with `only`, evicting only those; with probs, a prefetch evicts only what the policy admits)."""
         for key in keys:
             if self.cache.lookup(key) is not None:
                 continue
-            entry = self.cache.reserve(key, protect, allow_protected=False)
-            if entry is None:
+            admit = None if probs is None else (lambda victim, k=key: self.policy.admit(k, probs[k], victim))
+            entry = self.cache.reserve(key, protect, allow_protected=False, only=only, admit=admit)
+            if entry is None:  # no slot now; the keys after this one are less urgent (or less likely)
                 return
             entry.prefetched = priority == _PREFETCH
             self._stats.num_prefetches += entry.prefetched

@@ -127,3 +127,21 @@ def test_frequency_correlation_policy_beats_lru_on_hot_experts(tmp_ckpt_dir):
     cfg = ModelConfig.from_hf(ckpt)
     lru, fc = (_hit_rate(folder, cfg, p, 4, pattern) for p in (LRUPolicy, FrequencyCorrelationPolicy))
     assert fc >= lru + 0.1, (lru, fc)
+
+
+def test_prefetch_admission_weighs_the_guess_against_its_victim():
+    p = FrequencyCorrelationPolicy(moe_layers=[0, 1, 2, 3], num_experts=8, top_k=2)
+    for _ in range(10):
+        for layer in range(4):
+            p.on_layer(layer, {})
+            p.on_access((layer, 3))  # expert 3 is used at every layer, every forward
+    p.on_layer(0, {})
+    assert not p.admit((1, 5), 0.1, (0, 3))  # an unlikely guess does not push out a hot expert
+    assert p.admit((1, 5), 0.9, (0, 6))  # a likely one replaces a never-used expert
+    assert LRUPolicy().admit((1, 5), 0.01, (0, 3))  # the baseline always admits
+    cache = ExpertCache(4096, 4096, LRUPolicy())
+    with cache.cond:
+        cache.reserve((0, 3), set(), False).done = True
+        assert cache.reserve((1, 5), set(), False, admit=lambda victim: False) is None
+        assert cache.reserve((1, 5), set(), False, only=set()) is None  # free slots only: none left
+        assert cache.reserve((1, 5), set(), False, only={(0, 3)}) is not None
