@@ -54,6 +54,7 @@ class Recipe:
     aux_coef: float = 0.02
     answer_weight: float = 2.0  # weight of the mean loss over answer tokens
     teacher: str | None = None  # distil from this model's logits
+    upcycle: str | None = None  # start from this dense model: shared weights copied, experts from its MLP slices
     tasks: tuple[str, ...] = TASKS
     extra: dict = field(default_factory=dict)
 
@@ -67,13 +68,14 @@ RECIPES = {
         [Phase(256, 32, 350), Phase(1024, 8, 350), Phase(4096, 2, 250)], repeat_frac=0.25,
     ),
     "ferry-tiny-moe": Recipe(
-        Spec(hidden_size=192, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
-             num_experts=8, top_k=2, max_position_embeddings=2048),
-        [Phase(512, 16, 400)], task_frac=0.2, lr=2e-3,
+        # Sparse upcycling of ferry-tiny: same attention and embeddings, 8 experts of 192 neurons each.
+        Spec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=192,
+             num_experts=8, top_k=2, max_position_embeddings=4608),
+        [Phase(512, 16, 200)], task_frac=0.2, repeat_frac=0.2, aux_coef=0.1, upcycle="ferry-tiny",
     ),
     "ferry-tiny-draft": Recipe(
         Spec(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=384),
-        [Phase(1024, 8, 250)], task_frac=0.0, teacher="ferry-tiny",
+        [Phase(1024, 8, 200)], task_frac=0.0, repeat_frac=0.2, teacher="ferry-tiny",
     ),
 }
 
@@ -125,6 +127,27 @@ def load_trained(name: str, folder: Path | None = None) -> CausalLM:
     return m.eval()
 
 
+def upcycle(moe: CausalLM, dense: CausalLM, seed: int) -> None:
+    """Sparse upcycling: every weight the two share is copied; expert e of a layer takes neuron slice
+    e mod (I_dense / I_expert) of the dense MLP (plus a little noise, so copies of a slice can diverge)."""
+    g = torch.Generator().manual_seed(seed)
+    shared = dense.state_dict()
+    own = moe.state_dict()
+    with torch.no_grad():
+        for k, v in own.items():
+            if k in shared and shared[k].shape == v.shape:
+                v.copy_(shared[k])
+        n = moe.spec.intermediate_size
+        slices = dense.spec.intermediate_size // n
+        for i, layer in enumerate(moe.model.layers):
+            mlp = dense.model.layers[i].mlp
+            for e, expert in enumerate(layer.block_sparse_moe.experts):
+                rows = slice((e % slices) * n, (e % slices + 1) * n)
+                for dst, src in ((expert.w1.weight, mlp.gate_proj.weight[rows]), (expert.w3.weight, mlp.up_proj.weight[rows]),
+                                 (expert.w2.weight, mlp.down_proj.weight[:, rows] * slices)):
+                    dst.copy_(src + 0.01 * src.std() * torch.randn(src.shape, generator=g))
+
+
 def export(model: CausalLM, out: Path, tokenizer: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(model.export_state(), out / "model.safetensors", metadata={"format": "pt"})
@@ -149,6 +172,8 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
         tok = _Tok(data.build_tokenizer())
         hay = Haystack(data.token_ids("train"))
     model = load_trained(name, init) if init else CausalLM(recipe.spec)
+    if recipe.upcycle and not init and not smoke:
+        upcycle(model, load_trained(recipe.upcycle), seed)
     model.train()
     teacher = None
     if recipe.teacher:  # smoke: a random teacher of the right shape exercises the distillation path
@@ -242,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="", help="suffix of the log and plot names in modelkit/results/")
     p.add_argument("--repeat-frac", type=float, help="override the recipe's share of repeated-span rows")
+    p.add_argument("--rope-linear-factor", type=float, help="set position interpolation (HF linear RoPE scaling)")
     p.add_argument("--init", type=Path, help="continue from this checkpoint folder instead of from scratch")
     p.add_argument("--phase", action="append", metavar="SEQ_LEN,BATCH,STEPS",
                    help="train these phases instead of the recipe's (repeatable)")
@@ -250,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in RECIPES if a.model == "all" else [a.model]:
         if a.repeat_frac is not None:
             RECIPES[name].repeat_frac = a.repeat_frac
+        if a.rope_linear_factor is not None:
+            RECIPES[name].spec.rope_linear_factor = a.rope_linear_factor
         out = a.out / name if a.out and a.model == "all" else a.out or ASSETS / name
         s = train(name, out, a.smoke, a.seed, a.threads, a.init, phases, a.tag)
         print(f"{name}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
