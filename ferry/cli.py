@@ -115,12 +115,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = default_model_path()
     kw = server_kwargs(args)
-    kw["served_model_name"] = kw["served_model_name"] or "ferry-default"
+    kw["served_model_name"] = kw["served_model_name"] or "ferry-tiny"
     url = f"http://{kw['host']}:{kw['port']}/v1"
-    print(f"""ferry: serving the built-in default model ({path}) as "{kw['served_model_name']}" at {url}
-  (random weights until the in-house trained model lands: the text is noise)
+    print(f"""ferry: serving the in-house model ferry-tiny ({path}) as "{kw['served_model_name']}" at {url}
+  (4.2M parameters, trained by the project on the Python and Debian documentation: expect doc-like text)
   curl {url}/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "{kw['served_model_name']}", "prompt": "Once upon a time", "max_tokens": 32}}'
+    -d '{{"model": "{kw['served_model_name']}", "prompt": "The os module provides", "max_tokens": 32}}'
   or: openai.OpenAI(base_url="{url}", api_key="none").completions.create(model="{kw['served_model_name']}", prompt="Hi")""",
           file=sys.stderr, flush=True)
     run_server(str(path), **kw, **engine_kwargs(args))
