@@ -20,7 +20,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,7 +56,6 @@ class Recipe:
     teacher: str | None = None  # distil from this model's logits
     upcycle: str | None = None  # start from this dense model: shared weights copied, experts from its MLP slices
     tasks: tuple[str, ...] = TASKS
-    extra: dict = field(default_factory=dict)
 
 
 RECIPES = {
