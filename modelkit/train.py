@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="", help="suffix of the log and plot names in modelkit/results/")
     p.add_argument("--repeat-frac", type=float, help="override the recipe's share of repeated-span rows")
+    p.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
     p.add_argument("--rope-linear-factor", type=float, help="set position interpolation (HF linear RoPE scaling)")
     p.add_argument("--init", type=Path, help="continue from this checkpoint folder instead of from scratch")
     p.add_argument("--phase", action="append", metavar="SEQ_LEN,BATCH,STEPS",
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in RECIPES if a.model == "all" else [a.model]:
         if a.repeat_frac is not None:
             RECIPES[name].repeat_frac = a.repeat_frac
+        if a.lr is not None:
+            RECIPES[name].lr = a.lr
         if a.rope_linear_factor is not None:
             RECIPES[name].spec.rope_linear_factor = a.rope_linear_factor
         out = a.out / name if a.out and a.model == "all" else a.out or ASSETS / name
