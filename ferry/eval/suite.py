@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ferry.engine.llm import LLM
+from ferry.errors import InvalidRequest
 from ferry.eval import metrics
 from ferry.eval.tasks import TASKS, Haystack, make_sample, is_correct
 from ferry.request import SamplingParams
@@ -39,6 +40,12 @@ class EvalConfig:
     text: Path = HELDOUT
     seed: int = 0
     parts: tuple[str, ...] = ("ppl", "retrieval", "draft", "moe")
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.ppl_tokens < 2 or self.draft_tokens < 1:
+            raise InvalidRequest("samples and draft tokens must be at least 1, perplexity tokens at least 2")
+        if not all(0.0 <= d <= 1.0 for d in self.depths):
+            raise InvalidRequest(f"depths must be in [0, 1], got {list(self.depths)}")
 
 
 @dataclass
@@ -65,7 +72,7 @@ def default_lengths(max_len: int) -> tuple[int, ...]:
 
 def _text_ids(llm: LLM, cfg: EvalConfig) -> list[int]:
     if not Path(cfg.text).is_file():
-        raise FileNotFoundError(f"held-out text not found: {cfg.text} (pass --text FILE)")
+        raise InvalidRequest(f"held-out text not found: {cfg.text} (pass --text FILE)")
     return llm.tokenizer.encode(Path(cfg.text).read_text(), add_special_tokens=False)
 
 
@@ -85,12 +92,20 @@ def eval_retrieval(llm: LLM, ids: list[int], cfg: EvalConfig) -> list[dict]:
     hay = Haystack(ids)
     max_len = llm.engine.parts.max_model_len
     rng = random.Random(cfg.seed)
+    lengths = cfg.lengths or default_lengths(max_len - 32)
+    too_long = [n for n in lengths if n + 32 > max_len]
+    if too_long:
+        raise InvalidRequest(f"context lengths {too_long} leave no room for the answer in the model's "
+                             f"{max_len}-token context; use at most {max_len - 32}")
     samples = []
     for task in cfg.tasks:
-        for length in cfg.lengths or default_lengths(max_len - 32):
+        for length in lengths:
             for depth in cfg.depths:
                 for _ in range(cfg.samples):
-                    samples.append(make_sample(task, _Enc(tok), hay, rng, length, depth))
+                    try:
+                        samples.append(make_sample(task, _Enc(tok), hay, rng, length, depth))
+                    except ValueError as e:  # a length too short for the task
+                        raise InvalidRequest(f"{e}; use longer --lengths") from e
     params = [SamplingParams(max_tokens=len(s.answer_ids) + 2, temperature=0) for s in samples]
     outs = llm.generate([{"prompt_token_ids": s.prompt_ids} for s in samples], params, use_tqdm=True)
     cells: dict[tuple, dict] = {}

@@ -5,13 +5,14 @@ Keys are (layer, expert). Layers run in a cycle (layer 0..L-1 for every forward)
 possible use is at most one cycle away: that is what the correlation policy's distance measures."""
 from __future__ import annotations
 
+import abc
 from collections import OrderedDict, defaultdict
 from typing import Sequence
 
 Key = tuple[int, int]  # (layer, expert)
 
 
-class EvictionPolicy:
+class EvictionPolicy(abc.ABC):
     """Base: the do-nothing hooks; subclasses implement choose_victim."""
 
     def on_access(self, key: Key) -> None:
@@ -26,8 +27,9 @@ class EvictionPolicy:
     def on_layer(self, layer: int, hints: dict[Key, float]) -> None:
         """The forward reached `layer`; hints are predicted next-use probabilities of upcoming experts."""
 
+    @abc.abstractmethod
     def choose_victim(self, candidates: Sequence[Key]) -> Key:
-        raise NotImplementedError
+        """The key to evict, one of candidates (never empty)."""
 
     def admit(self, key: Key, p: float, victim: Key) -> bool:
         """Should a prefetch of key (predicted with probability p) evict victim? Default: yes."""

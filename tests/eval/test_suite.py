@@ -61,3 +61,16 @@ def test_moe_routing_report(tmp_ckpt_dir):
         assert sum(shares) == pytest.approx(1.0)
     assert len(rep["next_layer_top4_recall"]) == len(rep["expert_share"]) - 1
     assert all(0.0 <= r <= 1.0 for r in rep["next_layer_top4_recall"])
+
+
+def test_bad_eval_arguments_are_clear_errors(llama, capsys):
+    from ferry.cli import main
+
+    assert main(["eval", str(llama), "--lengths", "100000", "--parts", "retrieval"]) == 2
+    assert "leave no room for the answer" in capsys.readouterr().err
+    assert main(["eval", str(llama), "--lengths", "20", "--parts", "retrieval", "--tasks", "multikey"]) == 2
+    assert "too short" in capsys.readouterr().err
+    assert main(["eval", str(llama), "--depths", "1.5"]) == 2
+    assert "depths must be in [0, 1]" in capsys.readouterr().err
+    assert main(["eval", str(llama), "--text", "/nonexistent.txt", "--parts", "ppl"]) == 2
+    assert "held-out text not found" in capsys.readouterr().err
