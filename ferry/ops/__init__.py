@@ -7,7 +7,7 @@ fast as ``F.linear``; everything else goes to ``F.linear``.
 
 The extension is compiled lazily, on the first call that could use it, with
 torch's ``cpp_extension`` toolchain (needs a C++ compiler and ``ninja``), and
-cached under ``$FERRY_CACHE_DIR/ops/ferry_gemv`` (default ``~/.cache/ferry/ops/ferry_gemv``).
+cached under ``$FERRY_CACHE_DIR/ops/`` (default ``~/.cache/ferry/ops/``; see ``build.py``).
 If the build fails, a warning is logged once and ``F.linear`` is used.
 ``MAX_M`` is handed to the extension when it loads; change it before the
 first call.
@@ -15,20 +15,15 @@ first call.
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import threading
-from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear", "kernel_available", "cpu_features", "kernel_calls", "MAX_M"]
+from ferry.ops.build import load_extension
 
-log = logging.getLogger(__name__)
+__all__ = ["linear", "kernel_available", "cpu_features", "kernel_calls", "MAX_M"]
 
 # Largest number of rows of x sent to the kernel; above it F.linear. Measured
 # with bench/gemv.py (Zen 4, 2 threads, weights streamed from DRAM): the
@@ -39,67 +34,20 @@ log = logging.getLogger(__name__)
 # under 1 MiB goes to F.linear (both compute-bound there, MKL about as fast).
 MAX_M = {torch.float32: 16, torch.bfloat16: 16}
 
-_SRC = Path(__file__).with_name("gemv.cpp")
-_lock = threading.Lock()
 _ext: ModuleType | None = None
 _features = 0
 _tried = False
 
 
-def _build_dir() -> Path:
-    # One subdirectory per extension: cpp_extension's build lock is per
-    # directory, and a process that finds the lock taken assumes *its* module
-    # is being built there, so extensions must not share a directory.
-    root = os.environ.get("FERRY_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "ferry"
-    return base / "ops" / "ferry_gemv"
-
-
-def _needs_compile(build_dir: Path) -> bool:
-    # Heuristic for the message only; cpp_extension decides for real (it
-    # hashes sources and flags).
-    try:
-        src_mtime = _SRC.stat().st_mtime
-        return not any(p.stat().st_mtime >= src_mtime for p in build_dir.glob("ferry_gemv*.so"))
-    except OSError:
-        return True
-
-
 def _load() -> ModuleType | None:
     """Compile/load the extension once per process; None if unavailable."""
     global _ext, _features, _tried
-    if _tried:
-        return _ext
-    with _lock:
-        if _tried:
-            return _ext
-        try:
-            from torch.utils import cpp_extension
-
-            build_dir = _build_dir()
-            build_dir.mkdir(parents=True, exist_ok=True)
-            if _needs_compile(build_dir):
-                print("ferry: compiling CPU kernels (once) ...", file=sys.stderr, flush=True)
-            ext = cpp_extension.load(
-                name="ferry_gemv",
-                sources=[str(_SRC)],
-                extra_cflags=["-O3", "-fopenmp", "-DNDEBUG"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build_dir),
-                verbose=False,
-            )
+    if not _tried:
+        ext = load_extension("ferry_gemv", ["gemv.cpp"], ["-O3", "-fopenmp", "-DNDEBUG"])
+        if ext is not None:
             ext.set_max_m(MAX_M[torch.float32], MAX_M[torch.bfloat16])
             _features = int(ext.cpu_features())
-            _ext = ext
-        except Exception as exc:  # no compiler, no ninja, bad toolchain, ...
-            log.warning(
-                "ferry: could not build CPU kernels (%s: %s); using torch.nn.functional.linear",
-                type(exc).__name__,
-                str(exc).strip().splitlines()[-1] if str(exc).strip() else "",
-            )
-            _ext = None
-            _features = 0
-        _tried = True
+        _ext, _tried = ext, True
     return _ext
 
 
