@@ -6,6 +6,8 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
     prefill     prompt processing at 512, 2K and 8K tokens: ferry vs transformers vs llama.cpp
     serving     Poisson arrivals against the OpenAI servers: ferry vs llama.cpp's llama-server
     memory      peak RSS of each engine for the same job
+    moe-offload MoE decode with experts on disk under a RAM budget: ferry's modes vs accelerate disk offload and
+                llama.cpp mmap, each under the same cgroup memory limit (~15 min; not part of `all`)
     all         every scenario at its default size, then the README tables (what `make bench` runs);
                 `all --smoke` runs every smoke version and fills a copy of the README in bench/.cache/smoke/
     report      regenerate the README tables from bench/results/*.json
@@ -17,6 +19,7 @@ import importlib
 import sys
 
 SCENARIOS = ("throughput", "decode", "prefill", "serving", "memory")
+OTHER = {"moe-offload": "moe_offload"}  # scenario -> module, run only when asked for
 
 
 def run(scenario: str, argv: list[str]) -> int:
@@ -34,6 +37,9 @@ def run(scenario: str, argv: list[str]) -> int:
             report.main(["--results", str(SMOKE), "--readme", str(SMOKE / "README.md")])
         else:
             report.main([])
+        return 0
+    if scenario in OTHER:
+        importlib.import_module(f"bench.{OTHER[scenario]}").main(argv)
         return 0
     if scenario not in SCENARIOS:
         print(__doc__, file=sys.stderr)

@@ -154,6 +154,10 @@ def render(results: Path = RESULTS) -> dict[str, str]:
             section = serving_section(rec) if s == "serving" else offline_section(rec, s)
             parts.append(section.replace(f"bench/results/{s}.", f"bench/results/{f.stem}."))
         out[s] = "\n\n".join(parts)
+    moe = results / "moe_offload.json"  # bench/moe_offload.py: its own table layout (budgets x configurations)
+    if moe.is_file():
+        from bench.moe_offload import markdown
+        out["moe-offload"] = markdown(json.loads(moe.read_text()))
     legacy = results / "engine_vs_hf.json"
     superseded = all((results / f"{s}.json").is_file() for s in ("decode", "prefill", "throughput"))
     out[""] = engine_vs_hf_legacy(json.loads(legacy.read_text())) if legacy.is_file() and not superseded else ""

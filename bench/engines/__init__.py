@@ -19,8 +19,10 @@ GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 HERE = Path(__file__).resolve().parent
 
 
-def start(name: str, model_dir: str | Path, dtype: str, threads: int, **options) -> Worker:
-    """Start `name`'s worker on model_dir at dtype; raises Unavailable when the engine cannot run this model."""
+def start(name: str, model_dir: str | Path, dtype: str, threads: int, prefix: list[str] | None = None,
+          **options) -> Worker:
+    """Start `name`'s worker on model_dir at dtype; raises Unavailable when the engine cannot run this model.
+    prefix goes before the worker's command (e.g. bench/memlimit.py's, which runs it inside a memory cgroup)."""
     import sys
     if name == "ferry":
         cmd = [sys.executable, str(HERE / "ferry_engine.py")]
@@ -38,7 +40,7 @@ def start(name: str, model_dir: str | Path, dtype: str, threads: int, **options)
         cmd = [peer_python(), str(HERE.parent / "peers" / "llamacpp.py"), "--worker"]
     else:
         raise ValueError(f"unknown engine {name!r}; one of {ENGINES}")
-    return Worker(name, cmd, {"model": model, "dtype": dtype, "threads": threads, **options})
+    return Worker(name, [*(prefix or []), *cmd], {"model": model, "dtype": dtype, "threads": threads, **options})
 
 
 class Unavailable(RuntimeError):

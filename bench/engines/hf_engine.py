@@ -2,7 +2,11 @@
 
 Offline jobs run the way a transformers user batches: requests sorted by prompt length, static batches of
 `batch_size` (left-padded), each batch generating the longest output any of its requests asked for; only the
-asked-for tokens count as output. Greedy, end-of-sequence disabled (min_new_tokens = max_new_tokens)."""
+asked-for tokens count as output. Greedy, end-of-sequence disabled (min_new_tokens = max_new_tokens).
+
+With max_cpu_memory and offload_folder it is what a user short of RAM would try: accelerate's big-model
+loading (`device_map="auto"`, `max_memory={"cpu": ...}`, `offload_folder`), which keeps whole modules in RAM up
+to that size and puts the rest on disk, reading their weights back at every forward."""
 from __future__ import annotations
 
 import sys
@@ -15,16 +19,28 @@ from bench.engines.worker import Engine, serve
 
 
 class HFEngine(Engine):
-    """options: model, dtype, threads, batch_size (static batch of offline jobs, default 16)."""
+    """options: model, dtype, threads, batch_size (static batch of offline jobs, default 16), and for disk
+    offload max_cpu_memory (bytes of weights accelerate may keep in RAM) with offload_folder."""
 
-    def __init__(self, model: str, dtype: str, threads: int, batch_size: int = 16, **_ignored) -> None:
+    def __init__(self, model: str, dtype: str, threads: int, batch_size: int = 16, max_cpu_memory: int | None = None,
+                 offload_folder: str | None = None, **_ignored) -> None:
         import torch
         from transformers import AutoModelForCausalLM
         torch.set_num_threads(threads)
         self.torch = torch
         self.batch_size = batch_size
+        offload = {} if max_cpu_memory is None else dict(device_map="auto", max_memory={"cpu": max_cpu_memory},
+                                                          offload_folder=offload_folder)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype),
-                                                          local_files_only=True).eval()
+                                                          local_files_only=True, **offload).eval()
+
+    def placement(self) -> dict:
+        """Where accelerate put the modules: {"cpu": n, "disk": n} counts of device_map entries, and the map."""
+        dm = getattr(self.model, "hf_device_map", None) or {"": "cpu"}
+        counts: dict[str, int] = {}
+        for dev in dm.values():
+            counts[str(dev)] = counts.get(str(dev), 0) + 1
+        return {"counts": counts, "device_map": {k: str(v) for k, v in dm.items()}}
 
     def _batch(self, prompts: list[list[int]], max_new: int, **kw):
         torch = self.torch

@@ -37,7 +37,7 @@ class Offline:
     unified KV cache of n_ctx tokens."""
 
     def __init__(self, model: str, threads: int, n_ctx: int = 256, n_seq_max: int = 1, kv_type: str = "f16",
-                 flash_attn: str = "auto", n_batch: int = 512, quiet: bool = False) -> None:
+                 flash_attn: str = "auto", n_batch: int = 512, quiet: bool = False, mmap: bool = False) -> None:
         import llama_cpp as L
         self.L = L
         if quiet:
@@ -48,6 +48,8 @@ class Offline:
         mp = L.llama_model_default_params()
         mp.load_mode = L.LLAMA_LOAD_MODE_NONE  # read into anonymous memory, no mmap: the host drops idle
                                                # file-backed pages (DESIGN.md), which would bill llama.cpp for disk reads
+        if mmap:  # llama.cpp's default: the weights stay file pages (what runs a model larger than RAM: the
+            mp.load_mode = L.LLAMA_LOAD_MODE_MMAP  # kernel reads them back on a page fault; bench/moe_offload.py)
         mp.n_gpu_layers = 0
         self.model = L.llama_model_load_from_file(str(model).encode(), mp)
         if not self.model:
@@ -134,12 +136,13 @@ class Offline:
 
 class LlamaCppEngine(Engine):
     """The worker's engine: options model (GGUF), dtype (picks the KV type: f32 for float32, else f16),
-    threads, and optionally kv_type, flash_attn, n_batch."""
+    threads, and optionally kv_type, flash_attn, n_batch, mmap (map the GGUF instead of reading it into RAM)."""
 
     def __init__(self, model: str, dtype: str, threads: int, kv_type: str | None = None, flash_attn: str = "auto",
-                 n_batch: int = 512, quiet: bool = True, **_ignored) -> None:
+                 n_batch: int = 512, quiet: bool = True, mmap: bool = False, **_ignored) -> None:
         kv_type = kv_type or ("f32" if dtype == "float32" else "f16")
-        self.llm = Offline(model, threads, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch, quiet=quiet)
+        self.llm = Offline(model, threads, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch, quiet=quiet,
+                           mmap=mmap)
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> dict:
         self.llm.context(sum(len(p) for p in prompts) + sum(max_tokens) + 16, len(prompts))

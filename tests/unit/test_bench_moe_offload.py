@@ -1,0 +1,82 @@
+"""bench/moe_offload.py and bench/memlimit.py: ratios per round, the README table, memory limits, a smoke run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import memlimit
+from bench.common import SMOKE
+from bench.moe_offload import REFERENCE, add_ratios, markdown
+
+
+def _m(tok_s: float, rnd: int) -> dict:
+    return {"tok_s": tok_s, "round": rnd}
+
+
+def test_ratios_pair_the_same_round():
+    case = {"configs": {"ferry full": {"measurements": [_m(10, 0), _m(30, 1)]},
+                        REFERENCE: {"measurements": [_m(20, 0), _m(30, 1)]},
+                        "llama.cpp mmap": {"measurements": [_m(5, 1)]},  # round 0 failed: only round 1 pairs
+                        "accelerate disk offload": {"unavailable": "killed at the 300 MiB memory limit"}}}
+    add_ratios(case)
+    assert case["ratios"][f"ferry full / {REFERENCE}"]["runs"] == [0.5, 1.0]
+    assert case["ratios"]["ferry full / llama.cpp mmap"]["runs"] == [6.0]
+    assert "ferry full / accelerate disk offload" not in case["ratios"]
+
+
+def test_table_shows_reasons_ratios_and_inexact_tokens():
+    full = {"median": 8.0, "min": 8.0, "max": 8.0, "runs": [8.0], "hit_rate": 0.5, "prefetch_precision": 0.75,
+            "prefetch_recall": 0.6, "expert_bytes_per_token": 2**20, "stall_ms_per_token": 3.0,
+            "disk_bytes_per_token": 2**20, "token_exact": False, "measurements": [_m(8.0, 0)]}
+    case = {"budget": 0.25, "batch": 16, "configs": {
+        REFERENCE: {"median": 16.0, "runs": [16.0], "measurements": [_m(16.0, 0)]}, "ferry full": full,
+        "accelerate disk offload": {"unavailable": "over the 600 s limit per call"}}}
+    add_ratios(case)
+    rec = {"config": {"threads": 2, "dtype": "bfloat16", "runs": 1},
+           "machine": {"argv": ["bench", "moe-offload", "--runs", "1"], "git": "abc", "torch": "t", "transformers": "x"},
+           "models": {"random": {"model_name": "m", "expert_bytes": 2**30, "nonexpert_bytes": 2**28, "new_tokens": 8,
+                                 "memory_limit": "cgroup", "cases": [case]}}}
+    text = markdown(rec)
+    assert "| 16 | 25% | 16.0 | 8.00 (not exact!) | n/a (1) | **0.50x** |" in text
+    assert "(1) over the 600 s limit per call" in text
+    assert "| 16 | 25% | 50% | 75% | 60% | 1.00 | 3.00 |" in text
+    assert "python -m bench moe-offload --runs 1" in text
+
+
+@pytest.mark.skipif(memlimit.available() is not None, reason=f"no writable memory cgroup: {memlimit.available()}")
+def test_memory_limit_kills_a_process_over_it():
+    code = "b = bytearray(256 << 20); b[::4096] = b'x' * len(b[::4096])"
+    with memlimit.MemoryLimit(96 << 20, "test") as lim:
+        over = subprocess.run([*lim.prefix, sys.executable, "-c", code], check=False)
+        assert over.returncode != 0 and lim.failcnt > 0
+    with memlimit.MemoryLimit(512 << 20, "test") as lim:
+        assert subprocess.run([*lim.prefix, sys.executable, "-c", code], check=False).returncode == 0
+        assert lim.peak_bytes >= 256 << 20
+    assert not lim.path.exists()
+
+
+def test_drop_cache_counts_the_files(tmp_path):
+    (tmp_path / "a").write_bytes(b"x" * 5000)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_bytes(b"y" * 3000)
+    assert memlimit.drop_cache([tmp_path]) == 8000
+    assert memlimit.drop_cache([tmp_path / "a", tmp_path / "missing"]) == 5000
+
+
+def test_smoke_run_is_token_exact_and_counts(tmp_path):
+    """ferry alone on the tiny OLMoE at a 25% budget: every mode gives the in-memory tokens, counters filled."""
+    from bench import moe_offload
+    moe_offload.main(["--smoke", "--engines", "ferry", "--no-parity", "--no-limit", "--trained", "none",
+                      "--budgets", "0.25", "--batches", "2", "--out", "moe_offload-test"])
+    rec = json.loads((SMOKE / "moe_offload-test.json").read_text())
+    (case,) = rec["models"]["random"]["cases"]
+    for mode in moe_offload.FERRY_MODES:
+        c = case["configs"][mode]
+        assert c["token_exact"] is True, mode
+        assert c["median"] > 0
+        assert 0 <= c["hit_rate"] <= 1 and c["expert_bytes_per_token"] > 0
+    assert case["configs"]["ferry lru+prefetch"]["prefetch_precision"] is not None
+    assert (SMOKE / "moe_offload-test.png").is_file()
