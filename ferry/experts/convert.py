@@ -17,7 +17,8 @@ from ferry.config import ModelConfig
 from ferry.errors import InvalidRequest, ModelLoadError
 from ferry.experts.layout import DTYPES, INDEX_NAME, ExpertLayout, ExpertRecord, StoreIndex
 from ferry.experts.quant import QuantLayout, group_size_for
-from ferry.models.loader import _build, _hf_names, _Reader, checkpoint_files
+from ferry.models.checkpoint import Reader, checkpoint_files
+from ferry.models.loader import _build, _hf_names
 
 BITS = ("none", "8", "4", "auto")  # --expert-bits: dense, all int8, all int4, int4 for the least sensitive
 
@@ -81,7 +82,7 @@ def convert_expert_store(model: str | os.PathLike, out_dir: str | os.PathLike, d
     name = store_dtype(dtype, cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    reader = _Reader(checkpoint_files(Path(cfg.path)))
+    reader = Reader(checkpoint_files(Path(cfg.path)))
     names = _hf_names(cfg, reader)
     group = group_size_for(cfg.hidden_size, cfg.moe.intermediate_size) if bits != "none" else 0
     if bits != "none" and not group:
@@ -119,7 +120,7 @@ def convert_expert_store(model: str | os.PathLike, out_dir: str | os.PathLike, d
     return index
 
 
-def _read_layer(cfg: ModelConfig, reader: _Reader, names: dict, layer: int, layout: ExpertLayout) -> dict:
+def _read_layer(cfg: ModelConfig, reader: Reader, names: dict, layer: int, layout: ExpertLayout) -> dict:
     """{"gate_up": [E, 2I, D], "down": [E, D, I]} of one MoE layer, in the store dtype."""
     E = cfg.moe.num_experts
     out = {}

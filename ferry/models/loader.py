@@ -1,76 +1,21 @@
-"""Load a Hugging Face folder of safetensors into ferry's DecoderModel.
+"""Load a Hugging Face folder of safetensors (read by `checkpoint.py`) into ferry's DecoderModel.
 
-Only safetensors are read (pickle checkpoints are refused: unpickling runs arbitrary code). Weights are
-copied into anonymous memory: left mmapped, idle pages get dropped from the page cache and re-read from
-disk on the next request. q/k/v and gate/up are fused, and experts stacked, while loading."""
+q/k/v and gate/up are fused, and experts stacked, while loading, each part read straight into its place in
+the fused tensor: the peak is the weights plus one checkpoint tensor."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from ferry.config import ModelConfig
 from ferry.errors import ModelLoadError
+from ferry.models.checkpoint import Reader, checkpoint_files
 from ferry.models.decoder import DecoderModel
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (KeyError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"{index} is malformed ({e}); it must map tensor names to shard files") from None
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise ModelLoadError(f"{folder} is missing shard files listed in model.safetensors.index.json: {missing}")
-        return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise ModelLoadError(
-            f"{folder} holds only pickle checkpoints ({', '.join(pickles)}); ferry loads safetensors only, because "
-            "unpickling can run arbitrary code. Convert it, e.g. with transformers: "
-            "AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst, safe_serialization=True)")
-    raise ModelLoadError(f"{folder} has no *.safetensors weights")
-
-
-class _Reader:
-    """Name -> tensor across shard files, read on demand."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self.where: dict[str, Path] = {}
-        self.handles = {}
-        for f in files:
-            try:
-                h = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for bad headers
-                raise ModelLoadError(f"cannot read {f}: {e}; the file is not valid safetensors (truncated?)") from None
-            self.handles[f] = h
-            for k in h.keys():
-                self.where[k] = f
-
-    def has(self, name: str) -> bool:
-        return name in self.where
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
-            raise ModelLoadError(f"tensor {name!r} is missing from the checkpoint")
-        try:
-            return self.handles[self.where[name]].get_tensor(name)
-        except Exception as e:
-            raise ModelLoadError(f"cannot read tensor {name!r} from {self.where[name]}: {e}") from None
-
-
-def _hf_names(cfg: ModelConfig, reader: _Reader) -> dict[str, list[str] | tuple[str, ...]]:
+def _hf_names(cfg: ModelConfig, reader: Reader) -> dict[str, list[str] | tuple[str, ...]]:
     """ferry parameter name -> the HF tensor names it is built from (a list is concatenated on dim 0,
     a tuple of per-expert lists is stacked)."""
     m: dict = {"embed": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
@@ -100,7 +45,7 @@ def _hf_names(cfg: ModelConfig, reader: _Reader) -> dict[str, list[str] | tuple[
     return m
 
 
-def _moe_names(cfg: ModelConfig, p: str, f: str, reader: _Reader) -> dict:
+def _moe_names(cfg: ModelConfig, p: str, f: str, reader: Reader) -> dict:
     E = cfg.moe.num_experts
     if cfg.family == "mixtral":
         b = p + "block_sparse_moe."
@@ -124,12 +69,25 @@ def _moe_names(cfg: ModelConfig, p: str, f: str, reader: _Reader) -> dict:
     return m
 
 
-def _build(reader: _Reader, names, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _build(reader: Reader, names, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The tensor made of the HF tensors `names`: a list is concatenated on dim 0, a tuple of lists stacked."""
     if isinstance(names, tuple):  # per-expert groups -> [E, ...]
-        return torch.stack([_build(reader, group, dtype, device) for group in names])
-    parts = [reader.get(n) for n in names]
-    t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    return t.to(device=device, dtype=dtype, copy=True)  # copy: anonymous memory, not the file's mmap
+        first = _build(reader, names[0], dtype, device)
+        out = torch.empty((len(names), *first.shape), dtype=dtype, device=device)
+        out[0] = first
+        for i, group in enumerate(names[1:], start=1):
+            out[i] = _build(reader, group, dtype, device)
+        return out
+    if len(names) == 1:
+        t = reader.get(names[0])  # a fresh tensor of our own: no copy needed when it is already right
+        return t if t.dtype == dtype and t.device == device else t.to(device=device, dtype=dtype)
+    shapes = [reader.shape(n) for n in names]
+    out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=dtype, device=device)
+    row = 0
+    for n, s in zip(names, shapes):
+        out[row:row + s[0]] = reader.get(n)
+        row += s[0]
+    return out
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_len: int,
@@ -137,7 +95,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_l
     """experts: layer -> the ExpertWeights of that MoE layer, when experts live elsewhere (an offloading
     store); their tensors are then not read from the checkpoint."""
     folder = Path(cfg.path)
-    reader = _Reader(checkpoint_files(folder))
+    reader = Reader(checkpoint_files(folder))
     model = DecoderModel(cfg, max_len)
     if experts is not None:
         for i, layer in enumerate(model.layers):
