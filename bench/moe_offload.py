@@ -79,7 +79,26 @@ def random_model(smoke: bool) -> Path:
         from bench.peers.tiny import build_tiny
         return build_tiny("tiny-olmoe")
     models.SHAPES.setdefault(RANDOM_NAME, RANDOM_SHAPE)
-    return models.build(RANDOM_NAME)
+    return bf16_copy(models.build(RANDOM_NAME))
+
+
+def bf16_copy(src: Path) -> Path:
+    """The checkpoint with bfloat16 tensors (bench/models.py writes float32): the engines run bf16, and every
+    worker start would otherwise read and convert twice the bytes. Built once, beside the source."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    dst = src.with_name(src.name + "-bf16")
+    if (dst / "config.json").is_file():  # written last
+        return dst
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(dst / f.name))
+        elif f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16", "torch_dtype": "bfloat16"}, indent=2))
+    return dst
 
 
 def weight_bytes(model: Path, dtype_bytes: int = 2) -> tuple[int, int]:
@@ -169,7 +188,7 @@ class Config:
             return self.worker.call(op, timeout=timeout, **kw)
         except TimeoutError:
             self.why = f"over the {timeout:.0f} s limit per call"
-        except WorkerError as e:
+        except (WorkerError, ValueError) as e:
             self.why = self._reason(e)
         raise _Failed()
 
@@ -228,8 +247,9 @@ def measure(cfg: Config, prompts: list[list[int]], new_tokens: int, timeout: flo
 
 # -- the scenario ---------------------------------------------------------------------------------------------
 
-def configs_for(budget: float, engines: list[str], nonexpert: int, experts: int, store: Path, store_bytes: int,
-                runtime: dict[str, int], klotski: int | None, work: Path, limits: bool) -> list[Config]:
+def configs_for(budget: float, engines: list[str], nonexpert: int, experts: int, layer_bytes: int, store: Path,
+                store_bytes: int, runtime: dict[str, int], klotski: int | None, work: Path,
+                limits: bool) -> list[Config]:
     """Every engine setting at this budget (fraction of expert bytes in RAM), each with its memory limit."""
     def limit(engine: str) -> int | None:
         return runtime[engine] + nonexpert + int(budget * experts) + SLACK if limits else None
@@ -244,8 +264,8 @@ def configs_for(budget: float, engines: list[str], nonexpert: int, experts: int,
                               {**ferry_common, **FERRY_MODES["ferry full"], "max_num_seqs": klotski}, limit("ferry")))
     if "transformers" in engines:
         opts = {"batch_size": 16}
-        if budget < 1:
-            opts.update(max_cpu_memory=nonexpert + int(budget * experts),
+        if budget < 1:  # minus one layer: the disk layer a forward loads is anonymous memory on top of max_memory
+            opts.update(max_cpu_memory=max(nonexpert + int(budget * experts) - layer_bytes, 1),
                         offload_folder=str(work / f"offload-{budget:g}-{os.getpid()}"))
         out.append(Config(PEERS["transformers"], "transformers", opts, limit("transformers")))
     if "llama.cpp" in engines:
@@ -264,6 +284,9 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
     store_bytes = StoreIndex.load(store).total_nbytes
     nonexpert, experts = weight_bytes(model, 4 if args.dtype == "float32" else 2)
     cfg = json.loads((model / "config.json").read_text())
+    embeddings = cfg["vocab_size"] * cfg["hidden_size"] * (4 if args.dtype == "float32" else 2)
+    embeddings *= 1 if cfg.get("tie_word_embeddings") else 2
+    layer_bytes = (nonexpert - embeddings + experts) // cfg["num_hidden_layers"]  # one decoder layer's weights
     files = [model, store]
     if "llama.cpp" in engines:
         from bench.peers.gguf_export import ensure
@@ -295,12 +318,15 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
                          runtime["ferry"] + nonexpert + experts + SLACK if limits else None)
             ref.start(outer, model, args.dtype, args.threads, args.timeout, files)
             if ref.worker:
-                ref.call("generate", args.timeout, prompts=warm[max(batches)], max_tokens=[4] * max(batches))
+                ref.call("generate", args.timeout, prompts=warm[max(batches)], max_tokens=[2] * max(batches))
         ref_ids: dict[int, list] = {}
         for budget in budgets:
             klotski = args.klotski if budget <= 0.25 and 0 < args.klotski < max(batches) else None
-            confs = configs_for(budget, engines, nonexpert, experts, store, store_bytes, runtime, klotski,
-                                WORK, limits)
+            confs = configs_for(budget, engines, nonexpert, experts, layer_bytes, store, store_bytes, runtime,
+                                klotski, WORK, limits)
+            def timeout_of(c: Config) -> float:
+                return args.timeout if c.engine == "ferry" else args.peer_timeout
+
             with ExitStack() as stack:
                 for c in confs:
                     c.start(stack, model, args.dtype, args.threads, args.timeout, files)
@@ -313,7 +339,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
                             part["plans"][f"{budget:g}"] = plan
                         if c.engine == "transformers":
                             c.info["placement"] = c.call("placement", args.timeout)["counts"]
-                        c.call("generate", args.timeout, prompts=warm[max(batches)], max_tokens=[4] * max(batches))
+                        c.call("generate", timeout_of(c), prompts=warm[max(batches)], max_tokens=[2] * max(batches))
                     except _Failed:
                         print(f"[moe-offload] {label} budget {budget:g} {c.name}: n/a ({c.why})", flush=True)
                 runs: dict[tuple[str, int], list[dict]] = {}
@@ -324,7 +350,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
                             if c.worker is None or c.why or (c.name.startswith("ferry full, groups") and B < max(batches)):
                                 continue
                             try:
-                                m = measure(c, prompt_sets[B], args.new_tokens, args.timeout)
+                                m = measure(c, prompt_sets[B], args.new_tokens, timeout_of(c))
                             except _Failed:
                                 continue
                             m["round"] = r
@@ -477,14 +503,15 @@ def markdown(rec: dict) -> str:
     out.append(f"{rec['config']['threads']} threads for every engine; median of {rec['config']['runs']} round(s), "
                f"configurations alternating; git {rec['machine']['git']}, torch {rec['machine']['torch']}, "
                f"transformers {rec['machine']['transformers']}; {rec.get('duration_s', 0) / 60:.0f} min. "
-               f"Reproduce: `{cmd}` (results in `bench/results/moe_offload.{{json,png}}`).")
+               f"Reproduce: `{cmd}` (results in `bench/results/{rec['config'].get('out') or 'moe_offload'}.{{json,png}}`).")
     return "\n\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench moe-offload", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="an OLMoE/Mixtral/Qwen-MoE folder instead of the random one")
+    ap.add_argument("--model", default=None,
+                    help="an OLMoE/Mixtral/Qwen-MoE folder instead of the random one ('none': only --trained)")
     ap.add_argument("--trained", default=str(TRAINED), help="trained MoE for routing metrics ('none': skip)")
     ap.add_argument("--engines", default="ferry,transformers,llama.cpp")
     ap.add_argument("--budgets", default=None, help="fractions of the experts' bytes in RAM (1,0.5,0.25,0.125)")
@@ -495,7 +522,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--klotski", type=int, default=8,
                     help="at budgets <= 25%% also decode the batch of 16 as sequential groups of this many (0: off)")
-    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per call of a ferry worker")
+    ap.add_argument("--peer-timeout", type=float, default=120.0,
+                    help="seconds per call of a peer (one that thrashes at its memory limit is n/a past it)")
     ap.add_argument("--no-parity", action="store_true", help="skip the float32 check of the engines")
     ap.add_argument("--no-limit", action="store_true", help="no cgroup memory limits (ferry's budget still holds)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 1 thread, 4 tokens: checks the code")
@@ -514,8 +543,9 @@ def main(argv: list[str] | None = None) -> None:
     record = new_record("moe-offload", QUESTION, args)
     record["models"] = {}
     WORK.mkdir(parents=True, exist_ok=True)
-    model = Path(args.model) if args.model else random_model(args.smoke)
-    run_model("random" if not args.model else "model", model, args, engines, False, record)
+    if args.model != "none":
+        model = Path(args.model) if args.model else random_model(args.smoke)
+        run_model("random" if not args.model else "model", model, args, engines, False, record)
     if args.trained != "none":
         run_model("trained", Path(args.trained), args, ["ferry"], True, record)
     record["duration_s"] = time.perf_counter() - started

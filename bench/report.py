@@ -154,10 +154,12 @@ def render(results: Path = RESULTS) -> dict[str, str]:
             section = serving_section(rec) if s == "serving" else offline_section(rec, s)
             parts.append(section.replace(f"bench/results/{s}.", f"bench/results/{f.stem}."))
         out[s] = "\n\n".join(parts)
-    moe = results / "moe_offload.json"  # bench/moe_offload.py: its own table layout (budgets x configurations)
-    if moe.is_file():
+    # bench/moe_offload.py: its own table layout (budgets x configurations); moe_offload.json, then any --out
+    # moe_offload-<name>.json (e.g. the trained model's run)
+    moe = [f for f in [results / "moe_offload.json", *sorted(results.glob("moe_offload-*.json"))] if f.is_file()]
+    if moe:
         from bench.moe_offload import markdown
-        out["moe-offload"] = markdown(json.loads(moe.read_text()))
+        out["moe-offload"] = "\n\n".join(markdown(json.loads(f.read_text())) for f in moe)
     legacy = results / "engine_vs_hf.json"
     superseded = all((results / f"{s}.json").is_file() for s in ("decode", "prefill", "throughput"))
     out[""] = engine_vs_hf_legacy(json.loads(legacy.read_text())) if legacy.is_file() and not superseded else ""

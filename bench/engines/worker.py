@@ -144,7 +144,8 @@ class Worker:
         return self._read(timeout)
 
     def log_tail(self, n: int = 3000) -> str:
-        self._log.flush()
+        if not self._log.closed:  # close() (a worker that exited) has flushed it already
+            self._log.flush()
         return self.log_path.read_text()[-n:] if self.log_path.exists() else ""
 
     def close(self) -> None:
