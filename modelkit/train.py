@@ -42,6 +42,7 @@ class Phase:
     seq_len: int
     batch: int
     steps: int
+    accum: int = 1  # micro-batches per optimizer step (gradient accumulation): long rows, larger effective batch
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Recipe:
     aux_coef: float = 0.02
     answer_weight: float = 2.0  # weight of the mean loss over answer tokens
     teacher: str | None = None  # distil from this model's logits
+    on_policy_frac: float = 0.0  # rows that are the teacher's own greedy continuations of corpus prompts
     upcycle: str | None = None  # start from this dense model: shared weights copied, experts from its MLP slices
     tasks: tuple[str, ...] = TASKS
 
@@ -73,8 +75,9 @@ RECIPES = {
         [Phase(512, 16, 200)], task_frac=0.2, repeat_frac=0.2, aux_coef=0.1, upcycle="ferry-tiny",
     ),
     "ferry-tiny-draft": Recipe(
+        # Half the rows are ferry-tiny's own greedy continuations: a draft is judged on exactly those.
         Spec(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=384),
-        [Phase(1024, 8, 200)], task_frac=0.0, repeat_frac=0.2, teacher="ferry-tiny",
+        [Phase(256, 32, 600)], task_frac=0.0, repeat_frac=0.1, teacher="ferry-tiny", on_policy_frac=0.5,
     ),
 }
 
@@ -91,11 +94,18 @@ class _Tok:
         return self.t.encode(s).ids
 
 
-def make_batch(recipe: Recipe, tok: _Tok, hay: Haystack, rng: random.Random, phase: Phase):
-    """Rows of seq_len+1 tokens, an answer mask and each row's task ('' for text)."""
+def make_batch(recipe: Recipe, tok: _Tok, hay: Haystack, rng: random.Random, phase: Phase,
+               pool: list[list[int]] | None = None):
+    """Rows of seq_len+1 tokens, an answer mask and each row's task ('' for text). ``pool``: the teacher's
+    greedy continuations (PROMPT_LEN corpus tokens, then generated ones), drawn for on_policy_frac of the rows."""
     rows, masks, kinds = [], [], []
     n = phase.seq_len + 1
     for _ in range(phase.batch):
+        u = rng.random()
+        if pool and u < recipe.on_policy_frac:  # the draft learns the target's greedy choices: its tokens weigh double
+            row = rng.choice(pool)[:n]
+            rows.append(row); masks.append([0] * PROMPT_LEN + [1] * (n - PROMPT_LEN)); kinds.append("on-policy")
+            continue
         u = rng.random()
         if u < recipe.repeat_frac:
             half = hay.take((n + 1) // 2, rng)
@@ -114,6 +124,22 @@ def make_batch(recipe: Recipe, tok: _Tok, hay: Haystack, rng: random.Random, pha
     x = torch.tensor(rows)
     # mask[t] marks token t as an answer token; it is predicted at position t-1.
     return x[:, :-1], x[:, 1:], torch.tensor(masks)[:, 1:].bool(), kinds
+
+
+PROMPT_LEN = 64  # corpus tokens before the teacher's continuation (as in `ferry eval`'s acceptance rate)
+POOL_ROWS = 3000  # teacher continuations generated once, before training
+
+
+def teacher_pool(folder: Path, hay: Haystack, rng: random.Random, num_rows: int, seq_len: int) -> list[list[int]]:
+    """The teacher checkpoint in ``folder`` continues ``num_rows`` corpus prompts greedily (run by ferry itself:
+    minutes, where the training model without a KV cache would take hours); rows of seq_len+1 tokens."""
+    from ferry import LLM, SamplingParams
+
+    prompts = [hay.take(PROMPT_LEN, rng) for _ in range(num_rows)]
+    llm = LLM(str(folder), dtype="float32", kv_cache_memory="512M")
+    params = SamplingParams(max_tokens=seq_len + 1 - PROMPT_LEN, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    return [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outs)]
 
 
 def load_trained(name: str, folder: Path | None = None) -> CausalLM:
@@ -155,6 +181,28 @@ def export(model: CausalLM, out: Path, tokenizer: Path) -> None:
     data.write_tokenizer(tokenizer, out)
 
 
+
+def _micro_step(model, teacher, recipe: Recipe, tok: _Tok, hay: Haystack, rng: random.Random, phase: Phase,
+                pool: list[list[int]] | None):
+    """One micro-batch's forward pass and loss."""
+    x, y, amask, kinds = make_batch(recipe, tok, hay, rng, phase, pool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    logits = logits.float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view_as(y)
+    loss = ce.mean()
+    if amask.any():
+        loss = loss + recipe.answer_weight * ce[amask].mean()
+    if recipe.spec.num_experts:
+        loss = loss + recipe.aux_coef * model.aux_loss()
+    if teacher is not None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            t_logits = teacher(x).float()
+        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
+        loss = 0.5 * loss + 0.5 * kl / y.shape[1]
+    return x, y, amask, kinds, logits, ce, loss
+
+
 def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int = 2,
           init: Path | None = None, phases: list[Phase] | None = None, tag: str = "") -> dict:
     """Train ``name`` by its recipe (or the given phases), from scratch or from the checkpoint in ``init``."""
@@ -177,6 +225,12 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
     teacher = None
     if recipe.teacher:  # smoke: a random teacher of the right shape exercises the distillation path
         teacher = CausalLM(RECIPES[recipe.teacher].spec).eval() if smoke else load_trained(recipe.teacher)
+    pool = None
+    if teacher is not None and recipe.on_policy_frac:
+        folder = ASSETS / recipe.teacher
+        if smoke:
+            export(teacher, folder := out / "smoke-teacher", tok.path)
+        pool = teacher_pool(folder, hay, rng, 8 if smoke else POOL_ROWS, max(p.seq_len for p in phases))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.1)
     total = sum(p.steps for p in phases)
     warm = max(1, min(50, total // 10))
@@ -189,23 +243,10 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
     step = 0
     for phase in phases:
         for _ in range(phase.steps):
-            x, y, amask, kinds = make_batch(recipe, tok, hay, rng, phase)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = model(x)
-            logits = logits.float()
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view_as(y)
-            loss = ce.mean()
-            if amask.any():
-                loss = loss + recipe.answer_weight * ce[amask].mean()
-            if recipe.spec.num_experts:
-                loss = loss + recipe.aux_coef * model.aux_loss()
-            if teacher is not None:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                    t_logits = teacher(x).float()
-                kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
-                loss = 0.5 * loss + 0.5 * kl / y.shape[1]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for _ in range(phase.accum):
+                x, y, amask, kinds, logits, ce, loss = _micro_step(model, teacher, recipe, tok, hay, rng, phase, pool)
+                (loss / phase.accum).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
@@ -269,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
     p.add_argument("--rope-linear-factor", type=float, help="set position interpolation (HF linear RoPE scaling)")
     p.add_argument("--init", type=Path, help="continue from this checkpoint folder instead of from scratch")
-    p.add_argument("--phase", action="append", metavar="SEQ_LEN,BATCH,STEPS",
+    p.add_argument("--tasks", help="comma-separated retrieval tasks to train on (default: the recipe's)")
+    p.add_argument("--phase", action="append", metavar="SEQ_LEN,BATCH,STEPS[,ACCUM]",
                    help="train these phases instead of the recipe's (repeatable)")
     a = p.parse_args(argv)
     phases = [Phase(*map(int, x.split(","))) for x in a.phase] if a.phase else None
@@ -278,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
             RECIPES[name].repeat_frac = a.repeat_frac
         if a.lr is not None:
             RECIPES[name].lr = a.lr
+        if a.tasks:
+            RECIPES[name].tasks = tuple(a.tasks.split(","))
         if a.rope_linear_factor is not None:
             RECIPES[name].spec.rope_linear_factor = a.rope_linear_factor
         out = a.out / name if a.out and a.model == "all" else a.out or ASSETS / name
