@@ -8,6 +8,8 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
     memory      peak RSS of each engine for the same job
     moe-offload MoE decode with experts on disk under a RAM budget: ferry's modes vs accelerate disk offload and
                 llama.cpp mmap, each under the same cgroup memory limit (~15 min; not part of `all`)
+    long-context KV policies (full, int8, spans at several budgets): KV bytes/token, sequences at a fixed KV budget,
+                prefill and decode speed, retrieval accuracy and perplexity (~25 min; not part of `all`)
     all         every scenario at its default size, then the README tables (what `make bench` runs);
                 `all --smoke` runs every smoke version and fills a copy of the README in bench/.cache/smoke/
     report      regenerate the README tables from bench/results/*.json
@@ -19,7 +21,7 @@ import importlib
 import sys
 
 SCENARIOS = ("throughput", "decode", "prefill", "serving", "memory")
-OTHER = {"moe-offload": "moe_offload"}  # scenario -> module, run only when asked for
+OTHER = {"moe-offload": "moe_offload", "long-context": "long_context"}  # scenario -> module, run only when asked for
 
 
 def run(scenario: str, argv: list[str]) -> int:

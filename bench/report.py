@@ -160,6 +160,10 @@ def render(results: Path = RESULTS) -> dict[str, str]:
     if moe:
         from bench.moe_offload import markdown
         out["moe-offload"] = "\n\n".join(markdown(json.loads(f.read_text())) for f in moe)
+    lc = results / "long_context.json"  # bench/long_context.py: a row per KV policy, ratios to full attention
+    if lc.is_file():
+        from bench.long_context import section
+        out["long-context"] = section(json.loads(lc.read_text()))
     legacy = results / "engine_vs_hf.json"
     superseded = all((results / f"{s}.json").is_file() for s in ("decode", "prefill", "throughput"))
     out[""] = engine_vs_hf_legacy(json.loads(legacy.read_text())) if legacy.is_file() and not superseded else ""

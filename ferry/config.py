@@ -215,6 +215,18 @@ class OffloadConfig:
 
 
 @dataclass(frozen=True)
+class KVPolicyConfig:
+    """How the KV cache trades memory for quality (ferry/kvcache/policies/). `full` keeps every token exactly."""
+
+    name: str = "full"  # full | int8 | spans
+    # what a decode query may read, as a fraction of its context (<= 1) or a number of tokens (> 1); None: all.
+    # int8 ignores it (its memory is fixed by the format).
+    budget: float | None = None
+    sink_tokens: int = 16  # spans: first tokens every query attends to (attention sinks); rounded up to blocks
+    window_tokens: int = 128  # spans: most recent tokens every query attends to; rounded up to blocks
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     device: str = "cpu"
@@ -225,3 +237,4 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    kv_policy: KVPolicyConfig = field(default_factory=KVPolicyConfig)

@@ -15,7 +15,9 @@ class ScheduledReq:
     req_id: str
     token_ids: list[int]  # the tokens whose KV this step computes (a prefill chunk, or one decode token)
     start_pos: int  # position of token_ids[0] = the request's num_computed_tokens before this step
-    block_ids: list[int]  # the request's whole block table (device blocks), covering start_pos + len(token_ids)
+    # the request's whole block table, covering start_pos + len(token_ids): device blocks, and (KV policies with a
+    # slow tier) host block h as -1 - h for spans gone cold; this step's new tokens always land in device blocks
+    block_ids: list[int]
     sample: bool  # True when this step reaches the end of the known tokens: sample the next one
     params: SamplingParams
     all_token_ids: list[int]  # prompt + output so far (read-only; penalties and seeds need it)

@@ -15,7 +15,7 @@ from ferry.engine.stats import EngineStats
 from ferry.errors import ContextLengthExceeded, InvalidRequest
 from ferry.experts.store import ExpertStore
 from ferry.kvcache.manager import KVCacheManager
-from ferry.kvcache.storage import KVStorage
+from ferry.models.kv import PolicyKV
 from ferry.request import FinishReason, Request, RequestOutput, SamplingParams
 from ferry.runner.runner import Runner
 from ferry.scheduler.scheduler import Scheduler
@@ -34,7 +34,7 @@ class EngineParts:
     model_config: ModelConfig
     tokenizer: Tokenizer
     kv: KVCacheManager
-    storage: KVStorage
+    storage: PolicyKV  # the KV tensors of the policy, both tiers
     scheduler: Scheduler
     runner: Runner
     max_model_len: int
@@ -160,6 +160,8 @@ class LLMEngine:
         return EngineStats(experts=self.parts.experts.stats() if self.parts.experts else None,
             num_running=len(s.running), num_waiting=len(s.waiting),
             num_kv_blocks_total=self.kv.pool.num_blocks, num_kv_blocks_used=self.kv.pool.num_used,
+            kv_cache_bytes=self.parts.storage.nbytes, kv_host_bytes=self.parts.storage.host_nbytes,
+            num_kv_blocks_offloaded=self.kv.num_offloaded,
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             num_preemptions=s.num_preemptions, num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens, num_steps=self.num_steps)

@@ -15,10 +15,11 @@ from ferry.experts.policies import EVICTION_POLICIES
 from ferry.experts.predictors import PREDICTORS, PreGatePredictor
 from ferry.experts.store import ExpertStore
 from ferry.kvcache.manager import KVCacheManager
-from ferry.kvcache.storage import KVStorage, bytes_per_block
+from ferry.kvcache.policies import KV_POLICIES, KVPolicy, KVShape
+from ferry.models.kv import build_policy_kv
 from ferry.models.loader import load_model
 from ferry.ops import kernel_available
-from ferry.ops.attention import paged_decode_attention_available
+from ferry.ops.attention import paged_decode_attention_available, paged_decode_attention_int8_available
 from ferry.runner.runner import Runner
 from ferry.sampling import Sampler
 from ferry.scheduler.policies import POLICIES
@@ -89,6 +90,29 @@ def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.
     return store
 
 
+def build_kv_policy(cfg: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> KVPolicy:
+    name = cfg.kv_policy.name
+    if name == "spans" and any(w is not None for w in model_cfg.sliding_windows):
+        raise InvalidRequest("--kv-policy spans needs full-attention layers; this model has sliding-window layers")
+    shape = KVShape(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, cfg.cache.block_size,
+                    torch.empty(0, dtype=dtype).element_size())
+    return KV_POLICIES[name](cfg.kv_policy, shape)
+
+
+def kv_block_counts(cfg: EngineConfig, policy: KVPolicy) -> tuple[int, int]:
+    """(device blocks, host blocks) the byte budgets buy under the policy. A fast-tier index over host blocks
+    (spans) is paid from --kv-cache-memory too, so the reported memory is the memory used."""
+    swap = cfg.scheduler.preemption_mode == "swap"
+    num_host = cfg.cache.swap_space // policy.host_bytes_per_block() if swap or policy.uses_host_tier else 0
+    per_block = policy.device_bytes_per_block()
+    num_blocks = (cfg.cache.kv_cache_memory - num_host * policy.index_bytes_per_host_block()) // per_block
+    if num_blocks < 1:
+        raise InvalidRequest(f"kv_cache_memory={cfg.cache.kv_cache_memory} bytes holds no KV block "
+                             f"({per_block} bytes each for this model and --kv-policy {policy.name}); raise "
+                             f"--kv-cache-memory" + (" or lower --swap-space" if policy.uses_host_tier else ""))
+    return num_blocks, num_host
+
+
 def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     if torch.device(cfg.device).type == "cpu":
         _tune_malloc()
@@ -100,14 +124,10 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     dtype = resolve_dtype(cfg.dtype, model_cfg, device)
 
     block_size = cfg.cache.block_size
-    per_block = bytes_per_block(model_cfg, block_size, dtype)
-    num_blocks = cfg.cache.kv_cache_memory // per_block
-    if num_blocks < 1:
-        raise InvalidRequest(f"kv_cache_memory={cfg.cache.kv_cache_memory} bytes holds no KV block "
-                             f"({per_block} bytes each for this model); raise --kv-cache-memory")
-    swap = cfg.scheduler.preemption_mode == "swap"
-    num_host_blocks = cfg.cache.swap_space // per_block if swap else 0
-    max_len = min(model_cfg.max_model_len, num_blocks * block_size)
+    policy = build_kv_policy(cfg, model_cfg, dtype)
+    num_blocks, num_host_blocks = kv_block_counts(cfg, policy)
+    # a policy with a slow tier needs only the resident part of a sequence in device blocks
+    max_len = min(model_cfg.max_model_len, (num_blocks + num_host_blocks * policy.uses_host_tier) * block_size)
     if cfg.max_model_len:
         max_len = min(max_len, cfg.max_model_len)
     if max_len < model_cfg.max_model_len and not cfg.max_model_len:
@@ -120,9 +140,11 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
             experts.predictor.set_routers({l: model.layers[l].mlp.router for l in experts.index.layer_files})
         if device.type == "cpu":  # compile the CPU kernels now, not on the first request
             paged_decode_attention_available()
+            if policy.name == "int8":
+                paged_decode_attention_int8_available()
             kernel_available()
-        storage = KVStorage(model_cfg, num_blocks, num_host_blocks, block_size, dtype, device)
-        kv = KVCacheManager(num_blocks, block_size, cfg.cache.enable_prefix_caching, num_host_blocks)
+        storage = build_policy_kv(policy, model_cfg, num_blocks, num_host_blocks, block_size, dtype, device)
+        kv = KVCacheManager(num_blocks, block_size, cfg.cache.enable_prefix_caching, num_host_blocks, policy)
         scheduler = Scheduler(cfg.scheduler, kv, POLICIES[cfg.scheduler.policy]())
         eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_cfg.eos_token_ids)
         runner = Runner(model, storage, Sampler(eos, seed=cfg.seed), block_size, device)

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ferry.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
+from ferry.config import CacheConfig, EngineConfig, KVPolicyConfig, OffloadConfig, SchedulerConfig
 from ferry.errors import InvalidRequest
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
@@ -50,13 +50,21 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("seed", 0, int, "seed of the generator used by requests without their own seed"),
     Option("kv_cache_memory", "1G", parse_size, "bytes for the KV cache (e.g. 512M, 2G); never exceeded"),
     Option("block_size", 16, int, "tokens per KV block"),
-    Option("swap_space", "1G", parse_size, "host bytes for KV swapped out on preemption (with --preemption-mode swap)"),
+    Option("swap_space", "1G", parse_size, "host bytes for KV swapped out on preemption (with --preemption-mode swap) "
+           "and for the cold spans of --kv-policy spans"),
     Option("enable_prefix_caching", True, _bool, "share KV blocks of common prompt prefixes between requests"),
     Option("max_num_batched_tokens", 512, int, "token budget per engine step (prefill chunks + decodes)"),
     Option("max_num_seqs", 64, int, "most requests running at once"),
     Option("max_waiting", 1024, int, "most requests queued; more are refused as overloaded"),
     Option("scheduling_policy", "fcfs", str, "order of admission and preemption", ("fcfs", "priority")),
     Option("preemption_mode", "recompute", str, "what happens to the KV of a preempted request", ("recompute", "swap")),
+    Option("kv_policy", "full", str, "what the KV cache keeps and a query reads: full (exact), int8 (quantized "
+           "K/V, ~2x blocks per byte in bf16), spans (sinks + window on device, older spans in host memory, decode "
+           "reads the top-k by a key index)", ("full", "int8", "spans")),
+    Option("kv_budget", None, float, "spans: tokens a decode query reads, as a fraction of its context (<= 1) or a "
+           "count (> 1); default: all"),
+    Option("kv_sink_tokens", 16, int, "spans: first tokens kept on device and always read (attention sinks)"),
+    Option("kv_window_tokens", 128, int, "spans: most recent tokens kept on device and always read"),
     Option("expert_store", None, str, "MoE: read experts on demand from this folder (`ferry convert MODEL --expert-store DIR`)"),
     Option("expert_cache_memory", None, parse_size, "MoE with --expert-store: bytes of RAM for cached experts "
            "(e.g. 256M; default: all experts); never exceeded"),
@@ -91,6 +99,14 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         raise InvalidRequest("expert_cache_memory, expert_eviction, expert_prefetch and explain need expert_store")
     if v["expert_correlation_file"] is not None and v["expert_prefetch"] != "correlation":
         raise InvalidRequest("expert_correlation_file needs expert_prefetch=correlation")
+    if v["kv_budget"] is not None and v["kv_budget"] <= 0:
+        raise InvalidRequest(f"kv_budget must be > 0 (a fraction of the context <= 1, or tokens), got {v['kv_budget']}")
+    if v["kv_policy"] != "spans" and (v["kv_budget"] is not None or v["kv_sink_tokens"] != 16
+                                      or v["kv_window_tokens"] != 128):
+        raise InvalidRequest(f"kv_budget, kv_sink_tokens and kv_window_tokens need kv_policy=spans "
+                             f"(kv_policy={v['kv_policy']} keeps and reads every token)")
+    if v["kv_sink_tokens"] < 0 or v["kv_window_tokens"] < 1:
+        raise InvalidRequest("kv_sink_tokens must be >= 0 and kv_window_tokens >= 1")
     return EngineConfig(
         model=str(model), device=v["device"], dtype=v["dtype"], threads=v["threads"],
         max_model_len=v["max_model_len"], seed=v["seed"],
@@ -102,6 +118,8 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         offload=OffloadConfig(expert_store=v["expert_store"], expert_cache_memory=v["expert_cache_memory"],
                               expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"],
                               explain=v["explain"], expert_correlation_file=v["expert_correlation_file"]),
+        kv_policy=KVPolicyConfig(name=v["kv_policy"], budget=v["kv_budget"], sink_tokens=v["kv_sink_tokens"],
+                                 window_tokens=v["kv_window_tokens"]),
     )
 
 

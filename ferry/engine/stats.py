@@ -12,6 +12,9 @@ class EngineStats:
     num_waiting: int = 0  # requests queued (new or preempted)
     num_kv_blocks_total: int = 0
     num_kv_blocks_used: int = 0
+    kv_cache_bytes: int = 0  # fast-tier bytes the KV policy's tensors hold (blocks, scales, index): <= --kv-cache-memory
+    kv_host_bytes: int = 0  # slow-tier bytes (swap space, offloaded spans)
+    num_kv_blocks_offloaded: int = 0  # cumulative blocks a KV policy moved to the slow tier
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which found
     num_preemptions: int = 0  # cumulative

@@ -1,22 +1,38 @@
-"""Per-request block tables over the block pool: allocation, prefix-cache lookup, swap bookkeeping.
-Bookkeeping only: the tensors live in kvcache/storage.py, owned by the runner."""
+"""Per-request block tables over the block pool: allocation, prefix-cache lookup, swap bookkeeping, and the
+KV policy's tiering (blocks that go cold move to host blocks). Bookkeeping only: the tensors are owned by the
+runner (ferry/models/kv/).
+
+A block table entry b >= 0 is device block b; b < 0 is host block -1 - b (only policies with a slow tier, such
+as `spans`, leave host entries in a running request's table)."""
 from __future__ import annotations
 
 from ferry.kvcache.block_pool import BlockPool, HostBlockPool
+from ferry.kvcache.policies.base import KVPolicy
 from ferry.kvcache.prefix_cache import block_hashes
 from ferry.request import Request
 
 
+def host_entry(host_block: int) -> int:
+    """The block table entry of host block h (and back: host_entry(host_entry(h)) == h)."""
+    return -1 - host_block
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_host_blocks: int = 0) -> None:
+                 num_host_blocks: int = 0, policy: KVPolicy | None = None) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.host = HostBlockPool(num_host_blocks)
         self.enable_prefix_caching = enable_prefix_caching
+        self.policy = policy  # None: full attention, nothing ever goes cold
         self.block_tables: dict[str, list[int]] = {}
         self.hashes: dict[str, list[int]] = {}  # hashes of the request's full, computed blocks
         self.max_blocks_used = 0  # high-water mark, for tests of the budget
+        self.max_host_blocks_used = 0
+        # (device, host) copies of blocks gone cold, for the next plan's swap_out (before any reuse of the device
+        # block: the runner does swap_out first)
+        self.pending_offloads: list[tuple[int, int]] = []
+        self.num_offloaded = 0  # cumulative blocks moved to the slow tier
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -42,9 +58,20 @@ class KVCacheManager:
         table = self.block_tables.get(req.req_id, [])
         have = len(table) + len(computed_blocks)
         want = self.num_blocks_for(req.num_computed_tokens + num_new_tokens)
-        # cached hits sitting in the free queue stop being free once we take them
-        reclaimed = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
+        # cached hits sitting in the free queue stop being free once we take them, unless they go cold (to the
+        # host tier) as soon as they are taken
+        cold = self._cold_on_arrival(req, len(table), len(computed_blocks))
+        reclaimed = sum(1 for i, b in enumerate(computed_blocks, start=len(table))
+                        if self.pool.ref_counts[b] == 0 and i not in cold)
         return max(0, want - have) + reclaimed
+
+    def _cold_on_arrival(self, req: Request, start: int, n: int) -> set[int]:
+        """Indices start..start+n of prefix hits that the policy sends to host blocks right away (as far as the
+        host pool has room): a long cached prefix must not need device blocks for all of it at once."""
+        if not n or self.policy is None or not self.policy.uses_host_tier:
+            return set()
+        cold = [i for i in self.policy.cold_blocks(req.num_computed_tokens, start + n) if i >= start]
+        return set(cold[:self.host.num_free])
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> list[int] | None:
         """Grow req's block table to cover num_computed_tokens + num_new_tokens (taking prefix hits first).
@@ -56,6 +83,7 @@ class KVCacheManager:
             self.pool.touch(list(computed_blocks))
             table.extend(computed_blocks)
             self.hashes[req.req_id] = block_hashes(req.all_token_ids[:len(table) * self.block_size], self.block_size)
+            self.offload_cold(req)  # cold hits go to host now (the plan's swap_out copies them before any reuse)
         want = self.num_blocks_for(req.num_computed_tokens + num_new_tokens)
         if want > len(table):
             table.extend(self.pool.allocate(want - len(table)))
@@ -76,14 +104,43 @@ class KVCacheManager:
         new = block_hashes(req.all_token_ids[:num_full * self.block_size], self.block_size,
                            start=len(hashes), parent=hashes[-1] if hashes else None)
         for i, h in enumerate(new, start=len(hashes)):
-            self.pool.cache(table[i], h)
+            if table[i] >= 0:  # a block already moved to the host tier is not shareable
+                self.pool.cache(table[i], h)
         hashes.extend(new)
 
     def free(self, req: Request) -> None:
         table = self.block_tables.pop(req.req_id, None)
         self.hashes.pop(req.req_id, None)
         if table:
-            self.pool.free(table[::-1])
+            self.pool.free([b for b in table[::-1] if b >= 0])
+            self.host.free([host_entry(b) for b in table if b < 0])
+
+    # -- tiering (KV policies with a slow tier) ---------------------------------------------------
+
+    def offload_cold(self, req: Request) -> None:
+        """Move req's blocks that the policy calls cold to host blocks (as many as the host pool has room for;
+        the rest stay on the device and are read like resident blocks). Called after each step."""
+        if self.policy is None or not self.policy.uses_host_tier:
+            return
+        table = self.block_tables.get(req.req_id)
+        if not table:
+            return
+        for i in self.policy.cold_blocks(req.num_computed_tokens, len(table)):
+            b = table[i]
+            if b < 0:
+                continue
+            if not self.host.num_free:
+                break
+            h = self.host.allocate(1)[0]
+            self.pending_offloads.append((b, h))
+            self.pool.free([b])  # a prefix-cached block keeps its hash until reused: its content is still there
+            table[i] = host_entry(h)
+            self.num_offloaded += 1
+        self.max_host_blocks_used = max(self.max_host_blocks_used, self.host.num_blocks - self.host.num_free)
+
+    def take_offloads(self) -> list[tuple[int, int]]:
+        out, self.pending_offloads = self.pending_offloads, []
+        return out
 
     def block_table(self, req: Request) -> list[int]:
         return self.block_tables.get(req.req_id, [])
@@ -91,29 +148,36 @@ class KVCacheManager:
     # -- swap (preemption to host memory) --------------------------------------------------------
 
     def can_swap_out(self, req: Request) -> bool:
-        return len(self.block_table(req)) <= self.host.num_free
+        return sum(b >= 0 for b in self.block_table(req)) <= self.host.num_free
 
     def swap_out(self, req: Request) -> list[tuple[int, int]]:
-        """Move req's blocks to host blocks: returns (device, host) copies to do before they are reused."""
-        table = self.block_table(req)
-        host_ids = self.host.allocate(len(table))
+        """Move req's device blocks to host blocks (blocks already there stay): returns (device, host) copies to
+        do before the device blocks are reused."""
+        table = self.block_tables.pop(req.req_id, [])
+        self.hashes.pop(req.req_id, None)
+        device = [b for b in table if b >= 0]
+        fresh = iter(self.host.allocate(len(device)))
+        host_ids = [next(fresh) if b >= 0 else host_entry(b) for b in table]
         req.swapped_block_ids = host_ids
-        pairs = list(zip(table, host_ids))
-        self.free(req)
-        return pairs
+        self.pool.free(device[::-1])
+        return [(b, h) for b, h in zip(table, host_ids) if b >= 0]
 
     def swap_in(self, req: Request, num_new_tokens: int) -> tuple[list[tuple[int, int]], list[int]] | None:
         """Fresh device blocks for a swapped-out request plus room for num_new_tokens more:
-        ((host, device) copies, block table), or None if they don't fit."""
+        ((host, device) copies, block table), or None if they don't fit. Blocks the policy calls cold stay in
+        their host blocks."""
         host_ids = req.swapped_block_ids or []
         want = max(len(host_ids), self.num_blocks_for(req.num_computed_tokens + num_new_tokens))
-        if want > self.pool.num_free:
+        cold = self.policy.cold_blocks(req.num_computed_tokens, len(host_ids)) if self.policy else range(0)
+        keep = set(cold) if self.policy and self.policy.uses_host_tier else set()
+        if want - len(keep) > self.pool.num_free:
             return None
-        table = self.pool.allocate(want)
+        fresh = iter(self.pool.allocate(want - len(keep)))
+        table = [host_entry(host_ids[i]) if i in keep else next(fresh) for i in range(want)]
         self.block_tables[req.req_id] = table
         self.max_blocks_used = max(self.max_blocks_used, self.pool.num_used)
-        pairs = list(zip(host_ids, table))
-        self.host.free(host_ids)
+        pairs = [(h, b) for h, b in zip(host_ids, table) if b >= 0]
+        self.host.free([h for h, b in zip(host_ids, table) if b >= 0])
         req.swapped_block_ids = None
         return pairs, table
 

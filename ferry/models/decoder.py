@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ferry.config import ModelConfig
-from ferry.models.layers.attention import AttnMetadata, paged_attention, write_kv
+from ferry.models.kv.base import LayerKV
+from ferry.models.layers.attention import AttnMetadata
 from ferry.models.layers.linear import linear
 from ferry.models.layers.mlp import MoE, DenseMLP, _meta
 from ferry.models.layers.norm import RMSNorm
@@ -30,7 +31,7 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                kv_cache: LayerKV) -> torch.Tensor:
         cfg, T = self.cfg, x.shape[0]
         q, k, v = linear(x, self.qkv, self.qkv_bias).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if cfg.qk_norm == "full":
@@ -45,8 +46,7 @@ class Attention(nn.Module):
         # one in-place rotary pass over q and k together: [T, H + K, Dh]
         qk = torch.cat((q, k), dim=1)
         q, k = rotary_(qk, cos, sin).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        out = kv_cache.attend(q, k, v, meta, self.scale, self.window)  # the KV policy stores k/v and reads
         return linear(out, self.o, self.o_bias)
 
 
@@ -60,7 +60,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg.moe, cfg.hidden_size) if sparse else DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def forward(self, h: torch.Tensor | None, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttnMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                meta: AttnMetadata, kv_cache: LayerKV) -> torch.Tensor:
         """h: the previous layer's output (None for the first), added into residual in place; returns this
         layer's output. Same arithmetic as x = x + attn(norm(x)); x = x + mlp(norm(x)), fused."""
         n = self.input_norm(residual, h)
@@ -83,7 +83,7 @@ class DecoderModel(nn.Module):
         self.rotary = Rotary(self.cfg.rope, self.cfg.head_dim, self.max_len, device)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list[LayerKV],
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> float32 logits [S, V] for the rows in logits_indices [S]."""
         residual = self.embed[input_ids]  # fancy indexing copies: safe to update in place

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ferry.kvcache.storage import KVStorage
 from ferry.models.decoder import DecoderModel
+from ferry.models.kv import PolicyKV
 from ferry.plan import StepPlan, StepResult
 from ferry.request import TokenLogprob
 from ferry.runner.inputs import build_inputs
@@ -12,7 +12,7 @@ from ferry.sampling import Sampler
 
 
 class Runner:
-    def __init__(self, model: DecoderModel, storage: KVStorage, sampler: Sampler, block_size: int,
+    def __init__(self, model: DecoderModel, storage: PolicyKV, sampler: Sampler, block_size: int,
                  device: torch.device) -> None:
         self.model = model
         self.storage = storage

@@ -58,7 +58,7 @@ class Scheduler:
     # -- one step ---------------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        plan = StepPlan(finished_req_ids=self._finished_ids)
+        plan = StepPlan(finished_req_ids=self._finished_ids, swap_out=self.kv.take_offloads())
         self._finished_ids = []
         budget = self.cfg.max_num_batched_tokens
         scheduled: set[str] = set()
@@ -85,6 +85,7 @@ class Scheduler:
 
         if not preempted:
             self._admit(plan, budget)
+        plan.swap_out.extend(self.kv.take_offloads())  # prefix hits that went cold on admission
         return plan
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
@@ -102,9 +103,11 @@ class Scheduler:
                 # A prompt scored token by token must be computed in full: no prefix-cache hit.
                 computed, num_cached = ([], 0) if req.params.prompt_logprobs is not None else self.kv.get_computed_blocks(req)
                 num_new = min(req.num_tokens - num_cached, budget)
+                # the blocks needed count from the cached prefix on: set it before asking (and undo on refusal)
+                prev, req.num_computed_tokens = req.num_computed_tokens, num_cached
                 if not self.kv.can_allocate(req, num_new, computed):
+                    req.num_computed_tokens = prev
                     break
-                req.num_computed_tokens = num_cached
                 table = self.kv.allocate_slots(req, num_new, computed)
                 if req.num_preemptions == 0:
                     req.num_cached_prompt_tokens = num_cached
@@ -151,6 +154,7 @@ class Scheduler:
                 continue
             req.num_computed_tokens = s.start_pos + len(s.token_ids)
             self.kv.cache_full_blocks(req)
+            self.kv.offload_cold(req)
             if not s.sample:
                 continue
             req.append_output(result.sampled_token_ids[s.req_id])

@@ -51,6 +51,10 @@ class EngineCollector(Collector):
         yield gauge("ferry_kv_blocks_total", "KV cache blocks in the pool.", s.num_kv_blocks_total)
         yield gauge("ferry_kv_cache_usage_ratio", "Fraction of KV blocks held by requests.",
                     s.num_kv_blocks_used / s.num_kv_blocks_total if s.num_kv_blocks_total else 0.0)
+        yield gauge("ferry_kv_cache_bytes", "Fast-tier bytes the KV policy holds (blocks, scales, index).",
+                    s.kv_cache_bytes)
+        yield gauge("ferry_kv_host_bytes", "Slow-tier (host) bytes the KV policy holds.", s.kv_host_bytes)
+        yield counter("ferry_kv_blocks_offloaded", "KV blocks a policy moved to the slow tier.", s.num_kv_blocks_offloaded)
         yield gauge("ferry_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up.",
                     s.prefix_cache_hit_rate)
         yield counter("ferry_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)

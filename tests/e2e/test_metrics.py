@@ -7,6 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 FAMILIES = {
     "ferry_num_requests_running": "gauge", "ferry_num_requests_waiting": "gauge", "ferry_kv_blocks_used": "gauge",
     "ferry_kv_blocks_total": "gauge", "ferry_kv_cache_usage_ratio": "gauge", "ferry_prefix_cache_hit_rate": "gauge",
+    "ferry_kv_cache_bytes": "gauge", "ferry_kv_host_bytes": "gauge",
     "ferry_num_preemptions": "counter", "ferry_prompt_tokens": "counter", "ferry_generation_tokens": "counter",
     "ferry_time_to_first_token_seconds": "histogram", "ferry_time_per_output_token_seconds": "histogram",
     "ferry_e2e_request_latency_seconds": "histogram", "ferry_request_success": "counter",

@@ -9,6 +9,7 @@ import torch
 from ferry import LLM, SamplingParams
 from ferry.config import ModelConfig
 from ferry.kvcache.storage import KVStorage, bytes_per_block
+from ferry.models.kv.full import FullKV
 from ferry.models.loader import load_model
 from ferry.plan import ScheduledReq, StepPlan
 from ferry.runner.inputs import build_inputs
@@ -89,7 +90,7 @@ def test_logits_match_transformers(tmp_ckpt_dir, family):
     for start, n in [(0, 40), (40, 29), (69, 1)]:
         req = ScheduledReq("r", prompt[start:start + n], start, blocks, True, SamplingParams(), prompt, 70)
         inputs = build_inputs(StepPlan([req]), 16, torch.device("cpu"))
-        got.append(model(inputs.input_ids, inputs.meta, storage.layers, inputs.logits_indices))
+        got.append(model(inputs.input_ids, inputs.meta, FullKV(storage).layers, inputs.logits_indices))
     want = hf_logits(path, prompt)[[39, 68, 69]]
     torch.testing.assert_close(torch.cat(got), want, atol=1e-4, rtol=0)
 

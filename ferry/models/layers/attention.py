@@ -35,6 +35,7 @@ class AttnMetadata:
     decode_ctx_lens: torch.Tensor  # [B] long: context length including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)  # (kind, window) -> additive mask, built on first use
+    policy_state: dict = field(default_factory=dict)  # what a KV policy builds once per step for every layer
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, 1, L] additive float32 mask: 0 where the key is visible, -inf elsewhere."""

@@ -1,0 +1,84 @@
+"""The KV policy interface, scheduler side (torch-free).
+
+A KV policy decides which tokens' KV is kept, in which tier, and what a query reads. It comes in two halves:
+- this half (`KVPolicy`), which the KV cache manager and the engine factory consult: how many bytes a block
+  costs in each tier (so a budget buys the right number of blocks), and which of a request's blocks leave the
+  fast tier for the slow one once computed;
+- the tensor half (`ferry/models/kv/<name>.py`, `PolicyKV`), owned by the runner: the block tensors, how a step's
+  K/V are written and how each layer's queries read them.
+Neither the scheduler, the model code nor the server knows which policy runs: the scheduler sees block tables
+(a negative entry `-1 - h` is host block h), the model calls `layer_kv.attend(q, k, v, meta, scale, window)`.
+
+What later policies need from it (see docs/architecture.md, "KV policies"): `lazy` prunes per layer inside
+`attend` and keeps pruned KV in the slow tier (cold_blocks / the store's host tensors); `shadow` stores low-rank
+keys in the device tensors and values in host blocks (bytes_per_block per tier); `merge` shares one block tensor
+between adjacent layers (the store's layout); `layer-budget` gives each layer its own read budget (read_tokens).
+"""
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ferry.config import KVPolicyConfig
+from ferry.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The model facts a policy sizes blocks with (no torch: dtype as its byte width)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype_bytes: int  # of the model's KV dtype (2 for bfloat16, 4 for float32)
+
+    @property
+    def plain_block_bytes(self) -> int:
+        """K and V of every layer for one block, in the model dtype: what `full` stores."""
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+
+class KVPolicy(ABC):
+    """Defaults are full attention: every block on the device, every token read."""
+
+    name: ClassVar[str]
+    uses_host_tier: ClassVar[bool] = False  # needs host blocks even without swap preemption
+
+    def __init__(self, cfg: KVPolicyConfig, shape: KVShape) -> None:
+        self.cfg = cfg
+        self.shape = shape
+
+    def device_bytes_per_block(self) -> int:
+        """Fast-tier bytes one block costs (everything a block brings: K, V, scales...)."""
+        return self.shape.plain_block_bytes
+
+    def host_bytes_per_block(self) -> int:
+        """Slow-tier bytes of one host block (swap space and offloaded spans)."""
+        return self.device_bytes_per_block()
+
+    def index_bytes_per_host_block(self) -> int:
+        """Fast-tier bytes kept per host block so queries can find it without reading it (0: none)."""
+        return 0
+
+    def cold_blocks(self, num_computed_tokens: int, num_blocks: int) -> range:
+        """Logical block indices of a request that belong in the slow tier once num_computed_tokens are computed
+        (blocks only ever go cold, never warm again). Default: none."""
+        return range(0)
+
+    def read_tokens(self, ctx_len: int) -> int:
+        """Tokens a decode query with ctx_len tokens of context reads (the budget); default all of them."""
+        return ctx_len
+
+
+def resolve_budget(budget: float | None, ctx_len: int) -> int:
+    """--kv-budget as tokens for one context: a fraction (<= 1) of it, or a token count (> 1)."""
+    if budget is None:
+        return ctx_len
+    return min(ctx_len, int(budget * ctx_len) if budget <= 1 else int(budget))
+
+
+def check_budget(budget: float | None) -> None:
+    if budget is not None and budget <= 0:
+        raise InvalidRequest(f"kv_budget must be > 0 (a fraction of the context <= 1, or tokens), got {budget}")

@@ -1,0 +1,18 @@
+"""`int8`: K and V quantized to int8 per (token, kv head) with a float32 scale each (symmetric, absmax / 127).
+
+Every token is kept and read, so nothing is retrieved or pruned: the baseline every lossy method is compared
+to. A block costs Dh + 4 bytes per (token, head, K or V) instead of 2 Dh (bfloat16) or 4 Dh (float32), so the
+same --kv-cache-memory holds ~1.9x (bf16) or ~3.8x (f32) more blocks at head_dim 64."""
+from __future__ import annotations
+
+from ferry.kvcache.policies.base import KVPolicy
+
+SCALE_BYTES = 4  # float32 scale per (token, kv head), for K and for V
+
+
+class Int8Policy(KVPolicy):
+    name = "int8"
+
+    def device_bytes_per_block(self) -> int:
+        s = self.shape
+        return 2 * s.num_layers * s.block_size * s.num_kv_heads * (s.head_dim + SCALE_BYTES)

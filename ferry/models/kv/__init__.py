@@ -1,0 +1,28 @@
+"""Tensor halves of the KV policies (ferry/kvcache/policies/ has the scheduler halves), built by name."""
+from __future__ import annotations
+
+import torch
+
+from ferry.config import ModelConfig
+from ferry.kvcache.policies import KVPolicy
+from ferry.kvcache.storage import KVStorage
+from ferry.models.kv.base import LayerKV, PolicyKV
+from ferry.models.kv.full import FullKV
+from ferry.models.kv.int8 import Int8KV
+from ferry.models.kv.spans import SpansKV
+
+
+# name -> (policy, model config, device blocks, host blocks, block size, dtype, device) -> tensors
+_BUILDERS = {
+    "full": lambda p, cfg, n, nh, bs, dtype, dev: FullKV(KVStorage(cfg, n, nh, bs, dtype, dev)),
+    "int8": lambda p, cfg, n, nh, bs, dtype, dev: Int8KV(cfg, n, nh, bs, dev),
+    "spans": lambda p, cfg, n, nh, bs, dtype, dev: SpansKV(p, cfg, n, nh, bs, dtype, dev),
+}
+
+
+def build_policy_kv(policy: KVPolicy, cfg: ModelConfig, num_blocks: int, num_host_blocks: int, block_size: int,
+                    dtype: torch.dtype, device: torch.device) -> PolicyKV:
+    return _BUILDERS[policy.name](policy, cfg, num_blocks, num_host_blocks, block_size, dtype, device)
+
+
+__all__ = ["build_policy_kv", "LayerKV", "PolicyKV", "FullKV", "Int8KV", "SpansKV"]

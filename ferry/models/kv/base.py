@@ -1,0 +1,53 @@
+"""The KV policy interface, tensor side: the block tensors a policy keeps and how each layer reads them.
+
+The model's attention layer calls `layer_kv.attend(q, k, v, meta, scale, window)` and knows nothing else: the
+policy writes this step's K/V the way it stores them (plain, quantized, ...) and returns the attention output
+over whatever part of each request's context it decides a query reads. The runner calls `swap_out` / `swap_in`
+with the plan's block copies (preemption, and blocks a policy moved to the slow tier) before the forward.
+The scheduler-side half of each policy is ferry/kvcache/policies/<name>.py.
+Legend: T tokens in the step, H query heads, K kv heads, Dh head dim.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ferry.models.layers.attention import AttnMetadata
+
+
+class LayerKV(ABC):
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, scale: float,
+               window: int | None) -> torch.Tensor:
+        """q [T, H, Dh], k/v [T, K, Dh] of this step: store k/v at meta.slot_mapping, return [T, H*Dh] in q's
+        dtype."""
+
+
+class PolicyKV(ABC):
+    """Owns every layer's KV tensors, in both tiers. Allocated once from the byte budgets, never grown."""
+
+    layers: list[LayerKV]
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Fast-tier bytes held (KV blocks plus any index or scales): what --kv-cache-memory pays for."""
+
+    @property
+    @abstractmethod
+    def host_nbytes(self) -> int:
+        """Slow-tier bytes held (swap space, offloaded spans)."""
+
+    @abstractmethod
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy device blocks to host blocks: (device, host) pairs."""
+
+    @abstractmethod
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy host blocks to device blocks: (host, device) pairs."""
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, bs, K, Dh], block_ids [..., n] -> [..., n * bs, K, Dh] (a copy)."""
+    return cache[block_ids].flatten(-4, -3)
