@@ -4,9 +4,7 @@ Each scenario fills its own markers, `<!-- BENCH:<scenario> -->` ... `<!-- /BENC
 result file (bench/results/<scenario>.json, then any <scenario>-<name>.json saved with --out) with every engine's
 median and ferry's ratio to each peer (median of the per-round ratios, min–max),
 a note on the run (model, threads, parity, bandwidth) and the command that reproduces it. Where an engine could
-not run a case the cell says n/a with a numbered reason under the table. The older `<!-- BENCH -->` block keeps
-the engine-vs-transformers table of bench/engine_vs_hf.py's last run until decode, prefill and throughput
-results replace it.
+not run a case the cell says n/a with a numbered reason under the table.
 
     python -m bench report            # or: ferry bench report
     python -m bench report --results bench/.cache/smoke --readme /tmp/README.md   # e.g. render smoke results
@@ -79,7 +77,8 @@ def offline_note(rec: dict) -> str:
     if "parity_float32" in rec:
         parts.append(f"float32 check against ferry before timing: {describe(rec['parity_float32'])}")
     if "bandwidth_gbs_before" in rec:
-        parts.append(f"memory bandwidth {rec['bandwidth_gbs_before']:.0f}–{rec.get('bandwidth_gbs_after', 0):.0f} GB/s")
+        parts.append(f"memory bandwidth {rec['bandwidth_gbs_before']:.0f} GB/s before the run, "
+                     f"{rec.get('bandwidth_gbs_after', 0):.0f} after")
     peers = rec.get("peers", {})
     if peers:
         parts.append(f"llama-cpp-python {peers.get('llama_cpp_python')}")
@@ -120,27 +119,8 @@ def serving_section(rec: dict) -> str:
             "builds the peers into `bench/.cache/`).\n\n![](bench/results/serving.png)")
 
 
-def engine_vs_hf_legacy(rec: dict) -> str:
-    """The table of bench/engine_vs_hf.py (removed: decode, prefill and throughput now cover it)."""
-    rows = ["| dtype | scenario | transformers | ferry | ferry / transformers (median, min–max) |",
-            "|---|---|---|---|---|"]
-    names = {"decode_tok_s": "single-stream decode, tok/s", "prefill512_tok_s": "prefill 512 tokens, tok/s",
-             "throughput_tok_s": "throughput, {n} requests, output tok/s"}
-    for dtype, res in rec["results"].items():
-        for key, label in names.items():
-            if key in res:
-                m, r = res[key], res[key]["ratio"]
-                rows.append(f"| {dtype} | {label.format(n=res.get('num_requests', rec.get('num_requests')))} | "
-                            f"{_fmt(m['transformers']['median'])} | {_fmt(m['ferry']['median'])} | "
-                            f"**{r['median']:.2f}x** ({r['min']:.2f}–{r['max']:.2f}) |")
-    return (f"### Engine core against transformers ({rec['model']}, random weights, {rec['threads']} threads; "
-            "earlier run)\n\n" + "\n".join(rows) + "\n\nFrom `bench/engine_vs_hf.py` (git history), now folded into "
-            "the decode, prefill and throughput scenarios above, which replace this table once they have results."
-            "\n\n![](bench/results/engine_vs_hf.png)")
-
-
 def render(results: Path = RESULTS) -> dict[str, str]:
-    """Marker name ("" for the older <!-- BENCH --> block) -> its generated content."""
+    """Marker name -> its generated content."""
     out: dict[str, str] = {}
     for s in SCENARIOS:
         # <scenario>.json (the default run) first, then runs saved with --out <scenario>-<name> (other models, dtypes)
@@ -164,16 +144,12 @@ def render(results: Path = RESULTS) -> dict[str, str]:
     if lc.is_file():
         from bench.long_context import section
         out["long-context"] = section(json.loads(lc.read_text()))
-    legacy = results / "engine_vs_hf.json"
-    superseded = all((results / f"{s}.json").is_file() for s in ("decode", "prefill", "throughput"))
-    out[""] = engine_vs_hf_legacy(json.loads(legacy.read_text())) if legacy.is_file() and not superseded else ""
     return out
 
 
 def fill(text: str, blocks: dict[str, str]) -> str:
     for name, content in blocks.items():
-        tag = f"BENCH:{name}" if name else "BENCH"
-        start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+        start, end = f"<!-- BENCH:{name} -->", f"<!-- /BENCH:{name} -->"
         if start not in text:
             print(f"README has no {start} marker; skipped")
             continue
