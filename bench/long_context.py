@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--full-seqs", type=int, default=2, help="the fixed KV budget holds this many full sequences")
     ap.add_argument("--num-seqs", type=int, default=16, help="sequences submitted for the concurrency count")
+    ap.add_argument("--speed-length", type=int, help="prompt tokens for the speed runs (default: the longest length)")
     ap.add_argument("--decode-batch", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16")
@@ -161,13 +162,14 @@ def main(argv: list[str] | None = None) -> None:
         swap_bytes = int(args.num_seqs * (longest + outputs + 64) * full_bytes)
         row["concurrent_seqs"] = concurrency(args.model, spec, longest, budget_bytes, swap_bytes, args.num_seqs,
                                              args.dtype)
-        row.update(speed(speed_model, spec, longest, args.decode_batch, args.decode_tokens, args.dtype))
+        row.update(speed(speed_model, spec, args.speed_length or longest, args.decode_batch, args.decode_tokens,
+                         args.dtype))
         record["rows"].append(row)
         print(f"[long_context] {spec}: {json.dumps({k: v for k, v in row.items() if k != 'retrieval'})}", flush=True)
-    record["duration_s"] = time.perf_counter() - started
-    path = result_path("long_context", args.smoke, args.out)
-    path.write_text(json.dumps(record, indent=2, default=str))
-    plot(record, path.with_suffix(".png"))
+        record["duration_s"] = time.perf_counter() - started
+        path = result_path("long_context", args.smoke, args.out)  # after every policy: a long run keeps its rows
+        path.write_text(json.dumps(record, indent=2, default=str))
+        plot(record, path.with_suffix(".png"))
     print(f"[long_context] saved {path} (+ .png) after {record['duration_s']:.0f} s")
 
 
@@ -221,9 +223,13 @@ def markdown(record: dict) -> str:
             f"{r['host_bytes_per_token']:.0f}",
             *[f"{r['accuracy'][n]:.0%}" for n in lengths], f"{r['perplexity']:.2f}",
             f"{r['concurrent_seqs']} ({r['concurrent_seqs'] / max(1, full['concurrent_seqs']):.1f}x)",
-            f"{r['prefill_s']:.2f} ({full['prefill_s'] / r['prefill_s']:.2f}x)",
-            f"{r['decode_tok_s']:.1f} ({r['decode_tok_s'] / full['decode_tok_s']:.2f}x)"]) + " |")
+            _ratio(r["prefill_s"], full["prefill_s"] / r["prefill_s"]),
+            _ratio(r["decode_tok_s"], r["decode_tok_s"] / full["decode_tok_s"])]) + " |")
     return "\n".join(out)
+
+
+def _ratio(value: float, ratio: float) -> str:
+    return "not timed" if value != value else f"{value:.2f} ({ratio:.2f}x)"
 
 
 def section(record: dict) -> str:
@@ -232,10 +238,13 @@ def section(record: dict) -> str:
             f"samples per length and depth {cfg['depths']}; perplexity over {cfg['ppl_tokens']} held-out tokens); "
             f"concurrency: {cfg['num_seqs']} sequences of {record['rows'][0]['context'] - 16} tokens under a KV budget "
             f"holding {cfg['full_seqs']} at full attention ({record['kv_budget_bytes'] / 2**20:.1f} MiB); speed on "
-            f"{Path(record['speed_model']).name} (random weights, {cfg['threads']} threads, one run). Fast-tier "
+            f"{Path(record['speed_model']).name} (random weights, {cfg.get('speed_length') or 'the longest'}-token prompts, "
+            f"decode batch {cfg['decode_batch']}, {cfg['threads']} threads, one run). Fast-tier "
             "bytes are measured while decoding (peak: with the last prefill chunk in flight); host bytes are the "
-            "spans moved to host memory, which on a CPU machine is the same RAM.\n\n" + markdown(record) +
-            f"\n\nReproduce: `python -m bench long-context` (results in `bench/results/long_context.{{json,png}}`)."
+            "spans moved to host memory, which on a CPU machine is the same RAM." +
+            (f" **{record['note']}**" if record.get("note") else "") + "\n\n" + markdown(record) +
+            f"\n\nReproduce: `python -m bench {' '.join(record['machine']['argv'][1:])}` "
+            "(results in `bench/results/long_context.{json,png}`)."
             "\n\n![](bench/results/long_context.png)")
 
 
