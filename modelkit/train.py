@@ -77,7 +77,7 @@ RECIPES = {
     "ferry-tiny-draft": Recipe(
         # Half the rows are ferry-tiny's own greedy continuations: a draft is judged on exactly those.
         Spec(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=384),
-        [Phase(256, 32, 600)], task_frac=0.0, repeat_frac=0.1, teacher="ferry-tiny", on_policy_frac=0.5,
+        [Phase(256, 32, 400)], task_frac=0.0, repeat_frac=0.1, teacher="ferry-tiny", on_policy_frac=0.5,
     ),
 }
 
