@@ -7,10 +7,6 @@ import torch
 from ferry.config import ModelConfig
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
-
-
 class KVStorage:
     def __init__(self, cfg: ModelConfig, num_blocks: int, num_host_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device) -> None:
