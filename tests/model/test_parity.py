@@ -8,7 +8,8 @@ import torch
 
 from ferry import LLM, SamplingParams
 from ferry.config import ModelConfig
-from ferry.kvcache.storage import KVStorage, bytes_per_block
+from ferry.kvcache.policies.base import KVShape
+from ferry.kvcache.storage import KVStorage
 from ferry.models.kv.full import FullKV
 from ferry.models.loader import load_model
 from ferry.plan import ScheduledReq, StepPlan
@@ -48,7 +49,8 @@ SCENARIOS = {
 def _run(path, prompts, *, kv_cache_blocks: int | None = None, **options):
     cfg = ModelConfig.from_hf(path)
     if kv_cache_blocks:
-        options["kv_cache_memory"] = kv_cache_blocks * bytes_per_block(cfg, 16, torch.float32)
+        options["kv_cache_memory"] = kv_cache_blocks * KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16,
+                                                                  4).plain_block_bytes  # float32
     llm = LLM(str(path), dtype="float32", **options)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
