@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from ferry.plan import StepResult
 from ferry.request import CompletionOutput, FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
-from ferry.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
+from ferry.detokenizer import IncrementalDetokenizer, find_stop
+from ferry.tokenizer import Tokenizer
 
 
 @dataclass

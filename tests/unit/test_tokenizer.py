@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ferry.errors import InvalidRequest, ModelLoadError
-from ferry.tokenizer import IncrementalDetokenizer, Tokenizer, _clean_up, find_stop
+from ferry.detokenizer import IncrementalDetokenizer, find_stop
+from ferry.tokenizer import Tokenizer, _clean_up
 from tests.checkpoints import TOKENIZER_STYLES, make_tokenizer
 
 TEXTS = [
