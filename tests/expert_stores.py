@@ -8,16 +8,18 @@ from ferry.experts.convert import convert_expert_store
 from ferry.experts.store import ExpertStore
 from tests.checkpoints import make_checkpoint
 
-_BUILT: dict[tuple[str, str], tuple[pathlib.Path, pathlib.Path]] = {}
+_BUILT: dict[tuple[str, str, str], tuple[pathlib.Path, pathlib.Path]] = {}
 
 
-def make_store(family: str, root: pathlib.Path, dtype: str = "float32") -> tuple[pathlib.Path, pathlib.Path]:
-    """(checkpoint folder, expert store folder) of a tiny random MoE checkpoint."""
-    key = (family, dtype)
+def make_store(family: str, root: pathlib.Path, dtype: str = "float32",
+               bits: str = "none") -> tuple[pathlib.Path, pathlib.Path]:
+    """(checkpoint folder, expert store folder) of a tiny random MoE checkpoint; bits as `ferry convert
+    --expert-bits` (auto: a quarter of the experts at int4)."""
+    key = (family, dtype, bits)
     if key not in _BUILT:
         ckpt = make_checkpoint(family, root)
-        store = root / f"{family}-{dtype}.experts"
-        convert_expert_store(ckpt, store, dtype)
+        store = root / f"{family}-{dtype}{'' if bits == 'none' else '-int' + bits}.experts"
+        convert_expert_store(ckpt, store, dtype, bits, int4_fraction=0.25)
         _BUILT[key] = (ckpt, store)
     return _BUILT[key]
 

@@ -16,7 +16,7 @@ import torch
 from ferry.config import ModelConfig
 from ferry.errors import InvalidRequest, ModelLoadError
 from ferry.experts.layout import DTYPES, INDEX_NAME, ExpertLayout, ExpertRecord, StoreIndex
-from ferry.experts.quant import QuantLayout, group_size_for
+from ferry.experts.quant import QuantLayout, group_size_for, quantizable
 from ferry.models.checkpoint import Reader, checkpoint_files
 from ferry.models.loader import _build, _hf_names
 
@@ -84,10 +84,10 @@ def convert_expert_store(model: str | os.PathLike, out_dir: str | os.PathLike, d
     out.mkdir(parents=True, exist_ok=True)
     reader = Reader(checkpoint_files(Path(cfg.path)))
     names = _hf_names(cfg, reader)
-    group = group_size_for(cfg.hidden_size, cfg.moe.intermediate_size) if bits != "none" else 0
-    if bits != "none" and not group:
-        raise InvalidRequest(f"cannot quantize experts of hidden size {cfg.hidden_size} and intermediate size "
-                             f"{cfg.moe.intermediate_size}: both must be multiples of 32")
+    group = group_size_for(cfg.hidden_size, cfg.moe.intermediate_size) if bits in ("4", "auto") else 0
+    why = quantizable(4, cfg.hidden_size, cfg.moe.intermediate_size) if bits in ("4", "auto") else None
+    if why:
+        raise InvalidRequest(f"cannot store {model}'s experts at --expert-bits {bits}: {why}")
     layout = ExpertLayout.for_shape(name, cfg.hidden_size, cfg.moe.intermediate_size, group)
     moe_layers = [l for l in range(cfg.num_layers) if cfg.moe.sparse_layers[l]]
 

@@ -3,7 +3,7 @@ described by `index.json`.
 
 A dense expert record is  gate_up [2I, D] | pad to 64 B | down [D, I] | pad to ALIGN  in the store's dtype,
 so one aligned read fills one cache slot and the two tensors are views into it; quantized records
-(int8/int4, quant.py) are dequantized into the store's dtype when used. index.json holds the
+(int8/int4, quant.py) are in the fused kernels' layout, used in place. index.json holds the
 layout, each expert's offset and CRC32 (of its unpadded bytes), and enough of the model's shape to refuse
 a store built for another model."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ferry.tiers.disk import ALIGN, align_up
 
 INDEX_NAME = "index.json"
 FORMAT = "ferry-expert-store"
-VERSION = 1
+VERSION = 2  # 2: quantized records in the fused kernels' layout (version 1 stores are read if dense)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,7 +39,7 @@ class ExpertLayout:
     hidden_size: int  # D
     intermediate_size: int  # I
     down_offset: int  # where down starts inside a dense expert record
-    group_size: int = 0  # inputs per scale of quantized experts (0: the store has none)
+    group_size: int = 0  # inputs per scale of int4 experts (0: the store has none)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -118,8 +118,11 @@ class StoreIndex:
                                  "(build one with `ferry convert MODEL --expert-store DIR`)")
         try:
             d = json.loads(path.read_text())
-            if d.get("format") != FORMAT or d.get("version") != VERSION:
+            if d.get("format") != FORMAT or d.get("version") not in (1, VERSION):
                 raise ModelLoadError(f"{path} is not a version-{VERSION} {FORMAT} index")
+            if d["version"] == 1 and any(r.get("bits") for v in d["layers"].values() for r in v["experts"]):
+                raise ModelLoadError(f"{path} holds int8/int4 experts in the version-1 layout, which this ferry no "
+                                     "longer reads; convert the model again")
             if d["alignment"] != ALIGN:
                 raise ModelLoadError(f"{path} was written with alignment {d['alignment']}, this ferry reads {ALIGN}")
             layout = ExpertLayout(**d["layout"])

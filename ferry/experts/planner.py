@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ferry.experts.store import ExpertStore
+from ferry.models.layers.mlp import swiglu
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,13 @@ def measure_costs(store: ExpertStore, num_probe: int = 4) -> Costs:
     layer = min(store.index.layer_files)
     probe = list(range(min(num_probe, store.index.num_experts)))
     s0 = store.stats()
-    x16 = torch.zeros(16, store.layout.hidden_size, dtype=store.layout.torch_dtype)
+    x16 = torch.zeros(16, store.layout.hidden_size, dtype=store.dtype)
     timings = {}
     for _, gate_up, down in store.weights(layer, probe, x16[:1], torch.zeros(1, 1, dtype=torch.long)):
         for T in (1, 16):
             t0 = time.perf_counter()
             for _ in range(5):
-                gate, up = (x16[:T] @ gate_up.T).chunk(2, dim=-1)
-                (torch.nn.functional.silu(gate) * up) @ down.T
+                swiglu(x16[:T], gate_up, down)  # the forward's own path (dense, fused int8/int4 or dequantized)
             timings.setdefault(T, []).append((time.perf_counter() - t0) / 5)
     s1 = store.stats()
     read_bytes = s1.bytes_read - s0.bytes_read

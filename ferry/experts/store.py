@@ -34,6 +34,7 @@ from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import EvictionPolicy, Key
 from ferry.experts.predictors import ExpertPredictor
 from ferry.experts.stats import ExpertStats
+from ferry.ops.quant import QuantLinear
 from ferry.tiers.disk import DirectFile
 
 _DEMAND, _PREFETCH, _STOP = 0, 1, 9  # I/O queue priorities
@@ -51,6 +52,7 @@ class ExpertStore:
         self.index = StoreIndex.load(folder)
         self.layout = self.index.layout
         self._check_model(cfg, dtype)
+        self.dtype = dtype  # the engine's: what the experts compute in
         self.files: dict[int, DirectFile] = {}
         try:
             for layer in self.index.layer_files:
@@ -79,10 +81,13 @@ class ExpertStore:
     def _init_cache(self, budget_bytes: int | None, dtype: torch.dtype, policy: EvictionPolicy) -> None:
         slot_nbytes = self.index.slot_nbytes
         quantized = any(r.bits for recs in self.index.experts.values() for r in recs)
-        # quantized experts are dequantized into one scratch pair (in the budget too)
+        # bfloat16 runs quantized experts in place (fused kernels); other dtypes dequantize them into one
+        # scratch pair, paid from the budget too
+        self._fused = dtype == torch.bfloat16
+        scratch = quantized and not self._fused
         self._scratch = (torch.empty(self.layout.gate_up_shape, dtype=dtype),
-                         torch.empty(self.layout.down_shape, dtype=dtype)) if quantized else None
-        scratch_nbytes = sum(t.nbytes for t in self._scratch) if quantized else 0
+                         torch.empty(self.layout.down_shape, dtype=dtype)) if scratch else None
+        scratch_nbytes = sum(t.nbytes for t in self._scratch) if scratch else 0
         total = len(self.files) * self.index.num_experts * slot_nbytes + scratch_nbytes
         budget = total if budget_bytes is None else budget_bytes
         self.cache = ExpertCache(max(budget - scratch_nbytes, 0), slot_nbytes, policy)
@@ -102,7 +107,8 @@ class ExpertStore:
         if mine != theirs:
             raise ModelLoadError(f"expert store {self.folder} was built for another model: (architecture, layers, "
                                  f"experts, hidden, expert intermediate, MoE layers) = {mine}, the model has {theirs}")
-        if lay.torch_dtype != dtype:
+        dense = any(r.bits == 0 for recs in ix.experts.values() for r in recs)
+        if dense and lay.torch_dtype != dtype:
             raise InvalidRequest(f"expert store {self.folder} holds {lay.dtype} experts but the engine runs "
                                  f"{str(dtype).removeprefix('torch.')}; use --dtype {lay.dtype} or convert again "
                                  "with that --dtype")
@@ -162,11 +168,14 @@ class ExpertStore:
             with self.cache.cond:
                 self._start_reads(guessed, set(guessed), _PREFETCH, only=set(keys), probs=probs)
 
-    def _unpack(self, key: Key, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up, down) of a read expert: views into its slot, or dequantized into the scratch pair."""
+    def _unpack(self, key: Key, slot: torch.Tensor) -> tuple[torch.Tensor | QuantLinear, torch.Tensor | QuantLinear]:
+        """(gate_up, down) of a read expert: views into its slot (dense), fused-kernel linears over its slot
+        (quantized, bfloat16), or dequantized into the scratch pair (quantized, other dtypes)."""
         bits = self.index.experts[key[0]][key[1]].bits
         if bits == 0:
             return self.layout.views(slot)
+        if self._fused:
+            return self.layout.record_format(bits).weights(slot)
         return self.layout.record_format(bits).unpack(slot, *self._scratch)
 
     def _is_ready(self, key: Key) -> bool:

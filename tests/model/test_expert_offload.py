@@ -3,6 +3,7 @@ greedy tokens of the all-in-memory run, for every MoE family; the budget holds a
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ferry import LLM, SamplingParams
 from ferry.config import ModelConfig
@@ -28,13 +29,15 @@ CASES = {  # name -> (budget: fraction of all experts' bytes, or "one" expert; e
 def refs(tmp_ckpt_dir):
     cache = {}
 
-    def get(family: str, dtype: str = "float32"):
-        if (family, dtype) not in cache:
-            ckpt, store = make_store(family, tmp_ckpt_dir, dtype)
+    def get(family: str, dtype: str = "float32", bits: str = "none"):
+        """The reference: every expert in memory (quantized stores: the whole store in RAM)."""
+        if (family, dtype, bits) not in cache:
+            ckpt, store = make_store(family, tmp_ckpt_dir, dtype, bits)
             prompts = random_prompts(4, LENGTHS, ModelConfig.from_hf(ckpt).vocab_size, seed=7)
-            want, _ = _run(ckpt, prompts, dtype=dtype)
-            cache[(family, dtype)] = ckpt, store, prompts, want
-        return cache[(family, dtype)]
+            store_opts = {} if bits == "none" else dict(expert_store=str(store))
+            want, _ = _run(ckpt, prompts, dtype=dtype, **store_opts)
+            cache[(family, dtype, bits)] = ckpt, store, prompts, want
+        return cache[(family, dtype, bits)]
     return get
 
 
@@ -52,9 +55,9 @@ def _run(ckpt, prompts, **options):
 
 
 def _budget(store, budget) -> int:
-    record = StoreIndex.load(store).layout.record_nbytes
-    total = record * sum(len(r) for r in StoreIndex.load(store).experts.values())
-    return record if budget == "one" else int(total * budget)
+    slot = StoreIndex.load(store).slot_nbytes
+    total = slot * sum(len(r) for r in StoreIndex.load(store).experts.values())
+    return slot if budget == "one" else int(total * budget)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -76,3 +79,32 @@ def test_bfloat16_store_matches_resident_bfloat16(refs):
     ckpt, store, prompts, want = refs("qwen3_moe", "bfloat16")
     got, _ = _run(ckpt, prompts, dtype="bfloat16", expert_store=str(store), expert_cache_memory=_budget(store, 0.25))
     assert got == want
+
+
+QUANT_CASES = ["quarter", "one-expert", "quarter-pregate", "one-expert-pregate-chunked"]
+
+
+@pytest.mark.parametrize("case", QUANT_CASES)
+@pytest.mark.parametrize("family,bits", [(f, "4") for f in MOE_FAMILIES] + [("qwen3_moe", "8"), ("mixtral", "auto")])
+def test_quantized_offload_matches_quantized_in_memory(refs, family, bits, case):
+    """bf16 runs int8/int4 experts through the fused kernels, in place in their cache slots: offloaded at any
+    budget, with any prefetcher, it gives exactly the tokens of the same store with every expert in RAM."""
+    ckpt, store, prompts, want = refs(family, "bfloat16", bits)
+    budget, options = CASES[case]
+    got, stats = _run(ckpt, prompts, dtype="bfloat16", expert_store=str(store),
+                      expert_cache_memory=_budget(store, budget), **options)
+    assert got == want
+    assert stats.num_evictions > 0 and stats.cache_nbytes <= _budget(store, budget)
+
+
+def test_int4_experts_run_in_the_fused_kernel(refs, monkeypatch):
+    """No dequantized copy in bf16: every expert matmul goes through the int4 kernel, and no scratch is held."""
+    from ferry.ops import quant
+    calls = []
+    real = quant.Int4Linear.__call__
+    monkeypatch.setattr(quant.Int4Linear, "__call__", lambda self, x: calls.append(x.dtype) or real(self, x))
+    ckpt, store, prompts, _ = refs("qwen3_moe", "bfloat16", "4")
+    with LLM(str(ckpt), kv_cache_memory="4M", dtype="bfloat16", expert_store=str(store)) as llm:
+        llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+        assert llm.engine.parts.experts._scratch is None
+    assert calls and set(calls) == {torch.bfloat16}

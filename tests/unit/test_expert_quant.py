@@ -12,7 +12,8 @@ from ferry.experts.convert import convert_expert_store
 from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import LRUPolicy
 from ferry.experts.predictors import ExpertPredictor
-from ferry.experts.quant import QuantLayout, dequantize, quantize
+from ferry.experts.quant import QuantLayout, dequantize, quantizable, quantize
+from ferry.ops.quant import pack_int4, unpack_int4
 from ferry.experts.store import ExpertStore
 from ferry.models.loader import load_model
 from tests.checkpoints import make_checkpoint, random_prompts
@@ -21,18 +22,47 @@ from tests.expert_stores import check_store_clean, make_store
 
 @pytest.mark.parametrize("bits,bound", [(8, 0.01), (4, 0.2)])
 def test_group_quantization_error_is_bounded(bits, bound):
-    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(128, 96, generator=torch.Generator().manual_seed(0))
     codes, scales = quantize(w, bits, 32)
-    assert codes.shape == (96, 128 * bits // 8) and scales.shape == (96, 4)
-    back = dequantize(codes, scales, bits, 32, torch.empty(96, 128))
+    assert codes.shape == (128, 96 * bits // 8)
+    assert scales.shape == ((128,) if bits == 8 else (3, 128)) and scales.dtype == torch.bfloat16
+    back = dequantize(codes, scales, bits, 32, torch.empty(128, 96))
     assert float((back - w).norm() / w.norm()) < bound
 
 
 def test_int4_codes_round_trip_exactly():
-    q = torch.randint(-7, 8, (4, 64), generator=torch.Generator().manual_seed(1)).float()
-    q[:, ::32] = 7  # every group's max |w| maps to 7: scale 1 exactly
+    q = torch.randint(-7, 8, (64, 64), generator=torch.Generator().manual_seed(1)).float()
+    q[:, ::32] = 7  # every group's max |w| maps to 7: scale 0.5 exactly
     codes, scales = quantize(q * 0.5, 4, 32)
-    assert torch.equal(dequantize(codes, scales, 4, 32, torch.empty(4, 64)), q * 0.5)
+    assert torch.equal(dequantize(codes, scales, 4, 32, torch.empty(64, 64)), q * 0.5)
+
+
+def test_int4_packing_is_the_kernels_own():
+    u = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    packed = pack_int4(u)
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.int(), 1))
+    assert torch.equal(unpack_int4(packed, 192, 96), u)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_kernel_computes_the_dequantized_weight(bits):
+    """The bf16 path (fused kernel on the stored bytes) and the float path (dequantize, then matmul) are the
+    same weight: outputs agree to bf16 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    gate_up, down = torch.randn(128, 64, generator=gen), torch.randn(64, 64, generator=gen)
+    q = QuantLayout(bits, 32, 64, 64)
+    slot = torch.frombuffer(bytearray(q.encode(gate_up, down)), dtype=torch.uint8)
+    g, _ = q.weights(slot)
+    x = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
+    want = x.float() @ g.dequantize(torch.empty(128, 64)).T
+    assert float((g(x).float() - want).abs().max()) < 0.02 * float(want.abs().max())
+    assert q.record_nbytes < (128 * 64 + 64 * 64) * 2  # fewer bytes than the bf16 expert
+
+
+def test_int4_refuses_shapes_the_kernel_cannot_pack():
+    assert quantizable(4, 64, 32) is None
+    assert "multiples of 64" in quantizable(4, 96, 32)
+    assert quantizable(8, 96, 32) is None
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from torch import nn
 from ferry.config import MoEConfig
 from ferry.models.layers.linear import linear
 from ferry.ops.fused import silu_mul
+from ferry.ops.quant import QuantLinear
 
 
 def _meta(*shape: int) -> nn.Parameter:
@@ -32,16 +33,25 @@ class DenseMLP(nn.Module):
         return swiglu(x, self.gate_up, self.down, self.gate_up_bias, self.down_bias)
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+Weight = torch.Tensor | QuantLinear  # dense, or int8/int4 through a fused weight-only kernel (bfloat16 x)
+
+
+def swiglu(x: torch.Tensor, gate_up: Weight, down: Weight,
            gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
-    return linear(silu_mul(linear(x, gate_up, gate_up_bias)), down, down_bias)  # [T, 2I] -> [T, I] -> [T, D]
+    return _linear(silu_mul(_linear(x, gate_up, gate_up_bias)), down, down_bias)  # [T, 2I] -> [T, I] -> [T, D]
+
+
+def _linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(w, QuantLinear):
+        return w(x) if bias is None else w(x) + bias
+    return linear(x, w, bias)
 
 
 class ExpertWeights(Protocol):
     """Where a MoE layer gets its experts' weights: resident tensors, or an offloading store."""
 
     def weights(self, expert_ids: Sequence[int], x: torch.Tensor,
-                top_ids: torch.Tensor) -> Iterable[tuple[int, torch.Tensor, torch.Tensor]]:
+                top_ids: torch.Tensor) -> Iterable[tuple[int, Weight, Weight]]:
         """(i, gate_up [2I, D], down [D, I]) once for each position i of expert_ids, in the order the weights
         are at hand (an offloading store hands out cached experts while it reads the others). The layer's
         input x [T, D] and routing top_ids [T, A] let a store predict later layers' experts. A store yields

@@ -1,0 +1,70 @@
+"""Weight-only int4 / int8 linears on torch's fused CPU kernels, which read the packed weight once and run
+near memory bandwidth with bfloat16 activations (10-50x slower with float32 ones: callers in float32
+dequantize instead, see `dequantize`).
+
+Legend: M rows of x, N outputs, K inputs, G inputs per int4 scale (group).
+- int4 (`aten._weight_int4pack_mm_for_cpu`): codes u in [0, 15] stand for (u - 8) x scale of their group; the
+  kernel takes them packed two per byte in its own tiled order (`pack_int4`, needs N % 64 == 0) and a
+  [K/G, N, 2] bf16 tensor of (scale, zero) per group and output. Zeros are 0 here (symmetric), so only the
+  scales are stored and the pairs are built per call (K/G x N values, tiny next to the codes).
+- int8 (`aten._weight_int8pack_mm`): codes [N, K] int8, one bf16 scale per output row."""
+from __future__ import annotations
+
+import torch
+
+INT4_BLOCK_N = 64  # output rows the int4 kernel packs together (rows j and j + 32 share a byte)
+
+
+class QuantLinear:
+    """A weight-only quantized weight: `w(x)` is x @ W.T for x [M, K] in bfloat16."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        """W [N, K] written into out (any float dtype)."""
+        raise NotImplementedError
+
+
+class Int4Linear(QuantLinear):
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, group: int) -> None:
+        self.packed = packed  # uint8 [N, K/2], pack_int4's order
+        self.scales = scales  # bf16 [K/G, N]
+        self.group = group
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        scale_zero = torch.stack((self.scales, torch.zeros_like(self.scales)), dim=-1)  # [K/G, N, 2]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, scale_zero)
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        N, K = out.shape
+        q = unpack_int4(self.packed, N, K).to(torch.int16) - 8  # [N, K]
+        w = q.reshape(N, K // self.group, self.group).float() * self.scales.float().T[..., None]
+        return out.copy_(w.reshape(N, K))
+
+
+class Int8Linear(QuantLinear):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        self.codes = codes  # int8 [N, K]
+        self.scales = scales  # bf16 [N]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.codes, self.scales)
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.codes.float() * self.scales.float()[:, None])
+
+
+def pack_int4(u: torch.Tensor) -> torch.Tensor:
+    """Codes u [N, K] (values 0..15) -> uint8 [N, K/2] in the order `_convert_weight_to_int4pack_for_cpu` gives:
+    per block of 64 rows, for each input k, 32 bytes whose low nibbles are rows 0-31 and high nibbles rows
+    32-63 of the block. A pure permutation: no compute at load time when stored this way."""
+    N, K = u.shape
+    b = u.to(torch.uint8).reshape(N // INT4_BLOCK_N, 2, INT4_BLOCK_N // 2, K)  # [N/64, half, 32, K]
+    return (b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).contiguous().reshape(N, K // 2)  # [N/64, K, 32]
+
+
+def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [N, K] codes."""
+    p = packed.reshape(N // INT4_BLOCK_N, K, INT4_BLOCK_N // 2).transpose(1, 2)  # [N/64, 32, K]
+    return torch.stack((p & 15, p >> 4), dim=1).reshape(N, K)
