@@ -9,6 +9,7 @@ from ferry.kvcache.storage import KVStorage
 from ferry.models.kv.base import LayerKV, PolicyKV
 from ferry.models.kv.full import FullKV
 from ferry.models.kv.int8 import Int8KV
+from ferry.models.kv.merge import MergeKV
 from ferry.models.kv.spans import SpansKV
 
 
@@ -17,6 +18,7 @@ _BUILDERS = {
     "full": lambda p, cfg, n, nh, bs, dtype, dev: FullKV(KVStorage(cfg, n, nh, bs, dtype, dev)),
     "int8": lambda p, cfg, n, nh, bs, dtype, dev: Int8KV(cfg, n, nh, bs, dev),
     "spans": lambda p, cfg, n, nh, bs, dtype, dev: SpansKV(p, cfg, n, nh, bs, dtype, dev),
+    "merge": lambda p, cfg, n, nh, bs, dtype, dev: MergeKV(p, cfg, n, nh, bs, dtype, dev),
 }
 
 
