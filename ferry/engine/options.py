@@ -61,7 +61,9 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("kv_policy", "full", str, "what the KV cache keeps and a query reads: full (exact), int8 (quantized "
            "K/V, ~2x blocks per byte in bf16), spans (sinks + window on device, older spans in host memory, decode "
            "reads the top-k by a key index), merge (layers L/2.. merged in adjacent pairs: one direction, two "
-           "magnitudes, distinct tokens kept exact)", ("full", "int8", "spans", "merge")),
+           "magnitudes, distinct tokens kept exact), layer-budget (per-layer budgets by a global prefix "
+           "search, PrefixKV; +int8 / +merge: over those storages)", ("full", "int8", "spans", "merge", "layer-budget", "layer-budget+int8",
+                                                      "layer-budget+merge")),
     Option("kv_budget", None, float, "spans: tokens a decode query reads, as a fraction of its context (<= 1) or a "
            "count (> 1); default: all"),
     Option("kv_sink_tokens", 16, int, "spans: first tokens kept on device and always read (attention sinks)"),
@@ -106,9 +108,9 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         raise InvalidRequest("expert_correlation_file needs expert_prefetch=correlation")
     if v["kv_budget"] is not None and v["kv_budget"] <= 0:
         raise InvalidRequest(f"kv_budget must be > 0 (a fraction of the context <= 1, or tokens), got {v['kv_budget']}")
-    if v["kv_policy"] != "spans" and (v["kv_budget"] is not None or v["kv_sink_tokens"] != 16
+    if v["kv_policy"] != "spans" and not v["kv_policy"].startswith("layer-budget") and (v["kv_budget"] is not None or v["kv_sink_tokens"] != 16
                                       or v["kv_window_tokens"] != 128):
-        raise InvalidRequest(f"kv_budget, kv_sink_tokens and kv_window_tokens need kv_policy=spans "
+        raise InvalidRequest(f"kv_budget, kv_sink_tokens and kv_window_tokens need kv_policy=spans or layer-budget "
                              f"(kv_policy={v['kv_policy']} keeps and reads every token)")
     if v["kv_policy"] != "merge" and (v["kv_merge_angle"] != 30.0 or v["kv_merge_retain"] != 0.125):
         raise InvalidRequest("kv_merge_angle and kv_merge_retain need kv_policy=merge")

@@ -4,9 +4,11 @@ from __future__ import annotations
 from ferry.kvcache.policies.base import KVPolicy, KVShape
 from ferry.kvcache.policies.full import FullPolicy
 from ferry.kvcache.policies.int8 import Int8Policy
+from ferry.kvcache.policies.layer_budget import LayerBudgetPolicy, layer_budget_over
 from ferry.kvcache.policies.merge import MergePolicy
 from ferry.kvcache.policies.spans import SpansPolicy
 
-KV_POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (FullPolicy, Int8Policy, SpansPolicy, MergePolicy)}
+KV_POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (FullPolicy, Int8Policy, SpansPolicy, MergePolicy,
+                                                  *(layer_budget_over(b) for b in (FullPolicy, Int8Policy, MergePolicy)))}
 
-__all__ = ["KV_POLICIES", "KVPolicy", "KVShape", "FullPolicy", "Int8Policy", "SpansPolicy", "MergePolicy"]
+__all__ = ["KV_POLICIES", "KVPolicy", "KVShape", "FullPolicy", "Int8Policy", "SpansPolicy", "MergePolicy", "LayerBudgetPolicy"]

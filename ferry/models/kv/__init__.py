@@ -9,6 +9,7 @@ from ferry.kvcache.storage import KVStorage
 from ferry.models.kv.base import LayerKV, PolicyKV
 from ferry.models.kv.full import FullKV
 from ferry.models.kv.int8 import Int8KV
+from ferry.models.kv.layer_budget import LayerBudgetKV
 from ferry.models.kv.merge import MergeKV
 from ferry.models.kv.spans import SpansKV
 
@@ -19,6 +20,10 @@ _BUILDERS = {
     "int8": lambda p, cfg, n, nh, bs, dtype, dev: Int8KV(cfg, n, nh, bs, dev),
     "spans": lambda p, cfg, n, nh, bs, dtype, dev: SpansKV(p, cfg, n, nh, bs, dtype, dev),
     "merge": lambda p, cfg, n, nh, bs, dtype, dev: MergeKV(p, cfg, n, nh, bs, dtype, dev),
+    # layer-budget over a base storage (ferry/kvcache/policies/layer_budget.py): the base's tensors, masked reads
+    **{name: lambda p, cfg, n, nh, bs, dtype, dev: LayerBudgetKV(p, _BUILDERS[p.base.name](p.base, cfg, n, nh, bs, dtype, dev),
+                                                                 n, nh, bs, dev)
+       for name in ("layer-budget", "layer-budget+int8", "layer-budget+merge")},
 }
 
 

@@ -1,0 +1,209 @@
+"""`layer-budget` (PrefixKV) over any base storage whose layers can be written and read back densely (full, int8,
+merge): per-layer keep sets from one global prefix configuration, applied as read masks.
+
+Importance: importance [L, N, bs] float32 per (layer, slot) accumulates the attention each token receives (summed
+over heads): from every decode query, and from the last OBS queries of every prefill chunk (the full
+[Q, C] probabilities of a long chunk would cost as much as the attention itself). A slot's importance is zeroed
+when a token is written there; it lives with the block (swapped with it, and shared with a prefix-cached block,
+whose sharers then rank its tokens by their summed attention).
+Keep sets: once per step (before layer 0 writes), for every decode request, from the importance of the context
+before the step (max-pooled over POOL neighbours, so a span's tokens rank together): sinks and the recent window
+are kept, and each layer keeps the top n_l of the rest, n_l from
+`prefix_counts` (the binary search over the global p). A decode query reads its layer's kept tokens and itself.
+Prefill reads everything, as PrefixKV compresses after the prompt: evicting at chunk boundaries would drop what
+only the prompt's end (the question) attends to — a passkey, say — before that end is seen. So prompt scoring
+(perplexity) is full attention's; the loss is in what is generated.
+Legend: L layers, N blocks, bs block size, B decode requests, C context, P tokens before the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ferry.kvcache.policies.layer_budget import LayerBudgetPolicy
+from ferry.models.kv.base import LayerKV, PolicyKV, gather_blocks
+from ferry.models.kv.dense import decode_probs, prefill_attention, weighted_values
+from ferry.models.kv.full import PagedLayer
+from ferry.models.kv.int8 import Int8Layer
+from ferry.models.kv.merge import MergeLayer
+from ferry.models.layers.attention import AttnMetadata, write_kv
+
+OBS = 32  # prefill queries per chunk (its last ones) whose attention adds to the importance
+POOL = 7  # tokens ranked together: each by the largest importance within POOL // 2 of it
+
+
+def prefix_counts(importance: torch.Tensor, budget: int, iters: int = 40) -> torch.Tensor:
+    """importance [L, C] >= 0 -> [L] long: per layer, the fewest top tokens whose share of the layer's importance
+    reaches p, for the largest p (binary search) at which all layers together keep at most `budget` tokens."""
+    L, C = importance.shape
+    if budget >= L * C:
+        return torch.full((L,), C, dtype=torch.long)
+    mass = importance.float().clamp_min(0).sort(dim=1, descending=True).values
+    total = mass.sum(1, keepdim=True)
+    flat = torch.arange(1, C + 1, dtype=torch.float32) / C  # a layer with no importance yet: uniform
+    cum = torch.where(total > 0, mass.cumsum(1) / total.clamp_min(1e-30), flat)  # [L, C], non-decreasing to 1
+
+    def counts(p: float) -> torch.Tensor:
+        return (torch.searchsorted(cum, torch.full((L, 1), p)) + 1).clamp(max=C)[:, 0]
+
+    if int(counts(0.0).sum()) > budget:  # fewer than one token per layer: share what there is evenly
+        return torch.full((L,), budget // L, dtype=torch.long)
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if int(counts(mid).sum()) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return counts(lo)
+
+
+def keep_mask(importance: torch.Tensor, budget: int, sink: int, window: int) -> torch.Tensor:
+    """importance [L, P] -> bool [L, P]: sinks and window kept in every layer, then each layer's prefix of the
+    rest (prefix_counts) with the L * budget total."""
+    L, P = importance.shape
+    if budget >= P:
+        return torch.ones(L, P, dtype=torch.bool, device=importance.device)
+    forced = torch.zeros(P, dtype=torch.bool, device=importance.device)
+    forced[:sink] = True
+    forced[max(0, P - window):] = True
+    keep = forced[None, :].repeat(L, 1)
+    rest = (~forced).nonzero()[:, 0]
+    avail = L * (budget - int(forced.sum()))
+    if len(rest) == 0 or avail <= 0:
+        return keep
+    sub = importance[:, rest].cpu()
+    n = prefix_counts(sub, avail)
+    rank = torch.empty_like(sub, dtype=torch.long)
+    rank.scatter_(1, sub.argsort(dim=1, descending=True), torch.arange(len(rest)).expand(L, -1).contiguous())
+    keep[:, rest] = (rank < n[:, None]).to(keep.device)
+    return keep
+
+
+@dataclass
+class _StepKeep:
+    """What every layer's decode queries read this step (built once, before layer 0 writes)."""
+
+    decode_masks: torch.Tensor | None  # [L, B, 1, 1, C] additive: 0 kept (or this step's token), -inf evicted
+
+
+def dense_io(layer: LayerKV):
+    """(write(k, v, slots), read(block_ids) -> float32 K, V) of a base layer."""
+    if isinstance(layer, PagedLayer):
+        return (lambda k, v, s: write_kv(k, v, layer.k_cache, layer.v_cache, s),
+                lambda ids: (gather_blocks(layer.k_cache, ids).float(), gather_blocks(layer.v_cache, ids).float()))
+    if isinstance(layer, Int8Layer):
+        return layer._write, lambda ids: (layer._read(0, ids), layer._read(1, ids))
+    if isinstance(layer, MergeLayer):
+        return layer.write, layer.read
+    raise TypeError(f"layer-budget cannot read {type(layer).__name__} densely")
+
+
+class BudgetLayer(LayerKV):
+    def __init__(self, owner: "LayerBudgetKV", layer: int, base: LayerKV) -> None:
+        self.owner, self.layer = owner, layer
+        self.write, self.read = dense_io(base)
+        self.importance = owner.importance[layer]  # [N, bs]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, scale: float,
+               window: int | None) -> torch.Tensor:
+        step = self.owner.step_keep(meta)  # before this step's first write
+        self.write(k, v, meta.slot_mapping)
+        imp = self.importance.view(-1)
+        imp[meta.slot_mapping] = 0.0
+        T, H, Dh = q.shape
+        out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
+        B, bs = meta.num_decodes, meta.block_size
+        if B:
+            tables = meta.decode_block_tables
+            kc, vc = self.read(tables)  # [B, C, K, Dh]
+            mask = meta.decode_mask(window)
+            if step.decode_masks is not None:
+                mask = mask + step.decode_masks[self.layer]
+            probs = decode_probs(q[:B], kc, mask, scale)  # [B, K, G, C]
+            out[:B] = weighted_values(probs, vc).to(q.dtype)
+            imp.index_add_(0, _slots(tables, bs).flatten(), probs.sum((1, 2)).flatten())
+        for i, chunk in enumerate(meta.prefills):
+            rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+            ctx = chunk.start_pos + chunk.q_len
+            kc, vc = (x[:ctx] for x in self.read(chunk.block_ids))
+            mask = meta.prefill_mask(i, window)
+            out[rows] = prefill_attention(q[rows], kc, vc, mask, scale).to(q.dtype)
+            self._observe(q[rows][-OBS:], kc, mask, chunk, scale, imp)
+        return out.view(T, H * Dh)
+
+    def _observe(self, q: torch.Tensor, kc: torch.Tensor, mask: torch.Tensor | None, chunk, scale: float,
+                 imp: torch.Tensor) -> None:
+        """Add the attention of a chunk's last queries q [w, H, Dh] over its context kc [C, K, Dh] to importance."""
+        w, C = q.shape[0], kc.shape[0]
+        if mask is None:  # causal from 0
+            mask = torch.arange(C, device=q.device)[None, :] <= torch.arange(C - w, C, device=q.device)[:, None]
+        else:
+            mask = mask[-w:]
+        add = torch.zeros(mask.shape, dtype=torch.float32, device=q.device).masked_fill_(~mask, float("-inf"))
+        probs = decode_probs(q, kc[None].expand(w, -1, -1, -1), add[:, None, None, :], scale)  # [w, K, G, C]
+        slots = _slots(chunk.block_ids[None], self.owner.block_size)[0, :C]
+        imp.index_add_(0, slots, probs.sum((0, 1, 2)))
+
+
+def _slots(tables: torch.Tensor, bs: int) -> torch.Tensor:
+    """tables [B, nb] -> [B, nb * bs] flat slot ids."""
+    return (tables[:, :, None] * bs + torch.arange(bs, device=tables.device)).flatten(1)
+
+
+class LayerBudgetKV(PolicyKV):
+    def __init__(self, policy: LayerBudgetPolicy, base: PolicyKV, num_blocks: int, num_host_blocks: int,
+                 block_size: int, device: torch.device) -> None:
+        self.policy, self.base, self.block_size = policy, base, block_size
+        L = len(base.layers)
+        self.importance = torch.zeros(L, num_blocks, block_size, dtype=torch.float32, device=device)
+        self.host_importance = torch.zeros(L, num_host_blocks, block_size, dtype=torch.float32)
+        self.layers = [BudgetLayer(self, l, base.layers[l]) for l in range(L)]
+        self.record: list[list[int]] | None = None  # kept tokens per layer of each keep set, when a test asks
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes + self.importance.numel() * 4
+
+    @property
+    def host_nbytes(self) -> int:
+        return self.base.host_nbytes + self.host_importance.numel() * 4
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        self.base.swap_out(pairs)
+        if pairs:
+            dev, host = (torch.tensor(x) for x in zip(*pairs))
+            self.host_importance[:, host] = self.importance[:, dev.to(self.importance.device)].cpu()
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        self.base.swap_in(pairs)
+        if pairs:
+            host, dev = (torch.tensor(x) for x in zip(*pairs))
+            self.importance[:, dev.to(self.importance.device)] = self.host_importance[:, host].to(self.importance.device)
+
+    def _keep(self, table: torch.Tensor, past: int) -> torch.Tensor:
+        """[L, past] bool for a request with `past` tokens before this step."""
+        nb = -(-past // self.block_size)
+        imp = self.importance[:, table[:nb]].flatten(1)[:, :past]
+        # a token next to an attended one is likely part of the same span (the digits of a number): rank by the
+        # neighbourhood's max (SnapKV's pooling)
+        imp = F.max_pool1d(imp[:, None], POOL, stride=1, padding=POOL // 2)[:, 0]
+        cfg = self.policy.cfg
+        keep = keep_mask(imp, self.policy.read_tokens(past), cfg.sink_tokens, cfg.window_tokens)
+        if self.record is not None:
+            self.record.append(keep.sum(1).tolist())
+        return keep
+
+    def step_keep(self, meta: AttnMetadata) -> _StepKeep:
+        if "layer-budget" not in meta.policy_state:
+            masks = None
+            if meta.num_decodes:
+                tables = meta.decode_block_tables
+                L, C = len(self.layers), tables.shape[1] * self.block_size
+                masks = torch.zeros(L, meta.num_decodes, 1, 1, C, device=tables.device)
+                for b, past in enumerate((meta.decode_ctx_lens - 1).tolist()):
+                    masks[:, b, 0, 0, :past].masked_fill_(~self._keep(tables[b], past), float("-inf"))
+            meta.policy_state["layer-budget"] = _StepKeep(masks)
+        return meta.policy_state["layer-budget"]
