@@ -92,8 +92,8 @@ def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.
 
 def build_kv_policy(cfg: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> KVPolicy:
     name = cfg.kv_policy.name
-    if name == "spans" and any(w is not None for w in model_cfg.sliding_windows):
-        raise InvalidRequest("--kv-policy spans needs full-attention layers; this model has sliding-window layers")
+    if name in ("spans", "shadow") and any(w is not None for w in model_cfg.sliding_windows):
+        raise InvalidRequest(f"--kv-policy {name} needs full-attention layers; this model has sliding-window layers")
     shape = KVShape(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, cfg.cache.block_size,
                     torch.empty(0, dtype=dtype).element_size())
     return KV_POLICIES[name](cfg.kv_policy, shape)
@@ -144,6 +144,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
                 paged_decode_attention_int8_available()
             kernel_available()
         storage = build_policy_kv(policy, model_cfg, num_blocks, num_host_blocks, block_size, dtype, device)
+        storage.bind_model(model)
         kv = KVCacheManager(num_blocks, block_size, cfg.cache.enable_prefix_caching, num_host_blocks, policy)
         scheduler = Scheduler(cfg.scheduler, kv, POLICIES[cfg.scheduler.policy]())
         eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_cfg.eos_token_ids)

@@ -60,14 +60,16 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("preemption_mode", "recompute", str, "what happens to the KV of a preempted request", ("recompute", "swap")),
     Option("kv_policy", "full", str, "what the KV cache keeps and a query reads: full (exact), int8 (quantized "
            "K/V, ~2x blocks per byte in bf16), spans (sinks + window on device, older spans in host memory, decode "
-           "reads the top-k by a key index), merge (layers L/2.. merged in adjacent pairs: one direction, two "
+           "reads the top-k by a key index), shadow (as spans, with low-rank keys and landmarks in the fast "
+           "tier), merge (layers L/2.. merged in adjacent pairs: one direction, two "
            "magnitudes, distinct tokens kept exact), layer-budget (per-layer budgets by a global prefix "
-           "search, PrefixKV; +int8 / +merge: over those storages)", ("full", "int8", "spans", "merge", "layer-budget", "layer-budget+int8",
+           "search, PrefixKV; +int8 / +merge: over those storages)", ("full", "int8", "spans", "shadow", "merge", "layer-budget", "layer-budget+int8",
                                                       "layer-budget+merge")),
     Option("kv_budget", None, float, "spans: tokens a decode query reads, as a fraction of its context (<= 1) or a "
            "count (> 1); default: all"),
     Option("kv_sink_tokens", 16, int, "spans: first tokens kept on device and always read (attention sinks)"),
     Option("kv_window_tokens", 128, int, "spans: most recent tokens kept on device and always read"),
+    Option("kv_rank", None, int, "shadow: rank of the low-rank keys kept in the fast tier (default: kv heads x head dim / 8)"),
     Option("kv_merge_angle", 30.0, float, "merge: degrees between two layers' K (or V) directions above which a token "
            "may keep both exact vectors"),
     Option("kv_merge_retain", 0.125, float, "merge: fraction of each block's tokens (per kv head) that can keep exact "
@@ -108,7 +110,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         raise InvalidRequest("expert_correlation_file needs expert_prefetch=correlation")
     if v["kv_budget"] is not None and v["kv_budget"] <= 0:
         raise InvalidRequest(f"kv_budget must be > 0 (a fraction of the context <= 1, or tokens), got {v['kv_budget']}")
-    if v["kv_policy"] != "spans" and not v["kv_policy"].startswith("layer-budget") and (v["kv_budget"] is not None or v["kv_sink_tokens"] != 16
+    if v["kv_policy"] not in ("spans", "shadow") and not v["kv_policy"].startswith("layer-budget") and (v["kv_budget"] is not None or v["kv_sink_tokens"] != 16
                                       or v["kv_window_tokens"] != 128):
         raise InvalidRequest(f"kv_budget, kv_sink_tokens and kv_window_tokens need kv_policy=spans or layer-budget "
                              f"(kv_policy={v['kv_policy']} keeps and reads every token)")
@@ -116,6 +118,8 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         raise InvalidRequest("kv_merge_angle and kv_merge_retain need kv_policy=merge")
     if not 0 <= v["kv_merge_retain"] <= 1 or not 0 <= v["kv_merge_angle"] <= 180:
         raise InvalidRequest("kv_merge_retain must be in [0, 1] and kv_merge_angle in [0, 180] degrees")
+    if v["kv_rank"] is not None and (v["kv_policy"] != "shadow" or v["kv_rank"] < 1):
+        raise InvalidRequest(f"kv_rank needs kv_policy=shadow and must be >= 1, got {v['kv_rank']}")
     if v["kv_sink_tokens"] < 0 or v["kv_window_tokens"] < 1:
         raise InvalidRequest("kv_sink_tokens must be >= 0 and kv_window_tokens >= 1")
     return EngineConfig(
@@ -130,7 +134,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
                               expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"],
                               explain=v["explain"], expert_correlation_file=v["expert_correlation_file"]),
         kv_policy=KVPolicyConfig(name=v["kv_policy"], budget=v["kv_budget"], sink_tokens=v["kv_sink_tokens"],
-                                 window_tokens=v["kv_window_tokens"], merge_angle=v["kv_merge_angle"],
+                                 window_tokens=v["kv_window_tokens"], rank=v["kv_rank"], merge_angle=v["kv_merge_angle"],
                                  merge_retain=v["kv_merge_retain"]),
     )
 

@@ -6,9 +6,10 @@ from ferry.kvcache.policies.full import FullPolicy
 from ferry.kvcache.policies.int8 import Int8Policy
 from ferry.kvcache.policies.layer_budget import LayerBudgetPolicy, layer_budget_over
 from ferry.kvcache.policies.merge import MergePolicy
+from ferry.kvcache.policies.shadow import ShadowPolicy
 from ferry.kvcache.policies.spans import SpansPolicy
 
-KV_POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (FullPolicy, Int8Policy, SpansPolicy, MergePolicy,
+KV_POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (FullPolicy, Int8Policy, SpansPolicy, ShadowPolicy, MergePolicy,
                                                   *(layer_budget_over(b) for b in (FullPolicy, Int8Policy, MergePolicy)))}
 
-__all__ = ["KV_POLICIES", "KVPolicy", "KVShape", "FullPolicy", "Int8Policy", "SpansPolicy", "MergePolicy", "LayerBudgetPolicy"]
+__all__ = ["KV_POLICIES", "KVPolicy", "KVShape", "FullPolicy", "Int8Policy", "SpansPolicy", "ShadowPolicy", "MergePolicy", "LayerBudgetPolicy"]

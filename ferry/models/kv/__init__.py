@@ -11,6 +11,7 @@ from ferry.models.kv.full import FullKV
 from ferry.models.kv.int8 import Int8KV
 from ferry.models.kv.layer_budget import LayerBudgetKV
 from ferry.models.kv.merge import MergeKV
+from ferry.models.kv.shadow import ShadowKV
 from ferry.models.kv.spans import SpansKV
 
 
@@ -19,6 +20,7 @@ _BUILDERS = {
     "full": lambda p, cfg, n, nh, bs, dtype, dev: FullKV(KVStorage(cfg, n, nh, bs, dtype, dev)),
     "int8": lambda p, cfg, n, nh, bs, dtype, dev: Int8KV(cfg, n, nh, bs, dev),
     "spans": lambda p, cfg, n, nh, bs, dtype, dev: SpansKV(p, cfg, n, nh, bs, dtype, dev),
+    "shadow": lambda p, cfg, n, nh, bs, dtype, dev: ShadowKV(p, cfg, n, nh, bs, dtype, dev),
     "merge": lambda p, cfg, n, nh, bs, dtype, dev: MergeKV(p, cfg, n, nh, bs, dtype, dev),
     # layer-budget over a base storage (ferry/kvcache/policies/layer_budget.py): the base's tensors, masked reads
     **{name: lambda p, cfg, n, nh, bs, dtype, dev: LayerBudgetKV(p, _BUILDERS[p.base.name](p.base, cfg, n, nh, bs, dtype, dev),

@@ -47,6 +47,10 @@ class PolicyKV(ABC):
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Copy host blocks to device blocks: (host, device) pairs."""
 
+    def bind_model(self, model: torch.nn.Module) -> None:
+        """Called once with the loaded model, before any step: a policy that derives state from the weights (shadow's
+        key basis) takes it here. Default: nothing."""
+
 
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """cache [num_blocks, bs, K, Dh], block_ids [..., n] -> [..., n * bs, K, Dh] (a copy)."""

@@ -21,12 +21,12 @@ __all__ = ["SpansKV", "SpansLayer", "attend_batch", "span_mass"]
 
 class SpansLayer(TieredLayer):
     def block_scores(self, q: torch.Tensor, host_ids: torch.Tensor, valid: torch.Tensor, top_k: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float) -> tuple[torch.Tensor, None]:
         index = self.owner.index[self.layer]
         lo, hi = index[0, host_ids].float(), index[1, host_ids].float()  # [B, n, K, Dh]
-        return span_mass(q, lo, hi, scale)
+        return span_mass(q, lo, hi, scale), None
 
-    def host_kv(self, host_ids: torch.Tensor, logical: torch.Tensor,
+    def host_kv(self, host_ids: torch.Tensor, logical: torch.Tensor, exact: torch.Tensor | None,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         host = self.owner.storage.host
         return (gather_blocks(host[self.layer, 0], host_ids).to(device),

@@ -48,14 +48,16 @@ class TieredLayer(LayerKV):
     # -- what a policy defines ----------------------------------------------------------------------
 
     def block_scores(self, q: torch.Tensor, host_ids: torch.Tensor, valid: torch.Tensor, top_k: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-        """q [B, H, Dh], host_ids / valid [B, n], top_k [B] -> [B, n] estimated attention mass per host block
-        (the top_k highest are read; invalid entries are masked by the caller)."""
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q [B, H, Dh], host_ids / valid [B, n], top_k [B] -> [B, n] estimated attention mass per host block (the
+        top_k highest are read; invalid entries are masked by the caller), and [B, n] bool: blocks whose keys are
+        read exactly if picked (None: the policy reads every key exactly)."""
         raise NotImplementedError
 
-    def host_kv(self, host_ids: torch.Tensor, logical: torch.Tensor,
+    def host_kv(self, host_ids: torch.Tensor, logical: torch.Tensor, exact: torch.Tensor | None,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Picked host blocks [B, k] (and their block indices in the request) -> K, V [B, k * bs, K, Dh]."""
+        """Picked host blocks [B, k] (CPU), their block indices in the request and block_scores' exact flags
+        [B, k] -> K, V [B, k * bs, K, Dh]."""
         raise NotImplementedError
 
     def write(self, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> None:
@@ -106,8 +108,9 @@ class TieredLayer(LayerKV):
         parts = [(gather_blocks(self.k_cache, dev_blocks), gather_blocks(self.v_cache, dev_blocks), logical[on_dev])]
         top_k = policy.top_k(ctx, policy.sink_blocks + policy.window_blocks + 1)
         if top_k:
-            sel = self.pick(q, host_blocks, top_k, scale)
-            kh, vh = self.host_kv(host_blocks[sel].cpu()[None], host_logical[sel][None], q.device)
+            sel, exact = self._select(q, host_blocks, top_k, scale)
+            kh, vh = self.host_kv(host_blocks[sel].cpu()[None], host_logical[sel][None],
+                                  None if exact is None else exact[None], q.device)
             parts.append((kh[0], vh[0], host_logical[sel]))
         kc = torch.cat([p[0] for p in parts])
         vc = torch.cat([p[1] for p in parts])
@@ -126,7 +129,7 @@ class TieredLayer(LayerKV):
     def _decode(self, q: torch.Tensor, reads: DecodeReads, scale: float) -> torch.Tensor:
         """q [B, H, Dh] -> [B, H, Dh] over each request's resident blocks and its top-k host blocks."""
         B, bs = q.shape[0], self.owner.block_size
-        mass = self.block_scores(q, reads.host_ids, reads.host_valid, reads.top_k, scale)  # [B, nh]
+        mass, exact = self.block_scores(q, reads.host_ids, reads.host_valid, reads.top_k, scale)  # [B, nh]
         mass = mass.masked_fill(~reads.host_valid, -1.0)
         k_max = int(reads.top_k.max())
         top = mass.topk(k_max, dim=1)  # [B, k]
@@ -136,7 +139,8 @@ class TieredLayer(LayerKV):
         if self.owner.record is not None:
             for b in range(B):
                 self.owner.record.append((self.layer, sorted(logical[b][chosen[b]].tolist())))
-        kh, vh = self.host_kv(picked.cpu(), logical, q.device)
+        exact = None if exact is None else exact.gather(1, top.indices) & chosen
+        kh, vh = self.host_kv(picked.cpu(), logical, exact, q.device)
         kc = torch.cat((gather_blocks(self.k_cache, reads.device_ids), kh), dim=1)  # [B, C', K, Dh]
         vc = torch.cat((gather_blocks(self.v_cache, reads.device_ids), vh), dim=1)
         nd = reads.device_ids.shape[1] * bs
@@ -148,13 +152,19 @@ class TieredLayer(LayerKV):
         """Indices into host_ids [n] of the top_k blocks for queries q [Q, H, Dh]: the chunk is scored as one query
         of Q*H heads (per head a softmax over the blocks estimates where its attention mass goes; blocks are ranked
         by that mass summed over queries and heads: one query reading a needle gives its block ~1)."""
+        return self._select(q, host_ids, top_k, scale)[0]
+
+    def _select(self, q: torch.Tensor, host_ids: torch.Tensor, top_k: int,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pick's indices [k], and block_scores' exact flags of the picked blocks [k] (or None)."""
         Q, H, Dh = q.shape
         K = self.k_cache.shape[2]
         as_heads = q.reshape(Q, K, H // K, Dh).transpose(0, 1).reshape(1, -1, Dh)
         k = min(top_k, len(host_ids))
         valid = torch.ones(1, len(host_ids), dtype=torch.bool, device=q.device)
-        mass = self.block_scores(as_heads, host_ids[None], valid, torch.tensor([k], device=q.device), scale)[0]
-        return mass.topk(k).indices
+        mass, exact = self.block_scores(as_heads, host_ids[None], valid, torch.tensor([k], device=q.device), scale)
+        idx = mass[0].topk(k).indices
+        return idx, None if exact is None else exact[0, idx]
 
 
 def span_mass(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float) -> torch.Tensor:
