@@ -12,8 +12,9 @@ from ferry.engine.engine import EngineParts
 from ferry.errors import InvalidRequest
 from ferry.experts.planner import make_plan, measure_costs
 from ferry.experts.policies import EVICTION_POLICIES
-from ferry.experts.predictors import PREDICTORS, PreGatePredictor
+from ferry.experts.predictors import PREDICTORS
 from ferry.experts.store import ExpertStore
+from ferry.experts.stream import attach_predictor
 from ferry.kvcache.manager import KVCacheManager
 from ferry.kvcache.policies import KV_POLICIES, KVPolicy, KVShape
 from ferry.models.kv import build_policy_kv
@@ -136,8 +137,8 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     experts = build_expert_store(cfg.offload, model_cfg, dtype, device, cfg.scheduler.max_num_seqs)
     try:
         model = load_model(model_cfg, dtype, device, max_len, experts.layer if experts else None)
-        if experts and isinstance(experts.predictor, PreGatePredictor):
-            experts.predictor.set_routers({l: model.layers[l].mlp.router for l in experts.index.layer_files})
+        if experts:
+            attach_predictor(model, experts)
         if device.type == "cpu":  # compile the CPU kernels now, not on the first request
             paged_decode_attention_available()
             if policy.name == "int8":

@@ -27,6 +27,9 @@ class EvictionPolicy(abc.ABC):
     def on_layer(self, layer: int, hints: dict[Key, float]) -> None:
         """The forward reached `layer`; hints are predicted next-use probabilities of upcoming experts."""
 
+    def on_hints(self, hints: dict[Key, float]) -> None:
+        """Newer predicted next-use probabilities (made after a layer finished)."""
+
     @abc.abstractmethod
     def choose_victim(self, candidates: Sequence[Key]) -> Key:
         """The key to evict, one of candidates (never empty)."""
@@ -84,6 +87,10 @@ class FrequencyCorrelationPolicy(LRUPolicy):
     def on_layer(self, layer: int, hints: dict[Key, float]) -> None:
         self.current = layer
         self.visits[layer] += 1
+        if hints:  # else the hints made after the previous layer still stand
+            self.hints = hints
+
+    def on_hints(self, hints: dict[Key, float]) -> None:
         self.hints = hints
 
     def _distance(self, layer: int) -> int:

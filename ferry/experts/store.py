@@ -30,6 +30,7 @@ from torch import nn
 from ferry.config import ModelConfig
 from ferry.errors import FerryError, InvalidRequest, ModelLoadError
 from ferry.experts.cache import Entry, ExpertCache
+from ferry.experts.confidence import ConfidenceGate
 from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import EvictionPolicy, Key
 from ferry.experts.predictors import ExpertPredictor
@@ -64,7 +65,10 @@ class ExpertStore:
             raise
         self.policy = policy
         self.predictor = predictor
-        self._predicted: dict[int, set[int]] = {}  # MoE layer -> experts predicted for its next call
+        self._predicted: dict[int, set[int]] = {}  # MoE layer -> experts predicted for its next call (and read)
+        self._guesses: dict[int, dict[int, tuple[float, int]]] = {}  # every guess: expert -> (probability, distance)
+        self._layer_keys: set[Key] = set()  # the experts of the layer running now
+        self.confidence = ConfidenceGate()
         self.prefetch_width: int | None = None  # most guessed experts read ahead per layer (None: all; the planner's)
         self.prefetch_depth = 1  # MoE layers ahead to read guessed experts for (the planner's)
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
@@ -134,15 +138,11 @@ class ExpertStore:
     def weights(self, layer: int, expert_ids: Sequence[int], x: torch.Tensor,
                 top_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         keys = [(layer, int(e)) for e in expert_ids]
+        self._layer_keys = set(keys)
         self._score_prediction(layer, set(k[1] for k in keys))
         self.predictor.observe(layer, x, top_ids)
         ahead = self.predictor.predict_ahead(layer, x, top_ids, self.prefetch_depth) if self.prefetch_width != 0 else {}
-        guessed, probs = [], {}  # read order: nearest layer first, then likeliest first
-        for target, guess in ahead.items():
-            chosen = [e for e, _ in sorted(guess.items(), key=lambda kv: -kv[1])][:self.prefetch_width]
-            self._predicted[target] = set(chosen)  # a nearer layer's later guess replaces this one
-            guessed += [(target, e) for e in chosen]
-            probs.update({(target, e): guess[e] for e in chosen})
+        guessed, probs = self._choose(layer, ahead)
         with self.cache.cond:
             self.policy.on_layer(layer, {(t, e): p for t, guess in ahead.items() for e, p in guess.items()})
             cached = {k: self.cache.lookup(k) for k in keys}  # a hit if the same entry is still there when asked for
@@ -168,6 +168,34 @@ class ExpertStore:
             with self.cache.cond:
                 self._start_reads(guessed, set(guessed), _PREFETCH, only=set(keys), probs=probs)
 
+    def after_layer(self, layer: int, stream: torch.Tensor) -> None:
+        """`layer` is done and its output added to the residual stream [T, D]: predictors that read the stream
+        guess the next layers' experts now; their reads may take free slots or this layer's (a whole forward
+        from their next use)."""
+        if self.prefetch_width == 0 or not self.predictor.needs_stream:
+            return
+        ahead = self.predictor.predict_after(layer, stream, self.prefetch_depth)
+        guessed, probs = self._choose(layer, ahead)
+        with self.cache.cond:
+            self.policy.on_hints({(t, e): p for t, guess in ahead.items() for e, p in guess.items()})
+            if guessed:
+                self._start_reads(guessed, set(guessed), _PREFETCH, only=self._layer_keys, probs=probs)
+
+    def _choose(self, layer: int, ahead: dict[int, dict[int, float]]) -> tuple[list[Key], dict[Key, float]]:
+        """The guesses to read, nearest layer first, then likeliest first: at most prefetch_width per layer,
+        and only those the confidence gate admits. Every guess is kept for scoring once its layer routes."""
+        guessed, probs = [], {}
+        pos = self.predictor.moe_layers.index(layer)
+        for target, guess in ahead.items():
+            distance = self.predictor.moe_layers.index(target) - pos
+            ranked = sorted(guess.items(), key=lambda kv: -kv[1])
+            chosen = [e for e, p in ranked if self.confidence.keep(p, distance)][:self.prefetch_width]
+            self._predicted[target] = set(chosen)  # a nearer layer's later guess replaces this one
+            self._guesses[target] = {e: (p, distance) for e, p in ranked}
+            guessed += [(target, e) for e in chosen]
+            probs.update({(target, e): guess[e] for e in chosen})
+        return guessed, probs
+
     def _unpack(self, key: Key, slot: torch.Tensor) -> tuple[torch.Tensor | QuantLinear, torch.Tensor | QuantLinear]:
         """(gate_up, down) of a read expert: views into its slot (dense), fused-kernel linears over its slot
         (quantized, bfloat16), or dequantized into the scratch pair (quantized, other dtypes)."""
@@ -186,6 +214,8 @@ class ExpertStore:
         if type(self.predictor) is ExpertPredictor or self.prefetch_width == 0 or layer == self.predictor.moe_layers[0]:
             return  # no prediction, or the first MoE layer (no layer before it in this forward to predict from)
         predicted = self._predicted.pop(layer, set())
+        for e, (p, distance) in self._guesses.pop(layer, {}).items():
+            self.confidence.record(p, distance, e in used)
         self._stats.num_needed += len(used)
         self._stats.num_predicted += len(predicted)
         self._stats.num_predicted_used += len(predicted & used)
@@ -292,6 +322,7 @@ class ExpertStore:
         with self.cache.cond:
             self.cache.clear()
             self._predicted.clear()
+            self._guesses.clear()
 
     def close(self) -> None:
         if self._closed:

@@ -13,9 +13,9 @@ from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import LRUPolicy
 from ferry.experts.predictors import ExpertPredictor
 from ferry.experts.quant import QuantLayout, dequantize, quantizable, quantize
-from ferry.ops.quant import pack_int4, unpack_int4
 from ferry.experts.store import ExpertStore
 from ferry.models.loader import load_model
+from ferry.ops.quant import pack_int4, unpack_int4
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.expert_stores import check_store_clean, make_store
 
