@@ -138,7 +138,7 @@ def render(results: Path = RESULTS) -> dict[str, str]:
     # moe_offload-<name>.json (e.g. the trained model's run)
     moe = [f for f in [results / "moe_offload.json", *sorted(results.glob("moe_offload-*.json"))] if f.is_file()]
     if moe:
-        from bench.moe_offload import markdown
+        from bench.moe_report import markdown
         out["moe-offload"] = "\n\n".join(markdown(json.loads(f.read_text())) for f in moe)
     lc = results / "long_context.json"  # bench/long_context.py: a row per KV policy, ratios to full attention
     if lc.is_file():

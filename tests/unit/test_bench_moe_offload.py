@@ -1,4 +1,5 @@
-"""bench/moe_offload.py and bench/memlimit.py: ratios per round, the README table, memory limits, a smoke run."""
+"""bench/moe_offload.py (+ moe_configs, moe_report) and bench/memlimit.py: ratios per round, the README table,
+memory limits, a smoke run."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ import pytest
 
 from bench import memlimit
 from bench.common import SMOKE
-from bench.moe_offload import REFERENCE, add_ratios, markdown
+from bench.moe_configs import FERRY_MODES, INT4_FULL, INT4_REFERENCE, REFERENCE
+from bench.moe_report import add_ratios, markdown
 
 
 def _m(tok_s: float, rnd: int) -> dict:
@@ -22,9 +24,9 @@ def test_ratios_pair_the_same_round():
                         "llama.cpp mmap": {"measurements": [_m(5, 1)]},  # round 0 failed: only round 1 pairs
                         "accelerate disk offload": {"unavailable": "killed at the 300 MiB memory limit"}}}
     add_ratios(case)
-    assert case["ratios"][f"ferry full / {REFERENCE}"]["runs"] == [0.5, 1.0]
-    assert case["ratios"]["ferry full / llama.cpp mmap"]["runs"] == [6.0]
-    assert "ferry full / accelerate disk offload" not in case["ratios"]
+    assert case["ratios"]["full / ferry in-memory"]["runs"] == [0.5, 1.0]
+    assert case["ratios"]["full / llama.cpp mmap"]["runs"] == [6.0]
+    assert "full / accelerate disk offload" not in case["ratios"]
 
 
 def test_table_shows_reasons_ratios_and_inexact_tokens():
@@ -67,16 +69,20 @@ def test_drop_cache_counts_the_files(tmp_path):
 
 
 def test_smoke_run_is_token_exact_and_counts(tmp_path):
-    """ferry alone on the tiny OLMoE at a 25% budget: every mode gives the in-memory tokens, counters filled."""
+    """ferry alone on the tiny OLMoE at a 25% budget: every mode gives the in-memory tokens (int4: the int4
+    store's in-memory tokens), counters filled."""
     from bench import moe_offload
     moe_offload.main(["--smoke", "--engines", "ferry", "--no-parity", "--no-limit", "--trained", "none",
                       "--budgets", "0.25", "--batches", "2", "--out", "moe_offload-test"])
     rec = json.loads((SMOKE / "moe_offload-test.json").read_text())
     (case,) = rec["models"]["random"]["cases"]
-    for mode in moe_offload.FERRY_MODES:
+    for mode in [*FERRY_MODES, INT4_FULL]:
         c = case["configs"][mode]
         assert c["token_exact"] is True, mode
         assert c["median"] > 0
         assert 0 <= c["hit_rate"] <= 1 and c["expert_bytes_per_token"] > 0
     assert case["configs"]["ferry lru+prefetch"]["prefetch_precision"] is not None
+    assert "token_exact" not in case["configs"][INT4_REFERENCE]  # lossy: measured against bf16, not required
+    assert 0 <= case["configs"][INT4_REFERENCE]["sequences_as_lossless"] <= 1
+    assert "int4 full / ferry in-memory (lossy)" in case["ratios"]
     assert (SMOKE / "moe_offload-test.png").is_file()

@@ -1,0 +1,155 @@
+"""bench moe-offload: ratios, the plot and the README block (see bench/moe_offload.py)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from bench.common import summary
+from bench.moe_configs import INT4_FULL, INT4_REFERENCE, PEERS, REFERENCE, column_rank
+
+# (numerator, denominator, column label): per-round ratios summarized into each case
+RATIOS = [("ferry full", REFERENCE, "full / ferry in-memory"),
+          *[("ferry full", v, f"full / {v}") for v in PEERS.values()],
+          ("ferry full", "ferry on-demand", "full / on-demand"), ("ferry full", "ferry lru+prefetch", "full / lru+prefetch"),
+          (INT4_FULL, REFERENCE, "int4 full / ferry in-memory (lossy)"),
+          (INT4_REFERENCE, REFERENCE, "int4 in-memory / ferry in-memory (lossy)")]
+SHOWN = {"full / ferry in-memory", *(f"full / {v}" for v in PEERS.values()), "int4 full / ferry in-memory (lossy)",
+         "int4 in-memory / ferry in-memory (lossy)"}  # the README's ratio columns
+
+
+def add_ratios(case: dict) -> None:
+    """Per round: ferry full (and int4) / all in memory, ferry full / each peer; summaries of them."""
+    by_round = {n: {m["round"]: m["tok_s"] for m in v.get("measurements", [])} for n, v in case["configs"].items()}
+    ratios = {}
+    for num, den, label in RATIOS:
+        a, b = by_round.get(num, {}), by_round.get(den, {})
+        vals = [a[r] / b[r] for r in a if r in b and b[r] > 0]
+        if vals:
+            ratios[label] = summary(vals)
+    case["ratios"] = ratios
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    parts = list(record["models"].items())
+    batches = sorted({c["batch"] for _, p in parts for c in p["cases"]})
+    fig, axes = plt.subplots(len(parts), len(batches), figsize=(5.2 * len(batches), 3.8 * len(parts)), squeeze=False)
+    for i, (label, p) in enumerate(parts):
+        for j, B in enumerate(batches):
+            ax = axes[i][j]
+            cases = [c for c in p["cases"] if c["batch"] == B]
+            names = list(dict.fromkeys(n for c in cases for n in c["configs"]))
+            for n in names:
+                pts = [(100 * c["budget"], c["configs"][n]["median"]) for c in cases
+                       if "median" in c["configs"].get(n, {})]
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                if n == REFERENCE:
+                    ax.axhline(sorted(ys)[len(ys) // 2], color="k", ls="--", lw=1, label=n)
+                else:
+                    ax.plot(xs, ys, marker="o", label=n)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks([12.5, 25, 50, 100], ["12.5", "25", "50", "100"])
+            ax.set_xlabel("expert budget, % of expert bytes in RAM")
+            ax.set_ylabel("decode tok/s")
+            ax.set_title(f"{p['model_name']}: batch {B}", fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6)
+    fig.suptitle(f"moe-offload: {record['config']['threads']} threads, {record['config']['dtype']}, same memory "
+                 "limit per engine", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+
+
+def _f(x, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if pct:
+        return f"{100 * x:.0f}%"
+    return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def markdown(rec: dict) -> str:
+    """The README block: per model a throughput table (tok/s, ratios) and ferry full's expert counters."""
+    out = []
+    for label, p in rec["models"].items():
+        out.append(_throughput_table(label, p, rec["config"]["dtype"]))
+        out.append(_counters_table(p))
+    cmd = " ".join(["python -m bench moe-offload", *rec["machine"]["argv"][rec["machine"]["argv"].index("moe-offload") + 1:]]
+                   ) if "moe-offload" in rec["machine"]["argv"] else "python -m bench moe-offload"
+    out.append(f"{rec['config']['threads']} threads for every engine; median of {rec['config']['runs']} round(s), "
+               f"configurations alternating; git {rec['machine']['git']}, torch {rec['machine']['torch']}, "
+               f"transformers {rec['machine']['transformers']}; {rec.get('duration_s', 0) / 60:.0f} min. "
+               f"Reproduce: `{cmd}` (results in `bench/results/{rec['config'].get('out') or 'moe_offload'}.{{json,png}}`).")
+    return "\n\n".join(out)
+
+
+def _cell(n: str, v: dict | None, notes: list[str]) -> str:
+    if v is None:
+        return ""
+    if "unavailable" in v:
+        if v["unavailable"] not in notes:
+            notes.append(v["unavailable"])
+        return f"n/a ({notes.index(v['unavailable']) + 1})"
+    if n.startswith("ferry full, groups") and v.get("token_exact") is False:
+        # compared with the in-memory run at batch 16: another batch shape rounds bf16 differently
+        return _f(v["median"]) + " (tokens differ from batch 16 †)"
+    return _f(v["median"]) + ("" if v.get("token_exact", True) else " (not exact!)")
+
+
+def _throughput_table(label: str, p: dict, dtype: str) -> str:
+    names = sorted(dict.fromkeys(n for c in p["cases"] for n in c["configs"]), key=column_rank)
+    ratio_names = [k for _, _, k in RATIOS if k in SHOWN and any(k in c["ratios"] for c in p["cases"])]
+    head = ["batch", "budget", *names, *ratio_names]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes: list[str] = []
+    for c in p["cases"]:
+        cells = [str(c["batch"]), f"{100 * c['budget']:g}%", *[_cell(n, c["configs"].get(n), notes) for n in names]]
+        for k in ratio_names:
+            r = c["ratios"].get(k)
+            ok = r is not None and not math.isnan(r["median"])
+            cells.append(f"**{r['median']:.2f}x**" + (f" ({r['min']:.2f}–{r['max']:.2f})" if len(r["runs"]) > 1
+                                                      else "") if ok else "–")
+        rows.append("| " + " | ".join(cells) + " |")
+    int4 = (f"; int4 store {p['int4_store_bytes'] / 2**20:.0f} MiB, its rows get the bf16 rows' RAM"
+            if p.get("int4_store_bytes") else "")
+    intro = (f"**{label}: {p['model_name']}** ({p['expert_bytes'] / 2**20:.0f} MiB of experts + "
+             f"{p['nonexpert_bytes'] / 2**20:.0f} MiB of other weights in {dtype}{int4}; decode tok/s, "
+             f"{p['new_tokens']} tokens after 16-token prompts; memory limit: {p['memory_limit']})")
+    if any("†" in r for r in rows):
+        notes.append("† groups of 8 decode in batches of 8, whose bf16 rounding differs from batch 16's; the "
+                     "in-memory run with --max-num-seqs 8 gives the same tokens as the offloaded one")
+    return intro + "\n\n" + "\n".join(rows) + ("\n\n" + "; ".join(
+        (f"({i + 1}) {n}" if not n.startswith("†") else n) for i, n in enumerate(notes)) if notes else "")
+
+
+def _counters_table(p: dict) -> str:
+    """ferry full's counters (and int4 full's), and the disk bytes every engine read."""
+    names = sorted((n for n in dict.fromkeys(n for c in p["cases"] for n in c["configs"]) if "in-memory" not in n),
+                   key=column_rank)
+    int4 = any(INT4_FULL in c["configs"] for c in p["cases"])
+    head = ["batch", "budget", "hit rate", "prefetch precision", "prefetch recall", "expert MiB read/token",
+            "I/O stall ms/token",
+            *(["int4: hit rate", "int4: expert MiB read/token", "int4: sequences with the lossless tokens"] if int4
+              else []),
+            *[f"disk MiB/token: {n}" for n in names]]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in p["cases"]:
+        f, q = c["configs"].get("ferry full", {}), c["configs"].get(INT4_FULL, {})
+        if "median" not in f:
+            continue
+        disk = [c["configs"].get(n, {}).get("disk_bytes_per_token") for n in names]
+        cells = [str(c["batch"]), f"{100 * c['budget']:g}%", _f(f.get("hit_rate"), True),
+                 _f(f.get("prefetch_precision"), True), _f(f.get("prefetch_recall"), True),
+                 _f((f.get("expert_bytes_per_token") or 0) / 2**20), _f(f.get("stall_ms_per_token"))]
+        if int4:
+            cells += [_f(q.get("hit_rate"), True),
+                      _f(q["expert_bytes_per_token"] / 2**20) if q.get("expert_bytes_per_token") is not None else "–",
+                      _f(q.get("sequences_as_lossless"), True)]
+        rows.append("| " + " | ".join(cells + [_f(d / 2**20) if d is not None else "–" for d in disk]) + " |")
+    return f"ferry full on {p['model_name']}: expert cache and I/O per generated token\n\n" + "\n".join(rows)

@@ -1,0 +1,90 @@
+"""bench moe-offload: the models it times, their expert stores and the prompts (see bench/moe_offload.py)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+WORK = ROOT / ".cache" / "moe_offload"
+TRAINED = ROOT.parent / "ferry" / "assets" / "ferry-tiny-moe"
+RANDOM_NAME = "olmoe-32e-1g"
+RANDOM_SHAPE = dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", hidden_size=1024, intermediate_size=512,
+                    num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, num_experts=32,
+                    num_experts_per_tok=4, norm_topk_prob=False, clip_qkv=None, max_position_embeddings=4096,
+                    rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, vocab_size=32000)
+
+
+def random_model(smoke: bool) -> Path:
+    from bench import models
+    if smoke:
+        from bench.peers.tiny import build_tiny
+        return build_tiny("tiny-olmoe")
+    models.SHAPES.setdefault(RANDOM_NAME, RANDOM_SHAPE)
+    return bf16_copy(models.build(RANDOM_NAME))
+
+
+def bf16_copy(src: Path) -> Path:
+    """The checkpoint with bfloat16 tensors (bench/models.py writes float32): the engines run bf16, and every
+    worker start would otherwise read and convert twice the bytes. Built once, beside the source."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    dst = src.with_name(src.name + "-bf16")
+    if (dst / "config.json").is_file():  # written last
+        return dst
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(dst / f.name))
+        elif f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16", "torch_dtype": "bfloat16"}, indent=2))
+    return dst
+
+
+def weight_bytes(model: Path, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(non-expert, expert) weight bytes of the checkpoint at dtype_bytes per parameter."""
+    from safetensors import safe_open
+    rest = experts = 0
+    for f in sorted(model.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                n = math.prod(st.get_slice(name).get_shape()) * dtype_bytes
+                if ".experts." in name or "block_sparse_moe.experts" in name:
+                    experts += n
+                else:
+                    rest += n
+    return rest, experts
+
+
+def expert_store(model: Path, dtype: str, bits: str = "none") -> Path:
+    """The model's expert store (bits "none": lossless, in dtype; "4": int4, lossy), converted once."""
+    from ferry.errors import ModelLoadError
+    from ferry.experts.convert import convert_expert_store
+    from ferry.experts.layout import StoreIndex
+    store = WORK / (f"{model.name}-{dtype}.experts" if bits == "none" else f"{model.name}-int{bits}.experts")
+    if (store / "index.json").exists():
+        try:
+            StoreIndex.load(store)
+            return store
+        except ModelLoadError:  # an older format (e.g. version-1 int4 records): convert again
+            shutil.rmtree(store)
+    convert_expert_store(model, store, dtype, bits)
+    return store
+
+
+def prompts_random(vocab: int, batch: int, seed: int, length: int = 16) -> list[list[int]]:
+    import random
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(batch)]
+
+
+def prompts_text(model: Path, batch: int, seed: int, length: int = 16) -> list[list[int]]:
+    """batch spans of `length` tokens of held-out text (realistic routing for a trained model)."""
+    from tokenizers import Tokenizer
+    ids = Tokenizer.from_file(str(model / "tokenizer.json")).encode(
+        (ROOT.parent / "ferry" / "assets" / "heldout.txt").read_text()[:200_000]).ids
+    step = max((len(ids) - length) // (4 * batch + 1), 1)
+    return [ids[(seed * batch + i) * step:(seed * batch + i) * step + length] for i in range(batch)]
