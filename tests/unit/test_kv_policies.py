@@ -2,23 +2,20 @@
 continuous batching, chunked prefill, prefix caching and preemption (allocators back to empty)."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from ferry import LLM, SamplingParams
 from ferry.config import KVPolicyConfig, ModelConfig
-from ferry.default_model import ASSETS, inhouse_path
 from ferry.engine.options import engine_config
 from ferry.errors import InvalidRequest
-from ferry.eval.tasks import Haystack, make_sample
 from ferry.kvcache.manager import KVCacheManager, host_entry
 from ferry.kvcache.policies import KV_POLICIES, KVShape
 from ferry.models.kv.int8 import Int8KV, quantize
 from ferry.models.kv.spans import SpansKV
 from ferry.request import Request
 from tests.checkpoints import make_checkpoint, random_prompts
+from tests.kv_engines import passkey_first_decode, run_greedy
 
 SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype_bytes=2)
 
@@ -127,15 +124,6 @@ def llama(tmp_ckpt_dir):
     return make_checkpoint("llama", tmp_ckpt_dir)
 
 
-def _run(path, prompts, **kw):
-    with LLM(str(path), dtype="float32", max_num_batched_tokens=48, max_num_seqs=4, block_size=4, **kw) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
-        kv = llm.engine.kv
-        assert kv.all_free and not llm.engine.scheduler.has_unfinished
-        return [o.outputs[0].token_ids for o in outs], llm.engine
-
-
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_spans_reading_everything_matches_full_under_batching_and_preemption(llama, mode):
     """With a budget of the whole context, spans reads every span (some from host) and must agree with full
@@ -143,8 +131,8 @@ def test_spans_reading_everything_matches_full_under_batching_and_preemption(lla
     vocab = ModelConfig.from_hf(llama).vocab_size
     prompts = random_prompts(6, [60, 90, 75, 100, 64, 80], vocab, seed=3)
     prompts[4] = prompts[1][:64]  # a prefix hit
-    want, _ = _run(llama, prompts, kv_cache_memory="1M")
-    got, engine = _run(llama, prompts, kv_cache_memory=engine_bytes(llama, 20), preemption_mode=mode,
+    want, _ = run_greedy(llama, prompts, kv_cache_memory="1M")
+    got, engine = run_greedy(llama, prompts, kv_cache_memory=engine_bytes(llama, 20), preemption_mode=mode,
                        kv_policy="spans", kv_budget=1.0, kv_sink_tokens=4, kv_window_tokens=8, swap_space="1M")
     assert got == want
     assert engine.kv.num_offloaded > 0 and engine.scheduler.num_preemptions > 0
@@ -160,8 +148,8 @@ def engine_bytes(path, num_blocks: int) -> int:
 def test_int8_runs_under_preemption_and_stays_close(llama):
     vocab = ModelConfig.from_hf(llama).vocab_size
     prompts = random_prompts(5, [60, 90, 75, 100, 64], vocab, seed=5)
-    want, _ = _run(llama, prompts, kv_cache_memory="1M")
-    got, engine = _run(llama, prompts, kv_cache_memory="40K", kv_policy="int8", preemption_mode="swap")
+    want, _ = run_greedy(llama, prompts, kv_cache_memory="1M")
+    got, engine = run_greedy(llama, prompts, kv_cache_memory="40K", kv_policy="int8", preemption_mode="swap")
     assert engine.scheduler.num_preemptions > 0
     same = sum(a[:3] == b[:3] for a, b in zip(got, want))
     assert same >= 4  # random weights: int8 K/V keeps the first greedy tokens of nearly every prompt
@@ -170,21 +158,10 @@ def test_int8_runs_under_preemption_and_stays_close(llama):
 def test_spans_retrieves_the_passkey_span_on_ferry_tiny():
     """ferry-tiny at 1K tokens with a quarter of the context read per query: the span holding the passkey is
     among those retrieved by most layers, and all the passkey's digits come out."""
-    with LLM(str(inhouse_path("ferry-tiny")), dtype="float32", kv_policy="spans", kv_budget=0.25) as llm:
-        enc = type("Enc", (), {"encode": lambda self, s: llm.tokenizer.encode(s, add_special_tokens=False)})()
-        hay = Haystack(llm.tokenizer.encode((ASSETS / "heldout.txt").read_text()[:60000], add_special_tokens=False))
-        sample = make_sample("passkey", enc, hay, random.Random(1), 1024, 0.5)
-        ids = sample.prompt_ids
-        at = next(i for i in range(len(ids)) if ids[i:i + len(sample.answer_ids)] == sample.answer_ids)
-        storage = llm.engine.parts.storage
-        storage.record = []
-        out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-        first_step = [blocks for _, blocks in storage.record[:4]]  # the first decode query, one entry per layer
-        assert llm.engine.kv.all_free
-    needle = at // 16
+    needle, first_step, correct = passkey_first_decode(kv_policy="spans", kv_budget=0.25)
     assert 1 <= needle < 1024 // 16 - 8  # in a cold span, not a resident one
     assert sum(needle in blocks for blocks in first_step) >= 2, (needle, first_step)
-    assert out[0].outputs[0].token_ids[:len(sample.answer_ids)] == sample.answer_ids  # every digit retrieved
+    assert correct  # every digit retrieved
 
 
 def test_int8_decode_kernel_matches_torch_path():

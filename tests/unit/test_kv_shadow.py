@@ -2,30 +2,31 @@
 the bytes it reports, and whole engines under continuous batching, chunked prefill, prefix caching and preemption."""
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ferry import LLM, SamplingParams
+from ferry import LLM
 from ferry.config import KVPolicyConfig, ModelConfig
-from ferry.default_model import ASSETS, inhouse_path
 from ferry.engine.options import engine_config
 from ferry.errors import InvalidRequest
-from ferry.eval.tasks import Haystack, make_sample
 from ferry.kvcache.policies import KV_POLICIES, KVShape
 from ferry.models.kv.lowrank import rope_angles, rotate
 from ferry.models.kv.shadow import ShadowKV
 from ferry.models.layers.attention import AttnMetadata
 from tests.checkpoints import make_checkpoint, random_prompts
+from tests.kv_engines import passkey_first_decode, run_greedy
 
 CFG = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
                              "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 10})  # K*Dh = 32
 BS = 4
 
 
-def shadow(rank: int | None = None, budget: float | None = None, shape: KVShape = KVShape(1, 2, 16, BS, 4)):
+SHAPE = KVShape(1, 2, 16, BS, 4)
+
+
+def shadow(rank: int | None = None, budget: float | None = None, shape: KVShape = SHAPE):
     return KV_POLICIES["shadow"](KVPolicyConfig("shadow", budget, 4, 8, rank=rank), shape)
 
 
@@ -128,14 +129,6 @@ def llama(tmp_ckpt_dir):
     return make_checkpoint("llama", tmp_ckpt_dir)
 
 
-def _run(path, prompts, **kw):
-    with LLM(str(path), dtype="float32", max_num_batched_tokens=48, max_num_seqs=4, block_size=4, **kw) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
-        assert llm.engine.kv.all_free and not llm.engine.scheduler.has_unfinished  # allocators back to empty
-        return [o.outputs[0].token_ids for o in outs], llm.engine
-
-
 def _budget(path, num_blocks: int, rank: int | None, swap: int = 1 << 20) -> int:
     """kv_cache_memory for num_blocks device blocks beside the index of a swap-sized host pool."""
     cfg = ModelConfig.from_hf(path)
@@ -152,8 +145,8 @@ def test_full_rank_reading_everything_matches_full_under_batching_and_preemption
     rank = cfg.num_kv_heads * cfg.head_dim
     prompts = random_prompts(6, [60, 90, 75, 100, 64, 80], cfg.vocab_size, seed=3)
     prompts[4] = prompts[1][:64]  # a prefix hit
-    want, _ = _run(llama, prompts, kv_cache_memory="1M")
-    got, engine = _run(llama, prompts, kv_cache_memory=_budget(llama, 20, rank), preemption_mode=mode,
+    want, _ = run_greedy(llama, prompts, kv_cache_memory="1M")
+    got, engine = run_greedy(llama, prompts, kv_cache_memory=_budget(llama, 20, rank), preemption_mode=mode,
                        kv_policy="shadow", kv_budget=1.0, kv_rank=rank, kv_sink_tokens=4, kv_window_tokens=8,
                        swap_space="1M")
     assert got == want
@@ -163,7 +156,7 @@ def test_full_rank_reading_everything_matches_full_under_batching_and_preemption
 def test_low_rank_small_budget_runs_under_swap_preemption(llama):
     cfg = ModelConfig.from_hf(llama)
     prompts = random_prompts(5, [60, 90, 75, 100, 64], cfg.vocab_size, seed=5)
-    got, engine = _run(llama, prompts, kv_cache_memory=_budget(llama, 20, None), preemption_mode="swap",
+    got, engine = run_greedy(llama, prompts, kv_cache_memory=_budget(llama, 20, None), preemption_mode="swap",
                        kv_policy="shadow", kv_budget=0.25, kv_sink_tokens=4, kv_window_tokens=8, swap_space="1M")
     assert [len(t) for t in got] == [10] * 5
     assert engine.kv.num_offloaded > 0 and engine.scheduler.num_preemptions > 0
@@ -184,18 +177,7 @@ def test_shadow_retrieves_the_passkey_on_ferry_tiny():
     """ferry-tiny at 1K tokens with a quarter of the context read per query, default rank (16 of K*Dh = 128): the
     block holding the passkey is among those picked by most layers' landmarks or outlier scores, and all its
     digits come out."""
-    with LLM(str(inhouse_path("ferry-tiny")), dtype="float32", kv_policy="shadow", kv_budget=0.25) as llm:
-        enc = type("Enc", (), {"encode": lambda self, s: llm.tokenizer.encode(s, add_special_tokens=False)})()
-        hay = Haystack(llm.tokenizer.encode((ASSETS / "heldout.txt").read_text()[:60000], add_special_tokens=False))
-        sample = make_sample("passkey", enc, hay, random.Random(1), 1024, 0.5)
-        ids = sample.prompt_ids
-        at = next(i for i in range(len(ids)) if ids[i:i + len(sample.answer_ids)] == sample.answer_ids)
-        storage = llm.engine.parts.storage
-        storage.record = []
-        out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-        first_step = [blocks for _, blocks in storage.record[:4]]  # the first decode query, one entry per layer
-        assert llm.engine.kv.all_free
-    needle = at // 16
+    needle, first_step, correct = passkey_first_decode(kv_policy="shadow", kv_budget=0.25)
     assert 1 <= needle < 1024 // 16 - 8  # in a cold block
     assert sum(needle in blocks for blocks in first_step) >= 2, (needle, first_step)
-    assert out[0].outputs[0].token_ids[:len(sample.answer_ids)] == sample.answer_ids
+    assert correct

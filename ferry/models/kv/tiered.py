@@ -41,7 +41,7 @@ class DecodeReads:
 
 
 class TieredLayer(LayerKV):
-    def __init__(self, owner: "TieredKV", layer: int) -> None:
+    def __init__(self, owner: TieredKV, layer: int) -> None:
         self.owner, self.layer = owner, layer
         self.k_cache, self.v_cache = owner.storage.layers[layer]  # [N, bs, K, Dh]
 
@@ -171,7 +171,7 @@ def span_mass(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float)
     """q [B, H, Dh], per-block key bounds lo/hi [B, n, K, Dh] -> [B, n]: per head a softmax over the blocks' score
     bounds (where its attention mass would go), summed over heads. max(q_d lo_d, q_d hi_d) is q_d hi_d where
     q_d >= 0 and q_d lo_d elsewhere (hi >= lo), so the bound is two matmuls; lo = hi = a landmark key scores it."""
-    B, n, K, Dh = lo.shape
+    B, _, K, Dh = lo.shape
     qg = q.float().view(B, K, -1, Dh)  # [B, K, G, Dh] (query heads of a kv head are adjacent)
     bound = torch.einsum("bkgd,bnkd->bkgn", qg.clamp(min=0), hi) + torch.einsum("bkgd,bnkd->bkgn", qg.clamp(max=0), lo)
     return torch.softmax(bound * scale, dim=-1).sum((1, 2))
