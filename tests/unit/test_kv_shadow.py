@@ -116,6 +116,12 @@ def test_policy_bytes_and_options():
     assert p.host_bytes_per_block() == plain  # exact K and V
     assert p.index_bytes_per_host_block() == BS * 8 * 4 + 2 * 16 * 4 + 4  # coefficients, landmark, outlier score
     assert shadow().rank == 4 and shadow(rank=999).rank == 32  # default K*Dh / 8, at most K*Dh
+    # ferry-tiny in bfloat16 (4 layers, 2 kv heads of 64) holding 4096 tokens: sink + window + partial blocks on
+    # device, every other block's index entry; fast-tier bytes per token are under a quarter of full attention's
+    tiny = KV_POLICIES["shadow"](KVPolicyConfig("shadow", 0.25), KVShape(4, 2, 64, 16, 2))  # default sinks, window
+    cold = len(tiny.cold_blocks(4096, 4096 // 16))
+    fast = (4096 // 16 - cold) * tiny.device_bytes_per_block() + cold * tiny.index_bytes_per_host_block()
+    assert cold == 247 and fast / 4096 / (tiny.shape.plain_block_bytes / 16) < 0.14
     assert engine_config("m", kv_policy="shadow", kv_budget=0.25, kv_rank=16).kv_policy.rank == 16
     for kw in ({"kv_rank": 8}, {"kv_policy": "shadow", "kv_rank": 0}):
         with pytest.raises(InvalidRequest, match="kv_rank"):
