@@ -218,9 +218,10 @@ class OffloadConfig:
 class KVPolicyConfig:
     """How the KV cache trades memory for quality (ferry/kvcache/policies/). `full` keeps every token exactly."""
 
-    name: str = "full"  # full | int8 | spans
+    name: str = "full"  # full | int8 | spans | lazy
     # what a decode query may read, as a fraction of its context (<= 1) or a number of tokens (> 1); None: all.
-    # int8 ignores it (its memory is fixed by the format).
+    # int8 ignores it (its memory is fixed by the format). lazy: fraction of a step's tokens computed at the deepest
+    # layers (its pruning schedule, ferry/kvcache/policies/lazy.py).
     budget: float | None = None
     sink_tokens: int = 16  # spans: first tokens every query attends to (attention sinks); rounded up to blocks
     window_tokens: int = 128  # spans: most recent tokens every query attends to; rounded up to blocks

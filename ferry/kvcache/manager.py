@@ -92,7 +92,7 @@ class KVCacheManager:
 
     def cache_full_blocks(self, req: Request) -> None:
         """Index the request's newly completed full blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or (self.policy is not None and not self.policy.shares_prefix_blocks):
             return
         table = self.block_tables.get(req.req_id)
         if not table:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ferry.config import ModelConfig
-from ferry.models.kv.base import LayerKV
+from ferry.models.kv.base import LayerKV, RowChange
 from ferry.models.layers.attention import AttnMetadata
 from ferry.models.layers.linear import linear
 from ferry.models.layers.mlp import MoE, DenseMLP, _meta
@@ -89,8 +89,33 @@ class DecoderModel(nn.Module):
         residual = self.embed[input_ids]  # fancy indexing copies: safe to update in place
         cos, sin = self.rotary.tables(meta.positions, residual.dtype)
         h = None
+        rows = None  # [T'] the step row of each current row (-1: revived) once a KV policy changed the rows
         for layer, kv in zip(self.layers, kv_caches):
             h = layer(h, residual, cos, sin, meta, kv)
-        residual += h
+            if kv.changes_rows:  # a pruning policy (lazy) picks the rows the next layers compute
+                residual += h  # the next layer's input, whole: the policy keeps pruned tokens' states
+                h = None
+                if rows is None:
+                    rows = torch.arange(len(input_ids), device=residual.device)
+                change = kv.next_rows(residual, meta, torch.isin(rows, logits_indices))
+                if change is not None:
+                    residual, rows = _apply(change, residual, rows)
+                    meta = change.meta
+                    cos, sin = self.rotary.tables(meta.positions, residual.dtype)
+        if h is not None:
+            residual += h
+        if rows is not None:  # logits rows are never dropped: find where they are now
+            where = torch.full((len(input_ids),), -1, dtype=torch.long, device=rows.device)
+            where[rows[rows >= 0]] = torch.nonzero(rows >= 0)[:, 0]
+            logits_indices = where[logits_indices]
         x = self.norm(residual[logits_indices].contiguous())
         return linear(x, self.embed if self.lm_head is None else self.lm_head).float()
+
+
+def _apply(change: RowChange, residual: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual [T, D], rows [T] -> the kept rows, then the revived ones (step row -1)."""
+    residual, rows = residual[change.keep], rows[change.keep]
+    if change.revived is not None and len(change.revived):
+        residual = torch.cat((residual, change.revived.to(residual.dtype)))
+        rows = torch.cat((rows, torch.full((len(change.revived),), -1, dtype=rows.dtype, device=rows.device)))
+    return residual, rows

@@ -5,11 +5,12 @@ from ferry.kvcache.policies.base import KVPolicy, KVShape
 from ferry.kvcache.policies.full import FullPolicy
 from ferry.kvcache.policies.int8 import Int8Policy
 from ferry.kvcache.policies.layer_budget import LayerBudgetPolicy, layer_budget_over
+from ferry.kvcache.policies.lazy import LazyPolicy
 from ferry.kvcache.policies.merge import MergePolicy
 from ferry.kvcache.policies.shadow import ShadowPolicy
 from ferry.kvcache.policies.spans import SpansPolicy
 
-KV_POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (FullPolicy, Int8Policy, SpansPolicy, ShadowPolicy, MergePolicy,
+KV_POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (FullPolicy, Int8Policy, SpansPolicy, ShadowPolicy, LazyPolicy, MergePolicy,
                                                   *(layer_budget_over(b) for b in (FullPolicy, Int8Policy, MergePolicy)))}
 
-__all__ = ["KV_POLICIES", "KVPolicy", "KVShape", "FullPolicy", "Int8Policy", "SpansPolicy", "ShadowPolicy", "MergePolicy", "LayerBudgetPolicy"]
+__all__ = ["KV_POLICIES", "KVPolicy", "KVShape", "FullPolicy", "Int8Policy", "SpansPolicy", "ShadowPolicy", "LazyPolicy", "MergePolicy", "LayerBudgetPolicy"]

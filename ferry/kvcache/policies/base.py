@@ -67,6 +67,12 @@ class KVPolicy(ABC):
         (blocks only ever go cold, never warm again). Default: none."""
         return range(0)
 
+    @property
+    def shares_prefix_blocks(self) -> bool:
+        """Whether full computed blocks may be shared through the prefix cache (not when a block's content depends on
+        the request that computed it, as with `lazy` pruning)."""
+        return True
+
     def read_tokens(self, ctx_len: int) -> int:
         """Tokens a decode query with ctx_len tokens of context reads (the budget); default all of them."""
         return ctx_len

@@ -10,6 +10,7 @@ from ferry.models.kv.base import LayerKV, PolicyKV
 from ferry.models.kv.full import FullKV
 from ferry.models.kv.int8 import Int8KV
 from ferry.models.kv.layer_budget import LayerBudgetKV
+from ferry.models.kv.lazy import LazyKV
 from ferry.models.kv.merge import MergeKV
 from ferry.models.kv.shadow import ShadowKV
 from ferry.models.kv.spans import SpansKV
@@ -21,6 +22,7 @@ _BUILDERS = {
     "int8": lambda p, cfg, n, nh, bs, dtype, dev: Int8KV(cfg, n, nh, bs, dev),
     "spans": lambda p, cfg, n, nh, bs, dtype, dev: SpansKV(p, cfg, n, nh, bs, dtype, dev),
     "shadow": lambda p, cfg, n, nh, bs, dtype, dev: ShadowKV(p, cfg, n, nh, bs, dtype, dev),
+    "lazy": lambda p, cfg, n, nh, bs, dtype, dev: LazyKV(p, cfg, n, nh, bs, dtype, dev),
     "merge": lambda p, cfg, n, nh, bs, dtype, dev: MergeKV(p, cfg, n, nh, bs, dtype, dev),
     # layer-budget over a base storage (ferry/kvcache/policies/layer_budget.py): the base's tensors, masked reads
     **{name: lambda p, cfg, n, nh, bs, dtype, dev: LayerBudgetKV(p, _BUILDERS[p.base.name](p.base, cfg, n, nh, bs, dtype, dev),
@@ -34,4 +36,4 @@ def build_policy_kv(policy: KVPolicy, cfg: ModelConfig, num_blocks: int, num_hos
     return _BUILDERS[policy.name](policy, cfg, num_blocks, num_host_blocks, block_size, dtype, device)
 
 
-__all__ = ["build_policy_kv", "LayerKV", "PolicyKV", "FullKV", "Int8KV", "SpansKV"]
+__all__ = ["build_policy_kv", "LayerKV", "PolicyKV", "FullKV", "Int8KV", "SpansKV", "LazyKV"]

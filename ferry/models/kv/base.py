@@ -5,18 +5,37 @@ policy writes this step's K/V the way it stores them (plain, quantized, ...) and
 over whatever part of each request's context it decides a query reads. The runner calls `swap_out` / `swap_in`
 with the plan's block copies (preemption, and blocks a policy moved to the slow tier) before the forward.
 The scheduler-side half of each policy is ferry/kvcache/policies/<name>.py.
-Legend: T tokens in the step, H query heads, K kv heads, Dh head dim.
+A policy that prunes tokens between layers (`lazy`) sets `changes_rows` on a layer: after that layer the decoder
+hands it the next layer's input and applies the `RowChange` it returns (which rows go on, which come back).
+Legend: T tokens in the step, H query heads, K kv heads, Dh head dim, D hidden size.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
 from ferry.models.layers.attention import AttnMetadata
 
 
+@dataclass
+class RowChange:
+    """The rows the next layers compute, when a KV policy drops or brings back tokens between layers."""
+
+    keep: torch.Tensor  # [T'] long: current rows that go on, in this order (every row whose logits are needed)
+    revived: torch.Tensor | None  # [A, D] next-layer inputs of tokens brought back, appended after the kept rows
+    meta: AttnMetadata  # the next layers' metadata for those T' + A rows (positions, slots, the policy's state)
+
+
 class LayerKV(ABC):
+    changes_rows: bool = False  # True: the decoder calls next_rows after this layer
+
+    def next_rows(self, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor) -> RowChange | None:
+        """x [T, D]: the next layer's input for the current rows; needed [T] bool: rows whose logits are asked for
+        (they must be kept). None: every row goes on unchanged."""
+        return None
+
     @abstractmethod
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, scale: float,
                window: int | None) -> torch.Tensor:

@@ -1,0 +1,314 @@
+"""`lazy` (LazyLLM): a step stops computing, layer by layer, the tokens its last query attends to least; a pruned
+token's hidden state waits in its own KV slots so a later step whose query attends to it again revives it.
+
+Layout: the plain paged cache ([L, 2, N, bs, K, Dh], as `full`) plus `depth` [N, bs] uint8: how many layers hold
+each token's KV. A token pruned before layer b has depth b: its slots of layers >= b hold no KV, so attention at
+those layers masks it, and the slots of layers b .. b+r-1 hold its hidden state (the input of layer b; r layers'
+K and V slots fit D values). Pruning therefore saves compute, not memory, and pruned tokens can only be pruned at
+layers <= L - r (`last`); the aux state is swapped, freed and recomputed with its block for free.
+
+One step, per request (a "group": its scheduled rows, plus any revived rows):
+- at the layer before each pruning layer b (where the policy's keep fraction drops), the attention of the group's
+  last OBSERVED scheduled tokens still computed (the last one is never pruned) is kept, averaged over them and over
+  heads, for every key they see (`imp`), then max-pooled over POOL neighbours (SnapKV: a copy reads the token after
+  the one it attends to, so keep neighbourhoods, not isolated tokens);
+- at b (`next_rows`): of the scheduled rows, the ceil(keep(b) * scheduled) most attended go on (and any row whose
+  logits are needed); revived rows go on while they stay above the threshold below; context tokens pruned at b by an
+  earlier step whose attention is among the top keep(b) * context are revived (at most REVIVE_MAX per group and
+  layer, most attended first; and only those drawing more than an even share of attention, since ties and near
+  ties at the threshold are noise): their saved state joins the rows, and they write their KV at b and after. Only a
+  query that predicts a token (a decode, the last chunk of a prompt) revives: a middle chunk's last token is just
+  where the chunk ends.
+Decode queries are never pruned and read every token computed at a layer (LazyLLM would also hide cached tokens
+a decode query ranks low; here that saves nothing, so they stay visible); only revival happens in decode.
+Legend: L layers, N blocks, bs block size, K kv heads, G = H / K query heads per kv head, Dh head dim, D hidden
+size, C context, r aux layers, B decode rows batched.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ferry.config import ModelConfig
+from ferry.kvcache.policies.lazy import LazyPolicy
+from ferry.kvcache.storage import KVStorage
+from ferry.models.kv.base import LayerKV, PolicyKV, RowChange, gather_blocks
+from ferry.models.layers.attention import AttnMetadata, write_kv
+from ferry.ops.attention import paged_decode_attention, paged_decode_attention_available
+
+REVIVE_MAX = 16  # tokens a request brings back per pruning layer and step: bounds the extra work of a step
+OBSERVED = 8  # a chunk's last tokens whose attention ranks the others (one token's is too noisy on ferry-tiny)
+POOL = 3  # a token counts as attended as its most attended neighbour within POOL positions (SnapKV's pooling)
+
+
+@dataclass
+class _Group:
+    """One request's rows in the step as they go through the layers."""
+
+    rows: torch.Tensor  # [n] its rows among the current rows
+    pos: torch.Tensor  # [n] their positions
+    sched: torch.Tensor  # [n] bool: scheduled this step (False: revived)
+    block_ids: torch.Tensor  # [nb] its block table
+    ctx: int  # context after this step: the last scheduled position + 1
+    num_new: int  # tokens scheduled this step
+    last: int  # index in rows of the last scheduled token (the query importance is measured from)
+    imp: torch.Tensor | None = None  # [ctx] its attention over positions at the layer before a pruning layer; -1: unseen
+
+
+@dataclass
+class _Step:
+    groups: list[_Group]
+    slots: torch.Tensor  # [T] the slot of each current row
+    decodes: tuple | None = field(default=None)  # batched single-row groups, built on first use
+
+
+class LazyLayer(LayerKV):
+    def __init__(self, owner: "LazyKV", layer: int) -> None:
+        self.owner, self.layer = owner, layer
+        self.k_cache, self.v_cache = owner.storage.layers[layer]  # [N, bs, K, Dh]
+        self.changes_rows = layer + 1 in owner.pruning_layers
+        self.scores = self.changes_rows  # keep the last queries' attention for next_rows
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, scale: float,
+               window: int | None) -> torch.Tensor:
+        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        step = self.owner.step(meta)
+        self.owner.stats["token_layers"] += q.shape[0]
+        T, H, Dh = q.shape
+        out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
+        singles = [g for g in step.groups if len(g.rows) == 1]
+        if singles:
+            rows, o = self._decode(q, step, singles, scale, window)
+            out[rows] = o.to(q.dtype)
+        for g in step.groups:
+            if len(g.rows) > 1:
+                out[g.rows] = self._group(q, k, v, g, scale, window).to(q.dtype)
+        return out.view(T, H * Dh)
+
+    def _visible(self, block_ids: torch.Tensor, ctx: int) -> torch.Tensor:
+        """[..., C] bool: which of the first C positions hold KV at this layer."""
+        return self.owner.depth[block_ids].flatten(-2)[..., :ctx] > self.layer
+
+    def _group(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: _Group, scale: float,
+               window: int | None) -> torch.Tensor:
+        """A prefill chunk (or a decode with revived rows): its rows over the keys visible at this layer."""
+        visible = self._visible(g.block_ids, g.ctx)
+        seen = bool(visible.all())
+        mask = None
+        if seen and len(g.rows) == g.ctx and bool(g.sched.all()) and window is None:  # a first chunk, nothing pruned: as `full`
+            kc, vc, kpos = k[g.rows], v[g.rows], None
+        else:
+            kc, vc = (gather_blocks(c, g.block_ids)[:g.ctx] for c in (self.k_cache, self.v_cache))
+            kpos = torch.arange(g.ctx, device=q.device)
+            if not seen:
+                kpos = visible.nonzero()[:, 0]
+                kc, vc = kc[kpos], vc[kpos]
+            mask = kpos[None, :] <= g.pos[:, None]
+            if window is not None:
+                mask &= g.pos[:, None] - kpos[None, :] < window
+        qg = q[g.rows]
+        o = F.scaled_dot_product_attention(
+            qg.float().transpose(0, 1)[None], kc.float().transpose(0, 1)[None], vc.float().transpose(0, 1)[None],
+            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+        if self.scores:  # the last OBSERVED scheduled tokens still computed (the last one always is)
+            keys = kpos if kpos is not None else torch.arange(g.ctx, device=q.device)
+            obs = (g.sched & (g.pos >= g.ctx - OBSERVED)).nonzero()[:, 0]
+            g.imp = torch.full((g.ctx,), -1.0, device=q.device)
+            g.imp[keys] = _importance(qg[obs], kc, keys[None, :] <= g.pos[obs][:, None], scale)
+        return o[0].transpose(0, 1)
+
+    def _decode(self, q: torch.Tensor, step: _Step, singles: list[_Group], scale: float,
+                window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Single-row groups batched: the C++ paged kernel when nothing is masked and no scores are needed."""
+        rows, pos, tables, ctx_lens = self.owner.decode_batch(step, singles)
+        C = tables.shape[1] * self.owner.block_size
+        kpos = torch.arange(C, device=q.device)[None, :]
+        depth = self.owner.depth[tables].flatten(1)  # [B, C]
+        visible = (kpos < ctx_lens[:, None]) & (depth > self.layer)
+        if window is not None:
+            visible &= pos[:, None] - kpos < window
+        qd = q[rows]
+        if not self.scores and bool((depth[kpos < ctx_lens[:, None]] > self.layer).all()) \
+                and q.device.type == "cpu" and paged_decode_attention_available():
+            return rows, paged_decode_attention(qd, self.k_cache, self.v_cache, tables, ctx_lens, window, scale)
+        kc, vc = gather_blocks(self.k_cache, tables), gather_blocks(self.v_cache, tables)  # [B, C, K, Dh]
+        B, H, Dh = qd.shape
+        K = kc.shape[2]
+        scores = torch.einsum("bkgd,bckd->bkgc", qd.float().view(B, K, H // K, Dh), kc.float()) * scale
+        scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)  # [B, K, G, C]
+        if self.scores:
+            imp = probs.mean((1, 2)).masked_fill_(~visible, -1.0)
+            for b, g in enumerate(singles):
+                g.imp = imp[b, :g.ctx]
+        return rows, torch.einsum("bkgc,bckd->bkgd", probs, vc.float()).reshape(B, H, Dh)
+
+    def next_rows(self, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor) -> RowChange | None:
+        return self.owner.prune(self.layer + 1, x, meta, needed)
+
+
+def _importance(q: torch.Tensor, kc: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [W, H, Dh] (a chunk's last queries), kc [C, K, Dh], visible [W, C] -> [C]: each key's attention
+    probability, averaged over queries and heads."""
+    W, H, Dh = q.shape
+    K = kc.shape[1]
+    scores = torch.einsum("wkgd,ckd->wkgc", q.float().view(W, K, H // K, Dh), kc.float()) * scale
+    scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1).mean((0, 1, 2))
+
+
+class LazyKV(PolicyKV):
+    def __init__(self, policy: LazyPolicy, cfg: ModelConfig, num_blocks: int, num_host_blocks: int,
+                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.policy = policy
+        self.block_size = block_size
+        self.num_layers = L = cfg.num_layers
+        self.hidden_size = cfg.hidden_size
+        self.storage = KVStorage(cfg, num_blocks, num_host_blocks, block_size, dtype, device)
+        self.depth = torch.zeros(num_blocks, block_size, dtype=torch.uint8, device=device)
+        self.host_depth = torch.zeros(num_host_blocks, block_size, dtype=torch.uint8)
+        # a token pruned before layer b keeps its state in its slots of layers b .. b+r-1
+        self.aux_layers = -(-cfg.hidden_size // (2 * cfg.num_kv_heads * cfg.head_dim))
+        self.layers: list[LazyLayer] = []
+        self.set_schedule([policy.keep_fraction(l, L - self.aux_layers) for l in range(L)])
+        # token_layers: rows computed summed over layers; scheduled_token_layers: what full attention computes
+        self.stats = {"token_layers": 0, "scheduled_token_layers": 0, "pruned": 0, "revived": 0}
+
+    def set_schedule(self, keep: list[float]) -> None:
+        """keep[l]: fraction of a step's tokens computed at layer l (non-increasing; tokens are pruned where it drops,
+        at layers <= L - r only)."""
+        assert all(keep[l] == keep[l - 1] for l in range(self.num_layers - self.aux_layers + 1, self.num_layers))
+        self.keep = keep
+        self.pruning_layers = {l for l in range(1, self.num_layers) if keep[l] < keep[l - 1]}
+        self.layers = [LazyLayer(self, l) for l in range(self.num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.nbytes + self.depth.numel()
+
+    @property
+    def host_nbytes(self) -> int:
+        h = self.storage.host
+        return (0 if h is None else h.numel() * h.element_size()) + self.host_depth.numel()
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        self.storage.swap_out(pairs)
+        if pairs:
+            dev, host = (torch.tensor(x) for x in zip(*pairs))
+            self.host_depth[host] = self.depth[dev.to(self.depth.device)].cpu()
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        self.storage.swap_in(pairs)
+        if pairs:
+            host, dev = (torch.tensor(x) for x in zip(*pairs))
+            self.depth[dev.to(self.depth.device)] = self.host_depth[host].to(self.depth.device)
+
+    # -- the step's rows -------------------------------------------------------------------------
+
+    def step(self, meta: AttnMetadata) -> _Step:
+        """The step's groups, built at layer 0 (where every row is a scheduled token: its depth starts at L)."""
+        if "lazy" not in meta.policy_state:
+            self.depth.view(-1)[meta.slot_mapping] = self.num_layers
+            self.stats["scheduled_token_layers"] += len(meta.slot_mapping) * self.num_layers
+            dev, groups = meta.positions.device, []
+            for b in range(meta.num_decodes):
+                ctx = int(meta.decode_ctx_lens[b])
+                groups.append(_Group(torch.tensor([b], device=dev), meta.positions[b:b + 1],
+                                     torch.ones(1, dtype=torch.bool, device=dev),
+                                     meta.decode_block_tables[b, :-(-ctx // self.block_size)], ctx, 1, 0))
+            for c in meta.prefills:
+                groups.append(_Group(torch.arange(c.q_start, c.q_start + c.q_len, device=dev),
+                                     torch.arange(c.start_pos, c.start_pos + c.q_len, device=dev),
+                                     torch.ones(c.q_len, dtype=torch.bool, device=dev), c.block_ids,
+                                     c.start_pos + c.q_len, c.q_len, c.q_len - 1))
+            meta.policy_state["lazy"] = _Step(groups, meta.slot_mapping)
+        return meta.policy_state["lazy"]
+
+    def decode_batch(self, step: _Step, singles: list[_Group]) -> tuple[torch.Tensor, ...]:
+        """(rows [B], positions [B], block tables [B, nb] padded with block 0, context lengths [B])."""
+        if step.decodes is None:
+            dev = singles[0].rows.device
+            nb = max(len(g.block_ids) for g in singles)
+            tables = torch.zeros(len(singles), nb, dtype=torch.long, device=dev)
+            for b, g in enumerate(singles):
+                tables[b, :len(g.block_ids)] = g.block_ids
+            step.decodes = (torch.cat([g.rows for g in singles]), torch.cat([g.pos for g in singles]), tables,
+                            torch.tensor([g.ctx for g in singles], dtype=torch.long, device=dev))
+        return step.decodes
+
+    def prune(self, b: int, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor) -> RowChange | None:
+        """Before pruning layer b: which rows go on, which pruned tokens come back (see the module docstring)."""
+        step, frac, bs = meta.policy_state["lazy"], self.keep[b], self.block_size
+        keeps, revived_pos, revived_group = [], [], []
+        for g in step.groups:
+            g.imp = torch.where(g.imp >= 0, F.max_pool1d(g.imp[None, None], 2 * POOL + 1, 1, POOL)[0, 0], g.imp)
+            row_imp = g.imp[g.pos]
+            keep = ~g.sched.clone()
+            sched = g.sched.nonzero()[:, 0]
+            k_sched = math.ceil(frac * g.num_new)
+            keep[sched if len(sched) <= k_sched else sched[row_imp[sched].topk(k_sched).indices]] = True
+            seen = g.imp[g.imp >= 0]
+            k_all = math.ceil(frac * g.ctx)
+            thr = float(seen.topk(k_all).values[-1]) if k_all < len(seen) else 0.0
+            keep &= g.sched | (row_imp >= thr)  # revived rows stay while attended
+            keep |= needed[g.rows]
+            keep[g.last] = True
+            keeps.append(keep)
+            depth = self.depth[g.block_ids].flatten()[:g.ctx]
+            # pruned at b by an earlier step, attended again: in the top fraction and above an even share
+            cand = ((depth == b) & (g.imp >= thr) & (g.imp > 1.0 / len(seen))).nonzero()[:, 0]
+            if not needed[g.rows[g.last]]:  # a chunk that predicts nothing: revive for next-token queries only
+                cand = cand[:0]
+            if len(cand) > REVIVE_MAX:
+                cand = cand[g.imp[cand].topk(REVIVE_MAX).indices]
+            revived_pos.append(cand)
+        num_pruned = sum(int((~k).sum()) for k in keeps)
+        num_revived = sum(len(c) for c in revived_pos)
+        if not num_pruned and not num_revived:
+            return None
+        self.stats["pruned"] += num_pruned
+        self.stats["revived"] += num_revived
+        revived_slots = [self._slots(g, p) for g, p in zip(step.groups, revived_pos)]
+        all_revived = torch.cat(revived_slots)
+        revived_x = self._load(b, all_revived) if num_revived else None
+        self.depth.view(-1)[all_revived] = self.num_layers
+        gone = torch.cat([g.rows[~k] for g, k in zip(step.groups, keeps)])
+        self._save(b, step.slots[gone], x[gone])
+        self.depth.view(-1)[step.slots[gone]] = b
+        # the new rows: every group's kept rows in order, then every group's revived tokens
+        keep_rows = torch.cat([g.rows[k] for g, k in zip(step.groups, keeps)])
+        n_kept, dev = len(keep_rows), x.device
+        groups, at, rat = [], 0, n_kept
+        for g, k, p in zip(step.groups, keeps, revived_pos):
+            nk, nr = int(k.sum()), len(p)
+            rows = torch.cat((torch.arange(at, at + nk, device=dev), torch.arange(rat, rat + nr, device=dev)))
+            groups.append(_Group(rows, torch.cat((g.pos[k], p)),
+                                 torch.cat((g.sched[k], torch.zeros(nr, dtype=torch.bool, device=dev))),
+                                 g.block_ids, g.ctx, g.num_new, int(k[:g.last].sum())))
+            at, rat = at + nk, rat + nr
+        positions = torch.cat((meta.positions[keep_rows], *revived_pos))
+        slots = torch.cat((step.slots[keep_rows], all_revived))
+        empty = torch.zeros(0, 0, dtype=torch.long, device=dev)
+        new = AttnMetadata(positions, slots, bs, 0, empty, empty.view(0), policy_state={"lazy": _Step(groups, slots)})
+        return RowChange(keep_rows, revived_x, new)
+
+    def _slots(self, g: _Group, pos: torch.Tensor) -> torch.Tensor:
+        return g.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _aux(self, b: int, slots: torch.Tensor) -> tuple:
+        """The index of the aux state of tokens at `slots` pruned before layer b: kv[b:b+r, :, block, offset]."""
+        return slice(b, b + self.aux_layers), slice(None), slots // self.block_size, slots % self.block_size
+
+    def _save(self, b: int, slots: torch.Tensor, x: torch.Tensor) -> None:
+        kv = self.storage.kv  # [L, 2, N, bs, K, Dh]
+        r, K, Dh = self.aux_layers, kv.shape[4], kv.shape[5]
+        flat = torch.zeros(len(slots), r * 2 * K * Dh, dtype=kv.dtype, device=kv.device)
+        flat[:, :x.shape[1]] = x
+        kv[self._aux(b, slots)] = flat.view(-1, r, 2, K, Dh).permute(1, 2, 0, 3, 4)
+
+    def _load(self, b: int, slots: torch.Tensor) -> torch.Tensor:
+        a = self.storage.kv[self._aux(b, slots)]  # [r, 2, n, K, Dh]
+        return a.permute(2, 0, 1, 3, 4).reshape(len(slots), -1)[:, :self.hidden_size]
