@@ -196,5 +196,6 @@ def test_engine_reports_the_merge_tensors_within_budget(llama):
         stats = llm.engine.stats()
         assert stats.kv_cache_bytes == held <= 1 << 20
         assert held > (1 << 20) - llm.engine.kv.policy.device_bytes_per_block()
-        full_blocks = (1 << 20) // KV_POLICIES["full"](KVPolicyConfig(), llm.engine.kv.policy.shape).device_bytes_per_block()
+        full = KV_POLICIES["full"](KVPolicyConfig(), llm.engine.kv.policy.shape)
+        full_blocks = (1 << 20) // full.device_bytes_per_block()
         assert llm.engine.kv.pool.num_blocks > full_blocks  # the same budget buys more blocks

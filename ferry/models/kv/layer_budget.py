@@ -181,7 +181,8 @@ class LayerBudgetKV(PolicyKV):
         self.base.swap_in(pairs)
         if pairs:
             host, dev = (torch.tensor(x) for x in zip(*pairs))
-            self.importance[:, dev.to(self.importance.device)] = self.host_importance[:, host].to(self.importance.device)
+            dev = dev.to(self.importance.device)
+            self.importance[:, dev] = self.host_importance[:, host].to(self.importance.device)
 
     def _keep(self, table: torch.Tensor, past: int) -> torch.Tensor:
         """[L, past] bool for a request with `past` tokens before this step."""
