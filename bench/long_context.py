@@ -12,6 +12,9 @@ retrieval accuracy and perplexity are lost for it? Two models:
 - speed on a random-weight Qwen2.5-0.5B shape (--speed-model): prefill seconds of one prompt of the longest
   length, and decode tokens/s of --decode-batch such sequences (decode time = time with --decode-tokens more
   tokens minus prefill time).
+`lazy` (prefill-time token pruning): its prefill also records `computed_fraction`, the token-layers computed over
+those scheduled (rows pruned and revived included); its perplexity equals full's by construction, since
+prompt_logprobs asks for every row's logits and a row whose logits are needed is never pruned.
 
     python -m bench long-context                              # ~20 min on 2 idle cores
     python -m bench long-context --smoke                      # tiny sizes, < 2 min
@@ -94,10 +97,14 @@ def speed(model: str, spec: str, length: int, batch: int, decode_tokens: int, dt
         while eng.has_unfinished():
             eng.step()
         _add(llm, 1, length, 1, seed=4)
+        stats = getattr(eng.parts.storage, "stats", {})  # lazy: token-layers computed / scheduled
+        before = dict(stats)
         t = time.perf_counter()
         while eng.has_unfinished():
             eng.step()
         prefill = time.perf_counter() - t
+        computed = {} if "token_layers" not in stats else {"computed_fraction": (stats["token_layers"] - before["token_layers"]) / (
+            stats["scheduled_token_layers"] - before["scheduled_token_layers"])}
         _add(llm, batch, length, 1 + decode_tokens, seed=5)
         decode_s, decoded = 0.0, 0
         while eng.has_unfinished():
@@ -108,7 +115,7 @@ def speed(model: str, spec: str, length: int, batch: int, decode_tokens: int, dt
             if all_decoding:
                 decode_s += time.perf_counter() - t
                 decoded += batch
-        return {"prefill_s": prefill, "decode_tok_s": decoded / decode_s if decode_s else float("nan")}
+        return {"prefill_s": prefill, "decode_tok_s": decoded / decode_s if decode_s else float("nan"), **computed}
 
 
 def main(argv: list[str] | None = None) -> None:
