@@ -228,6 +228,7 @@ class KVPolicyConfig:
     rank: int | None = None  # shadow: coefficients per token of the low-rank keys (None: kv heads x head dim / 8)
     merge_angle: float = 30.0  # merge: a token pair more than this many degrees apart may keep exact vectors
     merge_retain: float = 0.125  # merge: at most this fraction of a block's tokens (per head) keeps exact vectors
+    lazy_start: float = 0.125  # lazy: fraction of the layers (at least one) that compute every token before pruning
 
 
 @dataclass(frozen=True)

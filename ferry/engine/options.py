@@ -74,6 +74,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "may keep both exact vectors"),
     Option("kv_merge_retain", 0.125, float, "merge: fraction of each block's tokens (per kv head) that can keep exact "
            "vectors (the most distinct ones); each costs one vector of memory"),
+    Option("kv_lazy_start", 0.125, float, "lazy: fraction of the layers (at least one) that compute every token before "
+           "pruning starts; later is more accurate, earlier is faster"),
     Option("expert_store", None, str, "MoE: read experts on demand from this folder (`ferry convert MODEL --expert-store DIR`)"),
     Option("expert_cache_memory", None, parse_size, "MoE with --expert-store: bytes of RAM for cached experts "
            "(e.g. 256M; default: all experts); never exceeded"),
@@ -118,6 +120,8 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         raise InvalidRequest("kv_merge_angle and kv_merge_retain need kv_policy=merge")
     if not 0 <= v["kv_merge_retain"] <= 1 or not 0 <= v["kv_merge_angle"] <= 180:
         raise InvalidRequest("kv_merge_retain must be in [0, 1] and kv_merge_angle in [0, 180] degrees")
+    if v["kv_lazy_start"] != 0.125 and (v["kv_policy"] != "lazy" or not 0 <= v["kv_lazy_start"] < 1):
+        raise InvalidRequest(f"kv_lazy_start needs kv_policy=lazy and must be in [0, 1), got {v['kv_lazy_start']}")
     if v["kv_rank"] is not None and (v["kv_policy"] != "shadow" or v["kv_rank"] < 1):
         raise InvalidRequest(f"kv_rank needs kv_policy=shadow and must be >= 1, got {v['kv_rank']}")
     if v["kv_sink_tokens"] < 0 or v["kv_window_tokens"] < 1:
@@ -135,7 +139,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
                               explain=v["explain"], expert_correlation_file=v["expert_correlation_file"]),
         kv_policy=KVPolicyConfig(name=v["kv_policy"], budget=v["kv_budget"], sink_tokens=v["kv_sink_tokens"],
                                  window_tokens=v["kv_window_tokens"], rank=v["kv_rank"], merge_angle=v["kv_merge_angle"],
-                                 merge_retain=v["kv_merge_retain"]),
+                                 merge_retain=v["kv_merge_retain"], lazy_start=v["kv_lazy_start"]),
     )
 
 

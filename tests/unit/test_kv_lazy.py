@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ferry import LLM, SamplingParams
 from ferry.config import KVPolicyConfig, ModelConfig
+from ferry.engine.options import engine_config
 from ferry.errors import InvalidRequest
 from ferry.kvcache.policies import KV_POLICIES, KVShape
 from ferry.models.kv.base import LayerKV
@@ -35,6 +36,11 @@ def test_schedule_shrinks_to_the_budget_and_blocks_cost_full_plus_depth():
     assert [lazy(1.0).keep_fraction(l, 6) for l in range(8)] == [1.0] * 8
     with pytest.raises(InvalidRequest, match="lazy"):
         lazy(2.0)
+    late = KV_POLICIES["lazy"](KVPolicyConfig("lazy", 0.5, lazy_start=0.75), KVShape(4, 2, 8, 4, 4))
+    assert [late.keep_fraction(l, last=3) for l in range(4)] == [1.0, 1.0, 1.0, 0.5]  # only the last layer prunes
+    with pytest.raises(InvalidRequest, match="kv_lazy_start needs kv_policy=lazy"):
+        engine_config("m", kv_policy="full", kv_lazy_start=0.5)
+    assert engine_config("m", kv_policy="lazy", kv_budget=0.25, kv_lazy_start=0.5).kv_policy.lazy_start == 0.5
 
 
 # -- tensor side: one layer at a time ------------------------------------------------------------

@@ -20,7 +20,6 @@ from ferry.kvcache.policies.base import KVPolicy, KVShape
 
 DEPTH_BYTES = 1  # per token: how many layers hold its KV (uint8)
 DEFAULT_BUDGET = 0.5
-FIRST_PRUNED_DEPTH = 0.125  # the first layers (this fraction of them, at least one) compute every token
 
 
 class LazyPolicy(KVPolicy):
@@ -46,8 +45,9 @@ class LazyPolicy(KVPolicy):
         return self.budget >= 1
 
     def first_pruned_layer(self) -> int:
-        """Layers before it compute every token (their attention is too diffuse to rank tokens by)."""
-        return max(1, round(self.shape.num_layers * FIRST_PRUNED_DEPTH))
+        """Layers before it compute every token (--kv-lazy-start of them, at least one: early attention is too
+        diffuse to rank tokens by; on a shallow model it may never point at what a later layer copies)."""
+        return max(1, round(self.shape.num_layers * self.cfg.lazy_start))
 
     def keep_fraction(self, layer: int, last: int) -> float:
         """Fraction of a step's tokens computed at `layer` when tokens can be pruned up to layer `last` (the tensor
