@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=1, help="(recorded; each number is one run)")
     ap.add_argument("--out", help="results name (default long_context)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code, not the numbers")
+    ap.add_argument("--skip-speed", action="store_true", help="no speed runs (they hold 2G + 2G of KV tensors)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.lengths, args.depths, args.samples, args.ppl_tokens = "256,512", "0.5", 1, 512
@@ -169,8 +170,11 @@ def main(argv: list[str] | None = None) -> None:
         swap_bytes = int(args.num_seqs * (longest + outputs + 64) * full_bytes)
         row["concurrent_seqs"] = concurrency(args.model, spec, longest, budget_bytes, swap_bytes, args.num_seqs,
                                              args.dtype)
-        row.update(speed(speed_model, spec, args.speed_length or longest, args.decode_batch, args.decode_tokens,
-                         args.dtype))
+        if args.skip_speed:
+            row.update(prefill_s=float("nan"), decode_tok_s=float("nan"))
+        else:
+            row.update(speed(speed_model, spec, args.speed_length or longest, args.decode_batch, args.decode_tokens,
+                             args.dtype))
         record["rows"].append(row)
         print(f"[long_context] {spec}: {json.dumps({k: v for k, v in row.items() if k != 'retrieval'})}", flush=True)
         record["duration_s"] = time.perf_counter() - started
