@@ -103,7 +103,8 @@ def speed(model: str, spec: str, length: int, batch: int, decode_tokens: int, dt
         while eng.has_unfinished():
             eng.step()
         prefill = time.perf_counter() - t
-        computed = {} if "token_layers" not in stats else {"computed_fraction": (stats["token_layers"] - before["token_layers"]) / (
+        computed = {} if "token_layers" not in stats else {"computed_fraction": (
+            stats["token_layers"] - before["token_layers"]) / (
             stats["scheduled_token_layers"] - before["scheduled_token_layers"])}
         _add(llm, batch, length, 1 + decode_tokens, seed=5)
         decode_s, decoded = 0.0, 0

@@ -62,9 +62,11 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "K/V, ~2x blocks per byte in bf16), spans (sinks + window on device, older spans in host memory, decode "
            "reads the top-k by a key index), shadow (as spans, with low-rank keys and landmarks in the fast "
            "tier), lazy (prefill and decode skip the tokens the last query attends to least, "
-           "layer by layer; pruned tokens can be revived), merge (layers L/2.. merged in adjacent pairs: one direction, "
-           "two magnitudes, distinct tokens kept exact), layer-budget (per-layer budgets by a "
-           "global prefix search, PrefixKV; +int8 / +merge: over those storages)", ("full", "int8", "spans", "shadow", "lazy", "merge", "layer-budget", "layer-budget+int8", "layer-budget+merge")),
+           "layer by layer; pruned tokens can be revived), merge (layers L/2.. merged in adjacent pairs: one "
+           "direction, two magnitudes, distinct tokens kept exact), layer-budget (per-layer budgets by a "
+           "global prefix search, PrefixKV; +int8 / +merge: over those storages)",
+           ("full", "int8", "spans", "shadow", "lazy", "merge", "layer-budget", "layer-budget+int8",
+            "layer-budget+merge")),
     Option("kv_budget", None, float, "spans: tokens a decode query reads, as a fraction of its context (<= 1) or a "
            "count (> 1); default: all. lazy: fraction of a step's tokens computed at the deepest layers (default 0.5)"),
     Option("kv_sink_tokens", 16, int, "spans: first tokens kept on device and always read (attention sinks)"),
@@ -112,10 +114,11 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         raise InvalidRequest("expert_correlation_file needs expert_prefetch=correlation")
     if v["kv_budget"] is not None and v["kv_budget"] <= 0:
         raise InvalidRequest(f"kv_budget must be > 0 (a fraction of the context <= 1, or tokens), got {v['kv_budget']}")
-    if v["kv_policy"] not in ("spans", "shadow") and not v["kv_policy"].startswith("layer-budget") and ((v["kv_budget"] is not None and v["kv_policy"] != "lazy")
-                                      or v["kv_sink_tokens"] != 16 or v["kv_window_tokens"] != 128):
-        raise InvalidRequest(f"kv_budget, kv_sink_tokens and kv_window_tokens need kv_policy=spans or layer-budget (kv_budget: or lazy) "
-                             f"(kv_policy={v['kv_policy']} keeps and reads every token)")
+    budgeted = v["kv_policy"] in ("spans", "shadow") or v["kv_policy"].startswith("layer-budget")
+    if not budgeted and ((v["kv_budget"] is not None and v["kv_policy"] != "lazy")
+                         or v["kv_sink_tokens"] != 16 or v["kv_window_tokens"] != 128):
+        raise InvalidRequest(f"kv_budget, kv_sink_tokens and kv_window_tokens need kv_policy=spans or layer-budget "
+                             f"(kv_budget: or lazy) (kv_policy={v['kv_policy']} keeps and reads every token)")
     if v["kv_policy"] != "merge" and (v["kv_merge_angle"] != 30.0 or v["kv_merge_retain"] != 0.125):
         raise InvalidRequest("kv_merge_angle and kv_merge_retain need kv_policy=merge")
     if not 0 <= v["kv_merge_retain"] <= 1 or not 0 <= v["kv_merge_angle"] <= 180:

@@ -55,7 +55,8 @@ class _Group:
     ctx: int  # context after this step: the last scheduled position + 1
     num_new: int  # tokens scheduled this step
     last: int  # index in rows of the last scheduled token (the query importance is measured from)
-    imp: torch.Tensor | None = None  # [ctx] its attention over positions at the layer before a pruning layer; -1: unseen
+    # [ctx] its attention over positions at the layer before a pruning layer (-1: not seen there)
+    imp: torch.Tensor | None = None
 
 
 @dataclass
@@ -98,7 +99,7 @@ class LazyLayer(LayerKV):
         visible = self._visible(g.block_ids, g.ctx)
         seen = bool(visible.all())
         mask = None
-        if seen and len(g.rows) == g.ctx and bool(g.sched.all()) and window is None:  # a first chunk, nothing pruned: as `full`
+        if seen and len(g.rows) == g.ctx and bool(g.sched.all()) and window is None:  # a first chunk, unpruned: `full`
             kc, vc, kpos = k[g.rows], v[g.rows], None
         else:
             kc, vc = (gather_blocks(c, g.block_ids)[:g.ctx] for c in (self.k_cache, self.v_cache))
