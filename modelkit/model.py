@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ferry.config import RopeConfig
+from ferry.models.layers.rotary import Rotary
+
 
 @dataclass
 class Spec:
@@ -29,7 +32,7 @@ class Spec:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
-    rope_linear_factor: float = 1.0  # position interpolation: positions are divided by this (HF "linear" RoPE)
+    rope_scaling: dict | None = None  # HF rope_scaling, e.g. {"rope_type": "yarn", "factor": 4.5, ...}
 
     @property
     def head_dim(self) -> int:
@@ -44,8 +47,8 @@ class Spec:
             "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
         }
-        if self.rope_linear_factor != 1.0:
-            common["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_linear_factor}
+        if self.rope_scaling:
+            common["rope_scaling"] = dict(self.rope_scaling)
         if self.num_experts:
             return {**common, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
                     "num_local_experts": self.num_experts, "num_experts_per_tok": self.top_k,
@@ -70,10 +73,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(spec: Spec, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim)
-    f = torch.outer(torch.arange(n, dtype=torch.float32) / spec.rope_linear_factor, inv)
-    emb = torch.cat([f, f], -1)
-    return emb.cos(), emb.sin()
+    """cos, sin [n, head_dim]: ferry's own RoPE tables (every HF scaling type), so training sees what serving does."""
+    scaling = dict(spec.rope_scaling or {})
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    rotary = Rotary(RopeConfig(kind, spec.rope_theta, tuple(sorted(scaling.items()))), spec.head_dim, n)
+    return rotary.cos, rotary.sin
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
