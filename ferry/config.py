@@ -218,7 +218,7 @@ class OffloadConfig:
 class KVPolicyConfig:
     """How the KV cache trades memory for quality (ferry/kvcache/policies/). `full` keeps every token exactly."""
 
-    name: str = "full"  # full | int8 | spans | lazy
+    name: str = "full"  # a key of ferry.kvcache.policies.KV_POLICIES
     # what a decode query may read, as a fraction of its context (<= 1) or a number of tokens (> 1); None: all.
     # int8 ignores it (its memory is fixed by the format). lazy: fraction of a step's tokens computed at the deepest
     # layers (its pruning schedule, ferry/kvcache/policies/lazy.py).

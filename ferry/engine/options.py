@@ -3,12 +3,21 @@ this table (a flag --kv-cache-memory is the keyword kv_cache_memory=)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from ferry.config import CacheConfig, EngineConfig, KVPolicyConfig, OffloadConfig, SchedulerConfig
+from ferry.config import (
+    CacheConfig,
+    EngineConfig,
+    KVPolicyConfig,
+    OffloadConfig,
+    SchedulerConfig,
+)
 from ferry.errors import InvalidRequest
+from ferry.kvcache.policies import KV_POLICIES
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
           "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
@@ -65,9 +74,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "layer by layer; pruned tokens can be revived), merge (layers L/2.. merged in adjacent pairs: one "
            "direction, two magnitudes, distinct tokens kept exact), layer-budget (per-layer budgets by a "
            "global prefix search, PrefixKV; +int8 / +merge: over those storages)",
-           ("full", "int8", "spans", "shadow", "lazy", "merge", "layer-budget", "layer-budget+int8",
-            "layer-budget+merge")),
-    Option("kv_budget", None, float, "spans: tokens a decode query reads, as a fraction of its context (<= 1) or a "
+           tuple(KV_POLICIES)),
+    Option("kv_budget", None, float, "spans, shadow, layer-budget: tokens a decode query reads, as a fraction of its context (<= 1) or a "
            "count (> 1); default: all. lazy: fraction of a step's tokens computed at the deepest layers (default 0.5)"),
     Option("kv_sink_tokens", 16, int, "spans: first tokens kept on device and always read (attention sinks)"),
     Option("kv_window_tokens", 128, int, "spans: most recent tokens kept on device and always read"),
@@ -112,23 +120,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         raise InvalidRequest("expert_cache_memory, expert_eviction, expert_prefetch and explain need expert_store")
     if v["expert_correlation_file"] is not None and v["expert_prefetch"] != "correlation":
         raise InvalidRequest("expert_correlation_file needs expert_prefetch=correlation")
-    if v["kv_budget"] is not None and v["kv_budget"] <= 0:
-        raise InvalidRequest(f"kv_budget must be > 0 (a fraction of the context <= 1, or tokens), got {v['kv_budget']}")
-    budgeted = v["kv_policy"] in ("spans", "shadow") or v["kv_policy"].startswith("layer-budget")
-    if not budgeted and ((v["kv_budget"] is not None and v["kv_policy"] != "lazy")
-                         or v["kv_sink_tokens"] != 16 or v["kv_window_tokens"] != 128):
-        raise InvalidRequest(f"kv_budget, kv_sink_tokens and kv_window_tokens need kv_policy=spans or layer-budget "
-                             f"(kv_budget: or lazy) (kv_policy={v['kv_policy']} keeps and reads every token)")
-    if v["kv_policy"] != "merge" and (v["kv_merge_angle"] != 30.0 or v["kv_merge_retain"] != 0.125):
-        raise InvalidRequest("kv_merge_angle and kv_merge_retain need kv_policy=merge")
-    if not 0 <= v["kv_merge_retain"] <= 1 or not 0 <= v["kv_merge_angle"] <= 180:
-        raise InvalidRequest("kv_merge_retain must be in [0, 1] and kv_merge_angle in [0, 180] degrees")
-    if v["kv_lazy_start"] != 0.125 and (v["kv_policy"] != "lazy" or not 0 <= v["kv_lazy_start"] < 1):
-        raise InvalidRequest(f"kv_lazy_start needs kv_policy=lazy and must be in [0, 1), got {v['kv_lazy_start']}")
-    if v["kv_rank"] is not None and (v["kv_policy"] != "shadow" or v["kv_rank"] < 1):
-        raise InvalidRequest(f"kv_rank needs kv_policy=shadow and must be >= 1, got {v['kv_rank']}")
-    if v["kv_sink_tokens"] < 0 or v["kv_window_tokens"] < 1:
-        raise InvalidRequest("kv_sink_tokens must be >= 0 and kv_window_tokens >= 1")
+    kv_policy = _kv_policy_config(v)
     return EngineConfig(
         model=str(model), device=v["device"], dtype=v["dtype"], threads=v["threads"],
         max_model_len=v["max_model_len"], seed=v["seed"],
@@ -140,10 +132,30 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         offload=OffloadConfig(expert_store=v["expert_store"], expert_cache_memory=v["expert_cache_memory"],
                               expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"],
                               explain=v["explain"], expert_correlation_file=v["expert_correlation_file"]),
-        kv_policy=KVPolicyConfig(name=v["kv_policy"], budget=v["kv_budget"], sink_tokens=v["kv_sink_tokens"],
-                                 window_tokens=v["kv_window_tokens"], rank=v["kv_rank"], merge_angle=v["kv_merge_angle"],
-                                 merge_retain=v["kv_merge_retain"], lazy_start=v["kv_lazy_start"]),
+        kv_policy=kv_policy,
     )
+
+
+def _kv_policy_config(v: dict[str, Any]) -> KVPolicyConfig:
+    """The kv_* options as a KVPolicyConfig; an option the chosen policy does not read is an error, not ignored."""
+    fields = {f.name for f in dataclasses.fields(KVPolicyConfig)} - {"name"}
+    cfg = KVPolicyConfig(name=v["kv_policy"], **{f: v[f"kv_{f}"] for f in fields})
+    uses = KV_POLICIES[cfg.name].options
+    unused = sorted(f"kv_{f}" for f in fields if f not in uses and getattr(cfg, f) != getattr(KVPolicyConfig, f))
+    if unused:
+        reads = ", ".join(sorted(f"kv_{f}" for f in uses)) or "no kv_* option"
+        raise InvalidRequest(f"{', '.join(unused)} does not apply to kv_policy={cfg.name} (it reads {reads})")
+    if cfg.budget is not None and cfg.budget <= 0:
+        raise InvalidRequest(f"kv_budget must be > 0 (a fraction of the context <= 1, or tokens), got {cfg.budget}")
+    if cfg.sink_tokens < 0 or cfg.window_tokens < 1:
+        raise InvalidRequest("kv_sink_tokens must be >= 0 and kv_window_tokens >= 1")
+    if cfg.rank is not None and cfg.rank < 1:
+        raise InvalidRequest(f"kv_rank must be >= 1, got {cfg.rank}")
+    if not 0 <= cfg.merge_retain <= 1 or not 0 <= cfg.merge_angle <= 180:
+        raise InvalidRequest("kv_merge_retain must be in [0, 1] and kv_merge_angle in [0, 180] degrees")
+    if not 0 <= cfg.lazy_start < 1:
+        raise InvalidRequest(f"kv_lazy_start must be in [0, 1), got {cfg.lazy_start}")
+    return cfg
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,10 @@ class KVStorage:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    @property
+    def host_nbytes(self) -> int:
+        return 0 if self.host is None else self.host.numel() * self.host.element_size()
+
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         if pairs:
             dev, host = (torch.tensor(x) for x in zip(*pairs))

@@ -38,7 +38,7 @@ def test_schedule_shrinks_to_the_budget_and_blocks_cost_full_plus_depth():
         lazy(2.0)
     late = KV_POLICIES["lazy"](KVPolicyConfig("lazy", 0.5, lazy_start=0.75), KVShape(4, 2, 8, 4, 4))
     assert [late.keep_fraction(l, last=3) for l in range(4)] == [1.0, 1.0, 1.0, 0.5]  # only the last layer prunes
-    with pytest.raises(InvalidRequest, match="kv_lazy_start needs kv_policy=lazy"):
+    with pytest.raises(InvalidRequest, match="kv_lazy_start does not apply to kv_policy=full"):
         engine_config("m", kv_policy="full", kv_lazy_start=0.5)
     assert engine_config("m", kv_policy="lazy", kv_budget=0.25, kv_lazy_start=0.5).kv_policy.lazy_start == 0.5
 

@@ -129,7 +129,7 @@ def test_swap_roundtrip_keeps_every_tensor():
 
 
 def test_bad_merge_options_are_one_line_errors():
-    with pytest.raises(InvalidRequest, match="need kv_policy=merge"):
+    with pytest.raises(InvalidRequest, match="kv_merge_retain does not apply to kv_policy=full"):
         engine_config("m", kv_merge_retain=0.5)
     with pytest.raises(InvalidRequest, match="kv_merge_retain must be"):
         engine_config("m", kv_policy="merge", kv_merge_retain=2)

@@ -76,7 +76,7 @@ def test_offload_stops_when_host_is_full_and_swap_keeps_cold_spans_on_host():
 
 def test_bad_kv_options_are_one_line_errors():
     for kw, msg in [({"kv_policy": "lossy"}, "kv_policy must be one of"),
-                    ({"kv_policy": "int8", "kv_budget": 0.5}, "need kv_policy=spans"),
+                    ({"kv_policy": "int8", "kv_budget": 0.5}, "kv_budget does not apply to kv_policy=int8"),
                     ({"kv_policy": "spans", "kv_budget": 0}, "kv_budget must be > 0"),
                     ({"kv_policy": "spans", "kv_window_tokens": 0}, "kv_window_tokens")]:
         with pytest.raises(InvalidRequest, match=msg):

@@ -10,7 +10,9 @@ from ferry.kvcache.policies.merge import MergePolicy
 from ferry.kvcache.policies.shadow import ShadowPolicy
 from ferry.kvcache.policies.spans import SpansPolicy
 
-KV_POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (FullPolicy, Int8Policy, SpansPolicy, ShadowPolicy, LazyPolicy, MergePolicy,
-                                                  *(layer_budget_over(b) for b in (FullPolicy, Int8Policy, MergePolicy)))}
+_POLICIES = (FullPolicy, Int8Policy, SpansPolicy, ShadowPolicy, LazyPolicy, MergePolicy,
+             *(layer_budget_over(b) for b in (FullPolicy, Int8Policy, MergePolicy)))
+KV_POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in _POLICIES}
 
-__all__ = ["KV_POLICIES", "KVPolicy", "KVShape", "FullPolicy", "Int8Policy", "SpansPolicy", "ShadowPolicy", "LazyPolicy", "MergePolicy", "LayerBudgetPolicy"]
+__all__ = ["KV_POLICIES", "FullPolicy", "Int8Policy", "KVPolicy", "KVShape", "LayerBudgetPolicy", "LazyPolicy",
+           "MergePolicy", "ShadowPolicy", "SpansPolicy"]

@@ -9,10 +9,8 @@ A KV policy decides which tokens' KV is kept, in which tier, and what a query re
 Neither the scheduler, the model code nor the server knows which policy runs: the scheduler sees block tables
 (a negative entry `-1 - h` is host block h), the model calls `layer_kv.attend(q, k, v, meta, scale, window)`.
 
-What later policies need from it (see docs/architecture.md, "KV policies"): `lazy` prunes per layer inside
-`attend` and keeps pruned KV in the slow tier (cold_blocks / the store's host tensors); `shadow` stores low-rank
-keys in the device tensors and values in host blocks (bytes_per_block per tier); `merge` shares one block tensor
-between adjacent layers (the store's layout); `layer-budget` gives each layer its own read budget (read_tokens).
+Each policy names the KVPolicyConfig fields it reads (`options`); setting any other kv option is an error.
+Built: full, int8, spans, shadow, lazy, merge, layer-budget[+base] (docs/architecture.md, "KV policies").
 """
 from __future__ import annotations
 
@@ -21,7 +19,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ferry.config import KVPolicyConfig
-from ferry.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
@@ -44,6 +41,7 @@ class KVPolicy(ABC):
     """Defaults are full attention: every block on the device, every token read."""
 
     name: ClassVar[str]
+    options: ClassVar[frozenset[str]] = frozenset()  # the KVPolicyConfig fields it reads (besides name)
     uses_host_tier: ClassVar[bool] = False  # needs host blocks even without swap preemption
 
     def __init__(self, cfg: KVPolicyConfig, shape: KVShape) -> None:
@@ -83,8 +81,3 @@ def resolve_budget(budget: float | None, ctx_len: int) -> int:
     if budget is None:
         return ctx_len
     return min(ctx_len, int(budget * ctx_len) if budget <= 1 else int(budget))
-
-
-def check_budget(budget: float | None) -> None:
-    if budget is not None and budget <= 0:
-        raise InvalidRequest(f"kv_budget must be > 0 (a fraction of the context <= 1, or tokens), got {budget}")

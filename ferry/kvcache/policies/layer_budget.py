@@ -43,4 +43,5 @@ class LayerBudgetPolicy(KVPolicy):
 def layer_budget_over(base: type[KVPolicy]) -> type[LayerBudgetPolicy]:
     """The layer-budget policy over base storage: `layer-budget` over full, `layer-budget+NAME` otherwise."""
     name = "layer-budget" if base is FullPolicy else f"layer-budget+{base.name}"
-    return type(f"LayerBudget{base.__name__}", (LayerBudgetPolicy,), {"name": name, "base_cls": base})
+    options = base.options | {"budget", "sink_tokens", "window_tokens"}
+    return type(f"LayerBudget{base.__name__}", (LayerBudgetPolicy,), {"name": name, "base_cls": base, "options": options})

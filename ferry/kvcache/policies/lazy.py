@@ -24,6 +24,7 @@ DEFAULT_BUDGET = 0.5
 
 class LazyPolicy(KVPolicy):
     name = "lazy"
+    options = frozenset({"budget", "lazy_start"})
 
     def __init__(self, cfg: KVPolicyConfig, shape: KVShape) -> None:
         super().__init__(cfg, shape)

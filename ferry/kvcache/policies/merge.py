@@ -27,6 +27,7 @@ def merge_pairs(num_layers: int) -> list[tuple[int, int]]:
 
 class MergePolicy(KVPolicy):
     name = "merge"
+    options = frozenset({"merge_angle", "merge_retain"})
 
     @property
     def pairs(self) -> list[tuple[int, int]]:

@@ -16,6 +16,7 @@ OUTLIER_BYTES = 4  # float32 outlier score per (host block, layer)
 
 class ShadowPolicy(SpansPolicy):
     name = "shadow"
+    options = SpansPolicy.options | {"rank"}
 
     @property
     def rank(self) -> int:

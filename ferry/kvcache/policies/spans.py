@@ -13,6 +13,7 @@ from ferry.kvcache.policies.base import KVPolicy, resolve_budget
 
 class SpansPolicy(KVPolicy):
     name = "spans"
+    options = frozenset({"budget", "sink_tokens", "window_tokens"})
     uses_host_tier = True
 
     @property

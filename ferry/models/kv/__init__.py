@@ -15,7 +15,6 @@ from ferry.models.kv.merge import MergeKV
 from ferry.models.kv.shadow import ShadowKV
 from ferry.models.kv.spans import SpansKV
 
-
 # name -> (policy, model config, device blocks, host blocks, block size, dtype, device) -> tensors
 _BUILDERS = {
     "full": lambda p, cfg, n, nh, bs, dtype, dev: FullKV(KVStorage(cfg, n, nh, bs, dtype, dev)),
@@ -36,4 +35,4 @@ def build_policy_kv(policy: KVPolicy, cfg: ModelConfig, num_blocks: int, num_hos
     return _BUILDERS[policy.name](policy, cfg, num_blocks, num_host_blocks, block_size, dtype, device)
 
 
-__all__ = ["build_policy_kv", "LayerKV", "PolicyKV", "FullKV", "Int8KV", "SpansKV", "LazyKV"]
+__all__ = ["FullKV", "Int8KV", "LayerKV", "LazyKV", "PolicyKV", "SpansKV", "build_policy_kv"]

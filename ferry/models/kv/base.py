@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ferry.kvcache.storage import KVStorage
 from ferry.models.layers.attention import AttnMetadata
 
 
@@ -69,6 +70,26 @@ class PolicyKV(ABC):
     def bind_model(self, model: torch.nn.Module) -> None:
         """Called once with the loaded model, before any step: a policy that derives state from the weights (shadow's
         key basis) takes it here. Default: nothing."""
+
+
+class StorageKV(PolicyKV):
+    """A policy whose K/V live in one plain KVStorage (ferry/kvcache/storage.py), plus whatever it adds."""
+
+    storage: KVStorage
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.nbytes
+
+    @property
+    def host_nbytes(self) -> int:
+        return self.storage.host_nbytes
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        self.storage.swap_out(pairs)
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        self.storage.swap_in(pairs)
 
 
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ Legend: T tokens in the step, B decode requests, C context, H query heads, K kv 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ferry.kvcache.storage import KVStorage
-from ferry.models.kv.base import LayerKV, PolicyKV
+from ferry.models.kv.base import LayerKV, StorageKV
 from ferry.models.layers.attention import AttnMetadata, paged_attention, write_kv
 
 
@@ -18,22 +18,7 @@ class PagedLayer(LayerKV):
         return paged_attention(q, k, v, self.k_cache, self.v_cache, meta, scale, window)
 
 
-class FullKV(PolicyKV):
+class FullKV(StorageKV):
     def __init__(self, storage: KVStorage) -> None:
         self.storage = storage
         self.layers = [PagedLayer(k, v) for k, v in storage.layers]
-
-    @property
-    def nbytes(self) -> int:
-        return self.storage.nbytes
-
-    @property
-    def host_nbytes(self) -> int:
-        h = self.storage.host
-        return 0 if h is None else h.numel() * h.element_size()
-
-    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        self.storage.swap_out(pairs)
-
-    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        self.storage.swap_in(pairs)

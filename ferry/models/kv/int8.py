@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from ferry.config import ModelConfig
 from ferry.models.kv.base import LayerKV, PolicyKV
 from ferry.models.layers.attention import AttnMetadata
-from ferry.ops.attention import paged_decode_attention_int8, paged_decode_attention_int8_available
+from ferry.ops.attention import (
+    paged_decode_attention_int8,
+    paged_decode_attention_int8_available,
+)
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

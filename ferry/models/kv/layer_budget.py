@@ -102,7 +102,7 @@ def dense_io(layer: LayerKV):
 
 
 class BudgetLayer(LayerKV):
-    def __init__(self, owner: "LayerBudgetKV", layer: int, base: LayerKV) -> None:
+    def __init__(self, owner: LayerBudgetKV, layer: int, base: LayerKV) -> None:
         self.owner, self.layer = owner, layer
         self.write, self.read = dense_io(base)
         self.importance = owner.importance[layer]  # [N, bs]

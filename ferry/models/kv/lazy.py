@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ferry.config import ModelConfig
 from ferry.kvcache.policies.lazy import LazyPolicy
 from ferry.kvcache.storage import KVStorage
-from ferry.models.kv.base import LayerKV, PolicyKV, RowChange, gather_blocks
+from ferry.models.kv.base import LayerKV, RowChange, StorageKV, gather_blocks
 from ferry.models.layers.attention import AttnMetadata, write_kv
 from ferry.ops.attention import paged_decode_attention, paged_decode_attention_available
 
@@ -67,7 +67,7 @@ class _Step:
 
 
 class LazyLayer(LayerKV):
-    def __init__(self, owner: "LazyKV", layer: int) -> None:
+    def __init__(self, owner: LazyKV, layer: int) -> None:
         self.owner, self.layer = owner, layer
         self.k_cache, self.v_cache = owner.storage.layers[layer]  # [N, bs, K, Dh]
         self.changes_rows = layer + 1 in owner.pruning_layers
@@ -161,7 +161,7 @@ def _importance(q: torch.Tensor, kc: torch.Tensor, visible: torch.Tensor, scale:
     return torch.softmax(scores, dim=-1).mean((0, 1, 2))
 
 
-class LazyKV(PolicyKV):
+class LazyKV(StorageKV):
     def __init__(self, policy: LazyPolicy, cfg: ModelConfig, num_blocks: int, num_host_blocks: int,
                  block_size: int, dtype: torch.dtype, device: torch.device) -> None:
         self.policy = policy
@@ -188,21 +188,20 @@ class LazyKV(PolicyKV):
 
     @property
     def nbytes(self) -> int:
-        return self.storage.nbytes + self.depth.numel()
+        return super().nbytes + self.depth.numel()
 
     @property
     def host_nbytes(self) -> int:
-        h = self.storage.host
-        return (0 if h is None else h.numel() * h.element_size()) + self.host_depth.numel()
+        return super().host_nbytes + self.host_depth.numel()
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        self.storage.swap_out(pairs)
+        super().swap_out(pairs)
         if pairs:
             dev, host = (torch.tensor(x) for x in zip(*pairs))
             self.host_depth[host] = self.depth[dev.to(self.depth.device)].cpu()
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        self.storage.swap_in(pairs)
+        super().swap_in(pairs)
         if pairs:
             host, dev = (torch.tensor(x) for x in zip(*pairs))
             self.depth[dev.to(self.depth.device)] = self.host_depth[host].to(self.depth.device)
@@ -243,7 +242,7 @@ class LazyKV(PolicyKV):
     def prune(self, b: int, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor) -> RowChange | None:
         """Before pruning layer b: which rows go on, which pruned tokens come back (see the module docstring)."""
         step, frac, bs = meta.policy_state["lazy"], self.keep[b], self.block_size
-        keeps, revived_pos, revived_group = [], [], []
+        keeps, revived_pos = [], []
         for g in step.groups:
             g.imp = torch.where(g.imp >= 0, F.max_pool1d(g.imp[None, None], 2 * POOL + 1, 1, POOL)[0, 0], g.imp)
             row_imp = g.imp[g.pos]

@@ -37,7 +37,7 @@ from ferry.models.layers.attention import AttnMetadata
 class MergeLayer(LayerKV):
     """Layer `first` (second=False) or `first + 1` (second=True) of merged pair p."""
 
-    def __init__(self, owner: "MergeKV", p: int, second: bool) -> None:
+    def __init__(self, owner: MergeKV, p: int, second: bool) -> None:
         self.owner, self.p, self.second = owner, p, second
         self.dirs, self.mags, self.kept, self.slot = (t[p] for t in owner.pair_tensors)
 

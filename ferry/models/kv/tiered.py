@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ferry.config import ModelConfig
 from ferry.kvcache.policies.spans import SpansPolicy
 from ferry.kvcache.storage import KVStorage
-from ferry.models.kv.base import LayerKV, PolicyKV, gather_blocks
+from ferry.models.kv.base import LayerKV, StorageKV, gather_blocks
 from ferry.models.layers.attention import AttnMetadata, PrefillChunk, write_kv
 from ferry.ops.attention import paged_decode_attention, paged_decode_attention_available
 
@@ -189,7 +189,7 @@ def attend_batch(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, visible: t
     return torch.einsum("bkgc,bckd->bkgd", probs, vc.float()).reshape(B, H, Dh)
 
 
-class TieredKV(PolicyKV):
+class TieredKV(StorageKV):
     """Plain K/V blocks in both tiers (KVStorage); a subclass adds its fast-tier index and its layers."""
 
     def __init__(self, policy: SpansPolicy, cfg: ModelConfig, num_blocks: int, num_host_blocks: int,
@@ -199,17 +199,6 @@ class TieredKV(PolicyKV):
         self.storage = KVStorage(cfg, num_blocks, num_host_blocks, block_size, dtype, device)
         # (layer, picked host blocks as block indices of the request) per decode query, when a test asks
         self.record: list[tuple[int, list[int]]] | None = None
-
-    @property
-    def host_nbytes(self) -> int:
-        h = self.storage.host
-        return 0 if h is None else h.numel() * h.element_size()
-
-    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        self.storage.swap_out(pairs)
-
-    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        self.storage.swap_in(pairs)
 
     def decode_reads(self, meta: AttnMetadata) -> tuple[list[int], DecodeReads | None]:
         """The step's decode rows with nothing cold, and what the others read (built once per step)."""
