@@ -1,5 +1,6 @@
 """The training kit (modelkit/): a 20-step smoke run of the training loop (not training) whose exported
-checkpoint loads in ferry and in transformers and gives the same greedy tokens."""
+checkpoint loads in ferry and in transformers and gives the same greedy tokens; RoPE scaling trains what
+transformers runs."""
 from __future__ import annotations
 
 import pytest
@@ -22,3 +23,30 @@ def test_training_loop_smoke(name, tmp_path):
                             SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     ref, _ = hf_greedy(tmp_path / name, prompts, 5)
     assert [o.outputs[0].token_ids for o in outs] == ref
+
+
+def test_rope_scaling_trains_what_transformers_runs(tmp_path):
+    """modelkit builds RoPE with ferry's tables: a YaRN model's logits equal transformers' on the exported checkpoint."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from modelkit.model import CausalLM, Spec
+    from modelkit.train import YARN
+
+    torch.manual_seed(0)
+    spec = Spec(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
+                max_position_embeddings=4608, rope_scaling=YARN)
+    model = CausalLM(spec).eval()
+    (tmp_path / "m").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**spec.hf_config(), "torch_dtype": "float32"}))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (1, 2500))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert spec.hf_config()["rope_scaling"]["rope_type"] == "yarn"
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
