@@ -73,28 +73,22 @@ class IncrementalDetokenizer:
         if new_text.endswith(REPLACEMENT_CHAR) or len(new_text) <= len(self._prefix_text):
             # An incomplete UTF-8 sequence, or a token that adds no text (yet): keep the window, emit nothing.
             return ""
-        if new_text.startswith(self._prefix_text):
-            raw = new_text[len(self._prefix_text) :]
-        else:
-            raw = self._resync()
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
-        self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        return self._emit(raw, final=False)
+        return self._emit(self._advance(new_text), final=False)
 
     def flush(self) -> str:
         """Releases the text still held back (a trailing incomplete character decodes to U+FFFD, as in decode())."""
         raw = ""
         if self._read_offset < len(self._ids):
-            new_text = self._decode(self._ids[self._prefix_offset :])
-            if new_text.startswith(self._prefix_text):
-                raw = new_text[len(self._prefix_text) :]
-            else:
-                raw = self._resync()
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
-            self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            raw = self._advance(self._decode(self._ids[self._prefix_offset :]))
         return self._emit(raw, final=True)
+
+    def _advance(self, new_text: str) -> str:
+        """The text new_text (the window decoded) adds past the held prefix; the window moves past it."""
+        raw = new_text[len(self._prefix_text) :] if new_text.startswith(self._prefix_text) else self._resync()
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        return raw
 
     @property
     def text(self) -> str:

@@ -10,20 +10,22 @@ Legend: M rows of x, N outputs, K inputs, G inputs per int4 scale (group).
 - int8 (`aten._weight_int8pack_mm`): codes [N, K] int8, one bf16 scale per output row."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 INT4_BLOCK_N = 64  # output rows the int4 kernel packs together (rows j and j + 32 share a byte)
 
 
-class QuantLinear:
+class QuantLinear(ABC):
     """A weight-only quantized weight: `w(x)` is x @ W.T for x [M, K] in bfloat16."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    @abstractmethod
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
         """W [N, K] written into out (any float dtype)."""
-        raise NotImplementedError
 
 
 class Int4Linear(QuantLinear):

@@ -13,6 +13,7 @@ dim, B decode requests with cold blocks, n host blocks.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -47,18 +48,18 @@ class TieredLayer(LayerKV):
 
     # -- what a policy defines ----------------------------------------------------------------------
 
+    @abstractmethod
     def block_scores(self, q: torch.Tensor, host_ids: torch.Tensor, valid: torch.Tensor, top_k: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q [B, H, Dh], host_ids / valid [B, n], top_k [B] -> [B, n] estimated attention mass per host block (the
         top_k highest are read; invalid entries are masked by the caller), and [B, n] bool: blocks whose keys are
         read exactly if picked (None: the policy reads every key exactly)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def host_kv(self, host_ids: torch.Tensor, logical: torch.Tensor, exact: torch.Tensor | None,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Picked host blocks [B, k] (CPU), their block indices in the request and block_scores' exact flags
         [B, k] -> K, V [B, k * bs, K, Dh]."""
-        raise NotImplementedError
 
     def write(self, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> None:
         """Store this step's k/v [T, K, Dh] at meta.slot_mapping (and whatever the policy derives from them)."""
