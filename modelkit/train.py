@@ -67,13 +67,14 @@ RECIPES = {
         # YaRN (factor 4.5 over 1024 positions): retrieval learnt within ~2K tokens carries to 4K.
         Spec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768,
              max_position_embeddings=4608, rope_scaling=YARN),
-        # Curriculum: retrieval is learnt first on short rows, then stretched to 1024 and 4096 tokens.
-        [Phase(256, 32, 350), Phase(1024, 8, 350), Phase(4096, 2, 250)], repeat_frac=0.25,
+        # Curriculum: copying and retrieval are learnt on short rows, then stretched to 1024 tokens; the last
+        # phase, at a low learning rate by then, shows YaRN's low frequencies the angles of 4096-token distances.
+        [Phase(256, 32, 700), Phase(1024, 8, 700), Phase(4096, 2, 150)], repeat_frac=0.3,
     ),
     "ferry-tiny-moe": Recipe(
         # Sparse upcycling of ferry-tiny: same attention and embeddings, 8 experts of 192 neurons each.
         Spec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=192,
-             num_experts=8, top_k=2, max_position_embeddings=4608),
+             num_experts=8, top_k=2, max_position_embeddings=4608, rope_scaling=YARN),
         [Phase(512, 16, 200)], task_frac=0.2, repeat_frac=0.2, aux_coef=0.1, upcycle="ferry-tiny",
     ),
     "ferry-tiny-draft": Recipe(
@@ -206,8 +207,9 @@ def _micro_step(model, teacher, recipe: Recipe, tok: _Tok, hay: Haystack, rng: r
 
 
 def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int = 2,
-          init: Path | None = None, phases: list[Phase] | None = None, tag: str = "") -> dict:
-    """Train ``name`` by its recipe (or the given phases), from scratch or from the checkpoint in ``init``."""
+          init: Path | None = None, phases: list[Phase] | None = None, tag: str = "", models: Path = ASSETS) -> dict:
+    """Train ``name`` by its recipe (or the given phases), from scratch or from the checkpoint in ``init``.
+    The models a recipe builds on (upcycling, teacher) are read from ``models``."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -222,14 +224,14 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
         hay = Haystack(data.token_ids("train"))
     model = load_trained(name, init) if init else CausalLM(recipe.spec)
     if recipe.upcycle and not init and not smoke:
-        upcycle(model, load_trained(recipe.upcycle), seed)
+        upcycle(model, load_trained(recipe.upcycle, models / recipe.upcycle), seed)
     model.train()
     teacher = None
     if recipe.teacher:  # smoke: a random teacher of the right shape exercises the distillation path
-        teacher = CausalLM(RECIPES[recipe.teacher].spec).eval() if smoke else load_trained(recipe.teacher)
+        teacher = CausalLM(RECIPES[recipe.teacher].spec).eval() if smoke else load_trained(recipe.teacher, models / recipe.teacher)
     pool = None
     if teacher is not None and recipe.on_policy_frac:
-        folder = ASSETS / recipe.teacher
+        folder = models / recipe.teacher
         if smoke:
             export(teacher, folder := out / "smoke-teacher", tok.path)
         pool = teacher_pool(folder, hay, rng, 8 if smoke else POOL_ROWS, max(p.seq_len for p in phases))
@@ -328,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         if a.rope_scaling is not None:
             RECIPES[name].spec.rope_scaling = a.rope_scaling
         out = a.out / name if a.out and a.model == "all" else a.out or ASSETS / name
-        s = train(name, out, a.smoke, a.seed, a.threads, a.init, phases, a.tag)
+        models = a.out if a.out and a.model == "all" else ASSETS  # `all --out DIR` builds on its own outputs
+        s = train(name, out, a.smoke, a.seed, a.threads, a.init, phases, a.tag, models)
         print(f"{name}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
 
 
