@@ -20,7 +20,7 @@ from ferry.kvcache.policies import KV_POLICIES, KVPolicy, KVShape
 from ferry.models.kv import build_policy_kv
 from ferry.models.loader import load_model
 from ferry.ops import kernel_available
-from ferry.ops.attention import paged_decode_attention_available, paged_decode_attention_int8_available
+from ferry.ops.attention import paged_decode_attention_available
 from ferry.runner.runner import Runner
 from ferry.sampling import Sampler
 from ferry.scheduler.policies import POLICIES
@@ -141,8 +141,6 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
             attach_predictor(model, experts)
         if device.type == "cpu":  # compile the CPU kernels now, not on the first request
             paged_decode_attention_available()
-            if policy.name == "int8":
-                paged_decode_attention_int8_available()
             kernel_available()
         storage = build_policy_kv(policy, model_cfg, num_blocks, num_host_blocks, block_size, dtype, device)
         storage.bind_model(model)

@@ -1,4 +1,4 @@
-"""Decode attention read straight from the paged KV cache (paged_attention.cpp)."""
+"""Decode attention read straight from the paged KV cache, plain or int8 (paged_attention.cpp)."""
 from __future__ import annotations
 
 import torch
@@ -21,18 +21,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                          window or 0, scale)
 
 
-def _ext_int8():
-    return load_extension("ferry_paged_attention_int8", ["paged_attention_int8.cpp"],
-                          ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"])
-
-
-def paged_decode_attention_int8_available() -> bool:
-    return _ext_int8() is not None
-
-
 def paged_decode_attention_int8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
                                 v_scale: torch.Tensor, block_tables: torch.Tensor, ctx_lens: torch.Tensor,
                                 window: int | None, scale: float) -> torch.Tensor:
     """q [B, H, Dh] -> float32 [B, H, Dh]; caches int8 [num_blocks, bs, K, Dh], scales float32 [num_blocks, bs, K]."""
-    return _ext_int8().paged_decode_attention_int8(q.float().contiguous(), k_cache, v_cache, k_scale, v_scale,
-                                                   block_tables, ctx_lens, window or 0, scale)
+    return _ext().paged_decode_attention_int8(q.float().contiguous(), k_cache, v_cache, k_scale, v_scale,
+                                               block_tables, ctx_lens, window or 0, scale)

@@ -2,8 +2,11 @@
 // Reads each sequence's K and V blocks in place through its block table: no gather copy, no layout
 // change, one pass over K (scores) and one over V. Work is split over (sequence, kv head) pairs; the
 // G = H / K query heads sharing a kv head are handled together so each K/V row is loaded once.
+// The walk is one template over how a (token slot, kv head) row is stored: float32 or bfloat16 rows, or
+// int8 rows with a float32 scale per (token, kv head) (kv policy int8; a quarter of float32's bytes read).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -12,6 +15,7 @@
 namespace {
 
 inline float to_f32(float x) { return x; }
+inline float to_f32(int8_t x) { return static_cast<float>(x); }
 inline float to_f32(at::BFloat16 x) {
   uint32_t bits = static_cast<uint32_t>(x.x) << 16;
   float f;
@@ -33,13 +37,36 @@ inline void axpy(float a, const T* __restrict v, float* __restrict out, int64_t 
   for (int64_t i = 0; i < n; ++i) out[i] += a * to_f32(v[i]);
 }
 
+// Rows stored as they are used: float32 or bfloat16.
 template <typename T>
-void decode_attention_impl(const float* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
-                           const int64_t* ctx_lens, float* out, int64_t B, int64_t H, int64_t K, int64_t Dh,
-                           int64_t block_size, int64_t max_blocks, int64_t window, float scale) {
-  const int64_t G = H / K;
-  const int64_t row = K * Dh;             // elements per token in a block
-  const int64_t block_stride = block_size * row;
+struct PlainRows {
+  const T* k;
+  const T* v;
+  int64_t K, Dh;
+  float score(const float* q, int64_t slot, int64_t kh) const { return dot(q, k + (slot * K + kh) * Dh, Dh); }
+  void accumulate(float p, int64_t slot, int64_t kh, float* out) const { axpy(p, v + (slot * K + kh) * Dh, out, Dh); }
+};
+
+// int8 rows, each with a float32 scale: score = (q . k_int8) * k_scale, out += p * v_scale * v_int8.
+struct Int8Rows {
+  const int8_t* k;
+  const int8_t* v;
+  const float* k_scale;
+  const float* v_scale;
+  int64_t K, Dh;
+  float score(const float* q, int64_t slot, int64_t kh) const {
+    return dot(q, k + (slot * K + kh) * Dh, Dh) * k_scale[slot * K + kh];
+  }
+  void accumulate(float p, int64_t slot, int64_t kh, float* out) const {
+    axpy(p * v_scale[slot * K + kh], v + (slot * K + kh) * Dh, out, Dh);
+  }
+};
+
+template <typename Rows>
+void decode_attention_impl(const Rows& rows, const float* q, const int64_t* block_tables, const int64_t* ctx_lens,
+                           float* out, int64_t B, int64_t H, int64_t block_size, int64_t max_blocks, int64_t window,
+                           float scale) {
+  const int64_t K = rows.K, Dh = rows.Dh, G = H / K;
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
@@ -48,12 +75,12 @@ void decode_attention_impl(const float* q, const T* k_cache, const T* v_cache, c
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t n = len - first;
       const int64_t* table = block_tables + b * max_blocks;
+      auto slot = [&](int64_t pos) { return table[pos / block_size] * block_size + pos % block_size; };
       scores.assign(G * n, 0.f);
       const float* qb = q + (b * H + kh * G) * Dh;
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t pos = first + j;
-        const T* kp = k_cache + table[pos / block_size] * block_stride + (pos % block_size) * row + kh * Dh;
-        for (int64_t g = 0; g < G; ++g) scores[g * n + j] = dot(qb + g * Dh, kp, Dh) * scale;
+        const int64_t s = slot(first + j);
+        for (int64_t g = 0; g < G; ++g) scores[g * n + j] = rows.score(qb + g * Dh, s, kh) * scale;
       }
       for (int64_t g = 0; g < G; ++g) {
         float* s = scores.data() + g * n;
@@ -67,12 +94,32 @@ void decode_attention_impl(const float* q, const T* k_cache, const T* v_cache, c
       float* ob = out + (b * H + kh * G) * Dh;
       std::fill(ob, ob + G * Dh, 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t pos = first + j;
-        const T* vp = v_cache + table[pos / block_size] * block_stride + (pos % block_size) * row + kh * Dh;
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + j], vp, ob + g * Dh, Dh);
+        const int64_t s = slot(first + j);
+        for (int64_t g = 0; g < G; ++g) rows.accumulate(scores[g * n + j], s, kh, ob + g * Dh);
       }
     }
   });
+}
+
+// Checks shared by both entry points; returns the output tensor.
+torch::Tensor check_and_alloc(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                              const torch::Tensor& block_tables, const torch::Tensor& ctx_lens) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous() && q.dim() == 3, "q must be contiguous float32 [B, H, Dh]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4, "caches must be contiguous [N, bs, K, Dh]");
+  TORCH_CHECK(block_tables.dtype() == torch::kInt64 && ctx_lens.dtype() == torch::kInt64, "tables and lengths must be int64");
+  TORCH_CHECK(k_cache.size(3) == q.size(2) && q.size(1) % k_cache.size(2) == 0, "head dims do not match");
+  return torch::empty_like(q);
+}
+
+template <typename Rows>
+torch::Tensor run(const Rows& rows, const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& block_tables,
+                  const torch::Tensor& ctx_lens, torch::Tensor out, int64_t window, double scale) {
+  auto bt = block_tables.contiguous();
+  auto lens = ctx_lens.contiguous();
+  decode_attention_impl(rows, q.data_ptr<float>(), bt.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+                        out.data_ptr<float>(), q.size(0), q.size(1), k_cache.size(1), bt.size(1), window,
+                        static_cast<float>(scale));
+  return out;
 }
 
 }  // namespace
@@ -82,30 +129,31 @@ void decode_attention_impl(const float* q, const T* k_cache, const T* v_cache, c
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor ctx_lens, int64_t window,
                                      double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous() && q.dim() == 3, "q must be contiguous float32 [B, H, Dh]");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4, "caches must be contiguous [N, bs, K, Dh]");
-  TORCH_CHECK(block_tables.dtype() == torch::kInt64 && ctx_lens.dtype() == torch::kInt64, "tables and lengths must be int64");
-  const auto B = q.size(0), H = q.size(1), Dh = q.size(2);
-  const auto bs = k_cache.size(1), K = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == Dh && H % K == 0, "head dims do not match");
-  auto bt = block_tables.contiguous();
-  auto lens = ctx_lens.contiguous();
-  auto out = torch::empty({B, H, Dh}, q.options());
+  auto out = check_and_alloc(q, k_cache, v_cache, block_tables, ctx_lens);
+  const int64_t K = k_cache.size(2), Dh = q.size(2);
   if (k_cache.dtype() == torch::kFloat32) {
-    decode_attention_impl<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                                 bt.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, Dh,
-                                 bs, bt.size(1), window, static_cast<float>(scale));
-  } else if (k_cache.dtype() == torch::kBFloat16) {
-    decode_attention_impl<at::BFloat16>(q.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
-                                        v_cache.data_ptr<at::BFloat16>(), bt.data_ptr<int64_t>(),
-                                        lens.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, K, Dh, bs, bt.size(1),
-                                        window, static_cast<float>(scale));
-  } else {
-    TORCH_CHECK(false, "KV cache dtype must be float32 or bfloat16");
+    PlainRows<float> rows{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), K, Dh};
+    return run(rows, q, k_cache, block_tables, ctx_lens, out, window, scale);
   }
-  return out;
+  TORCH_CHECK(k_cache.dtype() == torch::kBFloat16, "KV cache dtype must be float32 or bfloat16");
+  PlainRows<at::BFloat16> rows{k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), K, Dh};
+  return run(rows, q, k_cache, block_tables, ctx_lens, out, window, scale);
+}
+
+// As above with int8 caches and k_scale, v_scale: [num_blocks, block_size, K] float32.
+torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                          torch::Tensor k_scale, torch::Tensor v_scale, torch::Tensor block_tables,
+                                          torch::Tensor ctx_lens, int64_t window, double scale) {
+  auto out = check_and_alloc(q, k_cache, v_cache, block_tables, ctx_lens);
+  TORCH_CHECK(k_cache.dtype() == torch::kInt8 && v_cache.dtype() == torch::kInt8, "caches must be int8");
+  TORCH_CHECK(k_scale.is_contiguous() && v_scale.is_contiguous() && k_scale.dtype() == torch::kFloat32 &&
+                  v_scale.dtype() == torch::kFloat32, "scales must be contiguous float32");
+  Int8Rows rows{k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), k_scale.data_ptr<float>(),
+                v_scale.data_ptr<float>(), k_cache.size(2), q.size(2)};
+  return run(rows, q, k_cache, block_tables, ctx_lens, out, window, scale);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+  m.def("paged_decode_attention_int8", &paged_decode_attention_int8, "decode attention over an int8 paged KV cache");
 }

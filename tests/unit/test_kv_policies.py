@@ -167,8 +167,8 @@ def test_spans_retrieves_the_passkey_span_on_ferry_tiny():
 def test_int8_decode_kernel_matches_torch_path():
     from ferry.models.kv.int8 import Int8Layer
     from ferry.models.layers.attention import AttnMetadata
-    from ferry.ops.attention import paged_decode_attention_int8_available
-    if not paged_decode_attention_int8_available():
+    from ferry.ops.attention import paged_decode_attention_available
+    if not paged_decode_attention_available():
         pytest.skip("no C++ toolchain here")
     torch.manual_seed(0)
     data = torch.randint(-127, 128, (2, 6, 4, 2, 16), dtype=torch.int8)
@@ -181,13 +181,13 @@ def test_int8_decode_kernel_matches_torch_path():
     k, v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)  # this step's (written to slots 9 and 5 both times)
     kernel = layer.attend(q, k, v, meta, 0.25, None)
     import ferry.models.kv.int8 as mod
-    real = mod.paged_decode_attention_int8_available
-    mod.paged_decode_attention_int8_available = lambda: False
+    real = mod.paged_decode_attention_available
+    mod.paged_decode_attention_available = lambda: False
     try:
         meta._masks.clear()
         plain = layer.attend(q, k, v, meta, 0.25, None)
     finally:
-        mod.paged_decode_attention_int8_available = real
+        mod.paged_decode_attention_available = real
     torch.testing.assert_close(kernel, plain, atol=1e-4, rtol=1e-4)
 
 

@@ -13,10 +13,7 @@ import torch.nn.functional as F
 from ferry.config import ModelConfig
 from ferry.models.kv.base import LayerKV, PolicyKV
 from ferry.models.layers.attention import AttnMetadata
-from ferry.ops.attention import (
-    paged_decode_attention_int8,
-    paged_decode_attention_int8_available,
-)
+from ferry.ops.attention import paged_decode_attention_available, paged_decode_attention_int8
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +46,7 @@ class Int8Layer(LayerKV):
         T, H, Dh = q.shape
         out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
         B = meta.num_decodes
-        if B and q.device.type == "cpu" and paged_decode_attention_int8_available():
+        if B and q.device.type == "cpu" and paged_decode_attention_available():
             out[:B] = paged_decode_attention_int8(q[:B], self.data[0], self.data[1], self.scales[0], self.scales[1],
                                                   meta.decode_block_tables, meta.decode_ctx_lens, window,
                                                   scale).to(q.dtype)
