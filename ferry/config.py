@@ -224,7 +224,9 @@ class KVPolicyConfig:
     # layers (its pruning schedule, ferry/kvcache/policies/lazy.py).
     budget: float | None = None
     sink_tokens: int = 16  # spans: first tokens every query attends to (attention sinks); rounded up to blocks
-    window_tokens: int = 128  # spans: most recent tokens every query attends to; rounded up to blocks
+    # spans, shadow, layer-budget: most recent tokens every query attends to, rounded up to blocks; None: a quarter
+    # of what the budget lets a query read, at most 128 (so short contexts still leave most of it to retrieval)
+    window_tokens: int | None = None
     rank: int | None = None  # shadow: coefficients per token of the low-rank keys (None: kv heads x head dim / 8)
     merge_angle: float = 30.0  # merge: a token pair more than this many degrees apart may keep exact vectors
     merge_retain: float = 0.125  # merge: at most this fraction of a block's tokens (per head) keeps exact vectors

@@ -77,8 +77,9 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            tuple(KV_POLICIES)),
     Option("kv_budget", None, float, "spans, shadow, layer-budget: tokens a decode query reads, as a fraction of its context (<= 1) or a "
            "count (> 1); default: all. lazy: fraction of a step's tokens computed at the deepest layers (default 0.5)"),
-    Option("kv_sink_tokens", 16, int, "spans: first tokens kept on device and always read (attention sinks)"),
-    Option("kv_window_tokens", 128, int, "spans: most recent tokens kept on device and always read"),
+    Option("kv_sink_tokens", 16, int, "spans, shadow, layer-budget: first tokens kept on device and always read (attention sinks)"),
+    Option("kv_window_tokens", None, int, "spans, shadow, layer-budget: most recent tokens kept on device and always "
+           "read (default: a quarter of the tokens --kv-budget lets a query read, at most 128)"),
     Option("kv_rank", None, int, "shadow: rank of the low-rank keys kept in the fast tier (default: kv heads x head dim / 8)"),
     Option("kv_merge_angle", 30.0, float, "merge: degrees between two layers' K (or V) directions above which a token "
            "may keep both exact vectors"),
@@ -147,7 +148,7 @@ def _kv_policy_config(v: dict[str, Any]) -> KVPolicyConfig:
         raise InvalidRequest(f"{', '.join(unused)} does not apply to kv_policy={cfg.name} (it reads {reads})")
     if cfg.budget is not None and cfg.budget <= 0:
         raise InvalidRequest(f"kv_budget must be > 0 (a fraction of the context <= 1, or tokens), got {cfg.budget}")
-    if cfg.sink_tokens < 0 or cfg.window_tokens < 1:
+    if cfg.sink_tokens < 0 or (cfg.window_tokens is not None and cfg.window_tokens < 1):
         raise InvalidRequest("kv_sink_tokens must be >= 0 and kv_window_tokens >= 1")
     if cfg.rank is not None and cfg.rank < 1:
         raise InvalidRequest(f"kv_rank must be >= 1, got {cfg.rank}")

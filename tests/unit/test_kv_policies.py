@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ferry import LLM, SamplingParams
 from ferry.config import KVPolicyConfig, ModelConfig
@@ -11,6 +13,7 @@ from ferry.engine.options import engine_config
 from ferry.errors import InvalidRequest
 from ferry.kvcache.manager import KVCacheManager, host_entry
 from ferry.kvcache.policies import KV_POLICIES, KVShape
+from ferry.kvcache.policies.base import resolve_budget
 from ferry.models.kv.int8 import Int8KV, quantize
 from ferry.models.kv.spans import SpansKV
 from ferry.request import Request
@@ -36,6 +39,23 @@ def test_spans_cold_blocks_leave_sinks_window_and_partial_block():
     assert p.cold_blocks(num_computed_tokens=30, num_blocks=8) == range(1, 5)  # 7 full blocks: 0 sink, 5-6 window
     assert p.read_tokens(1000) == 1000 and spans(0.25).read_tokens(1000) == 250
     assert spans(0.01).read_tokens(1000) == 16  # never below the resident blocks (sink + window + partial)
+
+
+@given(budget=st.sampled_from([None, 0.1, 0.25, 0.5, 1.0, 48.0, 300.0]), lengths=st.lists(st.integers(0, 3000), min_size=2))
+def test_spans_default_window_is_a_quarter_of_the_budget_up_to_128_and_blocks_never_warm_up(budget, lengths):
+    p = spans(budget, sink=4, window=None)
+    ends = [p.cold_blocks(n, -(-n // 4)).stop for n in sorted(lengths)]
+    assert ends == sorted(ends)  # a longer context never makes a cold block resident again
+    n = max(lengths)
+    assert p.window_blocks(n) == -(-max(1, min(128, resolve_budget(budget, n) // 4)) // 4)  # blocks of 4 tokens
+
+
+def test_spans_default_window_leaves_short_contexts_something_to_retrieve():
+    shape = KVShape(num_layers=2, num_kv_heads=2, head_dim=8, block_size=16, dtype_bytes=2)
+    fixed, scaled = spans(0.25, 16, 128, shape), spans(0.25, 16, None, shape)
+    assert fixed.top_k(512, fixed.sink_blocks + fixed.window_blocks(512) + 1) == 0  # the window eats the budget
+    assert scaled.window_blocks(512) == 2 and scaled.top_k(512, 1 + 2 + 1) == 4  # 128 tokens: 64 resident + 4 spans
+    assert scaled.window_blocks(2048) == scaled.window_blocks(4096) == fixed.window_blocks(4096) == 8  # 128 at most
 
 
 def test_offload_moves_cold_blocks_to_host_and_frees_everything():

@@ -81,3 +81,14 @@ def resolve_budget(budget: float | None, ctx_len: int) -> int:
     if budget is None:
         return ctx_len
     return min(ctx_len, int(budget * ctx_len) if budget <= 1 else int(budget))
+
+
+DEFAULT_WINDOW_TOKENS = 128
+
+
+def window_tokens(cfg: KVPolicyConfig, ctx_len: int) -> int:
+    """The local window at this context: --kv-window-tokens, or a quarter of the budget's tokens up to 128. It grows
+    by at most a token per token of context, so the window's start never moves back (cold blocks stay cold)."""
+    if cfg.window_tokens is not None:
+        return cfg.window_tokens
+    return max(1, min(DEFAULT_WINDOW_TOKENS, resolve_budget(cfg.budget, ctx_len) // 4))

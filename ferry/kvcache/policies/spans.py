@@ -8,7 +8,7 @@ Scheduler side: which blocks go cold (everything past the sinks and older than t
 query (or a prefill chunk, as one) retrieves for the budget."""
 from __future__ import annotations
 
-from ferry.kvcache.policies.base import KVPolicy, resolve_budget
+from ferry.kvcache.policies.base import KVPolicy, resolve_budget, window_tokens
 
 
 class SpansPolicy(KVPolicy):
@@ -20,9 +20,8 @@ class SpansPolicy(KVPolicy):
     def sink_blocks(self) -> int:
         return -(-self.cfg.sink_tokens // self.shape.block_size)
 
-    @property
-    def window_blocks(self) -> int:
-        return -(-self.cfg.window_tokens // self.shape.block_size)
+    def window_blocks(self, ctx_len: int) -> int:
+        return -(-window_tokens(self.cfg, ctx_len) // self.shape.block_size)
 
     def index_bytes_per_host_block(self) -> int:
         s = self.shape
@@ -31,11 +30,11 @@ class SpansPolicy(KVPolicy):
 
     def cold_blocks(self, num_computed_tokens: int, num_blocks: int) -> range:
         # full blocks older than the window; the partial last block is never cold (the next tokens go there)
-        end = min(num_blocks, num_computed_tokens // self.shape.block_size - self.window_blocks)
+        end = min(num_blocks, num_computed_tokens // self.shape.block_size - self.window_blocks(num_computed_tokens))
         return range(self.sink_blocks, max(self.sink_blocks, end))
 
     def read_tokens(self, ctx_len: int) -> int:
-        resident = (self.sink_blocks + self.window_blocks + 1) * self.shape.block_size
+        resident = (self.sink_blocks + self.window_blocks(ctx_len) + 1) * self.shape.block_size
         return min(ctx_len, max(resident, resolve_budget(self.cfg.budget, ctx_len)))
 
     def top_k(self, ctx_len: int, num_resident_blocks: int) -> int:

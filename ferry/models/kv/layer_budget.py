@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ferry.kvcache.policies.base import window_tokens
 from ferry.kvcache.policies.layer_budget import LayerBudgetPolicy
 from ferry.models.kv.base import LayerKV, PolicyKV, gather_blocks
 from ferry.models.kv.dense import decode_probs, prefill_attention, weighted_values
@@ -192,7 +193,7 @@ class LayerBudgetKV(PolicyKV):
         # neighbourhood's max (SnapKV's pooling)
         imp = F.max_pool1d(imp[:, None], POOL, stride=1, padding=POOL // 2)[:, 0]
         cfg = self.policy.cfg
-        keep = keep_mask(imp, self.policy.read_tokens(past), cfg.sink_tokens, cfg.window_tokens)
+        keep = keep_mask(imp, self.policy.read_tokens(past), cfg.sink_tokens, window_tokens(cfg, past))
         if self.record is not None:
             self.record.append(keep.sum(1).tolist())
         return keep

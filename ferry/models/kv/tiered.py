@@ -107,7 +107,7 @@ class TieredLayer(LayerKV):
         logical = torch.arange(len(entries), device=entries.device)
         dev_blocks, host_blocks, host_logical = entries[on_dev], -1 - entries[~on_dev], logical[~on_dev]
         parts = [(gather_blocks(self.k_cache, dev_blocks), gather_blocks(self.v_cache, dev_blocks), logical[on_dev])]
-        top_k = policy.top_k(ctx, policy.sink_blocks + policy.window_blocks + 1)
+        top_k = policy.top_k(ctx, policy.sink_blocks + policy.window_blocks(ctx) + 1)
         if top_k:
             sel, exact = self._select(q, host_blocks, top_k, scale)
             kh, vh = self.host_kv(host_blocks[sel].cpu()[None], host_logical[sel][None],
