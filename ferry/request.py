@@ -31,6 +31,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs to return per token (0: only the sampled one)
     prompt_logprobs: int | None = None  # same, for each prompt token (vLLM); disables prefix-cache hits
     skip_special_tokens: bool = True
+    # ferry's: tokens this request's queries read under --kv-policy spans / shadow / layer-budget, as --kv-budget
+    # (a fraction of the context <= 1, or tokens); None: the server's
+    kv_budget: float | None = None
 
     MAX_LOGPROBS = 20
 
@@ -62,6 +65,8 @@ class SamplingParams:
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and 0 <= v <= self.MAX_LOGPROBS),
                    f"{name} must be an integer in [0, {self.MAX_LOGPROBS}], got {v!r}")
+        _check(self.kv_budget is None or (_is_num(self.kv_budget) and self.kv_budget > 0),
+               f"kv_budget must be > 0 (a fraction of the context <= 1, or tokens), got {self.kv_budget!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be a list of token ids >= 0")
 

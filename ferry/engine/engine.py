@@ -97,6 +97,10 @@ class LLMEngine:
                 f"generated token); shorten the prompt, or raise --max-model-len / --kv-cache-memory if the model allows")
         if params.logprobs is not None and params.logprobs > self.model_config.vocab_size:
             raise InvalidRequest(f"logprobs={params.logprobs} exceeds the vocabulary size {self.model_config.vocab_size}")
+        policy = self.kv.policy
+        if params.kv_budget is not None and not (policy and policy.per_request_budget):
+            raise InvalidRequest(f"kv_budget applies to servers run with --kv-policy spans, shadow or layer-budget; "
+                                 f"this one runs {policy.name if policy else 'full'}: leave kv_budget out")
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None) -> None:

@@ -70,8 +70,12 @@ class KVCacheManager:
         host pool has room): a long cached prefix must not need device blocks for all of it at once."""
         if not n or self.policy is None or not self.policy.uses_host_tier:
             return set()
-        cold = [i for i in self.policy.cold_blocks(req.num_computed_tokens, start + n) if i >= start]
+        cold = [i for i in self._cold_blocks(req, start + n) if i >= start]
         return set(cold[:self.host.num_free])
+
+    def _cold_blocks(self, req: Request, num_blocks: int) -> range:
+        """The policy's cold blocks for req, under the request's own kv_budget if it has one."""
+        return self.policy.for_budget(req.params.kv_budget).cold_blocks(req.num_computed_tokens, num_blocks)
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> list[int] | None:
         """Grow req's block table to cover num_computed_tokens + num_new_tokens (taking prefix hits first).
@@ -125,7 +129,7 @@ class KVCacheManager:
         table = self.block_tables.get(req.req_id)
         if not table:
             return
-        for i in self.policy.cold_blocks(req.num_computed_tokens, len(table)):
+        for i in self._cold_blocks(req, len(table)):
             b = table[i]
             if b < 0:
                 continue
@@ -168,7 +172,7 @@ class KVCacheManager:
         their host blocks."""
         host_ids = req.swapped_block_ids or []
         want = max(len(host_ids), self.num_blocks_for(req.num_computed_tokens + num_new_tokens))
-        cold = self.policy.cold_blocks(req.num_computed_tokens, len(host_ids)) if self.policy else range(0)
+        cold = self._cold_blocks(req, len(host_ids)) if self.policy else range(0)
         keep = set(cold) if self.policy and self.policy.uses_host_tier else set()
         if want - len(keep) > self.pool.num_free:
             return None

@@ -42,7 +42,8 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Model
         positions.extend(pos)
         slots.extend(r.block_ids[p // block_size] * block_size + p % block_size for p in pos)
         if n > 1:
-            chunks.append(PrefillChunk(q_start, n, r.start_pos, torch.tensor(r.block_ids, dtype=torch.long, device=device)))
+            chunks.append(PrefillChunk(q_start, n, r.start_pos, torch.tensor(r.block_ids, dtype=torch.long, device=device),
+                                       r.params.kv_budget))
         if r.sample:
             logits_rows.append(q_start + n - 1)
             sample_reqs.append(r)
@@ -65,5 +66,6 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Model
         decode_block_tables=t(tables).view(len(decodes), max_blocks),
         decode_ctx_lens=t([r.start_pos + 1 for r in decodes]),
         prefills=chunks,
+        decode_kv_budgets=[r.params.kv_budget for r in decodes],
     )
     return ModelInputs(t(token_ids), meta, t(logits_rows + scored_rows), sample_reqs, scored)

@@ -72,6 +72,7 @@ class _Sampling(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = Field(0, ge=-(1 << 31), le=(1 << 31) - 1)  # lower first, with --scheduling-policy priority
+    kv_budget: float | None = None  # ferry's: this request's --kv-budget (spans, shadow, layer-budget)
     user: Text | None = None  # accepted and ignored
     logit_bias: dict[str, float] | None = None  # refused when non-empty
     best_of: int | None = Field(None, ge=1, le=MAX_N)  # only best_of == n is accepted
@@ -88,7 +89,7 @@ class _Sampling(_Body):
         """SamplingParams of this request; raises InvalidRequest on out-of-range values."""
         kw: dict[str, Any] = {}
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "seed"):
+                     "repetition_penalty", "seed", "kv_budget"):
             value = getattr(self, name)
             if value is not None:
                 kw[name] = value

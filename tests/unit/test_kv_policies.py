@@ -242,3 +242,31 @@ def test_admission_with_a_prefix_hit_counts_blocks_from_the_cached_prefix():
     s.add(b)
     plan = s.schedule()
     assert [r.req_id for r in plan.reqs] == ["a"] and b.num_computed_tokens == 0 and kv.block_table(b) == []
+
+
+@pytest.mark.parametrize("policy", ["spans", "layer-budget"])
+def test_a_request_with_its_own_kv_budget_reads_what_it_asks_for(llama, policy):
+    """Under a server budget of 10%, requests asking for kv_budget=1.0 read everything and match full attention
+    token for token, in the same batches as requests on the server's budget (which do not)."""
+    vocab = ModelConfig.from_hf(llama).vocab_size
+    prompts = random_prompts(6, [60, 90, 75, 100, 64, 80], vocab, seed=3)
+    want, _ = run_greedy(llama, prompts, kv_cache_memory="1M")
+    kw = {"swap_space": "1M"} if policy == "spans" else {}
+    with LLM(str(llama), dtype="float32", max_num_batched_tokens=48, max_num_seqs=4, block_size=4, kv_policy=policy,
+             kv_budget=0.1, kv_sink_tokens=4, kv_window_tokens=8, **kw) as llm:
+        params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, kv_budget=1.0 if i % 2 else None)
+                  for i in range(len(prompts))]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert llm.engine.kv.all_free
+    got = [o.outputs[0].token_ids for o in outs]
+    assert got[1::2] == want[1::2]
+    assert got[0::2] != want[0::2]
+
+
+def test_kv_budget_per_request_needs_a_policy_that_reads_it(llama):
+    with pytest.raises(InvalidRequest, match="kv_budget must be > 0"):
+        SamplingParams(kv_budget=0)
+    with LLM(str(llama), dtype="float32", kv_policy="int8") as llm:
+        with pytest.raises(InvalidRequest, match="kv_budget applies to servers run with --kv-policy spans"):
+            llm.generate(["hello"], SamplingParams(kv_budget=0.5), use_tqdm=False)
+        assert llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids

@@ -15,7 +15,7 @@ Built: full, int8, spans, shadow, lazy, merge, layer-budget[+base] (docs/archite
 from __future__ import annotations
 
 from abc import ABC
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from ferry.config import KVPolicyConfig
@@ -43,10 +43,22 @@ class KVPolicy(ABC):
     name: ClassVar[str]
     options: ClassVar[frozenset[str]] = frozenset()  # the KVPolicyConfig fields it reads (besides name)
     uses_host_tier: ClassVar[bool] = False  # needs host blocks even without swap preemption
+    # a request may set its own --kv-budget (SamplingParams.kv_budget): for policies whose budget is what a query
+    # reads, not how the KV is stored or computed
+    per_request_budget: ClassVar[bool] = False
 
     def __init__(self, cfg: KVPolicyConfig, shape: KVShape) -> None:
         self.cfg = cfg
         self.shape = shape
+        self._by_budget: dict[float, KVPolicy] = {}
+
+    def for_budget(self, budget: float | None) -> KVPolicy:
+        """This policy as a request with its own kv_budget sees it (None: the server's)."""
+        if budget is None or budget == self.cfg.budget:
+            return self
+        if budget not in self._by_budget:
+            self._by_budget[budget] = type(self)(replace(self.cfg, budget=budget), self.shape)
+        return self._by_budget[budget]
 
     def device_bytes_per_block(self) -> int:
         """Fast-tier bytes one block costs (everything a block brings: K, V, scales...)."""

@@ -26,6 +26,7 @@ IMPORTANCE_BYTES = 4  # float32 accumulated attention per (layer, token)
 
 class LayerBudgetPolicy(KVPolicy):
     base_cls: type[KVPolicy] = FullPolicy
+    per_request_budget = True
 
     def __init__(self, cfg: KVPolicyConfig, shape: KVShape) -> None:
         super().__init__(cfg, shape)

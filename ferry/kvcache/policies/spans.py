@@ -15,6 +15,7 @@ class SpansPolicy(KVPolicy):
     name = "spans"
     options = frozenset({"budget", "sink_tokens", "window_tokens"})
     uses_host_tier = True
+    per_request_budget = True
 
     @property
     def sink_blocks(self) -> int:

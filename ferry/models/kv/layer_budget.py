@@ -185,15 +185,15 @@ class LayerBudgetKV(PolicyKV):
             dev = dev.to(self.importance.device)
             self.importance[:, dev] = self.host_importance[:, host].to(self.importance.device)
 
-    def _keep(self, table: torch.Tensor, past: int) -> torch.Tensor:
-        """[L, past] bool for a request with `past` tokens before this step."""
+    def _keep(self, table: torch.Tensor, past: int, budget: float | None) -> torch.Tensor:
+        """[L, past] bool for a request with `past` tokens before this step (and its own kv_budget, if any)."""
         nb = -(-past // self.block_size)
         imp = self.importance[:, table[:nb]].flatten(1)[:, :past]
         # a token next to an attended one is likely part of the same span (the digits of a number): rank by the
         # neighbourhood's max (SnapKV's pooling)
         imp = F.max_pool1d(imp[:, None], POOL, stride=1, padding=POOL // 2)[:, 0]
-        cfg = self.policy.cfg
-        keep = keep_mask(imp, self.policy.read_tokens(past), cfg.sink_tokens, window_tokens(cfg, past))
+        policy = self.policy.for_budget(budget)
+        keep = keep_mask(imp, policy.read_tokens(past), policy.cfg.sink_tokens, window_tokens(policy.cfg, past))
         if self.record is not None:
             self.record.append(keep.sum(1).tolist())
         return keep
@@ -205,7 +205,8 @@ class LayerBudgetKV(PolicyKV):
                 tables = meta.decode_block_tables
                 L, C = len(self.layers), tables.shape[1] * self.block_size
                 masks = torch.zeros(L, meta.num_decodes, 1, 1, C, device=tables.device)
+                budgets = meta.decode_kv_budgets or [None] * meta.num_decodes
                 for b, past in enumerate((meta.decode_ctx_lens - 1).tolist()):
-                    masks[:, b, 0, 0, :past].masked_fill_(~self._keep(tables[b], past), float("-inf"))
+                    masks[:, b, 0, 0, :past].masked_fill_(~self._keep(tables[b], past, budgets[b]), float("-inf"))
             meta.policy_state["layer-budget"] = _StepKeep(masks)
         return meta.policy_state["layer-budget"]

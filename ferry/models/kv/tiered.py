@@ -100,7 +100,7 @@ class TieredLayer(LayerKV):
         """A chunk's queries q [Q, H, Dh] read the resident blocks (sinks, window, the chunk itself) and the top-k
         host blocks for the chunk as a whole (the budget of one query at this context). Returns keys, values
         [C', K, Dh] and the [Q, C'] visibility mask (causal by position; host blocks are older than the chunk)."""
-        bs, policy = self.owner.block_size, self.owner.policy
+        bs, policy = self.owner.block_size, self.owner.policy.for_budget(chunk.kv_budget)
         ctx = chunk.start_pos + chunk.q_len
         entries = chunk.block_ids[:-(-ctx // bs)]
         on_dev = entries >= 0
@@ -206,6 +206,7 @@ class TieredKV(StorageKV):
         if "tiered" not in meta.policy_state:
             bs, dev = self.block_size, meta.decode_block_tables.device
             plain, rows, device_ids, num_dev, host_ids, host_logical, top_k = [], [], [], [], [], [], []
+            budgets = meta.decode_kv_budgets or [None] * meta.num_decodes
             for b, (table, ctx) in enumerate(zip(meta.decode_block_tables.tolist(), meta.decode_ctx_lens.tolist())):
                 entries = table[:-(-ctx // bs)]
                 if all(e >= 0 for e in entries):
@@ -216,7 +217,7 @@ class TieredKV(StorageKV):
                 num_dev.append(len(device_ids[-1]) * bs - (len(entries) * bs - ctx))  # the last block is resident
                 host_ids.append([-1 - e for e in entries if e < 0])
                 host_logical.append([i for i, e in enumerate(entries) if e < 0])
-                top_k.append(self.policy.top_k(ctx, len(device_ids[-1])))
+                top_k.append(self.policy.for_budget(budgets[b]).top_k(ctx, len(device_ids[-1])))
             reads = None
             if rows:
                 t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)

@@ -21,6 +21,7 @@ class PrefillChunk:
     q_len: int  # tokens computed this step
     start_pos: int  # position of the first of them (tokens before it are already in the cache)
     block_ids: torch.Tensor  # [num_blocks] long, the request's block table covering start_pos + q_len
+    kv_budget: float | None = None  # the request's own --kv-budget (None: the server's)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class AttnMetadata:
     decode_block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0 (masked out)
     decode_ctx_lens: torch.Tensor  # [B] long: context length including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
+    decode_kv_budgets: list[float | None] = field(default_factory=list)  # [B] each decode request's own --kv-budget
     _masks: dict = field(default_factory=dict)  # (kind, window) -> additive mask, built on first use
     policy_state: dict = field(default_factory=dict)  # what a KV policy builds once per step for every layer
 
