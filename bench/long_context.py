@@ -32,7 +32,9 @@ from ferry import LLM, SamplingParams
 from ferry.default_model import inhouse_path
 from ferry.eval.suite import EvalConfig, evaluate_one
 
-POLICIES = "full,int8,spans:0.5,spans:0.25,spans:0.125"
+# every policy, the retrieval ones at several budgets (the accuracy-memory frontier)
+POLICIES = ("full,int8,spans:0.5,spans:0.25,spans:0.125,shadow:0.25,shadow:0.125,lazy:0.5,lazy:0.25,merge,"
+            "layer-budget:0.5,layer-budget:0.25")
 
 
 def policy_options(spec: str) -> dict:
@@ -128,12 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", default="1024,2048,4096", help="retrieval context lengths (the last is the longest)")
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--samples", type=int, default=2, help="passkey samples per (length, depth)")
-    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--full-seqs", type=int, default=2, help="the fixed KV budget holds this many full sequences")
-    ap.add_argument("--num-seqs", type=int, default=16, help="sequences submitted for the concurrency count")
+    ap.add_argument("--num-seqs", type=int, default=12, help="sequences submitted for the concurrency count")
     ap.add_argument("--speed-length", type=int, help="prompt tokens for the speed runs (default: the longest length)")
-    ap.add_argument("--decode-batch", type=int, default=2)
-    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--decode-batch", type=int, default=1)
+    ap.add_argument("--decode-tokens", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=1, help="(recorded; each number is one run)")
