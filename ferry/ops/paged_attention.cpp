@@ -4,6 +4,8 @@
 // G = H / K query heads sharing a kv head are handled together so each K/V row is loaded once.
 // The walk is one template over how a (token slot, kv head) row is stored: float32 or bfloat16 rows, or
 // int8 rows with a float32 scale per (token, kv head) (kv policy int8; a quarter of float32's bytes read).
+// Optionally (kv policy lazy) a token is visible only where its depth (layers holding its KV) exceeds the layer,
+// and the attention probabilities are returned too, averaged over the G query heads of each kv head.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -62,11 +64,18 @@ struct Int8Rows {
   }
 };
 
+// Which tokens a query sees and what is reported besides the output (kv policy lazy); empty: all, nothing.
+struct Extras {
+  const uint8_t* depth = nullptr;  // [num_blocks * block_size]: a token is visible where depth > layer
+  int64_t layer = 0;
+  float* probs = nullptr;  // [B, K, max_blocks * block_size]: attention per key, mean over the G heads (zeroed)
+};
+
 template <typename Rows>
 void decode_attention_impl(const Rows& rows, const float* q, const int64_t* block_tables, const int64_t* ctx_lens,
                            float* out, int64_t B, int64_t H, int64_t block_size, int64_t max_blocks, int64_t window,
-                           float scale) {
-  const int64_t K = rows.K, Dh = rows.Dh, G = H / K;
+                           float scale, const Extras& ex = Extras()) {
+  const int64_t K = rows.K, Dh = rows.Dh, G = H / K, C = max_blocks * block_size;
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
@@ -80,12 +89,14 @@ void decode_attention_impl(const Rows& rows, const float* q, const int64_t* bloc
       const float* qb = q + (b * H + kh * G) * Dh;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t s = slot(first + j);
-        for (int64_t g = 0; g < G; ++g) scores[g * n + j] = rows.score(qb + g * Dh, s, kh) * scale;
+        const bool visible = ex.depth == nullptr || ex.depth[s] > ex.layer;
+        for (int64_t g = 0; g < G; ++g) scores[g * n + j] = visible ? rows.score(qb + g * Dh, s, kh) * scale : -INFINITY;
       }
       for (int64_t g = 0; g < G; ++g) {
         float* s = scores.data() + g * n;
         float mx = -INFINITY;
         for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+        if (mx == -INFINITY) { std::fill(s, s + n, 0.f); continue; }  // nothing visible: no attention
         float sum = 0.f;
         for (int64_t j = 0; j < n; ++j) { s[j] = std::exp(s[j] - mx); sum += s[j]; }
         const float inv = 1.f / sum;
@@ -95,7 +106,16 @@ void decode_attention_impl(const Rows& rows, const float* q, const int64_t* bloc
       std::fill(ob, ob + G * Dh, 0.f);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t s = slot(first + j);
-        for (int64_t g = 0; g < G; ++g) rows.accumulate(scores[g * n + j], s, kh, ob + g * Dh);
+        for (int64_t g = 0; g < G; ++g)
+          if (scores[g * n + j] > 0.f) rows.accumulate(scores[g * n + j], s, kh, ob + g * Dh);
+      }
+      if (ex.probs != nullptr) {
+        float* pb = ex.probs + (b * K + kh) * C + first;
+        for (int64_t j = 0; j < n; ++j) {
+          float p = 0.f;
+          for (int64_t g = 0; g < G; ++g) p += scores[g * n + j];
+          pb[j] = p / G;
+        }
       }
     }
   });
@@ -113,12 +133,13 @@ torch::Tensor check_and_alloc(const torch::Tensor& q, const torch::Tensor& k_cac
 
 template <typename Rows>
 torch::Tensor run(const Rows& rows, const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& block_tables,
-                  const torch::Tensor& ctx_lens, torch::Tensor out, int64_t window, double scale) {
+                  const torch::Tensor& ctx_lens, torch::Tensor out, int64_t window, double scale,
+                  const Extras& ex = Extras()) {
   auto bt = block_tables.contiguous();
   auto lens = ctx_lens.contiguous();
   decode_attention_impl(rows, q.data_ptr<float>(), bt.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
                         out.data_ptr<float>(), q.size(0), q.size(1), k_cache.size(1), bt.size(1), window,
-                        static_cast<float>(scale));
+                        static_cast<float>(scale), ex);
   return out;
 }
 
@@ -140,6 +161,30 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return run(rows, q, k_cache, block_tables, ctx_lens, out, window, scale);
 }
 
+// As paged_decode_attention, a token visible only where depth [num_blocks, block_size] uint8 > layer; with
+// want_probs also returns [B, K, max_blocks * block_size] attention per key position (mean over G), else empty.
+std::vector<torch::Tensor> paged_decode_attention_depth(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                                        torch::Tensor block_tables, torch::Tensor ctx_lens,
+                                                        torch::Tensor depth, int64_t layer, int64_t window,
+                                                        double scale, bool want_probs) {
+  auto out = check_and_alloc(q, k_cache, v_cache, block_tables, ctx_lens);
+  TORCH_CHECK(depth.dtype() == torch::kUInt8 && depth.is_contiguous() && depth.numel() == k_cache.size(0) * k_cache.size(1),
+              "depth must be contiguous uint8 [num_blocks, block_size]");
+  const int64_t K = k_cache.size(2), Dh = q.size(2);
+  auto probs = want_probs ? torch::zeros({q.size(0), K, block_tables.size(1) * k_cache.size(1)}, q.options())
+                          : torch::empty({0}, q.options());
+  Extras ex{depth.data_ptr<uint8_t>(), layer, want_probs ? probs.data_ptr<float>() : nullptr};
+  if (k_cache.dtype() == torch::kFloat32) {
+    PlainRows<float> rows{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), K, Dh};
+    run(rows, q, k_cache, block_tables, ctx_lens, out, window, scale, ex);
+  } else {
+    TORCH_CHECK(k_cache.dtype() == torch::kBFloat16, "KV cache dtype must be float32 or bfloat16");
+    PlainRows<at::BFloat16> rows{k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), K, Dh};
+    run(rows, q, k_cache, block_tables, ctx_lens, out, window, scale, ex);
+  }
+  return {out, probs};
+}
+
 // As above with int8 caches and k_scale, v_scale: [num_blocks, block_size, K] float32.
 torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                           torch::Tensor k_scale, torch::Tensor v_scale, torch::Tensor block_tables,
@@ -156,4 +201,6 @@ torch::Tensor paged_decode_attention_int8(torch::Tensor q, torch::Tensor k_cache
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("paged_decode_attention_int8", &paged_decode_attention_int8, "decode attention over an int8 paged KV cache");
+  m.def("paged_decode_attention_depth", &paged_decode_attention_depth,
+        "decode attention over a paged KV cache, tokens masked by depth (and their attention, if asked)");
 }

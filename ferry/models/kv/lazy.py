@@ -37,7 +37,7 @@ from ferry.kvcache.policies.lazy import LazyPolicy
 from ferry.kvcache.storage import KVStorage
 from ferry.models.kv.base import LayerKV, RowChange, StorageKV, gather_blocks
 from ferry.models.layers.attention import AttnMetadata, write_kv
-from ferry.ops.attention import paged_decode_attention, paged_decode_attention_available
+from ferry.ops.attention import paged_decode_attention_available, paged_decode_attention_depth
 
 REVIVE_MAX = 16  # tokens a request brings back per pruning layer and step: bounds the extra work of a step
 OBSERVED = 8  # a chunk's last tokens whose attention ranks the others (one token's is too noisy on ferry-tiny)
@@ -123,7 +123,8 @@ class LazyLayer(LayerKV):
 
     def _decode(self, q: torch.Tensor, step: _Step, singles: list[_Group], scale: float,
                 window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Single-row groups batched: the C++ paged kernel when nothing is masked and no scores are needed."""
+        """Single-row groups batched: the C++ paged kernel (masking by depth, and returning the attention when this
+        layer's scores are needed), or the gathered torch path."""
         rows, pos, tables, ctx_lens = self.owner.decode_batch(step, singles)
         C = tables.shape[1] * self.owner.block_size
         kpos = torch.arange(C, device=q.device)[None, :]
@@ -132,9 +133,12 @@ class LazyLayer(LayerKV):
         if window is not None:
             visible &= pos[:, None] - kpos < window
         qd = q[rows]
-        if not self.scores and bool((depth[kpos < ctx_lens[:, None]] > self.layer).all()) \
-                and q.device.type == "cpu" and paged_decode_attention_available():
-            return rows, paged_decode_attention(qd, self.k_cache, self.v_cache, tables, ctx_lens, window, scale)
+        if q.device.type == "cpu" and paged_decode_attention_available():
+            out, probs = paged_decode_attention_depth(qd, self.k_cache, self.v_cache, tables, ctx_lens, self.owner.depth,
+                                                      self.layer, window, scale, self.scores)
+            if self.scores:
+                self._keep_scores(singles, probs.mean(1), visible)
+            return rows, out
         kc, vc = gather_blocks(self.k_cache, tables), gather_blocks(self.v_cache, tables)  # [B, C, K, Dh]
         B, H, Dh = qd.shape
         K = kc.shape[2]
@@ -142,10 +146,15 @@ class LazyLayer(LayerKV):
         scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)  # [B, K, G, C]
         if self.scores:
-            imp = probs.mean((1, 2)).masked_fill_(~visible, -1.0)
-            for b, g in enumerate(singles):
-                g.imp = imp[b, :g.ctx]
+            self._keep_scores(singles, probs.mean((1, 2)), visible)
         return rows, torch.einsum("bkgc,bckd->bkgd", probs, vc.float()).reshape(B, H, Dh)
+
+    @staticmethod
+    def _keep_scores(singles: list[_Group], probs: torch.Tensor, visible: torch.Tensor) -> None:
+        """Each decode group's attention per key [C] (probs [B, C], -1 where not visible), for the pruning layer."""
+        imp = probs.masked_fill(~visible, -1.0)
+        for b, g in enumerate(singles):
+            g.imp = imp[b, :g.ctx]
 
     def next_rows(self, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor) -> RowChange | None:
         return self.owner.prune(self.layer + 1, x, meta, needed)
