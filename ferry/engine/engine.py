@@ -15,6 +15,7 @@ from ferry.engine.stats import EngineStats
 from ferry.errors import ContextLengthExceeded, InvalidRequest
 from ferry.experts.store import ExpertStore
 from ferry.kvcache.manager import KVCacheManager
+from ferry.kvcache.policies import KV_POLICIES
 from ferry.models.kv import PolicyKV
 from ferry.request import FinishReason, Request, RequestOutput, SamplingParams
 from ferry.runner.runner import Runner
@@ -99,8 +100,9 @@ class LLMEngine:
             raise InvalidRequest(f"logprobs={params.logprobs} exceeds the vocabulary size {self.model_config.vocab_size}")
         policy = self.kv.policy
         if params.kv_budget is not None and not (policy and policy.per_request_budget):
-            raise InvalidRequest(f"kv_budget applies to servers run with --kv-policy spans, shadow or layer-budget; "
-                                 f"this one runs {policy.name if policy else 'full'}: leave kv_budget out")
+            takes = ", ".join(name for name, cls in KV_POLICIES.items() if cls.per_request_budget)
+            raise InvalidRequest(f"kv_budget applies to servers run with --kv-policy {takes}; this one runs "
+                                 f"{policy.name if policy else 'full'}: leave kv_budget out")
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None) -> None:

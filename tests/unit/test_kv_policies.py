@@ -267,6 +267,6 @@ def test_kv_budget_per_request_needs_a_policy_that_reads_it(llama):
     with pytest.raises(InvalidRequest, match="kv_budget must be > 0"):
         SamplingParams(kv_budget=0)
     with LLM(str(llama), dtype="float32", kv_policy="int8") as llm:
-        with pytest.raises(InvalidRequest, match="kv_budget applies to servers run with --kv-policy spans"):
+        with pytest.raises(InvalidRequest, match="kv_budget applies to servers run with --kv-policy spans, shadow, layer-budget"):
             llm.generate(["hello"], SamplingParams(kv_budget=0.5), use_tqdm=False)
         assert llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
