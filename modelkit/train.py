@@ -20,7 +20,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +46,15 @@ class Phase:
 
 
 @dataclass
+class Stage:
+    """A continuation of a recipe's run: its export trained on with a new optimizer and learning-rate schedule."""
+
+    phases: list[Phase]
+    seed: int
+    tasks: tuple[str, ...] | None = None  # None: the recipe's
+
+
+@dataclass
 class Recipe:
     spec: Spec
     phases: list[Phase]
@@ -58,6 +67,7 @@ class Recipe:
     on_policy_frac: float = 0.0  # rows that are the teacher's own greedy continuations of corpus prompts
     upcycle: str | None = None  # start from this dense model: shared weights copied, experts from its MLP slices
     tasks: tuple[str, ...] = TASKS
+    stages: list[Stage] = field(default_factory=list)  # parts 2, 3...: each continues from the previous export
 
 
 YARN = {"rope_type": "yarn", "factor": 4.5, "original_max_position_embeddings": 1024}
@@ -67,9 +77,13 @@ RECIPES = {
         # YaRN (factor 4.5 over 1024 positions): retrieval learnt within ~2K tokens carries to 4K.
         Spec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768,
              max_position_embeddings=4608, rope_scaling=YARN),
-        # Curriculum: copying and retrieval are learnt on short rows, then stretched to 1024 tokens; the last
-        # phase, at a low learning rate by then, shows YaRN's low frequencies the angles of 4096-token distances.
+        # Curriculum: text and copying on short rows, then 1024 tokens; each part ends on 4096-token rows at a low
+        # learning rate, which show YaRN's low frequencies the angles of 4096-token distances.
         [Phase(256, 32, 700), Phase(1024, 8, 700), Phase(4096, 2, 150)], repeat_frac=0.3,
+        # Part 1 learns text and copying (perplexity 73) but not yet retrieval; a restarted schedule on passkey
+        # and multi-key rows only (twice their share) makes it appear within ~150 steps, then stretches it.
+        stages=[Stage([Phase(256, 32, 250), Phase(1024, 8, 250), Phase(4096, 2, 100)], seed=4,
+                      tasks=("passkey", "multikey"))],
     ),
     "ferry-tiny-moe": Recipe(
         # Sparse upcycling of ferry-tiny: same attention and embeddings, 8 experts of 192 neurons each.
@@ -207,13 +221,14 @@ def _micro_step(model, teacher, recipe: Recipe, tok: _Tok, hay: Haystack, rng: r
 
 
 def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int = 2,
-          init: Path | None = None, phases: list[Phase] | None = None, tag: str = "", models: Path = ASSETS) -> dict:
-    """Train ``name`` by its recipe (or the given phases), from scratch or from the checkpoint in ``init``.
-    The models a recipe builds on (upcycling, teacher) are read from ``models``."""
+          init: Path | None = None, phases: list[Phase] | None = None, tag: str = "", models: Path = ASSETS,
+          recipe: Recipe | None = None) -> dict:
+    """Train ``name`` by its recipe (or the given recipe, or phases), from scratch or from the checkpoint in
+    ``init``. The models a recipe builds on (upcycling, teacher) are read from ``models``. Stages are main's."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    recipe = RECIPES[name]
+    recipe = recipe or RECIPES[name]
     if smoke:  # no corpus download: the bundled held-out text, and a small tokenizer trained on it
         phases = [Phase(320, 2, 10), Phase(400, 2, 10)]
         tok = _Tok(data.train_tokenizer([ASSETS / "heldout.txt"], out / "smoke-tokenizer.json", 1024))
@@ -315,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rope-scaling", type=json.loads, metavar="JSON",
                    help='set HF rope_scaling, e.g. \'{"rope_type": "yarn", "factor": 4.5, "original_max_position_embeddings": 1024}\'')
     p.add_argument("--init", type=Path, help="continue from this checkpoint folder instead of from scratch")
+    p.add_argument("--models", type=Path, help="folder of the models a recipe builds on (upcycling, teacher; "
+                   "default ferry/assets, or DIR with `all --out DIR`)")
     p.add_argument("--tasks", help="comma-separated retrieval tasks to train on (default: the recipe's)")
     p.add_argument("--phase", action="append", metavar="SEQ_LEN,BATCH,STEPS[,ACCUM]",
                    help="train these phases instead of the recipe's (repeatable)")
@@ -330,9 +347,14 @@ def main(argv: list[str] | None = None) -> None:
         if a.rope_scaling is not None:
             RECIPES[name].spec.rope_scaling = a.rope_scaling
         out = a.out / name if a.out and a.model == "all" else a.out or ASSETS / name
-        models = a.out if a.out and a.model == "all" else ASSETS  # `all --out DIR` builds on its own outputs
+        models = a.models or (a.out if a.out and a.model == "all" else ASSETS)  # `all --out DIR`: its own outputs
         s = train(name, out, a.smoke, a.seed, a.threads, a.init, phases, a.tag, models)
         print(f"{name}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
+        recipe = RECIPES[name]
+        for i, stage in enumerate([] if phases or a.smoke else recipe.stages, start=2):  # part 1 is the phases
+            staged = replace(recipe, phases=stage.phases, tasks=stage.tasks or recipe.tasks)
+            s = train(name, out, False, stage.seed, a.threads, out, None, f"{a.tag}-part{i}".lstrip("-"), models, staged)
+            print(f"{name} part {i}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
 
 
 if __name__ == "__main__":
