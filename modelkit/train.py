@@ -351,9 +351,9 @@ def main(argv: list[str] | None = None) -> None:
         s = train(name, out, a.smoke, a.seed, a.threads, a.init, phases, a.tag, models)
         print(f"{name}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
         recipe = RECIPES[name]
-        for i, stage in enumerate([] if phases or a.smoke else recipe.stages, start=2):  # part 1 is the phases
+        for i, stage in enumerate([] if phases else recipe.stages, start=2):  # part 1 is the phases
             staged = replace(recipe, phases=stage.phases, tasks=stage.tasks or recipe.tasks)
-            s = train(name, out, False, stage.seed, a.threads, out, None, f"{a.tag}-part{i}".lstrip("-"), models, staged)
+            s = train(name, out, a.smoke, stage.seed, a.threads, out, None, f"{a.tag}-part{i}".lstrip("-"), models, staged)
             print(f"{name} part {i}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
 
 

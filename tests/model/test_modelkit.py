@@ -50,3 +50,16 @@ def test_rope_scaling_trains_what_transformers_runs(tmp_path):
         ours, theirs = model(ids), hf(ids).logits
     assert spec.hf_config()["rope_scaling"]["rope_type"] == "yarn"
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_a_recipe_in_parts_continues_from_its_own_export(tmp_path, capsys):
+    """`train ferry-tiny` runs part 1, then each Stage from the previous export (smoke: 20 steps each)."""
+    from modelkit.train import RECIPES, main
+
+    assert RECIPES["ferry-tiny"].stages, "ferry-tiny's recipe has a second part"
+    main(["ferry-tiny", "--smoke", "--threads", "1", "--out", str(tmp_path / "m")])
+    printed = capsys.readouterr().out
+    assert "ferry-tiny: 20 steps" in printed and "ferry-tiny part 2: 20 steps" in printed
+    with LLM(str(tmp_path / "m"), dtype="float32") as llm:
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
