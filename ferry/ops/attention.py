@@ -1,4 +1,4 @@
-"""Decode attention read straight from the paged KV cache, plain or int8 (paged_attention.cpp)."""
+"""Decode attention read straight from the paged KV cache: plain, int8, or masked by depth for lazy (paged_attention.cpp)."""
 from __future__ import annotations
 
 import torch
