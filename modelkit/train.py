@@ -52,6 +52,7 @@ class Stage:
     phases: list[Phase]
     seed: int
     tasks: tuple[str, ...] | None = None  # None: the recipe's
+    lr: float | None = None  # None: the recipe's
 
 
 @dataclass
@@ -80,10 +81,12 @@ RECIPES = {
         # Curriculum: text and copying on short rows, then 1024 tokens; each part ends on 4096-token rows at a low
         # learning rate, which show YaRN's low frequencies the angles of 4096-token distances.
         [Phase(256, 32, 700), Phase(1024, 8, 700), Phase(4096, 2, 150)], repeat_frac=0.3,
-        # Part 1 learns text and copying (perplexity 73) but not yet retrieval; a restarted schedule on passkey
-        # and multi-key rows only (twice their share) makes it appear within ~150 steps, then stretches it.
+        # Part 1 learns text and copying (perplexity 73) but not yet retrieval; part 2, a restarted schedule on
+        # passkey and multi-key rows only (twice their share), makes it appear within ~150 steps (passkey ~80% at
+        # every length); part 3, at half the learning rate, sharpens it.
         stages=[Stage([Phase(256, 32, 250), Phase(1024, 8, 250), Phase(4096, 2, 100)], seed=4,
-                      tasks=("passkey", "multikey"))],
+                      tasks=("passkey", "multikey")),
+                Stage([Phase(1024, 8, 150), Phase(4096, 2, 50)], seed=5, tasks=("passkey", "multikey"), lr=1e-3)],
     ),
     "ferry-tiny-moe": Recipe(
         # Sparse upcycling of ferry-tiny: same attention and embeddings, 8 experts of 192 neurons each.
@@ -352,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
         recipe = RECIPES[name]
         for i, stage in enumerate([] if phases else recipe.stages, start=2):  # part 1 is the phases
-            staged = replace(recipe, phases=stage.phases, tasks=stage.tasks or recipe.tasks)
+            staged = replace(recipe, phases=stage.phases, tasks=stage.tasks or recipe.tasks, lr=stage.lr or recipe.lr)
             s = train(name, out, a.smoke, stage.seed, a.threads, out, None, f"{a.tag}-part{i}".lstrip("-"), models, staged)
             print(f"{name} part {i}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
 
