@@ -3,25 +3,19 @@
 A predictor's probabilities are not calibrated (a router's softmax over 8 experts rarely exceeds 0.3 even
 when it is right), so the store measures them: every guess made for a layer is scored once that layer
 routes (used or not), in bins of its probability and of how many MoE layers ahead it was made. A guess is
-prefetched only once its bin has `min_samples` scored guesses and while their precision is at least
-`min_precision`. Every guess is scored, read or not, so a bin is measured without being tried (trying unmeasured
-bins cost a short run most of its precision) and a bin left out can come back."""
+prefetched only while its bin's measured precision is at least `min_precision` (bins with fewer than
+`min_samples` scored guesses are tried). Guesses left out are still scored, so a bin can come back."""
 from __future__ import annotations
 
 from collections import defaultdict
 
 
 class ConfidenceGate:
-    def __init__(self, min_precision: float = 0.5, num_bins: int = 20, min_samples: int = 16) -> None:
+    def __init__(self, min_precision: float = 0.5, num_bins: int = 20, min_samples: int = 32) -> None:
         self.min_precision = min_precision
         self.num_bins = num_bins
         self.min_samples = min_samples
         self.counts: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0])  # bin -> [guesses, used]
-
-    @classmethod
-    def read_all(cls) -> "ConfidenceGate":
-        """A gate that admits every guess (tests of the prefetch mechanism, not of which guesses pay)."""
-        return cls(min_precision=0.0, min_samples=0)
 
     def _bin(self, p: float, distance: int) -> tuple[int, int]:
         return distance, min(int(p * self.num_bins), self.num_bins - 1)
@@ -29,7 +23,7 @@ class ConfidenceGate:
     def keep(self, p: float, distance: int) -> bool:
         """Should a guess of probability p for the MoE layer `distance` layers ahead be read?"""
         guesses, used = self.counts[self._bin(p, distance)]
-        return guesses >= self.min_samples and used >= self.min_precision * guesses
+        return guesses < self.min_samples or used >= self.min_precision * guesses
 
     def record(self, p: float, distance: int, used: bool) -> None:
         c = self.counts[self._bin(p, distance)]

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from ferry.config import ModelConfig
-from ferry.experts.confidence import ConfidenceGate
 from ferry.experts.cache import ExpertCache
 from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import FrequencyCorrelationPolicy, LRUPolicy
@@ -82,7 +81,6 @@ def test_budget_holds_and_nothing_leaks_under_random_routing(tmp_ckpt_dir, polic
             for l in (0, 1) for e in range(8)}
     record = StoreIndex.load(folder).layout.record_nbytes
     store = ExpertStore(folder, cfg, torch.float32, num_slots * record + 100, policy(*shape), _RandomPredictor(*shape))
-    store.confidence = ConfidenceGate.read_all()
     try:
         for step in range(60):
             layer = step % 2
