@@ -16,7 +16,7 @@ retrieval accuracy and perplexity are lost for it? Two models:
 those scheduled (rows pruned and revived included); its perplexity equals full's by construction, since
 prompt_logprobs asks for every row's logits and a row whose logits are needed is never pruned.
 
-    python -m bench long-context                              # ~20 min on 2 idle cores
+    python -m bench long-context                              # ~15 min on 2 idle cores
     python -m bench long-context --smoke                      # tiny sizes, < 2 min
 """
 from __future__ import annotations
@@ -252,7 +252,7 @@ def section(record: dict) -> str:
             f"samples per length and depth {cfg['depths']}; perplexity over {cfg['ppl_tokens']} held-out tokens); "
             f"concurrency: {cfg['num_seqs']} sequences of {record['rows'][0]['context'] - 16} tokens under a KV budget "
             f"holding {cfg['full_seqs']} at full attention ({record['kv_budget_bytes'] / 2**20:.1f} MiB); speed on "
-            f"{Path(record['speed_model']).name} (random weights, {cfg.get('speed_length') or 'the longest'}-token prompts, "
+            f"{Path(record['speed_model']).name} (random weights, {cfg.get('speed_length') or cfg['lengths'].split(',')[-1]}-token prompts, "
             f"decode batch {cfg['decode_batch']}, {cfg['threads']} threads, one run). Fast-tier "
             "bytes are measured while decoding (peak: with the last prefill chunk in flight); host bytes are the "
             "spans moved to host memory, which on a CPU machine is the same RAM." +
