@@ -252,7 +252,8 @@ def section(record: dict) -> str:
             f"samples per length and depth {cfg['depths']}; perplexity over {cfg['ppl_tokens']} held-out tokens); "
             f"concurrency: {cfg['num_seqs']} sequences of {record['rows'][0]['context'] - 16} tokens under a KV budget "
             f"holding {cfg['full_seqs']} at full attention ({record['kv_budget_bytes'] / 2**20:.1f} MiB); speed on "
-            f"{Path(record['speed_model']).name} (random weights, {cfg.get('speed_length') or cfg['lengths'].split(',')[-1]}-token prompts, "
+            f"{Path(record['speed_model']).name} (random weights, "
+            f"{cfg.get('speed_length') or cfg['lengths'].split(',')[-1]}-token prompts, "
             f"decode batch {cfg['decode_batch']}, {cfg['threads']} threads, one run). Fast-tier "
             "bytes are measured while decoding (peak: with the last prefill chunk in flight); host bytes are the "
             "spans moved to host memory, which on a CPU machine is the same RAM." +

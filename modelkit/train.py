@@ -246,7 +246,8 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
     model.train()
     teacher = None
     if recipe.teacher:  # smoke: a random teacher of the right shape exercises the distillation path
-        teacher = CausalLM(RECIPES[recipe.teacher].spec).eval() if smoke else load_trained(recipe.teacher, models / recipe.teacher)
+        teacher = (CausalLM(RECIPES[recipe.teacher].spec).eval() if smoke
+                   else load_trained(recipe.teacher, models / recipe.teacher))
     pool = None
     if teacher is not None and recipe.on_policy_frac:
         folder = models / recipe.teacher
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         recipe = RECIPES[name]
         for i, stage in enumerate([] if phases else recipe.stages, start=2):  # part 1 is the phases
             staged = replace(recipe, phases=stage.phases, tasks=stage.tasks or recipe.tasks, lr=stage.lr or recipe.lr)
-            s = train(name, out, a.smoke, stage.seed, a.threads, out, None, f"{a.tag}-part{i}".lstrip("-"), models, staged)
+            tag = f"{a.tag}-part{i}" if a.tag else f"part{i}"
+            s = train(name, out, a.smoke, stage.seed, a.threads, out, None, tag, models, staged)
             print(f"{name} part {i}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
 
 

@@ -77,7 +77,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            tuple(KV_POLICIES)),
     Option("kv_budget", None, float, "spans, shadow, layer-budget: tokens a decode query reads, as a fraction of its context (<= 1) or a "
            "count (> 1); default: all. lazy: fraction of a step's tokens computed at the deepest layers (default 0.5)"),
-    Option("kv_sink_tokens", 16, int, "spans, shadow, layer-budget: first tokens kept on device and always read (attention sinks)"),
+    Option("kv_sink_tokens", 16, int, "spans, shadow, layer-budget: first tokens kept on device and always read "
+           "(attention sinks)"),
     Option("kv_window_tokens", None, int, "spans, shadow, layer-budget: most recent tokens kept on device and always "
            "read (default: a quarter of the tokens --kv-budget lets a query read, at most 128)"),
     Option("kv_rank", None, int, "shadow: rank of the low-rank keys kept in the fast tier (default: kv heads x head dim / 8)"),

@@ -1,4 +1,5 @@
-"""Decode attention read straight from the paged KV cache: plain, int8, or masked by depth for lazy (paged_attention.cpp)."""
+"""Decode attention read straight from the paged KV cache: plain, int8, or masked by depth for lazy
+(paged_attention.cpp)."""
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,8 @@ def paged_decode_attention_int8(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 def paged_decode_attention_depth(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor, ctx_lens: torch.Tensor, depth: torch.Tensor, layer: int,
-                                 window: int | None, scale: float, want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                                 window: int | None, scale: float,
+                                 want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """As paged_decode_attention, a key visible only where depth [num_blocks, bs] (uint8) > layer; with want_probs
     also [B, K, max_blocks * bs] attention per key position, averaged over each kv head's query heads."""
     out, probs = _ext().paged_decode_attention_depth(q.float().contiguous(), k_cache, v_cache, block_tables, ctx_lens,

@@ -42,8 +42,8 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Model
         positions.extend(pos)
         slots.extend(r.block_ids[p // block_size] * block_size + p % block_size for p in pos)
         if n > 1:
-            chunks.append(PrefillChunk(q_start, n, r.start_pos, torch.tensor(r.block_ids, dtype=torch.long, device=device),
-                                       r.params.kv_budget))
+            table = torch.tensor(r.block_ids, dtype=torch.long, device=device)
+            chunks.append(PrefillChunk(q_start, n, r.start_pos, table, r.params.kv_budget))
         if r.sample:
             logits_rows.append(q_start + n - 1)
             sample_reqs.append(r)

@@ -41,7 +41,8 @@ def test_spans_cold_blocks_leave_sinks_window_and_partial_block():
     assert spans(0.01).read_tokens(1000) == 16  # never below the resident blocks (sink + window + partial)
 
 
-@given(budget=st.sampled_from([None, 0.1, 0.25, 0.5, 1.0, 48.0, 300.0]), lengths=st.lists(st.integers(0, 3000), min_size=2))
+@given(budget=st.sampled_from([None, 0.1, 0.25, 0.5, 1.0, 48.0, 300.0]),
+       lengths=st.lists(st.integers(0, 3000), min_size=2))
 def test_spans_default_window_is_a_quarter_of_the_budget_up_to_128_and_blocks_never_warm_up(budget, lengths):
     p = spans(budget, sink=4, window=None)
     ends = [p.cold_blocks(n, -(-n // 4)).stop for n in sorted(lengths)]
@@ -267,6 +268,7 @@ def test_kv_budget_per_request_needs_a_policy_that_reads_it(llama):
     with pytest.raises(InvalidRequest, match="kv_budget must be > 0"):
         SamplingParams(kv_budget=0)
     with LLM(str(llama), dtype="float32", kv_policy="int8") as llm:
-        with pytest.raises(InvalidRequest, match="kv_budget applies to servers run with --kv-policy spans, shadow, layer-budget"):
+        with pytest.raises(InvalidRequest,
+                           match="kv_budget applies to servers run with --kv-policy spans, shadow, layer-budget"):
             llm.generate(["hello"], SamplingParams(kv_budget=0.5), use_tqdm=False)
         assert llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids

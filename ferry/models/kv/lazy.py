@@ -134,8 +134,8 @@ class LazyLayer(LayerKV):
             visible &= pos[:, None] - kpos < window
         qd = q[rows]
         if q.device.type == "cpu" and paged_decode_attention_available():
-            out, probs = paged_decode_attention_depth(qd, self.k_cache, self.v_cache, tables, ctx_lens, self.owner.depth,
-                                                      self.layer, window, scale, self.scores)
+            out, probs = paged_decode_attention_depth(qd, self.k_cache, self.v_cache, tables, ctx_lens,
+                                                      self.owner.depth, self.layer, window, scale, self.scores)
             if self.scores:
                 self._keep_scores(singles, probs.mean(1), visible)
             return rows, out
