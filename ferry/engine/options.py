@@ -62,7 +62,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("swap_space", "1G", parse_size, "host bytes for KV swapped out on preemption (with --preemption-mode swap) "
            "and for the cold spans of --kv-policy spans"),
     Option("enable_prefix_caching", True, _bool, "share KV blocks of common prompt prefixes between requests"),
-    Option("max_num_batched_tokens", 512, int, "token budget per engine step (prefill chunks + decodes)"),
+    Option("max_num_batched_tokens", None, int, "token budget per engine step (prefill chunks + decodes); default "
+           "512, 4096 with --kv-policy lazy (it ranks a chunk's tokens by the chunk's last ones)"),
     Option("max_num_seqs", 64, int, "most requests running at once"),
     Option("max_waiting", 1024, int, "most requests queued; more are refused as overloaded"),
     Option("scheduling_policy", "fcfs", str, "order of admission and preemption", ("fcfs", "priority")),
@@ -114,6 +115,8 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
             v[o.name] = o.type(v[o.name])
         if o.choices and v[o.name] not in o.choices:
             raise InvalidRequest(f"{o.name} must be one of {', '.join(o.choices)}, got {v[o.name]!r}")
+    if v["max_num_batched_tokens"] is None:
+        v["max_num_batched_tokens"] = KV_POLICIES[v["kv_policy"]].default_step_tokens
     for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "max_waiting"):
         if v[name] < 1:
             raise InvalidRequest(f"{name} must be >= 1, got {v[name]}")

@@ -41,6 +41,10 @@ def test_schedule_shrinks_to_the_budget_and_blocks_cost_full_plus_depth():
     with pytest.raises(InvalidRequest, match="kv_lazy_start does not apply to kv_policy=full"):
         engine_config("m", kv_policy="full", kv_lazy_start=0.5)
     assert engine_config("m", kv_policy="lazy", kv_budget=0.25, kv_lazy_start=0.5).kv_policy.lazy_start == 0.5
+    # the whole prompt (up to 4096 tokens) in one step by default, so the question ranks it; a user's choice wins
+    steps = [engine_config("m", **kw).scheduler.max_num_batched_tokens
+             for kw in ({}, {"kv_policy": "lazy"}, {"kv_policy": "lazy", "max_num_batched_tokens": 256})]
+    assert steps == [512, 4096, 256]
 
 
 # -- tensor side: one layer at a time ------------------------------------------------------------

@@ -46,6 +46,9 @@ class KVPolicy(ABC):
     # a request may set its own --kv-budget (SamplingParams.kv_budget): for policies whose budget is what a query
     # reads, not how the KV is stored or computed
     per_request_budget: ClassVar[bool] = False
+    # the step token budget (--max-num-batched-tokens) when the user sets none: a policy that ranks a chunk's tokens
+    # by its last queries wants the prompt's question in the same chunk
+    default_step_tokens: ClassVar[int] = 512
 
     def __init__(self, cfg: KVPolicyConfig, shape: KVShape) -> None:
         self.cfg = cfg
