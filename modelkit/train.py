@@ -53,6 +53,7 @@ class Stage:
     seed: int
     tasks: tuple[str, ...] | None = None  # None: the recipe's
     lr: float | None = None  # None: the recipe's
+    split_pad: bool = False  # see Recipe
 
 
 @dataclass
@@ -69,6 +70,9 @@ class Recipe:
     upcycle: str | None = None  # start from this dense model: shared weights copied, experts from its MLP slices
     tasks: tuple[str, ...] = TASKS
     stages: list[Stage] = field(default_factory=list)  # parts 2, 3...: each continues from the previous export
+    # task rows put a random share of their filler text after the answer instead of all of it before the prompt,
+    # so a needle also sits at a row's very first tokens (as at depth 0 in `ferry eval`)
+    split_pad: bool = False
 
 
 YARN = {"rope_type": "yarn", "factor": 4.5, "original_max_position_embeddings": 1024}
@@ -82,11 +86,13 @@ RECIPES = {
         # learning rate, which show YaRN's low frequencies the angles of 4096-token distances.
         [Phase(256, 32, 700), Phase(1024, 8, 700), Phase(4096, 2, 150)], repeat_frac=0.3,
         # Part 1 learns text and copying (perplexity 73) but not yet retrieval; part 2, a restarted schedule on
-        # passkey and multi-key rows only (twice their share), makes it appear within ~150 steps (passkey ~80% at
-        # every length); part 3, at half the learning rate, sharpens it.
-        stages=[Stage([Phase(256, 32, 250), Phase(1024, 8, 250), Phase(4096, 2, 100)], seed=4,
+        # passkey and multi-key rows only (twice their share), makes it appear within ~150 steps (passkey 92.5% at
+        # 4K, perplexity 47); part 3, at a quarter of the learning rate with the needle also at a row's first
+        # tokens (filler also after the answer), answers at every depth (100% at 4K, perplexity 45).
+        stages=[Stage([Phase(256, 32, 400), Phase(1024, 8, 400), Phase(4096, 2, 200)], seed=4,
                       tasks=("passkey", "multikey")),
-                Stage([Phase(1024, 8, 150), Phase(4096, 2, 50)], seed=5, tasks=("passkey", "multikey"), lr=1e-3)],
+                Stage([Phase(1024, 8, 100), Phase(4096, 2, 100)], seed=5, tasks=("passkey", "multikey"), lr=5e-4,
+                      split_pad=True)],
     ),
     "ferry-tiny-moe": Recipe(
         # Sparse upcycling of ferry-tiny: same attention and embeddings, 8 experts of 192 neurons each.
@@ -136,8 +142,9 @@ def make_batch(recipe: Recipe, tok: _Tok, hay: Haystack, rng: random.Random, pha
             s = make_sample(task, tok, hay, rng, phase.seq_len - 24, rng.random())
             ids = s.prompt_ids + s.answer_ids + [tok.eos]
             pad = hay.take(n - len(ids), rng)
-            row = pad + ids
-            mask = [0] * (len(pad) + len(s.prompt_ids)) + [1] * len(s.answer_ids) + [0]
+            cut = rng.randrange(len(pad) + 1) if recipe.split_pad else len(pad)
+            row = pad[:cut] + ids + pad[cut:]
+            mask = [0] * (cut + len(s.prompt_ids)) + [1] * len(s.answer_ids) + [0] * (1 + len(pad) - cut)
             rows.append(row[:n]); masks.append(mask[:n]); kinds.append(task)
         else:
             rows.append(hay.take(n, rng)); masks.append([0] * n); kinds.append("")
@@ -337,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", type=Path, help="folder of the models a recipe builds on (upcycling, teacher; "
                    "default ferry/assets, or DIR with `all --out DIR`)")
     p.add_argument("--tasks", help="comma-separated retrieval tasks to train on (default: the recipe's)")
+    p.add_argument("--split-pad", action="store_true", help="task rows: part of the filler after the answer "
+                   "(needles also at a row's first tokens)")
     p.add_argument("--phase", action="append", metavar="SEQ_LEN,BATCH,STEPS[,ACCUM]",
                    help="train these phases instead of the recipe's (repeatable)")
     a = p.parse_args(argv)
@@ -350,13 +359,16 @@ def main(argv: list[str] | None = None) -> None:
             RECIPES[name].tasks = tuple(a.tasks.split(","))
         if a.rope_scaling is not None:
             RECIPES[name].spec.rope_scaling = a.rope_scaling
+        if a.split_pad:
+            RECIPES[name].split_pad = True
         out = a.out / name if a.out and a.model == "all" else a.out or ASSETS / name
         models = a.models or (a.out if a.out and a.model == "all" else ASSETS)  # `all --out DIR`: its own outputs
         s = train(name, out, a.smoke, a.seed, a.threads, a.init, phases, a.tag, models)
         print(f"{name}: {s['steps']} steps in {s['train_minutes']} min -> {out}")
         recipe = RECIPES[name]
         for i, stage in enumerate([] if phases else recipe.stages, start=2):  # part 1 is the phases
-            staged = replace(recipe, phases=stage.phases, tasks=stage.tasks or recipe.tasks, lr=stage.lr or recipe.lr)
+            staged = replace(recipe, phases=stage.phases, tasks=stage.tasks or recipe.tasks, lr=stage.lr or recipe.lr,
+                             split_pad=stage.split_pad)
             tag = f"{a.tag}-part{i}" if a.tag else f"part{i}"
             s = train(name, out, a.smoke, stage.seed, a.threads, out, None, tag, models, staged)
             print(f"{name} part {i}: {s['steps']} steps in {s['train_minutes']} min -> {out}")

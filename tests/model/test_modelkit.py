@@ -63,3 +63,33 @@ def test_a_recipe_in_parts_continues_from_its_own_export(tmp_path, capsys):
     with LLM(str(tmp_path / "m"), dtype="float32") as llm:
         out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_split_pad_rows_keep_the_answer_mask_and_move_the_needle_forward():
+    import random
+    from dataclasses import replace
+
+    from ferry.eval.tasks import Haystack
+    from modelkit.train import RECIPES, Phase, make_batch
+
+    class Tok:  # one token per character: rows and answer masks read back as text
+        eos = 0
+
+        def encode(self, s: str) -> list[int]:
+            return [ord(c) for c in s]
+
+    hay = Haystack([ord(c) for c in "the quick brown fox jumps over the lazy dog. " * 20])
+    first, tails = {}, []
+    for split in (False, True):
+        recipe = replace(RECIPES["ferry-tiny"], task_frac=1.0, repeat_frac=0.0, tasks=("passkey",), split_pad=split)
+        first[split] = []
+        for seed in range(40):
+            x, y, mask, kinds = make_batch(recipe, Tok(), hay, random.Random(seed), Phase(300, 1, 1))
+            text, answer = "".join(map(chr, x[0].tolist())), "".join(chr(t) for t in y[0][mask[0]].tolist())
+            assert kinds == ["passkey"] and x.shape == y.shape == mask.shape == (1, 300)
+            assert answer.strip().isdigit() and f"The pass key is {answer.strip()}." in text
+            first[split].append(text.index("The pass key is"))
+            tails.append(300 - 1 - int(mask[0].nonzero()[-1]))  # tokens after the answer's last (its eos, filler)
+    # without the split every needle sits after the whole filler (~18 tokens here); with it, some sit before
+    assert min(first[True]) < min(first[False])
+    assert max(tails[:40]) == 1 and max(tails[40:]) > 5  # filler after the answer's end-of-sequence only when split
