@@ -5,8 +5,8 @@ The basis is the top r left singular vectors of that matrix (per layer, over all
 so it is fixed by the weights: every token's coefficients are computed once, when it is written, and stay valid
 for any request sharing its block (prefix cache), any tier it moves to and any chunking of its prompt. A per-request
 SVD of the prompt's keys (ShadowKV) fits one prompt better but needs the whole prompt before its first block goes
-cold, and per-request state the paged blocks do not carry. (Measured on ferry-tiny, relative error of the keys of
-1K held-out tokens at rank 32: 9-19% per layer with this basis, 2-9% with the prompt's own SVD.)
+cold, and per-request state the paged blocks do not carry. (Measured on ferry-tiny as of commit 0bfb0b4, relative
+error of the keys of 1K held-out tokens at rank 32: 9-19% per layer with this basis, 2-9% with the prompt's own SVD.)
 q/k-norm models scale the normalized key per channel, which the basis folds in; the basis is exact at rank K*Dh.
 Legend: T tokens, K kv heads, Dh head dim, r rank.
 """
