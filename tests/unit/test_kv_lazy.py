@@ -80,7 +80,10 @@ def _qkv(n: int, targets: list[int], rows: list[int]):
     return q, k, v
 
 
-def test_tokens_with_low_attention_are_pruned_at_the_right_layer_and_masked_after_it():
+@pytest.mark.parametrize("tile", [None, 5])  # 5: the kept rows' attention in several tiles of rows
+def test_tokens_with_low_attention_are_pruned_at_the_right_layer_and_masked_after_it(tile, monkeypatch):
+    if tile:
+        monkeypatch.setattr("ferry.models.kv.lazy.TILE", tile)
     torch.manual_seed(0)
     kv = _store([1.0, KEEP, KEEP])  # prune before layer 1 (layer 2 is the aux state's layer: nothing pruned there)
     assert kv.pruning_layers == {1} and kv.layers[0].changes_rows and not kv.layers[1].changes_rows

@@ -46,6 +46,7 @@ OBSERVED = 8  # a chunk's last tokens whose attention ranks the others (one toke
 # budget 0.5, ferry-tiny as of commit ee30440: POOL 8 keeps 67% of the answers where 3 kept 27%)
 POOL = 8
 REVIVE_MIN = 0.01  # share of a query's attention (mean over heads) a pruned token needs to come back
+TILE = 512  # query rows per attention call in a chunk whose keys are gathered
 
 
 @dataclass
@@ -115,9 +116,16 @@ class LazyLayer(LayerKV):
             if window is not None:
                 mask &= g.pos[:, None] - kpos[None, :] < window
         qg = q[g.rows]
-        o = F.scaled_dot_product_attention(
-            qg.float().transpose(0, 1)[None], kc.float().transpose(0, 1)[None], vc.float().transpose(0, 1)[None],
-            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+        qf, kf, vf = (t.float().transpose(0, 1)[None] for t in (qg, kc, vc))  # [1, heads, rows or keys, Dh]
+        if mask is None:
+            o = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # in tiles of rows, each over the keys up to its last position: causal work, not rows x keys
+            o = torch.empty_like(qf)
+            for s in range(0, len(g.rows), TILE):
+                hi = int(torch.searchsorted(kpos, g.pos[s:s + TILE].max(), right=True))
+                o[:, :, s:s + TILE] = F.scaled_dot_product_attention(
+                    qf[:, :, s:s + TILE], kf[:, :, :hi], vf[:, :, :hi], attn_mask=mask[s:s + TILE, :hi], scale=scale,
+                    enable_gqa=True)
         if self.scores:  # the last OBSERVED scheduled tokens still computed (the last one always is)
             keys = kpos if kpos is not None else torch.arange(g.ctx, device=q.device)
             obs = (g.sched & (g.pos >= g.ctx - OBSERVED)).nonzero()[:, 0]
