@@ -43,7 +43,8 @@ from ferry.ops.attention import paged_decode_attention_available, paged_decode_a
 REVIVE_MAX = 16  # tokens a request brings back per pruning layer and step: bounds the extra work of a step
 OBSERVED = 8  # a chunk's last tokens whose attention ranks the others (one token's is too noisy on ferry-tiny)
 # a token counts as attended as its most attended neighbour within POOL positions (SnapKV's pooling; passkey at
-# budget 0.5, ferry-tiny as of commit ee30440: POOL 8 keeps 67% of the answers where 3 kept 27%)
+# budget 0.5, one-off `ferry eval` of 30 prompts on ferry-tiny as of commit ee30440: POOL 8 keeps 67% of the
+# answers where 3 kept 27%)
 POOL = 8
 REVIVE_MIN = 0.01  # share of a query's attention (mean over heads) a pruned token needs to come back
 TILE = 512  # query rows per attention call in a chunk whose keys are gathered
