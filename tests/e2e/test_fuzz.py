@@ -43,15 +43,17 @@ def _mostly_valid(case):
         if isinstance(body.get("prompt"), str):
             body["prompt"] = body["prompt"][:20]
         elif isinstance(body.get("prompt"), list):
-            body["prompt"] = [p[:20] if isinstance(p, (str, list)) else p % 400 for p in body["prompt"][:3]]
-            body["prompt"] = [[t % 400 for t in p] if isinstance(p, list) else p for p in body["prompt"]]
+            body["prompt"] = [p[:20] if isinstance(p, (str, list)) else p % 400 if isinstance(p, int) else p
+                              for p in body["prompt"][:3]]
+            body["prompt"] = [[t % 400 if isinstance(t, int) else t for t in p] if isinstance(p, list) else p
+                              for p in body["prompt"]]
         if isinstance(body.get("messages"), list):
             body["messages"] = body["messages"][:2]
             for m in body["messages"]:
                 if isinstance(m, dict) and isinstance(m.get("content"), str):
                     m["content"] = m["content"][:20]
         if isinstance(body.get("tokens"), list):
-            body["tokens"] = [t % 400 for t in body["tokens"]]
+            body["tokens"] = [t % 400 if isinstance(t, int) else t for t in body["tokens"]]
     return case
 
 
