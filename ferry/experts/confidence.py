@@ -11,8 +11,8 @@ from collections import defaultdict
 
 
 class ConfidenceGate:
-    # 0.7: on ferry-tiny-moe (as of commit ee30440) at batch 1 and a 25% budget, precision 74% and recall 51%,
-    # against 69% and 60% at 0.5, with 9% fewer bytes read per token (a wrong guess evicts an expert that may be needed)
+    # 0.7: on ferry-tiny-moe at batch 1, prefetch precision 72% and recall 51% (bench moe-offload, commit fa95caa),
+    # against 68% and 60% at 0.5 (commit 0bfb0b4): a wrong guess evicts an expert that may be needed
     def __init__(self, min_precision: float = 0.7, num_bins: int = 20, min_samples: int = 32) -> None:
         self.min_precision = min_precision
         self.num_bins = num_bins
