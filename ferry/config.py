@@ -202,6 +202,9 @@ class SchedulerConfig:
     max_waiting: int = 1024  # queued requests at most; more is Overloaded
     policy: str = "fcfs"
     preemption_mode: str = "recompute"  # recompute | swap
+    # a new prompt that fits in a step but not in this one's remaining budget waits for the next step instead of
+    # being split (set by a KV policy that ranks a prompt's tokens by its last ones)
+    whole_prompts: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,9 @@ class KVPolicyConfig:
     rank: int | None = None  # shadow: coefficients per token of the low-rank keys (None: kv heads x head dim / 8)
     merge_angle: float = 30.0  # merge: a token pair more than this many degrees apart may keep exact vectors
     merge_retain: float = 0.125  # merge: at most this fraction of a block's tokens (per head) keeps exact vectors
-    lazy_start: float = 0.125  # lazy: fraction of the layers (at least one) that compute every token before pruning
+    # lazy: fraction of the layers (at least one) that compute every token before pruning. 0.5: on ferry-tiny
+    # (bench long-context) layer 1's attention does not yet point at what the last layer copies
+    lazy_start: float = 0.5
 
 
 @dataclass(frozen=True)

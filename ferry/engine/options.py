@@ -87,7 +87,7 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "may keep both exact vectors"),
     Option("kv_merge_retain", 0.125, float, "merge: fraction of each block's tokens (per kv head) that can keep exact "
            "vectors (the most distinct ones); each costs one vector of memory"),
-    Option("kv_lazy_start", 0.125, float, "lazy: fraction of the layers (at least one) that compute every token before "
+    Option("kv_lazy_start", 0.5, float, "lazy: fraction of the layers (at least one) that compute every token before "
            "pruning starts; later is more accurate, earlier is faster"),
     Option("expert_store", None, str, "MoE: read experts on demand from this folder (`ferry convert MODEL --expert-store DIR`)"),
     Option("expert_cache_memory", None, parse_size, "MoE with --expert-store: bytes of RAM for cached experts "
@@ -133,7 +133,8 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
                           swap_space=v["swap_space"], enable_prefix_caching=v["enable_prefix_caching"]),
         scheduler=SchedulerConfig(max_num_batched_tokens=v["max_num_batched_tokens"], max_num_seqs=v["max_num_seqs"],
                                   max_waiting=v["max_waiting"], policy=v["scheduling_policy"],
-                                  preemption_mode=v["preemption_mode"]),
+                                  preemption_mode=v["preemption_mode"],
+                                  whole_prompts=KV_POLICIES[kv_policy.name].whole_prompts),
         offload=OffloadConfig(expert_store=v["expert_store"], expert_cache_memory=v["expert_cache_memory"],
                               expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"],
                               explain=v["explain"], expert_correlation_file=v["expert_correlation_file"]),

@@ -3,6 +3,8 @@
 the step's attention metadata and their layer's KV cache as arguments."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -32,6 +34,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
                 kv_cache: LayerKV) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        out = kv_cache.attend(q, k, v, meta, self.scale, self.window)  # the KV policy stores k/v and reads
+        return linear(out, self.o, self.o_bias)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [T, D] -> q [T, H, Dh], k and v [T, K, Dh], rotated."""
         cfg, T = self.cfg, x.shape[0]
         q, k, v = linear(x, self.qkv, self.qkv_bias).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if cfg.qk_norm == "full":
@@ -46,8 +54,7 @@ class Attention(nn.Module):
         # one in-place rotary pass over q and k together: [T, H + K, Dh]
         qk = torch.cat((q, k), dim=1)
         q, k = rotary_(qk, cos, sin).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-        out = kv_cache.attend(q, k, v, meta, self.scale, self.window)  # the KV policy stores k/v and reads
-        return linear(out, self.o, self.o_bias)
+        return q, k, v
 
 
 class DecoderLayer(nn.Module):
@@ -66,6 +73,12 @@ class DecoderLayer(nn.Module):
         n = self.input_norm(residual, h)
         n = self.post_attn_norm(residual, self.attn(n, cos, sin, meta, kv_cache))
         return self.mlp(n)
+
+    def queries_keys(self, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This layer's queries (times the attention scale) and keys for its input `residual`, without running it:
+        a pruning policy ranks the rows by the attention they would get here."""
+        q, k, _ = self.attn.project(self.input_norm(residual), cos, sin)
+        return q * self.attn.scale, k
 
 
 class DecoderModel(nn.Module):
@@ -90,14 +103,15 @@ class DecoderModel(nn.Module):
         cos, sin = self.rotary.tables(meta.positions, residual.dtype)
         h = None
         rows = None  # [T'] the step row of each current row (-1: revived) once a KV policy changed the rows
-        for layer, kv in zip(self.layers, kv_caches):
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             h = layer(h, residual, cos, sin, meta, kv)
             if kv.changes_rows:  # a pruning policy (lazy) picks the rows the next layers compute
                 residual += h  # the next layer's input, whole: the policy keeps pruned tokens' states
                 h = None
                 if rows is None:
                     rows = torch.arange(len(input_ids), device=residual.device)
-                change = kv.next_rows(residual, meta, torch.isin(rows, logits_indices))
+                peek = partial(self.layers[i + 1].queries_keys, residual, cos, sin)
+                change = kv.next_rows(residual, meta, torch.isin(rows, logits_indices), peek)
                 if change is not None:
                     residual, rows = _apply(change, residual, rows)
                     meta = change.meta

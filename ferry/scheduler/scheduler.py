@@ -100,6 +100,8 @@ class Scheduler:
                 pairs, table = swapped
                 plan.swap_in.extend(pairs)
             else:
+                if self.cfg.whole_prompts and budget < req.num_tokens - req.num_computed_tokens <= self._room(plan):
+                    break  # it fits a step: start it in the next one rather than split it here
                 # A prompt scored token by token must be computed in full: no prefix-cache hit.
                 computed, num_cached = ([], 0) if req.params.prompt_logprobs is not None else self.kv.get_computed_blocks(req)
                 num_new = min(req.num_tokens - num_cached, budget)
@@ -118,6 +120,10 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             plan.reqs.append(self._scheduled(req, num_new, table))
             budget -= num_new
+
+    def _room(self, plan: StepPlan) -> int:
+        """The most prompt tokens a step can hold next to this step's decodes."""
+        return self.cfg.max_num_batched_tokens - sum(len(r.token_ids) == 1 for r in plan.reqs)
 
     def _scheduled(self, req: Request, num_new: int, table: list[int]) -> ScheduledReq:
         start = req.num_computed_tokens

@@ -39,12 +39,14 @@ def test_schedule_shrinks_to_the_budget_and_blocks_cost_full_plus_depth():
     late = KV_POLICIES["lazy"](KVPolicyConfig("lazy", 0.5, lazy_start=0.75), KVShape(4, 2, 8, 4, 4))
     assert [late.keep_fraction(l, last=3) for l in range(4)] == [1.0, 1.0, 1.0, 0.5]  # only the last layer prunes
     with pytest.raises(InvalidRequest, match="kv_lazy_start does not apply to kv_policy=full"):
-        engine_config("m", kv_policy="full", kv_lazy_start=0.5)
-    assert engine_config("m", kv_policy="lazy", kv_budget=0.25, kv_lazy_start=0.5).kv_policy.lazy_start == 0.5
+        engine_config("m", kv_policy="full", kv_lazy_start=0.25)
+    assert engine_config("m", kv_policy="lazy", kv_budget=0.25, kv_lazy_start=0.25).kv_policy.lazy_start == 0.25
     # the whole prompt (up to 4096 tokens) in one step by default, so the question ranks it; a user's choice wins
     steps = [engine_config("m", **kw).scheduler.max_num_batched_tokens
              for kw in ({}, {"kv_policy": "lazy"}, {"kv_policy": "lazy", "max_num_batched_tokens": 256})]
     assert steps == [512, 4096, 256]
+    # ... and a prompt that fits a step is not split between steps (a batched one included)
+    assert engine_config("m", kv_policy="lazy").scheduler.whole_prompts and not engine_config("m").scheduler.whole_prompts
 
 
 # -- tensor side: one layer at a time ------------------------------------------------------------
@@ -65,6 +67,10 @@ def _store(keep: list[float], blocks: int = 24) -> LazyKV:
     return kv
 
 
+def _no_peek():
+    raise AssertionError("a decode step (nothing scheduled to prune) ranks nothing by the next layer")
+
+
 def _prefill_meta(n: int) -> AttnMetadata:
     empty = torch.zeros(0, 0, dtype=torch.long)
     return AttnMetadata(torch.arange(n), torch.arange(n), 4, 0, empty, empty.view(0),
@@ -80,6 +86,13 @@ def _qkv(n: int, targets: list[int], rows: list[int]):
     return q, k, v
 
 
+def _peek(n: int, targets: list[int]):
+    """The pruning layer's own queries and keys, as the decoder's peek gives them: its last 8 rows attend to
+    `targets`."""
+    q, k, _ = _qkv(n, targets, rows=list(range(n - 8, n)))
+    return lambda: (q, k)
+
+
 @pytest.mark.parametrize("tile", [None, 5])  # 5: the kept rows' attention in several tiles of rows
 def test_tokens_with_low_attention_are_pruned_at_the_right_layer_and_masked_after_it(tile, monkeypatch):
     if tile:
@@ -89,14 +102,15 @@ def test_tokens_with_low_attention_are_pruned_at_the_right_layer_and_masked_afte
     assert kv.pruning_layers == {1} and kv.layers[0].changes_rows and not kv.layers[1].changes_rows
     n = N
     meta = _prefill_meta(n)
-    q, k, v = _qkv(n, targets=TARGETS, rows=list(range(n - 8, n)))  # the last 8 tokens (observed) attend to TARGETS
+    # at layer 0 the last 8 tokens (observed) attend elsewhere; layer 1's own queries and keys point at TARGETS
+    q, k, v = _qkv(n, targets=[40, 70], rows=list(range(n - 8, n)))
     kv.layers[0].attend(q, k, v, meta, 1.0, None)
     x = torch.randn(n, 32)
     needed = torch.zeros(n, dtype=torch.bool)
     needed[-1] = True
-    change = kv.layers[0].next_rows(x, meta, needed)
+    change = kv.layers[0].next_rows(x, meta, needed, _peek(n, TARGETS))
     kept = set(change.keep.tolist())
-    # the most attended: the targets with their POOL neighbours each side, and the last token
+    # the most attended at layer 1 itself: the targets with their POOL neighbours each side, and the last token
     assert kept == {t + d for t in TARGETS for d in range(-POOL, POOL + 1)} | {n - 1}
     pruned = sorted(set(range(n)) - kept)
     assert kv.depth.flatten()[pruned].tolist() == [1] * len(pruned)  # KV in layer 0 only
@@ -124,7 +138,7 @@ def test_a_pruned_token_is_revived_when_a_later_query_attends_to_it():
     k[lost, :, 1] = 10.0
     kv.layers[0].attend(q, k, v, meta, 1.0, None)
     x = torch.randn(n, 32)
-    kept = kv.layers[0].next_rows(x, meta, torch.arange(n) == n - 1).keep.tolist()
+    kept = kv.layers[0].next_rows(x, meta, torch.arange(n) == n - 1, _peek(n, TARGETS)).keep.tolist()
     assert kv.depth.flatten()[lost] == 1
     # a decode step at position n whose query looks along e1: at layer 0 it attends to the lost token
     empty = torch.zeros(0, dtype=torch.long)
@@ -133,7 +147,7 @@ def test_a_pruned_token_is_revived_when_a_later_query_attends_to_it():
     qd, kd, vd = torch.zeros(1, 4, 8), torch.zeros(1, 2, 8), torch.randn(1, 2, 8)
     qd[0, :, 1] = 10.0
     kv.layers[0].attend(qd, kd, vd, dmeta, 1.0, None)
-    change = kv.layers[0].next_rows(torch.randn(1, 32), dmeta, torch.tensor([True]))
+    change = kv.layers[0].next_rows(torch.randn(1, 32), dmeta, torch.tensor([True]), _no_peek)
     revived = change.meta.positions[1:].tolist()
     # the lost token and pruned neighbours within POOL, at most REVIVE_MAX of them
     assert lost in revived and all(abs(p - lost) <= POOL for p in revived) and len(revived) <= REVIVE_MAX
@@ -183,14 +197,14 @@ def test_only_a_pruned_token_drawing_revive_min_of_the_attention_comes_back(logi
     k[lost, :, 1] = 10.0
     meta = _prefill_meta(n)
     kv.layers[0].attend(q, k, v, meta, 1.0, None)
-    kv.layers[0].next_rows(torch.randn(n, 32), meta, torch.arange(n) == n - 1)
+    kv.layers[0].next_rows(torch.randn(n, 32), meta, torch.arange(n) == n - 1, _peek(n, [100]))
     assert kv.depth.flatten()[lost] == 1
     nb = n // 4 + 1
     dmeta = AttnMetadata(torch.tensor([n]), torch.tensor([n]), 4, 1, torch.arange(nb)[None], torch.tensor([n + 1]))
     qd = torch.zeros(1, 4, 8)
     qd[0, :, 1] = logit / 10
     kv.layers[0].attend(qd, torch.zeros(1, 2, 8), torch.randn(1, 2, 8), dmeta, 1.0, None)
-    change = kv.layers[0].next_rows(torch.randn(1, 32), dmeta, torch.tensor([True]))
+    change = kv.layers[0].next_rows(torch.randn(1, 32), dmeta, torch.tensor([True]), _no_peek)
     revived = [] if change is None else change.meta.positions[1:].tolist()
     assert (lost in revived) == revives and (revives or not revived)
 

@@ -13,8 +13,8 @@ def make(num_blocks=64, block_size=4, policy=FCFSPolicy(), **cfg) -> Scheduler:
     return Scheduler(SchedulerConfig(**cfg), KVCacheManager(num_blocks, block_size), policy)
 
 
-def req(rid, n_prompt, max_tokens=4, t=0.0, priority=0) -> Request:
-    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens, temperature=0), t,
+def req(rid, n_prompt, max_tokens=4, t=0.0, priority=0, first=1) -> Request:
+    return Request(rid, list(range(first, first + n_prompt)), SamplingParams(max_tokens=max_tokens, temperature=0), t,
                    max_model_len=10_000, priority=priority)
 
 
@@ -45,6 +45,21 @@ def test_chunked_prefill_respects_budget_and_mixes_decodes():
     assert {r.req_id: len(r.token_ids) for r in plan.reqs} == {"a": 1, "b": 9}
     run_all(s)
     assert s.kv.all_free
+
+
+def test_whole_prompts_waits_for_a_step_with_room_instead_of_splitting():
+    s = make(max_num_batched_tokens=10, whole_prompts=True)
+    for rid, n, first in (("a", 6, 1), ("b", 6, 100), ("c", 25, 200)):  # no prefix hits among them
+        s.add(req(rid, n, first=first))
+    sizes = lambda plan: {r.req_id: len(r.token_ids) for r in plan.reqs}  # noqa: E731
+    assert sizes(step(s)[0]) == {"a": 6}  # b would be split 4 + 2: it waits
+    # c is longer than any step: chunked as before
+    assert sizes(step(s)[0]) == {"a": 1, "b": 6, "c": 3}
+    run_all(s)
+    assert s.kv.all_free
+    s = make(max_num_batched_tokens=10)
+    s.add(req("a", 6)); s.add(req("b", 6, first=100))
+    assert sizes(step(s)[0]) == {"a": 6, "b": 4}
 
 
 def test_requests_finish_at_max_tokens_and_eos():

@@ -49,6 +49,8 @@ class KVPolicy(ABC):
     # the step token budget (--max-num-batched-tokens) when the user sets none: a policy that ranks a chunk's tokens
     # by its last queries wants the prompt's question in the same chunk
     default_step_tokens: ClassVar[int] = 512
+    # ... and wants a prompt that fits in a step computed in one (SchedulerConfig.whole_prompts)
+    whole_prompts: ClassVar[bool] = False
 
     def __init__(self, cfg: KVPolicyConfig, shape: KVShape) -> None:
         self.cfg = cfg

@@ -1,8 +1,8 @@
 """`lazy`: dynamic token pruning in prefill and decode (LazyLLM). Scheduler side: the pruning schedule and what a
 block costs.
 
-Layer by layer, a step stops computing the prompt tokens its last query attends to least: at layer l a request
-keeps the `keep_fraction(l)` most attended of its scheduled tokens (100% in the first layers, then shrinking
+Layer by layer, a step stops computing the prompt tokens its last queries attend to least (at that layer): at layer
+l a request keeps the `keep_fraction(l)` most attended of its scheduled tokens (100% in the first layers, then shrinking
 geometrically to --kv-budget at the deepest layer a token can be pruned at). A pruned token's hidden state is kept
 (in its own KV slots of the layers it skips, ferry/models/kv/lazy.py) so a later step whose query attends to it
 again computes its remaining layers from there (revival) instead of from the start.
@@ -29,6 +29,7 @@ class LazyPolicy(KVPolicy):
     # ends (passkey at budget 0.5, one-off `ferry eval` of 30 prompts on ferry-tiny as of commit ee30440: 67% right
     # in 512-token chunks, 80% in one)
     default_step_tokens = 4096
+    whole_prompts = True  # batched prompts too (passkey at budget 0.25 on ferry-tiny: see bench long-context)
 
     def __init__(self, cfg: KVPolicyConfig, shape: KVShape) -> None:
         super().__init__(cfg, shape)

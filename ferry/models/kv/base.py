@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -32,9 +33,11 @@ class RowChange:
 class LayerKV(ABC):
     changes_rows: bool = False  # True: the decoder calls next_rows after this layer
 
-    def next_rows(self, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor) -> RowChange | None:
+    def next_rows(self, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor,
+                  peek: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> RowChange | None:
         """x [T, D]: the next layer's input for the current rows; needed [T] bool: rows whose logits are asked for
-        (they must be kept). None: every row goes on unchanged."""
+        (they must be kept); peek(): the next layer's queries (scaled) [T, H, Dh] and keys [T, K, Dh] for x, if the
+        policy ranks rows by that layer's attention. None: every row goes on unchanged."""
         return None
 
     @abstractmethod

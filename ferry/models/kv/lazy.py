@@ -8,18 +8,21 @@ K and V slots fit D values). Pruning therefore saves compute, not memory, and pr
 layers <= L - r (`last`); the aux state is swapped, freed and recomputed with its block for free.
 
 One step, per request (a "group": its scheduled rows, plus any revived rows):
-- at the layer before each pruning layer b (where the policy's keep fraction drops), the attention of the group's
-  last OBSERVED scheduled tokens still computed (the last one is never pruned) is kept, averaged over them and over
-  heads, for every key they see (`imp`), then max-pooled over POOL neighbours (SnapKV: a copy reads the token after
-  the one it attends to, so keep neighbourhoods, not isolated tokens);
-- at b (`next_rows`): of the scheduled rows, the ceil(keep(b) * scheduled) most attended go on (and any row whose
-  logits are needed); revived rows go on while they stay above the threshold below; context tokens pruned at b by an
-  earlier step whose attention is among the top keep(b) * context are revived (at most REVIVE_MAX per group and
+- at b (`next_rows`), the scheduled rows are ranked by the attention layer b itself would give them: the decoder's
+  `peek` gives b's queries and keys for the current rows before b runs, and the group's last OBSERVED scheduled
+  tokens' attention over every key visible at b (averaged over them and over heads) is max-pooled over POOL
+  neighbours (SnapKV: a copy reads the token after the one it attends to, so keep neighbourhoods, not isolated
+  tokens). LazyLLM ranks by layer b-1's attention instead; on ferry-tiny (4 layers) that misses what layer b
+  attends to: in a one-off trace of 6 passkey prompts at 4K, the needle's worst token ranked in the top 1-4% by
+  layer 2's own attention but only in the top 50-70% by layer 1's. The ceil(keep(b) * scheduled) best ranked go on
+  (and any row whose logits are needed); revived rows go on while they stay in the top keep(b) * context;
+- revival: context tokens pruned at b by an earlier step come back when layer b-1's attention of the group's last
+  queries (a pruned token has no key at b) puts them in the top keep(b) * context (at most REVIVE_MAX per group and
   layer, most attended first; and only those drawing more than an even share of attention and REVIVE_MIN, since
   ties and near ties at the threshold are noise: on random weights at 2K tokens they revived ~12 tokens per layer
   at every decode step): their saved state joins the rows, and they write their KV at b and after. Only a
   query that predicts a token (a decode, the last chunk of a prompt) revives: a middle chunk's last token is just
-  where the chunk ends.
+  where the chunk ends (so the scheduler keeps a prompt that fits a step in one: SchedulerConfig.whole_prompts).
 Decode queries are never pruned and read every token computed at a layer (LazyLLM would also hide cached tokens
 a decode query ranks low; here that saves nothing, so they stay visible); only revival happens in decode.
 Legend: L layers, N blocks, bs block size, K kv heads, G = H / K query heads per kv head, Dh head dim, D hidden
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +81,7 @@ class LazyLayer(LayerKV):
         self.owner, self.layer = owner, layer
         self.k_cache, self.v_cache = owner.storage.layers[layer]  # [N, bs, K, Dh]
         self.changes_rows = layer + 1 in owner.pruning_layers
-        self.scores = self.changes_rows  # keep the last queries' attention for next_rows
+        self.scores = self.changes_rows  # keep the last queries' attention for revival at the next layer
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, scale: float,
                window: int | None) -> torch.Tensor:
@@ -169,8 +173,21 @@ class LazyLayer(LayerKV):
         for b, g in enumerate(singles):
             g.imp = imp[b, :g.ctx]
 
-    def next_rows(self, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor) -> RowChange | None:
-        return self.owner.prune(self.layer + 1, x, meta, needed)
+    def next_rows(self, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor,
+                  peek: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> RowChange | None:
+        return self.owner.prune(self.layer + 1, x, meta, needed, peek)
+
+
+def _pooled(imp: torch.Tensor) -> torch.Tensor:
+    """Each seen key's importance raised to its most important neighbour's within POOL positions."""
+    return torch.where(imp >= 0, F.max_pool1d(imp[None, None], 2 * POOL + 1, 1, POOL)[0, 0], imp)
+
+
+def _top_threshold(imp: torch.Tensor, frac: float, ctx: int) -> float:
+    """The importance of the ceil(frac * ctx)-th most important seen key (0 when fewer are seen)."""
+    seen = imp[imp >= 0]
+    k = math.ceil(frac * ctx)
+    return float(seen.topk(k).values[-1]) if k < len(seen) else 0.0
 
 
 def _importance(q: torch.Tensor, kc: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
@@ -261,32 +278,32 @@ class LazyKV(StorageKV):
                             torch.tensor([g.ctx for g in singles], dtype=torch.long, device=dev))
         return step.decodes
 
-    def prune(self, b: int, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor) -> RowChange | None:
+    def prune(self, b: int, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor,
+              peek: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> RowChange | None:
         """Before pruning layer b: which rows go on, which pruned tokens come back (see the module docstring)."""
         step, frac, bs = meta.policy_state["lazy"], self.keep[b], self.block_size
+        qk = peek() if any(int(g.sched.sum()) > 1 for g in step.groups) else None
         keeps, revived_pos = [], []
         for g in step.groups:
-            g.imp = torch.where(g.imp >= 0, F.max_pool1d(g.imp[None, None], 2 * POOL + 1, 1, POOL)[0, 0], g.imp)
-            row_imp = g.imp[g.pos]
+            imp = _pooled(g.imp)  # layer b-1's attention: what revival reads (a pruned token has no key at b)
+            rank = _pooled(self._own_importance(b, g, *qk)) if int(g.sched.sum()) > 1 else imp
+            row_imp = rank[g.pos]
             keep = ~g.sched.clone()
             sched = g.sched.nonzero()[:, 0]
             k_sched = math.ceil(frac * g.num_new)
             keep[sched if len(sched) <= k_sched else sched[row_imp[sched].topk(k_sched).indices]] = True
-            seen = g.imp[g.imp >= 0]
-            k_all = math.ceil(frac * g.ctx)
-            thr = float(seen.topk(k_all).values[-1]) if k_all < len(seen) else 0.0
-            keep &= g.sched | (row_imp >= thr)  # revived rows stay while attended
+            keep &= g.sched | (row_imp >= _top_threshold(rank, frac, g.ctx))  # revived rows stay while attended
             keep |= needed[g.rows]
             keep[g.last] = True
             keeps.append(keep)
             depth = self.depth[g.block_ids].flatten()[:g.ctx]
             # pruned at b by an earlier step, attended again: in the top fraction, above an even share and REVIVE_MIN
-            floor = max(1.0 / len(seen), REVIVE_MIN)
-            cand = ((depth == b) & (g.imp >= thr) & (g.imp > floor)).nonzero()[:, 0]
+            floor = max(1.0 / int((imp >= 0).sum()), REVIVE_MIN)
+            cand = ((depth == b) & (imp >= _top_threshold(imp, frac, g.ctx)) & (imp > floor)).nonzero()[:, 0]
             if not needed[g.rows[g.last]]:  # a chunk that predicts nothing: revive for next-token queries only
                 cand = cand[:0]
             if len(cand) > REVIVE_MAX:
-                cand = cand[g.imp[cand].topk(REVIVE_MAX).indices]
+                cand = cand[imp[cand].topk(REVIVE_MAX).indices]
             revived_pos.append(cand)
         num_pruned = sum(int((~k).sum()) for k in keeps)
         num_revived = sum(len(c) for c in revived_pos)
@@ -317,6 +334,23 @@ class LazyKV(StorageKV):
         empty = torch.zeros(0, 0, dtype=torch.long, device=dev)
         new = AttnMetadata(positions, slots, bs, 0, empty, empty.view(0), policy_state={"lazy": _Step(groups, slots)})
         return RowChange(keep_rows, revived_x, new)
+
+    def _own_importance(self, b: int, g: _Group, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """[ctx]: layer b's own attention, from peek's queries q [T, H, Dh] (scaled) and keys k [T, K, Dh] of the
+        current rows, of the group's last OBSERVED scheduled rows over every key visible at b: the cached ones and
+        the group's rows (whose KV b has not written yet). -1 where not visible."""
+        layer = self.layers[b]
+        cached = layer._visible(g.block_ids, g.ctx)
+        cached[g.pos] = False
+        cpos = cached.nonzero()[:, 0]
+        keys, kpos = k[g.rows], g.pos
+        if len(cpos):
+            keys = torch.cat((gather_blocks(layer.k_cache, g.block_ids)[:g.ctx][cpos].to(k.dtype), keys))
+            kpos = torch.cat((cpos, kpos))
+        obs = (g.sched & (g.pos >= g.ctx - OBSERVED)).nonzero()[:, 0]
+        imp = torch.full((g.ctx,), -1.0, device=q.device)
+        imp[kpos] = _importance(q[g.rows[obs]], keys, kpos[None, :] <= g.pos[obs][:, None], 1.0)
+        return imp
 
     def _slots(self, g: _Group, pos: torch.Tensor) -> torch.Tensor:
         return g.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
