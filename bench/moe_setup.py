@@ -60,11 +60,15 @@ def weight_bytes(model: Path, dtype_bytes: int = 2) -> tuple[int, int]:
 
 
 def expert_store(model: Path, dtype: str, bits: str = "none") -> Path:
-    """The model's expert store (bits "none": lossless, in dtype; "4": int4, lossy), converted once."""
+    """The model's expert store (bits "none": lossless, in dtype; "4": int4, lossy), converted once (again when the
+    model's files are newer)."""
     from ferry.errors import ModelLoadError
     from ferry.experts.convert import convert_expert_store
     from ferry.experts.layout import StoreIndex
     store = WORK / (f"{model.name}-{dtype}.experts" if bits == "none" else f"{model.name}-int{bits}.experts")
+    newest = max(p.stat().st_mtime for p in model.glob("*") if p.is_file())
+    if (store / "index.json").exists() and (store / "index.json").stat().st_mtime < newest:
+        shutil.rmtree(store)
     if (store / "index.json").exists():
         try:
             StoreIndex.load(store)

@@ -21,15 +21,17 @@ def run_greedy(path, prompts: list[list[int]], **kw: Any) -> tuple[list[list[int
 
 
 def passkey_first_decode(seed: int = 1, length: int = 1024, depth: float = 0.5,
-                         **kw: Any) -> tuple[int, list[list[int]], bool]:
-    """ferry-tiny (float32) with KV options kw on one passkey sample: (the block holding the passkey, the blocks
-    each layer's first decode query read from the slow tier, whether every digit came out)."""
+                         **kw: Any) -> tuple[set[int], list[list[int]], bool]:
+    """ferry-tiny (float32) with KV options kw on one passkey sample: (the blocks holding the passkey's digits, in
+    either of the needle's two mentions, the blocks each layer's first decode query read from the slow tier,
+    whether every digit came out)."""
     with LLM(str(inhouse_path("ferry-tiny")), dtype="float32", **kw) as llm:
         enc = type("Enc", (), {"encode": lambda self, s: llm.tokenizer.encode(s, add_special_tokens=False)})()
         hay = Haystack(llm.tokenizer.encode((ASSETS / "heldout.txt").read_text()[:60000], add_special_tokens=False))
         sample = make_sample("passkey", enc, hay, random.Random(seed), length, depth)
         ids = sample.prompt_ids
-        at = next(i for i in range(len(ids)) if ids[i:i + len(sample.answer_ids)] == sample.answer_ids)
+        n = len(sample.answer_ids)
+        digits = [i + j for i in range(len(ids)) if ids[i:i + n] == sample.answer_ids for j in range(n)]
         storage = llm.engine.parts.storage
         storage.record = []
         out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
@@ -37,4 +39,4 @@ def passkey_first_decode(seed: int = 1, length: int = 1024, depth: float = 0.5,
         first_step = [blocks for _, blocks in storage.record[:num_layers]]  # one entry per layer
         assert llm.engine.kv.all_free
     block_size = llm.engine.config.cache.block_size
-    return at // block_size, first_step, out[0].outputs[0].token_ids[:len(sample.answer_ids)] == sample.answer_ids
+    return {i // block_size for i in digits}, first_step, out[0].outputs[0].token_ids[:len(sample.answer_ids)] == sample.answer_ids

@@ -177,11 +177,11 @@ def test_int8_runs_under_preemption_and_stays_close(llama):
 
 
 def test_spans_retrieves_the_passkey_span_on_ferry_tiny():
-    """ferry-tiny at 1K tokens with a quarter of the context read per query: the span holding the passkey is
-    among those retrieved by most layers, and all the passkey's digits come out."""
+    """ferry-tiny at 1K tokens with a quarter of the context read per query: a span holding the passkey's digits
+    (in either of its two mentions) is among those retrieved by most layers, and all the digits come out."""
     needle, first_step, correct = passkey_first_decode(kv_policy="spans", kv_budget=0.25)
-    assert 1 <= needle < 1024 // 16 - 8  # in a cold span, not a resident one
-    assert sum(needle in blocks for blocks in first_step) >= 2, (needle, first_step)
+    assert all(1 <= b < 1024 // 16 - 8 for b in needle)  # in cold spans, not resident ones
+    assert sum(bool(needle & set(blocks)) for blocks in first_step) >= 2, (needle, first_step)
     assert correct  # every digit retrieved
 
 

@@ -180,10 +180,10 @@ def test_reported_kv_memory_is_the_tensors_and_within_budget(llama):
 
 
 def test_shadow_retrieves_the_passkey_on_ferry_tiny():
-    """ferry-tiny at 1K tokens with a quarter of the context read per query, default rank (16 of K*Dh = 128): the
-    block holding the passkey is among those picked by most layers' landmarks or outlier scores, and all its
-    digits come out."""
+    """ferry-tiny at 1K tokens with a quarter of the context read per query, default rank (16 of K*Dh = 128): a
+    block holding the passkey's digits (either mention) is among those picked by most layers' landmarks or outlier
+    scores, and all the digits come out."""
     needle, first_step, correct = passkey_first_decode(kv_policy="shadow", kv_budget=0.25)
-    assert 1 <= needle < 1024 // 16 - 8  # in a cold block
-    assert sum(needle in blocks for blocks in first_step) >= 2, (needle, first_step)
+    assert all(1 <= b < 1024 // 16 - 8 for b in needle)  # in cold blocks
+    assert sum(bool(needle & set(blocks)) for blocks in first_step) >= 2, (needle, first_step)
     assert correct
