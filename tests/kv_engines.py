@@ -39,4 +39,5 @@ def passkey_first_decode(seed: int = 1, length: int = 1024, depth: float = 0.5,
         first_step = [blocks for _, blocks in storage.record[:num_layers]]  # one entry per layer
         assert llm.engine.kv.all_free
     block_size = llm.engine.config.cache.block_size
-    return {i // block_size for i in digits}, first_step, out[0].outputs[0].token_ids[:len(sample.answer_ids)] == sample.answer_ids
+    correct = out[0].outputs[0].token_ids[:n] == sample.answer_ids
+    return {i // block_size for i in digits}, first_step, correct

@@ -46,7 +46,8 @@ def test_schedule_shrinks_to_the_budget_and_blocks_cost_full_plus_depth():
              for kw in ({}, {"kv_policy": "lazy"}, {"kv_policy": "lazy", "max_num_batched_tokens": 256})]
     assert steps == [512, 4096, 256]
     # ... and a prompt that fits a step is not split between steps (a batched one included)
-    assert engine_config("m", kv_policy="lazy").scheduler.whole_prompts and not engine_config("m").scheduler.whole_prompts
+    assert engine_config("m", kv_policy="lazy").scheduler.whole_prompts
+    assert not engine_config("m").scheduler.whole_prompts
 
 
 # -- tensor side: one layer at a time ------------------------------------------------------------

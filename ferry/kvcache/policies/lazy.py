@@ -29,7 +29,9 @@ class LazyPolicy(KVPolicy):
     # ends (passkey at budget 0.5, one-off `ferry eval` of 30 prompts on ferry-tiny as of commit ee30440: 67% right
     # in 512-token chunks, 80% in one)
     default_step_tokens = 4096
-    whole_prompts = True  # batched prompts too (passkey at budget 0.25 on ferry-tiny: see bench long-context)
+    # and batched prompts too: `ferry eval` submits all at once, and a prompt cut at a step's end was ranked, in its
+    # first chunk, by where the cut fell
+    whole_prompts = True
 
     def __init__(self, cfg: KVPolicyConfig, shape: KVShape) -> None:
         super().__init__(cfg, shape)

@@ -292,14 +292,16 @@ class LazyKV(StorageKV):
             sched = g.sched.nonzero()[:, 0]
             k_sched = math.ceil(frac * g.num_new)
             keep[sched if len(sched) <= k_sched else sched[row_imp[sched].topk(k_sched).indices]] = True
-            keep &= g.sched | (row_imp >= _top_threshold(rank, frac, g.ctx))  # revived rows stay while attended
+            thr = _top_threshold(imp, frac, g.ctx)
+            rank_thr = thr if rank is imp else _top_threshold(rank, frac, g.ctx)
+            keep &= g.sched | (row_imp >= rank_thr)  # revived rows stay while attended
             keep |= needed[g.rows]
             keep[g.last] = True
             keeps.append(keep)
             depth = self.depth[g.block_ids].flatten()[:g.ctx]
             # pruned at b by an earlier step, attended again: in the top fraction, above an even share and REVIVE_MIN
             floor = max(1.0 / int((imp >= 0).sum()), REVIVE_MIN)
-            cand = ((depth == b) & (imp >= _top_threshold(imp, frac, g.ctx)) & (imp > floor)).nonzero()[:, 0]
+            cand = ((depth == b) & (imp >= thr) & (imp > floor)).nonzero()[:, 0]
             if not needed[g.rows[g.last]]:  # a chunk that predicts nothing: revive for next-token queries only
                 cand = cand[:0]
             if len(cand) > REVIVE_MAX:
