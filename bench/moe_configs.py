@@ -138,7 +138,8 @@ def measure(cfg: Config, prompts: list[list[int]], new_tokens: int, timeout: flo
         d = {k: s2[k] - s1[k] for k in ("lookups", "hits", "bytes_read", "stall_seconds", "num_predicted",
                                         "num_predicted_used", "num_needed")}
         tokens = B * new_tokens
-        rec.update(hit_rate=d["hits"] / d["lookups"] if d["lookups"] > 0 else None,
+        rec.update(lookups_per_step=d["lookups"] / new_tokens, num_slots=s2["num_slots"],
+                   hit_rate=d["hits"] / d["lookups"] if d["lookups"] > 0 else None,
                    prefetch_precision=d["num_predicted_used"] / d["num_predicted"] if d["num_predicted"] > 0 else None,
                    prefetch_recall=d["num_predicted_used"] / d["num_needed"] if d["num_needed"] > 0 else None,
                    expert_bytes_per_token=d["bytes_read"] / tokens, stall_ms_per_token=1e3 * d["stall_seconds"] / tokens,

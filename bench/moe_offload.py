@@ -66,10 +66,11 @@ from bench.moe_configs import (
     reference_of,
     runtime_bytes,
 )
-from bench.moe_report import add_ratios, plot
+from bench.moe_report import add_bound, add_ratios, plot
 from bench.moe_setup import (
     TRAINED,
     WORK,
+    disk_bandwidth,
     expert_store,
     prompts_random,
     prompts_text,
@@ -79,8 +80,8 @@ from bench.moe_setup import (
 
 QUESTION = ("decode tok/s of a MoE with experts on disk and a RAM budget for them, ferry's modes against "
             "accelerate disk offload and llama.cpp mmap under the same memory limit")
-METRICS = ("hit_rate", "prefetch_precision", "prefetch_recall", "expert_bytes_per_token", "stall_ms_per_token",
-           "disk_bytes_per_token")
+METRICS = ("lookups_per_step", "num_slots", "hit_rate", "prefetch_precision", "prefetch_recall",
+           "expert_bytes_per_token", "stall_ms_per_token", "disk_bytes_per_token")
 
 
 def sizes_of(model: Path, args, engines: list[str]) -> tuple[Sizes, dict, list[Path]]:
@@ -122,6 +123,9 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
         from ferry.experts.layout import StoreIndex
         part["int4_store_bytes"] = StoreIndex.load(sz.int4_store).total_nbytes
     record["models"][label] = part
+    if "ferry" in engines:
+        part["disk"] = disk_bandwidth(sz.store)
+        print(f"[moe-offload] {label}: the store reads at {part['disk']['bytes_per_s'] / 1e9:.2f} GB/s", flush=True)
     if not args.no_parity and len(engines) > 1:
         from bench.peers.parity import check, describe
         r = check(model, engines, args.threads)
@@ -154,6 +158,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
                         s = summarize(c, runs.get((c.name, B), []), ref_ids, B)
                         case["configs"][c.name] = s
                     add_ratios(case)
+                    add_bound(case, part)
                     part["cases"].append(case)
                     show = {n: (round(v["median"], 1) if "median" in v else v["unavailable"])
                             for n, v in case["configs"].items()}

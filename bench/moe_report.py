@@ -29,6 +29,27 @@ def add_ratios(case: dict) -> None:
     case["ratios"] = ratios
 
 
+def add_bound(case: dict, part: dict) -> None:
+    """The most any lossless engine could reach at this budget and batch, as a share of all-in-memory speed.
+
+    A decode step needs `lookups` distinct experts (ferry full's count: every lossless run routes the same) and
+    starts with at most `slots` of them in RAM, so it reads at least lookups - slots records from the device,
+    which takes at least that many record bytes / the store's best measured read rate (disk_bandwidth). It can
+    be no faster than all-in-memory either: bound = in-memory step time / max(in-memory step, that read time).
+    Any eviction policy, prefetch or overlap of reads with compute stays under it."""
+    full, ref, disk = case["configs"].get("ferry full", {}), case["configs"].get(REFERENCE, {}), part.get("disk")
+    if not disk or "lookups_per_step" not in full or "median" not in ref:
+        return
+    reads = max(0.0, full["lookups_per_step"] - full["num_slots"])
+    io_s = reads * disk["record_bytes"] / disk["bytes_per_s"]
+    mem_s = case["batch"] / ref["median"]
+    ratio = mem_s / max(mem_s, io_s)
+    achieved = case["ratios"].get("full / ferry in-memory", {}).get("median")
+    case["bound"] = {"min_reads_per_step": reads, "min_read_ms_per_step": 1e3 * io_s,
+                     "in_memory_ms_per_step": 1e3 * mem_s, "ratio": ratio,
+                     "full_share_of_bound": achieved / ratio if achieved is not None else None}
+
+
 def plot(record: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -105,7 +126,8 @@ def _cell(n: str, v: dict | None, notes: list[str]) -> str:
 def _throughput_table(label: str, p: dict, dtype: str) -> str:
     names = sorted(dict.fromkeys(n for c in p["cases"] for n in c["configs"]), key=column_rank)
     ratio_names = [k for _, _, k in RATIOS if k in SHOWN and any(k in c["ratios"] for c in p["cases"])]
-    head = ["batch", "budget", *names, *ratio_names]
+    bound = any("bound" in c for c in p["cases"])
+    head = ["batch", "budget", *names, *ratio_names, *(["lossless bound ‡"] if bound else [])]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes: list[str] = []
     for c in p["cases"]:
@@ -115,17 +137,23 @@ def _throughput_table(label: str, p: dict, dtype: str) -> str:
             ok = r is not None and not math.isnan(r["median"])
             cells.append(f"**{r['median']:.2f}x**" + (f" ({r['min']:.2f}–{r['max']:.2f})" if len(r["runs"]) > 1
                                                       else "") if ok else "–")
+        if bound:
+            cells.append(f"{c['bound']['ratio']:.2f}x" if "bound" in c else "–")
         rows.append("| " + " | ".join(cells) + " |")
     int4 = (f"; int4 store {p['int4_store_bytes'] / 2**20:.0f} MiB, its rows get the bf16 rows' RAM"
             if p.get("int4_store_bytes") else "")
     intro = (f"**{label}: {p['model_name']}** ({p['expert_bytes'] / 2**20:.0f} MiB of experts + "
              f"{p['nonexpert_bytes'] / 2**20:.0f} MiB of other weights in {dtype}{int4}; decode tok/s, "
              f"{p['new_tokens']} tokens after 16-token prompts; memory limit: {p['memory_limit']})")
+    if bound:
+        notes.append(f"‡ the most any lossless engine could reach, as a share of all-in-memory speed: a step reads at "
+                     f"least (experts it needs − experts the budget holds) records at the store's best measured "
+                     f"rate, {p['disk']['bytes_per_s'] / 1e9:.2f} GB/s (bench/moe_report.py, add_bound)")
     if any("†" in r for r in rows):
         notes.append("† groups of 8 decode in batches of 8, whose bf16 rounding differs from batch 16's; the "
                      "in-memory run with --max-num-seqs 8 gives the same tokens as the offloaded one")
     return intro + "\n\n" + "\n".join(rows) + ("\n\n" + "; ".join(
-        (f"({i + 1}) {n}" if not n.startswith("†") else n) for i, n in enumerate(notes)) if notes else "")
+        (f"({i + 1}) {n}" if n[0] not in "†‡" else n) for i, n in enumerate(notes)) if notes else "")
 
 
 def _counters_table(p: dict) -> str:

@@ -92,3 +92,53 @@ def prompts_text(model: Path, batch: int, seed: int, length: int = 16) -> list[l
         (ROOT.parent / "ferry" / "assets" / "heldout.txt").read_text()[:200_000]).ids
     step = max((len(ids) - length) // (4 * batch + 1), 1)
     return [ids[(seed * batch + i) * step:(seed * batch + i) * step + length] for i in range(batch)]
+
+
+def disk_bandwidth(store: Path, threads: tuple[int, ...] = (1, 2, 4), passes: int = 2) -> dict:
+    """The best rate at which this machine reads the store's expert records from the device: O_DIRECT reads of
+    one record each (what ferry's store issues), every record of the store in random order, by 1, 2 and 4
+    threads at once. The lossless bound (moe_report.add_bound) divides bytes by it."""
+    import random
+    import threading
+    import time
+
+    import torch
+
+    from ferry.experts.layout import StoreIndex
+    from ferry.tiers.disk import ALIGN, DirectFile
+    index = StoreIndex.load(store)
+    files = {layer: DirectFile(store / name) for layer, name in index.layer_files.items()}
+    try:
+        jobs = [(files[layer], rec.offset, index.layout.record_format(rec.bits).record_nbytes)
+                for layer, recs in index.experts.items() for rec in recs]
+        best: dict[int, float] = {}
+        for n in threads:
+            raw = torch.empty(n * index.slot_nbytes + ALIGN, dtype=torch.uint8)
+            start = (-raw.data_ptr()) % ALIGN
+            bufs = [memoryview(raw[start + i * index.slot_nbytes:start + (i + 1) * index.slot_nbytes].numpy())
+                    for i in range(n)]
+            for p in range(passes):
+                order = random.Random(p).sample(jobs, len(jobs))
+                lock = threading.Lock()
+
+                def work(buf: memoryview) -> None:
+                    while True:
+                        with lock:
+                            if not order:
+                                return
+                            f, offset, nbytes = order.pop()
+                        f.read_into(buf[:nbytes], offset)
+
+                t0 = time.perf_counter()
+                workers = [threading.Thread(target=work, args=(b,)) for b in bufs]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                rate = sum(j[2] for j in jobs) / (time.perf_counter() - t0)
+                best[n] = max(best.get(n, 0.0), rate)
+        return {"bytes_per_s": max(best.values()), "by_threads": best, "record_bytes": index.slot_nbytes,
+                "io_mode": ",".join(sorted({f.mode for f in files.values()}))}
+    finally:
+        for f in files.values():
+            f.close()

@@ -39,6 +39,11 @@ from ferry.ops.quant import QuantLinear
 from ferry.tiers.disk import DirectFile
 
 _DEMAND, _PREFETCH, _STOP = 0, 1, 9  # I/O queue priorities
+# most demand reads of one layer call started ahead of the forward (read or being read, not yet computed with):
+# enough to keep the I/O threads busy, few enough that a layer needing more experts than the cache holds streams
+# them through a few slots and leaves the rest of the cache to other layers' experts (reused next step), instead
+# of evicting them all at its start (a cyclic scan, where every cached expert is gone before its next use)
+READ_AHEAD = 3
 
 
 class ExpertReadError(FerryError):
@@ -74,6 +79,9 @@ class ExpertStore:
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._seq = itertools.count()
         self._closed = False
+        # experts whose record passed its checksum once: later reads skip it (at 1 GB/s a check costs a quarter of
+        # the read's time in CPU, which the forward needs on a small machine); corruption at rest shows at first use
+        self._verified: set[Key] = set()
         # a few reads in flight at once: one small read at a time leaves an SSD's queue mostly empty
         self._threads = [threading.Thread(target=self._io_loop, name=f"ferry-expert-io-{i}", daemon=True)
                          for i in range(num_io_threads)]
@@ -147,14 +155,16 @@ class ExpertStore:
             self.policy.on_layer(layer, {(t, e): p for t, guess in ahead.items() for e, p in guess.items()})
             cached = {k: self.cache.lookup(k) for k in keys}  # a hit if the same entry is still there when asked for
             self._stats.lookups += len(keys)
-            self._start_reads(keys, set(keys), _DEMAND)
+            reading = self._start_reads(keys, set(keys), _DEMAND, limit=READ_AHEAD)
             if guessed:  # into free slots only: a guess never displaces an expert that may be needed sooner
                 self._start_reads(guessed, set(keys) | set(guessed), _PREFETCH, only=set(), probs=probs)
         remaining = list(range(len(keys)))
         while remaining:
-            with self.cache.cond:  # an expert already read first, else the lowest id (its read was queued first)
-                pos = next((p for p in remaining if self._is_ready(keys[p])), remaining[0])
+            with self.cache.cond:  # an expert already read first, else the first being read, else the next one
+                pos = next((p for p in remaining if self._is_ready(keys[p])),
+                           next((p for p in remaining if keys[p] in reading), remaining[0]))
             remaining.remove(pos)
+            reading.discard(keys[pos])
             later = [keys[p] for p in remaining]
             entry = self._acquire(keys[pos], set(later), cached[keys[pos]])
             try:
@@ -163,7 +173,7 @@ class ExpertStore:
                 with self.cache.cond:
                     entry.pins -= 1
                     self.cache.cond.notify_all()
-                    self._start_reads(later, set(later), _DEMAND)
+                    reading |= self._start_reads(later, set(later), _DEMAND, limit=READ_AHEAD - len(reading))
         if guessed:  # this layer's experts are a whole forward from their next use: guesses may take their slots
             with self.cache.cond:
                 self._start_reads(guessed, set(guessed), _PREFETCH, only=set(keys), probs=probs)
@@ -221,19 +231,25 @@ class ExpertStore:
         self._stats.num_predicted_used += len(predicted & used)
 
     def _start_reads(self, keys: Sequence[Key], protect: set[Key], priority: int, only: set[Key] | None = None,
-                     probs: dict[Key, float] | None = None) -> None:
+                     probs: dict[Key, float] | None = None, limit: int | None = None) -> set[Key]:
         """Start reads of the keys not cached, while slots can be had without waiting or evicting protected ones
-        (with `only`, evicting only those; with probs, a prefetch evicts only what the policy admits)."""
+        (with `only`, evicting only those; with probs, a prefetch evicts only what the policy admits), at most
+        `limit` of them. The keys whose reads started."""
+        started: set[Key] = set()
         for key in keys:
+            if limit is not None and len(started) >= limit:
+                break
             if self.cache.lookup(key) is not None:
                 continue
             admit = None if probs is None else (lambda victim, k=key: self.policy.admit(k, probs[k], victim))
             entry = self.cache.reserve(key, protect, allow_protected=False, only=only, admit=admit)
             if entry is None:  # no slot now; the keys after this one are less urgent (or less likely)
-                return
+                break
             entry.prefetched = priority == _PREFETCH
             self._stats.num_prefetches += entry.prefetched
             self._jobs.put((priority, next(self._seq), entry))
+            started.add(key)
+        return started
 
     def _acquire(self, key: Key, keep: set[Key], cached: Entry | None) -> Entry:
         """key's entry, read and pinned; waits for its read (or for a slot) if needed. A hit when it was cached
@@ -291,8 +307,12 @@ class ExpertStore:
             f.read_into(memoryview(slot.numpy())[:fmt.record_nbytes], rec.offset)
         except OSError as e:
             return ExpertReadError(f"cannot read expert {expert} of layer {layer} from {f.path}: {e}")
+        if entry.key in self._verified:  # the file was checked at the expert's first read
+            return None
         crc = zlib.crc32(memoryview(slot.numpy())[:fmt.payload_nbytes])
-        if crc != rec.crc32:
+        if crc == rec.crc32:
+            self._verified.add(entry.key)
+        else:
             return ExpertReadError(f"expert {expert} of layer {layer} in {f.path} (offset {rec.offset}) fails its "
                                    f"checksum (crc32 {crc:#010x}, index says {rec.crc32:#010x}): the file is corrupt")
         return None
