@@ -93,7 +93,7 @@ def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.
 
 def build_kv_policy(cfg: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> KVPolicy:
     name = cfg.kv_policy.name
-    if name in ("spans", "shadow") and any(w is not None for w in model_cfg.sliding_windows):
+    if name in ("spans", "shadow", "layer-budget") and any(w is not None for w in model_cfg.sliding_windows):
         raise InvalidRequest(f"--kv-policy {name} needs full-attention layers; this model has sliding-window layers")
     shape = KVShape(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, cfg.cache.block_size,
                     torch.empty(0, dtype=dtype).element_size())

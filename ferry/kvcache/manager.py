@@ -2,8 +2,9 @@
 KV policy's tiering (blocks that go cold move to host blocks). Bookkeeping only: the tensors are owned by the
 runner (ferry/models/kv/).
 
-A block table entry b >= 0 is device block b; b < 0 is host block -1 - b (only policies with a slow tier, such
-as `spans`, leave host entries in a running request's table)."""
+A block table entry b >= 0 is device block b; HOLE < b < 0 is host block -1 - b (only policies with a slow tier,
+such as `spans`, leave host entries in a running request's table); HOLE is a block given back after the policy
+compacted the request's tokens into its first blocks (`layer-budget`): no position maps to it any more."""
 from __future__ import annotations
 
 from ferry.kvcache.block_pool import BlockPool, HostBlockPool
@@ -12,9 +13,16 @@ from ferry.kvcache.prefix_cache import block_hashes
 from ferry.request import Request
 
 
+HOLE = -(1 << 62)
+
+
 def host_entry(host_block: int) -> int:
     """The block table entry of host block h (and back: host_entry(host_entry(h)) == h)."""
     return -1 - host_block
+
+
+def is_host(entry: int) -> bool:
+    return HOLE < entry < 0
 
 
 class KVCacheManager:
@@ -117,7 +125,17 @@ class KVCacheManager:
         self.hashes.pop(req.req_id, None)
         if table:
             self.pool.free([b for b in table[::-1] if b >= 0])
-            self.host.free([host_entry(b) for b in table if b < 0])
+            self.host.free([host_entry(b) for b in table if is_host(b)])
+
+    def compact(self, req: Request, past: int) -> None:
+        """The step that computed one token of req after `past` tokens is done: give back the blocks the policy
+        compacted in it (once per request: a table with a HOLE is compacted already)."""
+        table = self.block_tables.get(req.req_id)
+        if self.policy is None or not table or HOLE in table:
+            return
+        for i in self.policy.for_budget(req.params.kv_budget).compact_blocks(past):
+            self.pool.free([table[i]])
+            table[i] = HOLE
 
     # -- tiering (KV policies with a slow tier) ---------------------------------------------------
 
@@ -161,7 +179,7 @@ class KVCacheManager:
         self.hashes.pop(req.req_id, None)
         device = [b for b in table if b >= 0]
         fresh = iter(self.host.allocate(len(device)))
-        host_ids = [next(fresh) if b >= 0 else host_entry(b) for b in table]
+        host_ids = [next(fresh) if b >= 0 else b if b == HOLE else host_entry(b) for b in table]
         req.swapped_block_ids = host_ids
         self.pool.free(device[::-1])
         return [(b, h) for b, h in zip(table, host_ids) if b >= 0]
@@ -174,10 +192,12 @@ class KVCacheManager:
         want = max(len(host_ids), self.num_blocks_for(req.num_computed_tokens + num_new_tokens))
         cold = self._cold_blocks(req, len(host_ids)) if self.policy else range(0)
         keep = set(cold) if self.policy and self.policy.uses_host_tier else set()
+        keep |= {i for i, h in enumerate(host_ids) if h == HOLE}
         if want - len(keep) > self.pool.num_free:
             return None
         fresh = iter(self.pool.allocate(want - len(keep)))
-        table = [host_entry(host_ids[i]) if i in keep else next(fresh) for i in range(want)]
+        table = [(HOLE if host_ids[i] == HOLE else host_entry(host_ids[i])) if i in keep else next(fresh)
+                 for i in range(want)]
         self.block_tables[req.req_id] = table
         self.max_blocks_used = max(self.max_blocks_used, self.pool.num_used)
         pairs = [(h, b) for h, b in zip(host_ids, table) if b >= 0]
@@ -187,7 +207,7 @@ class KVCacheManager:
 
     def drop_swapped(self, req: Request) -> None:
         if req.swapped_block_ids:
-            self.host.free(req.swapped_block_ids)
+            self.host.free([h for h in req.swapped_block_ids if h != HOLE])
             req.swapped_block_ids = None
 
     @property

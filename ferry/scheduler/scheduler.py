@@ -161,6 +161,8 @@ class Scheduler:
             req.num_computed_tokens = s.start_pos + len(s.token_ids)
             self.kv.cache_full_blocks(req)
             self.kv.offload_cold(req)
+            if len(s.token_ids) == 1:
+                self.kv.compact(req, s.start_pos)
             if not s.sample:
                 continue
             req.append_output(result.sampled_token_ids[s.req_id])

@@ -10,8 +10,11 @@ from ferry import LLM, SamplingParams
 from ferry.config import KVPolicyConfig, ModelConfig
 from ferry.engine.options import engine_config
 from ferry.errors import InvalidRequest
+from ferry.kvcache.manager import HOLE
 from ferry.kvcache.policies import KV_POLICIES, KVShape
+from ferry.models.kv import build_policy_kv
 from ferry.models.kv.layer_budget import keep_mask, prefix_counts
+from ferry.models.layers.attention import AttnMetadata
 from tests.checkpoints import make_checkpoint, random_prompts
 
 
@@ -49,14 +52,72 @@ def test_keep_mask_keeps_sinks_window_and_each_layers_top_tokens():
     assert keep_mask(imp, budget=12, sink=2, window=2).all()
 
 
-def test_bytes_are_the_base_bytes_plus_importance():
+def test_bytes_are_the_base_bytes_plus_importance_and_owner_tags():
     shape = KVShape(4, 2, 8, 4, 4)
     for base in ("full", "int8", "merge"):
         name = "layer-budget" if base == "full" else f"layer-budget+{base}"
         p = KV_POLICIES[name](KVPolicyConfig(name, budget=0.5), shape)
         base_bytes = KV_POLICIES[base](KVPolicyConfig(base), shape).device_bytes_per_block()
-        assert p.device_bytes_per_block() == base_bytes + 4 * 4 * 4  # float32 importance per (layer, token)
+        tags = 1 if base == "full" else 0  # a uint8 owner per cell where cells are compacted
+        assert p.device_bytes_per_block() == base_bytes + 4 * 4 * (4 + tags)  # float32 importance per cell
         assert p.read_tokens(1000) == 500
+
+
+def test_compaction_gives_back_the_region_blocks_beyond_the_budget():
+    p = KV_POLICIES["layer-budget"](KVPolicyConfig("layer-budget", budget=0.25), KVShape(4, 2, 8, 4, 4))
+    # 102 tokens before the step: the region is blocks 0..24 (100 tokens), read 25 - 2 (the tail) = 23 of them:
+    # 23 per layer on average fit in 6 blocks of every plane; blocks 6..24 go back
+    assert p.region_tokens(102) == 23 and p.compact_blocks(102) == range(6, 25)
+    assert p.compact_blocks(8) == range(1, 2)
+    assert p.compact_blocks(3) == range(0) and p.for_budget(1.0).compact_blocks(102) == range(0)
+    assert not p.shares_prefix_blocks  # a compacted block holds one request's cells
+    over_int8 = KV_POLICIES["layer-budget+int8"](KVPolicyConfig("layer-budget+int8", budget=0.25), KVShape(4, 2, 8, 4, 4))
+    assert over_int8.compact_blocks(102) == range(0) and over_int8.shares_prefix_blocks
+
+
+def test_compacted_reads_are_the_kept_tokens_and_the_tail():
+    """At the first single-token step of a long request, each layer's kept region tokens are packed into the
+    region's first blocks; a query then gets the attention over exactly those tokens and the tail, as computed
+    from the KV before packing."""
+    torch.manual_seed(0)
+    L, K, Dh, bs, N, H = 3, 2, 8, 4, 40, 4
+    cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": H * Dh, "vocab_size": 8,
+                                 "num_attention_heads": H, "num_key_value_heads": K, "num_hidden_layers": L})
+    name = "layer-budget"
+    policy = KV_POLICIES[name](KVPolicyConfig(name, budget=0.25, sink_tokens=2, window_tokens=4),
+                               KVShape(L, K, Dh, bs, 4))
+    kv = build_policy_kv(policy, cfg, N, 0, bs, torch.float32, torch.device("cpu"))
+    past = 61  # tokens before the step: region = blocks 0..14 (60 tokens), tail = token 60 and the new token 61
+    table = torch.randperm(N)[:past // bs + 1]
+    storage = kv.base.storage.kv  # [L, 2, N, bs, K, Dh]
+    storage.normal_()
+    kv.importance[:, table] = torch.rand(L, len(table), bs) ** 4  # each layer attends to its own tokens
+    before = storage.clone()
+    # what the compaction keeps: 15 - 1 (the tail's token 60) = 14 per layer, the 2 sinks, 4 - 1 of the window
+    region_keep = kv._keep(table, 60, policy.region_tokens(past), 2, 3)
+    kept_blocks = -(-policy.region_tokens(past) // bs)
+    assert policy.compact_blocks(past) == range(kept_blocks, 15)
+    meta = AttnMetadata(positions=torch.tensor([past]), slot_mapping=table[-1:] * bs + past % bs, block_size=bs,
+                        num_decodes=1, decode_block_tables=table[None], decode_ctx_lens=torch.tensor([past + 1]))
+    q, k, v = torch.randn(1, H, Dh), torch.randn(1, K, Dh), torch.randn(1, K, Dh)
+    got = [kv.layers[l].attend(q, k, v, meta, 0.5, None) for l in range(L)]
+    assert meta.policy_state["layer-budget"].packed is not None
+    # later steps read the same cells through the table with its HOLEs, as the manager leaves it
+    holed = table.clone()
+    holed[kept_blocks:15] = HOLE
+    meta2 = AttnMetadata(positions=torch.tensor([past]), slot_mapping=meta.slot_mapping, block_size=bs,
+                         num_decodes=1, decode_block_tables=holed[None], decode_ctx_lens=torch.tensor([past + 1]))
+    again = [kv.layers[l].attend(q, k, v, meta2, 0.5, None) for l in range(L)]
+    for l in range(L):
+        pos = torch.cat([region_keep[l].nonzero()[:, 0], torch.tensor([60])])
+        keys = before[l, 0, table[pos // bs], pos % bs]  # [n, K, Dh] as they were
+        values = before[l, 1, table[pos // bs], pos % bs]
+        keys, values = torch.cat([keys, k]), torch.cat([values, v])  # and this step's token
+        scores = torch.einsum("kgd,nkd->kgn", q.view(K, H // K, Dh), keys) * 0.5
+        want = torch.einsum("kgn,nkd->kgd", scores.softmax(-1), values).reshape(1, H * Dh)
+        torch.testing.assert_close(got[l], want)
+        torch.testing.assert_close(again[l], want)
+    assert len(set(region_keep.sum(1).tolist())) > 1  # the layers kept different numbers of tokens
 
 
 def test_layer_budget_options():
@@ -107,12 +168,15 @@ def test_whole_budget_reads_everything_like_its_base(llama, prompts, base, mode)
     assert got == want
 
 
-def test_evicting_budget_runs_under_preemption_with_per_layer_counts(llama, prompts):
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_evicting_budget_runs_under_preemption_with_per_layer_counts(llama, prompts, mode):
+    """Compacted requests (their tables with HOLEs) are swapped out and in, or recomputed, and keep their
+    tokens."""
     name = "layer-budget"
     roomy, _ = _run(llama, prompts, kv_cache_memory="1M", kv_policy=name, kv_budget=0.5, kv_sink_tokens=4,
                     kv_window_tokens=8)
     with LLM(str(llama), dtype="float32", max_num_batched_tokens=48, max_num_seqs=4, block_size=4,
-             kv_cache_memory=_budget_bytes(llama, name, 40), preemption_mode="swap", swap_space="1M",
+             kv_cache_memory=_budget_bytes(llama, name, 40), preemption_mode=mode, swap_space="1M",
              kv_policy=name, kv_budget=0.5, kv_sink_tokens=4, kv_window_tokens=8) as llm:
         storage = llm.engine.parts.storage
         storage.record = []
@@ -124,6 +188,27 @@ def test_evicting_budget_runs_under_preemption_with_per_layer_counts(llama, prom
     assert counts and any(len(set(c)) > 1 for c in counts)  # layers got different budgets
     # chunking changes which prefill queries add to the importance; the prefix hit shares its blocks' importance
     assert sum(a[:3] == b[:3] for a, b in zip(got, roomy)) >= 4
+
+
+def test_compaction_frees_blocks_while_decoding_and_every_block_comes_back(llama, prompts):
+    """Two 100-token prompts at budget 0.25: once decoding, each holds the region's first 7 blocks (25 tokens per
+    layer on average) and its tail (blocks 25-26), not 27 blocks; the blocks come back when they finish."""
+    long = [prompts[3], prompts[3][::-1]]  # 100 tokens each
+    with LLM(str(llama), dtype="float32", max_num_batched_tokens=48, max_num_seqs=4, block_size=4,
+             kv_cache_memory="1M", kv_policy="layer-budget", kv_budget=0.25, kv_sink_tokens=4,
+             kv_window_tokens=8) as llm:
+        eng, kv = llm.engine, llm.engine.kv
+        for i, p in enumerate(long):
+            eng.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(max_tokens=8, ignore_eos=True))
+        decoding = []
+        while eng.has_unfinished():
+            eng.step()
+            running = eng.scheduler.running
+            if len(running) == 2 and all(r.num_output_tokens > 1 for r in running):
+                decoding.append(kv.pool.num_used)
+                assert all(HOLE in kv.block_table(r) for r in running)
+        assert kv.all_free
+    assert decoding and max(decoding) <= 2 * (7 + 2) < 2 * 27
 
 
 def test_over_merge_storage_runs(llama, prompts):

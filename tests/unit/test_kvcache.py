@@ -5,8 +5,10 @@ import random
 
 from hypothesis import given, settings, strategies as st
 
+from ferry.config import KVPolicyConfig
 from ferry.kvcache.block_pool import BlockPool
-from ferry.kvcache.manager import KVCacheManager
+from ferry.kvcache.manager import HOLE, KVCacheManager
+from ferry.kvcache.policies import KV_POLICIES, KVShape
 from ferry.request import Request, SamplingParams
 
 
@@ -66,6 +68,27 @@ def test_swap_out_and_in_roundtrip():
     assert [h for h, _ in back] == [h for _, h in pairs] and len(new_table) == 2
     assert kv.host.num_free == 4
     kv.free(a)
+    assert kv.all_free
+
+
+def test_compacted_table_gives_back_blocks_and_keeps_its_holes_through_swap():
+    policy = KV_POLICIES["layer-budget"](KVPolicyConfig("layer-budget", budget=0.25), KVShape(2, 1, 4, 4, 4))
+    kv = KVCacheManager(num_blocks=30, block_size=4, num_host_blocks=30, enable_prefix_caching=False, policy=policy)
+    a = req("a", list(range(101)))
+    kv.allocate_slots(a, 101)
+    a.num_computed_tokens = 101
+    kv.compact(a, 100)  # its first single-token step, after 100 tokens: blocks 7..24 go back
+    table = kv.block_table(a)
+    assert [i for i, b in enumerate(table) if b == HOLE] == list(range(7, 25)) and kv.pool.num_used == 8
+    kv.compact(a, 101)  # once only
+    assert kv.pool.num_used == 8
+    pairs = kv.swap_out(a)
+    assert len(pairs) == 8 and kv.host.num_free == 22 and kv.pool.num_used == 0
+    _, back = kv.swap_in(a, 1)
+    assert [i for i, b in enumerate(back) if b == HOLE] == list(range(7, 25)) and kv.pool.num_used == 8
+    assert kv.host.num_free == 30
+    kv.swap_out(a)
+    kv.drop_swapped(a)  # finished while swapped out
     assert kv.all_free
 
 

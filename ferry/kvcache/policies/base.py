@@ -82,6 +82,12 @@ class KVPolicy(ABC):
         (blocks only ever go cold, never warm again). Default: none."""
         return range(0)
 
+    def compact_blocks(self, past: int) -> range:
+        """Logical block indices a request gives back once its first `past` tokens are compacted into fewer blocks
+        (the tensor side does it in the first step that computes a single token of the request after `past`
+        tokens, if this range is not empty; its table then holds HOLE there). Default: never."""
+        return range(0)
+
     @property
     def shares_prefix_blocks(self) -> bool:
         """Whether full computed blocks may be shared through the prefix cache (not when a block's content depends on

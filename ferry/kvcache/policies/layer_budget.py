@@ -10,10 +10,15 @@ are masked out of what a decode query reads (prefill reads everything: PrefixKV 
 It wraps a base storage: `layer-budget` is over `full`, `layer-budget+int8` over `int8`, `layer-budget+merge`
 over `merge` (the base decides the bytes of a kept token; this policy only decides what is read).
 
-Memory: the base's block bytes plus 4 bytes per (layer, token) of importance. Evicted tokens are NOT freed:
-a block holds every layer's KV of its tokens, and a token evicted in one layer is almost always kept in another,
-so no block empties; freeing needs per-layer compaction (see the README of issue 7's report). What this policy
-buys today is a smaller read (read_tokens) and the quality measurement of per-layer budgets.
+Memory (over `full`): as PrefixKV, the context is compressed once the prompt is in. At a request's first
+single-token step, the tokens of its whole blocks before that step (the region) are compacted: each layer keeps
+its prefix-search share of the region's budget, and the kept (layer, token) cells of all layers are packed into
+the region's first blocks (a cell of any layer's plane can hold any layer's K and V: same shape), so that
+ceil(budget / block_size) blocks hold them all; the rest of the region's blocks go back to the pool
+(`compact_blocks`) and its table holds HOLE there. The block being filled and later ones stay as they are (the
+recent window). Each cell's owner (the layer whose token it holds) is a byte per cell. Compacted blocks hold
+request-specific content, so prefix caching is off. Over int8 and merge (cells of one layer's format, or shared
+by two layers) nothing is compacted: those read less, and store what their base stores.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from ferry.kvcache.policies.base import KVPolicy, KVShape, resolve_budget
 from ferry.kvcache.policies.full import FullPolicy
 
 IMPORTANCE_BYTES = 4  # float32 accumulated attention per (layer, token)
+OWNER_BYTES = 1  # uint8 per (layer, token) cell: which layer's token it holds once compacted
 
 
 class LayerBudgetPolicy(KVPolicy):
@@ -32,13 +38,35 @@ class LayerBudgetPolicy(KVPolicy):
         super().__init__(cfg, shape)
         self.base = self.base_cls(cfg, shape)
 
+    @property
+    def compacts(self) -> bool:
+        return self.base_cls is FullPolicy
+
     def device_bytes_per_block(self) -> int:
         s = self.shape
-        return self.base.device_bytes_per_block() + s.num_layers * s.block_size * IMPORTANCE_BYTES
+        per_cell = IMPORTANCE_BYTES + (OWNER_BYTES if self.compacts else 0)
+        return self.base.device_bytes_per_block() + s.num_layers * s.block_size * per_cell
 
     def read_tokens(self, ctx_len: int) -> int:
         """Tokens a layer reads on average (each layer's own count comes from the prefix search)."""
         return resolve_budget(self.cfg.budget, ctx_len)
+
+    def region_tokens(self, past: int) -> int:
+        """Tokens a layer keeps on average of the region (the whole blocks before token `past`), so that with the
+        tokens after it the layer reads read_tokens(past)."""
+        start = past // self.shape.block_size * self.shape.block_size
+        return max(0, min(start, self.read_tokens(past) - (past - start)))
+
+    def compact_blocks(self, past: int) -> range:
+        if not self.compacts:
+            return range(0)
+        bs = self.shape.block_size
+        kept = -(-self.region_tokens(past) // bs)  # the region's first blocks, which hold every kept cell
+        return range(kept, past // bs)
+
+    @property
+    def shares_prefix_blocks(self) -> bool:
+        return not self.compacts
 
 
 def layer_budget_over(base: type[KVPolicy]) -> type[LayerBudgetPolicy]:

@@ -13,6 +13,13 @@ are kept, and each layer keeps the top n_l of the rest, n_l from
 Prefill reads everything, as PrefixKV compresses after the prompt: evicting at chunk boundaries would drop what
 only the prompt's end (the question) attends to — a passkey, say — before that end is seen. So prompt scoring
 (perplexity) is full attention's; the loss is in what is generated.
+Compaction (over `full`, see ferry/kvcache/policies/layer_budget.py): at a request's first single-token step
+(before layer 0 writes), the keep sets of its region (whole blocks before the step) are taken once more, for the
+region's share of the budget, and every kept (layer, token) cell is copied into the region's first blocks, layer
+after layer, filling all L planes of a block before the next; tags [L, N, bs] uint8 record which layer's token
+each region cell holds (only a compacted region's tags are read). From then on, that request's decode queries
+read, at layer l, the region cells tagged l and the tail (tokens from the first block after the HOLEs on) in
+place; its keep sets are fixed, as PrefixKV's.
 Legend: L layers, N blocks, bs block size, B decode requests, C context, P tokens before the step.
 """
 from __future__ import annotations
@@ -22,17 +29,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ferry.kvcache.manager import HOLE
 from ferry.kvcache.policies.base import window_tokens
 from ferry.kvcache.policies.layer_budget import LayerBudgetPolicy
 from ferry.models.kv.base import LayerKV, PolicyKV, gather_blocks
 from ferry.models.kv.dense import decode_probs, prefill_attention, weighted_values
-from ferry.models.kv.full import PagedLayer
+from ferry.models.kv.full import FullKV, PagedLayer
 from ferry.models.kv.int8 import Int8Layer
 from ferry.models.kv.merge import MergeLayer
 from ferry.models.layers.attention import AttnMetadata, write_kv
 
 OBS = 32  # prefill queries per chunk (its last ones) whose attention adds to the importance
 POOL = 7  # tokens ranked together: each by the largest importance within POOL // 2 of it
+EMPTY = 255  # the owner tag of a region cell that holds no kept token (others hold their layer's id)
 
 
 def prefix_counts(importance: torch.Tensor, budget: int, iters: int = 40) -> torch.Tensor:
@@ -87,7 +96,19 @@ def keep_mask(importance: torch.Tensor, budget: int, sink: int, window: int) -> 
 class _StepKeep:
     """What every layer's decode queries read this step (built once, before layer 0 writes)."""
 
-    decode_masks: torch.Tensor | None  # [L, B, 1, 1, C] additive: 0 kept (or this step's token), -inf evicted
+    plain: torch.Tensor  # [B'] long: decode rows read through their block tables (not compacted)
+    decode_masks: torch.Tensor | None  # [L, B', 1, 1, C] additive: 0 kept (or this step's token), -inf evicted
+    packed: _Packed | None  # the compacted rows
+
+
+@dataclass
+class _Packed:
+    """Compacted decode rows and, per layer, the cells each reads: its region cells, then its tail."""
+
+    rows: torch.Tensor  # [Bp] long
+    planes: torch.Tensor  # [L, Bp, Cp] long: the plane (layer slice of the storage) of each cell read
+    cells: torch.Tensor  # [L, Bp, Cp] long: block * bs + slot
+    masks: torch.Tensor  # [L, Bp, 1, 1, Cp] additive: -inf past a row's cells
 
 
 def dense_io(layer: LayerKV):
@@ -116,17 +137,24 @@ class BudgetLayer(LayerKV):
         imp[meta.slot_mapping] = 0.0
         T, H, Dh = q.shape
         out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
-        B, bs = meta.num_decodes, meta.block_size
-        if B:
-            tables = meta.decode_block_tables
-            kc, vc = self.read(tables)  # [B, C, K, Dh]
-            mask = meta.decode_mask(window)
+        bs = meta.block_size
+        if len(step.plain):
+            tables = meta.decode_block_tables[step.plain]
+            kc, vc = self.read(tables)  # [B', C, K, Dh]
+            mask = meta.decode_mask(window)[step.plain]
             if step.decode_masks is not None:
                 mask = mask + step.decode_masks[self.layer]
-            probs = decode_probs(q[:B], kc, mask, scale)  # [B, K, G, C]
-            out[:B] = weighted_values(probs, vc).to(q.dtype)
+            probs = decode_probs(q[step.plain], kc, mask, scale)  # [B', K, G, C]
+            out[step.plain] = weighted_values(probs, vc).to(q.dtype)
             imp.index_add_(0, _slots(tables, bs).flatten(), probs.sum((1, 2)).flatten())
+        if step.packed is not None:
+            pk, kv = step.packed, self.owner.compaction.cells
+            planes, cells = pk.planes[self.layer], pk.cells[self.layer]
+            probs = decode_probs(q[pk.rows], kv[planes, 0, cells].float(), pk.masks[self.layer], scale)
+            out[pk.rows] = weighted_values(probs, kv[planes, 1, cells].float()).to(q.dtype)
         for i, chunk in enumerate(meta.prefills):
+            if HOLE in chunk.block_ids:
+                raise RuntimeError("layer-budget: a compacted request was scheduled a prefill chunk")
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             ctx = chunk.start_pos + chunk.q_len
             kc, vc = (x[:ctx] for x in self.read(chunk.block_ids))
@@ -161,22 +189,28 @@ class LayerBudgetKV(PolicyKV):
         L = len(base.layers)
         self.importance = torch.zeros(L, num_blocks, block_size, dtype=torch.float32, device=device)
         self.host_importance = torch.zeros(L, num_host_blocks, block_size, dtype=torch.float32)
+        self.compaction = _Compaction(base, L, num_blocks, num_host_blocks, block_size, device) \
+            if policy.compacts else None
         self.layers = [BudgetLayer(self, l, base.layers[l]) for l in range(L)]
         self.record: list[list[int]] | None = None  # kept tokens per layer of each keep set, when a test asks
 
     @property
     def nbytes(self) -> int:
-        return self.base.nbytes + self.importance.numel() * 4
+        return self.base.nbytes + self.importance.numel() * 4 + (self.compaction.tags.numel() if self.compaction else 0)
 
     @property
     def host_nbytes(self) -> int:
-        return self.base.host_nbytes + self.host_importance.numel() * 4
+        return (self.base.host_nbytes + self.host_importance.numel() * 4
+                + (self.compaction.host_tags.numel() if self.compaction else 0))
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         self.base.swap_out(pairs)
         if pairs:
             dev, host = (torch.tensor(x) for x in zip(*pairs))
-            self.host_importance[:, host] = self.importance[:, dev.to(self.importance.device)].cpu()
+            dev = dev.to(self.importance.device)
+            self.host_importance[:, host] = self.importance[:, dev].cpu()
+            if self.compaction:
+                self.compaction.host_tags[:, host] = self.compaction.tags[:, dev].cpu()
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         self.base.swap_in(pairs)
@@ -184,29 +218,121 @@ class LayerBudgetKV(PolicyKV):
             host, dev = (torch.tensor(x) for x in zip(*pairs))
             dev = dev.to(self.importance.device)
             self.importance[:, dev] = self.host_importance[:, host].to(self.importance.device)
+            if self.compaction:
+                self.compaction.tags[:, dev] = self.compaction.host_tags[:, host].to(self.compaction.tags.device)
 
-    def _keep(self, table: torch.Tensor, past: int, budget: float | None) -> torch.Tensor:
-        """[L, past] bool for a request with `past` tokens before this step (and its own kv_budget, if any)."""
+    def _keep(self, table: torch.Tensor, past: int, budget: int, sink: int, window: int) -> torch.Tensor:
+        """[L, past] bool: which of the first `past` tokens of the request with this table each layer keeps."""
         nb = -(-past // self.block_size)
         imp = self.importance[:, table[:nb]].flatten(1)[:, :past]
         # a token next to an attended one is likely part of the same span (the digits of a number): rank by the
         # neighbourhood's max (SnapKV's pooling)
         imp = F.max_pool1d(imp[:, None], POOL, stride=1, padding=POOL // 2)[:, 0]
-        policy = self.policy.for_budget(budget)
-        keep = keep_mask(imp, policy.read_tokens(past), policy.cfg.sink_tokens, window_tokens(policy.cfg, past))
+        keep = keep_mask(imp, budget, sink, window)
         if self.record is not None:
             self.record.append(keep.sum(1).tolist())
         return keep
 
     def step_keep(self, meta: AttnMetadata) -> _StepKeep:
         if "layer-budget" not in meta.policy_state:
+            B, bs = meta.num_decodes, self.block_size
+            tables, budgets = meta.decode_block_tables, meta.decode_kv_budgets or [None] * B
+            plain, rows, packed = [], [], []
+            for b, past in enumerate((meta.decode_ctx_lens - 1).tolist()):
+                policy = self.policy.for_budget(budgets[b])
+                table = tables[b, :past // bs + 1]
+                if self.compaction is not None and (HOLE in table or len(policy.compact_blocks(past))):
+                    if HOLE in table:  # compacted in an earlier step
+                        holes = (table == HOLE).nonzero()[:, 0]
+                        dropped = range(int(holes[0]), int(holes[-1]) + 1)
+                    else:
+                        dropped = self._compact(table, past, policy)
+                    packed.append(self.compaction.reads(table, past, dropped, bs))
+                    rows.append(b)
+                else:
+                    plain.append(b)
             masks = None
-            if meta.num_decodes:
-                tables = meta.decode_block_tables
-                L, C = len(self.layers), tables.shape[1] * self.block_size
-                masks = torch.zeros(L, meta.num_decodes, 1, 1, C, device=tables.device)
-                budgets = meta.decode_kv_budgets or [None] * meta.num_decodes
-                for b, past in enumerate((meta.decode_ctx_lens - 1).tolist()):
-                    masks[:, b, 0, 0, :past].masked_fill_(~self._keep(tables[b], past, budgets[b]), float("-inf"))
-            meta.policy_state["layer-budget"] = _StepKeep(masks)
+            if plain:
+                L, C = len(self.layers), tables.shape[1] * bs
+                masks = torch.zeros(L, len(plain), 1, 1, C, device=tables.device)
+                for i, b in enumerate(plain):
+                    past, policy = int(meta.decode_ctx_lens[b]) - 1, self.policy.for_budget(budgets[b])
+                    keep = self._keep(tables[b], past, policy.read_tokens(past), policy.cfg.sink_tokens,
+                                      window_tokens(policy.cfg, past))
+                    masks[:, i, 0, 0, :past].masked_fill_(~keep, float("-inf"))
+            plain_rows = torch.tensor(plain, dtype=torch.long, device=tables.device)
+            meta.policy_state["layer-budget"] = _StepKeep(plain_rows, masks, _pack(rows, packed) if rows else None)
         return meta.policy_state["layer-budget"]
+
+    def _compact(self, table: torch.Tensor, past: int, policy: LayerBudgetPolicy) -> range:
+        """Keep sets of the region (the whole blocks before token `past`) for its share of the budget, and every
+        kept cell copied into the region's first blocks (_Compaction.pack). The blocks it empties."""
+        bs, cfg = self.block_size, policy.cfg
+        start, budget = past // bs * bs, policy.region_tokens(past)
+        sink = min(cfg.sink_tokens, budget)
+        window = min(max(0, window_tokens(cfg, past) - (past - start)), budget - sink)  # the tail is read anyway
+        keep = self._keep(table, start, budget, sink, window)
+        dropped = policy.compact_blocks(past)
+        self.compaction.pack(table[:start // bs], keep, dropped.start)
+        return dropped
+
+
+class _Compaction:
+    """Which layer's token each cell of a compacted region holds (tags [L, N, bs], EMPTY: none; host_tags for
+    swapped blocks), and the base storage's cells of every plane as one index space: cells [L, 2, N * bs, K, Dh]."""
+
+    def __init__(self, base: PolicyKV, L: int, num_blocks: int, num_host_blocks: int, block_size: int,
+                 device: torch.device) -> None:
+        assert isinstance(base, FullKV)
+        kv = base.storage.kv  # [L, 2, N, bs, K, Dh]
+        self.cells = kv.view(L, 2, num_blocks * block_size, *kv.shape[-2:])
+        self.tags = torch.full((L, num_blocks, block_size), EMPTY, dtype=torch.uint8, device=device)
+        self.host_tags = torch.full((L, num_host_blocks, block_size), EMPTY, dtype=torch.uint8)
+
+    def pack(self, blocks: torch.Tensor, keep: torch.Tensor, num_kept_blocks: int) -> None:
+        """Copy the kept cells of the region (blocks [nb], keep [L, nb * bs] bool) into its first blocks: the j-th
+        kept cell (by layer, then position) goes to block j // (L * bs), plane j // bs % L, slot j % bs."""
+        L, bs = self.tags.shape[0], self.tags.shape[2]
+        layer, pos = keep.nonzero(as_tuple=True)
+        j = torch.arange(len(layer), device=blocks.device)
+        assert len(j) <= num_kept_blocks * L * bs, "layer-budget: kept cells exceed the blocks kept for them"
+        src = blocks[pos // bs] * bs + pos % bs
+        dst_plane, dst = j // bs % L, blocks[j // (L * bs)] * bs + j % bs
+        self.cells[dst_plane, :, dst] = self.cells[layer, :, src]  # a gather, then a scatter: overlaps are safe
+        self.tags[:, blocks[:num_kept_blocks]] = EMPTY
+        self.tags.view(L, -1)[dst_plane, dst] = layer.to(torch.uint8)
+
+    def reads(self, table: torch.Tensor, past: int, dropped: range, bs: int) -> tuple[list[torch.Tensor],
+                                                                                     list[torch.Tensor]]:
+        """A compacted request's cells per layer: (planes, cells) lists of L tensors, its region's cells owned by
+        the layer (blocks before `dropped`), then its tail (tokens from the block after `dropped` to `past`, this
+        step's included)."""
+        region = table[:dropped.start]
+        tags = self.tags[:, region]  # [L, m, bs]
+        plane, block, slot = (tags != EMPTY).nonzero(as_tuple=True)
+        owner = tags[plane, block, slot].long()
+        order = torch.argsort(owner, stable=True)
+        counts = torch.bincount(owner, minlength=tags.shape[0]).tolist()
+        region_planes = plane[order].split(counts)
+        region_cells = (region[block] * bs + slot)[order].split(counts)
+        pos = torch.arange(dropped.stop * bs, past + 1, device=table.device)
+        tail = table[pos // bs] * bs + pos % bs
+        planes = [torch.cat([p, torch.full_like(tail, l)]) for l, p in enumerate(region_planes)]
+        cells = [torch.cat([c, tail]) for c in region_cells]
+        return planes, cells
+
+
+def _pack(rows: list[int], reads: list[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> _Packed:
+    """The compacted rows' reads as padded [L, Bp, Cp] index tensors and their masks."""
+    L = len(reads[0][0])
+    Cp = max(len(c) for _, cells in reads for c in cells)
+    device = reads[0][1][0].device
+    planes = torch.zeros(L, len(rows), Cp, dtype=torch.long, device=device)
+    cells = torch.zeros_like(planes)
+    masks = torch.full((L, len(rows), 1, 1, Cp), float("-inf"), device=device)
+    for i, (ps, cs) in enumerate(reads):
+        for l in range(L):
+            n = len(cs[l])
+            planes[l, i, :n], cells[l, i, :n] = ps[l], cs[l]
+            masks[l, i, 0, 0, :n] = 0.0
+    return _Packed(torch.tensor(rows, dtype=torch.long, device=device), planes, cells, masks)
