@@ -71,7 +71,8 @@ def test_compaction_gives_back_the_region_blocks_beyond_the_budget():
     assert p.compact_blocks(8) == range(1, 2)
     assert p.compact_blocks(3) == range(0) and p.for_budget(1.0).compact_blocks(102) == range(0)
     assert not p.shares_prefix_blocks  # a compacted block holds one request's cells
-    over_int8 = KV_POLICIES["layer-budget+int8"](KVPolicyConfig("layer-budget+int8", budget=0.25), KVShape(4, 2, 8, 4, 4))
+    name = "layer-budget+int8"
+    over_int8 = KV_POLICIES[name](KVPolicyConfig(name, budget=0.25), KVShape(4, 2, 8, 4, 4))
     assert over_int8.compact_blocks(102) == range(0) and over_int8.shares_prefix_blocks
 
 
