@@ -103,6 +103,7 @@ class ExpertStore:
         total = len(self.files) * self.index.num_experts * slot_nbytes + scratch_nbytes
         budget = total if budget_bytes is None else budget_bytes
         self.cache = ExpertCache(max(budget - scratch_nbytes, 0), slot_nbytes, policy)
+        self._weights: dict[tuple[int, int], tuple] = {}  # (slot, bits) -> _unpack's views over the slot
         self._stats = ExpertStats(num_slots=self.cache.num_slots, cache_nbytes=self.cache.nbytes + scratch_nbytes,
                                   budget_nbytes=budget,
                                   io_mode=",".join(sorted({f.mode for f in self.files.values()})))
@@ -168,7 +169,7 @@ class ExpertStore:
             later = [keys[p] for p in remaining]
             entry = self._acquire(keys[pos], set(later), cached[keys[pos]])
             try:
-                yield (pos, *self._unpack(keys[pos], self.cache.slot(entry.slot)))
+                yield (pos, *self._unpack(keys[pos], entry.slot))
             finally:
                 with self.cache.cond:
                     entry.pins -= 1
@@ -206,15 +207,17 @@ class ExpertStore:
             probs.update({(target, e): guess[e] for e in chosen})
         return guessed, probs
 
-    def _unpack(self, key: Key, slot: torch.Tensor) -> tuple[torch.Tensor | QuantLinear, torch.Tensor | QuantLinear]:
+    def _unpack(self, key: Key, slot: int) -> tuple[torch.Tensor | QuantLinear, torch.Tensor | QuantLinear]:
         """(gate_up, down) of a read expert: views into its slot (dense), fused-kernel linears over its slot
         (quantized, bfloat16), or dequantized into the scratch pair (quantized, other dtypes)."""
         bits = self.index.experts[key[0]][key[1]].bits
-        if bits == 0:
-            return self.layout.views(slot)
-        if self._fused:
-            return self.layout.record_format(bits).weights(slot)
-        return self.layout.record_format(bits).unpack(slot, *self._scratch)
+        if bits and not self._fused:
+            return self.layout.record_format(bits).unpack(self.cache.slot(slot), *self._scratch)
+        if (slot, bits) not in self._weights:  # views of a slot's bytes: made once, valid whatever it holds
+            mem = self.cache.slot(slot)
+            self._weights[(slot, bits)] = self.layout.record_format(bits).weights(mem) if bits else \
+                self.layout.views(mem)
+        return self._weights[(slot, bits)]
 
     def _is_ready(self, key: Key) -> bool:
         entry = self.cache.lookup(key)
@@ -353,6 +356,7 @@ class ExpertStore:
         for t in self._threads:
             t.join()
         self.empty()
+        self._weights.clear()  # views keep the slab alive
         self.cache.release_slab()
         self.predictor.close()
         for f in self.files.values():
