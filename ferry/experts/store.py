@@ -4,12 +4,12 @@ with prediction-driven prefetch on a background I/O thread. Each MoE layer gets 
 
 One layer call, for the experts its tokens routed to:
   1. the predictor learns from this routing and guesses the next MoE layer's experts;
-  2. reads start for every missing expert of this layer that gets a slot without evicting one this layer
-     still needs (demand, first in the I/O queue), then for the guessed ones that find a free slot
+  2. reads start for the first READ_AHEAD missing experts of this layer that get a slot without evicting one
+     this layer still needs (demand, first in the I/O queue), then for the guessed ones that find a free slot
      (prefetch, after: a guess never evicts a cached expert that may be needed sooner);
   3. experts are handed out one at a time, those already in RAM first, so the forward computes with them
      while the others are read (it sums the results in expert order, so tokens match the resident path
-     exactly); each is pinned while in use, and more reads start as slots free up. The forward waits
+     exactly); each is pinned while in use, and more reads start as it is handed out. The forward waits
      (stall time) only when no expert it still needs has been read;
   4. once the layer is done, guessed experts that found no slot in 2 may evict this layer's experts (a
      whole forward away from their next use), and only those."""

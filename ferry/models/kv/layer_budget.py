@@ -237,29 +237,27 @@ class LayerBudgetKV(PolicyKV):
         if "layer-budget" not in meta.policy_state:
             B, bs = meta.num_decodes, self.block_size
             tables, budgets = meta.decode_block_tables, meta.decode_kv_budgets or [None] * B
-            plain, rows, packed = [], [], []
+            plain, keeps, rows, packed = [], [], [], []
             for b, past in enumerate((meta.decode_ctx_lens - 1).tolist()):
                 policy = self.policy.for_budget(budgets[b])
                 table = tables[b, :past // bs + 1]
-                if self.compaction is not None and (HOLE in table or len(policy.compact_blocks(past))):
-                    if HOLE in table:  # compacted in an earlier step
-                        holes = (table == HOLE).nonzero()[:, 0]
-                        dropped = range(int(holes[0]), int(holes[-1]) + 1)
-                    else:
-                        dropped = self._compact(table, past, policy)
-                    packed.append(self.compaction.reads(table, past, dropped, bs))
-                    rows.append(b)
+                holes = (table == HOLE).nonzero()[:, 0]
+                if len(holes):  # compacted in an earlier step
+                    dropped = range(int(holes[0]), int(holes[-1]) + 1)
+                elif self.compaction is not None and len(policy.compact_blocks(past)):
+                    dropped = self._compact(table, past, policy)
                 else:
                     plain.append(b)
+                    keeps.append(self._keep(table, past, policy.read_tokens(past), policy.cfg.sink_tokens,
+                                            window_tokens(policy.cfg, past)))
+                    continue
+                rows.append(b)
+                packed.append(self.compaction.reads(table, past, dropped, bs))
             masks = None
             if plain:
-                L, C = len(self.layers), tables.shape[1] * bs
-                masks = torch.zeros(L, len(plain), 1, 1, C, device=tables.device)
-                for i, b in enumerate(plain):
-                    past, policy = int(meta.decode_ctx_lens[b]) - 1, self.policy.for_budget(budgets[b])
-                    keep = self._keep(tables[b], past, policy.read_tokens(past), policy.cfg.sink_tokens,
-                                      window_tokens(policy.cfg, past))
-                    masks[:, i, 0, 0, :past].masked_fill_(~keep, float("-inf"))
+                masks = torch.zeros(len(self.layers), len(plain), 1, 1, tables.shape[1] * bs, device=tables.device)
+                for i, keep in enumerate(keeps):
+                    masks[:, i, 0, 0, :keep.shape[1]].masked_fill_(~keep, float("-inf"))
             plain_rows = torch.tensor(plain, dtype=torch.long, device=tables.device)
             meta.policy_state["layer-budget"] = _StepKeep(plain_rows, masks, _pack(rows, packed) if rows else None)
         return meta.policy_state["layer-budget"]
