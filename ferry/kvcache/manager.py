@@ -131,9 +131,10 @@ class KVCacheManager:
         """The step that computed one token of req after `past` tokens is done: give back the blocks the policy
         compacted in it (once per request: a table with a HOLE is compacted already)."""
         table = self.block_tables.get(req.req_id)
-        if self.policy is None or not table or HOLE in table:
+        dropped = self.policy.for_budget(req.params.kv_budget).compact_blocks(past) if self.policy else range(0)
+        if not dropped or not table or HOLE in table:
             return
-        for i in self.policy.for_budget(req.params.kv_budget).compact_blocks(past):
+        for i in dropped:
             self.pool.free([table[i]])
             table[i] = HOLE
 

@@ -121,6 +121,14 @@ def test_compacted_reads_are_the_kept_tokens_and_the_tail():
     assert len(set(region_keep.sum(1).tolist())) > 1  # the layers kept different numbers of tokens
 
 
+@pytest.mark.parametrize("name", ["layer-budget", "spans", "shadow"])
+def test_policies_that_move_tokens_refuse_sliding_window_models(tmp_ckpt_dir, name):
+    """Their reads do not follow positions (compacted cells, retrieved spans), so a window cannot mask them."""
+    mistral = make_checkpoint("mistral", tmp_ckpt_dir)  # sliding_window=48
+    with pytest.raises(InvalidRequest, match=f"kv-policy {name} needs full-attention layers"):
+        LLM(str(mistral), dtype="float32", kv_policy=name, kv_budget=0.5)
+
+
 def test_layer_budget_options():
     assert engine_config("m", kv_policy="layer-budget", kv_budget=0.25).kv_policy.budget == 0.25
     assert engine_config("m", kv_policy="layer-budget+int8", kv_window_tokens=32).kv_policy.window_tokens == 32
