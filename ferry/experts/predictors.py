@@ -33,8 +33,8 @@ class ExpertPredictor:
 
     def predict_ahead(self, layer: int, x: torch.Tensor, top_ids: torch.Tensor,
                       depth: int) -> dict[int, dict[int, float]]:
-        """MoE layer -> (expert -> probability), for up to `depth` MoE layers after `layer` in this forward,
-        nearest first, made when `layer` starts. Here: the next layer only."""
+        """MoE layer -> (expert -> probability), for up to `depth` MoE layers after `layer` (nearest first),
+        made when `layer` starts. Here: the next layer only."""
         guess = self.predict(layer, x, top_ids)
         return {self.next_layer[layer]: guess} if guess else {}
 
@@ -52,10 +52,9 @@ class ExpertPredictor:
 def _union_probs(scores: torch.Tensor, top_k: int) -> dict[int, float]:
     """scores [T, E] (a distribution per token) -> P(expert used by at least one token), over each token's
     top-A guesses (a guess's chance: A x its score, at most 1)."""
-    w, ids = torch.topk(scores.double(), min(top_k, scores.shape[-1]), dim=-1)  # [T, A]
-    chosen = torch.zeros_like(scores, dtype=torch.float64).scatter_(1, ids, (w * top_k).clamp(0, 1))
-    used = 1 - (1 - chosen).prod(dim=0)  # [E]
-    return {int(e): float(used[e]) for e in torch.nonzero(used > 0).flatten()}
+    w, ids = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1)  # [T, A]
+    unused = torch.ones_like(scores).scatter_(1, ids, (1 - w * top_k).clamp_(min=0))  # P(a token skips e)
+    return {e: p for e, p in enumerate((1 - unused.prod(dim=0)).tolist()) if p > 0}
 
 
 class CorrelationPredictor(ExpertPredictor):
@@ -128,11 +127,13 @@ class PreGatePredictor(ExpertPredictor):
 
     def __init__(self, moe_layers: Sequence[int], num_experts: int, top_k: int) -> None:
         super().__init__(moe_layers, num_experts, top_k)
-        self.routers: dict[int, torch.Tensor] = {}  # MoE layer -> router weight [E, D], set once weights are loaded
+        self.routers: dict[int, torch.Tensor] = {}  # MoE layer -> router weight, transposed [D, E], once loaded
         self.norms: dict[int, tuple[torch.Tensor, float]] = {}  # MoE layer -> its router input's RMSNorm (weight, eps)
 
     def set_routers(self, routers: dict[int, torch.Tensor], norms: dict[int, tuple[torch.Tensor, float]]) -> None:
-        self.routers, self.norms = routers, norms
+        """Float32 copies (E x D and D per layer: small), so guessing converts only the stream."""
+        self.routers = {l: r.detach().float().T.contiguous() for l, r in routers.items()}  # [D, E]
+        self.norms = {l: (w.detach().float(), eps) for l, (w, eps) in norms.items()}
 
     def predict_after(self, layer: int, stream: torch.Tensor, depth: int) -> dict[int, dict[int, float]]:
         """Each of the next `depth` layers' routers applied to the normalized stream."""
@@ -141,8 +142,8 @@ class PreGatePredictor(ExpertPredictor):
         for target in self.moe_layers[i + 1:i + 1 + depth]:
             if target in self.routers:
                 weight, eps = self.norms[target]
-                x = weight * F.rms_norm(stream.float(), (stream.shape[-1],), eps=eps).to(stream.dtype)  # [T, D]
-                out[target] = _union_probs(torch.softmax((x @ self.routers[target].T).float(), dim=-1), self.top_k)
+                x = F.rms_norm(stream.float(), (stream.shape[-1],), weight, eps)  # [T, D]
+                out[target] = _union_probs(torch.softmax(x @ self.routers[target], dim=-1), self.top_k)
         return out
 
 

@@ -3,16 +3,19 @@ with prediction-driven prefetch on a background I/O thread. Each MoE layer gets 
 (the models' ExpertWeights protocol), so model code does not know experts live on disk.
 
 One layer call, for the experts its tokens routed to:
-  1. the predictor learns from this routing and guesses the next MoE layer's experts;
-  2. reads start for the first READ_AHEAD missing experts of this layer that get a slot without evicting one
-     this layer still needs (demand, first in the I/O queue), then for the guessed ones that find a free slot
-     (prefetch, after: a guess never evicts a cached expert that may be needed sooner);
+  1. reads start for the first READ_AHEAD missing experts of this layer that get a slot without evicting one
+     this layer still needs (demand: first in the I/O queue);
+  2. the predictor learns from this routing and guesses the next MoE layers' experts. Guesses are read only
+     while the disk would otherwise be idle: an I/O thread with no demand read takes the next guess and only
+     then reserves its slot, a free one or one of an expert the running layer is done with (a whole forward
+     from its next use), so a guess never waits in the queue holding a slot, never delays a demand read by
+     more than the one read in flight, and never evicts an expert that may be needed sooner;
   3. experts are handed out one at a time, those already in RAM first, so the forward computes with them
      while the others are read (it sums the results in expert order, so tokens match the resident path
      exactly); each is pinned while in use, and more reads start as it is handed out. The forward waits
      (stall time) only when no expert it still needs has been read;
-  4. once the layer is done, guessed experts that found no slot in 2 may evict this layer's experts (a
-     whole forward away from their next use), and only those."""
+  4. predictors that read the residual stream guess again once the layer is done (after_layer); the newer
+     guesses replace the pending ones."""
 from __future__ import annotations
 
 import itertools
@@ -39,6 +42,7 @@ from ferry.ops.quant import QuantLinear
 from ferry.tiers.disk import DirectFile
 
 _DEMAND, _PREFETCH, _STOP = 0, 1, 9  # I/O queue priorities
+_GUESS = object()  # a prefetch job: the I/O thread takes the next pending guess (ExpertStore._next_guess)
 # most demand reads of one layer call started ahead of the forward (read or being read, not yet computed with):
 # enough to keep the I/O threads busy, few enough that a layer needing more experts than the cache holds streams
 # them through a few slots and leaves the rest of the cache to other layers' experts (reused next step), instead
@@ -73,6 +77,8 @@ class ExpertStore:
         self._predicted: dict[int, set[int]] = {}  # MoE layer -> experts predicted for its next call (and read)
         self._guesses: dict[int, dict[int, tuple[float, int]]] = {}  # every guess: expert -> (probability, distance)
         self._layer_keys: set[Key] = set()  # the experts of the layer running now
+        self._done_with: set[Key] = set()  # those of them it has computed with
+        self._guesses_pending: list[tuple[Key, float]] = []  # guesses not read yet, in order: (key, probability)
         self.confidence = ConfidenceGate()
         self.prefetch_width: int | None = None  # most guessed experts read ahead per layer (None: all; the planner's)
         self.prefetch_depth = 1  # MoE layers ahead to read guessed experts for (the planner's)
@@ -147,18 +153,18 @@ class ExpertStore:
     def weights(self, layer: int, expert_ids: Sequence[int], x: torch.Tensor,
                 top_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         keys = [(layer, int(e)) for e in expert_ids]
-        self._layer_keys = set(keys)
+        with self.cache.cond:  # the disk first: demand reads start before any bookkeeping
+            cached = {k: self.cache.lookup(k) for k in keys}  # a hit if the same entry is still there when asked for
+            self._stats.lookups += len(keys)
+            self._layer_keys, self._done_with = set(keys), set()  # none of them can make room for guesses yet
+            reading = self._start_reads(keys, READ_AHEAD)
         self._score_prediction(layer, set(k[1] for k in keys))
         self.predictor.observe(layer, x, top_ids)
         ahead = self.predictor.predict_ahead(layer, x, top_ids, self.prefetch_depth) if self.prefetch_width != 0 else {}
         guessed, probs = self._choose(layer, ahead)
         with self.cache.cond:
             self.policy.on_layer(layer, {(t, e): p for t, guess in ahead.items() for e, p in guess.items()})
-            cached = {k: self.cache.lookup(k) for k in keys}  # a hit if the same entry is still there when asked for
-            self._stats.lookups += len(keys)
-            reading = self._start_reads(keys, set(keys), _DEMAND, limit=READ_AHEAD)
-            if guessed:  # into free slots only: a guess never displaces an expert that may be needed sooner
-                self._start_reads(guessed, set(keys) | set(guessed), _PREFETCH, only=set(), probs=probs)
+            self._guess(guessed, probs)
         remaining = list(range(len(keys)))
         while remaining:
             with self.cache.cond:  # an expert already read first, else the first being read, else the next one
@@ -174,10 +180,9 @@ class ExpertStore:
                 with self.cache.cond:
                     entry.pins -= 1
                     self.cache.cond.notify_all()
-                    reading |= self._start_reads(later, set(later), _DEMAND, limit=READ_AHEAD - len(reading))
-        if guessed:  # this layer's experts are a whole forward from their next use: guesses may take their slots
-            with self.cache.cond:
-                self._start_reads(guessed, set(guessed), _PREFETCH, only=set(keys), probs=probs)
+                    reading |= self._start_reads(later, READ_AHEAD - len(reading))
+                    self._done_with.add(keys[pos])  # a whole forward from its next use: guesses may take its slot
+                    self._arm_guesses()
 
     def after_layer(self, layer: int, stream: torch.Tensor) -> None:
         """`layer` is done and its output added to the residual stream [T, D]: predictors that read the stream
@@ -189,8 +194,7 @@ class ExpertStore:
         guessed, probs = self._choose(layer, ahead)
         with self.cache.cond:
             self.policy.on_hints({(t, e): p for t, guess in ahead.items() for e, p in guess.items()})
-            if guessed:
-                self._start_reads(guessed, set(guessed), _PREFETCH, only=self._layer_keys, probs=probs)
+            self._guess(guessed, probs)
 
     def _choose(self, layer: int, ahead: dict[int, dict[int, float]]) -> tuple[list[Key], dict[Key, float]]:
         """The guesses to read, nearest layer first, then likeliest first: at most prefetch_width per layer,
@@ -206,6 +210,39 @@ class ExpertStore:
             guessed += [(target, e) for e in chosen]
             probs.update({(target, e): guess[e] for e in chosen})
         return guessed, probs
+
+    def _guess(self, guessed: list[Key], probs: dict[Key, float]) -> None:
+        """The experts to prefetch, in order, replacing older guesses (a newer guess sees more). They are read
+        only while the disk would otherwise be idle: an I/O thread with no demand read takes the next one, and
+        only then reserves its slot, so guesses never hold slots in a queue nor delay a demand read by more
+        than the one read in flight."""
+        self._guesses_pending = [(k, probs[k]) for k in guessed]
+        self._arm_guesses()
+
+    def _arm_guesses(self) -> None:
+        """Wake an idle I/O thread for the pending guesses (at most one wake-up per thread waiting)."""
+        if self._guesses_pending and self._jobs.qsize() < len(self._threads):
+            self._jobs.put((_PREFETCH, next(self._seq), _GUESS))
+
+    def _next_guess(self) -> Entry | None:
+        """The next pending guess not cached, in a free slot or the slot of an expert the running layer is done
+        with, if the policy admits it over that expert (a guess never displaces one that may be needed sooner).
+        None when there is none, or no slot for it now."""
+        protect = {k for k, _ in self._guesses_pending} | (self._layer_keys - self._done_with)
+        while self._guesses_pending:
+            key, p = self._guesses_pending[0]
+            if self.cache.lookup(key) is not None:
+                self._guesses_pending.pop(0)
+                continue
+            entry = self.cache.reserve(key, protect, allow_protected=False, only=self._done_with,
+                                       admit=lambda victim: self.policy.admit(key, p, victim))
+            if entry is None:
+                return None
+            self._guesses_pending.pop(0)
+            entry.prefetched = True
+            self._stats.num_prefetches += 1
+            return entry
+        return None
 
     def _unpack(self, key: Key, slot: int) -> tuple[torch.Tensor | QuantLinear, torch.Tensor | QuantLinear]:
         """(gate_up, down) of a read expert: views into its slot (dense), fused-kernel linears over its slot
@@ -233,24 +270,19 @@ class ExpertStore:
         self._stats.num_predicted += len(predicted)
         self._stats.num_predicted_used += len(predicted & used)
 
-    def _start_reads(self, keys: Sequence[Key], protect: set[Key], priority: int, only: set[Key] | None = None,
-                     probs: dict[Key, float] | None = None, limit: int | None = None) -> set[Key]:
-        """Start reads of the keys not cached, while slots can be had without waiting or evicting protected ones
-        (with `only`, evicting only those; with probs, a prefetch evicts only what the policy admits), at most
-        `limit` of them. The keys whose reads started."""
+    def _start_reads(self, keys: Sequence[Key], limit: int) -> set[Key]:
+        """Start demand reads of the keys not cached, while slots can be had without waiting or evicting one of
+        keys, at most `limit` of them. The keys whose reads started."""
         started: set[Key] = set()
         for key in keys:
-            if limit is not None and len(started) >= limit:
+            if len(started) >= limit:
                 break
             if self.cache.lookup(key) is not None:
                 continue
-            admit = None if probs is None else (lambda victim, k=key: self.policy.admit(k, probs[k], victim))
-            entry = self.cache.reserve(key, protect, allow_protected=False, only=only, admit=admit)
-            if entry is None:  # no slot now; the keys after this one are less urgent (or less likely)
+            entry = self.cache.reserve(key, set(keys), allow_protected=False)
+            if entry is None:  # no slot now; the keys after this one are needed later
                 break
-            entry.prefetched = priority == _PREFETCH
-            self._stats.num_prefetches += entry.prefetched
-            self._jobs.put((priority, next(self._seq), entry))
+            self._jobs.put((_DEMAND, next(self._seq), entry))
             started.add(key)
         return started
 
@@ -291,6 +323,11 @@ class ExpertStore:
             _, _, entry = self._jobs.get()
             if entry is None:
                 return
+            if entry is _GUESS:
+                with self.cache.cond:
+                    entry = self._next_guess()
+                if entry is None:
+                    continue
             try:
                 error = self._read(entry)
             except Exception as e:  # never leave a forward waiting on a read that died
@@ -299,6 +336,7 @@ class ExpertStore:
             with self.cache.cond:
                 entry.done, entry.error = True, error
                 self.cache.cond.notify_all()
+                self._arm_guesses()
 
     def _read(self, entry: Entry) -> Exception | None:
         layer, expert = entry.key
@@ -343,6 +381,7 @@ class ExpertStore:
     def empty(self) -> None:
         """Wait for reads in flight and drop every cached expert (all slots free again)."""
         with self.cache.cond:
+            self._guesses_pending.clear()
             self.cache.clear()
             self._predicted.clear()
             self._guesses.clear()
