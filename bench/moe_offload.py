@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -70,6 +71,7 @@ from bench.moe_report import add_bound, add_ratios, plot
 from bench.moe_setup import (
     TRAINED,
     WORK,
+    background_reads,
     disk_bandwidth,
     expert_store,
     prompts_random,
@@ -108,8 +110,9 @@ def sizes_of(model: Path, args, engines: list[str]) -> tuple[Sizes, dict, list[P
     return sz, cfg, files
 
 
-def run_model(label: str, model: Path, args, engines: list[str], text_prompts: bool, record: dict) -> dict:
-    """Every budget x config x batch on one model; returns the model's part of the record."""
+def run_model(label: str, model: Path, args, engines: list[str], text_prompts: bool, record: dict,
+              runs: int) -> dict:
+    """Every budget x config x batch on one model, `runs` rounds; returns the model's part of the record."""
     t0 = time.perf_counter()
     budgets = [float(b) for b in args.budgets.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -118,7 +121,8 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
             "expert_bytes": sz.experts, "store_bytes": sz.store_bytes, "runtime_bytes": sz.runtime,
             "slack_bytes": SLACK, "int4_store": str(sz.int4_store) if sz.int4_store else None,
             "memory_limit": "cgroup" if sz.limits else f"none ({args.no_limit and '--no-limit' or memlimit.available()})",
-            "budgets": budgets, "batches": batches, "new_tokens": args.new_tokens, "cases": [], "plans": {}}
+            "budgets": budgets, "batches": batches, "new_tokens": args.new_tokens, "runs": runs, "cases": [],
+            "plans": {}}
     if sz.int4_store:
         from ferry.experts.layout import StoreIndex
         part["int4_store_bytes"] = StoreIndex.load(sz.int4_store).total_nbytes
@@ -142,6 +146,11 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
             ref.start(outer, model, args.dtype, args.threads, args.timeout, files)
             if ref.worker:
                 ref.call("generate", args.timeout, prompts=warm[max(batches)], max_tokens=[2] * max(batches))
+        ref = next((r for r in refs if r.name == REFERENCE and r.worker), None)
+        if ref is not None:
+            part["interference"] = interference(ref, prompt_sets, args, sz.store)
+            print(f"[moe-offload] {label}: reading the disk at full speed beside it slows in-memory decode by "
+                  f"{ {B: f'{100 * v:.0f}%' for B, v in part['interference']['slowdown'].items()} }", flush=True)
         ref_ids: dict[tuple[str, int], list] = {}
         for budget in budgets:
             klotski = args.klotski if budget <= 0.25 and 0 < args.klotski < max(batches) else None
@@ -149,13 +158,13 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
             with ExitStack() as stack:
                 start_all(confs, stack, model, args, files, label, budget, part, warm[max(batches)])
                 order = [r for r in refs if r.worker] + confs
-                runs = measure_all(order, batches, prompt_sets, args)
+                measured = measure_all(order, batches, prompt_sets, args, runs)
                 for B in batches:
                     case = {"budget": budget, "batch": B, "configs": {}}
                     for c in order:
                         if c.name.startswith(GROUPS) and B < max(batches):
                             continue
-                        s = summarize(c, runs.get((c.name, B), []), ref_ids, B)
+                        s = summarize(c, measured.get((c.name, B), []), ref_ids, B)
                         case["configs"][c.name] = s
                     add_ratios(case)
                     add_bound(case, part)
@@ -169,6 +178,21 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
                     shutil.rmtree(folder, ignore_errors=True)
     part["duration_s"] = time.perf_counter() - t0
     return part
+
+
+def interference(ref: Config, prompt_sets: dict, args, store: Path, rounds: int = 3) -> dict:
+    """How much the disk reading at full speed (another process, background_reads) slows ferry's all-in-memory
+    decode, per batch: the overlap of reads and compute an offloading engine counts on is not free on every
+    machine (on a virtual disk the host's I/O work can take the guest's CPU time). Runs alternate, quiet first."""
+    slowdown = {}
+    for B, prompts in prompt_sets.items():
+        quiet, busy = [], []
+        for _ in range(rounds):
+            quiet.append(measure(ref, prompts, args.new_tokens, args.timeout)["seconds"])
+            with background_reads(store):
+                busy.append(measure(ref, prompts, args.new_tokens, args.timeout)["seconds"])
+        slowdown[B] = max(0.0, statistics.median(busy) / statistics.median(quiet) - 1)
+    return {"slowdown": slowdown, "rounds": rounds}
 
 
 def start_all(confs: list[Config], stack: ExitStack, model: Path, args, files: list[Path], label: str, budget: float,
@@ -193,10 +217,11 @@ def timeout_of(c: Config, args) -> float:
     return args.timeout if c.engine == "ferry" else args.peer_timeout
 
 
-def measure_all(order: list[Config], batches: list[int], prompt_sets: dict, args) -> dict[tuple[str, int], list[dict]]:
-    """args.runs rounds over the configurations (the first one rotating), each batch size in turn."""
+def measure_all(order: list[Config], batches: list[int], prompt_sets: dict, args,
+                rounds: int) -> dict[tuple[str, int], list[dict]]:
+    """`rounds` rounds over the configurations (the first one rotating), each batch size in turn."""
     runs: dict[tuple[str, int], list[dict]] = {}
-    for r in range(args.runs):
+    for r in range(rounds):
         for c in order[r % len(order):] + order[:r % len(order)]:
             for B in batches:
                 if c.worker is None or c.why or (c.name.startswith(GROUPS) and B < max(batches)):
@@ -247,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence (24)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=None, help="threads of every engine (2)")
-    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=1, help="rounds on the random model (its peers take minutes)")
+    ap.add_argument("--trained-runs", type=int, default=None, help="rounds on the trained model (5; it decodes in seconds)")
     ap.add_argument("--klotski", type=int, default=8,
                     help="at budgets <= 25%% also decode the batch of 16 as sequential groups of this many (0: off)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per call of a ferry worker")
@@ -260,8 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="result name (default moe_offload)")
     args = ap.parse_args(argv)
     # --smoke shrinks only what the command line left unset
-    sizes = dict(threads=1, new_tokens=4, batches="1,4", budgets="1,0.25") if args.smoke else \
-        dict(threads=2, new_tokens=24, batches="1,16", budgets="1,0.5,0.25,0.125")
+    sizes = dict(threads=1, new_tokens=4, batches="1,4", budgets="1,0.25", trained_runs=1) if args.smoke else \
+        dict(threads=2, new_tokens=24, batches="1,16", budgets="1,0.5,0.25,0.125", trained_runs=5)
     for k, v in sizes.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -274,9 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     if args.model != "none":
         model = Path(args.model) if args.model else random_model(args.smoke)
-        run_model("random" if not args.model else "model", model, args, engines, False, record)
+        run_model("random" if not args.model else "model", model, args, engines, False, record, args.runs)
     if args.trained != "none":
-        run_model("trained", Path(args.trained), args, ["ferry"], True, record)
+        run_model("trained", Path(args.trained), args, ["ferry"], True, record, args.trained_runs)
     record["duration_s"] = time.perf_counter() - started
     path = result_path((args.out or "moe_offload"), args.smoke)
     path.write_text(json.dumps(record, indent=1, default=str))

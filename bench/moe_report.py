@@ -33,12 +33,13 @@ def add_bound(case: dict, part: dict) -> None:
     """The most any lossless engine could reach at this budget and batch, as a share of all-in-memory speed.
 
     A decode step needs `lookups` distinct experts (ferry full's count: every lossless run routes the same) and
-    starts with at most `slots` of them in RAM, so it reads at least lookups - slots records from the device,
-    which takes at least that many record bytes / the device's read rate. It can be no faster than all-in-memory
-    either: bound = in-memory step time / max(in-memory step, that read time). Any eviction policy, prefetch or
-    overlap of reads with compute stays under it. The rate is the faster of the store's measured rate
-    (disk_bandwidth, before the runs) and the rate ferry full itself read at in this case (a virtual disk's speed
-    varies with its host's caching)."""
+    starts with at most `slots` of them in RAM, so it reads at least lookups - slots records from the device:
+    read time r = that many record bytes / the device's read rate. The rate is the faster of the store's measured
+    rate (disk_bandwidth, before the runs) and the rate ferry full itself read at in this case (a virtual disk's
+    speed varies with its host's caching). The step's compute c is the all-in-memory step, and while the disk
+    reads, compute runs s times slower (s: the measured interference, when the model has it). At best every read
+    overlaps compute: the step then takes c + r s / (1 + s) while the reads end first, else r; with s = 0 that is
+    max(c, r). bound = c / that. Any eviction policy, prefetch or pipeline stays under it."""
     full, ref, disk = case["configs"].get("ferry full", {}), case["configs"].get(REFERENCE, {}), part.get("disk")
     if not disk or "lookups_per_step" not in full or "median" not in ref:
         return
@@ -46,10 +47,13 @@ def add_bound(case: dict, part: dict) -> None:
     rate = max(disk["bytes_per_s"], full.get("expert_bytes_per_token", 0.0) * full["median"])
     io_s = reads * disk["record_bytes"] / rate
     mem_s = case["batch"] / ref["median"]
-    ratio = mem_s / max(mem_s, io_s)
+    slowdown = part.get("interference", {}).get("slowdown", {})
+    s = slowdown.get(case["batch"], slowdown.get(str(case["batch"]), 0.0))
+    step_s = mem_s + io_s * s / (1 + s) if io_s <= mem_s * (1 + s) else io_s
+    ratio = mem_s / step_s
     achieved = case["ratios"].get("full / ferry in-memory", {}).get("median")
     case["bound"] = {"read_bytes_per_s": rate, "min_reads_per_step": reads, "min_read_ms_per_step": 1e3 * io_s,
-                     "in_memory_ms_per_step": 1e3 * mem_s, "ratio": ratio,
+                     "in_memory_ms_per_step": 1e3 * mem_s, "interference": s, "ratio": ratio,
                      "full_share_of_bound": achieved / ratio if achieved is not None else None}
 
 
@@ -106,7 +110,8 @@ def markdown(rec: dict) -> str:
         out.append(_counters_table(p))
     cmd = " ".join(["python -m bench moe-offload", *rec["machine"]["argv"][rec["machine"]["argv"].index("moe-offload") + 1:]]
                    ) if "moe-offload" in rec["machine"]["argv"] else "python -m bench moe-offload"
-    out.append(f"{rec['config']['threads']} threads for every engine; median of {rec['config']['runs']} round(s), "
+    rounds = ", ".join(f"{p.get('runs', rec['config']['runs'])} on {label}" for label, p in rec["models"].items())
+    out.append(f"{rec['config']['threads']} threads for every engine; median of rounds ({rounds}), "
                f"configurations alternating; git {rec['machine']['git']}, torch {rec['machine']['torch']}, "
                f"transformers {rec['machine']['transformers']}; {rec.get('duration_s', 0) / 60:.0f} min. "
                f"Reproduce: `{cmd}` (results in `bench/results/{rec['config'].get('out') or 'moe_offload'}.{{json,png}}`).")
@@ -149,10 +154,14 @@ def _throughput_table(label: str, p: dict, dtype: str) -> str:
              f"{p['nonexpert_bytes'] / 2**20:.0f} MiB of other weights in {dtype}{int4}; decode tok/s, "
              f"{p['new_tokens']} tokens after 16-token prompts; memory limit: {p['memory_limit']})")
     if bound:
+        slow = p.get("interference", {}).get("slowdown", {})
+        slow = ", ".join(f"{100 * v:.0f}% at batch {B}" for B, v in slow.items())
         notes.append(f"‡ the most any lossless engine could reach, as a share of all-in-memory speed: a step reads at "
                      f"least (experts it needs − experts the budget holds) records, at the faster of the store's "
-                     f"measured rate ({p['disk']['bytes_per_s'] / 1e9:.2f} GB/s) and the rate ferry full read at "
-                     "(bench/moe_report.py, add_bound)")
+                     f"measured rate ({p['disk']['bytes_per_s'] / 1e9:.2f} GB/s) and the rate ferry full read at, "
+                     f"every read overlapping compute"
+                     + (f", which the disk reading at full speed slows by {slow} (measured)" if slow else "")
+                     + " (bench/moe_report.py, add_bound)")
     if any("†" in r for r in rows):
         notes.append("† groups of 8 decode in batches of 8, whose bf16 rounding differs from batch 16's; the "
                      "in-memory run with --max-num-seqs 8 gives the same tokens as the offloaded one")

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -142,3 +147,49 @@ def disk_bandwidth(store: Path, threads: tuple[int, ...] = (1, 2, 4), passes: in
     finally:
         for f in files.values():
             f.close()
+
+
+def read_forever(store: Path, threads: int = 2) -> None:
+    """O_DIRECT reads of the store's records in random order by `threads` threads, until the process is killed:
+    the disk at full speed, as an offloading engine keeps it (background_reads)."""
+    import random
+    import threading
+
+    import torch
+
+    from ferry.experts.layout import StoreIndex
+    from ferry.tiers.disk import ALIGN, DirectFile
+    index = StoreIndex.load(store)
+    files = {layer: DirectFile(Path(store) / name) for layer, name in index.layer_files.items()}
+    jobs = [(files[layer], rec.offset, index.layout.record_format(rec.bits).record_nbytes)
+            for layer, recs in index.experts.items() for rec in recs]
+
+    def work(seed: int) -> None:
+        raw = torch.empty(index.slot_nbytes + ALIGN, dtype=torch.uint8)
+        start = (-raw.data_ptr()) % ALIGN
+        buf = memoryview(raw[start:start + index.slot_nbytes].numpy())
+        rng = random.Random(seed)
+        while True:
+            f, offset, nbytes = rng.choice(jobs)
+            f.read_into(buf[:nbytes], offset)
+
+    workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+@contextmanager
+def background_reads(store: Path):
+    """A separate process reading the store from the device at full speed while the block runs (read_forever)."""
+    proc = subprocess.Popen([sys.executable, "-c", f"from bench.moe_setup import read_forever; "
+                             f"read_forever({str(store)!r})"], cwd=ROOT.parent, env=dict(os.environ))
+    try:
+        time.sleep(0.5)  # imports done, reads running
+        if proc.poll() is not None:
+            raise RuntimeError(f"the background reader of {store} exited with {proc.returncode}")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()

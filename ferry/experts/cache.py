@@ -3,11 +3,9 @@
 The slab is allocated once and never grown, so the budget holds by construction; a slot holds one expert
 record (layout.py) and is filled by one aligned read. An entry is loading (its slot is being read into)
 or done (ready, or failed); pinned entries are being computed with. Only done, unpinned entries can be
-evicted; which one, the policy decides. Every method except the constructor, slot() and the properties
-must be called with `cond` held (the store's compute thread and I/O thread share it)."""
+evicted; which one, the policy decides. One thread uses it: the forward's (reader threads only fill slots)."""
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +21,7 @@ class Entry:
     key: Key
     slot: int
     done: bool = False  # the read finished (ready, or error set)
+    ticket: int = -1  # the read filling it (ferry.tiers.read_pool)
     error: Exception | None = None
     pins: int = 0  # forwards computing with it right now
     prefetched: bool = False  # loaded by a prefetch and not used since
@@ -41,7 +40,6 @@ class ExpertCache:
         self.slab: torch.Tensor | None = raw[start:start + self.num_slots * slot_nbytes]  # O_DIRECT-aligned
         self.free_slots = list(range(self.num_slots - 1, -1, -1))
         self.entries: dict[Key, Entry] = {}
-        self.cond = threading.Condition()
         self.max_slots_used = 0
         self.num_evictions = 0
 
@@ -94,12 +92,10 @@ class ExpertCache:
         self.policy.on_remove(entry.key)
 
     def clear(self) -> None:
-        """Drop every entry once its read finished; pinned entries are a caller bug, reported."""
-        while any(not e.done for e in self.entries.values()):
-            self.cond.wait()
-        pinned = [e.key for e in self.entries.values() if e.pins]
-        if pinned:
-            raise RuntimeError(f"experts {pinned} are still pinned; a forward did not release them")
+        """Drop every entry (their reads finished); pinned or loading entries are a caller bug, reported."""
+        busy = [e.key for e in self.entries.values() if e.pins or not e.done]
+        if busy:
+            raise RuntimeError(f"experts {busy} are still pinned or being read; a forward did not release them")
         for e in list(self.entries.values()):
             self.remove(e)
 

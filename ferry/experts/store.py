@@ -18,10 +18,7 @@ One layer call, for the experts its tokens routed to:
      guesses replace the pending ones."""
 from __future__ import annotations
 
-import itertools
 import os
-import queue
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -40,14 +37,16 @@ from ferry.experts.predictors import ExpertPredictor
 from ferry.experts.stats import ExpertStats
 from ferry.ops.quant import QuantLinear
 from ferry.tiers.disk import DirectFile
+from ferry.tiers.read_pool import Finished, read_pool
 
-_DEMAND, _PREFETCH, _STOP = 0, 1, 9  # I/O queue priorities
-_GUESS = object()  # a prefetch job: the I/O thread takes the next pending guess (ExpertStore._next_guess)
 # most demand reads of one layer call started ahead of the forward (read or being read, not yet computed with):
 # enough to keep the I/O threads busy, few enough that a layer needing more experts than the cache holds streams
 # them through a few slots and leaves the rest of the cache to other layers' experts (reused next step), instead
 # of evicting them all at its start (a cyclic scan, where every cached expert is gone before its next use)
 READ_AHEAD = 3
+# most guessed reads queued or in flight per reader thread: the disk stays busy through a layer's attention, and
+# guesses hold few slots before they are read
+GUESSES_QUEUED = 2
 
 
 class ExpertReadError(FerryError):
@@ -82,17 +81,14 @@ class ExpertStore:
         self.confidence = ConfidenceGate()
         self.prefetch_width: int | None = None  # most guessed experts read ahead per layer (None: all; the planner's)
         self.prefetch_depth = 1  # MoE layers ahead to read guessed experts for (the planner's)
-        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
-        self._seq = itertools.count()
         self._closed = False
         # experts whose record passed its checksum once: later reads skip it (at 1 GB/s a check costs a quarter of
         # the read's time in CPU, which the forward needs on a small machine); corruption at rest shows at first use
         self._verified: set[Key] = set()
         # a few reads in flight at once: one small read at a time leaves an SSD's queue mostly empty
-        self._threads = [threading.Thread(target=self._io_loop, name=f"ferry-expert-io-{i}", daemon=True)
-                         for i in range(num_io_threads)]
-        for t in self._threads:
-            t.start()
+        self.num_io_threads = num_io_threads
+        self._pool = read_pool(num_io_threads)
+        self._loading: dict[int, Entry] = {}  # read ticket -> the entry it fills
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -153,23 +149,25 @@ class ExpertStore:
     def weights(self, layer: int, expert_ids: Sequence[int], x: torch.Tensor,
                 top_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         keys = [(layer, int(e)) for e in expert_ids]
-        with self.cache.cond:  # the disk first: demand reads start before any bookkeeping
-            cached = {k: self.cache.lookup(k) for k in keys}  # a hit if the same entry is still there when asked for
-            self._stats.lookups += len(keys)
-            self._layer_keys, self._done_with = set(keys), set()  # none of them can make room for guesses yet
-            reading = self._start_reads(keys, READ_AHEAD)
+        self._reap(self._pool.reap())
+        cached = {k: self.cache.lookup(k) for k in keys}  # a hit if the same entry is still there when asked for
+        self._stats.lookups += len(keys)
+        self._layer_keys, self._done_with = set(keys), set()  # none of them can make room for guesses yet
+        for entry in cached.values():  # guesses still queued are needed now: ahead of the other guesses
+            if entry is not None and not entry.done:
+                self._pool.prioritize(entry.ticket)
+        reading = self._start_reads(keys, READ_AHEAD)  # the disk first: before any bookkeeping
         self._score_prediction(layer, set(k[1] for k in keys))
         self.predictor.observe(layer, x, top_ids)
         ahead = self.predictor.predict_ahead(layer, x, top_ids, self.prefetch_depth) if self.prefetch_width != 0 else {}
         guessed, probs = self._choose(layer, ahead)
-        with self.cache.cond:
-            self.policy.on_layer(layer, {(t, e): p for t, guess in ahead.items() for e, p in guess.items()})
-            self._guess(guessed, probs)
+        self.policy.on_layer(layer, {(t, e): p for t, guess in ahead.items() for e, p in guess.items()})
+        self._guess(guessed, probs)
         remaining = list(range(len(keys)))
         while remaining:
-            with self.cache.cond:  # an expert already read first, else the first being read, else the next one
-                pos = next((p for p in remaining if self._is_ready(keys[p])),
-                           next((p for p in remaining if keys[p] in reading), remaining[0]))
+            self._reap(self._pool.reap())  # an expert already read first, else the first being read, else the next
+            pos = next((p for p in remaining if self._is_ready(keys[p])),
+                       next((p for p in remaining if keys[p] in reading), remaining[0]))
             remaining.remove(pos)
             reading.discard(keys[pos])
             later = [keys[p] for p in remaining]
@@ -177,12 +175,10 @@ class ExpertStore:
             try:
                 yield (pos, *self._unpack(keys[pos], entry.slot))
             finally:
-                with self.cache.cond:
-                    entry.pins -= 1
-                    self.cache.cond.notify_all()
-                    reading |= self._start_reads(later, READ_AHEAD - len(reading))
-                    self._done_with.add(keys[pos])  # a whole forward from its next use: guesses may take its slot
-                    self._arm_guesses()
+                entry.pins -= 1
+                reading |= self._start_reads(later, READ_AHEAD - len(reading))
+                self._done_with.add(keys[pos])  # a whole forward from its next use: guesses may take its slot
+                self._read_guesses()
 
     def after_layer(self, layer: int, stream: torch.Tensor) -> None:
         """`layer` is done and its output added to the residual stream [T, D]: predictors that read the stream
@@ -192,9 +188,8 @@ class ExpertStore:
             return
         ahead = self.predictor.predict_after(layer, stream, self.prefetch_depth)
         guessed, probs = self._choose(layer, ahead)
-        with self.cache.cond:
-            self.policy.on_hints({(t, e): p for t, guess in ahead.items() for e, p in guess.items()})
-            self._guess(guessed, probs)
+        self.policy.on_hints({(t, e): p for t, guess in ahead.items() for e, p in guess.items()})
+        self._guess(guessed, probs)
 
     def _choose(self, layer: int, ahead: dict[int, dict[int, float]]) -> tuple[list[Key], dict[Key, float]]:
         """The guesses to read, nearest layer first, then likeliest first: at most prefetch_width per layer,
@@ -213,16 +208,19 @@ class ExpertStore:
 
     def _guess(self, guessed: list[Key], probs: dict[Key, float]) -> None:
         """The experts to prefetch, in order, replacing older guesses (a newer guess sees more). They are read
-        only while the disk would otherwise be idle: an I/O thread with no demand read takes the next one, and
-        only then reserves its slot, so guesses never hold slots in a queue nor delay a demand read by more
-        than the one read in flight."""
+        while the disk has little else to do (_read_guesses), each reserving its slot only when its read is
+        submitted."""
         self._guesses_pending = [(k, probs[k]) for k in guessed]
-        self._arm_guesses()
+        self._read_guesses()
 
-    def _arm_guesses(self) -> None:
-        """Wake an idle I/O thread for the pending guesses (at most one wake-up per thread waiting)."""
-        if self._guesses_pending and self._jobs.qsize() < len(self._threads):
-            self._jobs.put((_PREFETCH, next(self._seq), _GUESS))
+    def _read_guesses(self) -> None:
+        """Submit pending guesses while fewer than GUESSES_QUEUED reads per reader thread are queued or in
+        flight. Demand reads go ahead of them in the pool's queue."""
+        while self._guesses_pending and self._pool.pending() < GUESSES_QUEUED * self.num_io_threads:
+            entry = self._next_guess()
+            if entry is None:
+                return
+            self._submit(entry, demand=False)
 
     def _next_guess(self) -> Entry | None:
         """The next pending guess not cached, in a free slot or the slot of an expert the running layer is done
@@ -282,7 +280,7 @@ class ExpertStore:
             entry = self.cache.reserve(key, set(keys), allow_protected=False)
             if entry is None:  # no slot now; the keys after this one are needed later
                 break
-            self._jobs.put((_DEMAND, next(self._seq), entry))
+            self._submit(entry, demand=True)
             started.add(key)
         return started
 
@@ -290,72 +288,68 @@ class ExpertStore:
         """key's entry, read and pinned; waits for its read (or for a slot) if needed. A hit when it was cached
         (or being prefetched) before this layer asked and still is."""
         t0 = time.perf_counter()
-        cond = self.cache.cond
-        with cond:
-            while True:
-                entry = self.cache.lookup(key)
-                if entry is None:
-                    entry = self.cache.reserve(key, keep, allow_protected=True)
-                    if entry is None:  # every slot is being read into or used: wait for one
-                        cond.wait()
-                        continue
-                    self._jobs.put((_DEMAND, next(self._seq), entry))
-                break
-            self._stats.hits += entry is cached
-            entry.pins += 1
-            while not entry.done:
-                cond.wait()
-            self._stats.stall_seconds += time.perf_counter() - t0
-            if entry.error is not None:
-                entry.pins -= 1
-                self.cache.remove(entry)
-                raise entry.error
-            if entry.prefetched:
-                entry.prefetched = False
-                self._stats.num_prefetches_used += 1
-            self.policy.on_access(key)
-            return entry
-
-    # -- the I/O thread -------------------------------------------------------------------------------
-
-    def _io_loop(self) -> None:
         while True:
-            _, _, entry = self._jobs.get()
+            entry = self.cache.lookup(key)
             if entry is None:
-                return
-            if entry is _GUESS:
-                with self.cache.cond:
-                    entry = self._next_guess()
-                if entry is None:
+                entry = self.cache.reserve(key, keep, allow_protected=True)
+                if entry is None:  # every slot is being read into or used: wait for a read to end
+                    self._reap(self._pool.wait())
                     continue
-            try:
-                error = self._read(entry)
-            except Exception as e:  # never leave a forward waiting on a read that died
-                error = ExpertReadError(f"reading expert {entry.key[1]} of layer {entry.key[0]} failed: "
-                                        f"{type(e).__name__}: {e}")
-            with self.cache.cond:
-                entry.done, entry.error = True, error
-                self.cache.cond.notify_all()
-                self._arm_guesses()
+                self._submit(entry, demand=True)
+            break
+        self._stats.hits += entry is cached
+        entry.pins += 1
+        if not entry.done:
+            self._pool.prioritize(entry.ticket)  # a queued guess: needed now
+        while not entry.done:
+            self._reap(self._pool.wait(entry.ticket))
+        self._stats.stall_seconds += time.perf_counter() - t0
+        if entry.error is not None:
+            entry.pins -= 1
+            self.cache.remove(entry)
+            raise entry.error
+        if entry.prefetched:
+            entry.prefetched = False
+            self._stats.num_prefetches_used += 1
+        self.policy.on_access(key)
+        return entry
 
-    def _read(self, entry: Entry) -> Exception | None:
+    # -- reads ----------------------------------------------------------------------------------------
+
+    def _submit(self, entry: Entry, demand: bool) -> None:
         layer, expert = entry.key
         f = self.files[layer]
         rec = self.index.experts[layer][expert]
+        nbytes = self.layout.record_format(rec.bits).record_nbytes
+        entry.ticket = self._pool.submit(f.fd, self.cache.slot(entry.slot).data_ptr(), nbytes, rec.offset,
+                                         demand, f.mode == "fadvise")
+        self._loading[entry.ticket] = entry
+
+    def _reap(self, finished: list[Finished]) -> None:
+        """Mark finished reads done, or failed with an error naming the expert and the file."""
+        for ticket, nbytes, error, seconds in finished:
+            entry = self._loading.pop(ticket)
+            f = self.files[entry.key[0]]
+            f.stats.num_reads += 1
+            f.stats.bytes_read += nbytes
+            f.stats.read_seconds += seconds
+            entry.done, entry.error = True, self._check(entry, f, nbytes, error)
+
+    def _check(self, entry: Entry, f: DirectFile, nbytes: int, error: int) -> ExpertReadError | None:
+        layer, expert = entry.key
+        rec = self.index.experts[layer][expert]
         fmt = self.layout.record_format(rec.bits)
-        slot = self.cache.slot(entry.slot)
-        try:
-            f.read_into(memoryview(slot.numpy())[:fmt.record_nbytes], rec.offset)
-        except OSError as e:
-            return ExpertReadError(f"cannot read expert {expert} of layer {layer} from {f.path}: {e}")
+        if error or nbytes < fmt.record_nbytes:
+            why = os.strerror(error) if error else (f"the file is truncated: read {nbytes} of {fmt.record_nbytes} "
+                                                    f"bytes at offset {rec.offset}")
+            return ExpertReadError(f"cannot read expert {expert} of layer {layer} from {f.path}: {why}")
         if entry.key in self._verified:  # the file was checked at the expert's first read
             return None
-        crc = zlib.crc32(memoryview(slot.numpy())[:fmt.payload_nbytes])
-        if crc == rec.crc32:
-            self._verified.add(entry.key)
-        else:
+        crc = zlib.crc32(memoryview(self.cache.slot(entry.slot).numpy())[:fmt.payload_nbytes])
+        if crc != rec.crc32:
             return ExpertReadError(f"expert {expert} of layer {layer} in {f.path} (offset {rec.offset}) fails its "
                                    f"checksum (crc32 {crc:#010x}, index says {rec.crc32:#010x}): the file is corrupt")
+        self._verified.add(entry.key)
         return None
 
     # -- accounting and shutdown ----------------------------------------------------------------------
@@ -380,21 +374,19 @@ class ExpertStore:
 
     def empty(self) -> None:
         """Wait for reads in flight and drop every cached expert (all slots free again)."""
-        with self.cache.cond:
-            self._guesses_pending.clear()
-            self.cache.clear()
-            self._predicted.clear()
-            self._guesses.clear()
+        self._guesses_pending.clear()
+        while self._loading:
+            self._reap(self._pool.wait())
+        self.cache.clear()
+        self._predicted.clear()
+        self._guesses.clear()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for _ in self._threads:
-            self._jobs.put((_STOP, next(self._seq), None))  # after every read already queued
-        for t in self._threads:
-            t.join()
         self.empty()
+        self._pool.close()
         self._weights.clear()  # views keep the slab alive
         self.cache.release_slab()
         self.predictor.close()

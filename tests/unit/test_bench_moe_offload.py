@@ -11,7 +11,7 @@ import pytest
 from bench import memlimit
 from bench.common import SMOKE
 from bench.moe_configs import FERRY_MODES, INT4_FULL, INT4_REFERENCE, REFERENCE
-from bench.moe_report import add_ratios, markdown
+from bench.moe_report import add_bound, add_ratios, markdown
 
 
 def _m(tok_s: float, rnd: int) -> dict:
@@ -46,6 +46,22 @@ def test_table_shows_reasons_ratios_and_inexact_tokens():
     assert "(1) over the 600 s limit per call" in text
     assert "| 16 | 25% | 50% | 75% | 60% | 1.00 | 3.00 |" in text
     assert "python -m bench moe-offload --runs 1" in text
+
+
+def _bound(lookups: float, slowdown: dict) -> float:
+    """1 s in-memory steps (16 tok/s at batch 16), records of 1 MB read at 10 MB/s, 4 slots."""
+    case = {"batch": 16, "ratios": {}, "configs": {
+        REFERENCE: {"median": 16.0},
+        "ferry full": {"median": 4.0, "lookups_per_step": lookups, "num_slots": 4, "expert_bytes_per_token": 0.0}}}
+    add_bound(case, {"disk": {"bytes_per_s": 1e7, "record_bytes": 1e6}, "interference": {"slowdown": slowdown}})
+    return case["bound"]["ratio"]
+
+
+def test_bound_counts_compute_slowed_by_reads():
+    assert _bound(10, {}) == 1.0  # 0.6 s of reads hide under 1 s of compute
+    assert _bound(10, {16: 0.5}) == pytest.approx(1 / 1.2)  # 0.6 s of reads slow that compute by a third of 0.6 s
+    assert _bound(10, {"16": 0.5}) == pytest.approx(1 / 1.2)  # as read back from the JSON
+    assert _bound(34, {16: 0.5}) == pytest.approx(1 / 3)  # 3 s of reads: compute (1.5 s at worst) hides under them
 
 
 @pytest.mark.skipif(memlimit.available() is not None, reason=f"no writable memory cgroup: {memlimit.available()}")

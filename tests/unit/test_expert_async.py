@@ -1,8 +1,10 @@
 """The server's engine (AsyncLLM) with an expert store: tokens as offline, expert stats in its snapshot, and
-shutdown closes the store (I/O threads stopped, cache memory released)."""
+shutdown closes the store (reader threads stopped, cache memory released)."""
 from __future__ import annotations
 
 import asyncio
+
+import pytest
 
 from ferry import LLM, SamplingParams
 from ferry.engine.async_engine import AsyncLLM
@@ -30,4 +32,6 @@ def test_async_engine_serves_from_the_store_and_closes_it(tmp_ckpt_dir):
     got, engine = asyncio.run(run())
     assert got == want
     store = engine.engine.parts.experts
-    assert store.cache.slab is None and all(not t.is_alive() for t in store._threads)
+    assert store.cache.slab is None and not store._loading
+    with pytest.raises(RuntimeError, match="closed"):  # its reader threads are stopped
+        store._pool.submit(0, 0, 0, 0, True, False)

@@ -48,17 +48,16 @@ def test_frequency_correlation_policy_keeps_what_is_needed_next():
 def test_cache_slab_never_exceeds_the_budget(budget):
     cache = ExpertCache(budget, 4096, LRUPolicy())
     assert cache.nbytes <= budget and cache.slab.data_ptr() % 4096 == 0
-    with cache.cond:
-        entries = [cache.reserve((0, e), set(), False) for e in range(cache.num_slots)]
-        assert cache.reserve((1, 0), set(), False) is None  # all loading: nothing to evict
-        for e in entries:
-            e.done = True
-        entries[0].pins = 1
-        assert cache.reserve((1, 0), {(0, 1)}, False).slot == entries[2].slot  # not pinned, not protected
-        entries[0].pins = 0
-        for e in cache.entries.values():
-            e.done = True
-        cache.clear()
+    entries = [cache.reserve((0, e), set(), False) for e in range(cache.num_slots)]
+    assert cache.reserve((1, 0), set(), False) is None  # all loading: nothing to evict
+    for e in entries:
+        e.done = True
+    entries[0].pins = 1
+    assert cache.reserve((1, 0), {(0, 1)}, False).slot == entries[2].slot  # not pinned, not protected
+    entries[0].pins = 0
+    for e in cache.entries.values():
+        e.done = True
+    cache.clear()
     assert cache.all_free
 
 
@@ -140,11 +139,10 @@ def test_prefetch_admission_weighs_the_guess_against_its_victim():
     assert p.admit((1, 5), 0.9, (0, 6))  # a likely one replaces a never-used expert
     assert LRUPolicy().admit((1, 5), 0.01, (0, 3))  # the baseline always admits
     cache = ExpertCache(4096, 4096, LRUPolicy())
-    with cache.cond:
-        cache.reserve((0, 3), set(), False).done = True
-        assert cache.reserve((1, 5), set(), False, admit=lambda victim: False) is None
-        assert cache.reserve((1, 5), set(), False, only=set()) is None  # free slots only: none left
-        assert cache.reserve((1, 5), set(), False, only={(0, 3)}) is not None
+    cache.reserve((0, 3), set(), False).done = True
+    assert cache.reserve((1, 5), set(), False, admit=lambda victim: False) is None
+    assert cache.reserve((1, 5), set(), False, only=set()) is None  # free slots only: none left
+    assert cache.reserve((1, 5), set(), False, only={(0, 3)}) is not None
 
 
 def test_a_layer_needing_more_experts_than_the_cache_streams_them(tmp_ckpt_dir):
