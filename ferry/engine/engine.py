@@ -157,7 +157,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished
 
     def close(self) -> None:
-        """Stop background work and free what the engine holds outside Python's reach (expert cache, I/O thread)."""
+        """Stop background work and free what the engine holds outside Python's reach (expert cache, reader threads)."""
         if self.parts.experts is not None:
             self.parts.experts.close()
 

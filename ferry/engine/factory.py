@@ -150,6 +150,6 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         runner = Runner(model, storage, Sampler(eos, seed=cfg.seed), block_size, device)
         return EngineParts(cfg, model_cfg, tokenizer, kv, storage, scheduler, runner, max_len, eos, experts)
     except BaseException:
-        if experts:  # its I/O thread and cache must not outlive a failed start
+        if experts:  # its reader threads and cache must not outlive a failed start
             experts.close()
         raise

@@ -19,7 +19,7 @@ class LLM:
         self._ids = itertools.count()
 
     def close(self) -> None:
-        """Free what the engine holds beyond Python objects (the expert cache and its I/O thread)."""
+        """Free what the engine holds beyond Python objects (the expert cache and its reader threads)."""
         self.engine.close()
 
     def __enter__(self) -> "LLM":

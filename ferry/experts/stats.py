@@ -10,7 +10,7 @@ class ExpertStats:
     hits: int = 0  # of which already in the cache or being read by a prefetch
     bytes_read: int = 0  # from disk, demand and prefetch
     num_reads: int = 0
-    read_seconds: float = 0.0  # time in reads (I/O thread)
+    read_seconds: float = 0.0  # time in reads (reader threads)
     stall_seconds: float = 0.0  # time the forward waited for expert reads
     num_prefetches: int = 0  # reads started by a prediction
     num_prefetches_used: int = 0  # of which used by a forward before eviction

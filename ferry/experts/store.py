@@ -1,15 +1,15 @@
 """ExpertStore: experts read from an expert store folder on demand into a RAM cache under a byte budget,
-with prediction-driven prefetch on a background I/O thread. Each MoE layer gets a `StoreExperts`
+with prediction-driven prefetch, on the reader threads of ferry.tiers.read_pool. Each MoE layer gets a `StoreExperts`
 (the models' ExpertWeights protocol), so model code does not know experts live on disk.
 
 One layer call, for the experts its tokens routed to:
   1. reads start for the first READ_AHEAD missing experts of this layer that get a slot without evicting one
      this layer still needs (demand: first in the I/O queue);
-  2. the predictor learns from this routing and guesses the next MoE layers' experts. Guesses are read only
-     while the disk would otherwise be idle: an I/O thread with no demand read takes the next guess and only
-     then reserves its slot, a free one or one of an expert the running layer is done with (a whole forward
-     from its next use), so a guess never waits in the queue holding a slot, never delays a demand read by
-     more than the one read in flight, and never evicts an expert that may be needed sooner;
+  2. the predictor learns from this routing and guesses the next MoE layers' experts. Guesses are read while
+     the disk has little else to do: at most GUESSES_QUEUED per reader thread queued or in flight, behind any
+     demand read, each reserving its slot (a free one, or one of an expert the running layer is done with: a
+     whole forward from its next use) only when submitted, so a guess never evicts an expert that may be
+     needed sooner;
   3. experts are handed out one at a time, those already in RAM first, so the forward computes with them
      while the others are read (it sums the results in expert order, so tokens match the resident path
      exactly); each is pinned while in use, and more reads start as it is handed out. The forward waits
@@ -40,7 +40,7 @@ from ferry.tiers.disk import DirectFile
 from ferry.tiers.read_pool import Finished, read_pool
 
 # most demand reads of one layer call started ahead of the forward (read or being read, not yet computed with):
-# enough to keep the I/O threads busy, few enough that a layer needing more experts than the cache holds streams
+# enough to keep the reader threads busy, few enough that a layer needing more experts than the cache holds streams
 # them through a few slots and leaves the rest of the cache to other layers' experts (reused next step), instead
 # of evicting them all at its start (a cyclic scan, where every cached expert is gone before its next use)
 READ_AHEAD = 3
@@ -321,8 +321,8 @@ class ExpertStore:
         f = self.files[layer]
         rec = self.index.experts[layer][expert]
         nbytes = self.layout.record_format(rec.bits).record_nbytes
-        entry.ticket = self._pool.submit(f.fd, self.cache.slot(entry.slot).data_ptr(), nbytes, rec.offset,
-                                         demand, f.mode == "fadvise")
+        address = self.cache.slab.data_ptr() + entry.slot * self.cache.slot_nbytes
+        entry.ticket = self._pool.submit(f.fd, address, nbytes, rec.offset, demand, f.mode == "fadvise")
         self._loading[entry.ticket] = entry
 
     def _reap(self, finished: list[Finished]) -> None:

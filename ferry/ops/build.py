@@ -3,7 +3,7 @@
 Each build lives in a folder named by a hash of its sources, flags and torch version, and compiles a copy of
 the sources kept there: checkouts of the same code share one build instead of rebuilding each other's, and
 an edited kernel gets a fresh folder. A kernel that cannot be built (no compiler, no ninja) logs one warning
-and its caller falls back to plain torch; `ferry.ops.kernels_report()` says which kernels are live."""
+and its caller falls back: to plain torch, or for the expert reader pool to Python threads."""
 from __future__ import annotations
 
 import hashlib

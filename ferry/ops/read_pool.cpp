@@ -40,11 +40,19 @@ class ReadPool {
   ~ReadPool() { close(); }
 
   int64_t submit(int fd, int64_t address, int64_t nbytes, int64_t offset, bool demand, bool drop_cache) {
-    std::lock_guard<std::mutex> g(mu_);
-    TORCH_CHECK(!closing_, "the read pool is closed");
-    int64_t t = next_++;
-    jobs_.emplace(t, Job{fd, reinterpret_cast<char*>(address), nbytes, offset, drop_cache});
-    (demand ? demand_ : prefetch_).push_back(t);
+    int64_t t;
+    {
+      py::gil_scoped_release nogil;  // a reader may hold the lock for a moment: let Python run meanwhile
+      std::lock_guard<std::mutex> g(mu_);
+      if (!closing_) {
+        t = next_++;
+        jobs_.emplace(t, Job{fd, reinterpret_cast<char*>(address), nbytes, offset, drop_cache});
+        (demand ? demand_ : prefetch_).push_back(t);
+      } else {
+        t = -1;
+      }
+    }
+    TORCH_CHECK(t >= 0, "the read pool is closed");
     work_.notify_one();
     return t;
   }

@@ -22,7 +22,7 @@ def align_up(n: int, align: int = ALIGN) -> int:
 class ReadStats:
     num_reads: int = 0
     bytes_read: int = 0
-    read_seconds: float = 0.0  # wall time inside the read calls (on the I/O thread)
+    read_seconds: float = 0.0  # wall time inside the read calls (on the reader threads)
 
 
 class DiskReadError(OSError):
