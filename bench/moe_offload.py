@@ -180,7 +180,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
     return part
 
 
-def interference(ref: Config, prompt_sets: dict, args, store: Path, rounds: int = 3) -> dict:
+def interference(ref: Config, prompt_sets: dict, args, store: Path, rounds: int = 5) -> dict:
     """How much the disk reading at full speed (another process, background_reads) slows ferry's all-in-memory
     decode, per batch: the overlap of reads and compute an offloading engine counts on is not free on every
     machine (on a virtual disk the host's I/O work can take the guest's CPU time). Runs alternate, quiet first."""

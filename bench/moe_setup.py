@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -176,6 +175,7 @@ def read_forever(store: Path, threads: int = 2) -> None:
     workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
     for w in workers:
         w.start()
+    print("reading", flush=True)
     for w in workers:
         w.join()
 
@@ -184,11 +184,11 @@ def read_forever(store: Path, threads: int = 2) -> None:
 def background_reads(store: Path):
     """A separate process reading the store from the device at full speed while the block runs (read_forever)."""
     proc = subprocess.Popen([sys.executable, "-c", f"from bench.moe_setup import read_forever; "
-                             f"read_forever({str(store)!r})"], cwd=ROOT.parent, env=dict(os.environ))
+                             f"read_forever({str(store)!r})"], cwd=ROOT.parent, stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)  # imports done, reads running
-        if proc.poll() is not None:
-            raise RuntimeError(f"the background reader of {store} exited with {proc.returncode}")
+        if proc.stdout.readline().strip() != "reading":  # its imports (seconds of CPU) are over, reads running
+            raise RuntimeError(f"the background reader of {store} exited with {proc.wait()}")
+        time.sleep(0.2)
         yield
     finally:
         proc.kill()
