@@ -33,8 +33,8 @@ class ExpertPredictor:
 
     def predict_ahead(self, layer: int, x: torch.Tensor, top_ids: torch.Tensor,
                       depth: int) -> dict[int, dict[int, float]]:
-        """MoE layer -> (expert -> probability), for up to `depth` MoE layers after `layer` (nearest first),
-        made when `layer` starts. Here: the next layer only."""
+        """MoE layer -> (expert -> probability), for up to `depth` MoE layers after `layer` in this forward,
+        nearest first, made when `layer` starts. Here: the next layer only."""
         guess = self.predict(layer, x, top_ids)
         return {self.next_layer[layer]: guess} if guess else {}
 
