@@ -20,6 +20,7 @@ from ferry.experts.predictors import ExpertPredictor
 from ferry.experts.store import ExpertReadError, ExpertStore
 from ferry.models.loader import load_model
 from ferry.tiers.disk import ALIGN, DirectFile
+from ferry.tiers.read_pool import ThreadReadPool
 from tests.checkpoints import make_checkpoint
 from tests.expert_stores import check_store_clean, make_store
 
@@ -58,6 +59,25 @@ def test_store_holds_the_checkpoints_experts_aligned(mixtral):
             for e, (g, d) in enumerate(got):
                 assert torch.equal(g, resident.layers[layer].mlp.experts.gate_up[e])
                 assert torch.equal(d, resident.layers[layer].mlp.experts.down[e])
+        check_store_clean(store, store.stats().budget_nbytes)
+    finally:
+        store.close()
+
+
+def test_python_reader_threads_stand_in_for_the_native_pool(mixtral, monkeypatch):
+    """Where the C++ pool cannot be built, the store reads through Python threads: the same bytes."""
+    ckpt, folder = mixtral
+    native = _open(ckpt, folder)
+    try:
+        want = _get(native, 1, [0, 3, 6])
+    finally:
+        native.close()
+    monkeypatch.setattr("ferry.experts.store.read_pool", ThreadReadPool)
+    store = _open(ckpt, folder, budget=2 * StoreIndex.load(folder).slot_nbytes)  # 2 slots for 3 experts
+    try:
+        assert isinstance(store._pool, ThreadReadPool)
+        got = _get(store, 1, [0, 3, 6])
+        assert all(g.equal(w) and d.equal(v) for (g, d), (w, v) in zip(got, want))
         check_store_clean(store, store.stats().budget_nbytes)
     finally:
         store.close()
