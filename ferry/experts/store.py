@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -88,6 +89,8 @@ class ExpertStore:
         # a few reads in flight at once: one small read at a time leaves an SSD's queue mostly empty
         self.num_io_threads = num_io_threads
         self._pool = read_pool(num_io_threads)
+        # a store dropped without close() still lets its reads land before the cache slab can go
+        self._stop_reads = weakref.finalize(self, self._pool.close)
         self._loading: dict[int, Entry] = {}  # read ticket -> the entry it fills
 
     # -- setup ------------------------------------------------------------------------------------
@@ -386,7 +389,7 @@ class ExpertStore:
             return
         self._closed = True
         self.empty()
-        self._pool.close()
+        self._stop_reads()
         self._weights.clear()  # views keep the slab alive
         self.cache.release_slab()
         self.predictor.close()

@@ -2,6 +2,7 @@
 truncated, corrupt or mismatched stores."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -81,6 +82,18 @@ def test_python_reader_threads_stand_in_for_the_native_pool(mixtral, monkeypatch
         check_store_clean(store, store.stats().budget_nbytes)
     finally:
         store.close()
+
+
+def test_a_store_dropped_while_reading_stops_its_readers(mixtral):
+    """No read lands in a freed cache slab: dropping a store without close() first ends its reads."""
+    ckpt, folder = mixtral
+    store = _open(ckpt, folder)
+    store._start_reads([(layer, e) for layer in (0, 1) for e in range(8)], 16)
+    pool = store._pool
+    del store
+    gc.collect()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit(0, 0, 0, 0, True, False)
 
 
 @pytest.mark.parametrize("allow_direct", [True, False])
