@@ -89,8 +89,8 @@ class ExpertStore:
         # a few reads in flight at once: one small read at a time leaves an SSD's queue mostly empty
         self.num_io_threads = num_io_threads
         self._pool = read_pool(num_io_threads)
-        # a store dropped without close() still lets its reads land before the cache slab can go
-        self._stop_reads = weakref.finalize(self, self._pool.close)
+        # a store dropped without close() still lets its reads land before the cache slab can go, and closes its files
+        self._stop_reads = weakref.finalize(self, _stop_reads, self._pool, list(self.files.values()))
         self._loading: dict[int, Entry] = {}  # read ticket -> the entry it fills
 
     # -- setup ------------------------------------------------------------------------------------
@@ -393,8 +393,12 @@ class ExpertStore:
         self._weights.clear()  # views keep the slab alive
         self.cache.release_slab()
         self.predictor.close()
-        for f in self.files.values():
-            f.close()
+
+
+def _stop_reads(pool, files: list[DirectFile]) -> None:
+    pool.close()  # after the reads queued and in flight
+    for f in files:
+        f.close()
 
 
 class StoreExperts(nn.Module):

@@ -89,11 +89,12 @@ def test_a_store_dropped_while_reading_stops_its_readers(mixtral):
     ckpt, folder = mixtral
     store = _open(ckpt, folder)
     store._start_reads([(layer, e) for layer in (0, 1) for e in range(8)], 16)
-    pool = store._pool
+    pool, files = store._pool, list(store.files.values())
     del store
     gc.collect()
     with pytest.raises(RuntimeError, match="closed"):
         pool.submit(0, 0, 0, 0, True, False)
+    assert all(f.fd < 0 for f in files)  # and its files are closed
 
 
 @pytest.mark.parametrize("allow_direct", [True, False])
