@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=None, help="threads of every engine (2)")
     ap.add_argument("--runs", type=int, default=1, help="rounds on the random model (its peers take minutes)")
-    ap.add_argument("--trained-runs", type=int, default=None, help="rounds on the trained model (5; it decodes in seconds)")
+    ap.add_argument("--trained-runs", type=int, default=None,
+                    help="rounds on the trained model (5; it decodes in seconds)")
     ap.add_argument("--klotski", type=int, default=8,
                     help="at budgets <= 25%% also decode the batch of 16 as sequential groups of this many (0: off)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per call of a ferry worker")

@@ -1,5 +1,5 @@
 """ExpertStore: experts read from an expert store folder on demand into a RAM cache under a byte budget,
-with prediction-driven prefetch, on the reader threads of ferry.tiers.read_pool. Each MoE layer gets a `StoreExperts`
+with prediction-driven prefetch (reads themselves: ferry.experts.reads). Each MoE layer gets a `StoreExperts`
 (the models' ExpertWeights protocol), so model code does not know experts live on disk.
 
 One layer call, for the experts its tokens routed to:
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import os
 import time
-import weakref
-import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -29,16 +27,15 @@ import torch
 from torch import nn
 
 from ferry.config import ModelConfig
-from ferry.errors import FerryError, InvalidRequest, ModelLoadError
+from ferry.errors import InvalidRequest, ModelLoadError
 from ferry.experts.cache import Entry, ExpertCache
 from ferry.experts.confidence import ConfidenceGate
 from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import EvictionPolicy, Key
 from ferry.experts.predictors import ExpertPredictor
+from ferry.experts.reads import ExpertReads
 from ferry.experts.stats import ExpertStats
 from ferry.ops.quant import QuantLinear
-from ferry.tiers.disk import DirectFile
-from ferry.tiers.read_pool import Finished, read_pool
 
 # most demand reads of one layer call started ahead of the forward (read or being read, not yet computed with):
 # enough to keep the reader threads busy, few enough that a layer needing more experts than the cache holds streams
@@ -50,10 +47,6 @@ READ_AHEAD = 3
 GUESSES_QUEUED = 2
 
 
-class ExpertReadError(FerryError):
-    """An expert could not be read from the store (I/O error, truncated file, checksum mismatch)."""
-
-
 class ExpertStore:
     def __init__(self, folder: str | os.PathLike, cfg: ModelConfig, dtype: torch.dtype, budget_bytes: int | None,
                  policy: EvictionPolicy, predictor: ExpertPredictor, allow_direct: bool = True,
@@ -63,15 +56,10 @@ class ExpertStore:
         self.layout = self.index.layout
         self._check_model(cfg, dtype)
         self.dtype = dtype  # the engine's: what the experts compute in
-        self.files: dict[int, DirectFile] = {}
-        try:
-            for layer in self.index.layer_files:
-                self.files[layer] = self._open(layer, allow_direct)
-            self._init_cache(budget_bytes, dtype, policy)
-        except BaseException:
-            for f in self.files.values():  # no file descriptor outlives a failed start
-                f.close()
-            raise
+        self._init_cache(budget_bytes, dtype, policy)
+        # a few reads in flight at once: one small read at a time leaves an SSD's queue mostly empty
+        self.reads = ExpertReads(self.folder, self.index, self.cache, allow_direct, num_io_threads)
+        self._stats.io_mode = self.reads.io_mode
         self.policy = policy
         self.predictor = predictor
         self._predicted: dict[int, set[int]] = {}  # MoE layer -> experts predicted for its next call (and read)
@@ -83,15 +71,6 @@ class ExpertStore:
         self.prefetch_width: int | None = None  # most guessed experts read ahead per layer (None: all; the planner's)
         self.prefetch_depth = 1  # MoE layers ahead to read guessed experts for (the planner's)
         self._closed = False
-        # experts whose record passed its checksum once: later reads skip it (at 1 GB/s a check costs a quarter of
-        # the read's time in CPU, which the forward needs on a small machine); corruption at rest shows at first use
-        self._verified: set[Key] = set()
-        # a few reads in flight at once: one small read at a time leaves an SSD's queue mostly empty
-        self.num_io_threads = num_io_threads
-        self._pool = read_pool(num_io_threads)
-        # a store dropped without close() still lets its reads land before the cache slab can go, and closes its files
-        self._stop_reads = weakref.finalize(self, _stop_reads, self._pool, list(self.files.values()))
-        self._loading: dict[int, Entry] = {}  # read ticket -> the entry it fills
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -105,13 +84,12 @@ class ExpertStore:
         self._scratch = (torch.empty(self.layout.gate_up_shape, dtype=dtype),
                          torch.empty(self.layout.down_shape, dtype=dtype)) if scratch else None
         scratch_nbytes = sum(t.nbytes for t in self._scratch) if scratch else 0
-        total = len(self.files) * self.index.num_experts * slot_nbytes + scratch_nbytes
+        total = len(self.index.layer_files) * self.index.num_experts * slot_nbytes + scratch_nbytes
         budget = total if budget_bytes is None else budget_bytes
         self.cache = ExpertCache(max(budget - scratch_nbytes, 0), slot_nbytes, policy)
         self._weights: dict[tuple[int, int], tuple] = {}  # (slot, bits) -> _unpack's views over the slot
         self._stats = ExpertStats(num_slots=self.cache.num_slots, cache_nbytes=self.cache.nbytes + scratch_nbytes,
-                                  budget_nbytes=budget,
-                                  io_mode=",".join(sorted({f.mode for f in self.files.values()})))
+                                  budget_nbytes=budget)
 
     def _check_model(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         ix, lay = self.index, self.layout
@@ -131,19 +109,6 @@ class ExpertStore:
                                  f"{str(dtype).removeprefix('torch.')}; use --dtype {lay.dtype} or convert again "
                                  "with that --dtype")
 
-    def _open(self, layer: int, allow_direct: bool) -> DirectFile:
-        path = self.folder / self.index.layer_files[layer]
-        try:
-            f = DirectFile(path, allow_direct)
-        except OSError as e:
-            raise ModelLoadError(f"cannot open expert file {path} (layer {layer}): {e}") from None
-        need = max(r.offset + self.layout.record_format(r.bits).record_nbytes for r in self.index.experts[layer])
-        if f.size < need:
-            f.close()
-            raise ModelLoadError(f"expert file {path} (layer {layer}) is truncated: {f.size} bytes, the index "
-                                 f"needs {need}; convert the model again")
-        return f
-
     def layer(self, layer: int) -> "StoreExperts":
         return StoreExperts(self, layer)
 
@@ -152,13 +117,13 @@ class ExpertStore:
     def weights(self, layer: int, expert_ids: Sequence[int], x: torch.Tensor,
                 top_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         keys = [(layer, int(e)) for e in expert_ids]
-        self._reap(self._pool.reap())
+        self.reads.collect()
         cached = {k: self.cache.lookup(k) for k in keys}  # a hit if the same entry is still there when asked for
         self._stats.lookups += len(keys)
         self._layer_keys, self._done_with = set(keys), set()  # none of them can make room for guesses yet
         for entry in cached.values():  # guesses still queued are needed now: ahead of the other guesses
-            if entry is not None and not entry.done:
-                self._pool.prioritize(entry.ticket)
+            if entry is not None:
+                self.reads.needed_now(entry)
         reading = self._start_reads(keys, READ_AHEAD)  # the disk first: before any bookkeeping
         self._score_prediction(layer, set(k[1] for k in keys))
         self.predictor.observe(layer, x, top_ids)
@@ -168,7 +133,7 @@ class ExpertStore:
         self._guess(guessed, probs)
         remaining = list(range(len(keys)))
         while remaining:
-            self._reap(self._pool.reap())  # an expert already read first, else the first being read, else the next
+            self.reads.collect()  # an expert already read first, else the first being read, else the next one
             pos = next((p for p in remaining if self._is_ready(keys[p])),
                        next((p for p in remaining if keys[p] in reading), remaining[0]))
             remaining.remove(pos)
@@ -219,11 +184,11 @@ class ExpertStore:
     def _read_guesses(self) -> None:
         """Submit pending guesses while fewer than GUESSES_QUEUED reads per reader thread are queued or in
         flight. Demand reads go ahead of them in the pool's queue."""
-        while self._guesses_pending and self._pool.pending() < GUESSES_QUEUED * self.num_io_threads:
+        while self._guesses_pending and self.reads.pending() < GUESSES_QUEUED * self.reads.num_threads:
             entry = self._next_guess()
             if entry is None:
                 return
-            self._submit(entry, demand=False)
+            self.reads.submit(entry, demand=False)
 
     def _next_guess(self) -> Entry | None:
         """The next pending guess not cached, in a free slot or the slot of an expert the running layer is done
@@ -283,7 +248,7 @@ class ExpertStore:
             entry = self.cache.reserve(key, set(keys), allow_protected=False)
             if entry is None:  # no slot now; the keys after this one are needed later
                 break
-            self._submit(entry, demand=True)
+            self.reads.submit(entry, demand=True)
             started.add(key)
         return started
 
@@ -296,16 +261,14 @@ class ExpertStore:
             if entry is None:
                 entry = self.cache.reserve(key, keep, allow_protected=True)
                 if entry is None:  # every slot is being read into or used: wait for a read to end
-                    self._reap(self._pool.wait())
+                    self.reads.wait_any()
                     continue
-                self._submit(entry, demand=True)
+                self.reads.submit(entry, demand=True)
             break
         self._stats.hits += entry is cached
         entry.pins += 1
-        if not entry.done:
-            self._pool.prioritize(entry.ticket)  # a queued guess: needed now
-        while not entry.done:
-            self._reap(self._pool.wait(entry.ticket))
+        self.reads.needed_now(entry)  # a queued guess goes first
+        self.reads.wait(entry)
         self._stats.stall_seconds += time.perf_counter() - t0
         if entry.error is not None:
             entry.pins -= 1
@@ -317,49 +280,11 @@ class ExpertStore:
         self.policy.on_access(key)
         return entry
 
-    # -- reads ----------------------------------------------------------------------------------------
-
-    def _submit(self, entry: Entry, demand: bool) -> None:
-        layer, expert = entry.key
-        f = self.files[layer]
-        rec = self.index.experts[layer][expert]
-        nbytes = self.layout.record_format(rec.bits).record_nbytes
-        address = self.cache.slab.data_ptr() + entry.slot * self.cache.slot_nbytes
-        entry.ticket = self._pool.submit(f.fd, address, nbytes, rec.offset, demand, f.mode == "fadvise")
-        self._loading[entry.ticket] = entry
-
-    def _reap(self, finished: list[Finished]) -> None:
-        """Mark finished reads done, or failed with an error naming the expert and the file."""
-        for ticket, nbytes, error, seconds in finished:
-            entry = self._loading.pop(ticket)
-            f = self.files[entry.key[0]]
-            f.stats.num_reads += 1
-            f.stats.bytes_read += nbytes
-            f.stats.read_seconds += seconds
-            entry.done, entry.error = True, self._check(entry, f, nbytes, error)
-
-    def _check(self, entry: Entry, f: DirectFile, nbytes: int, error: int) -> ExpertReadError | None:
-        layer, expert = entry.key
-        rec = self.index.experts[layer][expert]
-        fmt = self.layout.record_format(rec.bits)
-        if error or nbytes < fmt.record_nbytes:
-            why = os.strerror(error) if error else (f"the file is truncated: read {nbytes} of {fmt.record_nbytes} "
-                                                    f"bytes at offset {rec.offset}")
-            return ExpertReadError(f"cannot read expert {expert} of layer {layer} from {f.path}: {why}")
-        if entry.key in self._verified:  # the file was checked at the expert's first read
-            return None
-        crc = zlib.crc32(memoryview(self.cache.slot(entry.slot).numpy())[:fmt.payload_nbytes])
-        if crc != rec.crc32:
-            return ExpertReadError(f"expert {expert} of layer {layer} in {f.path} (offset {rec.offset}) fails its "
-                                   f"checksum (crc32 {crc:#010x}, index says {rec.crc32:#010x}): the file is corrupt")
-        self._verified.add(entry.key)
-        return None
-
     # -- accounting and shutdown ----------------------------------------------------------------------
 
     def stats(self) -> ExpertStats:
         s = self._stats
-        reads = [f.stats for f in self.files.values()]
+        reads = [f.stats for f in self.reads.files.values()]
         s.bytes_read = sum(r.bytes_read for r in reads)
         s.num_reads = sum(r.num_reads for r in reads)
         s.read_seconds = sum(r.read_seconds for r in reads)
@@ -372,14 +297,13 @@ class ExpertStore:
         self._stats = ExpertStats(num_slots=self._stats.num_slots, cache_nbytes=self._stats.cache_nbytes,
                                   budget_nbytes=self._stats.budget_nbytes, io_mode=self._stats.io_mode)
         self.cache.num_evictions = self.cache.max_slots_used = 0
-        for f in self.files.values():
+        for f in self.reads.files.values():
             f.stats = type(f.stats)()
 
     def empty(self) -> None:
         """Wait for reads in flight and drop every cached expert (all slots free again)."""
         self._guesses_pending.clear()
-        while self._loading:
-            self._reap(self._pool.wait())
+        self.reads.drain()
         self.cache.clear()
         self._predicted.clear()
         self._guesses.clear()
@@ -389,16 +313,10 @@ class ExpertStore:
             return
         self._closed = True
         self.empty()
-        self._stop_reads()
+        self.reads.close()
         self._weights.clear()  # views keep the slab alive
         self.cache.release_slab()
         self.predictor.close()
-
-
-def _stop_reads(pool, files: list[DirectFile]) -> None:
-    pool.close()  # after the reads queued and in flight
-    for f in files:
-        f.close()
 
 
 class StoreExperts(nn.Module):

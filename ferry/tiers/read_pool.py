@@ -80,7 +80,8 @@ class ThreadReadPool:
                     raise RuntimeError(f"read {ticket} is unknown or was reaped already")
                 self._cond.wait_for(lambda: self._jobs[ticket]["finished"])
             else:
-                self._cond.wait_for(lambda: self._finished > 0 or not (self._demand or self._prefetch or self._in_flight))
+                idle = lambda: not (self._demand or self._prefetch or self._in_flight)  # noqa: E731
+                self._cond.wait_for(lambda: self._finished > 0 or idle())
             return self._take_finished()
 
     def close(self) -> None:

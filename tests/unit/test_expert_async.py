@@ -32,6 +32,6 @@ def test_async_engine_serves_from_the_store_and_closes_it(tmp_ckpt_dir):
     got, engine = asyncio.run(run())
     assert got == want
     store = engine.engine.parts.experts
-    assert store.cache.slab is None and not store._loading
+    assert store.cache.slab is None and store.reads.pending() == 0
     with pytest.raises(RuntimeError, match="closed"):  # its reader threads are stopped
-        store._pool.submit(0, 0, 0, 0, True, False)
+        store.reads.pool.submit(0, 0, 0, 0, True, False)

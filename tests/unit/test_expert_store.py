@@ -18,7 +18,8 @@ from ferry.experts.convert import convert_expert_store
 from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import LRUPolicy
 from ferry.experts.predictors import ExpertPredictor
-from ferry.experts.store import ExpertReadError, ExpertStore
+from ferry.experts.reads import ExpertReadError
+from ferry.experts.store import ExpertStore
 from ferry.models.loader import load_model
 from ferry.tiers.disk import ALIGN, DirectFile
 from ferry.tiers.read_pool import ThreadReadPool
@@ -73,10 +74,10 @@ def test_python_reader_threads_stand_in_for_the_native_pool(mixtral, monkeypatch
         want = _get(native, 1, [0, 3, 6])
     finally:
         native.close()
-    monkeypatch.setattr("ferry.experts.store.read_pool", ThreadReadPool)
+    monkeypatch.setattr("ferry.experts.reads.read_pool", ThreadReadPool)
     store = _open(ckpt, folder, budget=2 * StoreIndex.load(folder).slot_nbytes)  # 2 slots for 3 experts
     try:
-        assert isinstance(store._pool, ThreadReadPool)
+        assert isinstance(store.reads.pool, ThreadReadPool)
         got = _get(store, 1, [0, 3, 6])
         assert all(g.equal(w) and d.equal(v) for (g, d), (w, v) in zip(got, want))
         check_store_clean(store, store.stats().budget_nbytes)
@@ -89,7 +90,7 @@ def test_a_store_dropped_while_reading_stops_its_readers(mixtral):
     ckpt, folder = mixtral
     store = _open(ckpt, folder)
     store._start_reads([(layer, e) for layer in (0, 1) for e in range(8)], 16)
-    pool, files = store._pool, list(store.files.values())
+    pool, files = store.reads.pool, list(store.reads.files.values())
     del store
     gc.collect()
     with pytest.raises(RuntimeError, match="closed"):
@@ -154,7 +155,7 @@ def test_experts_in_ram_are_handed_out_first(mixtral):
     store = _open(ckpt, folder)
     try:
         _get(store, 0, [5, 7])
-        store._pool = HeldPool(store._pool)  # expert 1's read will not have finished when the forward asks
+        store.reads.pool = HeldPool(store.reads.pool)  # expert 1's read will not have finished when the forward asks
         x, top_ids = torch.zeros(1, store.layout.hidden_size), torch.tensor([[1, 5]])
         order = store.weights(0, [1, 5, 7], x, top_ids)
         assert [i for i, _, _ in order] == [1, 2, 0]  # experts 5 and 7 compute while 1 is read
