@@ -44,7 +44,7 @@ def policy_options(spec: str) -> dict:
 
 
 def _add(llm: LLM, n: int, length: int, max_tokens: int, seed: int) -> None:
-    vocab = llm.engine.parts.model_config.vocab_size
+    vocab = llm.view().vocab_size
     rng = random.Random(seed)
     for i in range(n):
         llm.engine.add_request(f"s{seed}-{i}", {"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(length)]},
@@ -55,20 +55,23 @@ def footprint(model: str, spec: str, length: int, dtype: str) -> dict:
     """Fast-tier and host bytes one sequence of `length` prompt tokens actually holds: at its peak (the last
     prefill chunk in flight) and while it decodes (what concurrent sequences pay)."""
     with LLM(model, dtype=dtype, kv_cache_memory="256M", swap_space="256M", **policy_options(spec)) as llm:
-        eng, kv, policy = llm.engine, llm.engine.kv, llm.engine.kv.policy
+        eng = llm.engine
         _add(llm, 1, length, 16, seed=1)
         decoding = (0, 0)
         while eng.has_unfinished():
             eng.step()
-            if eng.scheduler.running and eng.scheduler.running[0].num_output_tokens > 1:
-                decoding = (kv.pool.num_used, kv.host.num_blocks - kv.host.num_free)
+            v = eng.view()
+            if v.running and v.running[0].num_output_tokens > 1:
+                decoding = (v.num_kv_blocks_used, v.num_host_blocks_used)
         tokens = length + 16
+        v = eng.view()
+        policy = v.kv_policy
 
         def fast(blocks: int, host: int) -> float:
             return (blocks * policy.device_bytes_per_block() + host * policy.index_bytes_per_host_block()) / tokens
 
         return {"fast_bytes_per_token": fast(*decoding), "peak_fast_bytes_per_token":
-                fast(kv.max_blocks_used, kv.max_host_blocks_used),
+                fast(v.max_kv_blocks_used, v.max_host_blocks_used),
                 "host_bytes_per_token": decoding[1] * policy.host_bytes_per_block() / tokens,
                 "read_tokens": policy.read_tokens(tokens), "context": tokens}
 
@@ -80,12 +83,12 @@ def concurrency(model: str, spec: str, length: int, budget_bytes: int, swap_byte
     # host memory sized to the job (a spans index over host blocks is paid from the fast-tier budget)
     with LLM(model, dtype=dtype, kv_cache_memory=budget_bytes, swap_space=swap_bytes, max_num_seqs=num_seqs,
              **policy_options(spec)) as llm:
-        chunks = -(-length // llm.engine.config.scheduler.max_num_batched_tokens)
+        chunks = -(-length // llm.view().max_num_batched_tokens)
         _add(llm, num_seqs, length, num_seqs * chunks + 16, seed=2)
         peak = 0
         while llm.engine.has_unfinished():
             llm.engine.step()
-            peak = max(peak, len(llm.engine.scheduler.running))
+            peak = max(peak, llm.view().num_running)
         return peak
 
 
@@ -99,20 +102,20 @@ def speed(model: str, spec: str, length: int, batch: int, decode_tokens: int, dt
         while eng.has_unfinished():
             eng.step()
         _add(llm, 1, length, 1, seed=4)
-        stats = getattr(eng.parts.storage, "stats", {})  # lazy: token-layers computed / scheduled
-        before = dict(stats)
+        before = eng.view().kv_stats  # lazy: token-layers computed / scheduled
         t = time.perf_counter()
         while eng.has_unfinished():
             eng.step()
         prefill = time.perf_counter() - t
+        stats = eng.view().kv_stats
         computed = {} if "token_layers" not in stats else {"computed_fraction": (
             stats["token_layers"] - before["token_layers"]) / (
             stats["scheduled_token_layers"] - before["scheduled_token_layers"])}
         _add(llm, batch, length, 1 + decode_tokens, seed=5)
         decode_s, decoded = 0.0, 0
         while eng.has_unfinished():
-            running = eng.scheduler.running
-            all_decoding = len(running) == batch and all(r.num_computed_tokens == r.num_tokens - 1 for r in running)
+            running = eng.view().running
+            all_decoding = len(running) == batch and all(r.decoding for r in running)
             t = time.perf_counter()
             eng.step()
             if all_decoding:

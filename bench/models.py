@@ -10,7 +10,11 @@ Vocabularies are cut to 32k (the rest of each shape is the real one, except the 
                    sparsity): 16 layers, hidden 2048, 16 heads, q/k norms, expert FFN 1024     (1.9B params;
                    the full 64 experts would not fit three engines side by side in 24 GiB)
 
-`resolve(name)` takes one of these, a tiny smoke shape (bench/peers/tiny.py) or a path to a Hugging Face folder.
+and TINY, random checkpoints for --smoke runs (seconds to build and run with 1 thread), one shape per
+architecture the GGUF exporter handles: qwen2 (NEOX rope, q/k/v biases, tied embeddings), llama (permuted q/k,
+no biases, an untied lm_head) and olmoe (routed experts, q/k norms over the whole projection, untied lm_head).
+
+`resolve(name)` takes one of these, a tiny smoke shape or a path to a Hugging Face folder.
 
     .venv/bin/python -m bench.models llama-1b       # build one (all of them without an argument)
 """
@@ -43,16 +47,31 @@ SHAPES = {
 }
 
 
+# --smoke shapes: tiny-<architecture>
+TINY = {
+    "tiny-qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=128,
+                       intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, vocab_size=32000),
+    "tiny-llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=128,
+                       intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, vocab_size=32000),
+    "tiny-olmoe": dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", hidden_size=128,
+                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                       num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=None,
+                       max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, vocab_size=32000),
+}
+
+
 def resolve(name: str | Path) -> Path:
-    """A checkpoint folder: a shape of SHAPES or bench/peers/tiny.py (built if missing), or an existing path."""
-    if str(name) in SHAPES:
+    """A checkpoint folder: a shape of SHAPES or TINY (built if missing), or an existing path."""
+    if str(name) in SHAPES or str(name) in TINY:
         return build(str(name))
-    if str(name).startswith("tiny-"):
-        from bench.peers.tiny import build_tiny
-        return build_tiny(str(name))
     path = Path(name)
     if not (path / "config.json").is_file():
-        raise SystemExit(f"--model {name}: not a shape ({', '.join(SHAPES)}, tiny-*) nor a Hugging Face folder")
+        raise SystemExit(f"--model {name}: not a shape ({', '.join([*SHAPES, *TINY])}) nor a Hugging Face folder")
     return path
 
 
@@ -80,8 +99,9 @@ def layer_tensors(cfg: dict, i: int, w) -> dict[str, torch.Tensor]:
     return t
 
 
-def build(name: str, root: Path = CACHE, seed: int = 0) -> Path:
-    cfg = dict(SHAPES[name], hidden_act="silu", bos_token_id=0, eos_token_id=1, dtype="float32",
+def build(name: str, root: Path = CACHE, seed: int = 0, shape: dict | None = None) -> Path:
+    """root/name, built once: the shape SHAPES or TINY name, or `shape` (a config of the same keys) under that name."""
+    cfg = dict(shape or {**SHAPES, **TINY}[name], hidden_act="silu", bos_token_id=0, eos_token_id=1, dtype="float32",
                use_sliding_window=False, attention_dropout=0.0)
     path = root / name
     if (path / "config.json").is_file():  # written last

@@ -20,7 +20,7 @@ its process read from the block device (/proc/PID/io read_bytes) per generated t
 Two models:
   - random: OLMoE-shaped, random weights (bench/models.py writer; RANDOM_SHAPE below, ~1 GB in bf16, 8 layers of
     32 experts, top-4: OLMoE's 1:8 sparsity), for speed; ferry, transformers/accelerate, llama.cpp (bf16 GGUF of
-    the same safetensors). Greedy float32 parity of the three before timing (bench/peers/parity.py).
+    the same safetensors). Greedy float32 parity of the three before timing (bench/parity.py).
   - trained: ferry/assets/ferry-tiny-moe (Mixtral, 8 experts top-2, experts ~3 MB) on held-out text, for what
     random routing cannot show: prefetch precision / recall and hit rate with realistic routing. ferry only.
 Every ferry offload run must give the same greedy tokens as ferry with every expert in memory (`token_exact`).
@@ -131,7 +131,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
         part["disk"] = disk_bandwidth(sz.store)
         print(f"[moe-offload] {label}: the store reads at {part['disk']['bytes_per_s'] / 1e9:.2f} GB/s", flush=True)
     if not args.no_parity and len(engines) > 1:
-        from bench.peers.parity import check, describe
+        from bench.parity import check, describe
         r = check(model, engines, args.threads)
         part["parity_float32"] = r
         print(f"[moe-offload] {label}: float32 parity: {describe(r)}", flush=True)

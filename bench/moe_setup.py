@@ -23,10 +23,8 @@ RANDOM_SHAPE = dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", hidd
 def random_model(smoke: bool) -> Path:
     from bench import models
     if smoke:
-        from bench.peers.tiny import build_tiny
-        return build_tiny("tiny-olmoe")
-    models.SHAPES.setdefault(RANDOM_NAME, RANDOM_SHAPE)
-    return bf16_copy(models.build(RANDOM_NAME))
+        return models.build("tiny-olmoe")
+    return bf16_copy(models.build(RANDOM_NAME, shape=RANDOM_SHAPE))
 
 
 def bf16_copy(src: Path) -> Path:

@@ -101,7 +101,7 @@ class Scenario:
 
     def parity(self) -> None:
         """float32 greedy tokens and logprobs of every engine against ferry's; stops the scenario on a mismatch."""
-        from bench.peers.parity import check, describe
+        from bench.parity import check, describe
         t = time.perf_counter()
         r = check(self.model, self.engines, self.args.threads)
         self.record["parity_float32"] = r

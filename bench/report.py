@@ -69,7 +69,7 @@ def offline_table(rec: dict) -> str:
 
 
 def offline_note(rec: dict) -> str:
-    from bench.peers.parity import describe
+    from bench.parity import describe
     cfg = rec["config"]
     threads = cfg["threads"]
     parts = [f"{rec['model_name']} (random weights)", f"{threads} thread{'s' * (threads != 1)} for every engine",

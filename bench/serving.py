@@ -40,7 +40,7 @@ from bench.common import machine, memory_bandwidth_gbs, parse_range, ratio, resu
 from bench.peers import client, gguf_export, servers
 from bench.peers.env import versions
 from bench.models import resolve
-from bench.peers.parity import agreement, check_prompts, offline_check
+from bench.parity import agreement, check_prompts, offline_check
 
 ENGINES = ("ferry", "llama.cpp", "llama-cpp-python")
 OUTTYPE = {"bfloat16": "bf16", "float32": "f32"}

@@ -37,7 +37,7 @@ def start(name: str, model_dir: str | Path, dtype: str, threads: int, prefix: li
             model = str(ensure(model_dir, GGUF_TYPES[dtype]))
         except NotImplementedError as e:
             raise Unavailable(f"no GGUF export: {e}") from e
-        cmd = [peer_python(), str(HERE.parent / "peers" / "llamacpp.py"), "--worker"]
+        cmd = [peer_python(), str(HERE / "llamacpp_engine.py"), "--worker"]
     else:
         raise ValueError(f"unknown engine {name!r}; one of {ENGINES}")
     return Worker(name, [*(prefix or []), *cmd], {"model": model, "dtype": dtype, "threads": threads, **options})

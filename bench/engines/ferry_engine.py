@@ -39,17 +39,13 @@ class FerryEngine(Engine):
 
     def expert_stats(self) -> dict:
         """The expert store's cumulative counters (ferry/experts/stats.py); {} without --expert-store."""
-        e = self.llm.engine.stats().experts
+        e = self.llm.view().experts
         return {} if e is None else dict(vars(e))
 
     def expert_plan(self, max_num_seqs: int) -> dict:
         """The planner's plan (`--explain`) for up to max_num_seqs sequences per step: it measures the disk and
         expert compute again (the probe leaves the cache empty and the counters at zero: call it first)."""
-        from ferry.experts.planner import make_plan, measure_costs
-        store = self.llm.engine.parts.experts
-        moe = store.index
-        plan = make_plan(measure_costs(store), moe.num_experts, store.predictor.top_k, len(moe.layer_files),
-                         store.cache.num_slots, max_num_seqs)
+        plan = self.llm.engine.expert_plan(max_num_seqs)
         return {"batch": plan.batch, "prefetch_width": plan.prefetch_width, "prefetch_depth": plan.prefetch_depth,
                 "explain": plan.explain()}
 

@@ -23,7 +23,7 @@ CACHE = Path(__file__).resolve().parents[1] / ".cache"
 VENV = CACHE / "peers"
 SERVER_BIN = VENV / "bin" / "llama-server"
 SRC = CACHE / "llama.cpp-src"             # llama.cpp sources vendored in llama-cpp-python's sdist
-# pinned: bench/peers/llamacpp.py drives libllama's low-level API (load modes, flash_attn_type, kv_unified),
+# pinned: bench/engines/llamacpp_engine.py drives libllama's low-level API (load modes, flash_attn_type, kv_unified),
 # which changes between releases; move the pins together with a `python -m bench decode --smoke` run
 PIP_SPEC = ["llama-cpp-python[server]==0.3.36", "gguf==0.19.0"]
 

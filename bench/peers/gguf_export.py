@@ -6,7 +6,7 @@ main venv stays free of peer packages; started from the main venv it re-runs its
 checkpoint or this file.
 
     .venv/bin/python bench/peers/gguf_export.py bench/.cache/qwen2.5-0.5b --outtype bf16   # -> bench/.cache/gguf/
-    .venv/bin/python bench/peers/gguf_export.py --smoke     # tiny llama + qwen2, all outtypes, parity with ferry
+    .venv/bin/python -m bench.parity --smoke     # tiny llama, qwen2, olmoe: all outtypes, parity with ferry
 
 Layout follows llama.cpp's convert_hf_to_gguf.py:
 - tensor names token_embd, blk.N.{attn_norm, attn_q, attn_k, attn_v (+ .bias), attn_output, ffn_norm,
@@ -274,34 +274,12 @@ def export(model_dir: Path, outtype: str, out: Path) -> Path:
     return out
 
 
-def smoke() -> None:
-    """Tiny llama, qwen2 and olmoe at every outtype, then llama.cpp's greedy tokens against ferry's (float32)."""
-    sys.path.insert(0, str(ROOT.parent))
-    from bench.peers.parity import offline_check
-    from bench.peers.tiny import build_tiny
-    for shape in ("tiny-qwen2", "tiny-llama", "tiny-olmoe"):
-        src = build_tiny(shape)
-        for t in OUTTYPES:
-            p = ensure(src, t)
-            print(f"{p.name}: {p.stat().st_size / 1e6:.1f} MB")
-        r = offline_check(src, ensure(src, "f32"), threads=1)
-        print(f"{shape}: float32 ferry vs llama.cpp: greedy agreement {r['agreement']:.1%}, "
-              f"max top-5 logprob difference {r['max_logprob_diff']:.1e} -> {'ok' if r['ok'] else 'MISMATCH'}")
-        if not r["ok"]:
-            raise SystemExit(f"{shape}: llama.cpp and ferry disagree: {r}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, nargs="?", help="Hugging Face folder: config.json, *.safetensors, tokenizer.json")
     ap.add_argument("--outtype", choices=OUTTYPES, default="bf16")
     ap.add_argument("--out", type=Path, help="default: bench/.cache/gguf/<folder>-<outtype>.gguf")
-    ap.add_argument("--smoke", action="store_true",
-                    help="(main venv) convert a tiny llama and a tiny qwen2 at every outtype and check greedy parity")
     args = ap.parse_args()
-    if args.smoke:
-        smoke()
-        return
     if args.model is None:
         ap.error("model folder required")
     try:

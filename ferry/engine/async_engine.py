@@ -1,21 +1,45 @@
 """AsyncLLM: the engine loop on its own thread, driven from asyncio (the server's interface).
 
-HTTP handlers never run model code: they put commands into an inbox; the loop thread applies them between
-steps, runs steps, and hands each output to the request's asyncio queue with call_soon_threadsafe."""
+HTTP handlers never run model code: they put commands (typed: AddRequest, Abort, Wake) into an inbox; the loop
+thread applies them between steps, runs steps, and hands each output to the request's asyncio queue with
+call_soon_threadsafe. Prompts are encoded and validated by the input processor in a worker thread before they
+are queued, and never again."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import queue
 import threading
+from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ferry.engine.engine import LLMEngine, PromptInput
+from ferry.engine.engine import LLMEngine
+from ferry.engine.inputs import ProcessedPrompt, PromptInput
 from ferry.engine.stats import EngineStats
 from ferry.errors import InvalidRequest, Overloaded
-from ferry.request import FinishReason, RequestOutput, SamplingParams
+from ferry.request import RequestOutput, SamplingParams
 
 log = logging.getLogger("ferry")
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt: ProcessedPrompt
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Nothing to do: wakes the loop so it sees a shutdown."""
+
+
+Command = AddRequest | Abort | Wake
 
 
 class AsyncLLM:
@@ -24,7 +48,8 @@ class AsyncLLM:
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.max_model_len = engine.max_model_len
-        self._inbox: queue.Queue = queue.Queue()
+        self.inputs = engine.inputs  # stateless: safe to use from any thread
+        self._inbox: queue.Queue[Command] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._not_started: set[str] = set()  # accepted, no output yet: what --max-waiting bounds
@@ -40,15 +65,23 @@ class AsyncLLM:
 
     # -- asyncio side -----------------------------------------------------------------------------
 
-    async def generate(self, prompt: PromptInput, params: SamplingParams, request_id: str,
+    async def process(self, prompt: PromptInput, params: SamplingParams | None = None,
+                      fit_max_tokens: bool = False) -> ProcessedPrompt:
+        """The input processor's verdict (InputProcessor.process), off the event loop: tokenizing a long prompt
+        takes a while."""
+        return await asyncio.to_thread(self.inputs.process, prompt, params, fit_max_tokens)
+
+    async def generate(self, prompt: PromptInput | ProcessedPrompt, params: SamplingParams | None, request_id: str,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request; the last has finished=True. Raises InvalidRequest /
-        ContextLengthExceeded / Overloaded before the first output. Closing the iterator early aborts it."""
+        ContextLengthExceeded / Overloaded before the first output. Closing the iterator early aborts it.
+        A ProcessedPrompt (from process(), which the server calls first) carries its params: pass None."""
         if self._stop.is_set():
             raise Overloaded("the engine is shutting down")
-        # tokenizing a long prompt takes a while: not on the event loop (it only reads immutable engine state)
-        text, ids = await asyncio.to_thread(self.engine.encode_prompt, prompt)
-        self.engine.validate(ids, params)
+        if not isinstance(prompt, ProcessedPrompt):
+            prompt = await self.process(prompt, params)
+        elif params is not None and params is not prompt.params:
+            raise InvalidRequest("a processed prompt carries its own SamplingParams; pass params=None")
         max_waiting = self.engine.config.scheduler.max_waiting
         with self._lock:
             if request_id in self._streams:
@@ -58,7 +91,7 @@ class AsyncLLM:
             loop, q = asyncio.get_running_loop(), asyncio.Queue()
             self._streams[request_id] = (loop, q)
             self._not_started.add(request_id)
-        self._inbox.put(("add", request_id, {"prompt": text, "prompt_token_ids": ids}, params, priority))
+        self._inbox.put(AddRequest(request_id, prompt, priority))
         finished = False
         try:
             while True:
@@ -77,7 +110,7 @@ class AsyncLLM:
                 self._not_started.discard(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(Abort(request_id))
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -88,7 +121,7 @@ class AsyncLLM:
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting requests; with drain, let the running ones finish first."""
         self._stop.set()
-        self._inbox.put(("wake",))
+        self._inbox.put(Wake())
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
 
     @property
@@ -106,17 +139,19 @@ class AsyncLLM:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, item)
 
-    def _apply(self, cmd: tuple) -> None:
-        if cmd[0] == "add":
-            _, rid, prompt, params, priority = cmd
-            try:
-                self.engine.add_request(rid, prompt, params, priority=priority)
-            except Exception as e:
-                self._deliver(rid, e)
-        elif cmd[0] == "abort":
-            out = self.engine.abort_request(cmd[1])
-            if out is not None:
-                self._deliver(cmd[1], out)
+    def _apply(self, cmd: Command) -> None:
+        match cmd:
+            case AddRequest(rid, prompt, priority):
+                try:
+                    self.engine.add_processed(rid, prompt, priority)
+                except Exception as e:
+                    self._deliver(rid, e)
+            case Abort(rid):
+                out = self.engine.abort_request(rid)
+                if out is not None:
+                    self._deliver(rid, out)
+            case Wake():
+                pass
 
     def _loop(self) -> None:
         while True:
@@ -136,11 +171,7 @@ class AsyncLLM:
                     outputs = self.engine.step()
                 except Exception:  # the engine itself is broken: fail everyone rather than hang
                     log.exception("engine loop failed")
-                    outputs = []
-                    for rid in list(self.engine.output.groups):
-                        out = self.engine.end_request(rid, FinishReason.ERROR, "internal engine error")
-                        if out:
-                            outputs.append(out)
+                    outputs = self.engine.fail_all("internal engine error")
                 for out in outputs:
                     self._deliver(out.request_id, out)
             self._stats = self.engine.stats()

@@ -1,46 +1,28 @@
 """LLMEngine: requests in, RequestOutputs out, one step at a time.
 
     plan = scheduler.schedule(); result = runner.execute(plan); progressed = scheduler.update(plan, result)
-"""
+
+Prompts come in through the input processor (ferry/engine/inputs.py); a request whose forward fails is found
+and failed alone (ferry/engine/isolation.py); callers outside the engine read it through view()."""
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
 
-from ferry.config import EngineConfig, ModelConfig
+from ferry.config import EngineConfig
+from ferry.engine.factory import build_engine_parts
+from ferry.engine.inputs import InputLimits, InputProcessor, ProcessedPrompt, PromptInput
+from ferry.engine.isolation import execute_isolating
 from ferry.engine.output import OutputProcessor
+from ferry.engine.parts import EngineParts
 from ferry.engine.stats import EngineStats
-from ferry.errors import ContextLengthExceeded, InvalidRequest
-from ferry.experts.store import ExpertStore
-from ferry.kvcache.manager import KVCacheManager
+from ferry.engine.view import EngineView, RequestView
+from ferry.errors import InvalidRequest
+from ferry.experts.planner import Plan, make_plan, measure_costs
 from ferry.kvcache.policies import KV_POLICIES
-from ferry.models.kv import PolicyKV
 from ferry.request import FinishReason, Request, RequestOutput, SamplingParams
-from ferry.runner.runner import Runner
-from ferry.scheduler.scheduler import Scheduler
-from ferry.tokenizer import Tokenizer
 
 log = logging.getLogger("ferry")
-
-PromptInput = str | list[int] | dict[str, Any]
-
-
-@dataclass
-class EngineParts:
-    """Everything the factory builds; the engine only wires them together."""
-
-    config: EngineConfig
-    model_config: ModelConfig
-    tokenizer: Tokenizer
-    kv: KVCacheManager
-    storage: PolicyKV  # the KV tensors of the policy, both tiers
-    scheduler: Scheduler
-    runner: Runner
-    max_model_len: int
-    eos_token_ids: frozenset[int]
-    experts: ExpertStore | None = None  # MoE experts served from disk (--expert-store)
 
 
 class LLMEngine:
@@ -53,6 +35,7 @@ class LLMEngine:
         self.runner = parts.runner
         self.kv = parts.kv
         self.max_model_len = parts.max_model_len
+        self.inputs = InputProcessor(parts.tokenizer, input_limits(parts))
         self.output = OutputProcessor(parts.tokenizer)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -60,63 +43,27 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
-        from ferry.engine.factory import build_engine_parts
         return cls(build_engine_parts(config))
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt given as text, token ids or {"prompt"| "prompt_token_ids": ...}."""
-        text = None
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                text = prompt.get("prompt")  # the text, when the caller already tokenized it
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise InvalidRequest("a prompt dict needs a 'prompt' (text) or 'prompt_token_ids' (list of ints) key")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequest("the prompt is empty; give at least one character or token")
-            return prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise InvalidRequest(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        return text if isinstance(text, str) else None, list(prompt)
-
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequest("the prompt is empty; give at least one token")
-        if n >= self.max_model_len:
-            raise ContextLengthExceeded(
-                f"the prompt has {n} tokens but the context holds {self.max_model_len} (prompt plus at least one "
-                f"generated token); shorten the prompt, or raise --max-model-len / --kv-cache-memory if the model allows")
-        if params.logprobs is not None and params.logprobs > self.model_config.vocab_size:
-            raise InvalidRequest(f"logprobs={params.logprobs} exceeds the vocabulary size {self.model_config.vocab_size}")
-        policy = self.kv.policy
-        if params.kv_budget is not None and not (policy and policy.per_request_budget):
-            takes = ", ".join(name for name, cls in KV_POLICIES.items() if cls.per_request_budget)
-            raise InvalidRequest(f"kv_budget applies to servers run with --kv-policy {takes}; this one runs "
-                                 f"{policy.name if policy else 'full'}: leave kv_budget out")
-
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None) -> None:
-        params = params or SamplingParams()
+        """Encode, validate and queue a prompt (InvalidRequest / ContextLengthExceeded when it cannot run)."""
+        self.add_processed(request_id, self.inputs.process(prompt, params), priority, arrival_time)
+
+    def add_processed(self, request_id: str, prompt: ProcessedPrompt, priority: int = 0,
+                      arrival_time: float | None = None) -> None:
+        """Queue a prompt the input processor already accepted (AsyncLLM processes off the engine thread)."""
         if request_id in self.output.groups:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        text, ids = self.encode_prompt(prompt)
-        self.validate(ids, params)
+        params, ids = prompt.params, prompt.prompt_token_ids
         now = time.monotonic() if arrival_time is None else arrival_time
         children = [Request(req_id=request_id if params.n == 1 else f"{request_id}#{i}", prompt_token_ids=ids,
                             params=params, arrival_time=now, eos_token_ids=self.parts.eos_token_ids,
                             max_model_len=self.max_model_len, priority=priority, seed_offset=i)
                     for i in range(params.n)]
-        self.output.add(request_id, text, children)
+        self.output.add(request_id, prompt.prompt, children)
         for req in children:
             self.scheduler.add(req)
         self.num_prompt_tokens += len(ids) * params.n
@@ -131,27 +78,35 @@ class LLMEngine:
             out = self.output.fail(child_id, reason, error) or out
         return out
 
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """End every unfinished request with an error (the engine itself is broken: better than a hang)."""
+        outs = [self.end_request(rid, FinishReason.ERROR, error) for rid in list(self.output.groups)]
+        return [o for o in outs if o is not None]
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        try:
-            result = self.runner.execute(plan)
-        except Exception as e:  # one bad step fails its requests, not the engine
-            log.exception("engine step failed; failing its %d requests", len(plan.reqs))
-            outs = []
-            for s in plan.reqs:
-                group = self.output.child_group.get(s.req_id)
-                if group is not None:
-                    outs.append(self.end_request(group.request_id, FinishReason.ERROR, f"{type(e).__name__}: {e}"))
-            return [o for o in outs if o is not None]
+        result, failed = execute_isolating(self.runner, plan)  # a request whose forward raises fails alone
+        outputs = self._fail(failed)
         progressed = self.scheduler.update(plan, result)
         self.num_steps += 1
         self.num_generation_tokens += len(progressed)
-        outputs, stopped = self.output.process(progressed, result)
+        processed, stopped = self.output.process(progressed, result)
+        outputs += processed
         for child_id in stopped:
             self.scheduler.finish(child_id, FinishReason.STOP)
         return outputs
+
+    def _fail(self, failed: dict[str, BaseException]) -> list[RequestOutput]:
+        """End the requests (all children) whose forward raised, each with its own error."""
+        outs = []
+        for child_id, e in failed.items():
+            group = self.output.child_group.get(child_id)
+            if group is not None:
+                out = self.end_request(group.request_id, FinishReason.ERROR, f"{type(e).__name__}: {e}")
+                outs += [out] if out is not None else []
+        return outs
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
@@ -171,3 +126,38 @@ class LLMEngine:
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             num_preemptions=s.num_preemptions, num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens, num_steps=self.num_steps)
+
+    def view(self) -> EngineView:
+        """A read-only snapshot for code outside the engine (eval, bench, tests)."""
+        s, kv, cfg = self.scheduler, self.kv, self.config
+        storage = self.parts.storage
+        return EngineView(
+            max_model_len=self.max_model_len, vocab_size=self.model_config.vocab_size, block_size=cfg.cache.block_size,
+            max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens, kv_cache_memory=cfg.cache.kv_cache_memory,
+            kv_policy=kv.policy, moe=self.model_config.moe,
+            num_kv_blocks=kv.pool.num_blocks, num_kv_blocks_used=kv.pool.num_used, max_kv_blocks_used=kv.max_blocks_used,
+            num_host_blocks=kv.host.num_blocks, num_host_blocks_used=kv.host.num_blocks - kv.host.num_free,
+            max_host_blocks_used=kv.max_host_blocks_used, kv_cache_bytes=storage.nbytes,
+            kv_host_bytes=storage.host_nbytes,
+            running=tuple(RequestView(r.req_id, r.num_prompt_tokens, r.num_computed_tokens, r.num_tokens,
+                                      r.num_output_tokens) for r in s.running),
+            num_waiting=len(s.waiting), num_preemptions=s.num_preemptions, prefix_cache_hits=s.prefix_hits,
+            kv_stats=dict(getattr(storage, "stats", {})),
+            experts=self.parts.experts.stats() if self.parts.experts else None)
+
+    def expert_plan(self, max_num_seqs: int) -> Plan | None:
+        """The expert store's I/O-compute plan (--explain) for up to max_num_seqs sequences per step, from costs
+        measured now (the probe empties the expert cache and zeroes its counters); None without --expert-store."""
+        store, moe = self.parts.experts, self.model_config.moe
+        if store is None:
+            return None
+        num_moe_layers = sum(bool(x) for x in moe.sparse_layers)
+        return make_plan(measure_costs(store), moe.num_experts, moe.top_k, num_moe_layers, store.cache.num_slots,
+                         max_num_seqs)
+
+
+def input_limits(parts: EngineParts) -> InputLimits:
+    """What the input processor checks prompts against, from what the factory built."""
+    policy = parts.kv.policy
+    return InputLimits(parts.max_model_len, parts.model_config.vocab_size, policy.name if policy else "full",
+                       tuple(name for name, cls in KV_POLICIES.items() if cls.per_request_budget))

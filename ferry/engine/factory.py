@@ -8,7 +8,7 @@ import sys
 import torch
 
 from ferry.config import EngineConfig, ModelConfig, OffloadConfig
-from ferry.engine.engine import EngineParts
+from ferry.engine.parts import EngineParts
 from ferry.errors import InvalidRequest
 from ferry.experts.planner import make_plan, measure_costs
 from ferry.experts.policies import EVICTION_POLICIES

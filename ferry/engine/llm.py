@@ -6,8 +6,10 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
-from ferry.engine.engine import LLMEngine, PromptInput
+from ferry.engine.engine import LLMEngine
+from ferry.engine.inputs import PromptInput
 from ferry.engine.options import engine_config
+from ferry.engine.view import EngineView
 from ferry.request import RequestOutput, SamplingParams
 
 
@@ -85,5 +87,8 @@ class LLM:
                 self.engine.abort_request(rid)
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate([{"prompt_token_ids": ids}], sampling_params, use_tqdm=False)[0]
+        return self.generate([{"messages": messages}], sampling_params, use_tqdm=False)[0]
+
+    def view(self) -> EngineView:
+        """What the engine holds now (KV blocks, running requests...): a read-only snapshot."""
+        return self.engine.view()

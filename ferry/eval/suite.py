@@ -77,7 +77,7 @@ def _text_ids(llm: LLM, cfg: EvalConfig) -> list[int]:
 
 
 def eval_perplexity(llm: LLM, ids: list[int], cfg: EvalConfig) -> dict:
-    window = min(cfg.ppl_window, llm.engine.parts.max_model_len - 1)
+    window = min(cfg.ppl_window, llm.view().max_model_len - 1)
     ids = ids[:cfg.ppl_tokens]
     chunks = [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
     outs = llm.generate([{"prompt_token_ids": c} for c in chunks],
@@ -90,7 +90,7 @@ def eval_perplexity(llm: LLM, ids: list[int], cfg: EvalConfig) -> dict:
 def eval_retrieval(llm: LLM, ids: list[int], cfg: EvalConfig) -> list[dict]:
     tok = llm.tokenizer
     hay = Haystack(ids)
-    max_len = llm.engine.parts.max_model_len
+    max_len = llm.view().max_model_len
     rng = random.Random(cfg.seed)
     lengths = cfg.lengths or default_lengths(max_len - 32)
     too_long = [n for n in lengths if n + 32 > max_len]
@@ -167,10 +167,10 @@ def recording_routes(llm: LLM) -> Iterator[list[list]]:
 
 
 def eval_moe(llm: LLM, ids: list[int], cfg: EvalConfig) -> dict | None:
-    moe_cfg = llm.engine.parts.model_config.moe
+    moe_cfg = llm.view().moe
     if moe_cfg is None:
         return None
-    window = min(512, llm.engine.parts.max_model_len - 1)
+    window = min(512, llm.view().max_model_len - 1)
     chunks = [ids[i:i + window] for i in range(0, min(len(ids), 8192), window)]
     with recording_routes(llm) as rec:
         for c in chunks:  # one prompt at a time: rows of consecutive layers are the same tokens

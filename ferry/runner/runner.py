@@ -20,11 +20,20 @@ class Runner:
         self.block_size = block_size
         self.device = device
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        self.prepare(plan)
+        return self.forward(plan)
+
+    def prepare(self, plan: StepPlan) -> None:
+        """The plan's state changes that happen once, whatever happens to its forward: released requests, swaps."""
         self.sampler.release(plan.finished_req_ids)
         self.storage.swap_out(plan.swap_out)  # before swap_in and the forward: those may reuse the blocks
         self.storage.swap_in(plan.swap_in)
+
+    @torch.inference_mode()
+    def forward(self, plan: StepPlan) -> StepResult:
+        """The forward and sampling of plan.reqs. Re-runnable on a part of them (KV of the step's tokens is
+        written again at the same slots; seeded draws are restored with sampler.restore)."""
         result = StepResult()
         if not plan.reqs:
             return result

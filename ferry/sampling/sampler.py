@@ -64,6 +64,27 @@ class Sampler:
         for rid in req_ids:
             self._generators.pop(rid, None)
 
+    def snapshot(self, req_ids: Iterable[str]) -> dict:
+        """The random state these requests' next draws depend on (their seeded generators and the shared one),
+        so that a step whose forward failed can be re-run with the same draws (restore)."""
+        req_ids = list(req_ids)
+        return {"shared": {d: g.get_state() for d, g in self._shared.items()},
+                "reqs": {r: e[1].get_state() for r in req_ids if (e := self._generators.get(r)) is not None},
+                "absent": [r for r in req_ids if r not in self._generators]}
+
+    def restore(self, snap: dict, req_ids: Iterable[str]) -> None:
+        """Back to the snapshot's state for these requests (and the shared generator), before re-running them."""
+        for device in list(self._shared):
+            if device in snap["shared"]:
+                self._shared[device].set_state(snap["shared"][device])
+            else:  # made by the failed try
+                del self._shared[device]
+        for rid in req_ids:
+            if rid in snap["reqs"] and rid in self._generators:
+                self._generators[rid][1].set_state(snap["reqs"][rid])
+            elif rid in snap["absent"]:  # made by the failed try: made again, fresh, on first use
+                self._generators.pop(rid, None)
+
     @property
     def num_generators(self) -> int:
         return len(self._generators)

@@ -1,4 +1,5 @@
-"""The OpenAI endpoints' logic: request -> prompt token ids + SamplingParams -> engine streams -> response.
+"""The OpenAI endpoints' logic: request -> the engine's input processor (prompt token ids + SamplingParams,
+validated once, ferry/engine/inputs.py) -> engine streams -> response.
 
 Nothing here blocks the event loop: tokenization and chat templates run in worker threads, the model runs on
 the engine's own thread. Errors before the first output (bad request, context length, overload) become
@@ -12,12 +13,11 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncGenerator
 
-import jinja2
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
-from ferry.errors import ContextLengthExceeded, FerryError, RequestFailed
-from ferry.request import RequestOutput, SamplingParams
+from ferry.errors import FerryError, InvalidRequest, RequestFailed
+from ferry.request import RequestOutput
 from ferry.server.errors import BadRequest, ModelNotFound, RequestTimeout, error_response
 from ferry.server.lifecycle import ClientDisconnected, EventStreamResponse, merge_outputs, until_disconnect
 from ferry.server.metrics import RequestClock, ServerMetrics
@@ -27,28 +27,11 @@ from ferry.server.streaming import (DONE, ChunkWriter, DeltaTracker, TokenTexts,
 
 if TYPE_CHECKING:
     from ferry.engine.async_engine import AsyncLLM
+    from ferry.engine.inputs import ProcessedPrompt
 
 log = logging.getLogger("ferry.server")
 
 Merged = AsyncGenerator[tuple[int, RequestOutput], None]
-
-
-def context_check(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
-    """max_tokens to use: the request's when prompt + max_tokens fits the context, else ContextLengthExceeded
-    (as vLLM does, rather than silently generating less); None means the rest of the context."""
-    room = max_model_len - num_prompt_tokens
-    if room < 1:
-        raise ContextLengthExceeded(
-            f"this model's maximum context length is {max_model_len} tokens, but the prompt has {num_prompt_tokens} "
-            f"tokens (at least one must be left to generate); shorten the prompt")
-    if max_tokens is None:
-        return room
-    if max_tokens > room:
-        raise ContextLengthExceeded(
-            f"this model's maximum context length is {max_model_len} tokens, but {num_prompt_tokens + max_tokens} "
-            f"were requested ({num_prompt_tokens} in the prompt, {max_tokens} in max_tokens); lower max_tokens to "
-            f"at most {room} or shorten the prompt")
-    return max_tokens
 
 
 class Serving:
@@ -68,62 +51,51 @@ class Serving:
                                 param="model")
 
     async def encode(self, text: str) -> list[int]:
+        """Token ids of a text as /tokenize shows them (no prompt rules: an empty text is 0 tokens)."""
         return list(await asyncio.to_thread(self.engine.tokenizer.encode, text))
-
-    async def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-        tok = self.engine.tokenizer
-        if not getattr(tok, "has_chat_template", True):
-            raise BadRequest("this model has no chat template (tokenizer_config.json); use /v1/completions")
-        try:
-            ids = await asyncio.to_thread(tok.apply_chat_template, messages, add_generation_prompt=add_generation_prompt)
-        except FerryError:
-            raise
-        except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
-            raise BadRequest(f"the model's chat template cannot render these messages: {e}", param="messages") from None
-        return list(ids)
 
     # -- endpoints --------------------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, receive: Receive) -> Response:
         self.check_model(body.model)
-        prompts = [p if isinstance(p, list) else await self.encode(p) for p in body.prompts()]
-        max_len = self.engine.max_model_len
-        params = [body.sampling_params(context_check(len(ids), body.max_tokens, max_len), body.logprobs)
-                  for ids in prompts]
-        return await self._serve("completion", body, prompts, params, receive)
+        prompts = [await self.engine.process(p, body.sampling_params(body.max_tokens, body.logprobs), fit_max_tokens=True)
+                   for p in body.prompts()]
+        return await self._serve("completion", body, prompts, receive)
 
     async def chat(self, body: ChatCompletionRequest, receive: Receive) -> Response:
         self.check_model(body.model)
-        ids = await self.render_chat(body.template_messages(), body.add_generation_prompt)
-        max_tokens = context_check(len(ids), body.max_new_tokens, self.engine.max_model_len)
-        return await self._serve("chat", body, [ids], [body.sampling_params(max_tokens, body.num_logprobs)], receive)
+        messages = {"messages": body.template_messages(), "add_generation_prompt": body.add_generation_prompt}
+        prompt = await self.engine.process(messages, body.sampling_params(body.max_new_tokens, body.num_logprobs),
+                                           fit_max_tokens=True)
+        return await self._serve("chat", body, [prompt], receive)
 
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
         if body.messages is not None:
             msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = await self.render_chat(msgs, body.add_generation_prompt)
+            ids = await asyncio.to_thread(self.engine.inputs.render_chat, msgs, body.add_generation_prompt)
         else:
             ids = await self.encode(body.prompt or "")
         return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
 
     async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
-        vocab = self.engine.model_config.vocab_size
-        bad = [t for t in body.tokens if t >= vocab]
-        if bad:
-            raise BadRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+        try:
+            self.engine.inputs.check_token_ids(body.tokens)
+        except InvalidRequest as e:
+            raise BadRequest(str(e), param="tokens") from None
         text = await asyncio.to_thread(self.engine.tokenizer.decode, body.tokens, skip_special_tokens=False)
         return {"prompt": text}  # special tokens kept, as vLLM's /detokenize
 
     # -- one request, streamed or not -------------------------------------------------------------
 
-    async def _serve(self, kind: str, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
-                     params: list[SamplingParams], receive: Receive) -> Response:
+    async def _serve(self, kind: str, body: CompletionRequest | ChatCompletionRequest, prompts: list["ProcessedPrompt"],
+                     receive: Receive) -> Response:
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        streams = [self.engine.generate(ids, p, f"{response_id}-{i}", priority=body.priority)
-                   for i, (ids, p) in enumerate(zip(prompts, params))]
-        call = Call(kind, response_id, body, prompts, merge_outputs(streams), [self.metrics.clock() for _ in prompts],
+        streams = [self.engine.generate(p, None, f"{response_id}-{i}", priority=body.priority)
+                   for i, p in enumerate(prompts)]
+        call = Call(kind, response_id, body, [p.prompt_token_ids for p in prompts], merge_outputs(streams),
+                    [self.metrics.clock() for _ in prompts],
                     asyncio.get_running_loop().time() + self.request_timeout)
         try:
             if body.stream:

@@ -1,8 +1,8 @@
 """A request that fails inside the engine (or hits a bug in the server) ends with an error of its own — a 500 in
 OpenAI's shape, or an error event in a started stream — and everyone else is served as usual.
 
-The engine here is a stand-in with AsyncLLM's interface (real failures cannot be triggered on demand), behind a
-real uvicorn server on loopback."""
+The engine here is a stand-in with AsyncLLM's interface (its input processor is the real one), behind a real
+uvicorn server on loopback; tests/engine/test_failure_isolation.py fails requests inside the real engine."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
+from ferry.engine.inputs import InputLimits, InputProcessor, ProcessedPrompt
 from ferry.engine.stats import EngineStats
 from ferry.request import CompletionOutput, RequestOutput, SamplingParams
 from ferry.server.app import build_app
@@ -47,6 +48,7 @@ class FakeEngine:
     tokenizer = FakeTokenizer()
     model_config = FakeModelConfig()
     max_model_len = 1000
+    inputs = InputProcessor(tokenizer, InputLimits(max_model_len, FakeModelConfig.vocab_size, "full", ()))
     num_unfinished = 0
 
     def is_alive(self) -> bool:
@@ -55,7 +57,11 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(num_kv_blocks_total=10)
 
-    async def generate(self, prompt: list[int], params: SamplingParams, request_id: str, priority: int = 0):
+    async def process(self, prompt, params: SamplingParams | None = None, fit_max_tokens: bool = False) -> ProcessedPrompt:
+        return self.inputs.process(prompt, params, fit_max_tokens)
+
+    async def generate(self, processed: ProcessedPrompt, params: None, request_id: str, priority: int = 0):
+        prompt, params = processed.prompt_token_ids, processed.params
         text = "".join(chr(i) for i in prompt)
         ids: list[int] = []
         for i, t in enumerate(prompt[: params.max_tokens]):

@@ -6,13 +6,11 @@ import pytest
 from bench import models
 from bench.engines import start
 from bench.engines.worker import WorkerError
-from bench.peers.parity import check
-from bench.peers.tiny import TINY
+from bench.parity import check
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    models.SHAPES.setdefault("tiny-qwen2", TINY["tiny-qwen2"])
     return models.build("tiny-qwen2", root=tmp_path_factory.mktemp("bench"))
 
 

@@ -5,14 +5,14 @@ keeps logits only with logits_all. The low-level API is the whole of libllama, s
 as llama.cpp's own `batched` and `llama-bench` tools do: one llama_batch carrying tokens of many sequences
 (seq_id per token), a unified KV cache, greedy argmax over the returned logits.
 
-It runs as a worker of bench/engines (`python bench/peers/llamacpp.py --worker`, the same JSON-lines ops as
+It runs as a worker of bench/engines (`python bench/engines/llamacpp_engine.py --worker`, the same JSON-lines ops as
 ferry's and transformers' workers): the model is loaded once (into anonymous memory, no mmap); each job gets a
 fresh context sized to it (KV cache of the job's tokens, one sequence per prompt), made before its timer
 starts. Worker options: "model" (a GGUF path), "threads", and optionally "kv_type" ("f16" default, as
 llama.cpp; "f32" for the exactness check; the worker picks f32 for float32 GGUFs), "flash_attn" ("auto"
 default, as llama.cpp's tools; "off"), "n_batch" (512), "quiet".
 
-    .venv/bin/python bench/peers/llamacpp.py --smoke     # tiny GGUFs, 1 thread, every op (runs in the peers venv)
+    .venv/bin/python bench/engines/llamacpp_engine.py --smoke     # tiny GGUFs, 1 thread, every op (runs in the peers venv)
 """
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def smoke() -> None:
     gguf_dir = Path(__file__).resolve().parents[1] / ".cache" / "gguf"
     models = sorted(gguf_dir.glob("tiny-*-f32.gguf"))
     if not models:
-        raise SystemExit("no tiny GGUF: run `.venv/bin/python bench/peers/llamacpp.py --smoke` from the main venv")
+        raise SystemExit("no tiny GGUF: run `.venv/bin/python bench/engines/llamacpp_engine.py --smoke` from the main venv")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 32000, size=n).tolist() for n in (5, 9, 17)]
     for m in models:
@@ -200,9 +200,9 @@ def main() -> None:
         except ImportError:  # the main venv: build the tiny GGUFs here, run the ops in the peers venv
             from bench.peers.env import peer_python
             from bench.peers.gguf_export import ensure
-            from bench.peers.tiny import TINY, build_tiny
+            from bench.models import TINY, build
             for shape in TINY:
-                ensure(build_tiny(shape), "f32")
+                ensure(build(shape), "f32")
             subprocess.run([peer_python(), __file__, "--smoke"], check=True)
             return
         smoke()

@@ -7,6 +7,8 @@
   rounding (max_logprob_diff). Greedy tokens alone are a weak test on random weights, whose outputs are
   dominated by echoing the input: a qwen2 GGUF with wrongly permuted q/k still matches ferry's greedy tokens
   on the tiny smoke model, while its logprobs are off by orders of magnitude more than rounding.
+- smoke (`.venv/bin/python -m bench.parity --smoke`): the tiny llama, qwen2 and olmoe converted to GGUF at every
+  outtype, then llama.cpp's float32 greedy tokens and logprobs against ferry's.
 - agreement: the fraction of positions where two greedy token lists agree, counted up to the first
   divergence in each pair (after it, the contexts differ and so may everything else).
 """
@@ -95,3 +97,29 @@ def offline_check(model_dir: str | Path, gguf_f32: str | Path, threads: int, num
     if "llama.cpp" in r["unavailable"]:
         raise RuntimeError(r["unavailable"]["llama.cpp"])
     return {**r["engines"]["llama.cpp"], "prompts": r["prompts"], "max_tokens": r["max_tokens"]}
+
+
+def smoke() -> None:
+    """Tiny llama, qwen2 and olmoe at every GGUF outtype, then llama.cpp's greedy tokens against ferry's (float32)."""
+    from bench.models import build
+    from bench.peers.gguf_export import OUTTYPES, ensure
+    for shape in ("tiny-qwen2", "tiny-llama", "tiny-olmoe"):
+        src = build(shape)
+        for t in OUTTYPES:
+            p = ensure(src, t)
+            print(f"{p.name}: {p.stat().st_size / 1e6:.1f} MB")
+        r = offline_check(src, ensure(src, "f32"), threads=1)
+        print(f"{shape}: float32 ferry vs llama.cpp: greedy agreement {r['agreement']:.1%}, "
+              f"max top-5 logprob difference {r['max_logprob_diff']:.1e} -> {'ok' if r['ok'] else 'MISMATCH'}")
+        if not r["ok"]:
+            raise SystemExit(f"{shape}: llama.cpp and ferry disagree: {r}")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="convert the tiny shapes to GGUF and check llama.cpp's parity")
+    if ap.parse_args().smoke:
+        smoke()
+    else:
+        ap.error("--smoke")

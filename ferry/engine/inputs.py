@@ -1,0 +1,139 @@
+"""The engine's edge: what a caller gives (text, token ids, chat messages, with SamplingParams) becomes a
+`ProcessedPrompt` (validated token ids and params) here, once, whichever way it came in (`LLM`, `AsyncLLM`, the
+HTTP server). Every rule about prompts lives here: tokenization, the vocabulary, the context length (and,
+for OpenAI's API, whether max_tokens fits it), logprobs and kv_budget against what this engine runs.
+
+Torch-free and stateless past construction (it reads only immutable engine facts), so the server runs it in
+a worker thread while the engine thread steps."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from ferry.errors import ContextLengthExceeded, InvalidRequest
+from ferry.request import SamplingParams
+
+# "text" | [token ids] | {"prompt": text} | {"prompt_token_ids": [...], "prompt"?: text}
+# | {"messages": [{"role", "content"}...], "add_generation_prompt"?: bool}
+PromptInput = str | list[int] | dict[str, Any]
+
+
+class PromptTokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    """A prompt that passed every check: the engine queues it without looking at it again. Made only by
+    `InputProcessor.process`."""
+
+    prompt: str | None  # the text, when the caller gave text
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """The engine facts the rules need (fixed at start)."""
+
+    max_model_len: int  # prompt + generated tokens
+    vocab_size: int
+    kv_policy: str  # the --kv-policy the engine runs
+    kv_budget_policies: tuple[str, ...]  # the policies that serve a request's own kv_budget
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: PromptTokenizer, limits: InputLimits) -> None:
+        self.tokenizer = tokenizer
+        self.limits = limits
+
+    def process(self, prompt: PromptInput, params: SamplingParams | None = None,
+                fit_max_tokens: bool = False) -> ProcessedPrompt:
+        """Encode and validate. With fit_max_tokens (OpenAI's rule, the server's), prompt + max_tokens must fit
+        the context and max_tokens None becomes the room left; without it, generation stops at the context."""
+        params = params or SamplingParams()
+        text, ids = self.encode(prompt)
+        room = self.check_context(len(ids))
+        if fit_max_tokens:
+            params = replace(params, max_tokens=self.fit_max_tokens(len(ids), room, params.max_tokens))
+        self.check_params(params)
+        return ProcessedPrompt(text, ids, params)
+
+    # -- prompts ----------------------------------------------------------------------------------
+
+    def encode(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt in any of PromptInput's forms."""
+        text = None
+        if isinstance(prompt, dict):
+            if "messages" in prompt:
+                return None, self.render_chat(prompt["messages"], prompt.get("add_generation_prompt", True))
+            if "prompt_token_ids" in prompt:
+                text = prompt.get("prompt")  # the text, when the caller already tokenized it
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InvalidRequest("a prompt dict needs a 'prompt' (text), 'prompt_token_ids' (list of ints) or "
+                                     "'messages' (chat) key")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("the prompt is empty; give at least one character or token")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if not isinstance(prompt, (list, tuple)) or not all(_is_int(t) for t in prompt):
+            raise InvalidRequest(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        self.check_token_ids(prompt, "prompt token ids")
+        return text if isinstance(text, str) else None, list(prompt)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of chat messages through the model's chat template (InvalidRequest when it has none, or
+        when it rejects the messages)."""
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
+
+    def check_token_ids(self, ids: list[int] | tuple[int, ...], what: str = "token ids") -> None:
+        vocab = self.limits.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"{what} {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    # -- the context ------------------------------------------------------------------------------
+
+    def check_context(self, num_prompt_tokens: int) -> int:
+        """Tokens left to generate after the prompt (at least one, else the prompt is refused)."""
+        n, max_len = num_prompt_tokens, self.limits.max_model_len
+        if n == 0:
+            raise InvalidRequest("the prompt is empty; give at least one token")
+        if n >= max_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {max_len} tokens, but the prompt has {n} tokens: the "
+                f"context holds the prompt plus at least one generated token; shorten the prompt, or raise "
+                f"--max-model-len / --kv-cache-memory if the model allows")
+        return max_len - n
+
+    def fit_max_tokens(self, num_prompt_tokens: int, room: int, max_tokens: int | None) -> int:
+        """max_tokens when prompt + max_tokens fits the context (as vLLM's server, rather than silently
+        generating less); None means the rest of the context."""
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.limits.max_model_len} tokens, but "
+                f"{num_prompt_tokens + max_tokens} were requested ({num_prompt_tokens} in the prompt, {max_tokens} "
+                f"in max_tokens); lower max_tokens to at most {room} or shorten the prompt")
+        return max_tokens
+
+    # -- sampling parameters against this engine --------------------------------------------------
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: limits of this model and engine."""
+        vocab = self.limits.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise InvalidRequest(f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}")
+        if params.kv_budget is not None and self.limits.kv_policy not in self.limits.kv_budget_policies:
+            raise InvalidRequest(f"kv_budget applies to servers run with --kv-policy "
+                                 f"{', '.join(self.limits.kv_budget_policies)}; this one runs "
+                                 f"{self.limits.kv_policy}: leave kv_budget out")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
