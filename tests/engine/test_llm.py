@@ -92,7 +92,7 @@ def test_stop_strings_and_stop_token_ids(llm):
     tok = base.token_ids[3]
     by_id = llm.generate("Lily", greedy(max_tokens=20, ignore_eos=True, stop_token_ids=[tok]), use_tqdm=False)[0].outputs[0]
     assert by_id.token_ids == base.token_ids[:base.token_ids.index(tok) + 1] and by_id.stop_reason == tok
-    assert llm.engine.kv.all_free
+    assert llm.view().kv_all_free
 
 
 def test_max_tokens_finish_reason_length(llm):
@@ -108,7 +108,7 @@ def test_streaming_is_cumulative_and_abortable(llm):
     it = llm.stream(["one", "two"], greedy(max_tokens=50, ignore_eos=True))
     next(it)
     it.close()  # leaving early aborts what is still running
-    assert not llm.engine.has_unfinished() and llm.engine.kv.all_free
+    assert not llm.engine.has_unfinished() and llm.view().kv_all_free
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -204,7 +204,7 @@ def test_prompt_logprobs_match_transformers(llama):
             assert lps[i].token_id == p[i]
             assert lps[i].logprob == pytest.approx(ref[i - 1, p[i]].item(), abs=1e-4)
             assert [t for t, _ in lps[i].top] == ref[i - 1].topk(3).indices.tolist()
-    assert llm.engine.kv.pool.num_used == 0
+    assert llm.view().num_kv_blocks_used == 0
 
 
 def test_prompt_logprobs_rejects_bad_values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 PKG = pathlib.Path(__file__).resolve().parents[2] / "ferry"
 RANK = {
@@ -12,7 +13,14 @@ RANK = {
     "scheduler": 6, "runner": 6, "engine": 7, "default_model": 7, "server": 8, "eval": 8, "cli": 9, "__main__": 10, "__init__": 10,
 }
 TORCH_FREE = ("scheduler", "request", "plan", "config", "errors", "kvcache/manager.py", "kvcache/block_pool.py",
-              "kvcache/prefix_cache.py")
+              "kvcache/prefix_cache.py", "engine/inputs.py", "engine/view.py")
+# The engine's edge: what the server may import from ferry.engine (it talks to AsyncLLM and its input processor)
+SERVER_SEES = {"ferry.engine.async_engine", "ferry.engine.inputs", "ferry.engine.stats", "ferry.engine.options"}
+# Code outside the engine reads it through LLMEngine.view() / LLM.view(), never its parts
+OUTSIDE = ("ferry/eval", "ferry/server", "bench", "tests/engine", "tests/e2e")
+INTERNALS = re.compile(r"\b(engine|eng)\.(parts|kv|scheduler|runner|output)\b|\.output\.(groups|child_group)\b")
+STILL_REACHING = {  # replaced by the decoder's routing observer port (issue 18, experts part)
+    "ferry/eval/suite.py": "llm.engine.parts.runner.model.modules()"}
 
 
 def _imports(path: pathlib.Path) -> list[str]:
@@ -50,3 +58,21 @@ def test_scheduler_side_has_no_torch():
         if rel.startswith(TORCH_FREE) and any(m == "torch" or m.startswith("torch.") for m in _imports(path)):
             bad.append(rel)
     assert not bad, f"torch imported in {bad}"
+
+
+def test_server_sees_only_the_engines_edge():
+    bad = [f"{p.relative_to(PKG)} imports {m}" for p in (PKG / "server").rglob("*.py") for m in _imports(p)
+           if m.startswith("ferry.engine") and m not in SERVER_SEES]
+    assert not bad, "the server reaches past the engine's edge:\n" + "\n".join(bad)
+
+
+def test_nothing_outside_the_engine_reaches_into_it():
+    root = PKG.parent
+    bad = []
+    for folder in OUTSIDE:
+        for path in (root / folder).rglob("*.py"):
+            rel = str(path.relative_to(root))
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if INTERNALS.search(line) and STILL_REACHING.get(rel, "\0") not in line:
+                    bad.append(f"{rel}:{n}: {line.strip()}")
+    assert not bad, "engine internals used outside the engine (use engine.view()):\n" + "\n".join(bad)
