@@ -14,7 +14,7 @@ HAS_AVX512_CPU = cpu.isa() >= cpu.Isa.AVX512
 
 needs_kernel = pytest.mark.skipif(
     not HAS_AVX512_CPU,
-    reason=f"needs AVX-512 (avx512f/bw/vl/dq), this process runs at {cpu.describe()}: ferry.ops.gemv.linear is F.linear",
+    reason=f"needs AVX-512 (avx512f/bw/vl/dq), this process runs at {cpu.describe()}: gemv.linear is F.linear",
 )
 
 # (K, N): K multiples and non-multiples of 16/32 (tails), odd N (row-block tails).

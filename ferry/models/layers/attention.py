@@ -85,8 +85,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
     B = meta.num_decodes
     if B:
-        o = paged_decode_attention(q[:B], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, window, scale)
-        out[:B] = o.to(q.dtype)
+        out[:B] = paged_decode_attention(q[:B], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens,
+                                         window, scale).to(q.dtype)
     for i, chunk in enumerate(meta.prefills):
         rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         if chunk.start_pos == 0:  # nothing cached before: use this step's k/v directly
