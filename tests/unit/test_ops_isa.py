@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -167,3 +169,32 @@ def test_paged_attention_portable_build_matches_this_cpus():
         assert paged_attention.available() and paged_attention.KERNEL.loaded().__name__.endswith("_portable")
         portable = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, None, 0.25)
     torch.testing.assert_close(portable, native, atol=2e-6, rtol=1e-5)  # FMA contraction differs: not bit-equal
+
+
+_INT4_UNDER_AVX2_TORCH = """
+import torch
+from ferry.ops import quant
+assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+assert not quant.available() and "AVX2" in quant.unavailable_reason()
+g = torch.Generator().manual_seed(4)
+N, K, G = 128, 256, 64
+w = quant.Int4Linear(quant.pack_int4(torch.randint(0, 16, (N, K), generator=g)),
+                     (torch.rand(K // G, N, generator=g) / 8).to(torch.bfloat16), G)
+x = torch.randn(3, K, generator=g).to(torch.bfloat16)
+want = x.float() @ w.dequantize(torch.empty(N, K)).T
+scale_zero = torch.stack((w.scales, torch.zeros_like(w.scales)), dim=-1)
+raw = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, G, scale_zero).float()
+print(float((w(x).float() - want).abs().max()), float((raw - want).abs().max()), float(want.abs().max()))
+"""
+
+
+@needs(Isa.AVX512, "avx512f/bw/vl/dq")
+def test_int4_where_torch_dispatches_avx2_dequantizes_instead_of_misreading_the_packing():
+    """Torch's AVX2 int4 kernel reads another packing than pack_int4's: it ran without error and gave garbage
+    (issue 19). Torch is made to dispatch AVX2 here (ATEN_CPU_CAPABILITY, read when torch loads: a subprocess)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", _INT4_UNDER_AVX2_TORCH], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    err, raw_err, scale = map(float, out.split())
+    assert err < 0.02 * scale  # the dequantized path: bf16 rounding
+    assert raw_err > 0.2 * scale  # torch's kernel on this packing: wrong, as the fallback exists to avoid
