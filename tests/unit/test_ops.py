@@ -17,6 +17,11 @@ needs_kernel = pytest.mark.skipif(
     reason=f"needs AVX-512 (avx512f/bw/vl/dq), this process runs at {cpu.describe()}: gemv.linear is F.linear",
 )
 
+def _dtype_needs(dtype: torch.dtype) -> str:
+    feature = "avx512_bf16" if dtype == torch.bfloat16 else "avx512f/bw/vl/dq"
+    return f"the {dtype} kernel needs {feature}; this process runs at {cpu.describe()}"
+
+
 # (K, N): K multiples and non-multiples of 16/32 (tails), odd N (row-block tails).
 SHAPES = [(1, 1), (7, 3), (32, 8), (33, 17), (72, 5), (100, 13), (256, 64), (896, 131)]
 M_ALL = list(range(1, 17))
@@ -65,7 +70,9 @@ def test_kernel_builds_where_cpu_supports_it():
         assert gemv.available()
         feats = gemv.supported_dtypes()
         assert feats[torch.float32] and feats[torch.bfloat16]
-    elif not HAS_AVX512_CPU:  # never built below AVX-512: F.linear, and the reason says why
+    elif HAS_AVX512_CPU:  # AVX-512 without bf16 (or FERRY_ISA=avx512): float32 only
+        assert gemv.available() and gemv.supported_dtypes() == {torch.float32: True, torch.bfloat16: False}
+    else:  # never built below AVX-512: F.linear, and the reason says why
         assert not gemv.available() and not gemv.supported_dtypes()[torch.bfloat16]
         assert "needs avx512" in gemv.unavailable_reason()
 
@@ -76,7 +83,7 @@ def test_kernel_builds_where_cpu_supports_it():
 @pytest.mark.parametrize("k,n", SHAPES, ids=[f"K{k}N{n}" for k, n in SHAPES])
 def test_matches_float64_reference(dtype, bias, k, n):
     if not gemv.supported_dtypes()[dtype]:
-        pytest.skip(f"kernel unavailable for {dtype}")
+        pytest.skip(_dtype_needs(dtype))
     for m in M_ALL:
         x, w, b = _data(m, k, n, dtype, bias)
         y = gemv.KERNEL.ext().linear_small_m(x, w, b)  # the kernel itself, no dispatch
@@ -88,7 +95,7 @@ def test_matches_float64_reference(dtype, bias, k, n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_qwen_like_shapes(dtype):
     if not gemv.supported_dtypes()[dtype]:
-        pytest.skip(f"kernel unavailable for {dtype}")
+        pytest.skip(_dtype_needs(dtype))
     for m, k, n in [(1, 896, 4864), (3, 4864, 896), (8, 896, 1000), (16, 896, 128)]:
         x, w, b = _data(m, k, n, dtype, bias=m % 2 == 1)
         _check(gemv.KERNEL.ext().linear_small_m(x, w, b), x, w, b)
@@ -98,7 +105,7 @@ def test_qwen_like_shapes(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_dispatch_uses_kernel(dtype):
     if not gemv.supported_dtypes()[dtype]:
-        pytest.skip(f"kernel unavailable for {dtype}")
+        pytest.skip(_dtype_needs(dtype))
     x, w, b = _data(4, 72, 9, dtype, bias=True)
     n0 = gemv.kernel_calls()
     gemv.linear(x, w, b)
@@ -159,7 +166,7 @@ def test_autograd_falls_back():
 @needs_kernel
 def test_thread_count_does_not_change_result():
     if not gemv.available():
-        pytest.skip("kernel unavailable")
+        pytest.skip(f"kernel unavailable: {gemv.unavailable_reason()}")
     x, w, b = _data(3, 896, 1001, torch.float32, bias=True)
     before = torch.get_num_threads()
     try:
