@@ -71,11 +71,16 @@ def _build(name: str, sources: list[str], cflags: list[str], level: Isa) -> Modu
         # One module name per level: torch renames a second load of a name with other flags (name_v1), which
         # would make each process's first load decide the file name and rebuild the other's.
         module = f"{name}_{level.label}"
-        if not list(d.glob(f"{module}*.so")):
+        compiling = not list(d.glob(f"{module}*.so"))
+        if compiling:
             print(f"ferry: compiling CPU kernel {name} for {level.label} (once, about a minute) ...",
                   file=sys.stderr, flush=True)
-        return cpp_extension.load(name=module, sources=srcs, extra_cflags=[*cflags, *compile_flags(level)],
-                                  extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
+        start = time.perf_counter()
+        ext = cpp_extension.load(name=module, sources=srcs, extra_cflags=[*cflags, *compile_flags(level)],
+                                 extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
+        if compiling:
+            print(f"ferry: compiled {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        return ext
     except Exception as e:  # no compiler, no ninja, bad toolchain
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         log.warning("ferry: could not build the %s kernel (%s: %s); using its fallback", name, type(e).__name__, msg)

@@ -96,6 +96,17 @@ def test_warm_up_loads_every_kernel_so_no_request_compiles():
         assert "needs avx512" in reasons["gemv"] and gemv.KERNEL.loaded() is None
 
 
+def test_engine_start_warms_the_kernels_up_before_any_request(tmp_ckpt_dir, monkeypatch):
+    from ferry import LLM
+    from ferry.engine import factory
+    from tests.checkpoints import make_checkpoint
+
+    calls = []
+    monkeypatch.setattr(factory, "warm_up", lambda: calls.append("warm_up") or {})
+    with LLM(str(make_checkpoint("llama", tmp_ckpt_dir)), dtype="float32", kv_cache_memory="4M"):
+        assert calls == ["warm_up"]
+
+
 @needs(Isa.AVX512, "avx512f/bw/vl/dq")
 def test_gemv_below_avx512_is_f_linear_with_the_kernels_results():
     g = torch.Generator().manual_seed(0)
