@@ -48,9 +48,10 @@ _LEVEL_FLAGS = {
     Isa.AVX512: {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
     Isa.AVX512_BF16: {"avx512_bf16"},
 }
-# Compiler flags that let the compiler use a level's instructions anywhere in a translation unit.
+# Compiler flags that let the compiler use a level's instructions anywhere in a translation unit. -mtune=native
+# schedules for the build machine as -march=native did, and never adds an instruction the level lacks.
 _LEVEL_CFLAGS = {
-    Isa.AVX2: ["-mavx2", "-mfma", "-mf16c"],
+    Isa.AVX2: ["-mavx2", "-mfma", "-mf16c", "-mtune=native"],
     Isa.AVX512: ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
     Isa.AVX512_BF16: ["-mavx512bf16"],
 }
