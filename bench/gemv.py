@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ferry import ops  # noqa: E402
+from ferry.ops import cpu, gemv  # noqa: E402
 
 # Qwen2.5-0.5B linears, as N x K (out_features x in_features).
 DEFAULT_SHAPES = ["896x896", "128x896", "4864x896", "896x4864", "32000x896"]
@@ -81,13 +81,13 @@ def bench_case(n: int, k: int, m: int, dtype: torch.dtype, args) -> dict:
     x = torch.randn(m, k, generator=gen).to(dtype)
 
     ref = F.linear(x.double(), ws[0].double(), bs[0].double() if bs else None)
-    out = ops.linear(x, ws[0], bs[0] if bs else None)
+    out = gemv.linear(x, ws[0], bs[0] if bs else None)
     err = ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
-    fns = {"torch": F.linear, "ferry": ops.linear}
-    if ops.kernel_available():
+    fns = {"torch": F.linear, "ferry": gemv.linear}
+    if gemv.available():
         # Pure streaming read of the same weights: what DRAM gives right now.
-        fns["read"] = lambda _x, w, _b: ops._ext.stream_read(w)
+        fns["read"] = lambda _x, w, _b: gemv.KERNEL.ext().stream_read(w)
     for f in fns.values():  # warm-up (first touch, thread pool)
         time_pass(f, x, ws, bs)
     ts: dict[str, list[float]] = {name: [] for name in fns}
@@ -111,7 +111,7 @@ def bench_case(n: int, k: int, m: int, dtype: torch.dtype, args) -> dict:
         "torch_gbps": wbytes / med["torch"] / 1e9,
         "ferry_gbps": wbytes / med["ferry"] / 1e9,
         "speedup": speedup,
-        "kernel_used": ops.cpu_features()[dtype] and m <= ops.MAX_M[dtype],
+        "kernel_used": gemv.supported_dtypes()[dtype] and m <= gemv.MAX_M[dtype],
         "max_rel_err": err,
     }
     if "read" in med:
@@ -133,10 +133,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    if not ops.kernel_available():
+    if not gemv.available():
         print("warning: ferry kernel not available; both columns measure F.linear", file=sys.stderr)
 
-    print(f"threads={args.threads}  kernel={ops.kernel_available()}  features={ops.cpu_features()}")
+    print(f"threads={args.threads}  isa={cpu.describe()}  kernel={gemv.available()}  dtypes={gemv.supported_dtypes()}")
     print("GB/s = weight bytes / median time per call; 'read' = AVX-512 streaming read of the same")
     print("weights (DRAM bandwidth available at that moment); ratio = median per-run torch/ferry time\n")
     hdr = (
@@ -165,8 +165,9 @@ def main() -> None:
         "threads": args.threads,
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
-        "kernel_available": ops.kernel_available(),
-        "max_m": {str(k).replace("torch.", ""): v for k, v in ops.MAX_M.items()},
+        "kernel_available": gemv.available(),
+        "isa": cpu.describe(),
+        "max_m": {str(k).replace("torch.", ""): v for k, v in gemv.MAX_M.items()},
         "rotate_mb": args.rotate_mb,
         "runs": args.runs,
         "bias": args.bias,

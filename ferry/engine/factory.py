@@ -19,8 +19,7 @@ from ferry.kvcache.manager import KVCacheManager
 from ferry.kvcache.policies import KV_POLICIES, KVPolicy, KVShape
 from ferry.models.kv import build_policy_kv
 from ferry.models.loader import load_model
-from ferry.ops import kernel_available
-from ferry.ops.attention import paged_decode_attention_available
+from ferry.ops import warm_up
 from ferry.runner.runner import Runner
 from ferry.sampling import Sampler
 from ferry.scheduler.policies import POLICIES
@@ -139,9 +138,8 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         model = load_model(model_cfg, dtype, device, max_len, experts.layer if experts else None)
         if experts:
             attach_predictor(model, experts)
-        if device.type == "cpu":  # compile the CPU kernels now, not on the first request
-            paged_decode_attention_available()
-            kernel_available()
+        if device.type == "cpu":  # load (compile on a miss) every CPU kernel now, not on the first request
+            warm_up()
         storage = build_policy_kv(policy, model_cfg, num_blocks, num_host_blocks, block_size, dtype, device)
         storage.bind_model(model)
         kv = KVCacheManager(num_blocks, block_size, cfg.cache.enable_prefix_caching, num_host_blocks, policy)

@@ -1,9 +1,11 @@
 """Compile-on-first-use for ferry's C++ kernels (torch's cpp_extension toolchain, cached on disk).
 
-Each build lives in a folder named by a hash of its sources, flags and torch version, and compiles a copy of
-the sources kept there: checkouts of the same code share one build instead of rebuilding each other's, and
-an edited kernel gets a fresh folder. A kernel that cannot be built (no compiler, no ninja) logs one warning
-and its caller falls back: to plain torch, or for the expert reader pool to Python threads."""
+Each build lives in a folder named by the kernel, the instruction-set level it is built for (``cpu.Isa``) and a
+hash of its sources, flags, level and torch version, e.g. ``ferry_fused-avx2-1a2b3c4d5e6f``. It compiles a copy of
+the sources kept there: checkouts of the same code share one build instead of rebuilding each other's, an edited
+kernel gets a fresh folder, and a cache shared by machines of different CPUs (a network home folder) never hands
+one CPU a build that uses instructions it lacks. A kernel that cannot be built (no compiler, no ninja) logs one
+warning and its module falls back: to plain torch, or for the expert reader pool to Python threads."""
 from __future__ import annotations
 
 import hashlib
@@ -15,9 +17,11 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from ferry.ops.cpu import Isa, compile_flags
+
 log = logging.getLogger("ferry")
 _lock = threading.Lock()
-_modules: dict[str, ModuleType | None] = {}
+_modules: dict[tuple[str, Isa, tuple[str, ...]], ModuleType | None] = {}  # (name, level, cflags) -> loaded or None
 HERE = Path(__file__).resolve().parent
 STALE_LOCK_S = 600  # a build takes well under a minute: an older lock was left by a process that died mid-build
 
@@ -28,37 +32,59 @@ def build_dir() -> Path:
     return base / "ops"
 
 
-def load_extension(name: str, sources: list[str], cflags: list[str]) -> ModuleType | None:
-    """The compiled module, or None (after one warning) if it cannot be built here."""
-    if name in _modules:
-        return _modules[name]
-    with _lock:
-        if name in _modules:
-            return _modules[name]
-        try:
-            import torch
-            from torch.utils import cpp_extension
+def build_folder(name: str, sources: list[str], cflags: list[str], level: Isa) -> Path:
+    """Where `name` built from `sources` with `cflags` at `level` lives (flags include the level's own)."""
+    import torch
 
-            texts = [(HERE / s).read_bytes() for s in sources]
-            key = hashlib.sha256(b"\0".join([*texts, " ".join(cflags).encode(), torch.__version__.encode()]))
-            d = build_dir() / f"{name}-{key.hexdigest()[:12]}"
-            d.mkdir(parents=True, exist_ok=True)
-            srcs = []
-            for s, text in zip(sources, texts):
-                if not (d / s).exists():  # written once: an unchanged mtime lets ninja see nothing to do
-                    (d / f"{s}.tmp").write_bytes(text)
-                    os.replace(d / f"{s}.tmp", d / s)
-                srcs.append(str(d / s))
-            _clear_stale_lock(d / "lock")
-            if not list(d.glob(f"{name}*.so")):
-                print(f"ferry: compiling CPU kernel {name} (once) ...", file=sys.stderr, flush=True)
-            _modules[name] = cpp_extension.load(name=name, sources=srcs, extra_cflags=cflags,
-                                                extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
-        except Exception as e:  # no compiler, no ninja, bad toolchain
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-            log.warning("ferry: could not build the %s kernel (%s: %s); using plain torch", name, type(e).__name__, msg)
-            _modules[name] = None
-    return _modules[name]
+    texts = [(HERE / s).read_bytes() for s in sources]
+    flags = [*cflags, *compile_flags(level)]
+    key = hashlib.sha256(b"\0".join([*texts, " ".join(flags).encode(), level.label.encode(),
+                                     torch.__version__.encode()]))
+    return build_dir() / f"{name}-{level.label}-{key.hexdigest()[:12]}"
+
+
+def load_extension(name: str, sources: list[str], cflags: list[str], level: Isa) -> ModuleType | None:
+    """The module compiled for `level` (its instructions enabled, ``FERRY_ISA_LEVEL`` defined), or None after one
+    warning if it cannot be built here. Loaded once per process per level."""
+    ident = (name, level, tuple(cflags))
+    if ident in _modules:
+        return _modules[ident]
+    with _lock:
+        if ident not in _modules:
+            _modules[ident] = _build(name, sources, cflags, level)
+    return _modules[ident]
+
+
+def _build(name: str, sources: list[str], cflags: list[str], level: Isa) -> ModuleType | None:
+    try:
+        from torch.utils import cpp_extension
+
+        d = build_folder(name, sources, cflags, level)
+        d.mkdir(parents=True, exist_ok=True)
+        srcs = []
+        for s in sources:
+            if not (d / s).exists():  # written once: an unchanged mtime lets ninja see nothing to do
+                (d / f"{s}.tmp").write_bytes((HERE / s).read_bytes())
+                os.replace(d / f"{s}.tmp", d / s)
+            srcs.append(str(d / s))
+        _clear_stale_lock(d / "lock")
+        # One module name per level: torch renames a second load of a name with other flags (name_v1), which
+        # would make each process's first load decide the file name and rebuild the other's.
+        module = f"{name}_{level.label}"
+        compiling = not list(d.glob(f"{module}*.so"))
+        if compiling:
+            print(f"ferry: compiling CPU kernel {name} for {level.label} (once, about a minute) ...",
+                  file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        ext = cpp_extension.load(name=module, sources=srcs, extra_cflags=[*cflags, *compile_flags(level)],
+                                 extra_ldflags=["-fopenmp"], build_directory=str(d), verbose=False)
+        if compiling:
+            print(f"ferry: compiled {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        return ext
+    except Exception as e:  # no compiler, no ninja, bad toolchain
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        log.warning("ferry: could not build the %s kernel (%s: %s); using its fallback", name, type(e).__name__, msg)
+        return None
 
 
 def _clear_stale_lock(lock: Path) -> None:

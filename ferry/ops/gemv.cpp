@@ -6,10 +6,10 @@
 // rows are split across threads with at::parallel_for, and weight lines are
 // software-prefetched ahead of use.
 //
-// The AVX-512 code lives in functions carrying __attribute__((target(...)))
-// so the translation unit itself is compiled for the baseline ISA: loading
-// the module on a CPU without AVX-512 is safe, and cpu_features() tells the
-// Python side which kernels may be called.
+// The AVX-512 code lives in functions carrying __attribute__((target(...))),
+// and every kernel also checks the CPU at run time (cpu_features() tells the
+// Python side which may be called). ferry/ops/gemv.py builds this file only
+// for an AVX-512 level (ferry/ops/cpu.py): below it F.linear runs instead.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -384,8 +384,14 @@ bool cpu_has_avx512f() {
   return has;
 }
 
+// The build's instruction-set level (ferry/ops/cpu.py, set by the build): a build for plain AVX-512 never runs
+// the bf16 kernel, so FERRY_ISA=avx512 on a bf16 CPU takes the path such CPUs take.
+#ifndef FERRY_ISA_LEVEL
+#define FERRY_ISA_LEVEL 3
+#endif
+
 bool cpu_has_avx512bf16() {
-  static const bool has = cpu_has_avx512f() && __builtin_cpu_supports("avx512bf16");
+  static const bool has = FERRY_ISA_LEVEL >= 3 && cpu_has_avx512f() && __builtin_cpu_supports("avx512bf16");
   return has;
 }
 

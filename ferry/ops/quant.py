@@ -7,14 +7,42 @@ Legend: M rows of x, N outputs, K inputs, G inputs per int4 scale (group).
   kernel takes them packed two per byte in its own tiled order (`pack_int4`, needs N % 64 == 0) and a
   [K/G, N, 2] bf16 tensor of (scale, zero) per group and output. Zeros are 0 here (symmetric), so only the
   scales are stored and the pairs are built per call (K/G x N values, tiny next to the codes).
-- int8 (`aten._weight_int8pack_mm`): codes [N, K] int8, one bf16 scale per output row."""
+- int8 (`aten._weight_int8pack_mm`): codes [N, K] int8, one bf16 scale per output row.
+
+torch picks its int4 kernel by its own CPU dispatch level, and only its AVX-512 one reads `pack_int4`'s order (the
+AVX2 one expects another, and would compute garbage without an error). So the int4 kernel runs only where torch
+dispatches AVX-512 and the level in force (`cpu.isa()`, lowered by ``FERRY_ISA``) is AVX-512; elsewhere an int4
+weight is dequantized and multiplied (`available()` says which, `unavailable_reason()` why)."""
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 
 import torch
 
+from ferry.ops import cpu
+from ferry.ops.cpu import Isa
+
 INT4_BLOCK_N = 64  # output rows the int4 kernel packs together (rows j and j + 32 share a byte)
+
+
+@functools.cache
+def _torch_dispatches_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def available() -> bool:
+    """True where torch's int4 kernel runs on `pack_int4`'s layout; False: int4 weights are dequantized per call."""
+    return unavailable_reason() is None
+
+
+def unavailable_reason() -> str | None:
+    if cpu.isa() < Isa.AVX512:
+        return f"the int4 kernel's packing is AVX-512's; this process runs at {cpu.describe()}"
+    if not _torch_dispatches_avx512():
+        return (f"torch dispatches its CPU kernels at {torch.backends.cpu.get_cpu_capability()}, whose int4 "
+                "packing differs from pack_int4's")
+    return None
 
 
 class QuantLinear(ABC):
@@ -35,6 +63,9 @@ class Int4Linear(QuantLinear):
         self.group = group
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not available():  # fallback: W [N, K] dequantized in x's dtype, then a plain matmul
+            N, K = self.packed.shape[0], self.packed.shape[1] * 2
+            return x @ self.dequantize(torch.empty(N, K, dtype=x.dtype)).T
         scale_zero = torch.stack((self.scales, torch.zeros_like(self.scales)), dim=-1)  # [K/G, N, 2]
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, scale_zero)
 

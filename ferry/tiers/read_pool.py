@@ -16,7 +16,7 @@ import time
 from collections import deque
 from typing import NamedTuple
 
-from ferry.ops.build import load_extension
+from ferry.ops.read_pool import native_read_pool
 
 
 class Finished(NamedTuple):
@@ -28,8 +28,8 @@ class Finished(NamedTuple):
 
 def read_pool(threads: int):
     """The native pool, or ThreadReadPool where it cannot be built."""
-    ext = load_extension("ferry_read_pool", ["read_pool.cpp"], ["-O2", "-DNDEBUG"])
-    return ext.ReadPool(threads) if ext is not None else ThreadReadPool(threads)
+    pool = native_read_pool(threads)
+    return pool if pool is not None else ThreadReadPool(threads)
 
 
 class ThreadReadPool:

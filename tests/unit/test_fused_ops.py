@@ -10,8 +10,8 @@ from ferry.ops import fused
 
 @pytest.fixture(autouse=True)
 def _kernel():
-    if fused._ext() is None:
-        pytest.skip("no C++ toolchain here: the torch fallbacks are what runs")
+    if not fused.available():
+        pytest.skip(f"the kernel does not run here ({fused.unavailable_reason()}): the torch fallbacks are what runs")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

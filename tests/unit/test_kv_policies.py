@@ -188,8 +188,8 @@ def test_spans_retrieves_the_passkey_span_on_ferry_tiny():
 def test_int8_decode_kernel_matches_torch_path():
     from ferry.models.kv.int8 import Int8Layer
     from ferry.models.layers.attention import AttnMetadata
-    from ferry.ops.attention import paged_decode_attention_available
-    if not paged_decode_attention_available():
+    from ferry.ops import paged_attention
+    if not paged_attention.available():
         pytest.skip("no C++ toolchain here")
     torch.manual_seed(0)
     data = torch.randint(-127, 128, (2, 6, 4, 2, 16), dtype=torch.int8)

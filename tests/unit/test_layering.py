@@ -76,3 +76,17 @@ def test_nothing_outside_the_engine_reaches_into_it():
                 if INTERNALS.search(line) and STILL_REACHING.get(rel, "\0") not in line:
                     bad.append(f"{rel}:{n}: {line.strip()}")
     assert not bad, "engine internals used outside the engine (use engine.view()):\n" + "\n".join(bad)
+
+
+def test_ops_is_a_leaf_and_only_ops_cpu_reads_the_isa():
+    """Kernels import nothing else of ferry (every layer may use them); the CPU's level is decided in one module."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        if rel.parts[0] == "ops":
+            bad += [f"{rel} imports {m}" for m in _imports(path)
+                    if m.startswith("ferry.") and not m.startswith("ferry.ops")]
+        text = path.read_text()
+        if rel != pathlib.Path("ops/cpu.py") and ('FERRY_ISA"' in text or "/proc/cpuinfo" in text):
+            bad.append(f"{rel} reads FERRY_ISA or /proc/cpuinfo (ferry.ops.cpu owns the CPU's level)")
+    assert not bad, "\n".join(bad)

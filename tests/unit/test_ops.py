@@ -1,33 +1,26 @@
-"""ferry.ops.linear (small-M CPU GEMV kernel) against a float64 reference."""
+"""ferry.ops.gemv.linear (small-M CPU GEMV kernel) against a float64 reference."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ferry import ops
+from ferry.ops import cpu, gemv
 
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-FLAGS = _cpu_flags()
-HAS_BF16_CPU = "avx512_bf16" in FLAGS
-HAS_AVX512_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= FLAGS
+# The level in force: the CPU's, or the lower one FERRY_ISA names (which these tests then run as).
+HAS_BF16_CPU = cpu.isa() >= cpu.Isa.AVX512_BF16
+HAS_AVX512_CPU = cpu.isa() >= cpu.Isa.AVX512
 
 needs_kernel = pytest.mark.skipif(
-    not HAS_AVX512_CPU, reason="CPU lacks AVX-512: ferry.ops.linear is F.linear here"
+    not HAS_AVX512_CPU,
+    reason=f"needs AVX-512 (avx512f/bw/vl/dq), this process runs at {cpu.describe()}: gemv.linear is F.linear",
 )
+
+def _dtype_needs(dtype: torch.dtype) -> str:
+    feature = "avx512_bf16" if dtype == torch.bfloat16 else "avx512f/bw/vl/dq"
+    return f"the {dtype} kernel needs {feature}; this process runs at {cpu.describe()}"
+
 
 # (K, N): K multiples and non-multiples of 16/32 (tails), odd N (row-block tails).
 SHAPES = [(1, 1), (7, 3), (32, 8), (33, 17), (72, 5), (100, 13), (256, 64), (896, 131)]
@@ -74,11 +67,14 @@ def _data(m: int, k: int, n: int, dtype: torch.dtype, bias: bool, seed: int = 0)
 def test_kernel_builds_where_cpu_supports_it():
     # A broken build must not silently fall back to F.linear on a capable CPU.
     if HAS_BF16_CPU:
-        assert ops.kernel_available()
-        feats = ops.cpu_features()
+        assert gemv.available()
+        feats = gemv.supported_dtypes()
         assert feats[torch.float32] and feats[torch.bfloat16]
-    elif not HAS_AVX512_CPU:
-        assert not ops.cpu_features()[torch.bfloat16]
+    elif HAS_AVX512_CPU:  # AVX-512 without bf16 (or FERRY_ISA=avx512): float32 only
+        assert gemv.available() and gemv.supported_dtypes() == {torch.float32: True, torch.bfloat16: False}
+    else:  # never built below AVX-512: F.linear, and the reason says why
+        assert not gemv.available() and not gemv.supported_dtypes()[torch.bfloat16]
+        assert "needs avx512" in gemv.unavailable_reason()
 
 
 @needs_kernel
@@ -86,49 +82,49 @@ def test_kernel_builds_where_cpu_supports_it():
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("k,n", SHAPES, ids=[f"K{k}N{n}" for k, n in SHAPES])
 def test_matches_float64_reference(dtype, bias, k, n):
-    if not ops.cpu_features()[dtype]:
-        pytest.skip(f"kernel unavailable for {dtype}")
+    if not gemv.supported_dtypes()[dtype]:
+        pytest.skip(_dtype_needs(dtype))
     for m in M_ALL:
         x, w, b = _data(m, k, n, dtype, bias)
-        y = ops._ext.linear_small_m(x, w, b)  # the kernel itself, no dispatch
+        y = gemv.KERNEL.ext().linear_small_m(x, w, b)  # the kernel itself, no dispatch
         _check(y, x, w, b)
-        _check(ops.linear(x, w, b), x, w, b)
+        _check(gemv.linear(x, w, b), x, w, b)
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_qwen_like_shapes(dtype):
-    if not ops.cpu_features()[dtype]:
-        pytest.skip(f"kernel unavailable for {dtype}")
+    if not gemv.supported_dtypes()[dtype]:
+        pytest.skip(_dtype_needs(dtype))
     for m, k, n in [(1, 896, 4864), (3, 4864, 896), (8, 896, 1000), (16, 896, 128)]:
         x, w, b = _data(m, k, n, dtype, bias=m % 2 == 1)
-        _check(ops._ext.linear_small_m(x, w, b), x, w, b)
+        _check(gemv.KERNEL.ext().linear_small_m(x, w, b), x, w, b)
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_dispatch_uses_kernel(dtype):
-    if not ops.cpu_features()[dtype]:
-        pytest.skip(f"kernel unavailable for {dtype}")
+    if not gemv.supported_dtypes()[dtype]:
+        pytest.skip(_dtype_needs(dtype))
     x, w, b = _data(4, 72, 9, dtype, bias=True)
-    n0 = ops.kernel_calls()
-    ops.linear(x, w, b)
-    ops.linear(x.reshape(2, 2, 72), w)  # leading dims are flattened
-    ops.linear(x[0], w)  # 1-D input
-    assert ops.kernel_calls() - n0 == 3
-    big = torch.randn(ops.MAX_M[dtype] + 1, 72).to(dtype)
-    ops.linear(big, w)  # above the crossover: F.linear
-    ops.linear(x, w.T.contiguous().T)  # non-contiguous weight: F.linear
-    ops.linear(x.double(), w.double())  # unsupported dtype: F.linear
+    n0 = gemv.kernel_calls()
+    gemv.linear(x, w, b)
+    gemv.linear(x.reshape(2, 2, 72), w)  # leading dims are flattened
+    gemv.linear(x[0], w)  # 1-D input
+    assert gemv.kernel_calls() - n0 == 3
+    big = torch.randn(gemv.MAX_M[dtype] + 1, 72).to(dtype)
+    gemv.linear(big, w)  # above the crossover: F.linear
+    gemv.linear(x, w.T.contiguous().T)  # non-contiguous weight: F.linear
+    gemv.linear(x.double(), w.double())  # unsupported dtype: F.linear
     wg = w.clone().requires_grad_()
-    ops.linear(x, wg)  # autograd needed: F.linear
+    gemv.linear(x, wg)  # autograd needed: F.linear
     with torch.no_grad():
-        ops.linear(x, wg)  # no autograd: kernel
-    assert ops.kernel_calls() - n0 == 4
+        gemv.linear(x, wg)  # no autograd: kernel
+    assert gemv.kernel_calls() - n0 == 4
     # float32 M > 8 with a weight < 1 MiB: compute-bound, F.linear is as fast.
     x12 = torch.randn(12, 72).to(dtype)
-    ops.linear(x12, w)
-    assert ops.kernel_calls() - n0 == (5 if dtype == torch.bfloat16 else 4)
+    gemv.linear(x12, w)
+    assert gemv.kernel_calls() - n0 == (5 if dtype == torch.bfloat16 else 4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -136,48 +132,48 @@ def test_leading_dims_and_fallbacks(dtype):
     # Works with or without the kernel: results must match F.linear semantics.
     x, w, b = _data(6, 100, 11, dtype, bias=True)
     x3 = x.reshape(2, 3, 100)
-    y3 = ops.linear(x3, w, b)
+    y3 = gemv.linear(x3, w, b)
     assert y3.shape == (2, 3, 11)
     _check(y3.reshape(6, 11), x, w, b)
 
-    y1 = ops.linear(x[2], w, b)  # 1-D
+    y1 = gemv.linear(x[2], w, b)  # 1-D
     assert y1.shape == (11,)
     _check(y1.unsqueeze(0), x[2:3], w, b)
 
     xt = torch.randn(100, 5).to(dtype).T  # non-contiguous x
-    _check(ops.linear(xt, w), xt, w, None)
+    _check(gemv.linear(xt, w), xt, w, None)
 
     xb = torch.randn(40, 100).to(dtype)  # large M -> F.linear
-    _check(ops.linear(xb, w, b), xb, w, b)
+    _check(gemv.linear(xb, w, b), xb, w, b)
 
     x0 = torch.randn(0, 100).to(dtype)  # empty batch
-    assert ops.linear(x0, w, b).shape == (0, 11)
+    assert gemv.linear(x0, w, b).shape == (0, 11)
 
     xs = torch.randn(2, 100, dtype=torch.float64)  # unsupported dtype -> F.linear
-    torch.testing.assert_close(ops.linear(xs, w.double()), F.linear(xs, w.double()))
+    torch.testing.assert_close(gemv.linear(xs, w.double()), F.linear(xs, w.double()))
 
 
 def test_autograd_falls_back():
     x = torch.randn(2, 33, requires_grad=True)
     w = torch.randn(5, 33, requires_grad=True)
-    ops.linear(x, w).sum().backward()
+    gemv.linear(x, w).sum().backward()
     assert x.grad is not None and w.grad is not None
     with torch.no_grad():
-        y = ops.linear(x, w)
+        y = gemv.linear(x, w)
     torch.testing.assert_close(y, F.linear(x, w).detach(), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
 def test_thread_count_does_not_change_result():
-    if not ops.kernel_available():
-        pytest.skip("kernel unavailable")
+    if not gemv.available():
+        pytest.skip(f"kernel unavailable: {gemv.unavailable_reason()}")
     x, w, b = _data(3, 896, 1001, torch.float32, bias=True)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = ops.linear(x, w, b)
+        y1 = gemv.linear(x, w, b)
         torch.set_num_threads(max(2, before))
-        y2 = ops.linear(x, w, b)
+        y2 = gemv.linear(x, w, b)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(y1, y2)

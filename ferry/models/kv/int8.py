@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ferry.config import ModelConfig
 from ferry.models.kv.base import LayerKV, PolicyKV
 from ferry.models.layers.attention import AttnMetadata
-from ferry.ops.attention import paged_decode_attention_available, paged_decode_attention_int8
+from ferry.ops.paged_attention import available as paged_decode_attention_available, paged_decode_attention_int8
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ from ferry.kvcache.policies.lazy import LazyPolicy
 from ferry.kvcache.storage import KVStorage
 from ferry.models.kv.base import LayerKV, RowChange, StorageKV, gather_blocks
 from ferry.models.layers.attention import AttnMetadata, write_kv
-from ferry.ops.attention import paged_decode_attention_available, paged_decode_attention_depth
+from ferry.ops.paged_attention import available as paged_decode_attention_available, paged_decode_attention_depth
 
 REVIVE_MAX = 16  # tokens a request brings back per pruning layer and step: bounds the extra work of a step
 OBSERVED = 8  # a chunk's last tokens whose attention ranks the others (one token's is too noisy on ferry-tiny)

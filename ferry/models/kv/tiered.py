@@ -24,7 +24,7 @@ from ferry.kvcache.policies.spans import SpansPolicy
 from ferry.kvcache.storage import KVStorage
 from ferry.models.kv.base import LayerKV, StorageKV, gather_blocks
 from ferry.models.layers.attention import AttnMetadata, PrefillChunk, write_kv
-from ferry.ops.attention import paged_decode_attention, paged_decode_attention_available
+from ferry.ops.paged_attention import available as paged_decode_attention_available, paged_decode_attention
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ferry.ops.attention import paged_decode_attention, paged_decode_attention_available
+from ferry.ops.paged_attention import paged_decode_attention
 
 
 @dataclass
@@ -85,11 +85,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
     B = meta.num_decodes
     if B:
-        if q.device.type == "cpu" and paged_decode_attention_available():
-            o = paged_decode_attention(q[:B], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, window, scale)
-        else:
-            o = _decode_attention(q[:B], k_cache, v_cache, meta, scale, window)
-        out[:B] = o.to(q.dtype)
+        out[:B] = paged_decode_attention(q[:B], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens,
+                                         window, scale).to(q.dtype)
     for i, chunk in enumerate(meta.prefills):
         rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         if chunk.start_pos == 0:  # nothing cached before: use this step's k/v directly
@@ -110,16 +107,3 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """cache [num_blocks, bs, K, Dh], block_tables [B, nb] -> [B, nb*bs, K, Dh]."""
     g = cache[block_tables]
     return g.view(g.shape[0], -1, *cache.shape[2:])
-
-
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMetadata,
-                      scale: float, window: int | None) -> torch.Tensor:
-    B, H, Dh = q.shape
-    K = k_cache.shape[2]
-    kc = _gather(k_cache, meta.decode_block_tables).float()  # [B, L, K, Dh]
-    vc = _gather(v_cache, meta.decode_block_tables).float()
-    qg = q.float().view(B, K, H // K, Dh)  # [B, K, G, Dh]
-    scores = torch.matmul(qg, kc.permute(0, 2, 3, 1)) * scale  # [B, K, G, L]
-    scores += meta.decode_mask(window)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, vc.transpose(1, 2)).view(B, H, Dh)  # [B, K, G, Dh] -> [B, H, Dh]
