@@ -29,6 +29,18 @@ def test_training_loop_smoke(name, tmp_path):
     assert [o.outputs[0].token_ids for o in outs] == ref
 
 
+
+def test_training_runs_in_float32_where_bf16_would_be_emulated():
+    """With torch's AVX2 kernels (as on a CPU without AVX-512 / bf16 instructions) modelkit does not autocast."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from modelkit.precision import train_dtype; print(train_dtype())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch.float32"
+
 def test_rope_scaling_trains_what_transformers_runs(tmp_path):
     """modelkit builds RoPE with ferry's tables: a YaRN model's logits equal transformers' on the exported checkpoint."""
     import json
