@@ -105,9 +105,13 @@ def serving_row(rec: dict, link: str) -> list[str]:
     return [question, case, *cells, "; ".join(status), _run(rec, rec["config"]["threads"], link)]
 
 
-def moe_row(rec: dict, link: str) -> list[str]:
-    """MoE decode with experts on disk: ferry full against llama.cpp mmap and accelerate disk offload."""
-    p = rec["models"]["random"]
+def moe_row(rec: dict, link: str) -> list[str] | None:
+    """MoE decode with experts on disk: ferry full against llama.cpp mmap and accelerate disk offload, on the
+    first model the peers ran (the random OLMoE-shaped one; the trained MoE runs ferry alone). None: no peers."""
+    p = next((m for m in rec["models"].values()
+              if any(k in c["configs"] for c in m["cases"] for k in ("llama.cpp mmap", "accelerate disk offload"))), None)
+    if p is None:
+        return None
     cases = [c for c in p["cases"] if c["batch"] == max(p["batches"]) and c["budget"] in MOE_BUDGETS]
     cells = []
     for peer, key in MOE_PEERS.items():
@@ -134,7 +138,8 @@ def table(results: Path, links: dict[str, str]) -> str:
             rows.append(serving_row(rec, links[scenario]) if scenario == "serving"
                         else offline_row(scenario, rec, links[scenario]))
     if (results / "moe_offload.json").is_file():
-        rows.append(moe_row(json.loads((results / "moe_offload.json").read_text()), links["moe-offload"]))
+        row = moe_row(json.loads((results / "moe_offload.json").read_text()), links["moe-offload"])
+        rows += [row] if row else []
     if not rows:
         return "Not measured yet: `make bench`, then `python -m bench report`."
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]

@@ -106,3 +106,21 @@ def test_committed_pages_are_what_the_report_writes(tmp_path):
     assert update(tmp_path, render(RESULTS)) == []
     for page in PAGES:
         assert (tmp_path / page).read_text() == (ROOT / page).read_text(), f"{page}: run python -m bench report"
+
+
+def test_summary_moe_row_says_why_a_peer_has_no_ratio():
+    from bench.summary import moe_row
+    case = lambda budget, batch, r: {  # noqa: E731
+        "budget": budget, "batch": batch, "ratios": {"full / llama.cpp mmap": {"median": r}},
+        "configs": {"llama.cpp mmap": {"median": 1.0},
+                    "accelerate disk offload": {"unavailable": "over the 120 s limit per call"}}}
+    rec = {"machine": {"git": "abc1234", "cpu": "Some CPU"}, "config": {"threads": 2}, "models": {
+        "trained": {"model_name": "t", "batches": [1, 16], "cases": [{"budget": 0.25, "batch": 16, "ratios": {},
+                                                                      "configs": {"ferry full": {}}}]},
+        "random": {"model_name": "olmoe", "batches": [1, 16],
+                   "cases": [case(b, B, 2.0 * b) for b in (1.0, 0.5, 0.25, 0.125) for B in (1, 16)]}}}
+    row = moe_row(rec, "docs/moe-offload.md")
+    assert row[2] == "1.00x / 0.50x / 0.25x"  # batch 16 at 50 / 25 / 12.5%, the random model (the peers ran it)
+    assert row[3] == "n/a (over the 120 s limit per call)"
+    del rec["models"]["random"]
+    assert moe_row(rec, "x") is None
