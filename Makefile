@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 # every scenario of bench/ at its default size (~40 min on 2 idle cores, plus ~40 min the first time to build
-# the peers into bench/.cache/), then the README tables; see bench/README.md
+# the peers into bench/.cache/), then the README summary and the docs/ tables; see bench/README.md
 bench: $(STAMP)
 	$(BIN)/python -m bench all
 

@@ -10,9 +10,9 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
                 llama.cpp mmap, each under the same cgroup memory limit (~15 min; not part of `all`)
     long-context KV policies (full, int8, spans at several budgets): KV bytes/token, sequences at a fixed KV budget,
                 prefill and decode speed, retrieval accuracy and perplexity (~25 min; not part of `all`)
-    all         every scenario at its default size, then the README tables (what `make bench` runs);
-                `all --smoke` runs every smoke version and fills a copy of the README in bench/.cache/smoke/
-    report      regenerate the README tables from bench/results/*.json
+    all         every scenario at its default size, then the benchmark tables (what `make bench` runs);
+                `all --smoke` runs every smoke version and fills copies of the pages in bench/.cache/smoke/
+    report      regenerate the README's summary and the tables in docs/ from bench/results/*.json
 Every scenario first checks at float32 that all engines give ferry's greedy tokens; `SCENARIO --help` for options.
 """
 from __future__ import annotations
@@ -29,14 +29,16 @@ def run(scenario: str, argv: list[str]) -> int:
     if scenario == "report":
         report.main(argv)
         return 0
-    if scenario == "all":  # --smoke fills a copy of the README in bench/.cache/smoke/, never the real one
+    if scenario == "all":  # --smoke fills copies of the pages in bench/.cache/smoke/, never the real ones
         for name in SCENARIOS:
             print(f"=== {name} ===", flush=True)
             importlib.import_module(f"bench.{name}").main(argv)
         if "--smoke" in argv:
             from bench.common import SMOKE
-            (SMOKE / "README.md").write_text((report.ROOT / "README.md").read_text())
-            report.main(["--results", str(SMOKE), "--readme", str(SMOKE / "README.md")])
+            for page in report.PAGES:  # copies of the README and docs pages, filled from the smoke results
+                (SMOKE / page).parent.mkdir(parents=True, exist_ok=True)
+                (SMOKE / page).write_text((report.ROOT / page).read_text())
+            report.main(["--results", str(SMOKE), "--into", str(SMOKE)])
         else:
             report.main([])
         return 0

@@ -37,7 +37,7 @@ counters per token (hit rate, bytes read, stall) are over the N-token run.
     python -m bench moe-offload --smoke            # tiny model, 1 thread, seconds
     python -m bench moe-offload --engines ferry --budgets 0.25 --batches 16 --no-parity --trained none
 
-Writes bench/results/moe_offload.json (+ .png: throughput against budget) and fills the README's
+Writes bench/results/moe_offload.json (+ .png: throughput against budget) and fills docs/moe-offload.md's
 `<!-- BENCH:moe-offload -->` block through `python -m bench report`. Modules: moe_setup.py (models, stores,
 prompts), moe_configs.py (engine settings, memory limits, one measurement), moe_report.py (ratios, plot, table);
 this one runs them."""

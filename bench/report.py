@@ -1,27 +1,36 @@
-"""Regenerate the README's benchmark tables from bench/results/*.json.
+"""Regenerate the benchmark tables in the README and the docs pages from bench/results/*.json.
 
-Each scenario fills its own markers, `<!-- BENCH:<scenario> -->` ... `<!-- /BENCH:<scenario> -->`: one table per
-result file (bench/results/<scenario>.json, then any <scenario>-<name>.json saved with --out) with every engine's
-median and ferry's ratio to each peer (median of the per-round ratios, min–max),
-a note on the run (model, threads, parity, bandwidth) and the command that reproduces it. Where an engine could
-not run a case the cell says n/a with a numbered reason under the table.
+Each block fills its own markers, `<!-- BENCH:<name> -->` ... `<!-- /BENCH:<name> -->`, in the page PAGE_OF names:
+the README holds the summary (bench/summary.py: one row per question, ferry's ratio to each peer, the run it
+comes from); docs/benchmarks.md holds one table per result file of the dense scenarios (bench/results/<scenario>.json,
+then any <scenario>-<name>.json saved with --out) with every engine's median and ferry's ratio to each peer (median
+of the per-round ratios, min–max), a note on the run (model, threads, parity, bandwidth) and the command that
+reproduces it; docs/moe-offload.md and docs/long-context.md hold their scenario's tables. Where an engine could not
+run a case the cell says n/a with a numbered reason under the table. Links are written relative to each page.
 
     python -m bench report            # or: ferry bench report
-    python -m bench report --results bench/.cache/smoke --readme /tmp/README.md   # e.g. render smoke results
+    python -m bench report --results bench/.cache/smoke --into bench/.cache/smoke   # e.g. render smoke results
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import re
 from pathlib import Path
+
+from bench.summary import anchor
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 TITLES = {"throughput": "Offline throughput", "decode": "Single-stream decode", "prefill": "Prefill",
           "serving": "Online serving against llama.cpp's server", "memory": "Peak memory for the same job"}
 SCENARIOS = tuple(TITLES)
+# block -> the page (relative to the repo root) whose markers it fills; declared once, used to fill and to link
+PAGE_OF = {"summary": "README.md", **{s: "docs/benchmarks.md" for s in SCENARIOS},
+           "moe-offload": "docs/moe-offload.md", "long-context": "docs/long-context.md"}
+PAGES = tuple(dict.fromkeys(PAGE_OF.values()))
 
 
 def _fmt(x: float) -> str:
@@ -120,7 +129,7 @@ def serving_section(rec: dict) -> str:
 
 
 def render(results: Path = RESULTS) -> dict[str, str]:
-    """Marker name -> its generated content."""
+    """Block name -> its generated content, link targets relative to the repo root."""
     out: dict[str, str] = {}
     for s in SCENARIOS:
         # <scenario>.json (the default run) first, then runs saved with --out <scenario>-<name> (other models, dtypes)
@@ -144,14 +153,38 @@ def render(results: Path = RESULTS) -> dict[str, str]:
     if lc.is_file():
         from bench.long_context import section
         out["long-context"] = section(json.loads(lc.read_text()))
+    out["summary"] = summary_block(results, out)
     return out
 
 
+def summary_block(results: Path, blocks: dict[str, str]) -> str:
+    """The README's summary table, each row linking to the first heading of its scenario's block."""
+    from bench.summary import table
+    links = {}
+    for name in (*SCENARIOS, "moe-offload"):
+        heading = next((line.lstrip("#").strip() for line in blocks.get(name, "").splitlines()
+                        if line.startswith("#")), None)
+        links[name] = PAGE_OF[name] + (f"#{anchor(heading)}" if heading else "")
+    return table(results, links)
+
+
+def relink(content: str, page: str) -> str:
+    """Rewrites the markdown link targets of content (relative to the repo root) relative to page's folder."""
+    folder = Path(page).parent
+
+    def fix(m: re.Match) -> str:
+        target, frag = m.group(1).partition("#")[::2]
+        rel = os.path.relpath(target, folder) if target else ""
+        return f"]({rel}{'#' + frag if frag else ''})"
+
+    return re.sub(r"\]\((?![a-z]+:|#)([^)\s]+)\)", fix, content)
+
+
 def fill(text: str, blocks: dict[str, str]) -> str:
+    """Replaces each block's marked region of text; blocks without a marker in text are left out."""
     for name, content in blocks.items():
         start, end = f"<!-- BENCH:{name} -->", f"<!-- /BENCH:{name} -->"
         if start not in text:
-            print(f"README has no {start} marker; skipped")
             continue
         block = f"{start}\n{content}\n{end}" if content else f"{start}\n{end}"
         if end in text:
@@ -161,15 +194,29 @@ def fill(text: str, blocks: dict[str, str]) -> str:
     return text
 
 
+def update(root: Path, blocks: dict[str, str]) -> list[str]:
+    """Fills every page under root with its blocks; returns the blocks that found no marker (to warn about)."""
+    missing = []
+    for page in PAGES:
+        mine = {n: relink(c, page) for n, c in blocks.items() if PAGE_OF.get(n) == page}
+        path = root / page
+        text = path.read_text() if path.is_file() else ""
+        missing += [n for n in mine if f"<!-- BENCH:{n} -->" not in text]
+        if path.is_file():
+            path.write_text(fill(text, mine))
+    return missing
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="ferry bench report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of <scenario>.json files")
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the file whose markers are filled")
+    ap.add_argument("--into", type=Path, default=ROOT,
+                    help=f"the folder whose pages ({', '.join(PAGES)}) are filled: the repo, or a copy of them")
     args = ap.parse_args(argv)
-    text = args.readme.read_text()
-    args.readme.write_text(fill(text, render(args.results)))
-    print(f"{args.readme} benchmark tables updated from {args.results}")
+    for name in update(args.into, render(args.results)):
+        print(f"{args.into / PAGE_OF[name]} has no <!-- BENCH:{name} --> marker; {name} skipped")
+    print(f"benchmark tables in {', '.join(PAGES)} under {args.into} updated from {args.results}")
 
 
 if __name__ == "__main__":

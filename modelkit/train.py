@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ferry.eval.tasks import TASKS, Haystack, make_sample
-from modelkit import data
+from modelkit import data, precision
 from modelkit.model import CausalLM, Spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,7 +216,7 @@ def _micro_step(model, teacher, recipe: Recipe, tok: _Tok, hay: Haystack, rng: r
                 pool: list[list[int]] | None):
     """One micro-batch's forward pass and loss."""
     x, y, amask, kinds = make_batch(recipe, tok, hay, rng, phase, pool)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with precision.autocast():  # bf16 where the CPU has it natively, else float32
         logits = model(x)
     logits = logits.float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view_as(y)
@@ -226,7 +226,7 @@ def _micro_step(model, teacher, recipe: Recipe, tok: _Tok, hay: Haystack, rng: r
     if recipe.spec.num_experts:
         loss = loss + recipe.aux_coef * model.aux_loss()
     if teacher is not None:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), precision.autocast():
             t_logits = teacher(x).float()
         kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
         loss = 0.5 * loss + 0.5 * kl / y.shape[1]
@@ -301,6 +301,7 @@ def train(name: str, out: Path, smoke: bool = False, seed: int = 0, threads: int
     model.eval()
     export(model, out, tok.path)
     summary = {"model": name, "seed": seed, "init": str(init) if init else None, "steps": total, "threads": threads,
+               "compute_dtype": str(precision.train_dtype()).removeprefix("torch."),
                "train_minutes": round((time.time() - t0) / 60, 1), "spec": recipe.spec.to_dict(),
                "phases": [vars(p) for p in phases], "log": log}
     if not smoke:

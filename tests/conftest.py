@@ -1,7 +1,8 @@
 """Shared pytest fixtures.
 
 - tmp_ckpt_dir: a session-scoped temporary folder for tiny checkpoints (tests/checkpoints.make_checkpoint).
-- shared_models: <repo>/../shared/models (real small checkpoints); the test is skipped when it is missing.
+- real_models: tests/assets/ (real trained checkpoints shipped with the repo: stories260K, the Llama 2 tokenizer;
+  provenance and licences in tests/assets/README.md).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pathlib
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHARED_MODELS = (REPO_ROOT / ".." / "shared" / "models").resolve()
+REAL_MODELS = REPO_ROOT / "tests" / "assets"
 
 # Never reach the Hugging Face hub from tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,11 +27,9 @@ def tmp_ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def shared_models() -> pathlib.Path:
-    """<repo>/../shared/models, or skip the test when that folder does not exist."""
-    if not SHARED_MODELS.is_dir():
-        pytest.skip(f"shared models folder not found: {SHARED_MODELS}")
-    return SHARED_MODELS
+def real_models() -> pathlib.Path:
+    """tests/assets/: the real checkpoints ship with the repo, so a fresh clone runs these checks (never a skip)."""
+    return REAL_MODELS
 
 
 @pytest.fixture(autouse=True, scope="session")

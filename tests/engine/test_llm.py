@@ -28,11 +28,11 @@ def greedy(**kw) -> SamplingParams:
     return SamplingParams(temperature=0, **kw)
 
 
-def test_stories260k_reproduces_reference_text(shared_models):
+def test_stories260k_reproduces_reference_text(real_models):
     """A real trained checkpoint: greedy output equals the reference recorded with transformers."""
-    llm = LLM(str(shared_models / "stories260k-hf"))
+    llm = LLM(str(real_models / "stories260k-hf"))
     out = llm.generate("Once upon a time", greedy(max_tokens=64), use_tqdm=False)[0]
-    ref = (shared_models / "stories260k-verification.txt").read_text().split("===\n")[1]
+    ref = (real_models / "stories260k-verification.txt").read_text().split("===\n")[1]
     assert out.prompt_token_ids == [1, 403, 407, 261, 378]
     assert "Once upon a time" + out.outputs[0].text == ref.rstrip("\n")
 

@@ -13,8 +13,12 @@ from tests.checkpoints import hf_greedy
 def test_training_loop_smoke(name, tmp_path):
     from modelkit.train import train
 
+    from modelkit.precision import native_bf16
+
     summary = train(name, tmp_path / name, smoke=True, threads=1)
     assert summary["steps"] == 20 and [r["step"] for r in summary["log"]] == [10, 20]
+    # bf16 autocast only where the CPU has bf16 instructions: emulated bf16 made this test time out on AVX2 CPUs
+    assert summary["compute_dtype"] == ("bfloat16" if native_bf16() else "float32")
     assert all(r["loss"] == r["loss"] for r in summary["log"])  # no NaN
     with LLM(str(tmp_path / name), dtype="float32") as llm:
         text = "The os module provides a portable way of using operating system dependent functionality."
@@ -24,6 +28,18 @@ def test_training_loop_smoke(name, tmp_path):
     ref, _ = hf_greedy(tmp_path / name, prompts, 5)
     assert [o.outputs[0].token_ids for o in outs] == ref
 
+
+
+def test_training_runs_in_float32_where_bf16_would_be_emulated():
+    """With torch's AVX2 kernels (as on a CPU without AVX-512 / bf16 instructions) modelkit does not autocast."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from modelkit.precision import train_dtype; print(train_dtype())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch.float32"
 
 def test_rope_scaling_trains_what_transformers_runs(tmp_path):
     """modelkit builds RoPE with ferry's tables: a YaRN model's logits equal transformers' on the exported checkpoint."""

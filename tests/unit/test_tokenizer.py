@@ -37,11 +37,8 @@ def _tiny(style: str, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     return Tokenizer.load(folder)
 
 
-def _real(name: str, shared_models: pathlib.Path) -> Tokenizer:
-    folder = shared_models / name
-    if not (folder / "tokenizer.json").is_file():
-        pytest.skip(f"{folder} is missing")
-    return Tokenizer.load(folder)
+def _real(name: str, real_models: pathlib.Path) -> Tokenizer:
+    return Tokenizer.load(real_models / name)
 
 
 @pytest.fixture(scope="module", params=TOKENIZER_STYLES)
@@ -50,15 +47,15 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module", params=REAL_TOKENIZERS)
-def real(request: pytest.FixtureRequest, shared_models: pathlib.Path) -> Tokenizer:
-    return _real(request.param, shared_models)
+def real(request: pytest.FixtureRequest, real_models: pathlib.Path) -> Tokenizer:
+    return _real(request.param, real_models)
 
 
 @pytest.fixture(scope="module", params=[f"tiny-{s}" for s in TOKENIZER_STYLES] + REAL_TOKENIZERS)
 def any_tok(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     if request.param.startswith("tiny-"):
         return _tiny(request.param.removeprefix("tiny-"), tmp_path_factory)
-    return _real(request.param, request.getfixturevalue("shared_models"))
+    return _real(request.param, request.getfixturevalue("real_models"))
 
 
 def stream(tok: Tokenizer, ids: list[int], skip: bool = True, prompt: list[int] | None = None) -> tuple[list[str], str]:
@@ -101,10 +98,8 @@ def test_decode_matches_transformers(any_tok: Tokenizer):
             assert any_tok.decode(ids, skip_special_tokens=skip) == any_tok.hf.decode(ids, skip_special_tokens=skip)
 
 
-def test_real_tokenizers_known_ids(shared_models: pathlib.Path):
-    folder = shared_models / "llama2-tokenizer-hf"
-    if not folder.is_dir():
-        pytest.skip("llama2-tokenizer-hf missing")
+def test_real_tokenizers_known_ids(real_models: pathlib.Path):
+    folder = real_models / "llama2-tokenizer-hf"
     tok = Tokenizer.load(folder)
     assert tok.encode("Hello world") == [1, 15043, 3186]
     assert tok.vocab_size == 32000
@@ -300,10 +295,8 @@ def test_eos_ids_int_and_missing(tmp_path: pathlib.Path):
     assert Tokenizer.load(tmp_path).eos_token_ids == frozenset({2})
 
 
-def test_eos_ids_stories(shared_models: pathlib.Path):
-    folder = shared_models / "stories260k-hf"
-    if not folder.is_dir():
-        pytest.skip("stories260k-hf missing")
+def test_eos_ids_stories(real_models: pathlib.Path):
+    folder = real_models / "stories260k-hf"
     assert Tokenizer.load(folder).eos_token_ids == frozenset({2})
 
 
@@ -379,10 +372,8 @@ def test_no_chat_template(tmp_path: pathlib.Path):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
-def test_no_chat_template_stories(shared_models: pathlib.Path):
-    folder = shared_models / "stories260k-hf"
-    if not folder.is_dir():
-        pytest.skip("stories260k-hf missing")
+def test_no_chat_template_stories(real_models: pathlib.Path):
+    folder = real_models / "stories260k-hf"
     tok = Tokenizer.load(folder)
     with pytest.raises(InvalidRequest, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
@@ -411,10 +402,8 @@ def test_load_broken_tokenizer(tmp_path: pathlib.Path):
         Tokenizer.load(tmp_path)
 
 
-def test_load_real_copy_works_offline(tmp_path: pathlib.Path, shared_models: pathlib.Path):
-    src = shared_models / "stories260k-hf"
-    if not src.is_dir():
-        pytest.skip("stories260k-hf missing")
+def test_load_real_copy_works_offline(tmp_path: pathlib.Path, real_models: pathlib.Path):
+    src = real_models / "stories260k-hf"
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(src / name, tmp_path / name)
     tok = Tokenizer.load(tmp_path)
