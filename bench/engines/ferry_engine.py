@@ -47,8 +47,8 @@ class FerryEngine(Engine):
         expert compute again (the probe leaves the cache empty and the counters at zero: call it first)."""
         from ferry.experts.planner import make_plan, measure_costs
         store = self.llm.engine.parts.experts
-        moe = store.index
-        plan = make_plan(measure_costs(store), moe.num_experts, store.predictor.top_k, len(moe.layer_files),
+        moe, top_k = store.index, self.llm.engine.parts.model_config.moe.top_k
+        plan = make_plan(measure_costs(store), moe.num_experts, top_k, len(moe.layer_files),
                          store.cache.num_slots, max_num_seqs)
         return {"batch": plan.batch, "prefetch_width": plan.prefetch_width, "prefetch_depth": plan.prefetch_depth,
                 "explain": plan.explain()}

@@ -50,3 +50,33 @@ def test_scheduler_side_has_no_torch():
         if rel.startswith(TORCH_FREE) and any(m == "torch" or m.startswith("torch.") for m in _imports(path)):
             bad.append(rel)
     assert not bad, f"torch imported in {bad}"
+
+
+def _from_imports(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(module, name) of every `from ferry... import name` in path."""
+    return [(node.module, a.name) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ferry.")
+            for a in node.names]
+
+
+def test_models_never_import_experts_nor_reach_into_private_names():
+    """The model sees experts only through its ExpertWeights and routing ports (ferry.models.layers.mlp,
+    ferry.models.routing); other packages use the public names of models and experts only (the loader's
+    public functions, not its helpers)."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        for mod, name in _from_imports(path):
+            if _unit(rel) == "models" and mod.startswith("ferry.experts"):
+                bad.append(f"{rel} imports {mod}")
+            there = mod.split(".")[1]
+            if name.startswith("_") and there in ("models", "experts") and there != _unit(rel):
+                bad.append(f"{rel} imports {mod}.{name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_routing_is_observed_through_the_port_only():
+    """No forward hooks, and no MoE.route patched: observers register with the model's RoutingObservers."""
+    bad = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+           if "register_forward_hook" in p.read_text() or ".route = " in p.read_text()]
+    assert not bad, f"routing observed around the port in {bad}"
