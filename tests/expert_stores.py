@@ -1,8 +1,12 @@
-"""Tiny MoE checkpoints with their expert stores, built once per test session, and the checks every run
-with a store ends with (budget held, nothing pinned, every slot back after emptying)."""
+"""Tiny MoE checkpoints with their expert stores, built once per test session, a MoE layer's calls on a store
+without a model (serve_layer), and the checks every run with a store ends with (budget held, nothing pinned,
+every slot back after emptying)."""
 from __future__ import annotations
 
 import pathlib
+from typing import Iterator, Sequence
+
+import torch
 
 from ferry.experts.convert import convert_expert_store
 from ferry.experts.store import ExpertStore
@@ -22,6 +26,19 @@ def make_store(family: str, root: pathlib.Path, dtype: str = "float32",
         convert_expert_store(ckpt, store, dtype, bits, int4_fraction=0.25)
         _BUILT[key] = (ckpt, store)
     return _BUILT[key]
+
+
+def serve_layer(store: ExpertStore, layer: int, experts: Sequence[int], x: torch.Tensor,
+                top_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """What a MoE layer does with a store (ferry.models.layers.mlp.MoE.forward): ask for its experts (demand
+    reads start), tell its routing observers (here: the store's prefetcher, if any) the routing x [T, D] ->
+    top_ids [T, A], then compute with each expert handed out (iterate the result to the end). experts: the
+    distinct experts of top_ids, in the order the layer asks for them."""
+    assert set(experts) == set(top_ids.flatten().tolist()), "a layer asks for the experts it routed to"
+    pairs = store.weights(layer, experts)
+    if store.prefetcher is not None:
+        store.prefetcher.routed(layer, x, top_ids, torch.ones(top_ids.shape, dtype=x.dtype))
+    return pairs
 
 
 def check_store_clean(store: ExpertStore, budget: int) -> None:

@@ -20,6 +20,7 @@ from ferry.engine.view import EngineView, RequestView
 from ferry.errors import InvalidRequest
 from ferry.experts.planner import Plan, make_plan, measure_costs
 from ferry.kvcache.policies import KV_POLICIES
+from ferry.models.routing import RoutingObservers
 from ferry.request import FinishReason, Request, RequestOutput, SamplingParams
 
 log = logging.getLogger("ferry")
@@ -144,6 +145,11 @@ class LLMEngine:
             num_waiting=len(s.waiting), num_preemptions=s.num_preemptions, prefix_cache_hits=s.prefix_hits,
             kv_stats=dict(getattr(storage, "stats", {})),
             experts=self.parts.experts.stats() if self.parts.experts else None)
+
+    @property
+    def routing(self) -> RoutingObservers:
+        """The model's routing port: add an observer to see every MoE layer's routing (eval's recorder)."""
+        return self.parts.runner.model.routing
 
     def expert_plan(self, max_num_seqs: int) -> Plan | None:
         """The expert store's I/O-compute plan (--explain) for up to max_num_seqs sequences per step, from costs

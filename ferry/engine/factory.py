@@ -13,8 +13,8 @@ from ferry.errors import InvalidRequest
 from ferry.experts.planner import make_plan, measure_costs
 from ferry.experts.policies import EVICTION_POLICIES
 from ferry.experts.predictors import PREDICTORS
+from ferry.experts.prefetch import Prefetcher
 from ferry.experts.store import ExpertStore
-from ferry.experts.stream import attach_predictor
 from ferry.kvcache.manager import KVCacheManager
 from ferry.kvcache.policies import KV_POLICIES, KVPolicy, KVShape
 from ferry.models.kv import build_policy_kv
@@ -72,11 +72,13 @@ def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.
         raise InvalidRequest("--expert-store runs on --device cpu only for now")
     moe_layers = [l for l in range(model_cfg.num_layers) if model_cfg.moe.sparse_layers[l]]
     shape = (moe_layers, model_cfg.moe.num_experts, model_cfg.moe.top_k)
-    predictor = PREDICTORS[cfg.expert_prefetch](*shape)
+    predictor = PREDICTORS[cfg.expert_prefetch](*shape) if cfg.expert_prefetch != "none" else None
     if cfg.expert_correlation_file:
         predictor.persist_to(cfg.expert_correlation_file)
     store = ExpertStore(cfg.expert_store, model_cfg, dtype, cfg.expert_cache_memory,
-                        EVICTION_POLICIES[cfg.expert_eviction](*shape), predictor)
+                        EVICTION_POLICIES[cfg.expert_eviction](*shape))
+    if predictor is not None:  # it watches the model's routing once the model is loaded (bind)
+        Prefetcher(store, predictor)
     if cfg.expert_prefetch != "none" or cfg.explain:
         try:
             plan = make_plan(measure_costs(store), model_cfg.moe.num_experts, model_cfg.moe.top_k, len(moe_layers),
@@ -84,7 +86,8 @@ def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.
         except BaseException:
             store.close()
             raise
-        store.prefetch_width, store.prefetch_depth = plan.prefetch_width, plan.prefetch_depth
+        if store.prefetcher is not None:
+            store.prefetcher.width, store.prefetcher.depth = plan.prefetch_width, plan.prefetch_depth
         if cfg.explain:
             print(plan.explain(), file=sys.stderr, flush=True)
     return store
@@ -136,8 +139,8 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     experts = build_expert_store(cfg.offload, model_cfg, dtype, device, cfg.scheduler.max_num_seqs)
     try:
         model = load_model(model_cfg, dtype, device, max_len, experts.layer if experts else None)
-        if experts:
-            attach_predictor(model, experts)
+        if experts and experts.prefetcher:
+            experts.prefetcher.bind(model)
         if device.type == "cpu":  # load (compile on a miss) every CPU kernel now, not on the first request
             warm_up()
         storage = build_policy_kv(policy, model_cfg, num_blocks, num_host_blocks, block_size, dtype, device)

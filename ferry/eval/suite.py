@@ -16,13 +16,16 @@ import contextlib
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ferry.engine.llm import LLM
 from ferry.errors import InvalidRequest
 from ferry.eval import metrics
 from ferry.eval.tasks import TASKS, Haystack, make_sample, is_correct
 from ferry.request import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 HELDOUT = Path(__file__).resolve().parent.parent / "assets" / "heldout.txt"
 
@@ -143,27 +146,33 @@ def eval_acceptance(llm: LLM, draft: LLM, ids: list[int], cfg: EvalConfig) -> di
             "draft": cfg.draft}
 
 
+class RouteRecorder:
+    """A routing observer (ferry.models.routing) that keeps each MoE layer's top-k expert ids per forward:
+    records[i] = list of [T, k] tensors of the i-th MoE layer in `moe_layers`."""
+
+    wants_stream = False
+
+    def __init__(self, moe_layers: list[int]) -> None:
+        self.position = {layer: i for i, layer in enumerate(moe_layers)}
+        self.records: list[list] = [[] for _ in moe_layers]
+
+    def routed(self, layer: int, x: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor) -> None:
+        self.records[self.position[layer]].append(top_ids.clone())
+
+    def layer_done(self, layer: int, stream: torch.Tensor) -> None:
+        """Not called (wants_stream is False)."""
+
+
 @contextlib.contextmanager
 def recording_routes(llm: LLM) -> Iterator[list[list]]:
     """Records each MoE layer's top-k expert ids per forward: yields records[layer] = list of [T, k] tensors."""
-    from ferry.models.layers.mlp import MoE
-
-    moes = [m for m in llm.engine.parts.runner.model.modules() if isinstance(m, MoE)]
-    records: list[list] = [[] for _ in moes]
-    for i, m in enumerate(moes):
-        route = m.route
-
-        def recorded(x, _route=route, _rec=records[i]):
-            top_ids, top_w = _route(x)
-            _rec.append(top_ids.clone())
-            return top_ids, top_w
-
-        m.route = recorded
+    port = llm.engine.routing
+    recorder = RouteRecorder([i for i, sparse in enumerate(llm.view().moe.sparse_layers) if sparse])
+    port.add(recorder)
     try:
-        yield records
+        yield recorder.records
     finally:
-        for m in moes:
-            del m.route  # back to the class method
+        port.remove(recorder)
 
 
 def eval_moe(llm: LLM, ids: list[int], cfg: EvalConfig) -> dict | None:

@@ -1,7 +1,7 @@
 """Which guesses are worth a read: the measured precision of past guesses, by predicted probability.
 
 A predictor's probabilities are not calibrated (a router's softmax over 8 experts rarely exceeds 0.3 even
-when it is right), so the store measures them: every guess made for a layer is scored once that layer
+when it is right), so the prefetcher measures them: every guess made for a layer is scored once that layer
 routes (used or not), in bins of its probability and of how many MoE layers ahead it was made. A guess is
 prefetched only while its bin's measured precision is at least `min_precision` (bins with fewer than
 `min_samples` scored guesses are tried). Guesses left out are still scored, so a bin can come back."""

@@ -14,11 +14,11 @@ from typing import Iterator
 import torch
 
 from ferry.config import ModelConfig
-from ferry.errors import InvalidRequest, ModelLoadError
+from ferry.errors import InvalidRequest
 from ferry.experts.layout import DTYPES, INDEX_NAME, ExpertLayout, ExpertRecord, StoreIndex
 from ferry.experts.quant import QuantLayout, group_size_for, quantizable
 from ferry.models.checkpoint import Reader, checkpoint_files
-from ferry.models.loader import _build, _hf_names
+from ferry.models.loader import read_experts
 
 BITS = ("none", "8", "4", "auto")  # --expert-bits: dense, all int8, all int4, int4 for the least sensitive
 
@@ -83,7 +83,6 @@ def convert_expert_store(model: str | os.PathLike, out_dir: str | os.PathLike, d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reader = Reader(checkpoint_files(Path(cfg.path)))
-    names = _hf_names(cfg, reader)
     group = group_size_for(cfg.hidden_size, cfg.moe.intermediate_size) if bits in ("4", "auto") else 0
     why = quantizable(4, cfg.hidden_size, cfg.moe.intermediate_size) if bits in ("4", "auto") else None
     if why:
@@ -92,7 +91,7 @@ def convert_expert_store(model: str | os.PathLike, out_dir: str | os.PathLike, d
     moe_layers = [l for l in range(cfg.num_layers) if cfg.moe.sparse_layers[l]]
 
     def layers() -> Iterator[tuple[int, dict[str, torch.Tensor]]]:  # one layer's experts in memory at a time
-        return ((l, _read_layer(cfg, reader, names, l, layout)) for l in moe_layers)
+        return ((l, read_experts(cfg, reader, l, layout.torch_dtype)) for l in moe_layers)
 
     if bits == "auto":
         chosen = choose_bits({(l, e): int4_error(t["gate_up"][e], t["down"][e], group)
@@ -119,15 +118,3 @@ def convert_expert_store(model: str | os.PathLike, out_dir: str | os.PathLike, d
     tmp.replace(out / INDEX_NAME)  # the index appears only once every layer file is complete
     return index
 
-
-def _read_layer(cfg: ModelConfig, reader: Reader, names: dict, layer: int, layout: ExpertLayout) -> dict:
-    """{"gate_up": [E, 2I, D], "down": [E, D, I]} of one MoE layer, in the store dtype."""
-    E = cfg.moe.num_experts
-    out = {}
-    for part, shape in (("gate_up", layout.gate_up_shape), ("down", layout.down_shape)):
-        t = _build(reader, names[f"layers.{layer}.mlp.experts.{part}"], layout.torch_dtype, torch.device("cpu"))
-        if tuple(t.shape) != (E, *shape):
-            raise ModelLoadError(f"layer {layer} experts' {part} has shape {tuple(t.shape)}, config.json implies "
-                                 f"{(E, *shape)}")
-        out[part] = t
-    return out

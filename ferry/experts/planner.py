@@ -67,7 +67,7 @@ def measure_costs(store: ExpertStore, num_probe: int = 4) -> Costs:
     s0 = store.stats()
     x16 = torch.zeros(16, store.layout.hidden_size, dtype=store.dtype)
     timings = {}
-    for _, gate_up, down in store.weights(layer, probe, x16[:1], torch.zeros(1, 1, dtype=torch.long)):
+    for _, gate_up, down in store.weights(layer, probe):
         for T in (1, 16):
             t0 = time.perf_counter()
             for _ in range(5):

@@ -24,11 +24,11 @@ class EvictionPolicy(abc.ABC):
     def on_remove(self, key: Key) -> None:
         """key left the cache."""
 
-    def on_layer(self, layer: int, hints: dict[Key, float]) -> None:
-        """The forward reached `layer`; hints are predicted next-use probabilities of upcoming experts."""
+    def on_layer(self, layer: int) -> None:
+        """The forward reached `layer` (the store started its demand reads)."""
 
     def on_hints(self, hints: dict[Key, float]) -> None:
-        """Newer predicted next-use probabilities (made after a layer finished)."""
+        """Predicted next-use probabilities of upcoming experts (the prefetcher's), replacing older ones."""
 
     @abc.abstractmethod
     def choose_victim(self, candidates: Sequence[Key]) -> Key:
@@ -84,11 +84,9 @@ class FrequencyCorrelationPolicy(LRUPolicy):
     def on_insert(self, key: Key) -> None:
         LRUPolicy.on_access(self, key)
 
-    def on_layer(self, layer: int, hints: dict[Key, float]) -> None:
+    def on_layer(self, layer: int) -> None:
         self.current = layer
         self.visits[layer] += 1
-        if hints:  # else the hints made after the previous layer still stand
-            self.hints = hints
 
     def on_hints(self, hints: dict[Key, float]) -> None:
         self.hints = hints

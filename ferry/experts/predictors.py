@@ -1,7 +1,7 @@
 """Which experts the next MoE layer will route to, guessed while the current one runs.
 
 A predictor sees every MoE layer's input and routing (`observe`) and returns, for the next MoE layer,
-a probability per expert it expects (`predict`); the store prefetches the likeliest ones.
+a probability per expert it expects (`predict`); the prefetcher (prefetch.py) reads the likeliest ones.
 Legend: T tokens, D hidden, E experts, A experts per token."""
 from __future__ import annotations
 

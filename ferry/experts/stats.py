@@ -1,4 +1,6 @@
-"""Counters of the expert store, for engine stats, /metrics and benchmarks. Plain data, cumulative."""
+"""Counters of the expert store and its prefetcher, for engine stats, /metrics and benchmarks. Plain data,
+cumulative. The demand path (store.py) keeps ExpertStats; the prefetcher (prefetch.py) keeps PrefetchStats,
+which the store's stats() reports inside its ExpertStats."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,3 +39,13 @@ class ExpertStats:
     def prefetch_recall(self) -> float:
         """Used experts that had been predicted / used experts (at layers with a prediction due)."""
         return self.num_predicted_used / self.num_needed if self.num_needed else 0.0
+
+
+@dataclass
+class PrefetchStats:
+    """The prefetcher's share of ExpertStats (same names, same meaning)."""
+
+    num_prefetches: int = 0
+    num_predicted: int = 0
+    num_predicted_used: int = 0
+    num_needed: int = 0

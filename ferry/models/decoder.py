@@ -15,6 +15,7 @@ from ferry.models.layers.linear import linear
 from ferry.models.layers.mlp import MoE, DenseMLP, _meta
 from ferry.models.layers.norm import RMSNorm
 from ferry.models.layers.rotary import Rotary
+from ferry.models.routing import RoutingObservers
 from ferry.ops.fused import rotary_
 
 
@@ -58,13 +59,14 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, routing: RoutingObservers) -> None:
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         sparse = cfg.moe is not None and cfg.moe.sparse_layers[layer]
-        self.mlp = MoE(cfg.moe, cfg.hidden_size) if sparse else DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.mlp = MoE(cfg.moe, cfg.hidden_size, layer, routing) if sparse else \
+            DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def forward(self, h: torch.Tensor | None, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttnMetadata, kv_cache: LayerKV) -> torch.Tensor:
@@ -86,7 +88,8 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = _meta(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.routing = RoutingObservers()  # the MoE layers' routing port: add observers here
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.routing) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else _meta(cfg.vocab_size, cfg.hidden_size)
         self.max_len = max_len
@@ -105,6 +108,8 @@ class DecoderModel(nn.Module):
         rows = None  # [T'] the step row of each current row (-1: revived) once a KV policy changed the rows
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             h = layer(h, residual, cos, sin, meta, kv)
+            if isinstance(layer.mlp, MoE):  # residual has the attention output added: + h is the stream
+                self.routing.layer_done(i, residual, h)
             if kv.changes_rows:  # a pruning policy (lazy) picks the rows the next layers compute
                 residual += h  # the next layer's input, whole: the policy keeps pruned tokens' states
                 h = None

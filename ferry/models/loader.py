@@ -1,7 +1,11 @@
 """Load a Hugging Face folder of safetensors (read by `checkpoint.py`) into ferry's DecoderModel.
 
 q/k/v and gate/up are fused, and experts stacked, while loading, each part read straight into its place in
-the fused tensor: the peak is the weights plus one checkpoint tensor."""
+the fused tensor: the peak is the weights plus one checkpoint tensor.
+
+Public: `load_model` (the whole model), `checkpoint_names` (ferry parameter -> the checkpoint tensors it is
+built from), `read_tensor` (build one parameter) and `read_experts` (one MoE layer's experts, stacked and fused
+exactly as the resident model holds them: what `ferry convert --expert-store` writes)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +19,8 @@ from ferry.errors import ModelLoadError
 from ferry.models.checkpoint import Reader, checkpoint_files
 from ferry.models.decoder import DecoderModel
 
-def _hf_names(cfg: ModelConfig, reader: Reader) -> dict[str, list[str] | tuple[str, ...]]:
+
+def checkpoint_names(cfg: ModelConfig, reader: Reader) -> dict[str, list[str] | tuple[str, ...]]:
     """ferry parameter name -> the HF tensor names it is built from (a list is concatenated on dim 0,
     a tuple of per-expert lists is stacked)."""
     m: dict = {"embed": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
@@ -69,14 +74,14 @@ def _moe_names(cfg: ModelConfig, p: str, f: str, reader: Reader) -> dict:
     return m
 
 
-def _build(reader: Reader, names, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def read_tensor(reader: Reader, names, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The tensor made of the HF tensors `names`: a list is concatenated on dim 0, a tuple of lists stacked."""
     if isinstance(names, tuple):  # per-expert groups -> [E, ...]
-        first = _build(reader, names[0], dtype, device)
+        first = read_tensor(reader, names[0], dtype, device)
         out = torch.empty((len(names), *first.shape), dtype=dtype, device=device)
         out[0] = first
         for i, group in enumerate(names[1:], start=1):
-            out[i] = _build(reader, group, dtype, device)
+            out[i] = read_tensor(reader, group, dtype, device)
         return out
     if len(names) == 1:
         t = reader.get(names[0])  # a fresh tensor of our own: no copy needed when it is already right
@@ -87,6 +92,22 @@ def _build(reader: Reader, names, dtype: torch.dtype, device: torch.device) -> t
     for n, s in zip(names, shapes):
         out[row:row + s[0]] = reader.get(n)
         row += s[0]
+    return out
+
+
+def read_experts(cfg: ModelConfig, reader: Reader, layer: int, dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")) -> dict[str, torch.Tensor]:
+    """{"gate_up": [E, 2I, D], "down": [E, D, I]} of MoE layer `layer`, whatever the checkpoint's naming
+    (per-expert tensors or transformers' stacked layout), in dtype."""
+    names = _moe_names(cfg, f"model.layers.{layer}.", f"layers.{layer}.", reader)
+    E, D, I = cfg.moe.num_experts, cfg.hidden_size, cfg.moe.intermediate_size
+    out = {}
+    for part, shape in (("gate_up", (E, 2 * I, D)), ("down", (E, D, I))):
+        t = read_tensor(reader, names[f"layers.{layer}.mlp.experts.{part}"], dtype, device)
+        if tuple(t.shape) != shape:
+            raise ModelLoadError(f"layer {layer} experts' {part} has shape {tuple(t.shape)}, config.json implies "
+                                 f"{shape}")
+        out[part] = t
     return out
 
 
@@ -103,11 +124,11 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_l
                 layer.mlp.experts = experts(i)
     expected = dict(model.named_parameters())
     state = {}
-    names = _hf_names(cfg, reader)
+    names = checkpoint_names(cfg, reader)
     for name, hf_names in tqdm(names.items(), desc=f"loading {folder.name}", unit="tensor", disable=None, leave=False):
         if name not in expected:  # served by `experts`
             continue
-        t = _build(reader, hf_names, dtype, device)
+        t = read_tensor(reader, hf_names, dtype, device)
         want = tuple(expected[name].shape)
         if tuple(t.shape) != want:
             raise ModelLoadError(f"{hf_names if isinstance(hf_names, list) else hf_names[0]} has shape "

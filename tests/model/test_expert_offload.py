@@ -106,5 +106,5 @@ def test_int4_experts_run_in_the_fused_kernel(refs, monkeypatch):
     ckpt, store, prompts, _ = refs("qwen3_moe", "bfloat16", "4")
     with LLM(str(ckpt), kv_cache_memory="4M", dtype="bfloat16", expert_store=str(store)) as llm:
         llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
-        assert llm.engine.parts.experts._scratch is None
+        assert llm.engine.parts.experts.slots.scratch is None
     assert calls and set(calls) == {torch.bfloat16}

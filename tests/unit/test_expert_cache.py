@@ -12,9 +12,10 @@ from ferry.experts.cache import ExpertCache
 from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import FrequencyCorrelationPolicy, LRUPolicy
 from ferry.experts.predictors import ExpertPredictor
+from ferry.experts.prefetch import Prefetcher
 from ferry.experts.store import ExpertStore
 from ferry.models.loader import load_model
-from tests.expert_stores import check_store_clean, make_store
+from tests.expert_stores import check_store_clean, make_store, serve_layer
 
 
 def test_lru_evicts_least_recently_used():
@@ -33,12 +34,13 @@ def test_frequency_correlation_policy_keeps_what_is_needed_next():
     for k in [(0, 1), (1, 1), (2, 1)]:
         p.on_insert(k)
         p.on_access(k)
-    p.on_layer(1, {})  # layer 1 runs: layer 2 is next, layer 1's experts are a whole cycle away
+    p.on_layer(1)  # layer 1 runs: layer 2 is next, layer 1's experts are a whole cycle away
     assert p.choose_victim([(0, 1), (1, 1), (2, 1)]) == (1, 1)
-    p.on_layer(1, {(2, 1): 0.0, (2, 5): 1.0})  # the predictor says layer 2 will not use expert 1
+    p.on_layer(1)
+    p.on_hints({(2, 1): 0.0, (2, 5): 1.0})  # the predictor says layer 2 will not use expert 1
     assert p.choose_victim([(0, 1), (2, 1)]) == (2, 1)
     for _ in range(5):  # frequently used experts of the same layer outlive rare ones
-        p.on_layer(0, {})
+        p.on_layer(0)
         p.on_access((0, 1))
     p.on_insert((0, 7))
     assert p.choose_victim([(0, 1), (0, 7)]) == (0, 7)
@@ -79,18 +81,19 @@ def test_budget_holds_and_nothing_leaks_under_random_routing(tmp_ckpt_dir, polic
     want = {(l, e): (resident.layers[l].mlp.experts.gate_up[e], resident.layers[l].mlp.experts.down[e])
             for l in (0, 1) for e in range(8)}
     record = StoreIndex.load(folder).layout.record_nbytes
-    store = ExpertStore(folder, cfg, torch.float32, num_slots * record + 100, policy(*shape), _RandomPredictor(*shape))
+    store = ExpertStore(folder, cfg, torch.float32, num_slots * record + 100, policy(*shape))
+    Prefetcher(store, _RandomPredictor(*shape))
     try:
         for step in range(60):
             layer = step % 2
             experts = sorted(random.sample(range(8), random.randint(1, 8)))
-            x = torch.randn(3, cfg.hidden_size)
-            for i, g, d in store.weights(layer, experts, x, torch.tensor([experts[:1]] * 3)):
+            x, top_ids = torch.randn(len(experts), cfg.hidden_size), torch.tensor(experts).view(-1, 1)
+            for i, g, d in serve_layer(store, layer, experts, x, top_ids):
                 e = experts[i]
                 assert store.cache.num_used <= num_slots
                 assert torch.equal(g, want[(layer, e)][0]) and torch.equal(d, want[(layer, e)][1])
             if step == 30:  # a forward that stops early (an exception in the layer) must not keep a pin
-                gen = store.weights(layer, experts, x, torch.tensor([experts[:1]] * 3))
+                gen = serve_layer(store, layer, experts, x, top_ids)
                 next(gen)
                 gen.close()
         s = store.stats()
@@ -105,11 +108,10 @@ def test_budget_holds_and_nothing_leaks_under_random_routing(tmp_ckpt_dir, polic
 def _hit_rate(folder, cfg, policy, num_slots: int, pattern: list[tuple[int, list[int]]]) -> float:
     shape = ([0, 1], 8, 2)
     store = ExpertStore(folder, cfg, torch.float32, num_slots * StoreIndex.load(folder).layout.record_nbytes,
-                        policy(*shape), ExpertPredictor(*shape))
+                        policy(*shape))
     try:
-        x = torch.zeros(1, cfg.hidden_size)
         for layer, experts in pattern:
-            for _ in store.weights(layer, experts, x, torch.tensor([experts[:1]])):
+            for _ in store.weights(layer, experts):
                 pass
         return store.stats().hit_rate
     finally:
@@ -132,9 +134,9 @@ def test_prefetch_admission_weighs_the_guess_against_its_victim():
     p = FrequencyCorrelationPolicy(moe_layers=[0, 1, 2, 3], num_experts=8, top_k=2)
     for _ in range(10):
         for layer in range(4):
-            p.on_layer(layer, {})
+            p.on_layer(layer)
             p.on_access((layer, 3))  # expert 3 is used at every layer, every forward
-    p.on_layer(0, {})
+    p.on_layer(0)
     assert not p.admit((1, 5), 0.1, (0, 3))  # an unlikely guess does not push out a hot expert
     assert p.admit((1, 5), 0.9, (0, 6))  # a likely one replaces a never-used expert
     assert LRUPolicy().admit((1, 5), 0.01, (0, 3))  # the baseline always admits

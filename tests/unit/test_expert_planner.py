@@ -7,7 +7,6 @@ from ferry import LLM, SamplingParams
 from ferry.config import ModelConfig
 from ferry.experts.planner import Costs, make_plan, measure_costs
 from ferry.experts.policies import LRUPolicy
-from ferry.experts.predictors import ExpertPredictor
 from ferry.experts.store import ExpertStore
 from tests.expert_stores import make_store
 
@@ -40,8 +39,7 @@ def test_slow_disk_plan_says_it_is_io_bound_and_keeps_prefetch_to_a_tokens_worth
 def test_measured_costs_leave_nothing_behind(tmp_ckpt_dir):
     ckpt, folder = make_store("mixtral", tmp_ckpt_dir)
     shape = ([0, 1], 8, 2)
-    store = ExpertStore(folder, ModelConfig.from_hf(ckpt), torch.float32, None, LRUPolicy(*shape),
-                        ExpertPredictor(*shape))
+    store = ExpertStore(folder, ModelConfig.from_hf(ckpt), torch.float32, None, LRUPolicy(*shape))
     try:
         costs = measure_costs(store)
         assert costs.bandwidth > 0 and costs.expert_overhead_s > 0 and costs.expert_nbytes == store.index.slot_nbytes
@@ -56,7 +54,7 @@ def test_explain_prints_the_plan_and_applies_its_prefetch_width(tmp_ckpt_dir, ca
     with LLM(str(ckpt), dtype="float32", kv_cache_memory="4M", expert_store=str(folder), expert_prefetch="pregate",
              expert_cache_memory="200K", explain=True, max_num_seqs=4) as llm:
         assert "expert plan: disk" in capsys.readouterr().err
-        width = llm.engine.parts.experts.prefetch_width
+        width = llm.engine.parts.experts.prefetcher.width
         assert 2 <= width <= 8
         llm.generate([[1, 5, 9]], SamplingParams(max_tokens=3), use_tqdm=False)
         s = llm.engine.stats().experts

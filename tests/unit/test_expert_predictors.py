@@ -14,8 +14,9 @@ from ferry.experts.predictors import (
     ExpertPredictor,
     PreGatePredictor,
 )
+from ferry.experts.prefetch import Prefetcher
 from ferry.experts.store import ExpertStore
-from tests.expert_stores import check_store_clean, make_store
+from tests.expert_stores import check_store_clean, make_store, serve_layer
 
 
 def _teach(p: CorrelationPredictor, num_tokens: int = 20) -> None:
@@ -75,11 +76,12 @@ def test_store_counts_prefetch_precision_and_recall(tmp_ckpt_dir):
     ckpt, folder = make_store("mixtral", tmp_ckpt_dir)
     cfg = ModelConfig.from_hf(ckpt)
     shape = ([0, 1], 8, 2)
-    store = ExpertStore(folder, cfg, torch.float32, None, LRUPolicy(*shape), _Oracle(*shape))
+    store = ExpertStore(folder, cfg, torch.float32, None, LRUPolicy(*shape))
+    Prefetcher(store, _Oracle(*shape))
     try:
-        x = torch.zeros(1, cfg.hidden_size)
-        for layer, used in [(0, [0, 4]), (1, [2, 3, 5, 6])]:
-            for _ in store.weights(layer, used, x, torch.tensor([used[:2]])):
+        for layer, used in [(0, [0, 4]), (1, [2, 3, 5, 6])]:  # one token, then two (top-2)
+            x = torch.zeros(len(used) // 2, cfg.hidden_size)
+            for _ in serve_layer(store, layer, used, x, torch.tensor(used).view(-1, 2)):
                 pass
         s = store.stats()
         assert (s.num_predicted, s.num_predicted_used, s.num_needed) == (3, 2, 4)
@@ -99,10 +101,10 @@ def test_engine_keeps_correlation_statistics_between_runs(tmp_ckpt_dir, tmp_path
                    expert_correlation_file=str(path))
     with LLM(str(ckpt), **options) as llm:
         llm.generate([[1, 5, 9, 13, 20]], SamplingParams(max_tokens=4), use_tqdm=False)
-        learned = {l: c.clone() for l, c in llm.engine.parts.experts.predictor.counts.items()}
+        learned = {l: c.clone() for l, c in llm.engine.parts.experts.prefetcher.predictor.counts.items()}
     assert path.exists() and learned[0].sum() > 0
     with LLM(str(ckpt), **options) as llm:  # starts from what the first run learned
-        assert torch.equal(llm.engine.parts.experts.predictor.counts[0], learned[0])
+        assert torch.equal(llm.engine.parts.experts.prefetcher.predictor.counts[0], learned[0])
     with pytest.raises(InvalidRequest, match="needs expert_prefetch=correlation"):
         LLM(str(ckpt), **{**options, "expert_prefetch": "pregate"})
 
@@ -151,7 +153,7 @@ def _no_attention_after(ckpt, root, layer: int):
 
 
 def test_pregate_from_the_stream_is_exact_when_attention_adds_nothing(tmp_ckpt_dir, tmp_path):
-    """The engine hands pre-gating the stream after each MoE layer (forward hooks): with layer 1's attention
+    """The engine hands pre-gating the stream after each MoE layer (the routing port): with layer 1's attention
     adding nothing, layer 1's routing is predicted exactly, every token, so precision and recall are 100%."""
     from ferry import LLM, SamplingParams
     from ferry.experts.convert import convert_expert_store

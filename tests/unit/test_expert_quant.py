@@ -11,7 +11,6 @@ from ferry.errors import InvalidRequest
 from ferry.experts.convert import convert_expert_store
 from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import LRUPolicy
-from ferry.experts.predictors import ExpertPredictor
 from ferry.experts.quant import QuantLayout, dequantize, quantizable, quantize
 from ferry.experts.store import ExpertStore
 from ferry.models.loader import load_model
@@ -96,12 +95,10 @@ def test_store_serves_the_dequantized_experts(stores, bits):
     resident = load_model(cfg, torch.float32, torch.device("cpu"), 64)
     shape = ([0, 1], 8, 2)
     index = StoreIndex.load(folders[bits])
-    store = ExpertStore(folders[bits], cfg, torch.float32, 2 * index.slot_nbytes + 100_000, LRUPolicy(*shape),
-                        ExpertPredictor(*shape))
+    store = ExpertStore(folders[bits], cfg, torch.float32, 2 * index.slot_nbytes + 100_000, LRUPolicy(*shape))
     try:
         for layer in (0, 1):
-            x = torch.zeros(1, cfg.hidden_size)
-            for i, g, d in store.weights(layer, list(range(8)), x, torch.tensor([[0, 1]])):
+            for i, g, d in store.weights(layer, list(range(8))):
                 w_g, w_d = resident.layers[layer].mlp.experts.gate_up[i], resident.layers[layer].mlp.experts.down[i]
                 q = QuantLayout(index.experts[layer][i].bits, index.layout.group_size, cfg.hidden_size,
                                 cfg.moe.intermediate_size)

@@ -17,7 +17,6 @@ from ferry.errors import InvalidRequest, ModelLoadError
 from ferry.experts.convert import convert_expert_store
 from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import LRUPolicy
-from ferry.experts.predictors import ExpertPredictor
 from ferry.experts.reads import ExpertReadError
 from ferry.experts.store import ExpertStore
 from ferry.models.loader import load_model
@@ -35,12 +34,11 @@ def mixtral(tmp_ckpt_dir):
 def _open(ckpt, store, budget=None, allow_direct=True) -> ExpertStore:
     cfg = ModelConfig.from_hf(ckpt)
     shape = ([0, 1], cfg.moe.num_experts, cfg.moe.top_k)
-    return ExpertStore(store, cfg, torch.float32, budget, LRUPolicy(*shape), ExpertPredictor(*shape), allow_direct)
+    return ExpertStore(store, cfg, torch.float32, budget, LRUPolicy(*shape), allow_direct)
 
 
 def _get(store: ExpertStore, layer: int, experts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, top_ids = torch.zeros(1, store.layout.hidden_size), torch.tensor([experts[:1]])
-    got = {i: (g.clone(), d.clone()) for i, g, d in store.weights(layer, experts, x, top_ids)}
+    got = {i: (g.clone(), d.clone()) for i, g, d in store.weights(layer, experts)}
     assert sorted(got) == list(range(len(experts)))  # every position once
     return [got[i] for i in range(len(experts))]
 
@@ -156,8 +154,7 @@ def test_experts_in_ram_are_handed_out_first(mixtral):
     try:
         _get(store, 0, [5, 7])
         store.reads.pool = HeldPool(store.reads.pool)  # expert 1's read will not have finished when the forward asks
-        x, top_ids = torch.zeros(1, store.layout.hidden_size), torch.tensor([[1, 5]])
-        order = store.weights(0, [1, 5, 7], x, top_ids)
+        order = store.weights(0, [1, 5, 7])
         assert [i for i, _, _ in order] == [1, 2, 0]  # experts 5 and 7 compute while 1 is read
     finally:
         store.close()
@@ -237,7 +234,7 @@ def test_store_of_another_model_or_dtype_is_refused(tmp_ckpt_dir, mixtral):
     cfg = ModelConfig.from_hf(mixtral[0])
     shape = ([0, 1], 8, 2)
     with pytest.raises(InvalidRequest, match="holds float32 experts but the engine runs bfloat16"):
-        ExpertStore(mixtral_store, cfg, torch.bfloat16, None, LRUPolicy(*shape), ExpertPredictor(*shape))
+        ExpertStore(mixtral_store, cfg, torch.bfloat16, None, LRUPolicy(*shape))
 
 
 def test_bad_options_and_inputs_are_clear_errors(tmp_ckpt_dir, mixtral, tmp_path):

@@ -19,8 +19,6 @@ SERVER_SEES = {"ferry.engine.async_engine", "ferry.engine.inputs", "ferry.engine
 # Code outside the engine reads it through LLMEngine.view() / LLM.view(), never its parts
 OUTSIDE = ("ferry/eval", "ferry/server", "bench", "tests/engine", "tests/e2e")
 INTERNALS = re.compile(r"\b(engine|eng)\.(parts|kv|scheduler|runner|output)\b|\.output\.(groups|child_group)\b")
-STILL_REACHING = {  # replaced by the decoder's routing observer port (issue 18, experts part)
-    "ferry/eval/suite.py": "llm.engine.parts.runner.model.modules()"}
 
 
 def _imports(path: pathlib.Path) -> list[str]:
@@ -73,7 +71,7 @@ def test_nothing_outside_the_engine_reaches_into_it():
         for path in (root / folder).rglob("*.py"):
             rel = str(path.relative_to(root))
             for n, line in enumerate(path.read_text().splitlines(), 1):
-                if INTERNALS.search(line) and STILL_REACHING.get(rel, "\0") not in line:
+                if INTERNALS.search(line):
                     bad.append(f"{rel}:{n}: {line.strip()}")
     assert not bad, "engine internals used outside the engine (use engine.view()):\n" + "\n".join(bad)
 
@@ -90,3 +88,33 @@ def test_ops_is_a_leaf_and_only_ops_cpu_reads_the_isa():
         if rel != pathlib.Path("ops/cpu.py") and ('FERRY_ISA"' in text or "/proc/cpuinfo" in text):
             bad.append(f"{rel} reads FERRY_ISA or /proc/cpuinfo (ferry.ops.cpu owns the CPU's level)")
     assert not bad, "\n".join(bad)
+
+
+def _from_imports(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(module, name) of every `from ferry... import name` in path."""
+    return [(node.module, a.name) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ferry.")
+            for a in node.names]
+
+
+def test_models_never_import_experts_nor_reach_into_private_names():
+    """The model sees experts only through its ExpertWeights and routing ports (ferry.models.layers.mlp,
+    ferry.models.routing); other packages use the public names of models and experts only (the loader's
+    public functions, not its helpers)."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        for mod, name in _from_imports(path):
+            if _unit(rel) == "models" and mod.startswith("ferry.experts"):
+                bad.append(f"{rel} imports {mod}")
+            there = mod.split(".")[1]
+            if name.startswith("_") and there in ("models", "experts") and there != _unit(rel):
+                bad.append(f"{rel} imports {mod}.{name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_routing_is_observed_through_the_port_only():
+    """No forward hooks, and no MoE.route patched: observers register with the model's RoutingObservers."""
+    bad = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+           if "register_forward_hook" in p.read_text() or ".route = " in p.read_text()]
+    assert not bad, f"routing observed around the port in {bad}"

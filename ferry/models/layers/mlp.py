@@ -11,6 +11,7 @@ from torch import nn
 
 from ferry.config import MoEConfig
 from ferry.models.layers.linear import linear
+from ferry.models.routing import RoutingObservers
 from ferry.ops.fused import silu_mul
 from ferry.ops.quant import QuantLinear
 
@@ -48,14 +49,14 @@ def _linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None) -> torch.Tens
 
 
 class ExpertWeights(Protocol):
-    """Where a MoE layer gets its experts' weights: resident tensors, or an offloading store."""
+    """Where a MoE layer gets its experts' weights: resident tensors, or an offloading store. Weights only:
+    a store that predicts later layers' experts learns the routing through the model's routing port."""
 
-    def weights(self, expert_ids: Sequence[int], x: torch.Tensor,
-                top_ids: torch.Tensor) -> Iterable[tuple[int, Weight, Weight]]:
+    def weights(self, expert_ids: Sequence[int]) -> Iterable[tuple[int, Weight, Weight]]:
         """(i, gate_up [2I, D], down [D, I]) once for each position i of expert_ids, in the order the weights
-        are at hand (an offloading store hands out cached experts while it reads the others). The layer's
-        input x [T, D] and routing top_ids [T, A] let a store predict later layers' experts. A store yields
-        lazily (a pair may be valid only until the next is asked for), so iterate it to the end."""
+        are at hand (an offloading store hands out cached experts while it reads the others). The layer calls
+        this before telling routing observers, so a store may start reading the missing experts in the call
+        itself; it yields lazily (a pair may be valid only until the next is asked for): iterate to the end."""
         ...
 
 
@@ -67,17 +68,18 @@ class ResidentExperts(nn.Module):
         self.gate_up = _meta(num_experts, 2 * inter, hidden)
         self.down = _meta(num_experts, hidden, inter)
 
-    def weights(self, expert_ids: Sequence[int], x: torch.Tensor,
-                top_ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    def weights(self, expert_ids: Sequence[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         return [(i, self.gate_up[e], self.down[e]) for i, e in enumerate(expert_ids)]
 
 
 class MoE(nn.Module):
     """Softmax router -> top-A experts -> weighted sum; plus qwen2_moe's gated shared expert."""
 
-    def __init__(self, cfg: MoEConfig, hidden: int) -> None:
+    def __init__(self, cfg: MoEConfig, hidden: int, layer: int, observers: RoutingObservers) -> None:
         super().__init__()
         self.cfg = cfg
+        self.layer = layer  # decoder layer index: how observers name this layer
+        self.observers = observers  # the model's routing port (ferry.models.routing)
         self.router = _meta(cfg.num_experts, hidden)
         self.experts: ExpertWeights = ResidentExperts(cfg.num_experts, hidden, cfg.intermediate_size)
         self.shared = DenseMLP(hidden, cfg.shared_intermediate_size) if cfg.shared_intermediate_size else None
@@ -104,7 +106,9 @@ class MoE(nn.Module):
         spans = [slice(end - counts[e], end) for e, end in zip(active, ends)]  # each expert's (token, slot) pairs
         done: dict[int, torch.Tensor] = {}  # computed out of order, not yet summed
         summed = 0
-        for i, gate_up, down in self.experts.weights(active, x, top_ids):
+        pairs = self.experts.weights(active)  # first: an offloading store starts reading missing experts now
+        self.observers.routed(self.layer, x, top_ids, top_w)
+        for i, gate_up, down in pairs:
             done[i] = swiglu(x[tokens[spans[i]]], gate_up, down) * weights[spans[i], None]
             while summed in done:  # sum in expert order whatever the compute order: the same bits every time
                 out.index_add_(0, tokens[spans[summed]], done.pop(summed))
