@@ -33,13 +33,15 @@ def build_dir() -> Path:
 
 
 def build_folder(name: str, sources: list[str], cflags: list[str], level: Isa) -> Path:
-    """Where `name` built from `sources` with `cflags` at `level` lives (flags include the level's own)."""
+    """Where `name` built from `sources` with `cflags` at `level`, against this torch install, lives."""
     import torch
 
     texts = [(HERE / s).read_bytes() for s in sources]
     flags = [*cflags, *compile_flags(level)]
+    # torch's install folder too: the build's include and library paths point into it, so two virtualenvs with the
+    # same torch version would otherwise share a folder whose ninja file each sees as changed, and rebuild in turn
     key = hashlib.sha256(b"\0".join([*texts, " ".join(flags).encode(), level.label.encode(),
-                                     torch.__version__.encode()]))
+                                     torch.__version__.encode(), str(Path(torch.__file__).parent).encode()]))
     return build_dir() / f"{name}-{level.label}-{key.hexdigest()[:12]}"
 
 

@@ -77,3 +77,13 @@ def test_a_different_ferry_isa_builds_into_a_different_folder(fake_compiler, mon
             cpu.isa.cache_clear()
         folders.append(fake_compiler[-1]["build_directory"])
     assert folders[0] != folders[1] and "-portable-" in folders[0] and "-avx2-" in folders[1]
+
+
+def test_build_folder_is_keyed_by_the_torch_install(fake_compiler, monkeypatch):
+    """Two virtualenvs with the same torch version must not share a build: its ninja file points into one torch
+    install's headers and libraries, and the other would rebuild it at each start."""
+    import torch
+
+    here = build.build_folder("ferry_fused", ["fused.cpp"], ["-O3"], Isa.PORTABLE)
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/site-packages/torch/__init__.py")
+    assert build.build_folder("ferry_fused", ["fused.cpp"], ["-O3"], Isa.PORTABLE) != here
