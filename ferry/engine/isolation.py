@@ -9,7 +9,7 @@ would have given (nothing is rolled back: a forward writes only the KV of the st
 slots, so a re-run writes the same slots again, and the sampler's random state is restored before each try).
 
 The plan's once-only parts (released requests, swaps) run before the first try, never again; if they raise,
-no request is to blame and the error goes up."""
+no one request is to blame, and the step's requests fail with that error (the engine goes on)."""
 from __future__ import annotations
 
 import logging
@@ -23,7 +23,11 @@ log = logging.getLogger("ferry")
 
 def execute_isolating(runner: Runner, plan: StepPlan) -> tuple[StepResult, dict[str, BaseException]]:
     """(result of the requests whose forward succeeds, {req_id: error} of those that make it raise)."""
-    runner.prepare(plan)
+    try:
+        runner.prepare(plan)
+    except Exception as e:
+        log.exception("the swaps of a step failed; failing its %d requests", len(plan.reqs))
+        return StepResult(), {r.req_id: e for r in plan.reqs}
     snap = runner.sampler.snapshot(r.req_id for r in plan.reqs)
     try:
         return runner.forward(plan), {}

@@ -5,9 +5,13 @@ read-only snapshot, so that none of it reaches into the scheduler, the KV manage
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ferry.experts.stats import ExpertStats
+
+if TYPE_CHECKING:
+    from ferry.config import MoEConfig
+    from ferry.kvcache.policies import KVPolicy
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,8 @@ class EngineView:
     block_size: int  # tokens per KV block
     max_num_batched_tokens: int  # tokens one step computes at most
     kv_cache_memory: int  # the fast-tier KV byte budget (--kv-cache-memory)
-    kv_policy: Any  # the scheduler half of the KV policy (torch-free): name, bytes per block, read_tokens()
-    moe: Any  # the model's MoEConfig, None for a dense model
+    kv_policy: "KVPolicy"  # the scheduler half of the KV policy (torch-free): name, bytes per block, read_tokens()
+    moe: "MoEConfig | None"  # None for a dense model
     # KV blocks now, and their high-water marks since start
     num_kv_blocks: int
     num_kv_blocks_used: int

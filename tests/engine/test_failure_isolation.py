@@ -134,3 +134,26 @@ def test_the_async_engine_tells_the_culprits_client(llama):
     want, outs = asyncio.run(main())
     assert outs[0].finished and outs[0].outputs[0].finish_reason == "error" and "poisoned" in outs[0].error
     assert [o.outputs[0].token_ids for o in outs[1:]] == want
+
+
+@pytest.mark.parametrize("policy", ["layer-budget", "lazy"])
+def test_kv_policies_that_act_in_the_forward_stay_exact(llama, policy):
+    """The failing step is the others' first decode, where layer-budget compacts a request's blocks and lazy
+    prunes rows: re-running it for them gives the tokens they give alone."""
+    llm = LLM(str(llama), dtype="float32", kv_cache_memory="4M", kv_policy=policy, kv_budget=0.5,
+              enable_prefix_caching=False)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, [40, 70, 33], 400, seed=5)]
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = alone(llm, prompts, [p] * 3)
+    engine = llm.engine
+    for i, x in enumerate(prompts):
+        engine.add_request(f"g{i}", x, p)
+    outs = engine.step()  # the prompts are in: the next step is everyone's first decode
+    assert all(r.decoding and r.num_output_tokens == 1 for r in llm.view().running)
+    with poisoned_forward():
+        engine.add_request("bad", {"prompt_token_ids": [1, POISON]}, SamplingParams(max_tokens=2))
+        while engine.has_unfinished():
+            outs += engine.step()
+    final = {o.request_id: o for o in outs if o.finished}
+    assert [final[f"g{i}"].outputs[0].token_ids for i in range(3)] == want
+    assert final["bad"].outputs[0].finish_reason == "error" and llm.view().kv_all_free
