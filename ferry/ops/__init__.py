@@ -4,7 +4,7 @@ which take the module's own fallback wherever the kernel does not run.
 - ``cpu``: the instruction-set level (``Isa``: portable < avx2 < avx512 < avx512_bf16), detected once; the
   environment variable ``FERRY_ISA`` lowers it (only there is it read).
 - ``build``: compiles a C++ extension for one level, cached under ``$FERRY_CACHE_DIR/ops/`` (default
-  ``~/.cache/ferry/ops/``) in a folder keyed by the level, the sources, the flags and torch's version.
+  ``~/.cache/ferry/ops/``) in a folder keyed by the level, the sources, the flags and the toolchain.
 - ``kernel``: ``NativeKernel``, one extension chosen for the level in force (never above the CPU's), with the
   reason when its module falls back.
 - ``gemv``: small-M linear for decode (AVX-512; ``F.linear`` below). ``paged_attention``: decode attention read
