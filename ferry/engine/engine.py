@@ -16,7 +16,7 @@ from ferry.errors import ContextLengthExceeded, InvalidRequest
 from ferry.experts.store import ExpertStore
 from ferry.kvcache.manager import KVCacheManager
 from ferry.kvcache.policies import KV_POLICIES
-from ferry.models.kv import PolicyKV
+from ferry.runner.kv import PolicyKV
 from ferry.request import FinishReason, Request, RequestOutput, SamplingParams
 from ferry.runner.runner import Runner
 from ferry.scheduler.scheduler import Scheduler

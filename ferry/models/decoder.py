@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ferry.config import ModelConfig
-from ferry.models.kv.base import LayerKV, RowChange
-from ferry.models.layers.attention import AttnMetadata
+from ferry.models.layers.attention import AttnMetadata, LayerKV, RowChange
 from ferry.models.layers.linear import linear
 from ferry.models.layers.mlp import MoE, DenseMLP, _meta
 from ferry.models.layers.norm import RMSNorm

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ferry.models.decoder import DecoderModel
-from ferry.models.kv import PolicyKV
+from ferry.runner.kv import PolicyKV
 from ferry.plan import StepPlan, StepResult
 from ferry.request import TokenLogprob
 from ferry.runner.inputs import build_inputs

@@ -9,18 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from ferry import LLM, SamplingParams
-from ferry.config import KVPolicyConfig, ModelConfig
+from ferry.config import ModelConfig
 from ferry.engine.options import engine_config
 from ferry.errors import InvalidRequest
-from ferry.kvcache.policies import KV_POLICIES, KVShape
-from ferry.models.kv.base import LayerKV
-from ferry.models.kv.lazy import POOL, REVIVE_MAX, LazyKV
+from ferry.kvcache.policies import KVShape, make_kv_policy
 from ferry.models.layers.attention import AttnMetadata, PrefillChunk
+from ferry.runner.kv.base import LayerKV
+from ferry.runner.kv.lazy import POOL, REVIVE_MAX, LazyKV
+from ferry.runner.kv.storage import BlockLayout
 from tests.checkpoints import make_checkpoint, random_prompts
 
 
 def lazy(budget: float | None, layers: int = 8, bs: int = 4):
-    return KV_POLICIES["lazy"](KVPolicyConfig("lazy", budget), KVShape(layers, 2, 8, bs, 4))
+    return make_kv_policy("lazy", KVShape(layers, 2, 8, bs, 4), budget=budget)
 
 
 # -- scheduler side ------------------------------------------------------------------------------
@@ -31,16 +32,16 @@ def test_schedule_shrinks_to_the_budget_and_blocks_cost_full_plus_depth():
     first = p.first_pruned_layer()
     assert keep[:first] == [1.0] * first and keep[6] == keep[7] == pytest.approx(0.25)
     assert all(a > b for a, b in zip(keep[first - 1:6], keep[first:7]))  # shrinks at every layer up to `last`
-    assert p.device_bytes_per_block() == KV_POLICIES["full"](KVPolicyConfig(), p.shape).device_bytes_per_block() + 4
+    assert p.device_bytes_per_block() == make_kv_policy("full", p.shape).device_bytes_per_block() + 4
     assert not p.shares_prefix_blocks and lazy(1.0).shares_prefix_blocks
     assert [lazy(1.0).keep_fraction(l, 6) for l in range(8)] == [1.0] * 8
     with pytest.raises(InvalidRequest, match="lazy"):
         lazy(2.0)
-    late = KV_POLICIES["lazy"](KVPolicyConfig("lazy", 0.5, lazy_start=0.75), KVShape(4, 2, 8, 4, 4))
+    late = make_kv_policy("lazy", KVShape(4, 2, 8, 4, 4), budget=0.5, lazy_start=0.75)
     assert [late.keep_fraction(l, last=3) for l in range(4)] == [1.0, 1.0, 1.0, 0.5]  # only the last layer prunes
     with pytest.raises(InvalidRequest, match="kv_lazy_start does not apply to kv_policy=full"):
         engine_config("m", kv_policy="full", kv_lazy_start=0.25)
-    assert engine_config("m", kv_policy="lazy", kv_budget=0.25, kv_lazy_start=0.25).kv_policy.lazy_start == 0.25
+    assert engine_config("m", kv_policy="lazy", kv_budget=0.25, kv_lazy_start=0.25).kv_options.lazy_start == 0.25
     # the whole prompt (up to 4096 tokens) in one step by default, so the question ranks it; a user's choice wins
     steps = [engine_config("m", **kw).scheduler.max_num_batched_tokens
              for kw in ({}, {"kv_policy": "lazy"}, {"kv_policy": "lazy", "max_num_batched_tokens": 256})]
@@ -62,8 +63,8 @@ KEEP = (2 * (2 * POOL + 1) - 0.5) / N  # ceil(KEEP * N): the two neighbourhoods 
 
 
 def _store(keep: list[float], blocks: int = 24) -> LazyKV:
-    kv = LazyKV(KV_POLICIES["lazy"](KVPolicyConfig("lazy", 0.5), KVShape(3, 2, 8, 4, 4)), CFG, blocks, 0, 4,
-                torch.float32, torch.device("cpu"))
+    kv = LazyKV(make_kv_policy("lazy", KVShape(3, 2, 8, 4, 4), budget=0.5), BlockLayout(CFG, blocks, 0, 4,
+                torch.float32, torch.device("cpu")))
     kv.set_schedule(keep)
     return kv
 
@@ -97,7 +98,7 @@ def _peek(n: int, targets: list[int]):
 @pytest.mark.parametrize("tile", [None, 5])  # 5: the kept rows' attention in several tiles of rows
 def test_tokens_with_low_attention_are_pruned_at_the_right_layer_and_masked_after_it(tile, monkeypatch):
     if tile:
-        monkeypatch.setattr("ferry.models.kv.lazy.TILE", tile)
+        monkeypatch.setattr("ferry.runner.kv.lazy.TILE", tile)
     torch.manual_seed(0)
     kv = _store([1.0, KEEP, KEEP])  # prune before layer 1 (layer 2 is the aux state's layer: nothing pruned there)
     assert kv.pruning_layers == {1} and kv.layers[0].changes_rows and not kv.layers[1].changes_rows
@@ -220,8 +221,8 @@ def test_decoder_with_pruned_rows_equals_a_forward_that_hides_them(llama):
     model = load_model(cfg, torch.float32, torch.device("cpu"), 256, None)
     n = 120
     ids = random_prompts(1, [n], cfg.vocab_size, seed=4)[0]
-    kv = LazyKV(KV_POLICIES["lazy"](KVPolicyConfig("lazy", 0.3), KVShape(cfg.num_layers, cfg.num_kv_heads,
-                cfg.head_dim, 16, 4)), cfg, 16, 0, 16, torch.float32, torch.device("cpu"))
+    kv = LazyKV(make_kv_policy("lazy", KVShape(cfg.num_layers, cfg.num_kv_heads,
+                cfg.head_dim, 16, 4), budget=0.3), BlockLayout(cfg, 16, 0, 16, torch.float32, torch.device("cpu")))
     assert kv.pruning_layers  # the tiny model prunes somewhere
     plan = StepPlan([ScheduledReq("a", ids, 0, list(range(8)), True, SamplingParams(), ids, n)])
     inputs = build_inputs(plan, 16, torch.device("cpu"))
@@ -250,7 +251,7 @@ def _run(path, prompts, **kw):
 def _blocks_bytes(path, num_blocks: int) -> int:
     cfg = ModelConfig.from_hf(path)
     shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 4, 4)
-    return num_blocks * KV_POLICIES["lazy"](KVPolicyConfig("lazy"), shape).device_bytes_per_block()
+    return num_blocks * make_kv_policy("lazy", shape).device_bytes_per_block()
 
 
 def _prompts(path):

@@ -1,5 +1,6 @@
 """Imports go downward only (config -> request -> plan -> {models, kvcache, ...} -> {scheduler, runner} ->
-engine -> server -> cli), and the scheduler side stays free of torch."""
+engine -> server -> cli), the scheduler side stays free of torch, and the KV policies' two halves meet only in the
+plan: the tensor side (ferry/runner/kv/) never imports the scheduler side (ferry/kvcache/)."""
 from __future__ import annotations
 
 import ast
@@ -11,8 +12,8 @@ RANK = {
     "ops": 4, "models": 5, "experts": 5, "kvcache": 4, "sampling": 4, "tokenizer": 4, "detokenizer": 4, "tiers": 4,
     "scheduler": 6, "runner": 6, "engine": 7, "default_model": 7, "server": 8, "eval": 8, "cli": 9, "__main__": 10, "__init__": 10,
 }
-TORCH_FREE = ("scheduler", "request", "plan", "config", "errors", "kvcache/manager.py", "kvcache/block_pool.py",
-              "kvcache/prefix_cache.py")
+TORCH_FREE = ("scheduler", "request", "plan", "config", "errors", "kvcache")
+TENSOR_KV = "runner/kv"  # the KV policies' tensor halves
 
 
 def _imports(path: pathlib.Path) -> list[str]:
@@ -50,3 +51,13 @@ def test_scheduler_side_has_no_torch():
         if rel.startswith(TORCH_FREE) and any(m == "torch" or m.startswith("torch.") for m in _imports(path)):
             bad.append(rel)
     assert not bad, f"torch imported in {bad}"
+
+
+def test_kv_tensor_side_never_imports_the_scheduler_side():
+    """Every KV decision of a step travels in the plan (ferry/plan.py KVStep), not through calls into policies."""
+    bad = []
+    for path in (PKG / TENSOR_KV).rglob("*.py"):
+        bad += [f"{path.relative_to(PKG)} imports {m}" for m in _imports(path)
+                if m == "ferry.kvcache" or m.startswith("ferry.kvcache.")]
+    assert not bad, "\n".join(bad)
+    assert (PKG / TENSOR_KV / "storage.py").exists() and not (PKG / "models" / "kv").exists()

@@ -7,12 +7,15 @@ Attention math runs in float32 whatever the weight dtype (bf16 SDPA is much slow
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ferry.ops.attention import paged_decode_attention, paged_decode_attention_available
+from ferry.plan import KVStep
 
 
 @dataclass
@@ -21,7 +24,7 @@ class PrefillChunk:
     q_len: int  # tokens computed this step
     start_pos: int  # position of the first of them (tokens before it are already in the cache)
     block_ids: torch.Tensor  # [num_blocks] long, the request's block table covering start_pos + q_len
-    kv_budget: float | None = None  # the request's own --kv-budget (None: the server's)
+    kv: KVStep = field(default_factory=KVStep)  # the KV policy's decisions for this request in this step
 
 
 @dataclass
@@ -35,7 +38,7 @@ class AttnMetadata:
     decode_block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0 (masked out)
     decode_ctx_lens: torch.Tensor  # [B] long: context length including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
-    decode_kv_budgets: list[float | None] = field(default_factory=list)  # [B] each decode request's own --kv-budget
+    decode_kv: list[KVStep] = field(default_factory=list)  # [B] the KV policy's decisions for each decode request
     _masks: dict = field(default_factory=dict)  # (kind, window) -> additive mask, built on first use
     policy_state: dict = field(default_factory=dict)  # what a KV policy builds once per step for every layer
 
@@ -68,6 +71,36 @@ class AttnMetadata:
                 visible &= qpos - kpos < window
             self._masks[key] = visible
         return self._masks[key]
+
+
+@dataclass
+class RowChange:
+    """The rows the next layers compute, when a KV policy drops or brings back tokens between layers."""
+
+    keep: torch.Tensor  # [T'] long: current rows that go on, in this order (every row whose logits are needed)
+    revived: torch.Tensor | None  # [A, D] next-layer inputs of tokens brought back, appended after the kept rows
+    meta: AttnMetadata  # the next layers' metadata for those T' + A rows (positions, slots, the policy's state)
+
+
+class LayerKV(ABC):
+    """One layer's KV as the attention layer sees it: the KV policy's tensor half (ferry/runner/kv/) implements it.
+    A policy that prunes tokens between layers (`lazy`) sets `changes_rows` on a layer: after that layer the decoder
+    hands it the next layer's input and applies the `RowChange` it returns (which rows go on, which come back)."""
+
+    changes_rows: bool = False  # True: the decoder calls next_rows after this layer
+
+    def next_rows(self, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor,
+                  peek: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> RowChange | None:
+        """x [T, D]: the next layer's input for the current rows; needed [T] bool: rows whose logits are asked for
+        (they must be kept); peek(): the next layer's queries (scaled) [T, H, Dh] and keys [T, K, Dh] for x, if the
+        policy ranks rows by that layer's attention. None: every row goes on unchanged."""
+        return None
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, scale: float,
+               window: int | None) -> torch.Tensor:
+        """q [T, H, Dh], k/v [T, K, Dh] of this step: store k/v at meta.slot_mapping, return [T, H*Dh] in q's
+        dtype."""
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from ferry.config import ModelConfig
-from ferry.kvcache.policies.lazy import LazyPolicy
-from ferry.kvcache.storage import KVStorage
-from ferry.models.kv.base import LayerKV, RowChange, StorageKV, gather_blocks
-from ferry.models.layers.attention import AttnMetadata, write_kv
+from ferry.models.layers.attention import AttnMetadata, LayerKV, RowChange, write_kv
 from ferry.ops.attention import paged_decode_attention_available, paged_decode_attention_depth
+from ferry.runner.kv.base import StorageKV, gather_blocks, register_policy_kv
+from ferry.runner.kv.storage import BlockLayout
 
 REVIVE_MAX = 16  # tokens a request brings back per pruning layer and step: bounds the extra work of a step
 OBSERVED = 8  # a chunk's last tokens whose attention ranks the others (one token's is too noisy on ferry-tiny)
@@ -200,16 +198,15 @@ def _importance(q: torch.Tensor, kc: torch.Tensor, visible: torch.Tensor, scale:
     return torch.softmax(scores, dim=-1).mean((0, 1, 2))
 
 
+@register_policy_kv("lazy")
 class LazyKV(StorageKV):
-    def __init__(self, policy: LazyPolicy, cfg: ModelConfig, num_blocks: int, num_host_blocks: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.policy = policy
-        self.block_size = block_size
+    def __init__(self, policy: Any, layout: BlockLayout) -> None:
+        super().__init__(policy, layout)
+        cfg = layout.model
+        self.block_size = layout.block_size
         self.num_layers = L = cfg.num_layers
         self.hidden_size = cfg.hidden_size
-        self.storage = KVStorage(cfg, num_blocks, num_host_blocks, block_size, dtype, device)
-        self.depth = torch.zeros(num_blocks, block_size, dtype=torch.uint8, device=device)
-        self.host_depth = torch.zeros(num_host_blocks, block_size, dtype=torch.uint8)
+        self.depth = self.blocks.device["depth"]  # [N, bs] uint8
         # a token pruned before layer b keeps its state in its slots of layers b .. b+r-1
         self.aux_layers = -(-cfg.hidden_size // (2 * cfg.num_kv_heads * cfg.head_dim))
         self.layers: list[LazyLayer] = []
@@ -224,26 +221,6 @@ class LazyKV(StorageKV):
         self.keep = keep
         self.pruning_layers = {l for l in range(1, self.num_layers) if keep[l] < keep[l - 1]}
         self.layers = [LazyLayer(self, l) for l in range(self.num_layers)]
-
-    @property
-    def nbytes(self) -> int:
-        return super().nbytes + self.depth.numel()
-
-    @property
-    def host_nbytes(self) -> int:
-        return super().host_nbytes + self.host_depth.numel()
-
-    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        super().swap_out(pairs)
-        if pairs:
-            dev, host = (torch.tensor(x) for x in zip(*pairs))
-            self.host_depth[host] = self.depth[dev.to(self.depth.device)].cpu()
-
-    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        super().swap_in(pairs)
-        if pairs:
-            host, dev = (torch.tensor(x) for x in zip(*pairs))
-            self.depth[dev.to(self.depth.device)] = self.host_depth[host].to(self.depth.device)
 
     # -- the step's rows -------------------------------------------------------------------------
 
