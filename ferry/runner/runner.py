@@ -29,7 +29,8 @@ class Runner:
         if not plan.reqs:
             return result
         inputs = build_inputs(plan, self.block_size, self.device)
-        logits = self.model(inputs.input_ids, inputs.meta, self.storage.layers, inputs.logits_indices)
+        inputs.meta.kv_state = self.storage.begin_step(inputs.meta)
+        logits = self.storage.forward(self.model, inputs.input_ids, inputs.meta, inputs.logits_indices)
         num_sample = len(inputs.sample_reqs)
         if inputs.prompt_scored:
             self._score_prompts(logits[num_sample:], inputs.prompt_scored, result)

@@ -102,14 +102,16 @@ def test_compacted_reads_are_the_kept_tokens_and_the_tail():
                         num_decodes=1, decode_block_tables=table[None], decode_ctx_lens=torch.tensor([past + 1]),
                         decode_kv=[policy.plan_step(past, 1, table.tolist())])  # the plan says: compact
     q, k, v = torch.randn(1, H, Dh), torch.randn(1, K, Dh), torch.randn(1, K, Dh)
+    meta.kv_state = kv.begin_step(meta)  # compacts, as the plan says
     got = [kv.layers[l].attend(q, k, v, meta, 0.5, None) for l in range(L)]
-    assert meta.policy_state["layer-budget"].packed is not None
+    assert meta.kv_state.packed is not None
     # later steps read the same cells through the table with its HOLEs, as the manager leaves it
     holed = table.clone()
     holed[kept_blocks:15] = HOLE
     meta2 = AttnMetadata(positions=torch.tensor([past]), slot_mapping=meta.slot_mapping, block_size=bs,
                          num_decodes=1, decode_block_tables=holed[None], decode_ctx_lens=torch.tensor([past + 1]),
                          decode_kv=[policy.plan_step(past, 1, holed.tolist())])
+    meta2.kv_state = kv.begin_step(meta2)
     again = [kv.layers[l].attend(q, k, v, meta2, 0.5, None) for l in range(L)]
     for l in range(L):
         pos = torch.cat([region_keep[l].nonzero()[:, 0], torch.tensor([60])])

@@ -104,13 +104,14 @@ def test_tokens_with_low_attention_are_pruned_at_the_right_layer_and_masked_afte
     assert kv.pruning_layers == {1} and kv.layers[0].changes_rows and not kv.layers[1].changes_rows
     n = N
     meta = _prefill_meta(n)
+    meta.kv_state = kv.begin_step(meta)
     # at layer 0 the last 8 tokens (observed) attend elsewhere; layer 1's own queries and keys point at TARGETS
     q, k, v = _qkv(n, targets=[40, 70], rows=list(range(n - 8, n)))
     kv.layers[0].attend(q, k, v, meta, 1.0, None)
     x = torch.randn(n, 32)
     needed = torch.zeros(n, dtype=torch.bool)
     needed[-1] = True
-    change = kv.layers[0].next_rows(x, meta, needed, _peek(n, TARGETS))
+    change = kv.prune(1, x, meta, needed, _peek(n, TARGETS))
     kept = set(change.keep.tolist())
     # the most attended at layer 1 itself: the targets with their POOL neighbours each side, and the last token
     assert kept == {t + d for t in TARGETS for d in range(-POOL, POOL + 1)} | {n - 1}
@@ -136,20 +137,22 @@ def test_a_pruned_token_is_revived_when_a_later_query_attends_to_it():
     kv = _store([1.0, KEEP, KEEP])
     n, lost = N, 38  # token 38: pruned (between the targets' neighbourhoods), nobody in the prompt looks along e1
     meta = _prefill_meta(n)
+    meta.kv_state = kv.begin_step(meta)
     q, k, v = _qkv(n, targets=TARGETS, rows=list(range(n - 8, n)))
     k[lost, :, 1] = 10.0
     kv.layers[0].attend(q, k, v, meta, 1.0, None)
     x = torch.randn(n, 32)
-    kept = kv.layers[0].next_rows(x, meta, torch.arange(n) == n - 1, _peek(n, TARGETS)).keep.tolist()
+    kept = kv.prune(1, x, meta, torch.arange(n) == n - 1, _peek(n, TARGETS)).keep.tolist()
     assert kv.depth.flatten()[lost] == 1
     # a decode step at position n whose query looks along e1: at layer 0 it attends to the lost token
     empty = torch.zeros(0, dtype=torch.long)
     nb = n // 4 + 1
     dmeta = AttnMetadata(torch.tensor([n]), torch.tensor([n]), 4, 1, torch.arange(nb)[None], torch.tensor([n + 1]))
+    dmeta.kv_state = kv.begin_step(dmeta)
     qd, kd, vd = torch.zeros(1, 4, 8), torch.zeros(1, 2, 8), torch.randn(1, 2, 8)
     qd[0, :, 1] = 10.0
     kv.layers[0].attend(qd, kd, vd, dmeta, 1.0, None)
-    change = kv.layers[0].next_rows(torch.randn(1, 32), dmeta, torch.tensor([True]), _no_peek)
+    change = kv.prune(1, torch.randn(1, 32), dmeta, torch.tensor([True]), _no_peek)
     revived = change.meta.positions[1:].tolist()
     # the lost token and pruned neighbours within POOL, at most REVIVE_MAX of them
     assert lost in revived and all(abs(p - lost) <= POOL for p in revived) and len(revived) <= REVIVE_MAX
@@ -198,15 +201,17 @@ def test_only_a_pruned_token_drawing_revive_min_of_the_attention_comes_back(logi
     q, k, v = _qkv(n, targets=[100], rows=list(range(n - 8, n)))
     k[lost, :, 1] = 10.0
     meta = _prefill_meta(n)
+    meta.kv_state = kv.begin_step(meta)
     kv.layers[0].attend(q, k, v, meta, 1.0, None)
-    kv.layers[0].next_rows(torch.randn(n, 32), meta, torch.arange(n) == n - 1, _peek(n, [100]))
+    kv.prune(1, torch.randn(n, 32), meta, torch.arange(n) == n - 1, _peek(n, [100]))
     assert kv.depth.flatten()[lost] == 1
     nb = n // 4 + 1
     dmeta = AttnMetadata(torch.tensor([n]), torch.tensor([n]), 4, 1, torch.arange(nb)[None], torch.tensor([n + 1]))
+    dmeta.kv_state = kv.begin_step(dmeta)
     qd = torch.zeros(1, 4, 8)
     qd[0, :, 1] = logit / 10
     kv.layers[0].attend(qd, torch.zeros(1, 2, 8), torch.randn(1, 2, 8), dmeta, 1.0, None)
-    change = kv.layers[0].next_rows(torch.randn(1, 32), dmeta, torch.tensor([True]), _no_peek)
+    change = kv.prune(1, torch.randn(1, 32), dmeta, torch.tensor([True]), _no_peek)
     revived = [] if change is None else change.meta.positions[1:].tolist()
     assert (lost in revived) == revives and (revives or not revived)
 
@@ -226,7 +231,8 @@ def test_decoder_with_pruned_rows_equals_a_forward_that_hides_them(llama):
     assert kv.pruning_layers  # the tiny model prunes somewhere
     plan = StepPlan([ScheduledReq("a", ids, 0, list(range(8)), True, SamplingParams(), ids, n)])
     inputs = build_inputs(plan, 16, torch.device("cpu"))
-    got = model(inputs.input_ids, inputs.meta, kv.layers, inputs.logits_indices)
+    inputs.meta.kv_state = kv.begin_step(inputs.meta)
+    got = kv.forward(model, inputs.input_ids, inputs.meta, inputs.logits_indices)  # lazy drives the layers
     depth = kv.depth.flatten()[:n].long()
     assert int((depth < cfg.num_layers).sum()) == kv.stats["pruned"] > 0 and depth[-1] == cfg.num_layers
     ref = [_Hidden(l, depth) for l in range(cfg.num_layers)]

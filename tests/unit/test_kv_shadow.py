@@ -49,6 +49,7 @@ def written_kv(w_k: torch.Tensor, rank: int, num_blocks: int = 8) -> tuple[Shado
     keys = rotate((torch.randn(T, CFG.hidden_size) @ w_k.T).view(T, 2, 16), *rope_angles(pos, kv.inv_freq))
     meta = AttnMetadata(positions=pos, slot_mapping=pos, block_size=BS, num_decodes=0,
                         decode_block_tables=torch.zeros(0, 1, dtype=torch.long), decode_ctx_lens=torch.zeros(0))
+    meta.kv_state = kv.begin_step(meta)
     kv.layers[0].write(keys, torch.randn(T, 2, 16), meta)
     kv.swap_out([(b, b) for b in range(num_blocks)])
     return kv, keys

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ class AttnMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     decode_kv: list[KVStep] = field(default_factory=list)  # [B] the KV policy's decisions for each decode request
     _masks: dict = field(default_factory=dict)  # (kind, window) -> additive mask, built on first use
-    policy_state: dict = field(default_factory=dict)  # what a KV policy builds once per step for every layer
+    kv_state: Any = None  # the KV policy's state for this step (PolicyKV.begin_step, before the first layer)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, 1, L] additive float32 mask: 0 where the key is visible, -inf elsewhere."""
@@ -73,28 +73,8 @@ class AttnMetadata:
         return self._masks[key]
 
 
-@dataclass
-class RowChange:
-    """The rows the next layers compute, when a KV policy drops or brings back tokens between layers."""
-
-    keep: torch.Tensor  # [T'] long: current rows that go on, in this order (every row whose logits are needed)
-    revived: torch.Tensor | None  # [A, D] next-layer inputs of tokens brought back, appended after the kept rows
-    meta: AttnMetadata  # the next layers' metadata for those T' + A rows (positions, slots, the policy's state)
-
-
 class LayerKV(ABC):
-    """One layer's KV as the attention layer sees it: the KV policy's tensor half (ferry/runner/kv/) implements it.
-    A policy that prunes tokens between layers (`lazy`) sets `changes_rows` on a layer: after that layer the decoder
-    hands it the next layer's input and applies the `RowChange` it returns (which rows go on, which come back)."""
-
-    changes_rows: bool = False  # True: the decoder calls next_rows after this layer
-
-    def next_rows(self, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor,
-                  peek: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> RowChange | None:
-        """x [T, D]: the next layer's input for the current rows; needed [T] bool: rows whose logits are asked for
-        (they must be kept); peek(): the next layer's queries (scaled) [T, H, Dh] and keys [T, K, Dh] for x, if the
-        policy ranks rows by that layer's attention. None: every row goes on unchanged."""
-        return None
+    """One layer's KV as the attention layer sees it: the KV policy's tensor half (ferry/runner/kv/) implements it."""
 
     @abstractmethod
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, scale: float,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from ferry.models.layers.attention import LayerKV
+from ferry.models.layers.attention import AttnMetadata, LayerKV
 from ferry.runner.kv.storage import BlockLayout, BlockTensors, KVStorage
 
 # family -> tensor half (a scheduler-side policy names its family: `layer-budget+int8` runs `layer-budget`'s)
@@ -83,6 +83,17 @@ class PolicyKV(ABC):
 
     def import_blocks(self, block_ids: list[int], data: dict[str, torch.Tensor]) -> None:
         self.blocks.import_blocks(block_ids, data)
+
+    def begin_step(self, meta: AttnMetadata) -> Any:
+        """What the policy's layers share in this step, built once before the first layer (AttnMetadata.kv_state; a
+        dataclass of the policy's own). Default: nothing."""
+        return None
+
+    def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, meta: AttnMetadata,
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """The model's forward over these KV layers (the runner calls it): the decoder's own loop, unless the policy
+        drives the layers itself (lazy changes the rows between them)."""
+        return model(input_ids, meta, self.layers, logits_indices)
 
     def bind_model(self, model: torch.nn.Module) -> None:
         """Called once with the loaded model, before any step: a policy that derives state from the weights (shadow's

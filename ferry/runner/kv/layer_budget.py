@@ -131,7 +131,7 @@ class BudgetLayer(LayerKV):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, scale: float,
                window: int | None) -> torch.Tensor:
-        step = self.owner.step_keep(meta)  # before this step's first write
+        step: _StepKeep = meta.kv_state  # built before this step's first write
         self.write(k, v, meta.slot_mapping)
         imp = self.importance.view(-1)
         imp[meta.slot_mapping] = 0.0
@@ -207,33 +207,31 @@ class LayerBudgetKV(PolicyKV):
             self.record.append(keep.sum(1).tolist())
         return keep
 
-    def step_keep(self, meta: AttnMetadata) -> _StepKeep:
-        if "layer-budget" not in meta.policy_state:
-            B, bs = meta.num_decodes, self.block_size
-            tables = meta.decode_block_tables
-            plain, keeps, rows, packed = [], [], [], []
-            for b, past in enumerate((meta.decode_ctx_lens - 1).tolist()):
-                kv = meta.decode_kv[b]  # the plan's decisions for this request
-                table = tables[b, :past // bs + 1]
-                holes = (table == HOLE).nonzero()[:, 0]
-                if len(holes):  # compacted in an earlier step
-                    dropped = range(int(holes[0]), int(holes[-1]) + 1)
-                elif kv.compaction is not None:
-                    dropped = self._compact(table, past, kv.compaction)
-                else:
-                    plain.append(b)
-                    keeps.append(self._keep(table, past, kv.read_tokens, kv.sink_tokens, kv.window_tokens))
-                    continue
-                rows.append(b)
-                packed.append(self.compaction.reads(table, past, dropped, bs))
-            masks = None
-            if plain:
-                masks = torch.zeros(len(self.layers), len(plain), 1, 1, tables.shape[1] * bs, device=tables.device)
-                for i, keep in enumerate(keeps):
-                    masks[:, i, 0, 0, :keep.shape[1]].masked_fill_(~keep, float("-inf"))
-            plain_rows = torch.tensor(plain, dtype=torch.long, device=tables.device)
-            meta.policy_state["layer-budget"] = _StepKeep(plain_rows, masks, _pack(rows, packed) if rows else None)
-        return meta.policy_state["layer-budget"]
+    def begin_step(self, meta: AttnMetadata) -> _StepKeep:
+        """Every decode request's keep sets, and the compaction the plan asks for (before layer 0 writes)."""
+        bs, tables = self.block_size, meta.decode_block_tables
+        plain, keeps, rows, packed = [], [], [], []
+        for b, past in enumerate((meta.decode_ctx_lens - 1).tolist()):
+            kv = meta.decode_kv[b]  # the plan's decisions for this request
+            table = tables[b, :past // bs + 1]
+            holes = (table == HOLE).nonzero()[:, 0]
+            if len(holes):  # compacted in an earlier step
+                dropped = range(int(holes[0]), int(holes[-1]) + 1)
+            elif kv.compaction is not None:
+                dropped = self._compact(table, past, kv.compaction)
+            else:
+                plain.append(b)
+                keeps.append(self._keep(table, past, kv.read_tokens, kv.sink_tokens, kv.window_tokens))
+                continue
+            rows.append(b)
+            packed.append(self.compaction.reads(table, past, dropped, bs))
+        masks = None
+        if plain:
+            masks = torch.zeros(len(self.layers), len(plain), 1, 1, tables.shape[1] * bs, device=tables.device)
+            for i, keep in enumerate(keeps):
+                masks[:, i, 0, 0, :keep.shape[1]].masked_fill_(~keep, float("-inf"))
+        plain_rows = torch.tensor(plain, dtype=torch.long, device=tables.device)
+        return _StepKeep(plain_rows, masks, _pack(rows, packed) if rows else None)
 
     def _compact(self, table: torch.Tensor, past: int, plan: Compaction) -> range:
         """Keep sets of the region (the whole blocks before token `past`) for its share of the budget, and every

@@ -17,6 +17,7 @@ n host blocks, k picked.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,16 +28,21 @@ from ferry.models.layers.rotary import inv_freq_and_scale
 from ferry.runner.kv.base import gather_blocks, register_policy_kv
 from ferry.runner.kv.lowrank import key_basis, rope_angles, rotate
 from ferry.runner.kv.storage import BlockLayout
-from ferry.runner.kv.tiered import TieredKV, TieredLayer, span_mass
+from ferry.runner.kv.tiered import TieredKV, TieredLayer, TieredStep, span_mass
 
 ALWAYS = 1e9  # added to the estimated mass of the outlier blocks a query always reads
+
+
+@dataclass
+class ShadowStep(TieredStep):
+    angles: tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, Dh/2] of the step's positions, for writing coefficients
 
 
 class ShadowLayer(TieredLayer):
     def write(self, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> None:
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         o = self.owner
-        cos, sin = o.step_angles(meta)
+        cos, sin = meta.kv_state.angles
         pre = rotate(k, cos, sin, inverse=True).flatten(1) - o.offset[self.layer]  # [T, K*Dh]
         coeffs = o.coeffs[self.layer]  # [N, bs, r]
         coeffs.view(-1, coeffs.shape[-1]).index_copy_(0, meta.slot_mapping, (pre @ o.basis[self.layer]).to(coeffs.dtype))
@@ -99,11 +105,8 @@ class ShadowKV(TieredKV):
         """Fast-tier tensors besides the plain device blocks (what the policy's byte counts add)."""
         return [self.coeffs, self.index_coeffs, self.landmarks, self.outlier]
 
-    def step_angles(self, meta: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, Dh/2] of the step's positions (once per step for every layer)."""
-        if "shadow" not in meta.policy_state:
-            meta.policy_state["shadow"] = rope_angles(meta.positions, self.inv_freq)
-        return meta.policy_state["shadow"]
+    def begin_step(self, meta: AttnMetadata) -> ShadowStep:
+        return ShadowStep(*self.decode_reads(meta), rope_angles(meta.positions, self.inv_freq))
 
     def before_swap_out(self, dev: torch.Tensor, host: torch.Tensor) -> None:
         """The landmarks and outlier scores of blocks going cold (their coefficients go with them: the swap copies

@@ -27,6 +27,14 @@ from ferry.runner.kv.storage import BlockLayout
 
 
 @dataclass
+class TieredStep:
+    """What every layer's decode queries read this step (TieredKV.begin_step)."""
+
+    plain: list[int]  # decode rows with nothing cold: read through their block tables
+    reads: DecodeReads | None  # the others'
+
+
+@dataclass
 class DecodeReads:
     """What the step's decode queries read, padded to a batch (the same in every layer but the picked blocks).
     Legend: nd / nh most resident blocks / host blocks among the B requests."""
@@ -71,7 +79,7 @@ class TieredLayer(LayerKV):
         self.write(k, v, meta)
         T, H, Dh = q.shape
         out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
-        plain, reads = self.owner.decode_reads(meta)
+        plain, reads = meta.kv_state.plain, meta.kv_state.reads
         if plain:  # nothing cold: full attention's batched decode kernel, or the gathered torch path
             idx = torch.tensor(plain, device=q.device)
             out[idx] = self._plain_decode(q[idx], meta.decode_block_tables[idx], meta.decode_ctx_lens[idx], window,
@@ -199,29 +207,29 @@ class TieredKV(StorageKV):
         # (layer, picked host blocks as block indices of the request) per decode query, when a test asks
         self.record: list[tuple[int, list[int]]] | None = None
 
+    def begin_step(self, meta: AttnMetadata) -> TieredStep:
+        return TieredStep(*self.decode_reads(meta))
+
     def decode_reads(self, meta: AttnMetadata) -> tuple[list[int], DecodeReads | None]:
-        """The step's decode rows with nothing cold, and what the others read (built once per step)."""
-        if "tiered" not in meta.policy_state:
-            bs, dev = self.block_size, meta.decode_block_tables.device
-            plain, rows, device_ids, num_dev, host_ids, host_logical, top_k = [], [], [], [], [], [], []
-            for b, (table, ctx) in enumerate(zip(meta.decode_block_tables.tolist(), meta.decode_ctx_lens.tolist())):
-                entries = table[:-(-ctx // bs)]
-                if all(e >= 0 for e in entries):
-                    plain.append(b)
-                    continue
-                rows.append(b)
-                device_ids.append([e for e in entries if e >= 0])
-                num_dev.append(len(device_ids[-1]) * bs - (len(entries) * bs - ctx))  # the last block is resident
-                host_ids.append([-1 - e for e in entries if e < 0])
-                host_logical.append([i for i, e in enumerate(entries) if e < 0])
-                top_k.append(meta.decode_kv[b].num_host_reads)  # the plan's: the budget minus resident blocks
-            reads = None
-            if rows:
-                t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)
-                reads = DecodeReads(t(rows), t(pad(device_ids)), t(num_dev), t(pad(host_ids)),
-                                    t(pad([[1] * len(h) for h in host_ids])).bool(), t(pad(host_logical)), t(top_k))
-            meta.policy_state["tiered"] = (plain, reads)
-        return meta.policy_state["tiered"]
+        """The step's decode rows with nothing cold, and what the others read."""
+        bs, dev = self.block_size, meta.decode_block_tables.device
+        plain, rows, device_ids, num_dev, host_ids, host_logical, top_k = [], [], [], [], [], [], []
+        for b, (table, ctx) in enumerate(zip(meta.decode_block_tables.tolist(), meta.decode_ctx_lens.tolist())):
+            entries = table[:-(-ctx // bs)]
+            if all(e >= 0 for e in entries):
+                plain.append(b)
+                continue
+            rows.append(b)
+            device_ids.append([e for e in entries if e >= 0])
+            num_dev.append(len(device_ids[-1]) * bs - (len(entries) * bs - ctx))  # the last block is resident
+            host_ids.append([-1 - e for e in entries if e < 0])
+            host_logical.append([i for i, e in enumerate(entries) if e < 0])
+            top_k.append(meta.decode_kv[b].num_host_reads)  # the plan's: the budget minus resident blocks
+        if not rows:
+            return plain, None
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)
+        return plain, DecodeReads(t(rows), t(pad(device_ids)), t(num_dev), t(pad(host_ids)),
+                                  t(pad([[1] * len(h) for h in host_ids])).bool(), t(pad(host_logical)), t(top_k))
 
 
 def pad(rows: list[list[int]]) -> list[list[int]]:
