@@ -2,6 +2,8 @@
 continuous batching, chunked prefill, prefix caching and preemption (allocators back to empty)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
@@ -300,3 +302,26 @@ def test_every_policy_exports_and_imports_a_requests_blocks_exactly(name):
         want = src.blocks.device[name_].index_select(dim, torch.tensor([5, 1, 6]))
         assert torch.equal(t.index_select(dim, torch.tensor([0, 7, 2])), want), name_
     assert all(torch.equal(a, b) for a, b in zip(dst.export_blocks([0, 7, 2]).values(), data.values()))
+
+
+def test_every_registered_policy_has_a_tensor_half_and_flags_for_its_options():
+    """Adding a policy is its two halves (each registered beside its class): the engine options and the factory
+    find it through the registries."""
+    from ferry.engine.options import ENGINE_OPTIONS
+    from ferry.runner.kv import POLICY_KV
+    flags = {o.name for o in ENGINE_OPTIONS}
+    shape = KVShape(4, 2, 16, 4, 4)
+    for name, cls in KV_POLICIES.items():
+        assert make_kv_policy(name, shape).tensor_family in POLICY_KV, name
+        assert {f"kv_{f.name}" for f in dataclasses.fields(cls.Options)} <= flags, name
+    assert next(o for o in ENGINE_OPTIONS if o.name == "kv_policy").choices == tuple(KV_POLICIES)
+
+
+def test_the_plan_carries_the_host_spans_a_request_reads():
+    """spans decides, per scheduled request, how many host spans its queries read (the tensor side never asks)."""
+    p = spans(budget=0.5)  # sinks 1 block, window 2 blocks (block size 4)
+    table = [0, host_entry(0), host_entry(1), host_entry(2), host_entry(3), 5, 6, 7]  # 32 tokens, 4 blocks cold
+    assert p.plan_step(31, 1, table).num_host_reads == p.top_k(32, 4)  # a decode: budget minus resident blocks
+    assert p.plan_step(24, 8, table).num_host_reads == p.top_k(32, p.sink_blocks + p.window_blocks(32) + 1)
+    assert p.plan_step(31, 1, list(range(8))).num_host_reads == 0  # nothing cold: read everything
+    assert p.for_budget(1.0).plan_step(31, 1, table).num_host_reads == 4  # a request's own budget: all of it

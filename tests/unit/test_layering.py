@@ -61,3 +61,9 @@ def test_kv_tensor_side_never_imports_the_scheduler_side():
                 if m == "ferry.kvcache" or m.startswith("ferry.kvcache.")]
     assert not bad, "\n".join(bad)
     assert (PKG / TENSOR_KV / "storage.py").exists() and not (PKG / "models" / "kv").exists()
+
+
+def test_the_decoder_carries_no_kv_policy_control_flow():
+    """A policy that changes the rows between layers drives them itself (ferry/runner/kv/lazy.py)."""
+    text = (PKG / "models" / "decoder.py").read_text()
+    assert not any(word in text for word in ("changes_rows", "next_rows", "RowChange", "peek"))
