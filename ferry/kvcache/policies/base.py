@@ -16,7 +16,7 @@ A policy registers itself with `@register_kv_policy` beside its class; nothing e
 from __future__ import annotations
 
 from abc import ABC
-from dataclasses import Field, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 from ferry.config import KVOptions
@@ -38,10 +38,6 @@ def register_kv_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
 def flag(default: Any, parse: Callable[[str], Any], help: str) -> Any:
     """An options field that is also the engine option kv_<field> (flag --kv-<field>): its parser and help."""
     return field(default=default, metadata={"parse": parse, "help": help})
-
-
-def flag_fields(options_cls: type[KVOptions]) -> list[Field]:
-    return list(fields(options_cls))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ Legend: T tokens in the step, H query heads, K kv heads, Dh head dim, D hidden s
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import torch
@@ -39,7 +38,7 @@ def build_policy_kv(policy: Any, layout: BlockLayout) -> PolicyKV:
     return POLICY_KV[policy.tensor_family](policy, layout)
 
 
-class PolicyKV(ABC):
+class PolicyKV:
     """Owns every layer's KV tensors, in both tiers: the block tensors its policy declares (BlockTensors), allocated
     once from the byte budgets, never grown. Swap and migration are the same for every policy (storage.py); a
     policy that derives an index when a block goes cold adds it in before_swap_out."""
