@@ -218,25 +218,9 @@ class OffloadConfig:
 
 
 @dataclass(frozen=True)
-class KVPolicyConfig:
-    """How the KV cache trades memory for quality (ferry/kvcache/policies/). `full` keeps every token exactly."""
-
-    name: str = "full"  # a key of ferry.kvcache.policies.KV_POLICIES
-    # what a decode query may read, as a fraction of its context (<= 1) or a number of tokens (> 1); None: all.
-    # int8 ignores it (its memory is fixed by the format). lazy: fraction of a step's tokens computed at the deepest
-    # layers (its pruning schedule, ferry/kvcache/policies/lazy.py).
-    budget: float | None = None
-    sink_tokens: int = 16  # spans: first tokens every query attends to (attention sinks); rounded up to blocks
-    # spans, shadow, layer-budget: most recent tokens every query attends to, rounded up to blocks; None: a quarter
-    # of what the budget lets a query read, at most 128 (so short contexts still leave most of it to retrieval)
-    window_tokens: int | None = None
-    rank: int | None = None  # shadow: coefficients per token of the low-rank keys (None: kv heads x head dim / 8)
-    merge_angle: float = 30.0  # merge: a token pair more than this many degrees apart may keep exact vectors
-    merge_retain: float = 0.125  # merge: at most this fraction of a block's tokens (per head) keeps exact vectors
-    # lazy: fraction of the layers (at least one) that compute every token before pruning. 0.5: on 4-layer
-    # ferry-tiny, layer 1's attention does not point at what the last layer copies (one-off `ferry eval`, 30
-    # passkey prompts at budget 0.25 on the ferry-tiny of commit 5b8376c: 70% starting at layer 1, 93% at layer 2)
-    lazy_start: float = 0.5
+class KVOptions:
+    """The options of a KV policy (ferry/kvcache/policies/): each policy subclasses it with its own fields (the
+    --kv-* flags it reads, with defaults and checks) beside its class. `full` reads none."""
 
 
 @dataclass(frozen=True)
@@ -250,4 +234,5 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
-    kv_policy: KVPolicyConfig = field(default_factory=KVPolicyConfig)
+    kv_policy: str = "full"  # a name in ferry.kvcache.policies.KV_POLICIES
+    kv_options: KVOptions = field(default_factory=KVOptions)  # that policy's own options

@@ -164,6 +164,5 @@ class LLMEngine:
 
 def input_limits(parts: EngineParts) -> InputLimits:
     """What the input processor checks prompts against, from what the factory built."""
-    policy = parts.kv.policy
-    return InputLimits(parts.max_model_len, parts.model_config.vocab_size, policy.name if policy else "full",
+    return InputLimits(parts.max_model_len, parts.model_config.vocab_size, parts.kv.policy.name,
                        tuple(name for name, cls in KV_POLICIES.items() if cls.per_request_budget))

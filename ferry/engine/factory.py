@@ -17,9 +17,9 @@ from ferry.experts.prefetch import Prefetcher
 from ferry.experts.store import ExpertStore
 from ferry.kvcache.manager import KVCacheManager
 from ferry.kvcache.policies import KV_POLICIES, KVPolicy, KVShape
-from ferry.models.kv import build_policy_kv
 from ferry.models.loader import load_model
 from ferry.ops import warm_up
+from ferry.runner.kv import BlockLayout, PolicyKV, build_policy_kv
 from ferry.runner.runner import Runner
 from ferry.sampling import Sampler
 from ferry.scheduler.policies import POLICIES
@@ -94,12 +94,13 @@ def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.
 
 
 def build_kv_policy(cfg: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> KVPolicy:
-    name = cfg.kv_policy.name
-    if name in ("spans", "shadow", "layer-budget") and any(w is not None for w in model_cfg.sliding_windows):
-        raise InvalidRequest(f"--kv-policy {name} needs full-attention layers; this model has sliding-window layers")
+    policy_cls = KV_POLICIES[cfg.kv_policy]
+    if policy_cls.needs_full_attention and any(w is not None for w in model_cfg.sliding_windows):
+        raise InvalidRequest(f"--kv-policy {cfg.kv_policy} needs full-attention layers; this model has "
+                             f"sliding-window layers")
     shape = KVShape(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, cfg.cache.block_size,
                     torch.empty(0, dtype=dtype).element_size())
-    return KV_POLICIES[name](cfg.kv_policy, shape)
+    return policy_cls(cfg.kv_options, shape)
 
 
 def kv_block_counts(cfg: EngineConfig, policy: KVPolicy) -> tuple[int, int]:
@@ -114,6 +115,16 @@ def kv_block_counts(cfg: EngineConfig, policy: KVPolicy) -> tuple[int, int]:
                              f"({per_block} bytes each for this model and --kv-policy {policy.name}); raise "
                              f"--kv-cache-memory" + (" or lower --swap-space" if policy.uses_host_tier else ""))
     return num_blocks, num_host
+
+
+def check_kv_bytes(policy: KVPolicy, storage: PolicyKV, num_blocks: int, num_host_blocks: int) -> None:
+    """The tensors allocated are the blocks the budget bought, at the bytes the policy declares per block."""
+    want = (num_blocks * policy.device_bytes_per_block() + num_host_blocks * policy.index_bytes_per_host_block(),
+            num_host_blocks * policy.host_bytes_per_block())
+    if (storage.nbytes, storage.host_nbytes) != want:
+        raise RuntimeError(f"--kv-policy {policy.name} allocated {storage.nbytes} fast / {storage.host_nbytes} host "
+                           f"bytes for {num_blocks} + {num_host_blocks} blocks; its declaration says {want[0]} / "
+                           f"{want[1]}")
 
 
 def build_engine_parts(cfg: EngineConfig) -> EngineParts:
@@ -143,7 +154,8 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
             experts.prefetcher.bind(model)
         if device.type == "cpu":  # load (compile on a miss) every CPU kernel now, not on the first request
             warm_up()
-        storage = build_policy_kv(policy, model_cfg, num_blocks, num_host_blocks, block_size, dtype, device)
+        storage = build_policy_kv(policy, BlockLayout(model_cfg, num_blocks, num_host_blocks, block_size, dtype, device))
+        check_kv_bytes(policy, storage, num_blocks, num_host_blocks)
         storage.bind_model(model)
         kv = KVCacheManager(num_blocks, block_size, cfg.cache.enable_prefix_caching, num_host_blocks, policy)
         scheduler = Scheduler(cfg.scheduler, kv, POLICIES[cfg.scheduler.policy]())

@@ -12,7 +12,7 @@ from typing import Any
 from ferry.config import (
     CacheConfig,
     EngineConfig,
-    KVPolicyConfig,
+    KVOptions,
     OffloadConfig,
     SchedulerConfig,
 )
@@ -50,6 +50,23 @@ def _bool(v: str | bool) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
 
 
+def kv_policy_options() -> list[Option]:
+    """The kv_<field> options, one per field of the registered policies' options (a field several policies read is
+    one option: the same default, each reading's help after the policies that read it that way)."""
+    helps: dict[str, dict[str, list[str]]] = {}  # field -> help -> policies
+    first: dict[str, dataclasses.Field] = {}
+    for name, cls in KV_POLICIES.items():
+        for f in dataclasses.fields(cls.Options):
+            if f.name in first and first[f.name].default != f.default:
+                raise TypeError(f"KV option {f.name} has two defaults: {first[f.name].default!r}, {f.default!r}")
+            first.setdefault(f.name, f)
+            helps.setdefault(f.name, {}).setdefault(f.metadata["help"], []).append(name)
+    return [Option(f"kv_{n}", f.default, f.metadata["parse"],
+                   ". ".join(f"{', '.join(names)}: {text}" for text, names in helps[n].items()))
+            for n, f in first.items()]
+
+
+KV_OPTIONS: tuple[Option, ...] = tuple(kv_policy_options())
 ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("dtype", "auto", str, "weight and activation dtype (auto: the checkpoint's; float16 runs as bfloat16 on CPU)",
            ("auto", "float32", "bfloat16")),
@@ -68,27 +85,9 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("max_waiting", 1024, int, "most requests queued; more are refused as overloaded"),
     Option("scheduling_policy", "fcfs", str, "order of admission and preemption", ("fcfs", "priority")),
     Option("preemption_mode", "recompute", str, "what happens to the KV of a preempted request", ("recompute", "swap")),
-    Option("kv_policy", "full", str, "what the KV cache keeps and a query reads: full (exact), int8 (quantized "
-           "K/V, ~2x blocks per byte in bf16), spans (sinks + window on device, older spans in host memory, decode "
-           "reads the top-k by a key index), shadow (as spans, with low-rank keys and landmarks in the fast "
-           "tier), lazy (prefill and decode skip the tokens the last query attends to least, "
-           "layer by layer; pruned tokens can be revived), merge (layers L/2.. merged in adjacent pairs: one "
-           "direction, two magnitudes, distinct tokens kept exact), layer-budget (per-layer budgets by a "
-           "global prefix search, PrefixKV; +int8 / +merge: over those storages)",
-           tuple(KV_POLICIES)),
-    Option("kv_budget", None, float, "spans, shadow, layer-budget: tokens a decode query reads, as a fraction of its context (<= 1) or a "
-           "count (> 1); default: all. lazy: fraction of a step's tokens computed at the deepest layers (default 0.5)"),
-    Option("kv_sink_tokens", 16, int, "spans, shadow, layer-budget: first tokens kept on device and always read "
-           "(attention sinks)"),
-    Option("kv_window_tokens", None, int, "spans, shadow, layer-budget: most recent tokens kept on device and always "
-           "read (default: a quarter of the tokens --kv-budget lets a query read, at most 128)"),
-    Option("kv_rank", None, int, "shadow: rank of the low-rank keys kept in the fast tier (default: kv heads x head dim / 8)"),
-    Option("kv_merge_angle", 30.0, float, "merge: degrees between two layers' K (or V) directions above which a token "
-           "may keep both exact vectors"),
-    Option("kv_merge_retain", 0.125, float, "merge: fraction of each block's tokens (per kv head) that can keep exact "
-           "vectors (the most distinct ones); each costs one vector of memory"),
-    Option("kv_lazy_start", 0.5, float, "lazy: fraction of the layers (at least one) that compute every token before "
-           "pruning starts; later is more accurate, earlier is faster"),
+    Option("kv_policy", "full", str, "what the KV cache keeps and a query reads: "
+           + ", ".join(cls.summary for cls in KV_POLICIES.values()), tuple(KV_POLICIES)),
+    *KV_OPTIONS,
     Option("expert_store", None, str, "MoE: read experts on demand from this folder (`ferry convert MODEL --expert-store DIR`)"),
     Option("expert_cache_memory", None, parse_size, "MoE with --expert-store: bytes of RAM for cached experts "
            "(e.g. 256M; default: all experts); never exceeded"),
@@ -125,7 +124,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         raise InvalidRequest("expert_cache_memory, expert_eviction, expert_prefetch and explain need expert_store")
     if v["expert_correlation_file"] is not None and v["expert_prefetch"] != "correlation":
         raise InvalidRequest("expert_correlation_file needs expert_prefetch=correlation")
-    kv_policy = _kv_policy_config(v)
+    kv_policy = KV_POLICIES[v["kv_policy"]]
     return EngineConfig(
         model=str(model), device=v["device"], dtype=v["dtype"], threads=v["threads"],
         max_model_len=v["max_model_len"], seed=v["seed"],
@@ -134,34 +133,24 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_batched_tokens=v["max_num_batched_tokens"], max_num_seqs=v["max_num_seqs"],
                                   max_waiting=v["max_waiting"], policy=v["scheduling_policy"],
                                   preemption_mode=v["preemption_mode"],
-                                  whole_prompts=KV_POLICIES[kv_policy.name].whole_prompts),
+                                  whole_prompts=kv_policy.whole_prompts),
         offload=OffloadConfig(expert_store=v["expert_store"], expert_cache_memory=v["expert_cache_memory"],
                               expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"],
                               explain=v["explain"], expert_correlation_file=v["expert_correlation_file"]),
-        kv_policy=kv_policy,
+        kv_policy=kv_policy.name, kv_options=_kv_options(v),
     )
 
 
-def _kv_policy_config(v: dict[str, Any]) -> KVPolicyConfig:
-    """The kv_* options as a KVPolicyConfig; an option the chosen policy does not read is an error, not ignored."""
-    fields = {f.name for f in dataclasses.fields(KVPolicyConfig)} - {"name"}
-    cfg = KVPolicyConfig(name=v["kv_policy"], **{f: v[f"kv_{f}"] for f in fields})
-    uses = KV_POLICIES[cfg.name].options
-    unused = sorted(f"kv_{f}" for f in fields if f not in uses and getattr(cfg, f) != getattr(KVPolicyConfig, f))
+def _kv_options(v: dict[str, Any]) -> KVOptions:
+    """The kv_* options as the chosen policy's own options; an option it does not read is an error, not ignored."""
+    name = v["kv_policy"]
+    reads = {f.name for f in dataclasses.fields(KV_POLICIES[name].Options)}
+    given = {o.name.removeprefix("kv_"): v[o.name] for o in KV_OPTIONS if v[o.name] != o.default}
+    unused = sorted(f"kv_{f}" for f in given if f not in reads)
     if unused:
-        reads = ", ".join(sorted(f"kv_{f}" for f in uses)) or "no kv_* option"
-        raise InvalidRequest(f"{', '.join(unused)} does not apply to kv_policy={cfg.name} (it reads {reads})")
-    if cfg.budget is not None and cfg.budget <= 0:
-        raise InvalidRequest(f"kv_budget must be > 0 (a fraction of the context <= 1, or tokens), got {cfg.budget}")
-    if cfg.sink_tokens < 0 or (cfg.window_tokens is not None and cfg.window_tokens < 1):
-        raise InvalidRequest("kv_sink_tokens must be >= 0 and kv_window_tokens >= 1")
-    if cfg.rank is not None and cfg.rank < 1:
-        raise InvalidRequest(f"kv_rank must be >= 1, got {cfg.rank}")
-    if not 0 <= cfg.merge_retain <= 1 or not 0 <= cfg.merge_angle <= 180:
-        raise InvalidRequest("kv_merge_retain must be in [0, 1] and kv_merge_angle in [0, 180] degrees")
-    if not 0 <= cfg.lazy_start < 1:
-        raise InvalidRequest(f"kv_lazy_start must be in [0, 1), got {cfg.lazy_start}")
-    return cfg
+        known = ", ".join(sorted(f"kv_{f}" for f in reads)) or "no kv_* option"
+        raise InvalidRequest(f"{', '.join(unused)} does not apply to kv_policy={name} (it reads {known})")
+    return KV_POLICIES[name].Options(**given)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

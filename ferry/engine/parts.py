@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ferry.config import EngineConfig, ModelConfig
 from ferry.experts.store import ExpertStore
 from ferry.kvcache.manager import KVCacheManager
-from ferry.models.kv import PolicyKV
+from ferry.runner.kv import PolicyKV
 from ferry.runner.runner import Runner
 from ferry.scheduler.scheduler import Scheduler
 from ferry.tokenizer import Tokenizer

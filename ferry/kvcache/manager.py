@@ -1,38 +1,29 @@
-"""Per-request block tables over the block pool: allocation, prefix-cache lookup, swap bookkeeping, and the
-KV policy's tiering (blocks that go cold move to host blocks). Bookkeeping only: the tensors are owned by the
-runner (ferry/models/kv/).
+"""Per-request block tables over the block pool: allocation, prefix-cache lookup, swap bookkeeping, the KV
+policy's tiering (blocks that go cold move to host blocks) and its per-step decisions (plan_step). Bookkeeping
+only: the tensors are owned by the runner (ferry/runner/kv/).
 
-A block table entry b >= 0 is device block b; HOLE < b < 0 is host block -1 - b (only policies with a slow tier,
-such as `spans`, leave host entries in a running request's table); HOLE is a block given back after the policy
-compacted the request's tokens into its first blocks (`layer-budget`): no position maps to it any more."""
+Block table entries are the plan's (ferry/plan.py): b >= 0 a device block, host_entry(h) a host block (only
+policies with a slow tier, such as `spans`, leave those in a running request's table), HOLE a block given back
+after the policy compacted the request's tokens into its first blocks (`layer-budget`)."""
 from __future__ import annotations
 
 from ferry.kvcache.block_pool import BlockPool, HostBlockPool
 from ferry.kvcache.policies.base import KVPolicy
+from ferry.kvcache.policies.full import FullPolicy
 from ferry.kvcache.prefix_cache import block_hashes
+from ferry.plan import HOLE, KVStep, ScheduledReq, host_entry, is_host
 from ferry.request import Request
-
-
-HOLE = -(1 << 62)
-
-
-def host_entry(host_block: int) -> int:
-    """The block table entry of host block h (and back: host_entry(host_entry(h)) == h)."""
-    return -1 - host_block
-
-
-def is_host(entry: int) -> bool:
-    return HOLE < entry < 0
 
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  num_host_blocks: int = 0, policy: KVPolicy | None = None) -> None:
+        """policy: the KV policy (left out: full attention over blocks of block_size)."""
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.host = HostBlockPool(num_host_blocks)
         self.enable_prefix_caching = enable_prefix_caching
-        self.policy = policy  # None: full attention, nothing ever goes cold
+        self.policy: KVPolicy = policy if policy is not None else FullPolicy.for_blocks(block_size)
         self.block_tables: dict[str, list[int]] = {}
         self.hashes: dict[str, list[int]] = {}  # hashes of the request's full, computed blocks
         self.max_blocks_used = 0  # high-water mark, for tests of the budget
@@ -76,7 +67,7 @@ class KVCacheManager:
     def _cold_on_arrival(self, req: Request, start: int, n: int) -> set[int]:
         """Indices start..start+n of prefix hits that the policy sends to host blocks right away (as far as the
         host pool has room): a long cached prefix must not need device blocks for all of it at once."""
-        if not n or self.policy is None or not self.policy.uses_host_tier:
+        if not n or not self.policy.uses_host_tier:
             return set()
         cold = [i for i in self._cold_blocks(req, start + n) if i >= start]
         return set(cold[:self.host.num_free])
@@ -102,9 +93,24 @@ class KVCacheManager:
         self.max_blocks_used = max(self.max_blocks_used, self.pool.num_used)
         return table
 
+    def plan_step(self, req: Request, num_new_tokens: int, table: list[int]) -> KVStep:
+        """The policy's decisions for req computing num_new_tokens over its table this step (under the request's
+        own kv_budget if it has one): what travels in the plan to the tensor side."""
+        policy = self.policy.for_budget(req.params.kv_budget)
+        return policy.plan_step(req.num_computed_tokens, num_new_tokens, table)
+
+    def commit_step(self, req: Request, scheduled: ScheduledReq) -> None:
+        """The bookkeeping after a step that computed scheduled.token_ids of req (its num_computed_tokens already
+        advanced): index its newly full blocks in the prefix cache, move the blocks gone cold to host blocks, give
+        back the blocks the step compacted."""
+        self.cache_full_blocks(req)
+        self.offload_cold(req)
+        if scheduled.kv.compaction is not None:
+            self._give_back_compacted(req, scheduled.kv.compaction.kept_blocks, scheduled.kv.compaction.region_blocks)
+
     def cache_full_blocks(self, req: Request) -> None:
         """Index the request's newly completed full blocks in the prefix cache."""
-        if not self.enable_prefix_caching or (self.policy is not None and not self.policy.shares_prefix_blocks):
+        if not self.enable_prefix_caching or not self.policy.shares_prefix_blocks:
             return
         table = self.block_tables.get(req.req_id)
         if not table:
@@ -127,14 +133,12 @@ class KVCacheManager:
             self.pool.free([b for b in table[::-1] if b >= 0])
             self.host.free([host_entry(b) for b in table if is_host(b)])
 
-    def compact(self, req: Request, past: int) -> None:
-        """The step that computed one token of req after `past` tokens is done: give back the blocks the policy
-        compacted in it (once per request: a table with a HOLE is compacted already)."""
+    def _give_back_compacted(self, req: Request, start: int, stop: int) -> None:
+        """The step compacted req's region: its blocks start..stop-1 go back to the pool (HOLE in the table)."""
         table = self.block_tables.get(req.req_id)
-        dropped = self.policy.for_budget(req.params.kv_budget).compact_blocks(past) if self.policy else range(0)
-        if not dropped or not table or HOLE in table:
+        if not table or HOLE in table:
             return
-        for i in dropped:
+        for i in range(start, stop):
             self.pool.free([table[i]])
             table[i] = HOLE
 
@@ -143,7 +147,7 @@ class KVCacheManager:
     def offload_cold(self, req: Request) -> None:
         """Move req's blocks that the policy calls cold to host blocks (as many as the host pool has room for;
         the rest stay on the device and are read like resident blocks). Called after each step."""
-        if self.policy is None or not self.policy.uses_host_tier:
+        if not self.policy.uses_host_tier:
             return
         table = self.block_tables.get(req.req_id)
         if not table:
@@ -191,8 +195,7 @@ class KVCacheManager:
         their host blocks."""
         host_ids = req.swapped_block_ids or []
         want = max(len(host_ids), self.num_blocks_for(req.num_computed_tokens + num_new_tokens))
-        cold = self._cold_blocks(req, len(host_ids)) if self.policy else range(0)
-        keep = set(cold) if self.policy and self.policy.uses_host_tier else set()
+        keep = set(self._cold_blocks(req, len(host_ids))) if self.policy.uses_host_tier else set()
         keep |= {i for i, h in enumerate(host_ids) if h == HOLE}
         if want - len(keep) > self.pool.num_free:
             return None

@@ -3,14 +3,11 @@
 the step's attention metadata and their layer's KV cache as arguments."""
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
 from ferry.config import ModelConfig
-from ferry.models.kv.base import LayerKV, RowChange
-from ferry.models.layers.attention import AttnMetadata
+from ferry.models.layers.attention import AttnMetadata, LayerKV
 from ferry.models.layers.linear import linear
 from ferry.models.layers.mlp import MoE, DenseMLP, _meta
 from ferry.models.layers.norm import RMSNorm
@@ -67,6 +64,8 @@ class DecoderLayer(nn.Module):
         sparse = cfg.moe is not None and cfg.moe.sparse_layers[layer]
         self.mlp = MoE(cfg.moe, cfg.hidden_size, layer, routing) if sparse else \
             DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.layer = layer
+        self.routing = routing if sparse else None  # told when this MoE layer is done (observers of the stream)
 
     def forward(self, h: torch.Tensor | None, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttnMetadata, kv_cache: LayerKV) -> torch.Tensor:
@@ -74,7 +73,10 @@ class DecoderLayer(nn.Module):
         layer's output. Same arithmetic as x = x + attn(norm(x)); x = x + mlp(norm(x)), fused."""
         n = self.input_norm(residual, h)
         n = self.post_attn_norm(residual, self.attn(n, cos, sin, meta, kv_cache))
-        return self.mlp(n)
+        out = self.mlp(n)
+        if self.routing is not None:  # residual has the attention output added: + out is the stream
+            self.routing.layer_done(self.layer, residual, out)
+        return out
 
     def queries_keys(self, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This layer's queries (times the attention scale) and keys for its input `residual`, without running it:
@@ -101,40 +103,21 @@ class DecoderModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttnMetadata, kv_caches: list[LayerKV],
                 logits_indices: torch.Tensor) -> torch.Tensor:
-        """input_ids [T] -> float32 logits [S, V] for the rows in logits_indices [S]."""
-        residual = self.embed[input_ids]  # fancy indexing copies: safe to update in place
+        """input_ids [T] -> float32 logits [S, V] for the rows in logits_indices [S]. (A KV policy that changes the
+        rows between layers drives the layers itself: ferry/runner/kv/lazy.py.)"""
+        residual = self.embed_tokens(input_ids)
         cos, sin = self.rotary.tables(meta.positions, residual.dtype)
         h = None
-        rows = None  # [T'] the step row of each current row (-1: revived) once a KV policy changed the rows
-        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+        for layer, kv in zip(self.layers, kv_caches):
             h = layer(h, residual, cos, sin, meta, kv)
-            if isinstance(layer.mlp, MoE):  # residual has the attention output added: + h is the stream
-                self.routing.layer_done(i, residual, h)
-            if kv.changes_rows:  # a pruning policy (lazy) picks the rows the next layers compute
-                residual += h  # the next layer's input, whole: the policy keeps pruned tokens' states
-                h = None
-                if rows is None:
-                    rows = torch.arange(len(input_ids), device=residual.device)
-                peek = partial(self.layers[i + 1].queries_keys, residual, cos, sin)
-                change = kv.next_rows(residual, meta, torch.isin(rows, logits_indices), peek)
-                if change is not None:
-                    residual, rows = _apply(change, residual, rows)
-                    meta = change.meta
-                    cos, sin = self.rotary.tables(meta.positions, residual.dtype)
-        if h is not None:
-            residual += h
-        if rows is not None:  # logits rows are never dropped: find where they are now
-            where = torch.full((len(input_ids),), -1, dtype=torch.long, device=rows.device)
-            where[rows[rows >= 0]] = torch.nonzero(rows >= 0)[:, 0]
-            logits_indices = where[logits_indices]
-        x = self.norm(residual[logits_indices].contiguous())
+        residual += h
+        return self.logits(residual[logits_indices])
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> the first layer's input [T, D] (a copy: layers update it in place)."""
+        return self.embed[input_ids]  # fancy indexing copies
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output rows x [S, D] -> float32 logits [S, V]."""
+        x = self.norm(x.contiguous())
         return linear(x, self.embed if self.lm_head is None else self.lm_head).float()
-
-
-def _apply(change: RowChange, residual: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """residual [T, D], rows [T] -> the kept rows, then the revived ones (step row -1)."""
-    residual, rows = residual[change.keep], rows[change.keep]
-    if change.revived is not None and len(change.revived):
-        residual = torch.cat((residual, change.revived.to(residual.dtype)))
-        rows = torch.cat((rows, torch.full((len(change.revived),), -1, dtype=rows.dtype, device=rows.device)))
-    return residual, rows

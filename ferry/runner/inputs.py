@@ -1,4 +1,5 @@
-"""StepPlan -> model input tensors. Pure function of the plan, testable without a model.
+"""StepPlan -> model input tensors. Pure function of the plan, testable without a model. The KV policy's decisions
+of each request (ScheduledReq.kv) go to AttnMetadata.decode_kv / PrefillChunk.kv for the tensor side.
 
 Layout: single-token requests first (their attention is batched), then prefill chunks."""
 from __future__ import annotations
@@ -43,7 +44,7 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Model
         slots.extend(r.block_ids[p // block_size] * block_size + p % block_size for p in pos)
         if n > 1:
             table = torch.tensor(r.block_ids, dtype=torch.long, device=device)
-            chunks.append(PrefillChunk(q_start, n, r.start_pos, table, r.params.kv_budget))
+            chunks.append(PrefillChunk(q_start, n, r.start_pos, table, r.kv))
         if r.sample:
             logits_rows.append(q_start + n - 1)
             sample_reqs.append(r)
@@ -66,6 +67,6 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Model
         decode_block_tables=t(tables).view(len(decodes), max_blocks),
         decode_ctx_lens=t([r.start_pos + 1 for r in decodes]),
         prefills=chunks,
-        decode_kv_budgets=[r.params.kv_budget for r in decodes],
+        decode_kv=[r.kv for r in decodes],
     )
     return ModelInputs(t(token_ids), meta, t(logits_rows + scored_rows), sample_reqs, scored)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ferry.models.decoder import DecoderModel
-from ferry.models.kv import PolicyKV
+from ferry.runner.kv import PolicyKV
 from ferry.plan import StepPlan, StepResult
 from ferry.request import TokenLogprob
 from ferry.runner.inputs import build_inputs
@@ -38,7 +38,8 @@ class Runner:
         if not plan.reqs:
             return result
         inputs = build_inputs(plan, self.block_size, self.device)
-        logits = self.model(inputs.input_ids, inputs.meta, self.storage.layers, inputs.logits_indices)
+        inputs.meta.kv_state = self.storage.begin_step(inputs.meta)
+        logits = self.storage.forward(self.model, inputs.input_ids, inputs.meta, inputs.logits_indices)
         num_sample = len(inputs.sample_reqs)
         if inputs.prompt_scored:
             self._score_prompts(logits[num_sample:], inputs.prompt_scored, result)

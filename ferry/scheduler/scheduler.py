@@ -137,6 +137,7 @@ class Scheduler:
             all_token_ids=req.all_token_ids,
             num_prompt_tokens=req.num_prompt_tokens,
             seed_offset=req.seed_offset,
+            kv=self.kv.plan_step(req, num_new, table),
         )
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
@@ -159,10 +160,7 @@ class Scheduler:
             if req is None:  # finished while the step ran
                 continue
             req.num_computed_tokens = s.start_pos + len(s.token_ids)
-            self.kv.cache_full_blocks(req)
-            self.kv.offload_cold(req)
-            if len(s.token_ids) == 1:
-                self.kv.compact(req, s.start_pos)
+            self.kv.commit_step(req, s)
             if not s.sample:
                 continue
             req.append_output(result.sampled_token_ids[s.req_id])

@@ -8,12 +8,12 @@ import torch
 
 from ferry import LLM, SamplingParams
 from ferry.config import ModelConfig
-from ferry.kvcache.policies.base import KVShape
-from ferry.kvcache.storage import KVStorage
-from ferry.models.kv.full import FullKV
+from ferry.kvcache.policies import KVShape, make_kv_policy
 from ferry.models.loader import load_model
 from ferry.plan import ScheduledReq, StepPlan
 from ferry.runner.inputs import build_inputs
+from ferry.runner.kv.full import FullKV
+from ferry.runner.kv.storage import BlockLayout
 from tests.checkpoints import FAMILIES, hf_greedy, hf_logits, make_checkpoint, random_prompts
 
 LENGTHS = [1, 5, 17, 33, 64, 100]
@@ -85,14 +85,15 @@ def test_logits_match_transformers(tmp_ckpt_dir, family):
     path = make_checkpoint(family, tmp_ckpt_dir)
     cfg = ModelConfig.from_hf(path)
     model = load_model(cfg, torch.float32, torch.device("cpu"), 512)
-    storage = KVStorage(cfg, 8, 0, 16, torch.float32, torch.device("cpu"))
+    full = make_kv_policy("full", KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, 4))
+    storage = FullKV(full, BlockLayout(cfg, 8, 0, 16, torch.float32, torch.device("cpu")))
     prompt = random_prompts(1, [70], cfg.vocab_size, seed=4)[0]
     blocks = [7, 2, 5, 0, 3]  # scattered on purpose
     got = []
     for start, n in [(0, 40), (40, 29), (69, 1)]:
         req = ScheduledReq("r", prompt[start:start + n], start, blocks, True, SamplingParams(), prompt, 70)
         inputs = build_inputs(StepPlan([req]), 16, torch.device("cpu"))
-        got.append(model(inputs.input_ids, inputs.meta, FullKV(storage).layers, inputs.logits_indices))
+        got.append(model(inputs.input_ids, inputs.meta, storage.layers, inputs.logits_indices))
     want = hf_logits(path, prompt)[[39, 68, 69]]
     torch.testing.assert_close(torch.cat(got), want, atol=1e-4, rtol=0)
 

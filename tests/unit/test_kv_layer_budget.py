@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from ferry import LLM, SamplingParams
-from ferry.config import KVPolicyConfig, ModelConfig
+from ferry.config import ModelConfig
 from ferry.engine.options import engine_config
 from ferry.errors import InvalidRequest
-from ferry.kvcache.manager import HOLE
-from ferry.kvcache.policies import KV_POLICIES, KVShape
-from ferry.models.kv import build_policy_kv
-from ferry.models.kv.layer_budget import keep_mask, prefix_counts
+from ferry.kvcache.policies import KVShape, make_kv_policy
 from ferry.models.layers.attention import AttnMetadata
+from ferry.plan import HOLE
+from ferry.runner.kv import build_policy_kv
+from ferry.runner.kv.layer_budget import keep_mask, prefix_counts
+from ferry.runner.kv.storage import BlockLayout
 from tests.checkpoints import make_checkpoint, random_prompts
 
 
@@ -56,15 +57,15 @@ def test_bytes_are_the_base_bytes_plus_importance_and_owner_tags():
     shape = KVShape(4, 2, 8, 4, 4)
     for base in ("full", "int8", "merge"):
         name = "layer-budget" if base == "full" else f"layer-budget+{base}"
-        p = KV_POLICIES[name](KVPolicyConfig(name, budget=0.5), shape)
-        base_bytes = KV_POLICIES[base](KVPolicyConfig(base), shape).device_bytes_per_block()
+        p = make_kv_policy(name, shape, budget=0.5)
+        base_bytes = make_kv_policy(base, shape).device_bytes_per_block()
         tags = 1 if base == "full" else 0  # a uint8 owner per cell where cells are compacted
         assert p.device_bytes_per_block() == base_bytes + 4 * 4 * (4 + tags)  # float32 importance per cell
         assert p.read_tokens(1000) == 500
 
 
 def test_compaction_gives_back_the_region_blocks_beyond_the_budget():
-    p = KV_POLICIES["layer-budget"](KVPolicyConfig("layer-budget", budget=0.25), KVShape(4, 2, 8, 4, 4))
+    p = make_kv_policy("layer-budget", KVShape(4, 2, 8, 4, 4), budget=0.25)
     # 102 tokens before the step: the region is blocks 0..24 (100 tokens), read 25 - 2 (the tail) = 23 of them:
     # 23 per layer on average fit in 6 blocks of every plane; blocks 6..24 go back
     assert p.region_tokens(102) == 23 and p.compact_blocks(102) == range(6, 25)
@@ -72,7 +73,7 @@ def test_compaction_gives_back_the_region_blocks_beyond_the_budget():
     assert p.compact_blocks(3) == range(0) and p.for_budget(1.0).compact_blocks(102) == range(0)
     assert not p.shares_prefix_blocks  # a compacted block holds one request's cells
     name = "layer-budget+int8"
-    over_int8 = KV_POLICIES[name](KVPolicyConfig(name, budget=0.25), KVShape(4, 2, 8, 4, 4))
+    over_int8 = make_kv_policy(name, KVShape(4, 2, 8, 4, 4), budget=0.25)
     assert over_int8.compact_blocks(102) == range(0) and over_int8.shares_prefix_blocks
 
 
@@ -85,9 +86,8 @@ def test_compacted_reads_are_the_kept_tokens_and_the_tail():
     cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": H * Dh, "vocab_size": 8,
                                  "num_attention_heads": H, "num_key_value_heads": K, "num_hidden_layers": L})
     name = "layer-budget"
-    policy = KV_POLICIES[name](KVPolicyConfig(name, budget=0.25, sink_tokens=2, window_tokens=4),
-                               KVShape(L, K, Dh, bs, 4))
-    kv = build_policy_kv(policy, cfg, N, 0, bs, torch.float32, torch.device("cpu"))
+    policy = make_kv_policy(name, KVShape(L, K, Dh, bs, 4), budget=0.25, sink_tokens=2, window_tokens=4)
+    kv = build_policy_kv(policy, BlockLayout(cfg, N, 0, bs, torch.float32, torch.device("cpu")))
     past = 61  # tokens before the step: region = blocks 0..14 (60 tokens), tail = token 60 and the new token 61
     table = torch.randperm(N)[:past // bs + 1]
     storage = kv.base.storage.kv  # [L, 2, N, bs, K, Dh]
@@ -99,15 +99,19 @@ def test_compacted_reads_are_the_kept_tokens_and_the_tail():
     kept_blocks = -(-policy.region_tokens(past) // bs)
     assert policy.compact_blocks(past) == range(kept_blocks, 15)
     meta = AttnMetadata(positions=torch.tensor([past]), slot_mapping=table[-1:] * bs + past % bs, block_size=bs,
-                        num_decodes=1, decode_block_tables=table[None], decode_ctx_lens=torch.tensor([past + 1]))
+                        num_decodes=1, decode_block_tables=table[None], decode_ctx_lens=torch.tensor([past + 1]),
+                        decode_kv=[policy.plan_step(past, 1, table.tolist())])  # the plan says: compact
     q, k, v = torch.randn(1, H, Dh), torch.randn(1, K, Dh), torch.randn(1, K, Dh)
+    meta.kv_state = kv.begin_step(meta)  # compacts, as the plan says
     got = [kv.layers[l].attend(q, k, v, meta, 0.5, None) for l in range(L)]
-    assert meta.policy_state["layer-budget"].packed is not None
+    assert meta.kv_state.packed is not None
     # later steps read the same cells through the table with its HOLEs, as the manager leaves it
     holed = table.clone()
     holed[kept_blocks:15] = HOLE
     meta2 = AttnMetadata(positions=torch.tensor([past]), slot_mapping=meta.slot_mapping, block_size=bs,
-                         num_decodes=1, decode_block_tables=holed[None], decode_ctx_lens=torch.tensor([past + 1]))
+                         num_decodes=1, decode_block_tables=holed[None], decode_ctx_lens=torch.tensor([past + 1]),
+                         decode_kv=[policy.plan_step(past, 1, holed.tolist())])
+    meta2.kv_state = kv.begin_step(meta2)
     again = [kv.layers[l].attend(q, k, v, meta2, 0.5, None) for l in range(L)]
     for l in range(L):
         pos = torch.cat([region_keep[l].nonzero()[:, 0], torch.tensor([60])])
@@ -130,8 +134,8 @@ def test_policies_that_move_tokens_refuse_sliding_window_models(tmp_ckpt_dir, na
 
 
 def test_layer_budget_options():
-    assert engine_config("m", kv_policy="layer-budget", kv_budget=0.25).kv_policy.budget == 0.25
-    assert engine_config("m", kv_policy="layer-budget+int8", kv_window_tokens=32).kv_policy.window_tokens == 32
+    assert engine_config("m", kv_policy="layer-budget", kv_budget=0.25).kv_options.budget == 0.25
+    assert engine_config("m", kv_policy="layer-budget+int8", kv_window_tokens=32).kv_options.window_tokens == 32
     with pytest.raises(InvalidRequest, match="kv_policy must be one of"):
         engine_config("m", kv_policy="layer-budget+spans")
 
@@ -154,7 +158,7 @@ def _run(path, prompts, **kw):
 def _budget_bytes(path, name: str, num_blocks: int) -> int:
     m = ModelConfig.from_hf(path)
     shape = KVShape(m.num_layers, m.num_kv_heads, m.head_dim, 4, 4)
-    return num_blocks * KV_POLICIES[name](KVPolicyConfig(name), shape).device_bytes_per_block()
+    return num_blocks * make_kv_policy(name, shape).device_bytes_per_block()
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from ferry import LLM, SamplingParams
-from ferry.config import KVPolicyConfig, ModelConfig
+from ferry.config import ModelConfig
 from ferry.engine.options import engine_config
 from ferry.errors import InvalidRequest
-from ferry.kvcache.policies import KV_POLICIES, KVShape
-from ferry.models.kv.base import LayerKV
-from ferry.models.kv.lazy import POOL, REVIVE_MAX, LazyKV
+from ferry.kvcache.policies import KVShape, make_kv_policy
 from ferry.models.layers.attention import AttnMetadata, PrefillChunk
+from ferry.runner.kv.base import LayerKV
+from ferry.runner.kv.lazy import POOL, REVIVE_MAX, LazyKV
+from ferry.runner.kv.storage import BlockLayout
 from tests.checkpoints import make_checkpoint, random_prompts
 
 
 def lazy(budget: float | None, layers: int = 8, bs: int = 4):
-    return KV_POLICIES["lazy"](KVPolicyConfig("lazy", budget), KVShape(layers, 2, 8, bs, 4))
+    return make_kv_policy("lazy", KVShape(layers, 2, 8, bs, 4), budget=budget)
 
 
 # -- scheduler side ------------------------------------------------------------------------------
@@ -31,16 +32,16 @@ def test_schedule_shrinks_to_the_budget_and_blocks_cost_full_plus_depth():
     first = p.first_pruned_layer()
     assert keep[:first] == [1.0] * first and keep[6] == keep[7] == pytest.approx(0.25)
     assert all(a > b for a, b in zip(keep[first - 1:6], keep[first:7]))  # shrinks at every layer up to `last`
-    assert p.device_bytes_per_block() == KV_POLICIES["full"](KVPolicyConfig(), p.shape).device_bytes_per_block() + 4
+    assert p.device_bytes_per_block() == make_kv_policy("full", p.shape).device_bytes_per_block() + 4
     assert not p.shares_prefix_blocks and lazy(1.0).shares_prefix_blocks
     assert [lazy(1.0).keep_fraction(l, 6) for l in range(8)] == [1.0] * 8
     with pytest.raises(InvalidRequest, match="lazy"):
         lazy(2.0)
-    late = KV_POLICIES["lazy"](KVPolicyConfig("lazy", 0.5, lazy_start=0.75), KVShape(4, 2, 8, 4, 4))
+    late = make_kv_policy("lazy", KVShape(4, 2, 8, 4, 4), budget=0.5, lazy_start=0.75)
     assert [late.keep_fraction(l, last=3) for l in range(4)] == [1.0, 1.0, 1.0, 0.5]  # only the last layer prunes
     with pytest.raises(InvalidRequest, match="kv_lazy_start does not apply to kv_policy=full"):
         engine_config("m", kv_policy="full", kv_lazy_start=0.25)
-    assert engine_config("m", kv_policy="lazy", kv_budget=0.25, kv_lazy_start=0.25).kv_policy.lazy_start == 0.25
+    assert engine_config("m", kv_policy="lazy", kv_budget=0.25, kv_lazy_start=0.25).kv_options.lazy_start == 0.25
     # the whole prompt (up to 4096 tokens) in one step by default, so the question ranks it; a user's choice wins
     steps = [engine_config("m", **kw).scheduler.max_num_batched_tokens
              for kw in ({}, {"kv_policy": "lazy"}, {"kv_policy": "lazy", "max_num_batched_tokens": 256})]
@@ -62,8 +63,8 @@ KEEP = (2 * (2 * POOL + 1) - 0.5) / N  # ceil(KEEP * N): the two neighbourhoods 
 
 
 def _store(keep: list[float], blocks: int = 24) -> LazyKV:
-    kv = LazyKV(KV_POLICIES["lazy"](KVPolicyConfig("lazy", 0.5), KVShape(3, 2, 8, 4, 4)), CFG, blocks, 0, 4,
-                torch.float32, torch.device("cpu"))
+    kv = LazyKV(make_kv_policy("lazy", KVShape(3, 2, 8, 4, 4), budget=0.5), BlockLayout(CFG, blocks, 0, 4,
+                torch.float32, torch.device("cpu")))
     kv.set_schedule(keep)
     return kv
 
@@ -97,19 +98,20 @@ def _peek(n: int, targets: list[int]):
 @pytest.mark.parametrize("tile", [None, 5])  # 5: the kept rows' attention in several tiles of rows
 def test_tokens_with_low_attention_are_pruned_at_the_right_layer_and_masked_after_it(tile, monkeypatch):
     if tile:
-        monkeypatch.setattr("ferry.models.kv.lazy.TILE", tile)
+        monkeypatch.setattr("ferry.runner.kv.lazy.TILE", tile)
     torch.manual_seed(0)
     kv = _store([1.0, KEEP, KEEP])  # prune before layer 1 (layer 2 is the aux state's layer: nothing pruned there)
     assert kv.pruning_layers == {1} and kv.layers[0].changes_rows and not kv.layers[1].changes_rows
     n = N
     meta = _prefill_meta(n)
+    meta.kv_state = kv.begin_step(meta)
     # at layer 0 the last 8 tokens (observed) attend elsewhere; layer 1's own queries and keys point at TARGETS
     q, k, v = _qkv(n, targets=[40, 70], rows=list(range(n - 8, n)))
     kv.layers[0].attend(q, k, v, meta, 1.0, None)
     x = torch.randn(n, 32)
     needed = torch.zeros(n, dtype=torch.bool)
     needed[-1] = True
-    change = kv.layers[0].next_rows(x, meta, needed, _peek(n, TARGETS))
+    change = kv.prune(1, x, meta, needed, _peek(n, TARGETS))
     kept = set(change.keep.tolist())
     # the most attended at layer 1 itself: the targets with their POOL neighbours each side, and the last token
     assert kept == {t + d for t in TARGETS for d in range(-POOL, POOL + 1)} | {n - 1}
@@ -135,20 +137,22 @@ def test_a_pruned_token_is_revived_when_a_later_query_attends_to_it():
     kv = _store([1.0, KEEP, KEEP])
     n, lost = N, 38  # token 38: pruned (between the targets' neighbourhoods), nobody in the prompt looks along e1
     meta = _prefill_meta(n)
+    meta.kv_state = kv.begin_step(meta)
     q, k, v = _qkv(n, targets=TARGETS, rows=list(range(n - 8, n)))
     k[lost, :, 1] = 10.0
     kv.layers[0].attend(q, k, v, meta, 1.0, None)
     x = torch.randn(n, 32)
-    kept = kv.layers[0].next_rows(x, meta, torch.arange(n) == n - 1, _peek(n, TARGETS)).keep.tolist()
+    kept = kv.prune(1, x, meta, torch.arange(n) == n - 1, _peek(n, TARGETS)).keep.tolist()
     assert kv.depth.flatten()[lost] == 1
     # a decode step at position n whose query looks along e1: at layer 0 it attends to the lost token
     empty = torch.zeros(0, dtype=torch.long)
     nb = n // 4 + 1
     dmeta = AttnMetadata(torch.tensor([n]), torch.tensor([n]), 4, 1, torch.arange(nb)[None], torch.tensor([n + 1]))
+    dmeta.kv_state = kv.begin_step(dmeta)
     qd, kd, vd = torch.zeros(1, 4, 8), torch.zeros(1, 2, 8), torch.randn(1, 2, 8)
     qd[0, :, 1] = 10.0
     kv.layers[0].attend(qd, kd, vd, dmeta, 1.0, None)
-    change = kv.layers[0].next_rows(torch.randn(1, 32), dmeta, torch.tensor([True]), _no_peek)
+    change = kv.prune(1, torch.randn(1, 32), dmeta, torch.tensor([True]), _no_peek)
     revived = change.meta.positions[1:].tolist()
     # the lost token and pruned neighbours within POOL, at most REVIVE_MAX of them
     assert lost in revived and all(abs(p - lost) <= POOL for p in revived) and len(revived) <= REVIVE_MAX
@@ -197,15 +201,17 @@ def test_only_a_pruned_token_drawing_revive_min_of_the_attention_comes_back(logi
     q, k, v = _qkv(n, targets=[100], rows=list(range(n - 8, n)))
     k[lost, :, 1] = 10.0
     meta = _prefill_meta(n)
+    meta.kv_state = kv.begin_step(meta)
     kv.layers[0].attend(q, k, v, meta, 1.0, None)
-    kv.layers[0].next_rows(torch.randn(n, 32), meta, torch.arange(n) == n - 1, _peek(n, [100]))
+    kv.prune(1, torch.randn(n, 32), meta, torch.arange(n) == n - 1, _peek(n, [100]))
     assert kv.depth.flatten()[lost] == 1
     nb = n // 4 + 1
     dmeta = AttnMetadata(torch.tensor([n]), torch.tensor([n]), 4, 1, torch.arange(nb)[None], torch.tensor([n + 1]))
+    dmeta.kv_state = kv.begin_step(dmeta)
     qd = torch.zeros(1, 4, 8)
     qd[0, :, 1] = logit / 10
     kv.layers[0].attend(qd, torch.zeros(1, 2, 8), torch.randn(1, 2, 8), dmeta, 1.0, None)
-    change = kv.layers[0].next_rows(torch.randn(1, 32), dmeta, torch.tensor([True]), _no_peek)
+    change = kv.prune(1, torch.randn(1, 32), dmeta, torch.tensor([True]), _no_peek)
     revived = [] if change is None else change.meta.positions[1:].tolist()
     assert (lost in revived) == revives and (revives or not revived)
 
@@ -220,12 +226,13 @@ def test_decoder_with_pruned_rows_equals_a_forward_that_hides_them(llama):
     model = load_model(cfg, torch.float32, torch.device("cpu"), 256, None)
     n = 120
     ids = random_prompts(1, [n], cfg.vocab_size, seed=4)[0]
-    kv = LazyKV(KV_POLICIES["lazy"](KVPolicyConfig("lazy", 0.3), KVShape(cfg.num_layers, cfg.num_kv_heads,
-                cfg.head_dim, 16, 4)), cfg, 16, 0, 16, torch.float32, torch.device("cpu"))
+    kv = LazyKV(make_kv_policy("lazy", KVShape(cfg.num_layers, cfg.num_kv_heads,
+                cfg.head_dim, 16, 4), budget=0.3), BlockLayout(cfg, 16, 0, 16, torch.float32, torch.device("cpu")))
     assert kv.pruning_layers  # the tiny model prunes somewhere
     plan = StepPlan([ScheduledReq("a", ids, 0, list(range(8)), True, SamplingParams(), ids, n)])
     inputs = build_inputs(plan, 16, torch.device("cpu"))
-    got = model(inputs.input_ids, inputs.meta, kv.layers, inputs.logits_indices)
+    inputs.meta.kv_state = kv.begin_step(inputs.meta)
+    got = kv.forward(model, inputs.input_ids, inputs.meta, inputs.logits_indices)  # lazy drives the layers
     depth = kv.depth.flatten()[:n].long()
     assert int((depth < cfg.num_layers).sum()) == kv.stats["pruned"] > 0 and depth[-1] == cfg.num_layers
     ref = [_Hidden(l, depth) for l in range(cfg.num_layers)]
@@ -250,7 +257,7 @@ def _run(path, prompts, **kw):
 def _blocks_bytes(path, num_blocks: int) -> int:
     cfg = ModelConfig.from_hf(path)
     shape = KVShape(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 4, 4)
-    return num_blocks * KV_POLICIES["lazy"](KVPolicyConfig("lazy"), shape).device_bytes_per_block()
+    return num_blocks * make_kv_policy("lazy", shape).device_bytes_per_block()
 
 
 def _prompts(path):

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from ferry import LLM, SamplingParams
-from ferry.config import KVPolicyConfig, ModelConfig
+from ferry.config import ModelConfig
 from ferry.engine.options import engine_config
 from ferry.errors import InvalidRequest
-from ferry.kvcache.policies import KV_POLICIES, KVShape
+from ferry.kvcache.policies import KVShape, make_kv_policy
 from ferry.kvcache.policies.merge import merge_pairs
-from ferry.models.kv.full import PagedLayer
-from ferry.models.kv.merge import MergeKV, MergeLayer, rank_in_block
+from ferry.runner.kv.full import PagedLayer
+from ferry.runner.kv.merge import MergeKV, MergeLayer, rank_in_block
+from ferry.runner.kv.storage import BlockLayout
 from tests.checkpoints import make_checkpoint, random_prompts
 
 BS, K, DH = 4, 2, 8
@@ -23,11 +24,15 @@ def model_cfg(num_layers: int = 4) -> ModelConfig:
                                   "num_key_value_heads": K, "num_hidden_layers": num_layers, "vocab_size": 10})
 
 
+def merge_policy(num_layers: int = 4, angle: float = 30.0, retain: float = 0.5, dtype: torch.dtype = torch.float32):
+    shape = KVShape(num_layers, K, DH, BS, torch.empty(0, dtype=dtype).element_size())
+    return make_kv_policy("merge", shape, merge_angle=angle, merge_retain=retain)
+
+
 def merge_kv(num_blocks: int = 6, num_layers: int = 4, angle: float = 30.0, retain: float = 0.5,
              dtype: torch.dtype = torch.float32) -> MergeKV:
-    shape = KVShape(num_layers, K, DH, BS, torch.empty(0, dtype=dtype).element_size())
-    policy = KV_POLICIES["merge"](KVPolicyConfig("merge", merge_angle=angle, merge_retain=retain), shape)
-    return MergeKV(policy, model_cfg(num_layers), num_blocks, 2, BS, dtype, torch.device("cpu"))
+    policy = merge_policy(num_layers, angle, retain, dtype)
+    return MergeKV(policy, BlockLayout(model_cfg(num_layers), num_blocks, 2, BS, dtype, torch.device("cpu")))
 
 
 def write_pair(kv: MergeKV, k1, v1, k2, v2, slots) -> None:
@@ -102,12 +107,12 @@ def test_rank_in_block_orders_by_angle_within_each_block():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reported_bytes_are_the_tensor_bytes_and_smaller_than_full(dtype):
-    kv = merge_kv(num_blocks=7, num_layers=5, dtype=dtype)
-    assert kv.nbytes == 7 * kv.policy.device_bytes_per_block()
-    assert kv.host_nbytes == 2 * kv.policy.host_bytes_per_block()
+    kv, policy = merge_kv(num_blocks=7, num_layers=5, dtype=dtype), merge_policy(num_layers=5, dtype=dtype)
+    assert kv.nbytes == 7 * policy.device_bytes_per_block()
+    assert kv.host_nbytes == 2 * policy.host_bytes_per_block()
     shape = KVShape(24, 2, 64, 16, 2)  # Qwen2.5-0.5B-like, bf16
-    merge = KV_POLICIES["merge"](KVPolicyConfig("merge"), shape)
-    full = KV_POLICIES["full"](KVPolicyConfig(), shape)
+    merge = make_kv_policy("merge", shape)
+    full = make_kv_policy("full", shape)
     ratio = merge.pair_bytes_per_block() / (2 * full.device_bytes_per_block() / 24)
     assert 0.59 < ratio < 0.6  # a pair: one layer (50%) + magnitudes (3%) + 2 kept slots of 16 (6%) + map (0.4%)
     assert 0.79 < merge.device_bytes_per_block() / full.device_bytes_per_block() < 0.81  # half the layers paired
@@ -133,7 +138,7 @@ def test_bad_merge_options_are_one_line_errors():
         engine_config("m", kv_merge_retain=0.5)
     with pytest.raises(InvalidRequest, match="kv_merge_retain must be"):
         engine_config("m", kv_policy="merge", kv_merge_retain=2)
-    assert engine_config("m", kv_policy="merge", kv_merge_angle="45").kv_policy.merge_angle == 45.0
+    assert engine_config("m", kv_policy="merge", kv_merge_angle="45").kv_options.merge_angle == 45.0
 
 
 # -- whole engines -------------------------------------------------------------------------------
@@ -163,7 +168,7 @@ def test_merge_with_everything_retained_matches_full(llama):
 def merge_bytes(path, num_blocks: int, **cfg) -> int:
     m = ModelConfig.from_hf(path)
     shape = KVShape(m.num_layers, m.num_kv_heads, m.head_dim, 4, 4)
-    return num_blocks * KV_POLICIES["merge"](KVPolicyConfig("merge", **cfg), shape).device_bytes_per_block()
+    return num_blocks * make_kv_policy("merge", shape, **cfg).device_bytes_per_block()
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
@@ -196,6 +201,6 @@ def test_engine_reports_the_merge_tensors_within_budget(llama):
         stats = llm.engine.stats()
         assert stats.kv_cache_bytes == held <= 1 << 20
         assert held > (1 << 20) - llm.engine.kv.policy.device_bytes_per_block()
-        full = KV_POLICIES["full"](KVPolicyConfig(), llm.engine.kv.policy.shape)
+        full = make_kv_policy("full", llm.engine.kv.policy.shape)
         full_blocks = (1 << 20) // full.device_bytes_per_block()
         assert llm.engine.kv.pool.num_blocks > full_blocks  # the same budget buys more blocks

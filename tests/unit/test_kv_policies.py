@@ -2,21 +2,26 @@
 continuous batching, chunked prefill, prefix caching and preemption (allocators back to empty)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ferry import LLM, SamplingParams
-from ferry.config import KVPolicyConfig, ModelConfig
+from ferry.config import ModelConfig
 from ferry.engine.options import engine_config
 from ferry.errors import InvalidRequest
-from ferry.kvcache.manager import KVCacheManager, host_entry
-from ferry.kvcache.policies import KV_POLICIES, KVShape
+from ferry.kvcache.manager import KVCacheManager
+from ferry.kvcache.policies import KV_POLICIES, KVShape, make_kv_policy
 from ferry.kvcache.policies.base import resolve_budget
-from ferry.models.kv.int8 import Int8KV, quantize
-from ferry.models.kv.spans import SpansKV
+from ferry.plan import host_entry
 from ferry.request import Request
+from ferry.runner.kv import build_policy_kv
+from ferry.runner.kv.int8 import Int8KV, quantize
+from ferry.runner.kv.spans import SpansKV
+from ferry.runner.kv.storage import BlockLayout
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.kv_engines import passkey_first_decode, run_greedy
 
@@ -24,7 +29,7 @@ SHAPE = KVShape(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype_by
 
 
 def spans(budget: float | None = None, sink: int = 4, window: int = 8, shape: KVShape = SHAPE):
-    return KV_POLICIES["spans"](KVPolicyConfig("spans", budget, sink, window), shape)
+    return make_kv_policy("spans", shape, budget=budget, sink_tokens=sink, window_tokens=window)
 
 
 def req(rid: str, n: int) -> Request:
@@ -102,7 +107,7 @@ def test_bad_kv_options_are_one_line_errors():
                     ({"kv_policy": "spans", "kv_window_tokens": 0}, "kv_window_tokens")]:
         with pytest.raises(InvalidRequest, match=msg):
             engine_config("m", **kw)
-    assert engine_config("m", kv_policy="spans", kv_budget="0.25").kv_policy.budget == 0.25
+    assert engine_config("m", kv_policy="spans", kv_budget="0.25").kv_options.budget == 0.25
 
 
 # -- tensor side ---------------------------------------------------------------------------------
@@ -113,11 +118,11 @@ def test_int8_roundtrip_and_bytes():
     err = (q.float() * s[..., None] - x).abs().amax(-1)
     assert bool((err <= s * 0.5 + 1e-6).all())  # at most half a step per element
     shape = KVShape(4, 2, 64, 16, 2)
-    full, int8 = KV_POLICIES["full"](KVPolicyConfig(), shape), KV_POLICIES["int8"](KVPolicyConfig("int8"), shape)
+    full, int8 = make_kv_policy("full", shape), make_kv_policy("int8", shape)
     assert 1.85 < full.device_bytes_per_block() / int8.device_bytes_per_block() < 1.9  # bf16: 128 vs 68 bytes/row
     cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "num_attention_heads": 2,
                                  "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 10})
-    kv = Int8KV(cfg, 7, 0, 16, torch.device("cpu"))
+    kv = Int8KV(int8, BlockLayout(cfg, 7, 0, 16, torch.float32, torch.device("cpu")))
     assert kv.nbytes == 7 * int8.device_bytes_per_block()  # the memory reported is the memory held
 
 
@@ -126,7 +131,7 @@ def test_spans_index_picks_the_span_holding_the_needle():
     cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
                                  "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 10})
     shape = KVShape(1, 2, 16, 4, 4)
-    kv = SpansKV(spans(0.5, shape=shape), cfg, 12, 12, 4, torch.float32, torch.device("cpu"))
+    kv = SpansKV(spans(0.5, shape=shape), BlockLayout(cfg, 12, 12, 4, torch.float32, torch.device("cpu")))
     kv.storage.kv.normal_()
     needle = torch.zeros(16)
     needle[3] = 8.0
@@ -186,7 +191,7 @@ def test_spans_retrieves_the_passkey_span_on_ferry_tiny():
 
 
 def test_int8_decode_kernel_matches_torch_path():
-    from ferry.models.kv.int8 import Int8Layer
+    from ferry.runner.kv.int8 import Int8Layer
     from ferry.models.layers.attention import AttnMetadata
     from ferry.ops import paged_attention
     if not paged_attention.available():
@@ -201,7 +206,7 @@ def test_int8_decode_kernel_matches_torch_path():
                         decode_ctx_lens=torch.tensor([10, 6]))
     k, v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)  # this step's (written to slots 9 and 5 both times)
     kernel = layer.attend(q, k, v, meta, 0.25, None)
-    import ferry.models.kv.int8 as mod
+    import ferry.runner.kv.int8 as mod
     real = mod.paged_decode_attention_available
     mod.paged_decode_attention_available = lambda: False
     try:
@@ -272,3 +277,51 @@ def test_kv_budget_per_request_needs_a_policy_that_reads_it(llama):
                            match="kv_budget applies to servers run with --kv-policy spans, shadow, layer-budget"):
             llm.generate(["hello"], SamplingParams(kv_budget=0.5), use_tqdm=False)
         assert llm.generate(["hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("name", list(KV_POLICIES))
+def test_every_policy_exports_and_imports_a_requests_blocks_exactly(name):
+    """Migration: a request's blocks, exported to plain CPU tensors and imported into other blocks (of another
+    engine's storage), hold exactly what they held, in every declared tensor; the bytes allocated are the declared
+    bytes per block."""
+    cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 10})
+    policy = make_kv_policy(name, KVShape(4, 2, 16, 4, 4))
+    src, dst = (build_policy_kv(policy, BlockLayout(cfg, 8, 3, 4, torch.float32, torch.device("cpu")))
+                for _ in range(2))
+    for kv in (src, dst):
+        assert kv.nbytes == 8 * policy.device_bytes_per_block() + 3 * policy.index_bytes_per_host_block()
+        assert kv.host_nbytes == 3 * policy.host_bytes_per_block()
+    for t in src.blocks.device.values():
+        t.copy_((torch.rand(t.shape) * 100).to(t.dtype))
+    data = src.export_blocks([5, 1, 6])
+    assert all(t.device.type == "cpu" for t in data.values())
+    dst.import_blocks([0, 7, 2], data)
+    for name_, t in dst.blocks.device.items():
+        dim = len(src.blocks.specs[name_].lead)
+        want = src.blocks.device[name_].index_select(dim, torch.tensor([5, 1, 6]))
+        assert torch.equal(t.index_select(dim, torch.tensor([0, 7, 2])), want), name_
+    assert all(torch.equal(a, b) for a, b in zip(dst.export_blocks([0, 7, 2]).values(), data.values()))
+
+
+def test_every_registered_policy_has_a_tensor_half_and_flags_for_its_options():
+    """Adding a policy is its two halves (each registered beside its class): the engine options and the factory
+    find it through the registries."""
+    from ferry.engine.options import ENGINE_OPTIONS
+    from ferry.runner.kv import POLICY_KV
+    flags = {o.name for o in ENGINE_OPTIONS}
+    shape = KVShape(4, 2, 16, 4, 4)
+    for name, cls in KV_POLICIES.items():
+        assert make_kv_policy(name, shape).tensor_family in POLICY_KV, name
+        assert {f"kv_{f.name}" for f in dataclasses.fields(cls.Options)} <= flags, name
+    assert next(o for o in ENGINE_OPTIONS if o.name == "kv_policy").choices == tuple(KV_POLICIES)
+
+
+def test_the_plan_carries_the_host_spans_a_request_reads():
+    """spans decides, per scheduled request, how many host spans its queries read (the tensor side never asks)."""
+    p = spans(budget=0.5)  # sinks 1 block, window 2 blocks (block size 4)
+    table = [0, host_entry(0), host_entry(1), host_entry(2), host_entry(3), 5, 6, 7]  # 32 tokens, 4 blocks cold
+    assert p.plan_step(31, 1, table).num_host_reads == p.top_k(32, 4)  # a decode: budget minus resident blocks
+    assert p.plan_step(24, 8, table).num_host_reads == p.top_k(32, p.sink_blocks + p.window_blocks(32) + 1)
+    assert p.plan_step(31, 1, list(range(8))).num_host_reads == 0  # nothing cold: read everything
+    assert p.for_budget(1.0).plan_step(31, 1, table).num_host_reads == 4  # a request's own budget: all of it

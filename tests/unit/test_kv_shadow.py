@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from ferry import LLM
-from ferry.config import KVPolicyConfig, ModelConfig
+from ferry.config import ModelConfig
 from ferry.engine.options import engine_config
 from ferry.errors import InvalidRequest
-from ferry.kvcache.policies import KV_POLICIES, KVShape
-from ferry.models.kv.lowrank import rope_angles, rotate
-from ferry.models.kv.shadow import ShadowKV
+from ferry.kvcache.policies import KVShape, make_kv_policy
 from ferry.models.layers.attention import AttnMetadata
+from ferry.runner.kv.lowrank import rope_angles, rotate
+from ferry.runner.kv.shadow import ShadowKV
+from ferry.runner.kv.storage import BlockLayout
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.kv_engines import passkey_first_decode, run_greedy
 
@@ -27,7 +28,7 @@ SHAPE = KVShape(1, 2, 16, BS, 4)
 
 
 def shadow(rank: int | None = None, budget: float | None = None, shape: KVShape = SHAPE):
-    return KV_POLICIES["shadow"](KVPolicyConfig("shadow", budget, 4, 8, rank=rank), shape)
+    return make_kv_policy("shadow", shape, budget=budget, sink_tokens=4, window_tokens=8, rank=rank)
 
 
 def fake_model(w_k: torch.Tensor) -> SimpleNamespace:
@@ -41,13 +42,14 @@ def fake_model(w_k: torch.Tensor) -> SimpleNamespace:
 def written_kv(w_k: torch.Tensor, rank: int, num_blocks: int = 8) -> tuple[ShadowKV, torch.Tensor]:
     """A ShadowKV bound to a model with key weights w_k, with num_blocks blocks of keys k = RoPE(w_k x) written
     at positions 0.. (block b holds positions b*BS..) and every block moved to the host block of the same id."""
-    kv = ShadowKV(shadow(rank), CFG, num_blocks, num_blocks, BS, torch.float32, torch.device("cpu"))
+    kv = ShadowKV(shadow(rank), BlockLayout(CFG, num_blocks, num_blocks, BS, torch.float32, torch.device("cpu")))
     kv.bind_model(fake_model(w_k))
     T = num_blocks * BS
     pos = torch.arange(T)
     keys = rotate((torch.randn(T, CFG.hidden_size) @ w_k.T).view(T, 2, 16), *rope_angles(pos, kv.inv_freq))
     meta = AttnMetadata(positions=pos, slot_mapping=pos, block_size=BS, num_decodes=0,
                         decode_block_tables=torch.zeros(0, 1, dtype=torch.long), decode_ctx_lens=torch.zeros(0))
+    meta.kv_state = kv.begin_step(meta)
     kv.layers[0].write(keys, torch.randn(T, 2, 16), meta)
     kv.swap_out([(b, b) for b in range(num_blocks)])
     return kv, keys
@@ -77,7 +79,7 @@ def test_landmarks_pick_the_block_holding_the_needle():
     """Block 6's keys lean towards the query's direction (kv head 1): its landmark, the mean key, scores highest.
     Of top_k = 2, ceil(2 / 4) = 1 slot goes to the most scattered block (read exactly), the other to block 6."""
     torch.manual_seed(0)
-    kv = ShadowKV(shadow(budget=0.5), CFG, 12, 12, BS, torch.float32, torch.device("cpu"))
+    kv = ShadowKV(shadow(budget=0.5), BlockLayout(CFG, 12, 12, BS, torch.float32, torch.device("cpu")))
     kv.storage.kv.normal_()
     kv.storage.kv[0, 0, 6, :, 1, 3] += 4.0  # device block 6, every slot, kv head 1, channel 3
     kv.swap_out([(b, b) for b in range(12)])
@@ -93,7 +95,7 @@ def test_outlier_block_is_read_and_read_exactly():
     """A block whose keys point every way has a landmark that stands for none of them: it is read whatever its
     landmark scores, with its exact keys from host (here its coefficients are zeroed to show they are not used)."""
     torch.manual_seed(0)
-    kv = ShadowKV(shadow(budget=0.5), CFG, 16, 16, BS, torch.float32, torch.device("cpu"))
+    kv = ShadowKV(shadow(budget=0.5), BlockLayout(CFG, 16, 16, BS, torch.float32, torch.device("cpu")))
     kv.storage.kv[0, 0] = torch.randn(2, 16) * 0.1 + torch.ones(16)  # coherent keys: cosine ~1 to their mean
     kv.storage.kv[0, 0, 3] = torch.randn(BS, 2, 16) * 5  # block 3: scattered keys
     kv.swap_out([(b, b) for b in range(16)])
@@ -118,11 +120,11 @@ def test_policy_bytes_and_options():
     assert shadow().rank == 4 and shadow(rank=999).rank == 32  # default K*Dh / 8, at most K*Dh
     # ferry-tiny in bfloat16 (4 layers, 2 kv heads of 64) holding 4096 tokens: sink + window + partial blocks on
     # device, every other block's index entry; fast-tier bytes per token are under a quarter of full attention's
-    tiny = KV_POLICIES["shadow"](KVPolicyConfig("shadow", 0.25), KVShape(4, 2, 64, 16, 2))  # default sinks, window
+    tiny = make_kv_policy("shadow", KVShape(4, 2, 64, 16, 2), budget=0.25)  # default sinks, window
     cold = len(tiny.cold_blocks(4096, 4096 // 16))
     fast = (4096 // 16 - cold) * tiny.device_bytes_per_block() + cold * tiny.index_bytes_per_host_block()
     assert cold == 247 and fast / 4096 / (tiny.shape.plain_block_bytes / 16) < 0.14
-    assert engine_config("m", kv_policy="shadow", kv_budget=0.25, kv_rank=16).kv_policy.rank == 16
+    assert engine_config("m", kv_policy="shadow", kv_budget=0.25, kv_rank=16).kv_options.rank == 16
     for kw in ({"kv_rank": 8}, {"kv_policy": "shadow", "kv_rank": 0}):
         with pytest.raises(InvalidRequest, match="kv_rank"):
             engine_config("m", **kw)

@@ -5,10 +5,10 @@ import random
 
 from hypothesis import given, settings, strategies as st
 
-from ferry.config import KVPolicyConfig
 from ferry.kvcache.block_pool import BlockPool
-from ferry.kvcache.manager import HOLE, KVCacheManager
-from ferry.kvcache.policies import KV_POLICIES, KVShape
+from ferry.kvcache.manager import KVCacheManager
+from ferry.kvcache.policies import KVShape, make_kv_policy
+from ferry.plan import HOLE, ScheduledReq
 from ferry.request import Request, SamplingParams
 
 
@@ -72,15 +72,20 @@ def test_swap_out_and_in_roundtrip():
 
 
 def test_compacted_table_gives_back_blocks_and_keeps_its_holes_through_swap():
-    policy = KV_POLICIES["layer-budget"](KVPolicyConfig("layer-budget", budget=0.25), KVShape(2, 1, 4, 4, 4))
+    policy = make_kv_policy("layer-budget", KVShape(2, 1, 4, 4, 4), budget=0.25)
     kv = KVCacheManager(num_blocks=30, block_size=4, num_host_blocks=30, enable_prefix_caching=False, policy=policy)
     a = req("a", list(range(101)))
     kv.allocate_slots(a, 101)
+    a.num_computed_tokens = 100
+    step = kv.plan_step(a, 1, kv.block_table(a))  # its first single-token step, after 100 tokens
+    assert (step.compaction.kept_blocks, step.compaction.region_blocks) == (7, 25)
+    scheduled = ScheduledReq("a", [100], 100, kv.block_table(a), True, a.params, a.all_token_ids, 101, kv=step)
     a.num_computed_tokens = 101
-    kv.compact(a, 100)  # its first single-token step, after 100 tokens: blocks 7..24 go back
+    kv.commit_step(a, scheduled)  # blocks 7..24 go back
     table = kv.block_table(a)
     assert [i for i, b in enumerate(table) if b == HOLE] == list(range(7, 25)) and kv.pool.num_used == 8
-    kv.compact(a, 101)  # once only
+    assert kv.plan_step(a, 1, table).compaction is None  # once only
+    kv.commit_step(a, scheduled)
     assert kv.pool.num_used == 8
     pairs = kv.swap_out(a)
     assert len(pairs) == 8 and kv.host.num_free == 22 and kv.pool.num_used == 0

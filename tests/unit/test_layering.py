@@ -1,5 +1,6 @@
 """Imports go downward only (config -> request -> plan -> {models, kvcache, ...} -> {scheduler, runner} ->
-engine -> server -> cli), and the scheduler side stays free of torch."""
+engine -> server -> cli), the scheduler side stays free of torch, and the KV policies' two halves meet only in the
+plan: the tensor side (ferry/runner/kv/) never imports the scheduler side (ferry/kvcache/)."""
 from __future__ import annotations
 
 import ast
@@ -12,8 +13,8 @@ RANK = {
     "ops": 4, "models": 5, "experts": 5, "kvcache": 4, "sampling": 4, "tokenizer": 4, "detokenizer": 4, "tiers": 4,
     "scheduler": 6, "runner": 6, "engine": 7, "default_model": 7, "server": 8, "eval": 8, "cli": 9, "__main__": 10, "__init__": 10,
 }
-TORCH_FREE = ("scheduler", "request", "plan", "config", "errors", "kvcache/manager.py", "kvcache/block_pool.py",
-              "kvcache/prefix_cache.py", "engine/inputs.py", "engine/view.py")
+TORCH_FREE = ("scheduler", "request", "plan", "config", "errors", "kvcache", "engine/inputs.py", "engine/view.py")
+TENSOR_KV = "runner/kv"  # the KV policies' tensor halves
 # The engine's edge: what the server may import from ferry.engine (it talks to AsyncLLM and its input processor)
 SERVER_SEES = {"ferry.engine.async_engine", "ferry.engine.inputs", "ferry.engine.stats", "ferry.engine.options"}
 # Code outside the engine reads it through LLMEngine.view() / LLM.view(), never its parts
@@ -118,3 +119,19 @@ def test_routing_is_observed_through_the_port_only():
     bad = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
            if "register_forward_hook" in p.read_text() or ".route = " in p.read_text()]
     assert not bad, f"routing observed around the port in {bad}"
+
+
+def test_kv_tensor_side_never_imports_the_scheduler_side():
+    """Every KV decision of a step travels in the plan (ferry/plan.py KVStep), not through calls into policies."""
+    bad = []
+    for path in (PKG / TENSOR_KV).rglob("*.py"):
+        bad += [f"{path.relative_to(PKG)} imports {m}" for m in _imports(path)
+                if m == "ferry.kvcache" or m.startswith("ferry.kvcache.")]
+    assert not bad, "\n".join(bad)
+    assert (PKG / TENSOR_KV / "storage.py").exists() and not (PKG / "models" / "kv").exists()
+
+
+def test_the_decoder_carries_no_kv_policy_control_flow():
+    """A policy that changes the rows between layers drives them itself (ferry/runner/kv/lazy.py)."""
+    text = (PKG / "models" / "decoder.py").read_text()
+    assert not any(word in text for word in ("changes_rows", "next_rows", "RowChange", "peek"))

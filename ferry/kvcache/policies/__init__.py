@@ -1,18 +1,17 @@
-"""KV policies by name (`--kv-policy NAME`): the scheduler-side halves. See base.py for the interface."""
+"""KV policies by name (`--kv-policy NAME`): the scheduler-side halves, each registered beside its class (see
+base.py for the interface). Importing this package registers them all."""
 from __future__ import annotations
 
-from ferry.kvcache.policies.base import KVPolicy, KVShape
+# isort: off  (the import order is the registration order: --kv-policy's choices and help read in it)
+from ferry.kvcache.policies.base import KV_POLICIES, KVPolicy, KVShape, make_kv_policy
 from ferry.kvcache.policies.full import FullPolicy
 from ferry.kvcache.policies.int8 import Int8Policy
-from ferry.kvcache.policies.layer_budget import LayerBudgetPolicy, layer_budget_over
+from ferry.kvcache.policies.spans import SpansPolicy
+from ferry.kvcache.policies.shadow import ShadowPolicy
 from ferry.kvcache.policies.lazy import LazyPolicy
 from ferry.kvcache.policies.merge import MergePolicy
-from ferry.kvcache.policies.shadow import ShadowPolicy
-from ferry.kvcache.policies.spans import SpansPolicy
+from ferry.kvcache.policies.layer_budget import LayerBudgetPolicy
+# isort: on
 
-_POLICIES = (FullPolicy, Int8Policy, SpansPolicy, ShadowPolicy, LazyPolicy, MergePolicy,
-             *(layer_budget_over(b) for b in (FullPolicy, Int8Policy, MergePolicy)))
-KV_POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in _POLICIES}
-
-__all__ = ["KV_POLICIES", "FullPolicy", "Int8Policy", "KVPolicy", "KVShape", "LayerBudgetPolicy", "LazyPolicy",
+__all__ = ["KV_POLICIES", "make_kv_policy", "FullPolicy", "Int8Policy", "KVPolicy", "KVShape", "LayerBudgetPolicy", "LazyPolicy",
            "MergePolicy", "ShadowPolicy", "SpansPolicy"]

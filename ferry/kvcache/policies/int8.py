@@ -5,14 +5,16 @@ to. A block costs Dh + 4 bytes per (token, head, K or V) instead of 2 Dh (bfloat
 same --kv-cache-memory holds ~1.9x (bf16) or ~3.8x (f32) more blocks at head_dim 64."""
 from __future__ import annotations
 
-from ferry.kvcache.policies.base import KVPolicy
+from ferry.kvcache.policies.base import KVPolicy, register_kv_policy
+from ferry.plan import BlockTensor
 
-SCALE_BYTES = 4  # float32 scale per (token, kv head), for K and for V
 
-
+@register_kv_policy
 class Int8Policy(KVPolicy):
     name = "int8"
+    summary = "int8 (quantized K/V, ~2x blocks per byte in bf16)"
 
-    def device_bytes_per_block(self) -> int:
+    def block_tensors(self) -> list[BlockTensor]:
         s = self.shape
-        return 2 * s.num_layers * s.block_size * s.num_kv_heads * (s.head_dim + SCALE_BYTES)
+        return [BlockTensor("data", (s.num_layers, 2), (s.block_size, s.num_kv_heads, s.head_dim), "int8"),
+                BlockTensor("scales", (s.num_layers, 2), (s.block_size, s.num_kv_heads), "float32")]

@@ -22,34 +22,47 @@ by two layers) nothing is compacted: those read less, and store what their base 
 """
 from __future__ import annotations
 
-from ferry.config import KVPolicyConfig
-from ferry.kvcache.policies.base import KVPolicy, KVShape, resolve_budget
-from ferry.kvcache.policies.full import FullPolicy
+from dataclasses import dataclass
 
-IMPORTANCE_BYTES = 4  # float32 accumulated attention per (layer, token)
-OWNER_BYTES = 1  # uint8 per (layer, token) cell: which layer's token it holds once compacted
+from ferry.config import KVOptions
+from ferry.kvcache.policies.base import (NO_DECISIONS, BudgetOptions, KVPolicy, KVShape, register_kv_policy,
+                                         resolve_budget, window_tokens)
+from ferry.kvcache.policies.full import FullPolicy
+from ferry.kvcache.policies.int8 import Int8Policy
+from ferry.kvcache.policies.merge import MergePolicy
+from ferry.plan import HOLE, BlockTensor, Compaction, KVStep
+
+EMPTY = 255  # the owner tag of a compacted region's cell that holds no kept token (others: their layer's id)
 
 
 class LayerBudgetPolicy(KVPolicy):
     base_cls: type[KVPolicy] = FullPolicy
+    family = "layer-budget"
+    Options = BudgetOptions
     per_request_budget = True
 
-    def __init__(self, cfg: KVPolicyConfig, shape: KVShape) -> None:
-        super().__init__(cfg, shape)
-        self.base = self.base_cls(cfg, shape)
+    def __init__(self, options: BudgetOptions, shape: KVShape) -> None:
+        super().__init__(options, shape)
+        # the base reads the options it knows (merge's angle, retention) from the same object
+        self.base = self.base_cls(options, shape) if isinstance(options, self.base_cls.Options) else \
+            self.base_cls(self.base_cls.Options(), shape)
 
     @property
     def compacts(self) -> bool:
         return self.base_cls is FullPolicy
 
-    def device_bytes_per_block(self) -> int:
+    def block_tensors(self) -> list[BlockTensor]:
+        """The base's, the float32 accumulated attention per (layer, token), and, when it compacts, the uint8 owner
+        of each (layer, token) cell (which layer's token it holds once compacted)."""
         s = self.shape
-        per_cell = IMPORTANCE_BYTES + (OWNER_BYTES if self.compacts else 0)
-        return self.base.device_bytes_per_block() + s.num_layers * s.block_size * per_cell
+        own = [BlockTensor("importance", (s.num_layers,), (s.block_size,), "float32")]
+        if self.compacts:
+            own.append(BlockTensor("tags", (s.num_layers,), (s.block_size,), "uint8", fill=EMPTY))
+        return self.base.block_tensors() + own
 
     def read_tokens(self, ctx_len: int) -> int:
         """Tokens a layer reads on average (each layer's own count comes from the prefix search)."""
-        return resolve_budget(self.cfg.budget, ctx_len)
+        return resolve_budget(self.options.budget, ctx_len)
 
     def region_tokens(self, past: int) -> int:
         """Tokens a layer keeps on average of the region (the whole blocks before token `past`), so that with the
@@ -69,8 +82,38 @@ class LayerBudgetPolicy(KVPolicy):
         return not self.compacts
 
 
+    def plan_step(self, start_pos: int, num_new: int, block_ids: list[int]) -> KVStep:
+        """A decode query reads each layer's keep set of the tokens before it (read_tokens on average, with sinks and
+        window); at a request's first single-token step over `full`, its region is compacted instead (once: a
+        table with HOLE is compacted already, and its decode queries read the packed cells)."""
+        if num_new != 1 or HOLE in block_ids[:start_pos // self.shape.block_size + 1]:
+            return NO_DECISIONS
+        past, o = start_pos, self.options
+        dropped = self.compact_blocks(past)
+        if dropped:
+            start = past // self.shape.block_size * self.shape.block_size
+            budget = self.region_tokens(past)
+            sink = min(o.sink_tokens, budget)
+            window = min(max(0, window_tokens(o, past) - (past - start)), budget - sink)  # the tail is read anyway
+            return KVStep(compaction=Compaction(dropped.stop, dropped.start, budget, sink, window))
+        return KVStep(read_tokens=self.read_tokens(past), sink_tokens=o.sink_tokens,
+                      window_tokens=window_tokens(o, past))
+
+
 def layer_budget_over(base: type[KVPolicy]) -> type[LayerBudgetPolicy]:
-    """The layer-budget policy over base storage: `layer-budget` over full, `layer-budget+NAME` otherwise."""
+    """The layer-budget policy over base storage: `layer-budget` over full, `layer-budget+NAME` otherwise (its
+    options: the budget's and the base's)."""
     name = "layer-budget" if base is FullPolicy else f"layer-budget+{base.name}"
-    options = base.options | {"budget", "sink_tokens", "window_tokens"}
-    return type(f"LayerBudget{base.__name__}", (LayerBudgetPolicy,), {"name": name, "base_cls": base, "options": options})
+    options = BudgetOptions if base.Options is KVOptions else \
+        dataclass(frozen=True)(type(f"LayerBudget{base.Options.__name__}", (BudgetOptions, base.Options), {
+            "__post_init__": lambda self: (BudgetOptions.__post_init__(self), base.Options.__post_init__(self))}))
+    summary = ("layer-budget (per-layer budgets by a global prefix search, PrefixKV)" if base is FullPolicy else
+               f"{name} (layer-budget over {base.name}'s storage)")
+    return register_kv_policy(type(f"LayerBudget{base.__name__}", (LayerBudgetPolicy,), {
+        "name": name, "base_cls": base, "Options": options, "summary": summary,
+        "needs_full_attention": base is FullPolicy}))
+
+
+LayerBudgetFullPolicy = layer_budget_over(FullPolicy)
+LayerBudgetInt8Policy = layer_budget_over(Int8Policy)
+LayerBudgetMergePolicy = layer_budget_over(MergePolicy)

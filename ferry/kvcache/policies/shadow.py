@@ -9,32 +9,44 @@ bytes differ. A device block also holds its tokens' coefficients (computed when 
 is known then, and the block is final for whoever shares it through the prefix cache or swaps it)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ferry.errors import InvalidRequest
+from ferry.kvcache.policies.base import BudgetOptions, flag, plain_kv, register_kv_policy
 from ferry.kvcache.policies.spans import SpansPolicy
+from ferry.plan import BlockTensor
 
-OUTLIER_BYTES = 4  # float32 outlier score per (host block, layer)
+
+@dataclass(frozen=True)
+class ShadowOptions(BudgetOptions):
+    rank: int | None = flag(None, int, "rank of the low-rank keys kept in the fast tier (default: kv heads x head "
+                                       "dim / 8)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank is not None and self.rank < 1:
+            raise InvalidRequest(f"kv_rank must be >= 1, got {self.rank}")
 
 
+@register_kv_policy
 class ShadowPolicy(SpansPolicy):
     name = "shadow"
-    options = SpansPolicy.options | {"rank"}
+    summary = "shadow (as spans, with low-rank keys and landmarks in the fast tier)"
+    Options = ShadowOptions
 
     @property
     def rank(self) -> int:
         """Coefficients per token and layer (--kv-rank; default an eighth of the key's kv heads x head dim)."""
         dims = self.shape.num_kv_heads * self.shape.head_dim
-        return min(dims, self.cfg.rank or max(1, dims // 8))
+        return min(dims, self.options.rank or max(1, dims // 8))
 
-    def coeff_bytes_per_block(self) -> int:
+    def block_tensors(self) -> list[BlockTensor]:
+        """K/V (exact, swapped to host: swap-in and outlier blocks read the exact keys); beside each device block its
+        tokens' key coefficients, which a cold block keeps in the fast tier with its landmark (mean post-RoPE key per
+        layer and kv head) and outlier score (float32 per layer)."""
         s = self.shape
-        return s.num_layers * s.block_size * self.rank * s.dtype_bytes
-
-    def device_bytes_per_block(self) -> int:
-        return self.shape.plain_block_bytes + self.coeff_bytes_per_block()
-
-    def host_bytes_per_block(self) -> int:
-        return self.shape.plain_block_bytes  # exact K and V (swap-in and outlier blocks read the exact keys)
-
-    def index_bytes_per_host_block(self) -> int:
-        s = self.shape
-        landmarks = s.num_layers * s.num_kv_heads * s.head_dim * s.dtype_bytes
-        return self.coeff_bytes_per_block() + landmarks + s.num_layers * OUTLIER_BYTES
+        return [plain_kv(s),
+                BlockTensor("coeffs", (s.num_layers,), (s.block_size, self.rank), "model", host="fast"),
+                BlockTensor("landmarks", (s.num_layers,), (s.num_kv_heads, s.head_dim), "model", device=False,
+                            host="fast"),
+                BlockTensor("outlier", (s.num_layers,), (), "float32", device=False, host="fast")]

@@ -7,12 +7,15 @@ Attention math runs in float32 whatever the weight dtype (bf16 SDPA is much slow
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ferry.ops.paged_attention import paged_decode_attention
+from ferry.plan import KVStep
 
 
 @dataclass
@@ -21,7 +24,7 @@ class PrefillChunk:
     q_len: int  # tokens computed this step
     start_pos: int  # position of the first of them (tokens before it are already in the cache)
     block_ids: torch.Tensor  # [num_blocks] long, the request's block table covering start_pos + q_len
-    kv_budget: float | None = None  # the request's own --kv-budget (None: the server's)
+    kv: KVStep = field(default_factory=KVStep)  # the KV policy's decisions for this request in this step
 
 
 @dataclass
@@ -35,9 +38,9 @@ class AttnMetadata:
     decode_block_tables: torch.Tensor  # [B, max_blocks] long, padded with 0 (masked out)
     decode_ctx_lens: torch.Tensor  # [B] long: context length including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
-    decode_kv_budgets: list[float | None] = field(default_factory=list)  # [B] each decode request's own --kv-budget
+    decode_kv: list[KVStep] = field(default_factory=list)  # [B] the KV policy's decisions for each decode request
     _masks: dict = field(default_factory=dict)  # (kind, window) -> additive mask, built on first use
-    policy_state: dict = field(default_factory=dict)  # what a KV policy builds once per step for every layer
+    kv_state: Any = None  # the KV policy's state for this step (PolicyKV.begin_step, before the first layer)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, 1, L] additive float32 mask: 0 where the key is visible, -inf elsewhere."""
@@ -68,6 +71,16 @@ class AttnMetadata:
                 visible &= qpos - kpos < window
             self._masks[key] = visible
         return self._masks[key]
+
+
+class LayerKV(ABC):
+    """One layer's KV as the attention layer sees it: the KV policy's tensor half (ferry/runner/kv/) implements it."""
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, scale: float,
+               window: int | None) -> torch.Tensor:
+        """q [T, H, Dh], k/v [T, K, Dh] of this step: store k/v at meta.slot_mapping, return [T, H*Dh] in q's
+        dtype."""
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

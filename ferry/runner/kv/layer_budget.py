@@ -13,9 +13,9 @@ are kept, and each layer keeps the top n_l of the rest, n_l from
 Prefill reads everything, as PrefixKV compresses after the prompt: evicting at chunk boundaries would drop what
 only the prompt's end (the question) attends to — a passkey, say — before that end is seen. So prompt scoring
 (perplexity) is full attention's; the loss is in what is generated.
-Compaction (over `full`, see ferry/kvcache/policies/layer_budget.py): at a request's first single-token step
-(before layer 0 writes), the keep sets of its region (whole blocks before the step) are taken once more, for the
-region's share of the budget, and every kept (layer, token) cell is copied into the region's first blocks, layer
+Compaction (over `full`, see ferry/kvcache/policies/layer_budget.py): at the single-token step the plan says
+(KVStep.compaction; before layer 0 writes), the keep sets of its region (whole blocks before the step) are taken
+once more, for the region's share of the budget the plan gives, and every kept (layer, token) cell is copied into the region's first blocks, layer
 after layer, filling all L planes of a block before the next; tags [L, N, bs] uint8 record which layer's token
 each region cell holds (only a compacted region's tags are read). From then on, that request's decode queries
 read, at layer l, the region cells tagged l and the tail (tokens from the first block after the HOLEs on) in
@@ -25,19 +25,19 @@ Legend: L layers, N blocks, bs block size, B decode requests, C context, P token
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ferry.kvcache.manager import HOLE
-from ferry.kvcache.policies.base import window_tokens
-from ferry.kvcache.policies.layer_budget import LayerBudgetPolicy
-from ferry.models.kv.base import LayerKV, PolicyKV, gather_blocks
-from ferry.models.kv.dense import decode_probs, prefill_attention, weighted_values
-from ferry.models.kv.full import FullKV, PagedLayer
-from ferry.models.kv.int8 import Int8Layer
-from ferry.models.kv.merge import MergeLayer
-from ferry.models.layers.attention import AttnMetadata, write_kv
+from ferry.models.layers.attention import AttnMetadata, LayerKV, write_kv
+from ferry.plan import HOLE, Compaction
+from ferry.runner.kv.base import POLICY_KV, PolicyKV, gather_blocks, register_policy_kv
+from ferry.runner.kv.dense import decode_probs, prefill_attention, weighted_values
+from ferry.runner.kv.full import FullKV, PagedLayer
+from ferry.runner.kv.int8 import Int8Layer
+from ferry.runner.kv.merge import MergeLayer
+from ferry.runner.kv.storage import BlockLayout
 
 OBS = 32  # prefill queries per chunk (its last ones) whose attention adds to the importance
 POOL = 7  # tokens ranked together: each by the largest importance within POOL // 2 of it
@@ -131,7 +131,7 @@ class BudgetLayer(LayerKV):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, scale: float,
                window: int | None) -> torch.Tensor:
-        step = self.owner.step_keep(meta)  # before this step's first write
+        step: _StepKeep = meta.kv_state  # built before this step's first write
         self.write(k, v, meta.slot_mapping)
         imp = self.importance.view(-1)
         imp[meta.slot_mapping] = 0.0
@@ -182,44 +182,18 @@ def _slots(tables: torch.Tensor, bs: int) -> torch.Tensor:
     return (tables[:, :, None] * bs + torch.arange(bs, device=tables.device)).flatten(1)
 
 
+@register_policy_kv("layer-budget")
 class LayerBudgetKV(PolicyKV):
-    def __init__(self, policy: LayerBudgetPolicy, base: PolicyKV, num_blocks: int, num_host_blocks: int,
-                 block_size: int, device: torch.device) -> None:
-        self.policy, self.base, self.block_size = policy, base, block_size
+    def __init__(self, policy: Any, layout: BlockLayout) -> None:
+        super().__init__(policy, layout)  # the base's declared tensors and its own, in one BlockTensors
+        self.base = base = POLICY_KV[policy.base.tensor_family](policy.base, layout, self.blocks)
+        self.block_size = layout.block_size
         L = len(base.layers)
-        self.importance = torch.zeros(L, num_blocks, block_size, dtype=torch.float32, device=device)
-        self.host_importance = torch.zeros(L, num_host_blocks, block_size, dtype=torch.float32)
-        self.compaction = _Compaction(base, L, num_blocks, num_host_blocks, block_size, device) \
-            if policy.compacts else None
+        self.importance = self.blocks.device["importance"]  # [L, N, bs] float32
+        tags = self.blocks.device.get("tags")  # declared when it compacts (over `full`)
+        self.compaction = None if tags is None else _Compaction(base, tags)
         self.layers = [BudgetLayer(self, l, base.layers[l]) for l in range(L)]
         self.record: list[list[int]] | None = None  # kept tokens per layer of each keep set, when a test asks
-
-    @property
-    def nbytes(self) -> int:
-        return self.base.nbytes + self.importance.numel() * 4 + (self.compaction.tags.numel() if self.compaction else 0)
-
-    @property
-    def host_nbytes(self) -> int:
-        return (self.base.host_nbytes + self.host_importance.numel() * 4
-                + (self.compaction.host_tags.numel() if self.compaction else 0))
-
-    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        self.base.swap_out(pairs)
-        if pairs:
-            dev, host = (torch.tensor(x) for x in zip(*pairs))
-            dev = dev.to(self.importance.device)
-            self.host_importance[:, host] = self.importance[:, dev].cpu()
-            if self.compaction:
-                self.compaction.host_tags[:, host] = self.compaction.tags[:, dev].cpu()
-
-    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        self.base.swap_in(pairs)
-        if pairs:
-            host, dev = (torch.tensor(x) for x in zip(*pairs))
-            dev = dev.to(self.importance.device)
-            self.importance[:, dev] = self.host_importance[:, host].to(self.importance.device)
-            if self.compaction:
-                self.compaction.tags[:, dev] = self.compaction.host_tags[:, host].to(self.compaction.tags.device)
 
     def _keep(self, table: torch.Tensor, past: int, budget: int, sink: int, window: int) -> torch.Tensor:
         """[L, past] bool: which of the first `past` tokens of the request with this table each layer keeps."""
@@ -233,59 +207,52 @@ class LayerBudgetKV(PolicyKV):
             self.record.append(keep.sum(1).tolist())
         return keep
 
-    def step_keep(self, meta: AttnMetadata) -> _StepKeep:
-        if "layer-budget" not in meta.policy_state:
-            B, bs = meta.num_decodes, self.block_size
-            tables, budgets = meta.decode_block_tables, meta.decode_kv_budgets or [None] * B
-            plain, keeps, rows, packed = [], [], [], []
-            for b, past in enumerate((meta.decode_ctx_lens - 1).tolist()):
-                policy = self.policy.for_budget(budgets[b])
-                table = tables[b, :past // bs + 1]
-                holes = (table == HOLE).nonzero()[:, 0]
-                if len(holes):  # compacted in an earlier step
-                    dropped = range(int(holes[0]), int(holes[-1]) + 1)
-                elif self.compaction is not None and len(policy.compact_blocks(past)):
-                    dropped = self._compact(table, past, policy)
-                else:
-                    plain.append(b)
-                    keeps.append(self._keep(table, past, policy.read_tokens(past), policy.cfg.sink_tokens,
-                                            window_tokens(policy.cfg, past)))
-                    continue
-                rows.append(b)
-                packed.append(self.compaction.reads(table, past, dropped, bs))
-            masks = None
-            if plain:
-                masks = torch.zeros(len(self.layers), len(plain), 1, 1, tables.shape[1] * bs, device=tables.device)
-                for i, keep in enumerate(keeps):
-                    masks[:, i, 0, 0, :keep.shape[1]].masked_fill_(~keep, float("-inf"))
-            plain_rows = torch.tensor(plain, dtype=torch.long, device=tables.device)
-            meta.policy_state["layer-budget"] = _StepKeep(plain_rows, masks, _pack(rows, packed) if rows else None)
-        return meta.policy_state["layer-budget"]
+    def begin_step(self, meta: AttnMetadata) -> _StepKeep:
+        """Every decode request's keep sets, and the compaction the plan asks for (before layer 0 writes)."""
+        bs, tables = self.block_size, meta.decode_block_tables
+        plain, keeps, rows, packed = [], [], [], []
+        for b, past in enumerate((meta.decode_ctx_lens - 1).tolist()):
+            kv = meta.decode_kv[b]  # the plan's decisions for this request
+            table = tables[b, :past // bs + 1]
+            holes = (table == HOLE).nonzero()[:, 0]
+            if len(holes):  # compacted in an earlier step
+                dropped = range(int(holes[0]), int(holes[-1]) + 1)
+            elif kv.compaction is not None:
+                dropped = self._compact(table, past, kv.compaction)
+            else:
+                plain.append(b)
+                keeps.append(self._keep(table, past, kv.read_tokens, kv.sink_tokens, kv.window_tokens))
+                continue
+            rows.append(b)
+            packed.append(self.compaction.reads(table, past, dropped, bs))
+        masks = None
+        if plain:
+            masks = torch.zeros(len(self.layers), len(plain), 1, 1, tables.shape[1] * bs, device=tables.device)
+            for i, keep in enumerate(keeps):
+                masks[:, i, 0, 0, :keep.shape[1]].masked_fill_(~keep, float("-inf"))
+        plain_rows = torch.tensor(plain, dtype=torch.long, device=tables.device)
+        return _StepKeep(plain_rows, masks, _pack(rows, packed) if rows else None)
 
-    def _compact(self, table: torch.Tensor, past: int, policy: LayerBudgetPolicy) -> range:
+    def _compact(self, table: torch.Tensor, past: int, plan: Compaction) -> range:
         """Keep sets of the region (the whole blocks before token `past`) for its share of the budget, and every
         kept cell copied into the region's first blocks (_Compaction.pack). The blocks it empties."""
-        bs, cfg = self.block_size, policy.cfg
-        start, budget = past // bs * bs, policy.region_tokens(past)
-        sink = min(cfg.sink_tokens, budget)
-        window = min(max(0, window_tokens(cfg, past) - (past - start)), budget - sink)  # the tail is read anyway
-        keep = self._keep(table, start, budget, sink, window)
-        dropped = policy.compact_blocks(past)
-        self.compaction.pack(table[:start // bs], keep, dropped.start)
-        return dropped
+        start = plan.region_blocks * self.block_size
+        keep = self._keep(table, start, plan.budget, plan.sink_tokens, plan.window_tokens)
+        self.compaction.pack(table[:plan.region_blocks], keep, plan.kept_blocks)
+        return range(plan.kept_blocks, plan.region_blocks)
 
 
 class _Compaction:
-    """Which layer's token each cell of a compacted region holds (tags [L, N, bs], EMPTY: none; host_tags for
-    swapped blocks), and the base storage's cells of every plane as one index space: cells [L, 2, N * bs, K, Dh]."""
+    """Which layer's token each cell of a compacted region holds (tags [L, N, bs], EMPTY: none; declared by the
+    policy, so swapped with the blocks), and the base storage's cells of every plane as one index space:
+    cells [L, 2, N * bs, K, Dh]."""
 
-    def __init__(self, base: PolicyKV, L: int, num_blocks: int, num_host_blocks: int, block_size: int,
-                 device: torch.device) -> None:
+    def __init__(self, base: PolicyKV, tags: torch.Tensor) -> None:
         assert isinstance(base, FullKV)
         kv = base.storage.kv  # [L, 2, N, bs, K, Dh]
-        self.cells = kv.view(L, 2, num_blocks * block_size, *kv.shape[-2:])
-        self.tags = torch.full((L, num_blocks, block_size), EMPTY, dtype=torch.uint8, device=device)
-        self.host_tags = torch.full((L, num_host_blocks, block_size), EMPTY, dtype=torch.uint8)
+        L, _, N, bs = kv.shape[:4]
+        self.cells = kv.view(L, 2, N * bs, *kv.shape[-2:])
+        self.tags = tags
 
     def pack(self, blocks: torch.Tensor, keep: torch.Tensor, num_kept_blocks: int) -> None:
         """Copy the kept cells of the region (blocks [nb], keep [L, nb * bs] bool) into its first blocks: the j-th

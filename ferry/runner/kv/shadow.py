@@ -17,25 +17,32 @@ n host blocks, k picked.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from ferry.config import ModelConfig
-from ferry.kvcache.policies.shadow import ShadowPolicy
-from ferry.models.kv.base import gather_blocks
-from ferry.models.kv.lowrank import key_basis, rope_angles, rotate
-from ferry.models.kv.tiered import TieredKV, TieredLayer, span_mass
 from ferry.models.layers.attention import AttnMetadata, write_kv
 from ferry.models.layers.rotary import inv_freq_and_scale
+from ferry.runner.kv.base import gather_blocks, register_policy_kv
+from ferry.runner.kv.lowrank import key_basis, rope_angles, rotate
+from ferry.runner.kv.storage import BlockLayout
+from ferry.runner.kv.tiered import TieredKV, TieredLayer, TieredStep, span_mass
 
 ALWAYS = 1e9  # added to the estimated mass of the outlier blocks a query always reads
+
+
+@dataclass
+class ShadowStep(TieredStep):
+    angles: tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, Dh/2] of the step's positions, for writing coefficients
 
 
 class ShadowLayer(TieredLayer):
     def write(self, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> None:
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         o = self.owner
-        cos, sin = o.step_angles(meta)
+        cos, sin = meta.kv_state.angles
         pre = rotate(k, cos, sin, inverse=True).flatten(1) - o.offset[self.layer]  # [T, K*Dh]
         coeffs = o.coeffs[self.layer]  # [N, bs, r]
         coeffs.view(-1, coeffs.shape[-1]).index_copy_(0, meta.slot_mapping, (pre @ o.basis[self.layer]).to(coeffs.dtype))
@@ -68,17 +75,19 @@ class ShadowLayer(TieredLayer):
         return keys.to(device), gather_blocks(host[self.layer, 1], host_ids).to(device)
 
 
+@register_policy_kv("shadow")
 class ShadowKV(TieredKV):
-    def __init__(self, policy: ShadowPolicy, cfg: ModelConfig, num_blocks: int, num_host_blocks: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(policy, cfg, num_blocks, num_host_blocks, block_size, dtype, device)
+    def __init__(self, policy: Any, layout: BlockLayout) -> None:
+        super().__init__(policy, layout)
+        cfg, device = layout.model, layout.device
         self.cfg, self.rank = cfg, policy.rank
         L, K, Dh, r = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, policy.rank
-        self.coeffs = torch.zeros(L, num_blocks, block_size, r, dtype=dtype, device=device)  # beside each device block
-        # the fast-tier index, per host block: coefficients, landmark, outlier score
-        self.index_coeffs = torch.zeros(L, num_host_blocks, block_size, r, dtype=dtype, device=device)
-        self.landmarks = torch.zeros(L, num_host_blocks, K, Dh, dtype=dtype, device=device)
-        self.outlier = torch.zeros(L, num_host_blocks, dtype=torch.float32, device=device)
+        self.coeffs = self.blocks.device["coeffs"]  # [L, N, bs, r] beside each device block
+        # the fast-tier index, per host block: coefficients [L, Nh, bs, r] (copied by swap), landmark [L, Nh, K, Dh],
+        # outlier score [L, Nh]
+        self.index_coeffs = self.blocks.fast["coeffs"]
+        self.landmarks = self.blocks.fast["landmarks"]
+        self.outlier = self.blocks.fast["outlier"]
         inv_freq, self.rope_scale = inv_freq_and_scale(cfg.rope, Dh)
         self.inv_freq = inv_freq.to(device)
         # derived from the weights in bind_model (like the model's rotary tables, not KV: not in nbytes); until
@@ -92,34 +101,18 @@ class ShadowKV(TieredKV):
             self.basis[l], self.offset[l] = key_basis(self.cfg, layer.attn, layer.input_norm, self.rank,
                                                       self.rope_scale)
 
-    @property
-    def nbytes(self) -> int:
-        return self.storage.nbytes + sum(t.numel() * t.element_size() for t in self.fast_index_tensors())
-
     def fast_index_tensors(self) -> list[torch.Tensor]:
         """Fast-tier tensors besides the plain device blocks (what the policy's byte counts add)."""
         return [self.coeffs, self.index_coeffs, self.landmarks, self.outlier]
 
-    def step_angles(self, meta: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, Dh/2] of the step's positions (once per step for every layer)."""
-        if "shadow" not in meta.policy_state:
-            meta.policy_state["shadow"] = rope_angles(meta.positions, self.inv_freq)
-        return meta.policy_state["shadow"]
+    def begin_step(self, meta: AttnMetadata) -> ShadowStep:
+        return ShadowStep(*self.decode_reads(meta), rope_angles(meta.positions, self.inv_freq))
 
-    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        if pairs:
-            dev, host = (torch.tensor(x) for x in zip(*pairs))
-            dev = dev.to(self.coeffs.device)
-            keys = self.storage.kv[:, 0, dev].float()  # [L, n, bs, K, Dh]
-            landmarks = keys.mean(dim=2)  # [L, n, K, Dh]
-            self.landmarks[:, host] = landmarks.to(self.landmarks.dtype)
-            cos = F.cosine_similarity(keys, landmarks[:, :, None], dim=-1)  # [L, n, bs, K]
-            self.outlier[:, host] = 1.0 - cos.flatten(2).amin(dim=2)
-            self.index_coeffs[:, host] = self.coeffs[:, dev]
-        self.storage.swap_out(pairs)
-
-    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        if pairs:  # a block back from swap takes its coefficients with it (it may go cold again later)
-            host, dev = (torch.tensor(x) for x in zip(*pairs))
-            self.coeffs[:, dev.to(self.coeffs.device)] = self.index_coeffs[:, host]
-        self.storage.swap_in(pairs)
+    def before_swap_out(self, dev: torch.Tensor, host: torch.Tensor) -> None:
+        """The landmarks and outlier scores of blocks going cold (their coefficients go with them: the swap copies
+        them to the index, and back on swap-in, since a block may go cold again later)."""
+        keys = self.storage.kv[:, 0, dev.to(self.coeffs.device)].float()  # [L, n, bs, K, Dh]
+        landmarks = keys.mean(dim=2)  # [L, n, K, Dh]
+        self.landmarks[:, host] = landmarks.to(self.landmarks.dtype)
+        cos = F.cosine_similarity(keys, landmarks[:, :, None], dim=-1)  # [L, n, bs, K]
+        self.outlier[:, host] = 1.0 - cos.flatten(2).amin(dim=2)

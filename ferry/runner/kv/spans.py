@@ -1,6 +1,6 @@
 """`spans`: resident blocks (sinks, local window) plus the top-k host spans picked through a min/max key index.
 
-A block that goes cold (ferry/kvcache/policies/spans.py says which) is copied to a host block by the runner's
+A block that goes cold (the scheduler half, ferry/kvcache/policies/spans.py, says which) is copied to a host block by the runner's
 swap_out; that copy also writes its index entry: the per-channel min and max of its keys, per layer and kv head
 (Quest). A query bounds its score on each host span by sum_d max(q_d min_d, q_d max_d) >= q . k for every key k in
 it, estimates its attention mass per span by a softmax over those bounds (summed over heads), and reads the top-k
@@ -9,12 +9,13 @@ Legend: L layers, Nh host blocks, bs block size, K kv heads, Dh head dim, B quer
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ferry.config import ModelConfig
-from ferry.kvcache.policies.spans import SpansPolicy
-from ferry.models.kv.base import gather_blocks
-from ferry.models.kv.tiered import TieredKV, TieredLayer, attend_batch, span_mass
+from ferry.runner.kv.base import gather_blocks, register_policy_kv
+from ferry.runner.kv.storage import BlockLayout
+from ferry.runner.kv.tiered import TieredKV, TieredLayer, attend_batch, span_mass
 
 __all__ = ["SpansKV", "SpansLayer", "attend_batch", "span_mass"]
 
@@ -33,23 +34,15 @@ class SpansLayer(TieredLayer):
                 gather_blocks(host[self.layer, 1], host_ids).to(device))
 
 
+@register_policy_kv("spans")
 class SpansKV(TieredKV):
-    def __init__(self, policy: SpansPolicy, cfg: ModelConfig, num_blocks: int, num_host_blocks: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(policy, cfg, num_blocks, num_host_blocks, block_size, dtype, device)
+    def __init__(self, policy: Any, layout: BlockLayout) -> None:
+        super().__init__(policy, layout)
         # [L, 2, Nh, K, Dh]: per host block and layer, the min (0) and max (1) of its keys per channel
-        self.index = torch.zeros(cfg.num_layers, 2, num_host_blocks, cfg.num_kv_heads, cfg.head_dim,
-                                 dtype=dtype, device=device)
-        self.layers = [SpansLayer(self, l) for l in range(cfg.num_layers)]
+        self.index = self.blocks.fast["index"]
+        self.layers = [SpansLayer(self, l) for l in range(layout.model.num_layers)]
 
-    @property
-    def nbytes(self) -> int:
-        return self.storage.nbytes + self.index.numel() * self.index.element_size()
-
-    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        if pairs:
-            dev, host = (torch.tensor(x) for x in zip(*pairs))
-            keys = self.storage.kv[:, 0, dev.to(self.storage.kv.device)]  # [L, n, bs, K, Dh], exact in the KV dtype
-            self.index[:, 0, host] = keys.amin(dim=2)
-            self.index[:, 1, host] = keys.amax(dim=2)
-        self.storage.swap_out(pairs)
+    def before_swap_out(self, dev: torch.Tensor, host: torch.Tensor) -> None:
+        keys = self.storage.kv[:, 0, dev.to(self.storage.kv.device)]  # [L, n, bs, K, Dh], exact in the KV dtype
+        self.index[:, 0, host] = keys.amin(dim=2)
+        self.index[:, 1, host] = keys.amax(dim=2)

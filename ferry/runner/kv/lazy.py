@@ -8,7 +8,7 @@ K and V slots fit D values). Pruning therefore saves compute, not memory, and pr
 layers <= L - r (`last`); the aux state is swapped, freed and recomputed with its block for free.
 
 One step, per request (a "group": its scheduled rows, plus any revived rows):
-- at b (`next_rows`), the scheduled rows are ranked by the attention layer b itself would give them: the decoder's
+- at b (`prune`, from `forward`), the scheduled rows are ranked by the attention layer b itself would give them: the decoder's
   `peek` gives b's queries and keys for the current rows before b runs, and the group's last OBSERVED scheduled
   tokens' attention over every key visible at b (averaged over them and over heads) is max-pooled over POOL
   neighbours (SnapKV: a copy reads the token after the one it attends to, so keep neighbourhoods, not isolated
@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import partial
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from ferry.config import ModelConfig
-from ferry.kvcache.policies.lazy import LazyPolicy
-from ferry.kvcache.storage import KVStorage
-from ferry.models.kv.base import LayerKV, RowChange, StorageKV, gather_blocks
-from ferry.models.layers.attention import AttnMetadata, write_kv
+from ferry.models.layers.attention import AttnMetadata, LayerKV, write_kv
 from ferry.ops.paged_attention import available as paged_decode_attention_available, paged_decode_attention_depth
+from ferry.runner.kv.base import StorageKV, gather_blocks, register_policy_kv
+from ferry.runner.kv.storage import BlockLayout
 
 REVIVE_MAX = 16  # tokens a request brings back per pruning layer and step: bounds the extra work of a step
 OBSERVED = 8  # a chunk's last tokens whose attention ranks the others (one token's is too noisy on ferry-tiny)
@@ -52,6 +51,15 @@ OBSERVED = 8  # a chunk's last tokens whose attention ranks the others (one toke
 POOL = 8
 REVIVE_MIN = 0.01  # share of a query's attention (mean over heads) a pruned token needs to come back
 TILE = 512  # query rows per attention call in a chunk whose keys are gathered
+
+
+@dataclass
+class RowChange:
+    """The rows the next layers compute after lazy drops or brings back tokens between two layers."""
+
+    keep: torch.Tensor  # [T'] long: current rows that go on, in this order (every row whose logits are needed)
+    revived: torch.Tensor | None  # [A, D] next-layer inputs of tokens brought back, appended after the kept rows
+    meta: AttnMetadata  # the next layers' metadata for those T' + A rows (positions, slots, the step's groups)
 
 
 @dataclass
@@ -80,13 +88,13 @@ class LazyLayer(LayerKV):
     def __init__(self, owner: LazyKV, layer: int) -> None:
         self.owner, self.layer = owner, layer
         self.k_cache, self.v_cache = owner.storage.layers[layer]  # [N, bs, K, Dh]
-        self.changes_rows = layer + 1 in owner.pruning_layers
+        self.changes_rows = layer + 1 in owner.pruning_layers  # LazyKV.forward prunes after this layer
         self.scores = self.changes_rows  # keep the last queries' attention for revival at the next layer
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata, scale: float,
                window: int | None) -> torch.Tensor:
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        step = self.owner.step(meta)
+        step: _Step = meta.kv_state
         self.owner.stats["token_layers"] += q.shape[0]
         T, H, Dh = q.shape
         out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
@@ -173,10 +181,6 @@ class LazyLayer(LayerKV):
         for b, g in enumerate(singles):
             g.imp = imp[b, :g.ctx]
 
-    def next_rows(self, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor,
-                  peek: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> RowChange | None:
-        return self.owner.prune(self.layer + 1, x, meta, needed, peek)
-
 
 def _pooled(imp: torch.Tensor) -> torch.Tensor:
     """Each seen key's importance raised to its most important neighbour's within POOL positions."""
@@ -200,16 +204,15 @@ def _importance(q: torch.Tensor, kc: torch.Tensor, visible: torch.Tensor, scale:
     return torch.softmax(scores, dim=-1).mean((0, 1, 2))
 
 
+@register_policy_kv("lazy")
 class LazyKV(StorageKV):
-    def __init__(self, policy: LazyPolicy, cfg: ModelConfig, num_blocks: int, num_host_blocks: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.policy = policy
-        self.block_size = block_size
+    def __init__(self, policy: Any, layout: BlockLayout) -> None:
+        super().__init__(policy, layout)
+        cfg = layout.model
+        self.block_size = layout.block_size
         self.num_layers = L = cfg.num_layers
         self.hidden_size = cfg.hidden_size
-        self.storage = KVStorage(cfg, num_blocks, num_host_blocks, block_size, dtype, device)
-        self.depth = torch.zeros(num_blocks, block_size, dtype=torch.uint8, device=device)
-        self.host_depth = torch.zeros(num_host_blocks, block_size, dtype=torch.uint8)
+        self.depth = self.blocks.device["depth"]  # [N, bs] uint8
         # a token pruned before layer b keeps its state in its slots of layers b .. b+r-1
         self.aux_layers = -(-cfg.hidden_size // (2 * cfg.num_kv_heads * cfg.head_dim))
         self.layers: list[LazyLayer] = []
@@ -225,46 +228,50 @@ class LazyKV(StorageKV):
         self.pruning_layers = {l for l in range(1, self.num_layers) if keep[l] < keep[l - 1]}
         self.layers = [LazyLayer(self, l) for l in range(self.num_layers)]
 
-    @property
-    def nbytes(self) -> int:
-        return super().nbytes + self.depth.numel()
-
-    @property
-    def host_nbytes(self) -> int:
-        return super().host_nbytes + self.host_depth.numel()
-
-    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        super().swap_out(pairs)
-        if pairs:
-            dev, host = (torch.tensor(x) for x in zip(*pairs))
-            self.host_depth[host] = self.depth[dev.to(self.depth.device)].cpu()
-
-    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        super().swap_in(pairs)
-        if pairs:
-            host, dev = (torch.tensor(x) for x in zip(*pairs))
-            self.depth[dev.to(self.depth.device)] = self.host_depth[host].to(self.depth.device)
-
     # -- the step's rows -------------------------------------------------------------------------
 
-    def step(self, meta: AttnMetadata) -> _Step:
-        """The step's groups, built at layer 0 (where every row is a scheduled token: its depth starts at L)."""
-        if "lazy" not in meta.policy_state:
-            self.depth.view(-1)[meta.slot_mapping] = self.num_layers
-            self.stats["scheduled_token_layers"] += len(meta.slot_mapping) * self.num_layers
-            dev, groups = meta.positions.device, []
-            for b in range(meta.num_decodes):
-                ctx = int(meta.decode_ctx_lens[b])
-                groups.append(_Group(torch.tensor([b], device=dev), meta.positions[b:b + 1],
-                                     torch.ones(1, dtype=torch.bool, device=dev),
-                                     meta.decode_block_tables[b, :-(-ctx // self.block_size)], ctx, 1, 0))
-            for c in meta.prefills:
-                groups.append(_Group(torch.arange(c.q_start, c.q_start + c.q_len, device=dev),
-                                     torch.arange(c.start_pos, c.start_pos + c.q_len, device=dev),
-                                     torch.ones(c.q_len, dtype=torch.bool, device=dev), c.block_ids,
-                                     c.start_pos + c.q_len, c.q_len, c.q_len - 1))
-            meta.policy_state["lazy"] = _Step(groups, meta.slot_mapping)
-        return meta.policy_state["lazy"]
+    def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, meta: AttnMetadata,
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """The decoder's layers with the pruning between them: after a layer whose next one prunes, prune() picks
+        the rows that go on and the tokens that come back, and the logits rows are found where they end up.
+        input_ids [T] -> float32 logits [S, V] for logits_indices [S] (never pruned)."""
+        residual = model.embed_tokens(input_ids)
+        cos, sin = model.rotary.tables(meta.positions, residual.dtype)
+        h = None
+        rows = torch.arange(len(input_ids), device=residual.device)  # the step row of each current row (-1: revived)
+        for i, (layer, kv) in enumerate(zip(model.layers, self.layers)):
+            h = layer(h, residual, cos, sin, meta, kv)
+            if kv.changes_rows:
+                residual += h  # the next layer's input, whole: pruned tokens' states are kept from it
+                h = None
+                peek = partial(model.layers[i + 1].queries_keys, residual, cos, sin)
+                change = self.prune(i + 1, residual, meta, torch.isin(rows, logits_indices), peek)
+                if change is not None:
+                    residual, rows = _apply(change, residual, rows)
+                    meta = change.meta
+                    cos, sin = model.rotary.tables(meta.positions, residual.dtype)
+        if h is not None:
+            residual += h
+        where = torch.full((len(input_ids),), -1, dtype=torch.long, device=rows.device)
+        where[rows[rows >= 0]] = torch.nonzero(rows >= 0)[:, 0]
+        return model.logits(residual[where[logits_indices]])
+
+    def begin_step(self, meta: AttnMetadata) -> _Step:
+        """The step's groups, before layer 0 (where every row is a scheduled token: its depth starts at L)."""
+        self.depth.view(-1)[meta.slot_mapping] = self.num_layers
+        self.stats["scheduled_token_layers"] += len(meta.slot_mapping) * self.num_layers
+        dev, groups = meta.positions.device, []
+        for b in range(meta.num_decodes):
+            ctx = int(meta.decode_ctx_lens[b])
+            groups.append(_Group(torch.tensor([b], device=dev), meta.positions[b:b + 1],
+                                 torch.ones(1, dtype=torch.bool, device=dev),
+                                 meta.decode_block_tables[b, :-(-ctx // self.block_size)], ctx, 1, 0))
+        for c in meta.prefills:
+            groups.append(_Group(torch.arange(c.q_start, c.q_start + c.q_len, device=dev),
+                                 torch.arange(c.start_pos, c.start_pos + c.q_len, device=dev),
+                                 torch.ones(c.q_len, dtype=torch.bool, device=dev), c.block_ids,
+                                 c.start_pos + c.q_len, c.q_len, c.q_len - 1))
+        return _Step(groups, meta.slot_mapping)
 
     def decode_batch(self, step: _Step, singles: list[_Group]) -> tuple[torch.Tensor, ...]:
         """(rows [B], positions [B], block tables [B, nb] padded with block 0, context lengths [B])."""
@@ -281,7 +288,7 @@ class LazyKV(StorageKV):
     def prune(self, b: int, x: torch.Tensor, meta: AttnMetadata, needed: torch.Tensor,
               peek: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> RowChange | None:
         """Before pruning layer b: which rows go on, which pruned tokens come back (see the module docstring)."""
-        step, frac, bs = meta.policy_state["lazy"], self.keep[b], self.block_size
+        step, frac, bs = meta.kv_state, self.keep[b], self.block_size
         qk = peek() if any(int(g.sched.sum()) > 1 for g in step.groups) else None
         keeps, revived_pos = [], []
         for g in step.groups:
@@ -334,7 +341,7 @@ class LazyKV(StorageKV):
         positions = torch.cat((meta.positions[keep_rows], *revived_pos))
         slots = torch.cat((step.slots[keep_rows], all_revived))
         empty = torch.zeros(0, 0, dtype=torch.long, device=dev)
-        new = AttnMetadata(positions, slots, bs, 0, empty, empty.view(0), policy_state={"lazy": _Step(groups, slots)})
+        new = AttnMetadata(positions, slots, bs, 0, empty, empty.view(0), kv_state=_Step(groups, slots))
         return RowChange(keep_rows, revived_x, new)
 
     def _own_importance(self, b: int, g: _Group, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -371,3 +378,12 @@ class LazyKV(StorageKV):
     def _load(self, b: int, slots: torch.Tensor) -> torch.Tensor:
         a = self.storage.kv[self._aux(b, slots)]  # [r, 2, n, K, Dh]
         return a.permute(2, 0, 1, 3, 4).reshape(len(slots), -1)[:, :self.hidden_size]
+
+
+def _apply(change: RowChange, residual: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual [T, D], rows [T] -> the kept rows, then the revived ones (step row -1)."""
+    residual, rows = residual[change.keep], rows[change.keep]
+    if change.revived is not None and len(change.revived):
+        residual = torch.cat((residual, change.revived.to(residual.dtype)))
+        rows = torch.cat((rows, torch.full((len(change.revived),), -1, dtype=rows.dtype, device=rows.device)))
+    return residual, rows

@@ -23,15 +23,15 @@ Legend: L layers, P merged pairs, N blocks, bs block size, R kept slots, T token
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from ferry.config import ModelConfig
-from ferry.kvcache.policies.merge import MergePolicy
-from ferry.models.kv.base import LayerKV, PolicyKV
-from ferry.models.kv.dense import attend_dense
-from ferry.models.kv.full import PagedLayer
-from ferry.models.layers.attention import AttnMetadata
+from ferry.models.layers.attention import AttnMetadata, LayerKV
+from ferry.runner.kv.base import PolicyKV, register_policy_kv
+from ferry.runner.kv.dense import attend_dense
+from ferry.runner.kv.full import PagedLayer
+from ferry.runner.kv.storage import BlockLayout, BlockTensors
 
 
 class MergeLayer(LayerKV):
@@ -67,7 +67,7 @@ class MergeLayer(LayerKV):
         mid = a + unit
         mid_norm = mid.norm(dim=-1, keepdim=True)
         merged = torch.where(mid_norm > 1e-6, mid / mid_norm.clamp_min(1e-6), a)  # SLERP at t = 1/2
-        want = angle > math.radians(self.owner.policy.cfg.merge_angle)
+        want = angle > math.radians(self.owner.merge_angle)
         slot = self._used_slots(b, o, i) + rank_in_block(b, angle, want)
         keep = want & (slot < self.kept.shape[2])
         self.dirs[b, i, o] = torch.where(keep[..., None], a, merged).to(self.dirs.dtype)
@@ -115,28 +115,19 @@ def rank_in_block(b: torch.Tensor, angle: torch.Tensor, want: torch.Tensor) -> t
     return rank
 
 
+@register_policy_kv("merge")
 class MergeKV(PolicyKV):
-    def __init__(self, policy: MergePolicy, cfg: ModelConfig, num_blocks: int, num_host_blocks: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.policy = policy
-        K, Dh, R, P = cfg.num_kv_heads, cfg.head_dim, policy.retained_slots, len(policy.pairs)
-        Le = policy.num_exact_layers
-
-        def tensors(n: int, dev: torch.device | str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            exact = torch.zeros(Le, 2, n, block_size, K, Dh, dtype=dtype, device=dev)
-            pair = [torch.zeros(P, n, 2, block_size, K, Dh, dtype=dtype, device=dev),
-                    torch.zeros(P, n, 2, 2, block_size, K, dtype=torch.float32, device=dev),
-                    torch.zeros(P, n, 2, R, K, Dh, dtype=dtype, device=dev),
-                    torch.full((P, n, 2, block_size, K), -1, dtype=torch.int8, device=dev)]
-            return exact, pair
-
-        self.exact, self.pair_tensors = tensors(num_blocks, device)
-        self.host_exact, self.host_pair_tensors = tensors(num_host_blocks, "cpu")
+    def __init__(self, policy: Any, layout: BlockLayout, blocks: BlockTensors | None = None) -> None:
+        super().__init__(policy, layout, blocks)
+        self.merge_angle = policy.options.merge_angle
+        self.exact = self.blocks.device["exact"]  # [Le, 2, N, bs, K, Dh]: the layers stored like `full`
+        self.pair_tensors = [self.blocks.device[n] for n in ("dirs", "mags", "kept", "slot")]  # see the docstring
         first = {l: p for p, (l, _) in enumerate(policy.pairs)}
         second = {l + 1: p for p, (l, _) in enumerate(policy.pairs)}
-        exact_ids = [l for l in range(cfg.num_layers) if l not in first and l not in second]
+        num_layers = layout.model.num_layers
+        exact_ids = [l for l in range(num_layers) if l not in first and l not in second]
         self.layers: list[LayerKV] = []
-        for l in range(cfg.num_layers):
+        for l in range(num_layers):
             if l in first or l in second:
                 self.layers.append(MergeLayer(self, first.get(l, second.get(l)), l in second))
             else:
@@ -144,29 +135,3 @@ class MergeKV(PolicyKV):
                 self.layers.append(PagedLayer(self.exact[j, 0], self.exact[j, 1]))
         self.num_merged = 0  # (token, head, K/V) rows merged / retained by the second layers of pairs, cumulative
         self.num_retained = 0
-
-    def _all(self, host: bool) -> list[tuple[torch.Tensor, int]]:
-        """(tensor, block dim) of every tensor in one tier."""
-        exact, pair = (self.host_exact, self.host_pair_tensors) if host else (self.exact, self.pair_tensors)
-        return [(exact, 2)] + [(t, 1) for t in pair]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t, _ in self._all(host=False))
-
-    @property
-    def host_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t, _ in self._all(host=True))
-
-    def _copy(self, pairs: list[tuple[int, int]], to_host: bool) -> None:
-        if not pairs:
-            return
-        src_ids, dst_ids = (torch.tensor(x) for x in zip(*pairs))
-        for (src, dim), (dst, _) in zip(self._all(not to_host), self._all(to_host)):
-            dst.index_copy_(dim, dst_ids.to(dst.device), src.index_select(dim, src_ids.to(src.device)).to(dst.device))
-
-    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        self._copy(pairs, to_host=True)
-
-    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        self._copy(pairs, to_host=False)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ferry.config import ModelConfig
-from ferry.models.kv.base import LayerKV, PolicyKV
-from ferry.models.layers.attention import AttnMetadata
+from typing import Any
+
+from ferry.models.layers.attention import AttnMetadata, LayerKV
 from ferry.ops.paged_attention import available as paged_decode_attention_available, paged_decode_attention_int8
+from ferry.runner.kv.base import PolicyKV, register_policy_kv
+from ferry.runner.kv.storage import BlockLayout, BlockTensors
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,33 +72,10 @@ class Int8Layer(LayerKV):
         return out.view(T, H * Dh)
 
 
+@register_policy_kv("int8")
 class Int8KV(PolicyKV):
-    def __init__(self, cfg: ModelConfig, num_blocks: int, num_host_blocks: int, block_size: int,
-                 device: torch.device) -> None:
-        K, Dh, L = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
-        self.data = torch.zeros(L, 2, num_blocks, block_size, K, Dh, dtype=torch.int8, device=device)
-        self.scales = torch.zeros(L, 2, num_blocks, block_size, K, dtype=torch.float32, device=device)
-        self.host_data = torch.zeros(L, 2, num_host_blocks, block_size, K, Dh, dtype=torch.int8)
-        self.host_scales = torch.zeros(L, 2, num_host_blocks, block_size, K, dtype=torch.float32)
-        self.layers = [Int8Layer(self.data[l], self.scales[l]) for l in range(L)]
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() + self.scales.numel() * 4
-
-    @property
-    def host_nbytes(self) -> int:
-        return self.host_data.numel() + self.host_scales.numel() * 4
-
-    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        if pairs:
-            dev, host = (torch.tensor(x) for x in zip(*pairs))
-            self.host_data[:, :, host] = self.data[:, :, dev].cpu()
-            self.host_scales[:, :, host] = self.scales[:, :, dev].cpu()
-
-    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        if pairs:
-            host, dev = (torch.tensor(x) for x in zip(*pairs))
-            dev = dev.to(self.data.device)
-            self.data[:, :, dev] = self.host_data[:, :, host].to(self.data.device)
-            self.scales[:, :, dev] = self.host_scales[:, :, host].to(self.data.device)
+    def __init__(self, policy: Any, layout: BlockLayout, blocks: BlockTensors | None = None) -> None:
+        super().__init__(policy, layout, blocks)
+        self.data = self.blocks.device["data"]  # [L, 2, N, bs, K, Dh] int8
+        self.scales = self.blocks.device["scales"]  # [L, 2, N, bs, K] float32
+        self.layers = [Int8Layer(self.data[l], self.scales[l]) for l in range(self.data.shape[0])]

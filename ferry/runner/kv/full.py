@@ -1,11 +1,13 @@
-"""`full`: the plain paged KV cache (ferry/kvcache/storage.py) read in full: today's path, unchanged."""
+"""`full`: the plain paged KV cache (storage.py) read in full."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
-from ferry.kvcache.storage import KVStorage
-from ferry.models.kv.base import LayerKV, StorageKV
-from ferry.models.layers.attention import AttnMetadata, paged_attention, write_kv
+from ferry.models.layers.attention import AttnMetadata, LayerKV, paged_attention, write_kv
+from ferry.runner.kv.base import StorageKV, register_policy_kv
+from ferry.runner.kv.storage import BlockLayout, BlockTensors
 
 
 class PagedLayer(LayerKV):
@@ -18,7 +20,8 @@ class PagedLayer(LayerKV):
         return paged_attention(q, k, v, self.k_cache, self.v_cache, meta, scale, window)
 
 
+@register_policy_kv("full")
 class FullKV(StorageKV):
-    def __init__(self, storage: KVStorage) -> None:
-        self.storage = storage
-        self.layers = [PagedLayer(k, v) for k, v in storage.layers]
+    def __init__(self, policy: Any, layout: BlockLayout, blocks: BlockTensors | None = None) -> None:
+        super().__init__(policy, layout, blocks)
+        self.layers = [PagedLayer(k, v) for k, v in self.storage.layers]

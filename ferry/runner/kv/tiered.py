@@ -15,16 +15,23 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ferry.config import ModelConfig
-from ferry.kvcache.policies.spans import SpansPolicy
-from ferry.kvcache.storage import KVStorage
-from ferry.models.kv.base import LayerKV, StorageKV, gather_blocks
-from ferry.models.layers.attention import AttnMetadata, PrefillChunk, write_kv
+from ferry.models.layers.attention import AttnMetadata, LayerKV, PrefillChunk, write_kv
 from ferry.ops.paged_attention import available as paged_decode_attention_available, paged_decode_attention
+from ferry.runner.kv.base import StorageKV, gather_blocks
+from ferry.runner.kv.storage import BlockLayout
+
+
+@dataclass
+class TieredStep:
+    """What every layer's decode queries read this step (TieredKV.begin_step)."""
+
+    plain: list[int]  # decode rows with nothing cold: read through their block tables
+    reads: DecodeReads | None  # the others'
 
 
 @dataclass
@@ -72,7 +79,7 @@ class TieredLayer(LayerKV):
         self.write(k, v, meta)
         T, H, Dh = q.shape
         out = torch.empty(T, H, Dh, dtype=q.dtype, device=q.device)
-        plain, reads = self.owner.decode_reads(meta)
+        plain, reads = meta.kv_state.plain, meta.kv_state.reads
         if plain:  # nothing cold: full attention's batched decode kernel, or the gathered torch path
             idx = torch.tensor(plain, device=q.device)
             out[idx] = self._plain_decode(q[idx], meta.decode_block_tables[idx], meta.decode_ctx_lens[idx], window,
@@ -100,14 +107,14 @@ class TieredLayer(LayerKV):
         """A chunk's queries q [Q, H, Dh] read the resident blocks (sinks, window, the chunk itself) and the top-k
         host blocks for the chunk as a whole (the budget of one query at this context). Returns keys, values
         [C', K, Dh] and the [Q, C'] visibility mask (causal by position; host blocks are older than the chunk)."""
-        bs, policy = self.owner.block_size, self.owner.policy.for_budget(chunk.kv_budget)
+        bs = self.owner.block_size
         ctx = chunk.start_pos + chunk.q_len
         entries = chunk.block_ids[:-(-ctx // bs)]
         on_dev = entries >= 0
         logical = torch.arange(len(entries), device=entries.device)
         dev_blocks, host_blocks, host_logical = entries[on_dev], -1 - entries[~on_dev], logical[~on_dev]
         parts = [(gather_blocks(self.k_cache, dev_blocks), gather_blocks(self.v_cache, dev_blocks), logical[on_dev])]
-        top_k = policy.top_k(ctx, policy.sink_blocks + policy.window_blocks(ctx) + 1)
+        top_k = chunk.kv.num_host_reads  # the plan's: the budget minus sinks, window and this block
         if top_k:
             sel, exact = self._select(q, host_blocks, top_k, scale)
             kh, vh = self.host_kv(host_blocks[sel].cpu()[None], host_logical[sel][None],
@@ -191,40 +198,38 @@ def attend_batch(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, visible: t
 
 
 class TieredKV(StorageKV):
-    """Plain K/V blocks in both tiers (KVStorage); a subclass adds its fast-tier index and its layers."""
+    """Plain K/V blocks in both tiers (KVStorage); a subclass adds its fast-tier index (declared by its policy,
+    written in before_swap_out) and its layers."""
 
-    def __init__(self, policy: SpansPolicy, cfg: ModelConfig, num_blocks: int, num_host_blocks: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.policy = policy
-        self.block_size = block_size
-        self.storage = KVStorage(cfg, num_blocks, num_host_blocks, block_size, dtype, device)
+    def __init__(self, policy: Any, layout: BlockLayout) -> None:
+        super().__init__(policy, layout)
+        self.block_size = layout.block_size
         # (layer, picked host blocks as block indices of the request) per decode query, when a test asks
         self.record: list[tuple[int, list[int]]] | None = None
 
+    def begin_step(self, meta: AttnMetadata) -> TieredStep:
+        return TieredStep(*self.decode_reads(meta))
+
     def decode_reads(self, meta: AttnMetadata) -> tuple[list[int], DecodeReads | None]:
-        """The step's decode rows with nothing cold, and what the others read (built once per step)."""
-        if "tiered" not in meta.policy_state:
-            bs, dev = self.block_size, meta.decode_block_tables.device
-            plain, rows, device_ids, num_dev, host_ids, host_logical, top_k = [], [], [], [], [], [], []
-            budgets = meta.decode_kv_budgets or [None] * meta.num_decodes
-            for b, (table, ctx) in enumerate(zip(meta.decode_block_tables.tolist(), meta.decode_ctx_lens.tolist())):
-                entries = table[:-(-ctx // bs)]
-                if all(e >= 0 for e in entries):
-                    plain.append(b)
-                    continue
-                rows.append(b)
-                device_ids.append([e for e in entries if e >= 0])
-                num_dev.append(len(device_ids[-1]) * bs - (len(entries) * bs - ctx))  # the last block is resident
-                host_ids.append([-1 - e for e in entries if e < 0])
-                host_logical.append([i for i, e in enumerate(entries) if e < 0])
-                top_k.append(self.policy.for_budget(budgets[b]).top_k(ctx, len(device_ids[-1])))
-            reads = None
-            if rows:
-                t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)
-                reads = DecodeReads(t(rows), t(pad(device_ids)), t(num_dev), t(pad(host_ids)),
-                                    t(pad([[1] * len(h) for h in host_ids])).bool(), t(pad(host_logical)), t(top_k))
-            meta.policy_state["tiered"] = (plain, reads)
-        return meta.policy_state["tiered"]
+        """The step's decode rows with nothing cold, and what the others read."""
+        bs, dev = self.block_size, meta.decode_block_tables.device
+        plain, rows, device_ids, num_dev, host_ids, host_logical, top_k = [], [], [], [], [], [], []
+        for b, (table, ctx) in enumerate(zip(meta.decode_block_tables.tolist(), meta.decode_ctx_lens.tolist())):
+            entries = table[:-(-ctx // bs)]
+            if all(e >= 0 for e in entries):
+                plain.append(b)
+                continue
+            rows.append(b)
+            device_ids.append([e for e in entries if e >= 0])
+            num_dev.append(len(device_ids[-1]) * bs - (len(entries) * bs - ctx))  # the last block is resident
+            host_ids.append([-1 - e for e in entries if e < 0])
+            host_logical.append([i for i, e in enumerate(entries) if e < 0])
+            top_k.append(meta.decode_kv[b].num_host_reads)  # the plan's: the budget minus resident blocks
+        if not rows:
+            return plain, None
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)
+        return plain, DecodeReads(t(rows), t(pad(device_ids)), t(num_dev), t(pad(host_ids)),
+                                  t(pad([[1] * len(h) for h in host_ids])).bool(), t(pad(host_logical)), t(top_k))
 
 
 def pad(rows: list[list[int]]) -> list[list[int]]:
