@@ -25,10 +25,12 @@ class Runner:
         return self.forward(plan)
 
     def prepare(self, plan: StepPlan) -> None:
-        """The plan's state changes that happen once, whatever happens to its forward: released requests, swaps."""
+        """The plan's state changes that happen once, whatever happens to its forward: released requests, swaps, the KV
+        policy's own (layer-budget's compaction)."""
         self.sampler.release(plan.finished_req_ids)
         self.storage.swap_out(plan.swap_out)  # before swap_in and the forward: those may reuse the blocks
         self.storage.swap_in(plan.swap_in)
+        self.storage.prepare(plan)  # after the swaps: it may move the KV of blocks just swapped in
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> StepResult:

@@ -1,8 +1,8 @@
 """A request whose step raises inside the real engine fails alone: it ends with its own error, every other request
 of that step finishes with exactly the tokens it gives alone, and every KV block comes back.
 
-Faults are injected where real ones happen, on one request only: in the forward (a process-wide torch hook that
-raises when the decoder's input holds a poison token id that only the culprit's prompt holds) and in the sampler after
+Faults are injected where real ones happen, on one request only: in the forward (after the last layer, when the step's input
+holds a poison token id that only the culprit's prompt holds) and in the sampler after
 the step's random draws (a culprit asking for 7 logprobs), so the others' seeded draws must be replayed."""
 from __future__ import annotations
 
@@ -33,15 +33,24 @@ def llm(llama):
 
 @contextlib.contextmanager
 def poisoned_forward():
-    """Any forward whose input ids hold POISON raises, as a kernel failing on one request's input would."""
-    def hook(module: torch.nn.Module, args: tuple) -> None:
-        if isinstance(module, DecoderModel) and (args[0] == POISON).any():
+    """Any forward whose input ids hold POISON raises after its last layer, as a kernel failing on one request's
+    input would: every layer has written its KV (and layer-budget compacted, lazy pruned and revived) by then.
+    Hooked where every forward driver passes (the decoder's loop and lazy's): the embedding and the logits."""
+    embed, logits, poisoned = DecoderModel.embed_tokens, DecoderModel.logits, [False]
+
+    def embed_tokens(model: DecoderModel, input_ids: torch.Tensor) -> torch.Tensor:
+        poisoned[0] = bool((input_ids == POISON).any())
+        return embed(model, input_ids)
+
+    def last(model: DecoderModel, x: torch.Tensor) -> torch.Tensor:
+        if poisoned[0]:
             raise RuntimeError("poisoned token in the forward")
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+        return logits(model, x)
+    DecoderModel.embed_tokens, DecoderModel.logits = embed_tokens, last
     try:
         yield
     finally:
-        handle.remove()
+        DecoderModel.embed_tokens, DecoderModel.logits = embed, logits
 
 
 def good_requests() -> tuple[list[dict], list[SamplingParams]]:

@@ -102,7 +102,8 @@ def test_compacted_reads_are_the_kept_tokens_and_the_tail():
                         num_decodes=1, decode_block_tables=table[None], decode_ctx_lens=torch.tensor([past + 1]),
                         decode_kv=[policy.plan_step(past, 1, table.tolist())])  # the plan says: compact
     q, k, v = torch.randn(1, H, Dh), torch.randn(1, K, Dh), torch.randn(1, K, Dh)
-    meta.kv_state = kv.begin_step(meta)  # compacts, as the plan says
+    kv.compact(table.tolist(), meta.decode_kv[0].compaction)  # as the plan says (the runner's prepare)
+    meta.kv_state = kv.begin_step(meta)
     got = [kv.layers[l].attend(q, k, v, meta, 0.5, None) for l in range(L)]
     assert meta.kv_state.packed is not None
     # later steps read the same cells through the table with its HOLEs, as the manager leaves it

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ferry.models.layers.attention import AttnMetadata, LayerKV
+from ferry.plan import StepPlan
 from ferry.runner.kv.storage import BlockLayout, BlockTensors, KVStorage
 
 # family -> tensor half (a scheduler-side policy names its family: `layer-budget+int8` runs `layer-budget`'s)
@@ -82,6 +83,11 @@ class PolicyKV:
 
     def import_blocks(self, block_ids: list[int], data: dict[str, torch.Tensor]) -> None:
         self.blocks.import_blocks(block_ids, data)
+
+    def prepare(self, plan: StepPlan) -> None:
+        """Changes the plan asks of the KV tensors once, before its forward (Runner.prepare): a forward may be run
+        again on part of the step (a failing request is isolated, ferry/engine/isolation.py), and must then find the
+        tensors as they were, so nothing here may happen inside it. Default: nothing."""
 
     def begin_step(self, meta: AttnMetadata) -> Any:
         """What the policy's layers share in this step, built once before the first layer (AttnMetadata.kv_state; a

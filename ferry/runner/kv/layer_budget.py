@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ferry.models.layers.attention import AttnMetadata, LayerKV, write_kv
-from ferry.plan import HOLE, Compaction
+from ferry.plan import HOLE, Compaction, StepPlan
 from ferry.runner.kv.base import POLICY_KV, PolicyKV, gather_blocks, register_policy_kv
 from ferry.runner.kv.dense import decode_probs, prefill_attention, weighted_values
 from ferry.runner.kv.full import FullKV, PagedLayer
@@ -217,8 +217,8 @@ class LayerBudgetKV(PolicyKV):
             holes = (table == HOLE).nonzero()[:, 0]
             if len(holes):  # compacted in an earlier step
                 dropped = range(int(holes[0]), int(holes[-1]) + 1)
-            elif kv.compaction is not None:
-                dropped = self._compact(table, past, kv.compaction)
+            elif kv.compaction is not None:  # packed in prepare()
+                dropped = range(kv.compaction.kept_blocks, kv.compaction.region_blocks)
             else:
                 plain.append(b)
                 keeps.append(self._keep(table, past, kv.read_tokens, kv.sink_tokens, kv.window_tokens))
@@ -233,13 +233,18 @@ class LayerBudgetKV(PolicyKV):
         plain_rows = torch.tensor(plain, dtype=torch.long, device=tables.device)
         return _StepKeep(plain_rows, masks, _pack(rows, packed) if rows else None)
 
-    def _compact(self, table: torch.Tensor, past: int, plan: Compaction) -> range:
-        """Keep sets of the region (the whole blocks before token `past`) for its share of the budget, and every
-        kept cell copied into the region's first blocks (_Compaction.pack). The blocks it empties."""
-        start = plan.region_blocks * self.block_size
-        keep = self._keep(table, start, plan.budget, plan.sink_tokens, plan.window_tokens)
-        self.compaction.pack(table[:plan.region_blocks], keep, plan.kept_blocks)
-        return range(plan.kept_blocks, plan.region_blocks)
+    def prepare(self, plan: StepPlan) -> None:
+        """The compactions the plan asks for, once, before the forward."""
+        for r in plan.reqs:
+            if r.kv.compaction is not None:
+                self.compact(r.block_ids, r.kv.compaction)
+
+    def compact(self, block_ids: list[int], c: Compaction) -> None:
+        """Keep sets of a request's region (the whole blocks before its new token) for the region's share of the
+        budget, and every kept cell copied into the region's first blocks (_Compaction.pack)."""
+        table = torch.tensor(block_ids[:c.region_blocks], dtype=torch.long, device=self.importance.device)
+        keep = self._keep(table, c.region_blocks * self.block_size, c.budget, c.sink_tokens, c.window_tokens)
+        self.compaction.pack(table, keep, c.kept_blocks)
 
 
 class _Compaction:
