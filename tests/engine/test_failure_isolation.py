@@ -16,19 +16,9 @@ from ferry import LLM, SamplingParams
 from ferry.engine.async_engine import AsyncLLM
 from ferry.models.decoder import DecoderModel
 from ferry.sampling.sampler import Sampler
-from tests.checkpoints import make_checkpoint, random_prompts
+from tests.checkpoints import random_prompts
 
 POISON = 2  # <unk>: random_prompts never draws it
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_ckpt_dir):
-    return make_checkpoint("llama", tmp_ckpt_dir)
-
-
-@pytest.fixture(scope="module")
-def llm(llama):
-    return LLM(str(llama), dtype="float32", kv_cache_memory="4M")
 
 
 @contextlib.contextmanager

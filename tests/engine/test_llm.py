@@ -11,17 +11,7 @@ import torch
 from ferry import LLM, SamplingParams
 from ferry.engine.async_engine import AsyncLLM
 from ferry.errors import ContextLengthExceeded, InvalidRequest, ModelLoadError
-from tests.checkpoints import hf_greedy, make_checkpoint, random_prompts
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_ckpt_dir):
-    return make_checkpoint("llama", tmp_ckpt_dir)
-
-
-@pytest.fixture(scope="module")
-def llm(llama):
-    return LLM(str(llama), dtype="float32", kv_cache_memory="4M")
+from tests.checkpoints import hf_greedy, random_prompts
 
 
 def greedy(**kw) -> SamplingParams:
