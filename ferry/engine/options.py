@@ -149,7 +149,10 @@ def _kv_options(v: dict[str, Any]) -> KVOptions:
     unused = sorted(f"kv_{f}" for f in given if f not in reads)
     if unused:
         known = ", ".join(sorted(f"kv_{f}" for f in reads)) or "no kv_* option"
-        raise InvalidRequest(f"{', '.join(unused)} does not apply to kv_policy={name} (it reads {known})")
+        users = sorted(p for p, cls in KV_POLICIES.items()
+                       if all(f.removeprefix("kv_") in {g.name for g in dataclasses.fields(cls.Options)} for f in unused))
+        fix = f"choose a kv_policy that reads it ({', '.join(users)})" if users else "leave it out"
+        raise InvalidRequest(f"{', '.join(unused)} does not apply to kv_policy={name} (it reads {known}): {fix}")
     return KV_POLICIES[name].Options(**given)
 
 
