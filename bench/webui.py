@@ -1,0 +1,169 @@
+"""The web page's cost (issue 24): does a 1 Hz engine-stats client slow decoding, and how much memory does the
+page add to an idle server?
+
+Method: one `python -m ferry.server` on the in-house model ferry-tiny (the page on, as shipped). Decode speed is
+one streamed chat request at temperature 0 with end-of-sequence ignored, --tokens tokens, timed from its first to
+its last token (tok/s); "stats" runs the same request while a client reads /v1/stats/stream (the page's engine
+tab, one event a second), "plain" without. The two alternate, the first rotating per round (bench.common
+.interleaved), --runs rounds; medians, min/max and the ratio stats/plain go in the JSON. Idle memory: the
+server's RSS (/proc) after warm-up with nothing connected, then with the page loaded in a headless chromium
+(Playwright, the engine tab open for --idle-seconds) or, without a browser, the page's files fetched and the
+stats feed held open by httpx; and again after it disconnects.
+
+    python -m bench webui                 # ~2 min; bench/results/webui.{json,png}
+    python -m bench webui --smoke         # a few seconds of decode; bench/.cache/smoke/webui.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/webui.py` from the repo root
+from bench.common import interleaved, new_record, ratio, result_path, summary
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "ferry" / "assets" / "ferry-tiny"
+
+
+def decode_tok_s(url: str, tokens: int) -> float:
+    """Generated tokens per second of one streamed request, first token to last."""
+    body = {"messages": [{"role": "user", "content": "How do I read a file in Python?"}], "max_tokens": tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    first = last = None
+    n = 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                n = event["usage"]["completion_tokens"]
+            elif any(c["delta"].get("content") for c in event.get("choices", [])):
+                last = time.perf_counter()
+                first = first or last
+    return (n - 1) / (last - first) if first and last and last > first and n > 1 else float("nan")
+
+
+class StatsClient:
+    """Reads /v1/stats/stream in a thread, as the page's engine tab does, until closed."""
+
+    def __init__(self, url: str) -> None:
+        self.events = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str) -> None:
+        with httpx.stream("GET", url + "/v1/stats/stream", timeout=None) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    self.events += 1
+                if self._stop.is_set():
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=3)
+
+
+def with_stats(url: str, tokens: int) -> float:
+    client = StatsClient(url)
+    time.sleep(1.1)  # connected and past its first event
+    try:
+        return decode_tok_s(url, tokens)
+    finally:
+        client.close()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def page_loaded_rss(url: str, pid: int, seconds: float) -> tuple[float, str]:
+    """RSS while the page is open on its engine tab (a browser when there is one, else httpx doing its requests)."""
+    try:
+        from tests.e2e.test_webui import ARGS, CHROMIUM
+        from playwright.sync_api import sync_playwright
+    except Exception:  # no Playwright or no chromium (the test module skips at import)
+        CHROMIUM = None
+    if CHROMIUM:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page()
+            page.goto(url + "/#stats")
+            page.wait_for_selector("[data-stat='Running']")
+            time.sleep(seconds)
+            value = rss_mb(pid)
+            browser.close()
+        return value, "chromium"
+    for name in ("", "webui/style.css", "webui/md.js", "webui/api.js", "webui/chat.js", "webui/stats.js"):
+        httpx.get(f"{url}/{name}").raise_for_status()
+    client = StatsClient(url)
+    time.sleep(seconds)
+    value = rss_mb(pid)
+    client.close()
+    return value, "httpx"
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    d = record["decode_tok_s"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    a.bar(["plain", "1 Hz stats client"], [d["plain"]["median"], d["stats"]["median"]], color=["#888", "#1f6feb"])
+    a.set_ylabel("decode tok/s (median)")
+    a.set_title(f"ratio {record['ratio_stats_over_plain']:.3f}")
+    m = record["idle_rss_mb"]
+    b.bar(["idle", "page open", "after"], [m["idle"], m["page_open"], m["after"]], color=["#888", "#1f6feb", "#888"])
+    b.set_ylabel("server RSS (MB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench webui", description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--idle-seconds", type=float, default=5.0)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.runs, args.tokens, args.idle_seconds = 2, 32, 1.5
+    from tests.e2e.conftest import Server
+    out = result_path("webui", args.smoke, args.out)
+    server = Server(MODEL, "--threads", str(args.threads), log_path=out.with_suffix(".server.log"))
+    try:
+        pid = server.proc.pid
+        time.sleep(1)
+        idle = rss_mb(pid)
+        open_, how = page_loaded_rss(server.url, pid, args.idle_seconds)
+        time.sleep(1.5)
+        after = rss_mb(pid)
+        runs = interleaved({"plain": lambda: decode_tok_s(server.url, args.tokens),
+                            "stats": lambda: with_stats(server.url, args.tokens)}, args.runs)
+    finally:
+        server.stop()
+    record = new_record("webui", "does a 1 Hz stats client slow decoding; what does the page add to idle RSS?", args)
+    record["decode_tok_s"] = {k: summary(v) for k, v in runs.items()}
+    record["ratio_stats_over_plain"] = ratio(record["decode_tok_s"]["stats"]["median"],
+                                             record["decode_tok_s"]["plain"]["median"])
+    record["idle_rss_mb"] = {"idle": idle, "page_open": open_, "after": after, "page_client": how}
+    out.write_text(json.dumps(record, indent=2, default=str))
+    plot(record, out.with_suffix(".png"))
+    print(json.dumps({k: record[k] for k in ("decode_tok_s", "ratio_stats_over_plain", "idle_rss_mb")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
