@@ -12,6 +12,7 @@ stats feed held open by httpx; and again after it disconnects.
 
     python -m bench webui                 # ~2 min; bench/results/webui.{json,png}
     python -m bench webui --smoke         # a few seconds of decode; bench/.cache/smoke/webui.json
+    python -m bench webui --screenshots docs/   # the README's pictures of the page (chat, engine; light, dark)
 """
 from __future__ import annotations
 
@@ -114,6 +115,51 @@ def page_loaded_rss(url: str, pid: int, seconds: float) -> tuple[float, str]:
     return value, "httpx"
 
 
+def screenshots(folder: Path, threads: int) -> None:
+    """docs/webui-{chat,engine}-{light,dark}.png: the page at a laptop size, answering the question issue 24
+    asked, with the checkpoint's sampling defaults (the page leaves them unset)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.e2e.conftest import Server
+    from tests.e2e.test_webui import ARGS, CHROMIUM
+    folder.mkdir(parents=True, exist_ok=True)
+    server = Server(MODEL, "--threads", str(threads), "--served-model-name", "ferry-tiny",
+                    log_path=folder / ".webui-server.log")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            for scheme in ("light", "dark"):
+                page = browser.new_page(viewport={"width": 1000, "height": 620}, color_scheme=scheme)
+                page.goto(server.url + "/")
+                page.wait_for_selector("#model:not(:empty)")
+                page.click("#settings summary")
+                page.fill("#max_tokens", "60")
+                page.dispatch_event("#max_tokens", "change")
+                page.fill("#seed", "7")
+                page.dispatch_event("#seed", "change")
+                for question in ("How do I read a file in Python?", "What does apt-get do?"):
+                    page.fill("#input", question)
+                    page.press("#input", "Enter")
+                    page.wait_for_selector("#send:not([hidden])", timeout=120_000)
+                page.screenshot(path=str(folder / f"webui-chat-{scheme}.png"))
+                page.click("#tab-stats")
+                body = {"prompt": "The os module provides", "max_tokens": 4000, "ignore_eos": True}
+                workers = [threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",),
+                                            kwargs={"json": body, "timeout": 300}) for _ in range(3)]
+                for i, worker in enumerate(workers):  # staggered: the chart shows the batch growing
+                    worker.start()
+                    time.sleep(3)
+                time.sleep(3)
+                page.screenshot(path=str(folder / f"webui-engine-{scheme}.png"))
+                for worker in workers:
+                    worker.join()
+                page.close()
+            browser.close()
+    finally:
+        server.stop()
+        (folder / ".webui-server.log").unlink(missing_ok=True)
+
+
 def plot(record: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -138,7 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--idle-seconds", type=float, default=5.0)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--screenshots", type=Path, default=None, help="only take the README's screenshots into DIR")
     args = ap.parse_args(argv)
+    if args.screenshots:
+        screenshots(args.screenshots, args.threads)
+        return
     if args.smoke:
         args.runs, args.tokens, args.idle_seconds = 2, 32, 1.5
     from tests.e2e.conftest import Server

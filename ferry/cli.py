@@ -126,7 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
   (4.2M parameters, trained by the project on the Python and Debian documentation: expect doc-like text)
   curl {url}/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{kw['served_model_name']}", "prompt": "The os module provides", "max_tokens": 32}}'
-  or: openai.OpenAI(base_url="{url}", api_key="none").completions.create(model="{kw['served_model_name']}", prompt="Hi")""",
+  or: openai.OpenAI(base_url="{url}", api_key="none").completions.create(model="{kw['served_model_name']}", prompt="Hi")"""
+          + (f"\n  web page: http://{kw['host']}:{kw['port']}/" if kw["webui"] else ""),
           file=sys.stderr, flush=True)
     run_server(str(path), **kw, **engine_kwargs(args))
     return 0

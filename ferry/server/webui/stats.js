@@ -64,15 +64,28 @@ const statsView = (() => {
     ctx.fillStyle = css.getPropertyValue("--muted");
     ctx.font = "11px system-ui, sans-serif";
     ctx.fillText(max.toFixed(0) + " tok/s", 4, 12);
+    ctx.strokeStyle = css.getPropertyValue("--line");
+    ctx.lineWidth = 1;
+    for (const f of [0, 0.5, 1]) {  // grid: 0, half and full scale
+      const y = Math.round(h - 4 - f * (h - 20)) + 0.5;
+      ctx.beginPath();
+      ctx.moveTo(0, y);
+      ctx.lineTo(w, y);
+      ctx.stroke();
+    }
+    if (!points.length) return;
+    const xy = (p, i) => [w - (points.length - 1 - i) * (w / (HISTORY - 1)), h - 4 - (p / max) * (h - 20)];
+    ctx.beginPath();
+    points.forEach((p, i) => { const [x, y] = xy(p, i); if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y); });
     ctx.strokeStyle = css.getPropertyValue("--accent");
     ctx.lineWidth = 2;
-    ctx.beginPath();
-    points.forEach((p, i) => {
-      const x = w - (points.length - 1 - i) * (w / (HISTORY - 1));
-      const y = h - 4 - (p / max) * (h - 20);
-      if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
-    });
     ctx.stroke();
+    ctx.lineTo(w, h - 4);
+    ctx.lineTo(xy(points[0], 0)[0], h - 4);
+    ctx.globalAlpha = 0.15;
+    ctx.fillStyle = css.getPropertyValue("--accent");
+    ctx.fill();
+    ctx.globalAlpha = 1;
   }
 
   async function start() {
