@@ -8,9 +8,10 @@ tab, one event a second), "plain" without. The two alternate, the first rotating
 .interleaved), --runs rounds; medians, min/max and the ratio stats/plain go in the JSON. Idle memory: the
 server's RSS (/proc) after warm-up with nothing connected, then with the page loaded in a headless chromium
 (Playwright, the engine tab open for --idle-seconds) or, without a browser, the page's files fetched and the
-stats feed held open by httpx; and again after it disconnects.
+stats feed held open by httpx; and again after it disconnects. The feed's own cost, free of decode-speed
+noise: the idle server's CPU time per second with and without a stats client (/proc/PID/stat).
 
-    python -m bench webui                 # ~2 min; bench/results/webui.{json,png}
+    python -m bench webui                 # ~4 min; bench/results/webui.{json,png}
     python -m bench webui --smoke         # a few seconds of decode; bench/.cache/smoke/webui.json
     python -m bench webui --screenshots docs/   # the README's pictures of the page (chat, engine; light, dark)
 """
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import sys
 import threading
 import time
@@ -87,6 +90,25 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu_ms_per_s(url: str, pid: int, seconds: float, feed: bool) -> float:
+    """The idle server's CPU use (ms per wall second), with or without a stats client reading the feed: the
+    feed's cost without the decode-speed noise of a shared machine."""
+    client = StatsClient(url) if feed else None
+    time.sleep(1.2)
+    c0, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    used = (cpu_seconds(pid) - c0) / (time.monotonic() - t0) * 1000
+    if client:
+        client.close()
+    return used
 
 
 def page_loaded_rss(url: str, pid: int, seconds: float) -> tuple[float, str]:
@@ -178,10 +200,11 @@ def plot(record: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench webui", description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=9)
+    ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--idle-seconds", type=float, default=5.0)
+    ap.add_argument("--cpu-seconds", type=float, default=10.0, help="window of each idle CPU measurement")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--screenshots", type=Path, default=None, help="only take the README's screenshots into DIR")
@@ -190,10 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         screenshots(args.screenshots, args.threads)
         return
     if args.smoke:
-        args.runs, args.tokens, args.idle_seconds = 2, 32, 1.5
+        args.runs, args.tokens, args.idle_seconds, args.cpu_seconds = 2, 32, 1.5, 1.5
     from tests.e2e.conftest import Server
     out = result_path("webui", args.smoke, args.out)
-    server = Server(MODEL, "--threads", str(args.threads), log_path=out.with_suffix(".server.log"))
+    server = Server(MODEL, "--threads", str(args.threads), log_path=Path(tempfile.mkdtemp()) / "server.log")
     try:
         pid = server.proc.pid
         time.sleep(1)
@@ -201,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         open_, how = page_loaded_rss(server.url, pid, args.idle_seconds)
         time.sleep(1.5)
         after = rss_mb(pid)
+        cpu = {name: [idle_cpu_ms_per_s(server.url, pid, args.cpu_seconds, name == "stats") for _ in range(2)]
+               for name in ("plain", "stats")}
         runs = interleaved({"plain": lambda: decode_tok_s(server.url, args.tokens),
                             "stats": lambda: with_stats(server.url, args.tokens)}, args.runs)
     finally:
@@ -209,10 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     record["decode_tok_s"] = {k: summary(v) for k, v in runs.items()}
     record["ratio_stats_over_plain"] = ratio(record["decode_tok_s"]["stats"]["median"],
                                              record["decode_tok_s"]["plain"]["median"])
+    record["ratio_per_round"] = summary([a / b for a, b in zip(runs["stats"], runs["plain"])])  # same round, paired
+    record["idle_cpu_ms_per_s"] = {k: summary(v) for k, v in cpu.items()}
     record["idle_rss_mb"] = {"idle": idle, "page_open": open_, "after": after, "page_client": how}
     out.write_text(json.dumps(record, indent=2, default=str))
     plot(record, out.with_suffix(".png"))
-    print(json.dumps({k: record[k] for k in ("decode_tok_s", "ratio_stats_over_plain", "idle_rss_mb")}, indent=1))
+    print(json.dumps({k: record[k] for k in ("ratio_stats_over_plain", "ratio_per_round", "idle_cpu_ms_per_s", "idle_rss_mb")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def build_app(engine: "AsyncLLM", *, served_model_name: str | None = None, api_k
         return await serving.detokenize(body)
 
     if webui:
-        add_webui_routes(app, engine, model_name)
+        add_webui_routes(app)
         add_stats_stream(app, engine, model_name)
     return app
 

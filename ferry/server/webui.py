@@ -38,7 +38,7 @@ def static_files() -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(STATIC_DIR.iterdir()) if p.suffix in _TYPES}
 
 
-def add_webui_routes(app: FastAPI, engine: "AsyncLLM", model_name: str) -> None:
+def add_webui_routes(app: FastAPI) -> None:
     """GET / (the page), GET /webui/{name} (its files)."""
     files = static_files()
 

@@ -1,30 +1,6 @@
-// The chat tab: conversations in localStorage, streaming over /v1/chat/completions, stop, regenerate, edit,
-// export/import, per-message stats. Model text reaches the DOM only through md.render (textContent).
+// The chat tab: streaming over /v1/chat/completions, stop, regenerate, edit, settings, per-message stats.
+// Model text reaches the DOM only through md.render (textContent). Conversations live in store.js.
 "use strict";
-const $ = (id) => document.getElementById(id);
-const STORE = "ferry.convs", CURRENT = "ferry.current", SETTINGS = "ferry.settings";
-const state = { convs: [], current: null, controller: null, model: null };
-
-function load() {
-  try { state.convs = JSON.parse(localStorage.getItem(STORE) || "[]"); } catch (_) { state.convs = []; }
-  if (!Array.isArray(state.convs)) state.convs = [];
-  state.current = localStorage.getItem(CURRENT);
-  if (!state.convs.some((c) => c.id === state.current)) newConv();
-}
-function save() {
-  localStorage.setItem(STORE, JSON.stringify(state.convs));
-  localStorage.setItem(CURRENT, state.current);
-}
-const conv = () => state.convs.find((c) => c.id === state.current);
-function newConv() {
-  const c = { id: "c" + Date.now().toString(36) + Math.random().toString(36).slice(2, 6), title: "New chat",
-              system: "", messages: [], created: Date.now() };
-  state.convs.unshift(c);
-  state.current = c.id;
-  save();
-  return c;
-}
-
 // -- rendering -------------------------------------------------------------------------------------
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -100,11 +76,10 @@ function setBusy(busy) {
 function settings() {
   try { return JSON.parse(localStorage.getItem(SETTINGS) || "{}"); } catch (_) { return {}; }
 }
-function requestBody(c, cont) {
+function requestBody(c) {
   const messages = [];
   if (c.system) messages.push({ role: "system", content: c.system });
-  const history = cont ? c.messages.slice(0, -1) : c.messages;
-  for (const m of history) if (m.role !== "error") messages.push({ role: m.role, content: m.content });
+  for (const m of c.messages) if (!m.error) messages.push({ role: m.role, content: m.content });  // failed answers
   const body = { messages, stream: true, stream_options: { include_usage: true } };
   if (state.model) body.model = state.model;
   const s = settings();
@@ -121,21 +96,12 @@ function updateStats(st, t0, tFirst, counted) {
     st.gen_tps = (st.completion_tokens - 1) / ((now - tFirst) / 1000);
   if (st.prompt_tokens !== undefined && st.ttft_ms) st.prompt_tps = st.prompt_tokens / (st.ttft_ms / 1000);
 }
-// cont: continue the last assistant message (its text is kept and the new text appended).
-async function generate(cont = false) {
+// Streams an answer to the conversation as it stands into a new assistant message.
+async function generate() {
   const c = conv();
-  const body = requestBody(c, cont);
-  let reply;
-  if (cont) {
-    reply = c.messages[c.messages.length - 1];
-    body.messages.push({ role: "assistant", content: reply.content });
-    body.add_generation_prompt = false;
-  } else {
-    reply = { role: "assistant", content: "", stats: {} };
-    c.messages.push(reply);
-  }
-  reply.stats = {};
-  delete reply.error;
+  const body = requestBody(c);
+  const reply = { role: "assistant", content: "", stats: {} };
+  c.messages.push(reply);
   state.controller = new AbortController();
   setBusy(true);
   renderMessages();
@@ -207,34 +173,6 @@ function editMessage(node, i) {
   area.addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); submit(); } });
   body.replaceChildren(area, button("Save & send", submit, "save-edit"), button("Cancel", renderMessages));
   area.focus();
-}
-
-// -- export / import -------------------------------------------------------------------------------
-function exportConv() {
-  const c = conv();
-  const blob = new Blob([JSON.stringify({ format: "ferry-chat", version: 1, conversation: c }, null, 2)],
-                        { type: "application/json" });
-  const a = el("a");
-  a.href = URL.createObjectURL(blob);
-  a.download = (c.title || "chat").replace(/[^\w.-]+/g, "_").slice(0, 40) + ".json";
-  a.click();
-  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
-}
-async function importConv(file) {
-  try {
-    const data = JSON.parse(await file.text());
-    const src = data.conversation || data;
-    if (!Array.isArray(src.messages)) throw new Error("no messages array");
-    const c = newConv();
-    c.title = String(src.title || file.name).slice(0, 80);
-    c.system = String(src.system || "");
-    c.messages = src.messages.filter((m) => m && ["user", "assistant", "system"].includes(m.role))
-      .map((m) => ({ role: m.role, content: String(m.content ?? ""), stats: m.stats && typeof m.stats === "object" ? m.stats : undefined }));
-    save();
-    renderAll();
-  } catch (e) {
-    alert("Could not import " + file.name + ": " + e.message);
-  }
 }
 
 // -- wiring ----------------------------------------------------------------------------------------
