@@ -155,7 +155,9 @@ def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, a
     # graceful shutdown waits for in-flight requests at most as long as one request may take
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_keep_alive=5,
                             timeout_graceful_shutdown=max(1, math.ceil(request_timeout)))
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    app.state.stopping = lambda: server.should_exit  # ends the endless /v1/stats/stream feeds at SIGTERM
+    server.run()
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

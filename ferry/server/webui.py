@@ -63,16 +63,19 @@ def add_stats_stream(app: FastAPI, engine: "AsyncLLM", model_name: str) -> None:
 
     @app.get("/v1/stats/stream", include_in_schema=False)
     async def stats_stream() -> Response:
-        events = stats_events(engine.stats, model_name, kv_policy, STATS_INTERVAL)
+        # app.state.stopping (set by run_server): true once SIGTERM/SIGINT arrived. The feed never ends on its
+        # own, and uvicorn's graceful shutdown waits for open responses: an open engine tab must not hold it.
+        stopping = getattr(app.state, "stopping", None) or (lambda: False)
+        events = stats_events(engine.stats, model_name, kv_policy, STATS_INTERVAL, stopping)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={**_headers(), "X-Accel-Buffering": "no"})
 
 
-async def stats_events(stats: Callable[[], EngineStats], model_name: str, kv_policy: str,
-                       interval: float) -> AsyncIterator[str]:
-    """SSE events until the client goes away (Starlette cancels the generator then)."""
+async def stats_events(stats: Callable[[], EngineStats], model_name: str, kv_policy: str, interval: float,
+                       stopping: Callable[[], bool] = lambda: False) -> AsyncIterator[str]:
+    """SSE events until the client goes away (Starlette cancels the generator then) or the server stops."""
     prev: tuple[float, EngineStats] | None = None
-    while True:
+    while not stopping():
         now, s = time.monotonic(), stats()
         yield f"data: {json.dumps(stats_payload(s, prev, now, model_name, kv_policy), separators=(',', ':'))}\n\n"
         prev = (now, s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import signal
 import threading
 import time
 
@@ -222,3 +223,26 @@ def test_works_with_api_key(browser, tmp_path_factory):
         only_local(page, server)
     finally:
         server.stop()
+
+
+def test_an_open_engine_tab_does_not_hold_shutdown(tmp_path):
+    """The stats feed never ends by itself; SIGTERM must still stop the server within seconds, not after
+    --request-timeout (uvicorn's graceful shutdown waits for open responses)."""
+    server = Server(MODEL, log_path=tmp_path / "log")
+    lines: list[str] = []
+
+    def read() -> None:
+        with httpx.stream("GET", server.url + "/v1/stats/stream", timeout=60) as r:
+            lines.extend(line for line in r.iter_lines() if line.startswith("data:"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert lines, "no stats event within 10 s"
+    start = time.monotonic()
+    assert server.stop(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    assert time.monotonic() - start < 10
+    reader.join(timeout=5)
+    assert not reader.is_alive()

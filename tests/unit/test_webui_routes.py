@@ -93,3 +93,13 @@ def test_stats_events_are_sse_once_per_interval():
     events = asyncio.run(two())
     assert all(e.startswith("data: {") and e.endswith("\n\n") for e in events)
     assert json.loads(events[1][6:])["generation_tokens_per_s"] == 0.0
+
+
+def test_stats_events_end_when_the_server_stops():
+    import asyncio
+
+    async def drain() -> list[str]:
+        calls = iter([False, False, True])
+        return [e async for e in stats_events(EngineStats, "m", "full", 0.0, lambda: next(calls))]
+
+    assert len(asyncio.run(drain())) == 2
