@@ -246,3 +246,23 @@ def test_an_open_engine_tab_does_not_hold_shutdown(tmp_path):
     assert time.monotonic() - start < 10
     reader.join(timeout=5)
     assert not reader.is_alive()
+
+
+def test_phone_width_and_theme_toggle(browser, web):
+    context = browser.new_context(viewport={"width": 390, "height": 800}, color_scheme="light")
+    page = context.new_page()
+    page.requests = []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.goto(web.url + "/")
+    page.wait_for_selector("#model:not(:empty)")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 390  # nothing wider than a phone
+    assert page.is_visible("#input") and page.is_visible("#send") and page.is_visible("#new-conv")
+    background = "() => getComputedStyle(document.body).backgroundColor"
+    light = page.evaluate(background)
+    page.click("#theme")
+    dark = page.evaluate(background)
+    assert light != dark and page.evaluate("() => document.documentElement.dataset.theme") == "dark"
+    page.reload()
+    page.wait_for_selector("#model:not(:empty)")
+    assert page.evaluate(background) == dark  # the choice is kept
+    only_local(page, web)

@@ -103,3 +103,14 @@ def test_stats_events_end_when_the_server_stops():
         return [e async for e in stats_events(EngineStats, "m", "full", 0.0, lambda: next(calls))]
 
     assert len(asyncio.run(drain())) == 2
+
+
+def test_no_webui_flag_reaches_run_server():
+    import argparse
+
+    from ferry.server.app import add_server_arguments, server_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    assert server_kwargs(parser.parse_args([]))["webui"] is True
+    assert server_kwargs(parser.parse_args(["--no-webui"]))["webui"] is False
