@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench bench-smoke install clean
+.PHONY: run test bench bench-smoke install browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,12 +17,21 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# the browser tests (tests/e2e/test_webui.py) drive the distribution's chromium through Playwright's Python
+# package; never `playwright install` (it downloads a browser from a CDN). Idempotent; skips without apt or root.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q chromium >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) \
+		|| echo "make: could not install chromium with apt-get; the browser tests will skip"; \
+	else echo "make: no apt-get (or not root): chromium not installed; the browser tests will skip"; fi
 
 run: $(STAMP)
 	$(BIN)/ferry run
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest tests
 
 # every scenario of bench/ at its default size (~40 min on 2 idle cores, plus ~40 min the first time to build

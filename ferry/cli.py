@@ -34,13 +34,18 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) ->
     parser.set_defaults(default_max_tokens=max_tokens)
 
 
-def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+def _sampling_params(args: argparse.Namespace, defaults: dict | None = None) -> SamplingParams:
+    """Flags given win; then the checkpoint's generation_config.json defaults (ferry chat passes them); then
+    greedy for a temperature neither sets."""
+    from ferry.engine.inputs import sampling_params
+
     kw = {name: getattr(args, name) for name, _, _ in SAMPLING_FLAGS if getattr(args, name) is not None}
     kw.setdefault("max_tokens", args.default_max_tokens)
-    kw.setdefault("temperature", 0.0)
+    if "temperature" not in (defaults or {}):
+        kw.setdefault("temperature", 0.0)
     if args.stop:
         kw["stop"] = args.stop
-    return SamplingParams(**kw)
+    return sampling_params(kw, defaults)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -71,9 +76,9 @@ def _generate(llm, args: argparse.Namespace, params: SamplingParams) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from ferry.engine.llm import LLM
 
-    params = _sampling_params(args)
+    _sampling_params(args)  # bad flags fail before the model loads
     with LLM(args.model, **engine_kwargs(args)) as llm:
-        return _chat(llm, args, params)
+        return _chat(llm, args, _sampling_params(args, llm.engine.inputs.sampling_defaults))
 
 
 def _chat(llm, args: argparse.Namespace, params: SamplingParams) -> int:
@@ -121,7 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
   (4.2M parameters, trained by the project on the Python and Debian documentation: expect doc-like text)
   curl {url}/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{kw['served_model_name']}", "prompt": "The os module provides", "max_tokens": 32}}'
-  or: openai.OpenAI(base_url="{url}", api_key="none").completions.create(model="{kw['served_model_name']}", prompt="Hi")""",
+  or: openai.OpenAI(base_url="{url}", api_key="none").completions.create(model="{kw['served_model_name']}", prompt="Hi")"""
+          + (f"\n  web page: http://{kw['host']}:{kw['port']}/" if kw["webui"] else ""),
           file=sys.stderr, flush=True)
     run_server(str(path), **kw, **engine_kwargs(args))
     return 0

@@ -1,12 +1,17 @@
 """The engine's edge: what a caller gives (text, token ids, chat messages, with SamplingParams) becomes a
 `ProcessedPrompt` (validated token ids and params) here, once, whichever way it came in (`LLM`, `AsyncLLM`, the
 HTTP server). Every rule about prompts lives here: tokenization, the vocabulary, the context length (and,
-for OpenAI's API, whether max_tokens fits it), logprobs and kv_budget against what this engine runs.
+for OpenAI's API, whether max_tokens fits it), logprobs and kv_budget against what this engine runs, and the
+checkpoint's sampling defaults (generation_config.json) under what a request leaves unset (issue 24: greedy
+chat looped; like vLLM's `--generation-config auto`, explicit values always win).
 
 Torch-free and stateless past construction (it reads only immutable engine facts), so the server runs it in
 a worker thread while the engine thread steps."""
 from __future__ import annotations
 
+import json
+import math
+import pathlib
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -47,6 +52,8 @@ class InputProcessor:
     def __init__(self, tokenizer: PromptTokenizer, limits: InputLimits) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
+        # the checkpoint's generation_config.json sampling values, for requests that leave them unset
+        self.sampling_defaults = load_sampling_defaults(getattr(tokenizer, "folder", None))
 
     def process(self, prompt: PromptInput, params: SamplingParams | None = None,
                 fit_max_tokens: bool = False) -> ProcessedPrompt:
@@ -137,3 +144,36 @@ class InputProcessor:
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+# -- the checkpoint's sampling defaults (generation_config.json) ------------------------------------
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def load_sampling_defaults(folder: str | pathlib.Path | None) -> dict[str, Any]:
+    """The sampling keys of folder/generation_config.json that are numbers; {} when there is no such file.
+    A file that cannot be read is ignored for sampling (the tokenizer reports it when it reads eos ids)."""
+    if folder is None:
+        return {}
+    path = pathlib.Path(folder) / "generation_config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key in SAMPLING_KEYS:
+        value = data.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = int(value) if key == "top_k" else float(value)
+    return out
+
+
+def sampling_params(explicit: dict[str, Any], defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """SamplingParams from what the caller set (a key absent is unset; a sampling key set to None too) over
+    the checkpoint's defaults, over SamplingParams' own. Raises InvalidRequest on out-of-range values."""
+    kw = {k: v for k, v in (defaults or {}).items() if k in SAMPLING_KEYS}
+    kw.update({k: v for k, v in explicit.items() if not (k in SAMPLING_KEYS and v is None)})
+    return SamplingParams(**kw)

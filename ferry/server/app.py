@@ -25,6 +25,7 @@ from ferry.server.metrics import CONTENT_TYPE, ServerMetrics
 from ferry.server.middleware import GuardMiddleware
 from ferry.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ferry.server.serving import Serving
+from ferry.server.webui import add_stats_stream, add_webui_routes
 
 if TYPE_CHECKING:
     from ferry.engine.async_engine import AsyncLLM
@@ -44,9 +45,10 @@ _ERRORS = {status: {"description": desc} for status, desc in (
 
 def build_app(engine: "AsyncLLM", *, served_model_name: str | None = None, api_key: str | None = None,
               request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              shutdown_engine: bool = True) -> FastAPI:
+              shutdown_engine: bool = True, webui: bool = True) -> FastAPI:
     """An OpenAI-compatible app over a running AsyncLLM. The engine's own --max-waiting bounds its queue (429s).
-    shutdown_engine: drain and stop the engine when the app shuts down (its lifespan ends)."""
+    shutdown_engine: drain and stop the engine when the app shuts down (its lifespan ends).
+    webui: serve the web page at / and its engine feed /v1/stats/stream (ferry/server/webui.py)."""
     model_name = served_model_name or str(engine.model_config.path)
     metrics = ServerMetrics(engine.stats, model_name)
     serving = Serving(engine, model_name, metrics, request_timeout)
@@ -109,6 +111,9 @@ def build_app(engine: "AsyncLLM", *, served_model_name: str | None = None, api_k
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         return await serving.detokenize(body)
 
+    if webui:
+        add_webui_routes(app)
+        add_stats_stream(app, engine, model_name)
     return app
 
 
@@ -134,7 +139,7 @@ def _version() -> str:
 
 def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
                served_model_name: str | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-               **engine_options: Any) -> None:
+               webui: bool = True, **engine_options: Any) -> None:
     """Load the model, serve it until SIGTERM/SIGINT, drain in-flight requests, return."""
     import uvicorn
 
@@ -144,11 +149,15 @@ def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, a
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     engine = AsyncLLM.from_options(model, **engine_options)
     app = build_app(engine, served_model_name=served_model_name or str(model), api_key=api_key,
-                    request_timeout=request_timeout)
+                    request_timeout=request_timeout, webui=webui)
+    if webui:
+        log.info("web page at http://%s:%d/", host if host not in ("0.0.0.0", "::") else "127.0.0.1", port)
     # graceful shutdown waits for in-flight requests at most as long as one request may take
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_keep_alive=5,
                             timeout_graceful_shutdown=max(1, math.ceil(request_timeout)))
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    app.state.stopping = lambda: server.should_exit  # ends the endless /v1/stats/stream feeds at SIGTERM
+    server.run()
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,8 +172,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
                        help=f"seconds before a request is aborted, and the most SIGTERM waits for in-flight "
                             f"requests (default: {DEFAULT_REQUEST_TIMEOUT:g})")
+    group.add_argument("--webui", default=True, action=argparse.BooleanOptionalAction,
+                       help="serve the chat and engine page at / (default: on; --no-webui turns it off)")
 
 
 def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"host": args.host, "port": args.port, "api_key": args.api_key, "served_model_name": args.served_model_name,
-            "request_timeout": args.request_timeout}
+            "request_timeout": args.request_timeout, "webui": args.webui}

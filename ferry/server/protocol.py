@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from ferry.engine.inputs import sampling_params
 from ferry.request import SamplingParams
 
 MAX_N = 16  # completions per prompt
@@ -85,20 +86,19 @@ class _Sampling(_Body):
             raise ValueError(f"best_of ({self.best_of}) different from n ({self.n}) is not supported")
         return self
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """SamplingParams of this request; raises InvalidRequest on out-of-range values."""
-        kw: dict[str, Any] = {}
-        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "seed", "kv_budget"):
-            value = getattr(self, name)
-            if value is not None:
-                kw[name] = value
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """SamplingParams of this request; fields left unset take defaults (the checkpoint's
+        generation_config.json); raises InvalidRequest on out-of-range values."""
+        kw: dict[str, Any] = {name: value for name in (
+            "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+            "repetition_penalty", "seed", "kv_budget") if (value := getattr(self, name)) is not None}
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            n=self.n, stop=stop, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+        return sampling_params(dict(
+            kw, n=self.n, stop=stop, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
-            **kw)
+            skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output),
+            defaults)
 
     @property
     def include_usage(self) -> bool:

@@ -58,14 +58,16 @@ class Serving:
 
     async def completions(self, body: CompletionRequest, receive: Receive) -> Response:
         self.check_model(body.model)
-        prompts = [await self.engine.process(p, body.sampling_params(body.max_tokens, body.logprobs), fit_max_tokens=True)
+        params = body.sampling_params(body.max_tokens, body.logprobs, self.engine.inputs.sampling_defaults)
+        prompts = [await self.engine.process(p, params, fit_max_tokens=True)
                    for p in body.prompts()]
         return await self._serve("completion", body, prompts, receive)
 
     async def chat(self, body: ChatCompletionRequest, receive: Receive) -> Response:
         self.check_model(body.model)
         messages = {"messages": body.template_messages(), "add_generation_prompt": body.add_generation_prompt}
-        prompt = await self.engine.process(messages, body.sampling_params(body.max_new_tokens, body.num_logprobs),
+        prompt = await self.engine.process(messages, body.sampling_params(body.max_new_tokens, body.num_logprobs,
+                                                                     self.engine.inputs.sampling_defaults),
                                            fit_max_tokens=True)
         return await self._serve("chat", body, [prompt], receive)
 
