@@ -7,7 +7,7 @@ from typing import Any, Iterator, Sequence
 from tqdm import tqdm
 
 from ferry.engine.engine import LLMEngine
-from ferry.engine.inputs import PromptInput
+from ferry.engine.inputs import PromptInput, sampling_params
 from ferry.engine.options import engine_config
 from ferry.engine.view import EngineView
 from ferry.request import RequestOutput, SamplingParams
@@ -34,11 +34,16 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call that passes no SamplingParams samples with: the checkpoint's generation_config.json
+        (temperature, top_p, top_k, repetition_penalty) over SamplingParams' own defaults, as in vLLM."""
+        return sampling_params({}, self.engine.inputs.sampling_defaults)
+
     def _add(self, prompts: PromptInput | Sequence[PromptInput],
              params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params_list = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        params_list = params if isinstance(params, (list, tuple)) else [params or self.get_default_sampling_params()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
         ids = []

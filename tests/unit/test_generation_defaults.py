@@ -74,3 +74,16 @@ def test_ferry_chat_uses_the_checkpoint_defaults_and_flags_win():
     args.temperature, args.top_k = 0.0, 5
     flags = _sampling_params(args, DEFAULTS)
     assert (flags.temperature, flags.top_k, flags.top_p) == (0.0, 5, 0.9)
+
+
+def test_llm_without_sampling_params_takes_the_checkpoint_defaults():
+    """As vLLM's LLM: generate() with no SamplingParams samples with generation_config.json's values."""
+    from ferry import LLM
+    from ferry.default_model import default_model_path
+
+    llm = LLM(str(default_model_path()), max_model_len=64)
+    want = load_sampling_defaults(default_model_path())
+    got = llm.get_default_sampling_params()
+    assert want and all(getattr(got, k) == v for k, v in want.items())
+    out = llm.generate("Once upon a time", use_tqdm=False)[0].outputs[0]
+    assert out.token_ids
