@@ -24,6 +24,7 @@ from ferry.server.metrics import RequestClock, ServerMetrics
 from ferry.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ferry.server.streaming import (DONE, ChunkWriter, DeltaTracker, TokenTexts, chat_logprobs, completion_logprobs,
                                    error_event, usage)
+from ferry.server.workers import TokenizerWork
 
 if TYPE_CHECKING:
     from ferry.engine.async_engine import AsyncLLM
@@ -35,8 +36,10 @@ Merged = AsyncGenerator[tuple[int, RequestOutput], None]
 
 
 class Serving:
-    def __init__(self, engine: "AsyncLLM", model_name: str, metrics: ServerMetrics, request_timeout: float) -> None:
+    def __init__(self, engine: "AsyncLLM", model_name: str, metrics: ServerMetrics, request_timeout: float,
+                 work: TokenizerWork | None = None) -> None:
         self.engine = engine
+        self.work = work or TokenizerWork()
         self.model_name = model_name
         self.metrics = metrics
         self.request_timeout = request_timeout
@@ -49,10 +52,6 @@ class Serving:
         if requested is not None and requested != self.model_name:
             raise ModelNotFound(f"the model {requested!r} does not exist; this server serves {self.model_name!r}",
                                 param="model")
-
-    async def encode(self, text: str) -> list[int]:
-        """Token ids of a text as /tokenize shows them (no prompt rules: an empty text is 0 tokens)."""
-        return list(await asyncio.to_thread(self.engine.tokenizer.encode, text))
 
     # -- endpoints --------------------------------------------------------------------------------
 
@@ -70,13 +69,22 @@ class Serving:
         return await self._serve("chat", body, [prompt], receive)
 
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """Bounded like a prompt (its text must be able to fit the context) and run on the bounded tokenizer
+        pool (429 when full), so a flood of large calls cannot starve the engine or the event loop."""
         self.check_model(body.model)
+        inputs = self.engine.inputs
         if body.messages is not None:
             msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = await asyncio.to_thread(self.engine.inputs.render_chat, msgs, body.add_generation_prompt)
+            inputs.check_text_size(sum(len(m["content"]) for m in msgs))
+            ids = await self.work.run(inputs.render_chat, msgs, body.add_generation_prompt)
         else:
-            ids = await self.encode(body.prompt or "")
+            inputs.check_text_size(len(body.prompt or ""))
+            ids = await self.work.run(self._encode_ids, body.prompt or "")
         return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
+
+    def _encode_ids(self, text: str) -> list[int]:
+        """Token ids of a text as /tokenize shows them (no prompt rules: an empty text is 0 tokens)."""
+        return list(self.engine.tokenizer.encode(text))
 
     async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
@@ -84,8 +92,11 @@ class Serving:
             self.engine.inputs.check_token_ids(body.tokens)
         except InvalidRequest as e:
             raise BadRequest(str(e), param="tokens") from None
-        text = await asyncio.to_thread(self.engine.tokenizer.decode, body.tokens, skip_special_tokens=False)
+        text = await self.work.run(self._decode_all, body.tokens)
         return {"prompt": text}  # special tokens kept, as vLLM's /detokenize
+
+    def _decode_all(self, ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(ids, skip_special_tokens=False)
 
     # -- one request, streamed or not -------------------------------------------------------------
 
