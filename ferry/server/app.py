@@ -48,7 +48,8 @@ _ERRORS = {status: {"description": desc} for status, desc in (
 
 def build_app(engine: "AsyncLLM", *, served_model_name: str | None = None, api_key: str | None = None,
               request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              shutdown_engine: bool = True, max_tokenize_pending: int = DEFAULT_MAX_TOKENIZE_PENDING) -> FastAPI:
+              shutdown_engine: bool = True, max_tokenize_pending: int = DEFAULT_MAX_TOKENIZE_PENDING,
+              metrics_require_key: bool = False) -> FastAPI:
     """An OpenAI-compatible app over a running AsyncLLM. The engine's own --max-waiting bounds its queue (429s).
     shutdown_engine: drain and stop the engine when the app shuts down (its lifespan ends)."""
     model_name = served_model_name or str(engine.model_config.path)
@@ -71,7 +72,8 @@ def build_app(engine: "AsyncLLM", *, served_model_name: str | None = None, api_k
     for exc_type in (ServerError, FerryError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, _handle)
     app.add_exception_handler(ClientDisconnected, _client_gone)
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics,
+                       metrics_require_key=metrics_require_key)
 
     @app.post("/v1/completions", responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -139,7 +141,8 @@ def _version() -> str:
 def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
                served_model_name: str | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
                header_timeout: float = DEFAULT_HEADER_TIMEOUT, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-               max_tokenize_pending: int = DEFAULT_MAX_TOKENIZE_PENDING, **engine_options: Any) -> None:
+               max_tokenize_pending: int = DEFAULT_MAX_TOKENIZE_PENDING, metrics_require_key: bool = False,
+               **engine_options: Any) -> None:
     """Load the model, serve it until SIGTERM/SIGINT, drain in-flight requests, return."""
     import uvicorn
 
@@ -149,7 +152,8 @@ def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, a
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     engine = AsyncLLM.from_options(model, **engine_options)
     app = build_app(engine, served_model_name=served_model_name or str(model), api_key=api_key,
-                    request_timeout=request_timeout, max_tokenize_pending=max_tokenize_pending)
+                    request_timeout=request_timeout, max_tokenize_pending=max_tokenize_pending,
+                    metrics_require_key=metrics_require_key)
     # graceful shutdown waits for in-flight requests at most as long as one request may take
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_keep_alive=5,
                             http=read_deadline_protocol(header_timeout, body_timeout),
@@ -179,7 +183,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                                                              "0.0.0.0 serves every interface)")
     group.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})")
     group.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, "
-                                                       "/detokenize")
+                                                       "/detokenize (/health, /metrics, /docs, /openapi.json stay "
+                                                       "open; see --metrics-require-key)")
+    group.add_argument("--metrics-require-key", action="store_true",
+                       help="with --api-key, require the key on /metrics, /docs, /redoc and /openapi.json too "
+                            "(/health stays open for load-balancer probes)")
     group.add_argument("--served-model-name", default=None, help="the model name clients send (default: the MODEL "
                                                                  "argument as given)")
     group.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
@@ -202,4 +210,5 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"host": args.host, "port": args.port, "api_key": args.api_key, "served_model_name": args.served_model_name,
             "request_timeout": args.request_timeout, "header_timeout": args.header_timeout,
-            "body_timeout": args.body_timeout, "max_tokenize_pending": args.max_tokenize_pending}
+            "body_timeout": args.body_timeout, "max_tokenize_pending": args.max_tokenize_pending,
+            "metrics_require_key": args.metrics_require_key}

@@ -1,6 +1,7 @@
 """The guard in front of every route (plain ASGI, so it runs before FastAPI touches the body):
 
-1. API key: with --api-key, /v1/* /tokenize /detokenize need `Authorization: Bearer KEY` (401 otherwise).
+1. API key: with --api-key, /v1/* /tokenize /detokenize need `Authorization: Bearer KEY` (401 otherwise); with
+   --metrics-require-key too, /metrics /docs /redoc /openapi.json need it as well (/health never does).
 2. Body: POST bodies larger than max_body_bytes are refused with 413 before they are read whole; a body that
    is not UTF-8, not JSON or not a JSON object is a 400 that says where it breaks. A body that parses is
    passed on as application/json whatever its Content-Type (curl -d sends form encoding by default).
@@ -18,6 +19,9 @@ from ferry.server.errors import BadRequest, PayloadTooLarge, ServerError, Unauth
 from ferry.server.metrics import ServerMetrics
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# open without a key unless --metrics-require-key: what the server runs and how busy it is, and the API's schema.
+# /health stays open in every case: load balancers probe it without credentials and it tells only "ok".
+INTROSPECTION_PREFIXES = ("/metrics", "/docs", "/redoc", "/openapi.json")
 JSON_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
 
 
@@ -86,9 +90,11 @@ def parse_json_body(body: bytes) -> None:
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics) -> None:
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics,
+                 metrics_require_key: bool = False) -> None:
         self.app = app
         self.api_key = api_key
+        self.protected = PROTECTED_PREFIXES + (INTROSPECTION_PREFIXES if metrics_require_key else ())
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
 
@@ -117,7 +123,7 @@ class GuardMiddleware:
         await self.app(scope, receive, counting_send)
 
     def _check_key(self, scope: Scope) -> None:
-        if self.api_key is None or not scope["path"].startswith(PROTECTED_PREFIXES):
+        if self.api_key is None or not scope["path"].startswith(self.protected):
             return
         auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = auth.partition(" ")
