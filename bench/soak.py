@@ -30,6 +30,7 @@ from bench.soak_server import SoakServer
 MAX_NUM_SEQS, MAX_WAITING = 16, 8
 HEADER_TIMEOUT, BODY_TIMEOUT = 2.0, 3.0
 TOKENIZE_PENDING = 4
+ROUNDS = 5
 WORDS = "Lily Tom park dog ball sun tree happy ran saw big little red the a and".split()
 
 
@@ -38,6 +39,7 @@ class Phase:
 
     def __init__(self, name: str) -> None:
         self.name, self.sent, self.outcomes, self.anomalies = name, 0, Counter(), []
+        self.rss_mb: float | None = None  # the server's RSS after the phase
 
     def record(self, outcome: str, anomaly: str | None = None) -> None:
         self.sent += 1
@@ -47,7 +49,7 @@ class Phase:
 
     def row(self) -> dict:
         return {"phase": self.name, "sent": self.sent, "outcomes": dict(sorted(self.outcomes.items())),
-                "anomalies": len(self.anomalies), "examples": self.anomalies[:5]}
+                "anomalies": len(self.anomalies), "examples": self.anomalies[:5], "rss_mb": self.rss_mb}
 
 
 def _random_body(rng: random.Random) -> tuple[str, dict]:
@@ -80,8 +82,9 @@ async def _one_mixed(client: httpx.AsyncClient, url: str, path: str, body: dict,
                 lines = [line async for line in r.aiter_lines()]
                 if r.status_code != 200:
                     return str(r.status_code)
-                if "data: [DONE]" not in lines or any('"error"' in line for line in lines):
-                    phase.anomalies.append(f"stream without [DONE] or with an error: {body}")
+                events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+                if "data: [DONE]" not in lines or any("error" in e for e in events):
+                    phase.anomalies.append(f"stream without [DONE] or with an error event: {body} {lines[-3:]}")
                 return "200"
         r = await client.post(url + path, json=body)
         if r.status_code == 200:
@@ -106,8 +109,8 @@ async def _one_mixed(client: httpx.AsyncClient, url: str, path: str, body: dict,
                  else None)
 
 
-async def mixed(server: SoakServer, n: int, seed: int) -> Phase:
-    phase, rng = Phase("mixed"), random.Random(seed)
+async def mixed(server: SoakServer, n: int, seed: int, phase: Phase | None = None) -> Phase:
+    phase, rng = phase or Phase("mixed"), random.Random(seed)
     limit = asyncio.Semaphore(MAX_NUM_SEQS + MAX_WAITING // 2)  # some waiting, never over --max-waiting
 
     async def one(client: httpx.AsyncClient) -> None:
@@ -176,7 +179,7 @@ def _main_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "ferry/assets/ferry-tiny"))
-    ap.add_argument("--requests", type=int, default=600, help="mixed requests (default 600)")
+    ap.add_argument("--requests", type=int, default=6000, help=f"mixed requests, in {ROUNDS} rounds (default 6000)")
     ap.add_argument("--bursts", type=int, default=3)
     ap.add_argument("--bad-repeats", type=int, default=3, help="passes over the bad bodies")
     ap.add_argument("--slow-sockets", type=int, default=5, help="slow-header and half-body sockets, each")
@@ -185,7 +188,7 @@ def _main_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="a small run (about a minute), results in bench/.cache/smoke")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.requests, args.bursts, args.bad_repeats, args.slow_sockets, args.flood = 40, 1, 1, 2, 20
+        args.requests, args.bursts, args.bad_repeats, args.slow_sockets, args.flood = 50, 1, 1, 2, 20
     return args
 
 
@@ -200,20 +203,31 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     phases: list[Phase] = []
     with SoakServer(args.model, flags) as server:
-        asyncio.run(mixed(server, 20, args.seed + 1))  # warm-up, not counted
+        # warm-up, not counted: every kind of work once, a round of mixed requests as big as the counted ones, so
+        # the allocators and caches reach their working size before RSS is read
+        asyncio.run(mixed(server, args.requests // ROUNDS, args.seed + 1))
+        asyncio.run(burst(server, 1))
+        asyncio.run(flood(server, max(10, args.flood // 5), Phase))
+        server.wait_idle()
         rss_before = server.rss_mb()
-        phases.append(asyncio.run(mixed(server, args.requests, args.seed)))
-        phases.append(asyncio.run(burst(server, args.bursts)))
-        phases.append(asyncio.run(bad(server, args.bad_repeats)))
-        phases.append(slow_sockets(server, args.slow_sockets, HEADER_TIMEOUT, BODY_TIMEOUT, Phase))
+        rss_rounds = []
+        phases.append(Phase("mixed"))
+        for r in range(ROUNDS):  # RSS after each round: a leak shows as a trend
+            asyncio.run(mixed(server, args.requests // ROUNDS, args.seed + 10 + r, phases[-1]))
+            rss_rounds.append(server.rss_mb())
+        phases[-1].rss_mb = rss_rounds[-1]
+        for run in (lambda: asyncio.run(burst(server, args.bursts)), lambda: asyncio.run(bad(server, args.bad_repeats)),
+                    lambda: slow_sockets(server, args.slow_sockets, HEADER_TIMEOUT, BODY_TIMEOUT, Phase)):
+            phases.append(run())
+            phases[-1].rss_mb = server.rss_mb()
         phase, health_ms = asyncio.run(flood(server, args.flood, Phase))
         phases.append(phase)
         idle = server.wait_idle()
-        rss_after = server.rss_mb()
+        rss_after = phase.rss_mb = server.rss_mb()
         phases.append(sigterm_in_flight(server, Phase))
     phases.append(sigkill_restart(args.model, flags, Phase))
     record.update(phases=[p.row() for p in phases], rss_before_mb=rss_before, rss_after_mb=rss_after,
-                  rss_growth_pct=100 * (rss_after - rss_before) / rss_before, idle_after=idle,
+                  rss_growth_pct=100 * (rss_after - rss_before) / rss_before, rss_rounds_mb=rss_rounds, idle_after=idle,
                   health_max_ms=health_ms, seconds=time.monotonic() - started,
                   anomalies=sum(len(p.anomalies) for p in phases))
     path = result_path("soak", args.smoke)

@@ -144,13 +144,15 @@ def sigkill_restart(model: str, flags: tuple[str, ...], Phase) -> "Phase":
 
 def report(record: dict, png: Path) -> str:
     """The table (markdown) and the PNG (outcomes per phase, anomalies marked)."""
-    lines = ["| phase | sent | outcomes | anomalies |", "|---|---:|---|---:|"]
+    lines = ["| phase | sent | outcomes | anomalies | RSS after (MB) |", "|---|---:|---|---:|---:|"]
     for p in record["phases"]:
         outcomes = ", ".join(f"{k}: {v}" for k, v in p["outcomes"].items() if v)
-        lines.append(f"| {p['phase']} | {p['sent']} | {outcomes} | {p['anomalies']} |")
+        rss = f"{p['rss_mb']:.0f}" if p.get("rss_mb") else ""
+        lines.append(f"| {p['phase']} | {p['sent']} | {outcomes} | {p['anomalies']} | {rss} |")
     idle = record["idle_after"]
     lines += ["", f"RSS before/after: {record['rss_before_mb']:.0f} / {record['rss_after_mb']:.0f} MB "
-              f"({record['rss_growth_pct']:+.1f}%) · KV blocks after: {idle['ferry_kv_blocks_used']:.0f} · "
+              f"({record['rss_growth_pct']:+.1f}%; after each mixed round: "
+              f"{', '.join(f'{v:.0f}' for v in record['rss_rounds_mb'])}) · KV blocks after: {idle['ferry_kv_blocks_used']:.0f} · "
               f"running/waiting after: {idle['ferry_num_requests_running']:.0f}/"
               f"{idle['ferry_num_requests_waiting']:.0f} · slowest /health in the flood: "
               f"{record['health_max_ms']:.0f} ms · anomalies: {record['anomalies']} · {record['seconds']:.0f} s"]

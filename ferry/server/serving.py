@@ -23,7 +23,7 @@ from ferry.server.lifecycle import ClientDisconnected, EventStreamResponse, merg
 from ferry.server.metrics import RequestClock, ServerMetrics
 from ferry.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ferry.server.streaming import (DONE, ChunkWriter, DeltaTracker, TokenTexts, chat_logprobs, completion_logprobs,
-                                   error_event, usage)
+                                   error_event, usage, visible_logprobs)
 from ferry.server.workers import TokenizerWork
 
 if TYPE_CHECKING:
@@ -157,7 +157,8 @@ class Serving:
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
                 i, out = item
-                deltas = [d for c in out.outputs if (d := tracker.delta(i * n + c.index, c)) is not None
+                deltas = [d for c in out.outputs
+                          if (d := tracker.delta(i * n + c.index, visible_logprobs(c, self.texts))) is not None
                           and (d.text or d.logprobs or d.finish_reason)]  # token ids alone are not sent
                 if deltas:
                     yield writer.deltas(deltas)
@@ -192,6 +193,7 @@ class Serving:
                 raise RequestFailed(out.error or "unknown error")
             for c in out.outputs:
                 num_generated += len(c.token_ids)
+                c = visible_logprobs(c, self.texts)
                 choice: dict[str, Any] = {"index": i * call.body.n + c.index}
                 if chat:
                     choice["message"] = {"role": "assistant", "content": c.text}
