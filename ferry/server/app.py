@@ -3,7 +3,9 @@
     HTTP -> GuardMiddleware (API key, body size, UTF-8 / JSON) -> route -> Serving -> AsyncLLM (engine thread)
 
 Lifecycle: uvicorn's graceful shutdown on SIGTERM/SIGINT stops accepting connections and waits for in-flight
-responses (streams included) up to --request-timeout; then the lifespan hook drains the engine."""
+responses (streams included) up to --request-timeout; then the lifespan hook drains the engine, and the process
+exits 0. Slow clients: the connection protocol (timeouts.py) closes sockets past --header-timeout /
+--body-timeout, and at shutdown the ones still sending a body."""
 from __future__ import annotations
 
 import argparse

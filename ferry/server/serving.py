@@ -121,7 +121,7 @@ class Serving:
         except BaseException as e:
             await call.merged.aclose()
             if isinstance(e, ClientDisconnected):
-                self.metrics.count_aborts(len(prompts))
+                self.metrics.count_aborts(len(prompts) * body.n)  # per choice, as finished ones are counted
             raise
         return JSONResponse(self._response(call, finals))
 
@@ -180,7 +180,7 @@ class Serving:
             log.exception("error while streaming %s", call.response_id)
             yield error_event(f"internal error: {type(e).__name__}: {e}")
         finally:
-            self.metrics.count_aborts(finished.count(False))
+            self.metrics.count_aborts(finished.count(False) * call.body.n)
             await call.merged.aclose()
         yield DONE
 
