@@ -82,12 +82,10 @@ class AsyncLLM:
             prompt = await self.process(prompt, params)
         elif params is not None and params is not prompt.params:
             raise InvalidRequest("a processed prompt carries its own SamplingParams; pass params=None")
-        max_waiting = self.engine.config.scheduler.max_waiting
         with self._lock:
             if request_id in self._streams:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
-            if len(self._not_started) >= max_waiting:
-                raise Overloaded(f"{len(self._not_started)} requests are waiting (max {max_waiting}); retry later")
+            self._admit()
             loop, q = asyncio.get_running_loop(), asyncio.Queue()
             self._streams[request_id] = (loop, q)
             self._not_started.add(request_id)
@@ -108,6 +106,19 @@ class AsyncLLM:
             with self._lock:
                 self._streams.pop(request_id, None)
                 self._not_started.discard(request_id)
+
+    def _admit(self) -> None:
+        """Raises Overloaded when one more request would wait beyond --max-waiting. Only requests that really
+        wait count: of the accepted ones with no output yet, as many as there are free running slots
+        (--max-num-seqs minus the started ones) are about to run, so a burst fills the free slots first.
+        Called with the lock held."""
+        cfg = self.engine.config.scheduler
+        started = len(self._streams) - len(self._not_started)
+        free_slots = max(0, cfg.max_num_seqs - started)
+        waiting = max(0, len(self._not_started) - free_slots)
+        if waiting >= cfg.max_waiting:
+            raise Overloaded(f"{waiting} requests are waiting (max {cfg.max_waiting}) and all "
+                             f"{cfg.max_num_seqs} running slots are taken; retry later")
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(Abort(request_id))

@@ -18,6 +18,11 @@ from typing import Any, Protocol
 from ferry.errors import ContextLengthExceeded, InvalidRequest
 from ferry.request import SamplingParams
 
+# A token covers at most this many characters (a generous bound: BPE vocabularies' longest tokens are runs of
+# spaces or dashes of 16-32). A text longer than max_model_len times this cannot fit the context, so it is refused
+# before tokenizing: tokenizing 300k characters to refuse them after was a flood's lever (issue 23).
+MAX_CHARS_PER_TOKEN = 64
+
 # "text" | [token ids] | {"prompt": text} | {"prompt_token_ids": [...], "prompt"?: text}
 # | {"messages": [{"role", "content"}...], "add_generation_prompt"?: bool}
 PromptInput = str | list[int] | dict[str, Any]
@@ -86,6 +91,7 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("the prompt is empty; give at least one character or token")
+            self.check_text_size(len(prompt))
             return prompt, list(self.tokenizer.encode(prompt))
         if not isinstance(prompt, (list, tuple)) or not all(_is_int(t) for t in prompt):
             raise InvalidRequest(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
@@ -104,6 +110,15 @@ class InputProcessor:
             raise InvalidRequest(f"{what} {bad[:5]} are outside the vocabulary [0, {vocab})")
 
     # -- the context ------------------------------------------------------------------------------
+
+    def check_text_size(self, num_chars: int) -> None:
+        """Refuses, before tokenizing, a text too long to fit the context whatever its tokens."""
+        max_len = self.limits.max_model_len
+        if num_chars > max_len * MAX_CHARS_PER_TOKEN:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {max_len} tokens, but the prompt has {num_chars} "
+                f"characters, more than {max_len} tokens can hold ({MAX_CHARS_PER_TOKEN} characters per token at "
+                f"most); shorten the prompt")
 
     def check_context(self, num_prompt_tokens: int) -> int:
         """Tokens left to generate after the prompt (at least one, else the prompt is refused)."""
@@ -136,6 +151,9 @@ class InputProcessor:
         vocab = self.limits.vocab_size
         if params.logprobs is not None and params.logprobs > vocab:
             raise InvalidRequest(f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}")
+        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad_stops:
+            raise InvalidRequest(f"stop_token_ids {bad_stops[:5]} are outside the vocabulary [0, {vocab})")
         if params.kv_budget is not None and self.limits.kv_policy not in self.limits.kv_budget_policies:
             raise InvalidRequest(f"kv_budget applies to servers run with --kv-policy "
                                  f"{', '.join(self.limits.kv_budget_policies)}; this one runs "

@@ -3,15 +3,19 @@
     HTTP -> GuardMiddleware (API key, body size, UTF-8 / JSON) -> route -> Serving -> AsyncLLM (engine thread)
 
 Lifecycle: uvicorn's graceful shutdown on SIGTERM/SIGINT stops accepting connections and waits for in-flight
-responses (streams included) up to --request-timeout; then the lifespan hook drains the engine."""
+responses (streams included) up to --request-timeout; then the lifespan hook drains the engine, and the process
+exits 0. Slow clients: the connection protocol (timeouts.py) closes sockets past --header-timeout /
+--body-timeout, and at shutdown the ones still sending a body."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +30,8 @@ from ferry.server.middleware import GuardMiddleware
 from ferry.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ferry.server.serving import Serving
 from ferry.server.webui import add_stats_stream, add_webui_routes
+from ferry.server.timeouts import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, read_deadline_protocol
+from ferry.server.workers import DEFAULT_MAX_TOKENIZE_PENDING, TokenizerWork
 
 if TYPE_CHECKING:
     from ferry.engine.async_engine import AsyncLLM
@@ -45,13 +51,14 @@ _ERRORS = {status: {"description": desc} for status, desc in (
 
 def build_app(engine: "AsyncLLM", *, served_model_name: str | None = None, api_key: str | None = None,
               request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              shutdown_engine: bool = True, webui: bool = True) -> FastAPI:
+              shutdown_engine: bool = True, webui: bool = True, max_tokenize_pending: int = DEFAULT_MAX_TOKENIZE_PENDING,
+              metrics_require_key: bool = False) -> FastAPI:
     """An OpenAI-compatible app over a running AsyncLLM. The engine's own --max-waiting bounds its queue (429s).
     shutdown_engine: drain and stop the engine when the app shuts down (its lifespan ends).
     webui: serve the web page at / and its engine feed /v1/stats/stream (ferry/server/webui.py)."""
     model_name = served_model_name or str(engine.model_config.path)
     metrics = ServerMetrics(engine.stats, model_name)
-    serving = Serving(engine, model_name, metrics, request_timeout)
+    serving = Serving(engine, model_name, metrics, request_timeout, TokenizerWork(max_pending=max_tokenize_pending))
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -69,7 +76,8 @@ def build_app(engine: "AsyncLLM", *, served_model_name: str | None = None, api_k
     for exc_type in (ServerError, FerryError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, _handle)
     app.add_exception_handler(ClientDisconnected, _client_gone)
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics,
+                       metrics_require_key=metrics_require_key)
 
     @app.post("/v1/completions", responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -139,7 +147,9 @@ def _version() -> str:
 
 def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
                served_model_name: str | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-               webui: bool = True, **engine_options: Any) -> None:
+               webui: bool = True, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, max_tokenize_pending: int = DEFAULT_MAX_TOKENIZE_PENDING,
+               metrics_require_key: bool = False, **engine_options: Any) -> None:
     """Load the model, serve it until SIGTERM/SIGINT, drain in-flight requests, return."""
     import uvicorn
 
@@ -149,15 +159,33 @@ def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, a
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     engine = AsyncLLM.from_options(model, **engine_options)
     app = build_app(engine, served_model_name=served_model_name or str(model), api_key=api_key,
-                    request_timeout=request_timeout, webui=webui)
+                    request_timeout=request_timeout, webui=webui, max_tokenize_pending=max_tokenize_pending,
+                    metrics_require_key=metrics_require_key)
     if webui:
         log.info("web page at http://%s:%d/", host if host not in ("0.0.0.0", "::") else "127.0.0.1", port)
     # graceful shutdown waits for in-flight requests at most as long as one request may take
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_keep_alive=5,
+                            http=read_deadline_protocol(header_timeout, body_timeout),
                             timeout_graceful_shutdown=max(1, math.ceil(request_timeout)))
     server = uvicorn.Server(config)
     app.state.stopping = lambda: server.should_exit  # ends the endless /v1/stats/stream feeds at SIGTERM
-    server.run()
+    with _sigterm_exits_cleanly():
+        server.run()
+
+
+@contextlib.contextmanager
+def _sigterm_exits_cleanly() -> Iterator[None]:
+    """uvicorn re-raises the SIGTERM it drained for once it is done, under the handler found at its start: with
+    the default one the process dies by the signal (exit -15) after a clean drain. A no-op handler makes a drained
+    SIGTERM a normal exit (code 0), which is what supervisors expect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,7 +194,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                                                              "0.0.0.0 serves every interface)")
     group.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})")
     group.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, "
-                                                       "/detokenize")
+                                                       "/detokenize (/health, /metrics, /docs, /openapi.json stay "
+                                                       "open; see --metrics-require-key)")
+    group.add_argument("--metrics-require-key", action="store_true",
+                       help="with --api-key, require the key on /metrics, /docs, /redoc and /openapi.json too "
+                            "(/health stays open for load-balancer probes)")
     group.add_argument("--served-model-name", default=None, help="the model name clients send (default: the MODEL "
                                                                  "argument as given)")
     group.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
@@ -174,8 +206,20 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                             f"requests (default: {DEFAULT_REQUEST_TIMEOUT:g})")
     group.add_argument("--webui", default=True, action=argparse.BooleanOptionalAction,
                        help="serve the chat and engine page at / (default: on; --no-webui turns it off)")
+    group.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                       help=f"seconds a client has to send a request's line and headers, from connecting (or its "
+                            f"first byte, on a kept-alive connection); then the socket is closed "
+                            f"(default: {DEFAULT_HEADER_TIMEOUT:g})")
+    group.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                       help=f"seconds a client has to send a request body once its headers are in; then the socket "
+                            f"is closed (default: {DEFAULT_BODY_TIMEOUT:g})")
+    group.add_argument("--max-tokenize-pending", type=int, default=DEFAULT_MAX_TOKENIZE_PENDING,
+                       help=f"/tokenize and /detokenize calls in progress at most (one tokenizer thread runs them); "
+                            f"more are refused with 429 (default: {DEFAULT_MAX_TOKENIZE_PENDING})")
 
 
 def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"host": args.host, "port": args.port, "api_key": args.api_key, "served_model_name": args.served_model_name,
-            "request_timeout": args.request_timeout, "webui": args.webui}
+            "request_timeout": args.request_timeout, "webui": args.webui, "header_timeout": args.header_timeout,
+            "body_timeout": args.body_timeout, "max_tokenize_pending": args.max_tokenize_pending,
+            "metrics_require_key": args.metrics_require_key}

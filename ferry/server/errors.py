@@ -89,6 +89,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """'messages.0.role: Input should be ...' per failing field; param is the first field's path. A field of
     several accepted forms (prompt: text, token ids, lists of either) fails once per form; they are grouped."""
     by_field: dict[str, list[str]] = {}
+    ours: dict[str, list[str]] = {}  # our own validators' messages (value_error): the precise ones
     for err in exc.errors():
         # pydantic names union branches in the path (e.g. 'str', 'list[int]'); they only confuse users
         loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_type_name(str(x))]
@@ -96,8 +97,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         by_field.setdefault(".".join(loc), [])
         if msg not in by_field[".".join(loc)]:
             by_field[".".join(loc)].append(msg)
+        if err.get("type") == "value_error":
+            ours.setdefault(".".join(loc), []).append(msg)
     parts = []
     for where, msgs in list(by_field.items())[:3]:
+        # a text with a lone surrogate fails the text form with a position, and the token-id forms with noise
+        msgs = ours.get(where, msgs)
         text = msgs[0] if len(msgs) == 1 else "no accepted form matches (" + "; ".join(msgs[:4]) + ")"
         parts.append(f"{where}: {text}" if where else text)
     if len(by_field) > 3:
@@ -117,5 +122,7 @@ _PARAMS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "f
 
 def _param_of(message: str) -> str | None:
     """SamplingParams messages start with the field's name ('top_p must be in (0, 1], got 5')."""
+    if message.startswith("prompt token ids"):
+        return "prompt"
     first = message.split(" ", 1)[0]
     return first if first in _PARAMS else None

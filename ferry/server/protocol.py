@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from ferry.engine.inputs import sampling_params
 from ferry.request import SamplingParams
@@ -38,7 +38,8 @@ def _valid_unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_valid_unicode)]
 StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_valid_unicode)]
-TokenId = Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]
+TEMPERATURE_MAX = 2.0  # OpenAI's range is [0, 2]; the offline LLM takes any temperature >= 0
+TokenId = Annotated[StrictInt, Field(ge=0, le=TOKEN_ID_MAX)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]
 
 
@@ -48,35 +49,36 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(_Body):
     """Fields shared by completions and chat completions (OpenAI's names, plus vLLM's extensions)."""
 
     model: Text | None = None  # None or the served name; anything else is a 404
-    stream: bool = False
+    stream: StrictBool = False  # strict: "yes" or 1 is a 400 naming the field, not True
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: StrictInt = Field(1, ge=1, le=MAX_N)  # strict: 2.0 is a 400, as OpenAI
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    temperature: float | None = None  # None: 1.0, as OpenAI
+    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    temperature: float | None = Field(None, le=TEMPERATURE_MAX)  # None: 1.0, as OpenAI; < 0 is SamplingParams'
+    # (one message for both APIs)
     top_p: float | None = None
-    top_k: int | None = Field(None, ge=-1, le=TOKEN_ID_MAX)
+    top_k: StrictInt | None = Field(None, ge=-1, le=TOKEN_ID_MAX)
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
-    ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0, le=TOKEN_ID_MAX)
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    priority: int = Field(0, ge=-(1 << 31), le=(1 << 31) - 1)  # lower first, with --scheduling-policy priority
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = Field(0, ge=0, le=TOKEN_ID_MAX)
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
+    priority: StrictInt = Field(0, ge=-(1 << 31), le=(1 << 31) - 1)  # lower first, with --scheduling-policy priority
     kv_budget: float | None = None  # ferry's: this request's --kv-budget (spans, shadow, layer-budget)
     user: Text | None = None  # accepted and ignored
     logit_bias: dict[str, float] | None = None  # refused when non-empty
-    best_of: int | None = Field(None, ge=1, le=MAX_N)  # only best_of == n is accepted
+    best_of: StrictInt | None = Field(None, ge=1, le=MAX_N)  # only best_of == n is accepted
 
     @model_validator(mode="after")
     def _unsupported(self) -> "_Sampling":
@@ -108,9 +110,9 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     prompt: PromptText | TokenIds | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)] \
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
-    max_tokens: int | None = Field(16, ge=1, le=TOKEN_ID_MAX)  # OpenAI's default; None: the rest of the context
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False  # refused when true (needs prompt logprobs)
+    max_tokens: StrictInt | None = Field(16, ge=1, le=TOKEN_ID_MAX)  # OpenAI's default; None: the rest of the context
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: StrictBool = False  # refused when true (needs prompt logprobs)
     suffix: Text | None = None  # refused when set
 
     @model_validator(mode="after")
@@ -147,11 +149,11 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
-    max_tokens: int | None = Field(None, ge=1, le=TOKEN_ID_MAX)  # None: the rest of the context
-    max_completion_tokens: int | None = Field(None, ge=1, le=TOKEN_ID_MAX)  # OpenAI's newer name; wins
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    add_generation_prompt: bool = True
+    max_tokens: StrictInt | None = Field(None, ge=1, le=TOKEN_ID_MAX)  # None: the rest of the context
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=TOKEN_ID_MAX)  # OpenAI's newer name; wins
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    add_generation_prompt: StrictBool = True
     tools: list[Any] | None = None  # refused when non-empty
     response_format: dict[str, Any] | None = None  # only {"type": "text"}
 
@@ -192,7 +194,7 @@ class TokenizeRequest(_Body):
     model: Text | None = None
     prompt: PromptText | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: StrictBool = True
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":

@@ -23,7 +23,8 @@ from ferry.server.lifecycle import ClientDisconnected, EventStreamResponse, merg
 from ferry.server.metrics import RequestClock, ServerMetrics
 from ferry.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from ferry.server.streaming import (DONE, ChunkWriter, DeltaTracker, TokenTexts, chat_logprobs, completion_logprobs,
-                                   error_event, usage)
+                                   error_event, usage, visible_logprobs)
+from ferry.server.workers import TokenizerWork
 
 if TYPE_CHECKING:
     from ferry.engine.async_engine import AsyncLLM
@@ -35,8 +36,10 @@ Merged = AsyncGenerator[tuple[int, RequestOutput], None]
 
 
 class Serving:
-    def __init__(self, engine: "AsyncLLM", model_name: str, metrics: ServerMetrics, request_timeout: float) -> None:
+    def __init__(self, engine: "AsyncLLM", model_name: str, metrics: ServerMetrics, request_timeout: float,
+                 work: TokenizerWork | None = None) -> None:
         self.engine = engine
+        self.work = work or TokenizerWork()
         self.model_name = model_name
         self.metrics = metrics
         self.request_timeout = request_timeout
@@ -49,10 +52,6 @@ class Serving:
         if requested is not None and requested != self.model_name:
             raise ModelNotFound(f"the model {requested!r} does not exist; this server serves {self.model_name!r}",
                                 param="model")
-
-    async def encode(self, text: str) -> list[int]:
-        """Token ids of a text as /tokenize shows them (no prompt rules: an empty text is 0 tokens)."""
-        return list(await asyncio.to_thread(self.engine.tokenizer.encode, text))
 
     # -- endpoints --------------------------------------------------------------------------------
 
@@ -72,13 +71,22 @@ class Serving:
         return await self._serve("chat", body, [prompt], receive)
 
     async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """Bounded like a prompt (its text must be able to fit the context) and run on the bounded tokenizer
+        pool (429 when full), so a flood of large calls cannot starve the engine or the event loop."""
         self.check_model(body.model)
+        inputs = self.engine.inputs
         if body.messages is not None:
             msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = await asyncio.to_thread(self.engine.inputs.render_chat, msgs, body.add_generation_prompt)
+            inputs.check_text_size(sum(len(m["content"]) for m in msgs))
+            ids = await self.work.run(inputs.render_chat, msgs, body.add_generation_prompt)
         else:
-            ids = await self.encode(body.prompt or "")
+            inputs.check_text_size(len(body.prompt or ""))
+            ids = await self.work.run(self._encode_ids, body.prompt or "")
         return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
+
+    def _encode_ids(self, text: str) -> list[int]:
+        """Token ids of a text as /tokenize shows them (no prompt rules: an empty text is 0 tokens)."""
+        return list(self.engine.tokenizer.encode(text))
 
     async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
@@ -86,8 +94,11 @@ class Serving:
             self.engine.inputs.check_token_ids(body.tokens)
         except InvalidRequest as e:
             raise BadRequest(str(e), param="tokens") from None
-        text = await asyncio.to_thread(self.engine.tokenizer.decode, body.tokens, skip_special_tokens=False)
+        text = await self.work.run(self._decode_all, body.tokens)
         return {"prompt": text}  # special tokens kept, as vLLM's /detokenize
+
+    def _decode_all(self, ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(ids, skip_special_tokens=False)
 
     # -- one request, streamed or not -------------------------------------------------------------
 
@@ -112,7 +123,7 @@ class Serving:
         except BaseException as e:
             await call.merged.aclose()
             if isinstance(e, ClientDisconnected):
-                self.metrics.count_aborts(len(prompts))
+                self.metrics.count_aborts(len(prompts) * body.n)  # per choice, as finished ones are counted
             raise
         return JSONResponse(self._response(call, finals))
 
@@ -148,7 +159,8 @@ class Serving:
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
                 i, out = item
-                deltas = [d for c in out.outputs if (d := tracker.delta(i * n + c.index, c)) is not None
+                deltas = [d for c in out.outputs
+                          if (d := tracker.delta(i * n + c.index, visible_logprobs(c, self.texts))) is not None
                           and (d.text or d.logprobs or d.finish_reason)]  # token ids alone are not sent
                 if deltas:
                     yield writer.deltas(deltas)
@@ -170,7 +182,7 @@ class Serving:
             log.exception("error while streaming %s", call.response_id)
             yield error_event(f"internal error: {type(e).__name__}: {e}")
         finally:
-            self.metrics.count_aborts(finished.count(False))
+            self.metrics.count_aborts(finished.count(False) * call.body.n)
             await call.merged.aclose()
         yield DONE
 
@@ -183,6 +195,7 @@ class Serving:
                 raise RequestFailed(out.error or "unknown error")
             for c in out.outputs:
                 num_generated += len(c.token_ids)
+                c = visible_logprobs(c, self.texts)
                 choice: dict[str, Any] = {"index": i * call.body.n + c.index}
                 if chat:
                     choice["message"] = {"role": "assistant", "content": c.text}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ferry.request import CompletionOutput, TokenLogprob
@@ -42,6 +42,22 @@ class TokenTexts:
                 text = ""
             self._cache[token_id] = text
         return text
+
+
+def visible_logprobs(c: CompletionOutput, texts: TokenTexts) -> CompletionOutput:
+    """The choice with the logprobs of tokens that `text` does not show removed. A stop string ends `text`
+    before it, but the token that completed it was sampled and has a logprob: the logprob tokens joined then
+    read `text` plus the stop string (issue 23: 2 of ~500 completions with logprobs, all ended by a stop string).
+    Trailing tokens whose text lies wholly past the end of `text` are dropped; a token the stop string cuts in
+    the middle is kept (it is part visible), so only then can the joined tokens run past `text`."""
+    if c.logprobs is None or c.finish_reason != "stop" or not isinstance(c.stop_reason, str) or not c.logprobs:
+        return c
+    lengths = [len(texts(lp.token_id)) for lp in c.logprobs]
+    keep, shown = len(lengths), sum(lengths)
+    while keep and shown - lengths[keep - 1] >= len(c.text):
+        keep -= 1
+        shown -= lengths[keep]
+    return c if keep == len(lengths) else replace(c, logprobs=c.logprobs[:keep])
 
 
 def _lp(value: float) -> float:

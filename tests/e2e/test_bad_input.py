@@ -12,7 +12,11 @@ CASES = [
     ("malformed json", COMPLETIONS, b'{"prompt": "hi", "max_tokens": ', 400, ["not valid JSON", "line 1"], None),
     ("trailing garbage", COMPLETIONS, b'{"prompt": "hi"} x', 400, ["not valid JSON"], None),
     ("invalid utf-8", COMPLETIONS, b'{"prompt": "caf\xe9 \xff"}', 400, ["not valid UTF-8", "offset"], None),
-    ("lone surrogate", COMPLETIONS, b'{"prompt": "a\\ud800b"}', 400, ["prompt", "unicode"], "prompt"),
+    ("lone surrogate", COMPLETIONS, b'{"prompt": "a\\ud800b"}', 400, ["prompt", "unicode", "position 1"], "prompt"),
+    ("lone surrogate in a list", COMPLETIONS, b'{"prompt": ["ok", "a\\udc00"]}', 400, ["prompt.1", "position 1"],
+     "prompt.1"),
+    ("json null", COMPLETIONS, b"null", 400, ["JSON object", "got a JSON null"], None),
+    ("json string", COMPLETIONS, b'"hi"', 400, ["got a JSON string"], None),
     ("empty body", COMPLETIONS, b"", 400, ["empty"], None),
     ("json array", COMPLETIONS, b"[1, 2]", 400, ["JSON object", "list"], None),
     ("NaN", COMPLETIONS, b'{"prompt": "hi", "temperature": NaN}', 400, ["NaN"], None),
@@ -28,10 +32,18 @@ CASES = [
     ("prompt longer than context", COMPLETIONS, {"prompt": "Lily and Tom " * 400, "max_tokens": 1}, 400,
      ["maximum context length", "prompt"], None),
     ("token prompt longer than context", COMPLETIONS, {"prompt": [5] * 600}, 400, ["maximum context length"], None),
-    ("token id outside vocab", COMPLETIONS, {"prompt": [1, 10 ** 6]}, 400, ["vocabulary"], None),
+    ("token id outside vocab", COMPLETIONS, {"prompt": [1, 10 ** 6]}, 400, ["vocabulary"], "prompt"),
     ("negative token id", COMPLETIONS, {"prompt": [1, -3]}, 400, ["prompt"], "prompt"),
     ("unknown model", COMPLETIONS, {"model": "gpt-17", "prompt": "hi"}, 404, ["gpt-17", "does not exist"], "model"),
     ("temperature negative", COMPLETIONS, {"prompt": "hi", "temperature": -1}, 400, ["temperature"], "temperature"),
+    ("temperature above OpenAI's range", COMPLETIONS, {"prompt": "hi", "temperature": 1000}, 400, ["temperature", "2"],
+     "temperature"),
+    ("stop_token_ids outside vocab", COMPLETIONS, {"prompt": "hi", "stop_token_ids": [10 ** 6]}, 400,
+     ["stop_token_ids", "vocabulary"], "stop_token_ids"),
+    ("stream as a string", COMPLETIONS, {"prompt": "hi", "stream": "yes"}, 400, ["stream", "boolean"], "stream"),
+    ("n as a float", COMPLETIONS, {"prompt": "hi", "n": 2.0}, 400, ["n", "integer"], "n"),
+    ("max_tokens as a float", COMPLETIONS, {"prompt": "hi", "max_tokens": 5.0}, 400, ["max_tokens"], "max_tokens"),
+    ("chat logprobs as a string", CHAT, {"messages": OK_CHAT, "logprobs": "true"}, 400, ["logprobs"], "logprobs"),
     ("top_p too big", COMPLETIONS, {"prompt": "hi", "top_p": 5}, 400, ["top_p"], "top_p"),
     ("n too big", COMPLETIONS, {"prompt": "hi", "n": 1000}, 400, ["n"], "n"),
     ("logprobs too many", COMPLETIONS, {"prompt": "hi", "logprobs": 1000}, 400, ["logprobs"], "logprobs"),
@@ -103,3 +115,20 @@ def test_server_still_serves_after_bad_inputs(server):
     r = httpx.post(server.url + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
     assert server.wait_idle()["ferry_kv_blocks_used"] == 0
+
+
+def test_huge_integer_says_digits_not_python_internals(server):
+    """Python's own 'Exceeds the limit (4300 digits) ... sys.set_int_max_str_digits()' must not reach clients."""
+    for digits in (4500, 50000):
+        body = b'{"prompt": "hi", "max_tokens": 1' + b"0" * digits + b"}"
+        r = httpx.post(server.url + COMPLETIONS, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert "digits" in message and "set_int_max_str_digits" not in message and "4300" not in message, message
+
+
+def test_missing_model_means_the_served_one(server):
+    """Decision (README, "API"): OpenAI requires `model`; ferry, like vLLM, serves one model and takes a missing
+    `model` as that one. A wrong name is still a 404 (see CASES)."""
+    r = httpx.post(server.url + COMPLETIONS, json={"prompt": "hi", "max_tokens": 1}, timeout=30)
+    assert r.status_code == 200 and r.json()["model"] == "tiny-llama", r.text

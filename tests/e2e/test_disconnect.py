@@ -73,3 +73,19 @@ def test_stream_dropped_before_first_token(server):
     # and the server still serves
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
+
+
+def test_abort_counter_counts_choices(server):
+    """finished_reason=abort counts choices, like the other finish reasons: a dropped n=2 request is 2 aborts
+    (it was 1). Disconnects after the last token, or before the prompt reached the engine, abort nothing."""
+    key = "ferry_request_success_total{finished_reason=abort}"
+    before = server.metrics().get(key, 0)
+    sock = _raw_request(server.url, {**LONG, "n": 2})
+    _wait_running(server, 1)
+    sock.close()
+    after = server.wait_idle(timeout=10)
+    assert after["ferry_kv_blocks_used"] == 0
+    deadline = time.monotonic() + 10
+    while server.metrics().get(key, 0) - before < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metrics().get(key, 0) - before == 2

@@ -38,6 +38,24 @@ def test_api_key_required(keyed_server):
     assert httpx.get(url + "/health", timeout=30).status_code == 200  # probes need no key
 
 
+INTROSPECTION = ("/metrics", "/docs", "/openapi.json")
+
+
+def test_introspection_is_open_by_default(keyed_server):
+    """Documented (README, "Security"): with --api-key alone, /health /metrics /docs /openapi.json answer without it."""
+    for path in ("/health", *INTROSPECTION):
+        assert httpx.get(keyed_server.url + path, timeout=30).status_code == 200, path
+
+
+def test_metrics_require_key(start_server):
+    server = start_server("--api-key", KEY, "--metrics-require-key")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for path in INTROSPECTION:
+        assert httpx.get(server.url + path, timeout=30).status_code == 401, path
+        assert httpx.get(server.url + path, headers=auth, timeout=30).status_code == 200, path
+    assert httpx.get(server.url + "/health", timeout=30).status_code == 200  # probes need no key
+
+
 def test_api_key_with_openai_client(keyed_server):
     bad = openai.OpenAI(base_url=keyed_server.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

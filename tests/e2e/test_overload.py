@@ -65,3 +65,46 @@ def test_overload_gives_clean_429s(small_server):
     # after the burst, the server serves normally again
     r = httpx.post(small_server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
+
+
+BURST = 100
+BURST_SEQS, BURST_WAITING = 16, 8
+
+
+@pytest.fixture(scope="module")
+def burst_server(start_server):
+    return start_server("--max-num-seqs", str(BURST_SEQS), "--max-waiting", str(BURST_WAITING))
+
+
+def test_burst_fills_free_running_slots_before_waiting(burst_server):
+    """100 simultaneous streams on an idle server: free running slots + --max-waiting are admitted (24), not just
+    --max-waiting (issue 23: 8 admitted, 8 slots idle). Admitted streams stay open until every status is known,
+    so no slot frees up during the burst; then they disconnect (and are aborted)."""
+    body = {"prompt": "Lily and Tom", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True}
+
+    async def run() -> list[tuple[int, dict]]:
+        decided, all_decided = [0], asyncio.Event()
+
+        async def one(client: httpx.AsyncClient) -> tuple[int, dict]:
+            async with client.stream("POST", burst_server.url + "/v1/completions", json=body) as r:
+                decided[0] += 1
+                if decided[0] == BURST:
+                    all_decided.set()
+                if r.status_code == 200:
+                    await all_decided.wait()
+                    return 200, {}
+                await r.aread()
+                return r.status_code, {"retry-after": r.headers.get("retry-after"), **r.json()}
+
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=BURST)) as client:
+            return await asyncio.gather(*(one(client) for _ in range(BURST)))
+
+    results = asyncio.run(run())
+    statuses = [s for s, _ in results]
+    assert statuses.count(200) == BURST_SEQS + BURST_WAITING, statuses
+    assert statuses.count(429) == BURST - BURST_SEQS - BURST_WAITING, statuses
+    for status, info in results:
+        if status == 429:
+            assert int(info["retry-after"]) >= 1 and "waiting" in info["error"]["message"]
+    m = burst_server.wait_idle(30)
+    assert m["ferry_num_requests_running"] == 0 and m["ferry_kv_blocks_used"] == 0, m

@@ -1,0 +1,37 @@
+"""TokenizerWork: at most max_pending calls in progress (the rest Overloaded), counted until their thread work
+ends even when the awaiting request was cancelled."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from ferry.errors import Overloaded
+from ferry.server.workers import TokenizerWork
+
+
+def test_bound_and_release():
+    gate = threading.Event()
+    work = TokenizerWork(workers=1, max_pending=3)
+
+    async def run() -> None:
+        calls = [asyncio.ensure_future(work.run(gate.wait, 10)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert work.pending == 3
+        with pytest.raises(Overloaded, match="max 3"):
+            await work.run(len, "x")
+        calls[2].cancel()  # queued, never started: frees its place at once
+        await asyncio.sleep(0.05)
+        assert work.pending == 2
+        calls[0].cancel()  # running: its place is held until the thread finishes
+        await asyncio.sleep(0.05)
+        assert work.pending == 2
+        gate.set()
+        assert await calls[1] is True
+        await asyncio.sleep(0.05)
+        assert work.pending == 0
+        assert await work.run(len, "abc") == 3
+
+    asyncio.run(run())
+    work.shutdown()
