@@ -13,7 +13,8 @@ from ferry.plan import ScheduledReq
 from ferry.request import SamplingParams
 from ferry.sampling import Sampler
 from ferry.sampling.penalties import apply_penalties
-from ferry.sampling.sampler import apply_top_k_top_p, fast_argmax, fast_topk, inverse_cdf_sample, mix_seed
+from ferry.sampling.primitives import apply_top_k_top_p, fast_argmax, fast_topk, inverse_cdf_sample
+from ferry.sampling.sampler import mix_seed
 
 EOS = 2
 NEG_INF = float("-inf")
