@@ -101,3 +101,101 @@ def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """Inverse of pack_int4: uint8 [N, K] codes."""
     p = packed.reshape(N // INT4_BLOCK_N, K, INT4_BLOCK_N // 2).transpose(1, 2)  # [N/64, 32, K]
     return torch.stack((p & 15, p >> 4), dim=1).reshape(N, K)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stored form of a weight-only quantized matrix: CPU-independent, the same bytes on every machine. Kernels
+# take it through `prepare`, which repacks (or not) for the kernel the level in force runs. Experts and dense
+# weights share it.
+#   int8: codes int8 [N, K]; w = code x scale of its group.
+#   int4: codes uint8 [N, K/2], in blocks of 32 inputs as llama.cpp's Q4_0: byte i (0..15) of a block holds
+#         input i in its low nibble and input i + 16 in its high one; nibble u stands for (u - 8) x scale.
+#   scales float16 [N, K/G]: one per `group` G consecutive inputs of a row (G = K: per output channel). G is K or
+#   a multiple of 32 dividing K.
+# ---------------------------------------------------------------------------------------------------------------
+from dataclasses import dataclass  # noqa: E402
+
+QBLOCK = 32  # int4 inputs per packing block
+QMAX = {8: 127, 4: 7}
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """W [N, K] as codes and group scales, in the stored form above."""
+
+    bits: int  # 8 or 4
+    group: int  # inputs per scale
+    codes: torch.Tensor  # int8 [N, K] | uint8 [N, K/2]
+    scales: torch.Tensor  # float16 [N, K/G]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.codes.shape
+        return n, k * (2 if self.bits == 4 else 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W [N, K] in `dtype`."""
+        N, K = self.shape
+        q = self.codes.float() if self.bits == 8 else unpack_q4(self.codes).float() - 8
+        w = q.reshape(N, K // self.group, self.group) * self.scales.float()[..., None]
+        return w.reshape(N, K).to(dtype)
+
+
+def check_group(bits: int, K: int, group: int) -> str | None:
+    """Why `group` cannot split K inputs at `bits`, or None."""
+    if bits not in QMAX:
+        return f"weight-only quantization is int8 or int4, not {bits} bits"
+    if bits == 4 and K % QBLOCK:
+        return f"int4 needs the input size ({K}) to be a multiple of {QBLOCK}"
+    if group != K and (group % QBLOCK or K % group):
+        return f"group size {group} must be {K} (per channel) or a multiple of {QBLOCK} dividing {K}"
+    return None
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group: int) -> QuantizedWeight:
+    """Round-to-nearest symmetric quantization of w [N, K]: each group's max |w| maps to the largest code."""
+    N, K = w.shape
+    reason = check_group(bits, K, group)
+    if reason:
+        raise ValueError(reason)
+    g = w.float().reshape(N, K // group, group)
+    scales = (g.abs().amax(dim=-1).clamp(min=1e-12) / QMAX[bits]).to(torch.float16)  # [N, K/G]
+    q = torch.round(g / scales.float()[..., None]).clamp(-QMAX[bits] - (bits == 4), QMAX[bits]).reshape(N, K)
+    codes = q.to(torch.int8) if bits == 8 else pack_q4((q + 8).to(torch.uint8))
+    return QuantizedWeight(bits, group, codes, scales)
+
+
+def pack_q4(u: torch.Tensor) -> torch.Tensor:
+    """Codes u [N, K] (0..15) -> uint8 [N, K/2] in the stored int4 order."""
+    N, K = u.shape
+    b = u.to(torch.uint8).reshape(N, K // QBLOCK, 2, QBLOCK // 2)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_q4: uint8 [N, K] codes."""
+    N, half = packed.shape
+    p = packed.reshape(N, half // (QBLOCK // 2), 1, QBLOCK // 2)
+    return torch.cat((p & 15, p >> 4), dim=2).reshape(N, half * 2)
+
+
+class ReferenceLinear(QuantLinear):
+    """Any stored weight on any CPU: dequantize, then a plain matmul (the result every kernel must match)."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        self.qw = qw
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.qw.dequantize(x.dtype).T
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.qw.dequantize(out.dtype))
+
+
+def prepare(qw: QuantizedWeight) -> QuantLinear:
+    """The linear for a stored weight on the kernel the level in force runs (repacked for it where needed)."""
+    return ReferenceLinear(qw)
