@@ -3,12 +3,13 @@ ends even when the awaiting request was cancelled."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
 
 from ferry.errors import Overloaded
-from ferry.server.workers import TokenizerWork
+from ferry.server.workers import WORKER_NICENESS, TokenizerWork
 
 
 def test_bound_and_release():
@@ -35,3 +36,19 @@ def test_bound_and_release():
 
     asyncio.run(run())
     work.shutdown()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a Linux feature")
+def test_workers_yield_the_cpu():
+    """Tokenizer threads run niced, the caller's thread keeps its priority."""
+    work = TokenizerWork(workers=1, max_pending=2)
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    try:
+        assert asyncio.run(work.run(niceness)) == max(own, WORKER_NICENESS)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
+    finally:
+        work.shutdown()
