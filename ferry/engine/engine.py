@@ -91,8 +91,9 @@ class LLMEngine:
         start = time.perf_counter()
         result, failed = execute_isolating(self.runner, plan)  # a request whose forward raises fails alone
         if self.parts.speculator is not None and plan.reqs:  # the cost model of --num-speculative-tokens auto
+            decode_only = all(len(r.token_ids) == 1 + len(r.draft_token_ids) for r in plan.reqs)
             self.parts.speculator.step_done(plan.num_tokens, time.perf_counter() - start,
-                                            any(r.draft_token_ids for r in plan.reqs))
+                                            any(r.draft_token_ids for r in plan.reqs), decode_only)
         outputs = self._fail(failed)
         progressed = self.scheduler.update(plan, result)
         self.num_steps += 1

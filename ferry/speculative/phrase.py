@@ -9,7 +9,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 from ferry.request import Request
-from ferry.speculative.ngram import lookup
+from ferry.speculative.ngram import NgramProposer
 
 PHRASE_LEN = 8  # tokens kept per phrase
 
@@ -53,11 +53,12 @@ class PhraseProposer:
 
     def __init__(self, min_n: int, max_n: int, max_entries: int = 1 << 16) -> None:
         self.pool = PhrasePool(min_n, max_n, max_entries)
+        self.own = NgramProposer(min_n, max_n)  # each request's own context, indexed
 
     def propose(self, reqs: Sequence[Request], max_tokens: Sequence[int]) -> list[list[int]]:
         out = []
         for r, k in zip(reqs, max_tokens):
-            own = lookup(r.all_token_ids, self.pool.min_n, self.pool.max_n, k)
+            own = self.own.own_lookup(r, k)
             pooled = self.pool.find(r.all_token_ids, k) if len(own) < k else []
             out.append(pooled if len(pooled) > len(own) else own)
         return out
@@ -69,4 +70,4 @@ class PhraseProposer:
         self.pool.add(req.all_token_ids, lo, size - PHRASE_LEN + 1)
 
     def release(self, req_id: str) -> None:
-        pass
+        self.own.release(req_id)

@@ -71,9 +71,11 @@ class Speculator:
     def observe(self, req: Request, num_new_tokens: int) -> None:
         self.proposer.observe(req, num_new_tokens)
 
-    def step_done(self, rows: int, seconds: float, verified: bool) -> None:
-        """A step's forward over `rows` rows took `seconds`; verified: some request verified drafts in it."""
-        self.controller.observe_step(rows, seconds)
+    def step_done(self, rows: int, seconds: float, verified: bool, decode_only: bool = True) -> None:
+        """A step's forward over `rows` rows took `seconds`; verified: some request verified drafts in it;
+        decode_only: no prefill chunk in it (only those feed the cost model: a prompt row costs differently)."""
+        if decode_only:
+            self.controller.observe_step(rows, seconds)
         self.stats.num_steps += verified
 
     def release(self, req_id: str) -> None:

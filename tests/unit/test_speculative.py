@@ -24,6 +24,19 @@ def test_lookup_takes_the_longest_suffix_and_its_most_recent_match():
     assert lookup([5, 5, 5], 1, 1, 4) == [5]  # follow tokens stop at the end of the context
 
 
+def test_incremental_index_finds_what_a_fresh_lookup_finds():
+    import random
+    rng = random.Random(0)
+    tokens = [rng.randrange(4) for _ in range(20)]
+    proposer = NgramProposer(2, 4)
+    r = Request("r", tokens, SamplingParams(), 0.0)
+    for _ in range(200):
+        assert proposer.propose([r], [3]) == [lookup(r.all_token_ids, 2, 4, 3)]
+        r.append_output(rng.randrange(4))
+    proposer.release("r")
+    assert not proposer.indexes
+
+
 def test_phrase_pool_offers_phrases_across_requests_in_bounded_memory():
     proposer = PhraseProposer(2, 3, max_entries=50)
     a = Request("a", [1, 2], SamplingParams(), 0.0)
