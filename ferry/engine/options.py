@@ -114,7 +114,7 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "statistics, loaded at start if it exists and saved at shutdown"),
     Option("speculative_method", None, str, "speculative decoding (output unchanged, see README): ngram (prompt "
            "lookup in the request's own context), draft (a small model, --speculative-model), phrase (a pool of "
-           "verified phrases kept across requests)", (None, "ngram", "draft", "phrase")),
+           "verified phrases kept across requests); default: none", ("ngram", "draft", "phrase")),
     Option("num_speculative_tokens", "auto", _num_speculative_tokens, "with --speculative-method: draft tokens a "
            "request verifies per step at most; auto: chosen per step from measured acceptance and step cost, 0 when "
            "it would not pay (large batches)"),
@@ -136,7 +136,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
     for o in ENGINE_OPTIONS:
         if v[o.name] is not None and o.type is not str:
             v[o.name] = o.type(v[o.name])
-        if o.choices and v[o.name] not in o.choices:
+        if o.choices and v[o.name] is not None and v[o.name] not in o.choices:
             raise InvalidRequest(f"{o.name} must be one of {', '.join(o.choices)}, got {v[o.name]!r}")
     if v["max_num_batched_tokens"] is None:
         v["max_num_batched_tokens"] = KV_POLICIES[v["kv_policy"]].default_step_tokens
