@@ -57,6 +57,15 @@ def test_ngram_greedy_is_token_exact_at_every_batch_size(base, batch):
     assert view.speculative["num_accepted_tokens"] > 0 and view.num_kv_blocks_used == 0
 
 
+def test_int8_kv_policy_is_token_exact():
+    prompts = grounded_prompts(3)
+    plain = LLM(str(TINY), kv_cache_memory="32M", kv_policy="int8")
+    spec = LLM(str(TINY), kv_cache_memory="32M", kv_policy="int8", speculative_method="ngram",
+               num_speculative_tokens=4)
+    assert outputs(spec, prompts, GREEDY) == outputs(plain, prompts, GREEDY)
+    assert spec.view().speculative["num_accepted_tokens"] > 0
+
+
 def test_auto_draft_length_is_token_exact(base):
     prompts = grounded_prompts(3)
     spec = LLM(str(TINY), kv_cache_memory="32M", speculative_method="phrase")
