@@ -149,6 +149,19 @@ def test_moe_model_is_token_exact(tmp_ckpt_dir):
     assert spec.view().speculative["num_accepted_tokens"] > 0
 
 
+def test_moe_with_an_expert_store_under_a_budget_is_token_exact(tmp_ckpt_dir):
+    from tests.expert_stores import make_store
+    ckpt, store = make_store("qwen2_moe", tmp_ckpt_dir)
+    prompts = [{"prompt_token_ids": [1] + list(range(10 + i, 50 + 7 * i))} for i in range(2)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    opts = dict(dtype="float32", kv_cache_memory="4M", expert_store=str(store), expert_cache_memory="64K")
+    plain = LLM(str(ckpt), **opts)
+    spec = LLM(str(ckpt), speculative_method="draft", speculative_model=str(ckpt), num_speculative_tokens=3, **opts)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)] == \
+        [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    assert spec.view().speculative["num_accepted_tokens"] > 0
+
+
 def test_bad_settings_are_refused_with_what_to_do(tmp_ckpt_dir):
     with pytest.raises(InvalidRequest, match="kv-policy lazy cannot take back"):
         LLM(str(TINY), kv_policy="lazy", speculative_method="ngram")
