@@ -57,6 +57,17 @@ def test_ngram_greedy_is_token_exact_at_every_batch_size(base, batch):
     assert view.speculative["num_accepted_tokens"] > 0 and view.num_kv_blocks_used == 0
 
 
+def test_stop_strings_end_the_output_where_they_would_without_speculation(base):
+    prompts = grounded_prompts(2)
+    full = base.generate(prompts, GREEDY, use_tqdm=False)
+    stops = [o.outputs[0].text[len(o.outputs[0].text) // 2:][:6] for o in full]  # a string from each output
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=stops)
+    spec = LLM(str(TINY), kv_cache_memory="32M", speculative_method="ngram", num_speculative_tokens=4)
+    want = [(o.outputs[0].text, o.outputs[0].token_ids) for o in base.generate(prompts, params, use_tqdm=False)]
+    got = [(o.outputs[0].text, o.outputs[0].token_ids) for o in spec.generate(prompts, params, use_tqdm=False)]
+    assert got == want and all(len(ids) < 40 for _, ids in got)
+
+
 def test_int8_kv_policy_is_token_exact():
     prompts = grounded_prompts(3)
     plain = LLM(str(TINY), kv_cache_memory="32M", kv_policy="int8")
