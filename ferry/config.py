@@ -218,6 +218,17 @@ class OffloadConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (ferry/speculative/): who drafts and how many tokens a request verifies per step."""
+
+    method: str | None = None  # None (off) | ngram | draft | phrase
+    num_tokens: int | None = None  # draft tokens per request per step at most; None: auto (adaptive, up to 8)
+    model: str | None = None  # the draft model's folder (method draft)
+    prompt_lookup_min: int = 2  # n-gram lengths matched (ngram, phrase)
+    prompt_lookup_max: int = 5
+
+
+@dataclass(frozen=True)
 class KVOptions:
     """The options of a KV policy (ferry/kvcache/policies/): each policy subclasses it with its own fields (the
     --kv-* flags it reads, with defaults and checks) beside its class. `full` reads none."""
@@ -236,3 +247,4 @@ class EngineConfig:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     kv_policy: str = "full"  # a name in ferry.kvcache.policies.KV_POLICIES
     kv_options: KVOptions = field(default_factory=KVOptions)  # that policy's own options
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

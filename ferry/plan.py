@@ -89,6 +89,10 @@ class ScheduledReq:
     num_prompt_tokens: int
     seed_offset: int = 0  # child index of an n > 1 request, mixed into its seed
     kv: KVStep = field(default_factory=KVStep)  # the KV policy's decisions for this request in this step
+    # speculative decoding: guesses of the tokens after the request's last known one, the tail of token_ids (so
+    # token_ids = [last known token] + draft_token_ids). Each of its rows samples as a one-token decode at its
+    # position would; the runner keeps the longest prefix the target agrees with, plus the target's next token.
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -113,3 +117,6 @@ class StepResult:
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # req_id -> logprobs, when params.logprobs is set
     # req_id -> (position of the first scored token, logprobs), when params.prompt_logprobs is set
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)
+    # req_id -> the tokens a request with draft tokens gained: its accepted drafts, then the target's own next token
+    # (1 to len(draft_token_ids) + 1 tokens; such a request has no entry in sampled_token_ids)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)

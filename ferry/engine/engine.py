@@ -88,11 +88,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
+        start = time.perf_counter()
         result, failed = execute_isolating(self.runner, plan)  # a request whose forward raises fails alone
+        if self.parts.speculator is not None and plan.reqs:  # the cost model of --num-speculative-tokens auto
+            decode_only = all(len(r.token_ids) == 1 + len(r.draft_token_ids) for r in plan.reqs)
+            self.parts.speculator.step_done(plan.num_tokens, time.perf_counter() - start,
+                                            any(r.draft_token_ids for r in plan.reqs), decode_only)
         outputs = self._fail(failed)
         progressed = self.scheduler.update(plan, result)
         self.num_steps += 1
-        self.num_generation_tokens += len(progressed)
+        self.num_generation_tokens += len(progressed) + sum(len(t) - 1 for t in result.spec_token_ids.values())
         processed, stopped = self.output.process(progressed, result)
         outputs += processed
         for child_id in stopped:
@@ -126,7 +131,8 @@ class LLMEngine:
             num_kv_blocks_offloaded=self.kv.num_offloaded,
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             num_preemptions=s.num_preemptions, num_prompt_tokens=self.num_prompt_tokens,
-            num_generation_tokens=self.num_generation_tokens, num_steps=self.num_steps)
+            num_generation_tokens=self.num_generation_tokens, num_steps=self.num_steps,
+            speculative=self._spec_stats())
 
     def view(self) -> EngineView:
         """A read-only snapshot for code outside the engine (eval, bench, tests)."""
@@ -144,7 +150,11 @@ class LLMEngine:
                                       r.num_output_tokens) for r in s.running),
             num_waiting=len(s.waiting), num_preemptions=s.num_preemptions, prefix_cache_hits=s.prefix_hits,
             kv_stats=dict(getattr(storage, "stats", {})),
-            experts=self.parts.experts.stats() if self.parts.experts else None)
+            experts=self.parts.experts.stats() if self.parts.experts else None, speculative=self._spec_stats())
+
+    def _spec_stats(self) -> dict | None:
+        spec = self.parts.speculator
+        return None if spec is None else {"method": spec.method, **spec.stats.as_dict()}
 
     @property
     def routing(self) -> RoutingObservers:

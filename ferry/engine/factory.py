@@ -9,6 +9,7 @@ import torch
 
 from ferry.config import EngineConfig, ModelConfig, OffloadConfig
 from ferry.engine.parts import EngineParts
+from ferry.engine.speculation import build_speculator
 from ferry.errors import InvalidRequest
 from ferry.experts.planner import make_plan, measure_costs
 from ferry.experts.policies import EVICTION_POLICIES
@@ -158,10 +159,12 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         check_kv_bytes(policy, storage, num_blocks, num_host_blocks)
         storage.bind_model(model)
         kv = KVCacheManager(num_blocks, block_size, cfg.cache.enable_prefix_caching, num_host_blocks, policy)
-        scheduler = Scheduler(cfg.scheduler, kv, POLICIES[cfg.scheduler.policy]())
+        speculator = build_speculator(cfg, model_cfg, tokenizer, dtype, device, max_len)
+        scheduler = Scheduler(cfg.scheduler, kv, POLICIES[cfg.scheduler.policy](), speculator)
         eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_cfg.eos_token_ids)
         runner = Runner(model, storage, Sampler(eos, seed=cfg.seed), block_size, device)
-        return EngineParts(cfg, model_cfg, tokenizer, kv, storage, scheduler, runner, max_len, eos, experts)
+        return EngineParts(cfg, model_cfg, tokenizer, kv, storage, scheduler, runner, max_len, eos, experts,
+                           speculator)
     except BaseException:
         if experts:  # its reader threads and cache must not outlive a failed start
             experts.close()

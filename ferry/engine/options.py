@@ -15,6 +15,7 @@ from ferry.config import (
     KVOptions,
     OffloadConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 from ferry.errors import InvalidRequest
 from ferry.kvcache.policies import KV_POLICIES
@@ -48,6 +49,19 @@ class Option:
 
 def _bool(v: str | bool) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+
+
+def _num_speculative_tokens(v: str | int) -> int | None:
+    """`auto` (None: chosen per step) or a count >= 1."""
+    if v is None or str(v).lower() == "auto":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise InvalidRequest(f"num_speculative_tokens must be auto or a number >= 1, got {v!r}") from None
+    if not 1 <= n <= 16:
+        raise InvalidRequest(f"num_speculative_tokens must be auto or 1..16, got {n}")
+    return n
 
 
 def kv_policy_options() -> list[Option]:
@@ -98,6 +112,16 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "costs, prefetch width, recommended sequences per step) at start"),
     Option("expert_correlation_file", None, str, "MoE with --expert-prefetch correlation: JSON of co-activation "
            "statistics, loaded at start if it exists and saved at shutdown"),
+    Option("speculative_method", None, str, "speculative decoding (output unchanged, see README): ngram (prompt "
+           "lookup in the request's own context), draft (a small model, --speculative-model), phrase (a pool of "
+           "verified phrases kept across requests); default: none", ("ngram", "draft", "phrase")),
+    Option("num_speculative_tokens", "auto", _num_speculative_tokens, "with --speculative-method: draft tokens a "
+           "request verifies per step at most; auto: chosen per step from measured acceptance and step cost, 0 when "
+           "it would not pay (large batches)"),
+    Option("speculative_model", None, str, "with --speculative-method draft: the draft model's folder (same "
+           "tokenizer as the model)"),
+    Option("prompt_lookup_min", 2, int, "with --speculative-method ngram or phrase: shortest n-gram matched"),
+    Option("prompt_lookup_max", 5, int, "with --speculative-method ngram or phrase: longest n-gram matched"),
 )
 _BY_NAME = {o.name: o for o in ENGINE_OPTIONS}
 
@@ -112,7 +136,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
     for o in ENGINE_OPTIONS:
         if v[o.name] is not None and o.type is not str:
             v[o.name] = o.type(v[o.name])
-        if o.choices and v[o.name] not in o.choices:
+        if o.choices and v[o.name] is not None and v[o.name] not in o.choices:
             raise InvalidRequest(f"{o.name} must be one of {', '.join(o.choices)}, got {v[o.name]!r}")
     if v["max_num_batched_tokens"] is None:
         v["max_num_batched_tokens"] = KV_POLICIES[v["kv_policy"]].default_step_tokens
@@ -125,6 +149,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
     if v["expert_correlation_file"] is not None and v["expert_prefetch"] != "correlation":
         raise InvalidRequest("expert_correlation_file needs expert_prefetch=correlation")
     kv_policy = KV_POLICIES[v["kv_policy"]]
+    speculative = _speculative(v, kv_policy)
     return EngineConfig(
         model=str(model), device=v["device"], dtype=v["dtype"], threads=v["threads"],
         max_model_len=v["max_model_len"], seed=v["seed"],
@@ -137,8 +162,33 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         offload=OffloadConfig(expert_store=v["expert_store"], expert_cache_memory=v["expert_cache_memory"],
                               expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"],
                               explain=v["explain"], expert_correlation_file=v["expert_correlation_file"]),
-        kv_policy=kv_policy.name, kv_options=_kv_options(v),
+        kv_policy=kv_policy.name, kv_options=_kv_options(v), speculative=speculative,
     )
+
+
+def _speculative(v: dict[str, Any], kv_policy: Any) -> SpeculativeConfig:
+    """The speculative_* options, checked against each other and the KV policy."""
+    method = v["speculative_method"]
+    given = [name for name in ("speculative_model",) if v[name] is not None]
+    given += [name for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
+              if v[name] != _BY_NAME[name].type(_BY_NAME[name].default)]
+    if method is None:
+        if given:
+            raise InvalidRequest(f"{', '.join(given)} needs speculative_method (ngram, draft or phrase)")
+        return SpeculativeConfig()
+    if method == "draft" and v["speculative_model"] is None:
+        raise InvalidRequest("speculative_method=draft needs speculative_model (the draft model's folder)")
+    if method != "draft" and v["speculative_model"] is not None:
+        raise InvalidRequest(f"speculative_model is for speculative_method=draft, not {method}")
+    if not 1 <= v["prompt_lookup_min"] <= v["prompt_lookup_max"]:
+        raise InvalidRequest(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {v['prompt_lookup_min']} and "
+                             f"{v['prompt_lookup_max']}")
+    if not kv_policy.supports_rollback:
+        able = ", ".join(n for n, cls in KV_POLICIES.items() if cls.supports_rollback)
+        raise InvalidRequest(f"--kv-policy {kv_policy.name} cannot take back the KV of rejected draft tokens, so it "
+                             f"cannot run speculative decoding; use --kv-policy {able}, or no --speculative-method")
+    return SpeculativeConfig(method, v["num_speculative_tokens"], v["speculative_model"], v["prompt_lookup_min"],
+                             v["prompt_lookup_max"])
 
 
 def _kv_options(v: dict[str, Any]) -> KVOptions:

@@ -17,6 +17,7 @@ class _Child:
     detok: IncrementalDetokenizer
     logprobs: list[TokenLogprob] | None
     text: str = ""
+    num_tokens: int = 0  # output tokens detokenized (a step may bring several: speculative decoding)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -42,7 +43,7 @@ class _Group:
         return all(c.finish_reason is not None for c in self.children)
 
     def output(self) -> RequestOutput:
-        outs = [CompletionOutput(index=c.index, text=c.visible_text(self.params), token_ids=list(c.req.output_token_ids),
+        outs = [CompletionOutput(index=c.index, text=c.visible_text(self.params), token_ids=c.req.output_token_ids[:c.num_tokens],
                                  finish_reason=c.finish_reason, logprobs=c.logprobs, stop_reason=c.stop_reason)
                 for c in self.children]
         cached = min(c.req.num_cached_prompt_tokens for c in self.children)
@@ -81,25 +82,37 @@ class OutputProcessor:
             if g is None:
                 continue
             child = g.children[int(req.seed_offset)]
-            delta = child.detok.add(req.output_token_ids[-1])
-            if req.finished:  # text held back for an incomplete byte sequence is final now
-                delta += child.detok.flush()
-            child.text += delta
             if child.logprobs is not None and req.req_id in result.logprobs:
                 child.logprobs.append(result.logprobs[req.req_id])
-            if g.params.stop and child.finish_reason is None and delta:
-                hit = find_stop(child.text, len(delta), g.params.stop)
-                if hit is not None:
-                    idx, stop = hit
-                    child.text = child.text[:idx + (len(stop) if g.params.include_stop_str_in_output else 0)]
-                    child.finish_reason, child.stop_reason = FinishReason.STOP.value, stop
+            new = req.output_token_ids[child.num_tokens:]
+            for i, token in enumerate(new):
+                child.num_tokens += 1
+                delta = child.detok.add(token)
+                if req.finished and i == len(new) - 1:  # text held back for an incomplete byte sequence is final now
+                    delta += child.detok.flush()
+                child.text += delta
+                if self._stopped_by_string(child, g.params, delta):
                     if not req.finished:
                         stopped.append(req.req_id)
+                    break  # tokens after the stop string (verified drafts of the same step) are not output
             if req.finished and child.finish_reason is None:
                 child.finish_reason = req.finish_reason.value
                 child.stop_reason = req.stop_reason
             touched[g.request_id] = g
         return [self._emit(g) for g in touched.values()], stopped
+
+    @staticmethod
+    def _stopped_by_string(child: _Child, params: SamplingParams, delta: str) -> bool:
+        """Whether the text just added completes a stop string (then the child's text ends there)."""
+        if not params.stop or child.finish_reason is not None or not delta:
+            return False
+        hit = find_stop(child.text, len(delta), params.stop)
+        if hit is None:
+            return False
+        idx, stop = hit
+        child.text = child.text[:idx + (len(stop) if params.include_stop_str_in_output else 0)]
+        child.finish_reason, child.stop_reason = FinishReason.STOP.value, stop
+        return True
 
     def fail(self, req_id: str, reason: FinishReason, error: str | None = None) -> RequestOutput | None:
         """End one child (abort / error); returns its group's output."""

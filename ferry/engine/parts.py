@@ -10,6 +10,7 @@ from ferry.kvcache.manager import KVCacheManager
 from ferry.runner.kv import PolicyKV
 from ferry.runner.runner import Runner
 from ferry.scheduler.scheduler import Scheduler
+from ferry.speculative import Speculator
 from ferry.tokenizer import Tokenizer
 
 
@@ -27,3 +28,4 @@ class EngineParts:
     max_model_len: int
     eos_token_ids: frozenset[int]
     experts: ExpertStore | None = None  # MoE experts served from disk (--expert-store)
+    speculator: Speculator | None = None  # speculative decoding (--speculative-method); the scheduler drives it

@@ -22,6 +22,7 @@ class EngineStats:
     num_generation_tokens: int = 0  # cumulative
     num_steps: int = 0
     experts: ExpertStats | None = None  # MoE expert store counters (with --expert-store)
+    speculative: dict | None = None  # with --speculative-method: method, acceptance (SpecStats.as_dict)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

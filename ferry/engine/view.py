@@ -56,6 +56,7 @@ class EngineView:
     prefix_cache_hits: int  # prompt tokens found in the prefix cache
     kv_stats: dict[str, int] = field(default_factory=dict)  # the policy's own counters (lazy: token-layers computed)
     experts: ExpertStats | None = None  # with --expert-store
+    speculative: dict | None = None  # with --speculative-method: method, draft/accepted tokens, acceptance rate
 
     @property
     def kv_all_free(self) -> bool:

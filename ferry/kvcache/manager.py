@@ -108,6 +108,18 @@ class KVCacheManager:
         if scheduled.kv.compaction is not None:
             self._give_back_compacted(req, scheduled.kv.compaction.kept_blocks, scheduled.kv.compaction.region_blocks)
 
+    def rollback(self, req: Request) -> None:
+        """Speculative decoding rejected some of req's tokens: its num_computed_tokens was moved back, so the blocks
+        past it are given back (the rejected tokens' slots in its last block are written over by later tokens; a
+        block enters the prefix cache only once num_computed_tokens covers it, so rejected tokens never do)."""
+        table = self.block_tables.get(req.req_id)
+        if not table:
+            return
+        keep = self.num_blocks_for(req.num_computed_tokens)
+        if keep < len(table):
+            self.pool.free([b for b in table[keep:][::-1] if b >= 0])
+            del table[keep:]
+
     def cache_full_blocks(self, req: Request) -> None:
         """Index the request's newly completed full blocks in the prefix cache."""
         if not self.enable_prefix_caching or not self.policy.shares_prefix_blocks:

@@ -8,6 +8,7 @@ from ferry.runner.kv import PolicyKV
 from ferry.plan import StepPlan, StepResult
 from ferry.request import TokenLogprob
 from ferry.runner.inputs import build_inputs
+from ferry.runner.verify import accept
 from ferry.sampling import Sampler
 
 
@@ -46,8 +47,18 @@ class Runner:
         if inputs.prompt_scored:
             self._score_prompts(logits[num_sample:], inputs.prompt_scored, result)
         if inputs.sample_reqs:
+            snap = self.sampler.snapshot(r.req_id for r, _ in inputs.verified) if inputs.verified else None
             tokens, logprobs = self.sampler(logits[:num_sample], inputs.sample_reqs)
-            for r, tok, lp in zip(inputs.sample_reqs, tokens, logprobs):
+            verified_rows = set()
+            for r, first in inputs.verified:
+                n = len(r.token_ids)
+                kept = accept(r.draft_token_ids, tokens[first:first + n])
+                result.spec_token_ids[r.req_id] = kept
+                self.sampler.keep_draws(snap, r, len(kept))  # the rejected rows' draws are taken back
+                verified_rows.update(range(first, first + n))
+            for i, (r, tok, lp) in enumerate(zip(inputs.sample_reqs, tokens, logprobs)):
+                if i in verified_rows:
+                    continue
                 result.sampled_token_ids[r.req_id] = tok
                 if lp is not None:
                     result.logprobs[r.req_id] = lp

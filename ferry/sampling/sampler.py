@@ -86,6 +86,21 @@ class Sampler:
             elif rid in snap["absent"]:  # made by the failed try: made again, fresh, on first use
                 self._generators.pop(rid, None)
 
+    def keep_draws(self, snap: dict, req: ScheduledReq, num_kept: int) -> None:
+        """A request sampled several rows in one step (verifying draft tokens) and keeps the first num_kept: its
+        seeded generator goes back to `snap` and forward by num_kept draws, so its next token gets the draw it would
+        have had without the discarded rows (each output token's uniform is its index in the request's stream)."""
+        if req.params.seed is None or req.params.greedy or req.req_id not in self._generators:
+            return
+        device = self._generators[req.req_id][1].device
+        if req.req_id in snap["absent"]:  # made by this step's draws: start it again
+            del self._generators[req.req_id]
+        else:
+            self._generators[req.req_id][1].set_state(snap["reqs"][req.req_id])
+        gen = self._request_generator(req, device)
+        for _ in range(num_kept):  # one draw at a time, as _uniforms draws a seeded row's
+            torch.rand(1, generator=gen, dtype=torch.float64, device=device)
+
     @property
     def num_generators(self) -> int:
         return len(self._generators)

@@ -11,13 +11,17 @@ from ferry.kvcache.manager import KVCacheManager
 from ferry.plan import ScheduledReq, StepPlan, StepResult
 from ferry.request import FinishReason, Request, RequestStatus
 from ferry.scheduler.policies import SchedulingPolicy
+from ferry.speculative import Speculator
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager, policy: SchedulingPolicy) -> None:
+    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager, policy: SchedulingPolicy,
+                 speculator: Speculator | None = None) -> None:
+        """speculator: drafts tokens for decoding requests to verify in the step (None: no speculation)."""
         self.cfg = cfg
         self.kv = kv
         self.policy = policy
+        self.speculator = speculator
         self.waiting: list[Request] = []
         self.running: list[Request] = []  # admission order
         self.requests: dict[str, Request] = {}
@@ -50,6 +54,8 @@ class Scheduler:
         self.kv.free(req)
         self.kv.drop_swapped(req)
         self._finished_ids.append(req.req_id)
+        if self.speculator is not None:
+            self.speculator.release(req.req_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -85,6 +91,8 @@ class Scheduler:
 
         if not preempted:
             self._admit(plan, budget)
+        if self.speculator is not None:
+            self._add_drafts(plan)
         plan.swap_out.extend(self.kv.take_offloads())  # prefix hits that went cold on admission
         return plan
 
@@ -121,23 +129,44 @@ class Scheduler:
             plan.reqs.append(self._scheduled(req, num_new, table))
             budget -= num_new
 
+    def _add_drafts(self, plan: StepPlan) -> None:
+        """Give this step's decodes draft tokens to verify, in the rows left once every running and admitted request
+        has its tokens (drafts never cost a request its place nor preempt one): within the step's token budget and
+        the speculator's row limit (rows past it may not compute a row exactly as a one-row decode would)."""
+        decodes = [i for i, s in enumerate(plan.reqs) if s.sample and len(s.token_ids) == 1]
+        rows = plan.num_tokens
+        room = self.cfg.max_num_batched_tokens - rows
+        if self.speculator.max_rows is not None:
+            room = min(room, self.speculator.max_rows - rows)
+        if not decodes or room < 1:
+            self.speculator.skip_step()
+            return
+        reqs = [self.requests[plan.reqs[i].req_id] for i in decodes]
+        drafts = self.speculator.draft(reqs, room, rows - len(decodes))
+        for i, req in zip(decodes, reqs):
+            draft = drafts.get(req.req_id)
+            if draft and (table := self.kv.allocate_slots(req, 1 + len(draft))) is not None:
+                plan.reqs[i] = self._scheduled(req, 1 + len(draft), table, draft)
+
     def _room(self, plan: StepPlan) -> int:
         """The most prompt tokens a step can hold next to this step's decodes."""
         return self.cfg.max_num_batched_tokens - sum(len(r.token_ids) == 1 for r in plan.reqs)
 
-    def _scheduled(self, req: Request, num_new: int, table: list[int]) -> ScheduledReq:
+    def _scheduled(self, req: Request, num_new: int, table: list[int], draft: list[int] = ()) -> ScheduledReq:
         start = req.num_computed_tokens
+        num_known = num_new - len(draft)
         return ScheduledReq(
             req_id=req.req_id,
-            token_ids=req.all_token_ids[start:start + num_new],
+            token_ids=req.all_token_ids[start:start + num_known] + list(draft),
             start_pos=start,
             block_ids=list(table),
-            sample=start + num_new == req.num_tokens,
+            sample=start + num_known == req.num_tokens,
             params=req.params,
             all_token_ids=req.all_token_ids,
             num_prompt_tokens=req.num_prompt_tokens,
             seed_offset=req.seed_offset,
             kv=self.kv.plan_step(req, num_new, table),
+            draft_token_ids=list(draft),
         )
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
@@ -159,18 +188,35 @@ class Scheduler:
             req = self.requests.get(s.req_id)
             if req is None:  # finished while the step ran
                 continue
-            req.num_computed_tokens = s.start_pos + len(s.token_ids)
-            self.kv.commit_step(req, s)
-            if not s.sample:
-                continue
-            req.append_output(result.sampled_token_ids[s.req_id])
-            reason = self._stop_reason(req)
-            if reason is not None:
-                self.running.remove(req)
-                del self.requests[req.req_id]
-                self._release(req, reason)
+            if s.draft_token_ids:
+                new = result.spec_token_ids[s.req_id]
+                self._verified(req, s, len(new) - 1)
+            else:
+                req.num_computed_tokens = s.start_pos + len(s.token_ids)
+                self.kv.commit_step(req, s)
+                if not s.sample:
+                    continue
+                new = [result.sampled_token_ids[s.req_id]]
+            for token in new:
+                req.append_output(token)
+                reason = self._stop_reason(req)
+                if reason is not None:
+                    self.running.remove(req)
+                    del self.requests[req.req_id]
+                    self._release(req, reason)
+                    break
+            if self.speculator is not None and not req.finished:
+                self.speculator.observe(req, len(new))
             progressed.append(req)
         return progressed
+
+    def _verified(self, req: Request, s: ScheduledReq, num_accepted: int) -> None:
+        """req verified s.draft_token_ids and kept the first num_accepted: its KV counts its last known token and
+        those; the rejected drafts' slots are dropped (tail blocks freed) before the prefix cache sees a block."""
+        req.num_computed_tokens = s.start_pos + 1 + num_accepted
+        self.kv.rollback(req)
+        self.kv.commit_step(req, s)
+        self.speculator.record(req, len(s.draft_token_ids), num_accepted)
 
     def _stop_reason(self, req: Request) -> FinishReason | None:
         token, p = req.output_token_ids[-1], req.params

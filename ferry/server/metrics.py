@@ -65,6 +65,18 @@ class EngineCollector(Collector):
         yield counter("ferry_engine_steps", "Engine steps run.", s.num_steps)
         if s.experts is not None:
             yield from _expert_metrics(s, gauge, counter)
+        if s.speculative is not None:
+            yield from _speculative_metrics(s.speculative, gauge, counter)
+
+
+def _speculative_metrics(spec: dict, gauge: Callable, counter: Callable) -> Iterator[Metric]:
+    """Speculative decoding (--speculative-method): drafts verified and accepted, per the method in use."""
+    yield counter("ferry_spec_decode_draft_tokens", f"Draft tokens verified ({spec['method']}).", spec["num_draft_tokens"])
+    yield counter("ferry_spec_decode_accepted_tokens", f"Draft tokens accepted ({spec['method']}).",
+                  spec["num_accepted_tokens"])
+    yield gauge("ferry_spec_decode_acceptance_rate", "Accepted / verified draft tokens.", spec["acceptance_rate"])
+    yield gauge("ferry_spec_decode_mean_accepted_length", "Tokens a verifying request gains per step (accepted + 1).",
+                spec["mean_accepted_length"])
 
 
 def _expert_metrics(s: EngineStats, gauge: Callable, counter: Callable) -> Iterator[Metric]:

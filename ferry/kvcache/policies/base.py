@@ -96,6 +96,9 @@ class KVPolicy(ABC):
     default_step_tokens: ClassVar[int] = 512
     # ... and wants a prompt that fits in a step computed in one (SchedulerConfig.whole_prompts)
     whole_prompts: ClassVar[bool] = False
+    # speculative decoding can verify draft tokens under it: a token's KV depends on that token alone, so dropping
+    # a rejected draft's slots (KVCacheManager.rollback) leaves nothing of it behind
+    supports_rollback: ClassVar[bool] = False
 
     def __init__(self, options: KVOptions, shape: KVShape) -> None:
         if not isinstance(options, self.Options):

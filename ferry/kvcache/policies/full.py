@@ -9,6 +9,7 @@ from ferry.kvcache.policies.base import KVPolicy, KVShape, register_kv_policy
 class FullPolicy(KVPolicy):
     name = "full"
     summary = "full (exact)"
+    supports_rollback = True
 
     @classmethod
     def for_blocks(cls, block_size: int) -> FullPolicy:

@@ -13,6 +13,7 @@ from ferry.plan import BlockTensor
 class Int8Policy(KVPolicy):
     name = "int8"
     summary = "int8 (quantized K/V, ~2x blocks per byte in bf16)"
+    supports_rollback = True
 
     def block_tensors(self) -> list[BlockTensor]:
         s = self.shape
