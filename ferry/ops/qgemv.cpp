@@ -66,8 +66,13 @@ void quantize_x(const T* x, int64_t M, int64_t K, int8_t* q, float* d) {
     }
     const float dx = amax / 127.f;
     const float id = dx > 0.f ? 1.f / dx : 0.f;
-    for (int j = 0; j < QK; ++j)
-      q[i * QK + j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(v[j] * id))));
+    // round half to even by the 1.5 x 2^23 trick (|v id| <= 127 + ulp): the same bits as nearbyint, without a
+    // libm call at the portable level. Built with -ffp-contract=off, so v * id is rounded before the add.
+    for (int j = 0; j < QK; ++j) {
+      const float t = v[j] * id;
+      const float r = (t + 12582912.f) - 12582912.f;
+      q[i * QK + j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, r)));
+    }
     d[i] = dx;
   }
 }

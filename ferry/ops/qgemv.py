@@ -16,7 +16,8 @@ import torch
 from ferry.ops.cpu import Isa
 from ferry.ops.kernel import NativeKernel
 
-KERNEL = NativeKernel("ferry_qgemv", ["qgemv.cpp"], ["-O3", "-fopenmp", "-DNDEBUG"], min_isa=Isa.PORTABLE)
+KERNEL = NativeKernel("ferry_qgemv", ["qgemv.cpp"], ["-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off"],
+                      min_isa=Isa.PORTABLE)
 
 # Largest M sent to the kernel; above it dequantize + matmul. Measured with bench/qgemv.py (Xeon, AVX-512 VNNI, 2
 # threads): see the module docstring of bench/qgemv.py for the crossover.

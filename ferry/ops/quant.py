@@ -125,9 +125,23 @@ class ReferenceLinear(QuantLinear):
         return out.copy_(self.qw.dequantize(out.dtype))
 
 
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rounded as the kernel rounds it (llama.cpp's Q8_0): per block of 32 inputs, scale d = max|x| / 127
+    (float32) and x -> round-half-even(x / d) x d, in x's dtype. K not a multiple of 32: x unchanged."""
+    M, K = x.shape
+    if K % QBLOCK:
+        return x
+    xb = x.float().reshape(M, K // QBLOCK, QBLOCK)
+    d = xb.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv).clamp_(-127, 127) * d).reshape(M, K).to(x.dtype)
+
+
 class KernelLinear(QuantLinear):
-    """The stored tensors used in place: the small-M kernel for at most `qgemv.MAX_M` rows of x, dequantize (in
-    C++, into a scratch tensor per call) then torch's matmul for more; ReferenceLinear where no kernel runs."""
+    """The stored tensors used in place: the small-M kernel for at most `qgemv.MAX_M` rows of x; for more, x rounded
+    as the kernel rounds it (`round_activations`) times the weight dequantized (in C++, into a scratch tensor per
+    call) with torch's matmul. Every M computes the same product up to float rounding, so a token's result does not
+    depend on the batch it runs in (chunked prefill, an offloaded expert's token count) beyond that."""
 
     def __init__(self, qw: QuantizedWeight) -> None:
         self.qw = qw
@@ -141,7 +155,7 @@ class KernelLinear(QuantLinear):
         x2 = x.reshape(-1, K)
         y = qgemv.qlinear(x2, qw.codes, qw.scales, qw.bits, qw.group)
         if y is None:  # prefill, or no kernel here
-            y = x2 @ self.dequantize(torch.empty(N, K, dtype=x.dtype)).T
+            y = round_activations(x2) @ self.dequantize(torch.empty(N, K, dtype=x.dtype)).T
         return y.view(*x.shape[:-1], N)
 
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
