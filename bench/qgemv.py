@@ -72,13 +72,15 @@ def variants(n: int, k: int, m: int, dtype: torch.dtype, args) -> dict:
         out[name] = (None, lambda i, ws=ws, xw=xw: F.linear(xw, ws[i % len(ws)]), ws[0].nbytes, len(ws))
     for bits in args.bits:
         qw0 = quantize_weight(base, bits, GROUPS[bits] or k)
-        qws = [qw0] + [quantize_weight(base, bits, GROUPS[bits] or k) for _ in range(copies_for(qw0.nbytes, args.rotate_mb) - 1)]
+        qws = [qw0] + [quantize_weight(base, bits, GROUPS[bits] or k)
+                       for _ in range(copies_for(qw0.nbytes, args.rotate_mb) - 1)]
         lins = [prepare(q) for q in qws]
         for level in args.levels:
             out[f"ferry int{bits} {level}"] = (level, lambda i, lins=lins: lins[i % len(lins)](x), qw0.nbytes, len(lins))
         if m > 1 and m <= args.kernel_max_m:
-            out[f"kernel int{bits}"] = (None, lambda i, qws=qws: qgemv.KERNEL.ext().qlinear(
-                x, qws[i % len(qws)].codes, qws[i % len(qws)].scales, bits, qws[i % len(qws)].group), qw0.nbytes, len(qws))
+            out[f"kernel int{bits}"] = (None, lambda i, qws=qws, bits=bits: qgemv.KERNEL.ext().qlinear(
+                x, qws[i % len(qws)].codes, qws[i % len(qws)].scales, bits, qws[i % len(qws)].group), qw0.nbytes,
+                len(qws))
         if args.reference:
             ref = ReferenceLinear(qw0)
             out[f"reference int{bits}"] = (None, lambda i, ref=ref: ref(x), qw0.nbytes, 2)
