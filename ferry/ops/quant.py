@@ -139,9 +139,12 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
 
 class KernelLinear(QuantLinear):
     """The stored tensors used in place: the small-M kernel for at most `qgemv.MAX_M` rows of x; for more, x rounded
-    as the kernel rounds it (`round_activations`) times the weight dequantized (in C++, into a scratch tensor per
-    call) with torch's matmul. Every M computes the same product up to float rounding, so a token's result does not
-    depend on the batch it runs in (chunked prefill, an offloaded expert's token count) beyond that."""
+    as the kernel rounds it (`round_activations`) times the weight dequantized (in C++, into a float32 scratch
+    tensor per call: codes x float16 scales are exact there) with torch's float32 matmul, then cast to x's dtype.
+    Every M computes the same product up to float32 rounding, so a token's result does not depend on the batch it
+    runs in (chunked prefill, an offloaded expert's token count) beyond that: measured 5x faster at M=512 than the
+    small-M kernel run 16 rows at a time (bench/qgemv.py, "kernel" variant), and 1.2-1.6x slower than the same in
+    bfloat16, which rounds x and W to 8 bits and made batch-dependent greedy tokens."""
 
     def __init__(self, qw: QuantizedWeight) -> None:
         self.qw = qw
@@ -154,8 +157,8 @@ class KernelLinear(QuantLinear):
         qw, (N, K) = self.qw, self.qw.shape
         x2 = x.reshape(-1, K)
         y = qgemv.qlinear(x2, qw.codes, qw.scales, qw.bits, qw.group)
-        if y is None:  # prefill, or no kernel here
-            y = round_activations(x2) @ self.dequantize(torch.empty(N, K, dtype=x.dtype)).T
+        if y is None:  # prefill, or no kernel here: in float32, where codes x scales are exact (as the kernel's)
+            y = (round_activations(x2.float()) @ self.dequantize(torch.empty(N, K)).T).to(x.dtype)
         return y.view(*x.shape[:-1], N)
 
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
