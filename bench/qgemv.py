@@ -76,7 +76,8 @@ def variants(n: int, k: int, m: int, dtype: torch.dtype, args) -> dict:
                        for _ in range(copies_for(qw0.nbytes, args.rotate_mb) - 1)]
         lins = [prepare(q) for q in qws]
         for level in args.levels:
-            out[f"ferry int{bits} {level}"] = (level, lambda i, lins=lins: lins[i % len(lins)](x), qw0.nbytes, len(lins))
+            out[f"ferry int{bits} {level}"] = (level, lambda i, lins=lins: lins[i % len(lins)](x), qw0.nbytes,
+                                               len(lins))
         if m > 1 and m <= args.kernel_max_m:
             out[f"kernel int{bits}"] = (None, lambda i, qws=qws, bits=bits: qgemv.KERNEL.ext().qlinear(
                 x, qws[i % len(qws)].codes, qws[i % len(qws)].scales, bits, qws[i % len(qws)].group), qw0.nbytes,

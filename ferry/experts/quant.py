@@ -44,7 +44,8 @@ class QuantLayout:
         D, I = self.hidden_size, self.intermediate_size
         code = torch.int8 if self.bits == 8 else torch.uint8
         per_byte = 8 // self.bits
-        shapes = [("gate_up_q", code, (2 * I, D // per_byte)), ("gate_up_s", torch.float16, (2 * I, D // self._group(D))),
+        shapes = [("gate_up_q", code, (2 * I, D // per_byte)),
+                  ("gate_up_s", torch.float16, (2 * I, D // self._group(D))),
                   ("down_q", code, (D, I // per_byte)), ("down_s", torch.float16, (D, I // self._group(I)))]
         parts, offset = [], 0
         for name, dtype, shape in shapes:
@@ -84,7 +85,8 @@ class QuantLayout:
         g, d = self.stored(slot)
         return prepare(g), prepare(d)
 
-    def unpack(self, slot: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def unpack(self, slot: torch.Tensor, gate_up: torch.Tensor,
+               down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantize a record held in a uint8 slot into gate_up [2I, D] and down [D, I] (any float dtype)."""
         g, d = self.weights(slot)
         return g.dequantize(gate_up), d.dequantize(down)

@@ -21,6 +21,7 @@ from ferry.models.loader import load_model
 from ferry.ops.quant import QuantLinear, ReferenceLinear
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.expert_stores import check_store_clean, make_store
+from tests.unit.test_ops_quant import LEVELS, forced_isa
 
 
 @pytest.mark.parametrize("bits,bound", [(8, 0.01), (4, 0.2)])
@@ -135,3 +136,25 @@ def test_a_store_of_the_old_packing_asks_for_a_new_convert(tmp_path, stores):
     (old / "index.json").write_text(json.dumps({**index, "version": 2}))
     with pytest.raises(ModelLoadError, match="re-run `ferry convert"):
         StoreIndex.load(old)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_record_converted_on_one_path_runs_on_every_other(bits):
+    """The same record bytes whatever the level that wrote it, and the same results whatever the level reading it
+    (to float32 rounding): a store copied to a machine of another CPU computes what it computed here."""
+    gen = torch.Generator().manual_seed(11)
+    gate_up, down, x = torch.randn(128, 64, generator=gen), torch.randn(64, 64, generator=gen), torch.randn(3, 64)
+    q = QuantLayout(bits, 32, 64, 64)
+    records, outs = {}, {}
+    for level in LEVELS:
+        with forced_isa(level):
+            records[level] = q.encode(gate_up, down)
+    assert len(set(records.values())) == 1
+    slot = torch.frombuffer(bytearray(records["portable"]), dtype=torch.uint8)
+    for level in LEVELS:
+        with forced_isa(level):
+            g, d = q.weights(slot)
+            outs[level] = d(g(x)[:, :64])
+    for level in LEVELS:
+        torch.testing.assert_close(outs[level], outs["portable"], atol=1e-5 * float(outs["portable"].abs().max()),
+                                   rtol=1e-5)
