@@ -151,7 +151,12 @@ class KernelLinear(QuantLinear):
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the stored weight (codes and scales) a decode step reads."""
         return self.qw.nbytes
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qw.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         qw, (N, K) = self.qw, self.qw.shape
