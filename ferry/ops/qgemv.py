@@ -6,8 +6,8 @@ per block of 32 inputs (llama.cpp's Q8_0: scale max|x|/127, round to nearest eve
 int32 and summed in float32. Relative error against dequantize-then-matmul: that of Q8_0 activations, about 0.5%
 of the output's norm (tests bound it at 2%); see qgemv.cpp for what each path computes.
 
-``MAX_M`` rows and fewer go to the kernel; more (prefill) dequantize the weight once per call into a scratch
-tensor (``dequantize``, in C++, in parallel) and run torch's matmul, which is compute-bound there anyway.
+``MAX_M`` rows and fewer go to the kernel (decode, an expert's tokens, short prefill chunks); more dequantize the
+weight once per call into a scratch tensor (``dequantize``, in C++, in parallel) for torch's matmul (quant.py).
 """
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from ferry.ops.kernel import NativeKernel
 KERNEL = NativeKernel("ferry_qgemv", ["qgemv.cpp"], ["-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off"],
                       min_isa=Isa.PORTABLE)
 
-# Largest M sent to the kernel; above it dequantize + matmul. Measured with bench/qgemv.py (Xeon, AVX-512 VNNI, 2
-# threads): see the module docstring of bench/qgemv.py for the crossover.
-MAX_M = 16
+# Largest M sent to the kernel; above it dequantize + matmul. Measured with bench/qgemv.py (Xeon with AVX-512
+# VNNI, 2 threads, a heavily shared machine: relative numbers only): at M=64 the kernel (any level) was 2-7x
+# faster than dequantize + float32 matmul, at M=512 about 5x slower; it is compute-bound from M ~ 16 and grows
+# linearly in M while dequantize + matmul is mostly the dequantization's fixed cost, so the crossover is a few
+# hundred rows. 128 keeps a margin; rerun the bench on a quiet machine to place it.
+MAX_M = 128
 DTYPES = (torch.float32, torch.bfloat16)
 
 

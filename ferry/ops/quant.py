@@ -142,9 +142,9 @@ class KernelLinear(QuantLinear):
     as the kernel rounds it (`round_activations`) times the weight dequantized (in C++, into a float32 scratch
     tensor per call: codes x float16 scales are exact there) with torch's float32 matmul, then cast to x's dtype.
     Every M computes the same product up to float32 rounding, so a token's result does not depend on the batch it
-    runs in (chunked prefill, an offloaded expert's token count) beyond that: measured 5x faster at M=512 than the
-    small-M kernel run 16 rows at a time (bench/qgemv.py, "kernel" variant), and 1.2-1.6x slower than the same in
-    bfloat16, which rounds x and W to 8 bits and made batch-dependent greedy tokens."""
+    runs in (chunked prefill, an offloaded expert's token count) beyond that. Measured about 5x faster at M=512
+    than the kernel (bench/qgemv.py), and 1.2-1.6x slower than the same in bfloat16, which rounds x and W to 8 bits
+    and made greedy tokens depend on the batch."""
 
     def __init__(self, qw: QuantizedWeight) -> None:
         self.qw = qw
