@@ -114,7 +114,8 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     shapes = sorted({(r["N"], r["K"]) for r in record["results"]})
     dtypes = sorted({r["dtype"] for r in record["results"]})
-    fig, axes = plt.subplots(len(dtypes), len(shapes), figsize=(3.2 * len(shapes), 3.0 * len(dtypes)), squeeze=False)
+    fig, axes = plt.subplots(len(dtypes), len(shapes), figsize=(max(7.0, 3.6 * len(shapes)), 3.4 * len(dtypes)),
+                             squeeze=False)
     for di, dt in enumerate(dtypes):
         for si, (n, k) in enumerate(shapes):
             ax = axes[di][si]
@@ -123,14 +124,15 @@ def plot(record: dict, path: Path) -> None:
             names = sorted({v for r in rows for v in r["variants"]})
             for name in names:
                 pts = [(r["M"], r["variants"][name]["ms"]) for r in rows if name in r["variants"]]
-                ax.plot(*zip(*pts), marker="o", markersize=3, label=name)
+                style = "--" if "int8" in name else ":" if "reference" in name else "-"
+                ax.plot(*zip(*pts), style, marker="o", markersize=3, label=name)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"{n}x{k} x {dt}", fontsize=8)
             ax.set_xlabel("M", fontsize=7)
             ax.set_ylabel("ms per call", fontsize=7)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
     meta = record["meta"]
     fig.suptitle(f"qgemv: {meta['cpu']}, {meta['threads']} threads, isa {meta['isa']} (median of {meta['runs']})",
                  fontsize=9)
