@@ -26,7 +26,7 @@ Two models:
 Every ferry offload run must give the same greedy tokens as ferry with every expert in memory (`token_exact`).
 
 Lossy rows, beside them (--no-int4 to skip): the int4 expert store (`ferry convert --expert-bits 4`, run through
-torch's fused int4 kernel in bf16) all in RAM ("ferry int4 in-memory (lossy)"), and under each budget's RAM
+ferry's int4 kernel, ferry/ops/qgemv.cpp) all in RAM ("ferry int4 in-memory (lossy)"), and under each budget's RAM
 (budget x the lossless store's bytes, same memory limit) with ferry full's settings ("ferry int4 full (lossy)");
 the int4 offload run must give the int4 in-memory run's tokens. Its ratio to the lossless all-in-memory run is
 reported next to the lossless one; quality is `ferry eval`'s business, not this scenario's.

@@ -3,9 +3,9 @@ described by `index.json`.
 
 A dense expert record is  gate_up [2I, D] | pad to 64 B | down [D, I] | pad to ALIGN  in the store's dtype,
 so one aligned read fills one cache slot and the two tensors are views into it; quantized records
-(int8/int4, quant.py) are in the fused kernels' layout, used in place. index.json holds the
-layout, each expert's offset and CRC32 (of its unpadded bytes), and enough of the model's shape to refuse
-a store built for another model."""
+(int8/int4, quant.py) hold the CPU-independent stored form, read in place by the quantized kernels. index.json
+holds the layout, each expert's offset and CRC32 (of its unpadded bytes), and enough of the model's shape to
+refuse a store built for another model."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ from ferry.tiers.disk import ALIGN, align_up
 
 INDEX_NAME = "index.json"
 FORMAT = "ferry-expert-store"
-VERSION = 2  # 2: quantized records in the fused kernels' layout (version 1 stores are read if dense)
+VERSION = 3  # 3: quantized records in the CPU-independent stored form (versions 1-2 are read if dense)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -118,11 +118,12 @@ class StoreIndex:
                                  "(build one with `ferry convert MODEL --expert-store DIR`)")
         try:
             d = json.loads(path.read_text())
-            if d.get("format") != FORMAT or d.get("version") not in (1, VERSION):
+            if d.get("format") != FORMAT or d.get("version") not in (1, 2, VERSION):
                 raise ModelLoadError(f"{path} is not a version-{VERSION} {FORMAT} index")
-            if d["version"] == 1 and any(r.get("bits") for v in d["layers"].values() for r in v["experts"]):
-                raise ModelLoadError(f"{path} holds int8/int4 experts in the version-1 layout, which this ferry no "
-                                     "longer reads; convert the model again")
+            if d["version"] < VERSION and any(r.get("bits") for v in d["layers"].values() for r in v["experts"]):
+                raise ModelLoadError(f"{path} holds int8/int4 experts in the version-{d['version']} layout (a "
+                                     "CPU-specific packing), which this ferry no longer reads; re-run `ferry convert "
+                                     "MODEL --expert-store DIR --expert-bits ...` to rebuild the store")
             if d["alignment"] != ALIGN:
                 raise ModelLoadError(f"{path} was written with alignment {d['alignment']}, this ferry reads {ALIGN}")
             layout = ExpertLayout(**d["layout"])

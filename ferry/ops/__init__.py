@@ -9,7 +9,8 @@ which take the module's own fallback wherever the kernel does not run.
   reason when its module falls back.
 - ``gemv``: small-M linear for decode (AVX-512; ``F.linear`` below). ``paged_attention``: decode attention read
   from the paged KV cache (plain, int8, depth-masked). ``fused``: residual add + RMSNorm, SiLU-and-multiply,
-  rotary. ``read_pool``: reader threads for the expert store. ``quant``: weight-only int4/int8 on torch's kernels.
+  rotary. ``read_pool``: reader threads for the expert store. ``quant``: weight-only int8/int4 weights (stored form,
+  ``prepare``) on ``qgemv``'s kernel.
 
 ``warm_up()`` loads (building on a miss) every kernel once; the engine calls it at start so no request pays a
 compile. Without it each kernel loads on its first use.

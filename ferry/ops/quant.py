@@ -1,52 +1,40 @@
-"""Weight-only int4 / int8 linears on torch's fused CPU kernels, which read the packed weight once and run
-near memory bandwidth with bfloat16 activations (10-50x slower with float32 ones: callers in float32
-dequantize instead, see `dequantize`).
+"""Weight-only int8/int4 weights: their stored form (`QuantizedWeight`, the same bytes on every CPU), and
+`prepare`, which turns one into the linear the level in force runs (`QuantLinear`). Experts and dense weights share
+both.
 
-Legend: M rows of x, N outputs, K inputs, G inputs per int4 scale (group).
-- int4 (`aten._weight_int4pack_mm_for_cpu`): codes u in [0, 15] stand for (u - 8) x scale of their group; the
-  kernel takes them packed two per byte in its own tiled order (`pack_int4`, needs N % 64 == 0) and a
-  [K/G, N, 2] bf16 tensor of (scale, zero) per group and output. Zeros are 0 here (symmetric), so only the
-  scales are stored and the pairs are built per call (K/G x N values, tiny next to the codes).
-- int8 (`aten._weight_int8pack_mm`): codes [N, K] int8, one bf16 scale per output row.
+Legend: M rows of x, N outputs, K inputs, G inputs per scale (group).
+- int8: codes int8 [N, K]; w = code x scale of its group.
+- int4: codes uint8 [N, K/2], in blocks of 32 inputs as llama.cpp's Q4_0: byte i (0..15) of a block holds input
+  i in its low nibble and input i + 16 in its high one; nibble u stands for (u - 8) x scale.
+- scales float16 [N, K/G]: one per G consecutive inputs of a row (G = K: per output channel). G is K or a multiple
+  of 32 dividing K.
 
-torch picks its int4 kernel by its own CPU dispatch level, and only its AVX-512 one reads `pack_int4`'s order (the
-AVX2 one expects another, and would compute garbage without an error). So the int4 kernel runs only where torch
-dispatches AVX-512 and the level in force (`cpu.isa()`, lowered by ``FERRY_ISA``) is AVX-512; elsewhere an int4
-weight is dequantized and multiplied (`available()` says which, `unavailable_reason()` why)."""
+`prepare` returns a `KernelLinear` that reads the stored tensors in place (no repacking, so an expert's cache slot
+is used as read): at most `qgemv.MAX_M` rows of x go to the small-M kernel (ferry/ops/qgemv.cpp: x quantized to
+int8 per block of 32 on the fly, int32 dot products, float32 sums), more rows dequantize the weight into a scratch
+tensor once per call and run torch's matmul. `ReferenceLinear` (dequantize, then matmul) is the oracle both are
+tested against. The formats hold no CPU-specific order: a weight converted on one machine runs on any other."""
 from __future__ import annotations
 
-import functools
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
-from ferry.ops import cpu
-from ferry.ops.cpu import Isa
-
-INT4_BLOCK_N = 64  # output rows the int4 kernel packs together (rows j and j + 32 share a byte)
-
-
-@functools.cache
-def _torch_dispatches_avx512() -> bool:
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+from ferry.ops import qgemv
 
 
 def available() -> bool:
-    """True where torch's int4 kernel runs on `pack_int4`'s layout; False: int4 weights are dequantized per call."""
-    return unavailable_reason() is None
+    """True where the native kernel runs (every level with a C++ toolchain); else dequantize-then-matmul."""
+    return qgemv.available()
 
 
 def unavailable_reason() -> str | None:
-    if cpu.isa() < Isa.AVX512:
-        return f"the int4 kernel's packing is AVX-512's; this process runs at {cpu.describe()}"
-    if not _torch_dispatches_avx512():
-        return (f"torch dispatches its CPU kernels at {torch.backends.cpu.get_cpu_capability()}, whose int4 "
-                "packing differs from pack_int4's")
-    return None
+    return qgemv.unavailable_reason()
 
 
 class QuantLinear(ABC):
-    """A weight-only quantized weight: `w(x)` is x @ W.T for x [M, K] in bfloat16."""
+    """A weight-only quantized weight: `w(x)` is x @ W.T for x [M, K] in float32 or bfloat16, in x's dtype."""
 
     @abstractmethod
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
@@ -55,65 +43,6 @@ class QuantLinear(ABC):
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
         """W [N, K] written into out (any float dtype)."""
 
-
-class Int4Linear(QuantLinear):
-    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, group: int) -> None:
-        self.packed = packed  # uint8 [N, K/2], pack_int4's order
-        self.scales = scales  # bf16 [K/G, N]
-        self.group = group
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not available():  # fallback: W [N, K] dequantized in x's dtype, then a plain matmul
-            N, K = self.packed.shape[0], self.packed.shape[1] * 2
-            return x @ self.dequantize(torch.empty(N, K, dtype=x.dtype)).T
-        scale_zero = torch.stack((self.scales, torch.zeros_like(self.scales)), dim=-1)  # [K/G, N, 2]
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, scale_zero)
-
-    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
-        N, K = out.shape
-        q = unpack_int4(self.packed, N, K).to(torch.int16) - 8  # [N, K]
-        w = q.reshape(N, K // self.group, self.group).float() * self.scales.float().T[..., None]
-        return out.copy_(w.reshape(N, K))
-
-
-class Int8Linear(QuantLinear):
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
-        self.codes = codes  # int8 [N, K]
-        self.scales = scales  # bf16 [N]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.codes, self.scales)
-
-    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
-        return out.copy_(self.codes.float() * self.scales.float()[:, None])
-
-
-def pack_int4(u: torch.Tensor) -> torch.Tensor:
-    """Codes u [N, K] (values 0..15) -> uint8 [N, K/2] in the order `_convert_weight_to_int4pack_for_cpu` gives:
-    per block of 64 rows, for each input k, 32 bytes whose low nibbles are rows 0-31 and high nibbles rows
-    32-63 of the block. A pure permutation: no compute at load time when stored this way."""
-    N, K = u.shape
-    b = u.to(torch.uint8).reshape(N // INT4_BLOCK_N, 2, INT4_BLOCK_N // 2, K)  # [N/64, half, 32, K]
-    return (b[:, 0] | (b[:, 1] << 4)).transpose(1, 2).contiguous().reshape(N, K // 2)  # [N/64, K, 32]
-
-
-def unpack_int4(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """Inverse of pack_int4: uint8 [N, K] codes."""
-    p = packed.reshape(N // INT4_BLOCK_N, K, INT4_BLOCK_N // 2).transpose(1, 2)  # [N/64, 32, K]
-    return torch.stack((p & 15, p >> 4), dim=1).reshape(N, K)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The stored form of a weight-only quantized matrix: CPU-independent, the same bytes on every machine. Kernels
-# take it through `prepare`, which repacks (or not) for the kernel the level in force runs. Experts and dense
-# weights share it.
-#   int8: codes int8 [N, K]; w = code x scale of its group.
-#   int4: codes uint8 [N, K/2], in blocks of 32 inputs as llama.cpp's Q4_0: byte i (0..15) of a block holds
-#         input i in its low nibble and input i + 16 in its high one; nibble u stands for (u - 8) x scale.
-#   scales float16 [N, K/G]: one per `group` G consecutive inputs of a row (G = K: per output channel). G is K or
-#   a multiple of 32 dividing K.
-# ---------------------------------------------------------------------------------------------------------------
-from dataclasses import dataclass  # noqa: E402
 
 QBLOCK = 32  # int4 inputs per packing block
 QMAX = {8: 127, 4: 7}
@@ -196,6 +125,70 @@ class ReferenceLinear(QuantLinear):
         return out.copy_(self.qw.dequantize(out.dtype))
 
 
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rounded as the kernel rounds it (llama.cpp's Q8_0): per block of 32 inputs, scale d = max|x| / 127
+    (float32) and x -> round-half-even(x / d) x d, in x's dtype. K not a multiple of 32: x unchanged."""
+    M, K = x.shape
+    if K % QBLOCK:
+        return x
+    xb = x.float().reshape(M, K // QBLOCK, QBLOCK)
+    d = xb.abs().amax(dim=-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv).clamp_(-127, 127) * d).reshape(M, K).to(x.dtype)
+
+
+class KernelLinear(QuantLinear):
+    """The stored tensors used in place: the small-M kernel for at most `qgemv.MAX_M` rows of x; for more, x rounded
+    as the kernel rounds it (`round_activations`) times the weight dequantized (in C++, into a float32 scratch
+    tensor per call: codes x float16 scales are exact there) with torch's float32 matmul, then cast to x's dtype.
+    Every M computes the same product up to float32 rounding, so a token's result does not depend on the batch it
+    runs in (chunked prefill, an offloaded expert's token count) beyond that. Measured about 5x faster at M=512
+    than the kernel (bench/qgemv.py), and 1.2-1.6x slower than the same in bfloat16, which rounds x and W to 8 bits
+    and made greedy tokens depend on the batch."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        self.qw = qw
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored weight (codes and scales) a decode step reads."""
+        return self.qw.nbytes
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qw.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        qw, (N, K) = self.qw, self.qw.shape
+        x2 = x.reshape(-1, K)
+        y = qgemv.qlinear(x2, qw.codes, qw.scales, qw.bits, qw.group)
+        if y is None:  # prefill, or no kernel here: in float32, where codes x scales are exact (as the kernel's)
+            y = (round_activations(x2.float()) @ self.dequantize(torch.empty(N, K)).T).to(x.dtype)
+        return y.view(*x.shape[:-1], N)
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        qw = self.qw
+        if qgemv.dequantize(qw.codes, qw.scales, qw.bits, qw.group, out):
+            return out
+        return out.copy_(qw.dequantize(out.dtype))
+
+
+def check(qw: QuantizedWeight) -> None:
+    """Raise ValueError naming what is wrong with a stored weight (a corrupted or mismatched folder)."""
+    N, K = qw.shape
+    reason = check_group(qw.bits, K, qw.group)
+    want = (torch.int8 if qw.bits == 8 else torch.uint8, torch.float16)
+    if reason is None and (qw.codes.dtype, qw.scales.dtype) != want:
+        reason = f"int{qw.bits} needs {want[0]} codes and float16 scales, got {qw.codes.dtype} and {qw.scales.dtype}"
+    if reason is None and (qw.codes.dim() != 2 or tuple(qw.scales.shape) != (N, K // qw.group)):
+        reason = f"scales {tuple(qw.scales.shape)} do not fit codes {tuple(qw.codes.shape)} with group {qw.group}"
+    if reason is None and not (qw.codes.is_contiguous() and qw.scales.is_contiguous()):
+        reason = "codes and scales must be contiguous"
+    if reason:
+        raise ValueError(f"quantized weight [{N}, {K}]: {reason}")
+
+
 def prepare(qw: QuantizedWeight) -> QuantLinear:
-    """The linear for a stored weight on the kernel the level in force runs (repacked for it where needed)."""
-    return ReferenceLinear(qw)
+    """The linear for a stored weight at the level in force: the stored tensors in place (no repacking)."""
+    check(qw)
+    return KernelLinear(qw)

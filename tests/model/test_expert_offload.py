@@ -87,7 +87,7 @@ QUANT_CASES = ["quarter", "one-expert", "quarter-pregate", "one-expert-pregate-c
 @pytest.mark.parametrize("case", QUANT_CASES)
 @pytest.mark.parametrize("family,bits", [(f, "4") for f in MOE_FAMILIES] + [("qwen3_moe", "8"), ("mixtral", "auto")])
 def test_quantized_offload_matches_quantized_in_memory(refs, family, bits, case):
-    """bf16 runs int8/int4 experts through the fused kernels, in place in their cache slots: offloaded at any
+    """int8/int4 experts run through the quantized kernels, in place in their cache slots: offloaded at any
     budget, with any prefetcher, it gives exactly the tokens of the same store with every expert in RAM."""
     ckpt, store, prompts, want = refs(family, "bfloat16", bits)
     budget, options = CASES[case]
@@ -97,12 +97,12 @@ def test_quantized_offload_matches_quantized_in_memory(refs, family, bits, case)
     assert stats.num_evictions > 0 and stats.cache_nbytes <= _budget(store, budget)
 
 
-def test_int4_experts_run_in_the_fused_kernel(refs, monkeypatch):
-    """No dequantized copy in bf16: every expert matmul goes through the int4 kernel, and no scratch is held."""
+def test_int4_experts_run_in_the_quantized_kernel(refs, monkeypatch):
+    """No dequantized copy: every expert matmul goes through the quantized linears over the slots, no scratch."""
     from ferry.ops import quant
     calls = []
-    real = quant.Int4Linear.__call__
-    monkeypatch.setattr(quant.Int4Linear, "__call__", lambda self, x: calls.append(x.dtype) or real(self, x))
+    real = quant.KernelLinear.__call__
+    monkeypatch.setattr(quant.KernelLinear, "__call__", lambda self, x: calls.append(x.dtype) or real(self, x))
     ckpt, store, prompts, _ = refs("qwen3_moe", "bfloat16", "4")
     with LLM(str(ckpt), kv_cache_memory="4M", dtype="bfloat16", expert_store=str(store)) as llm:
         llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)

@@ -1,70 +1,71 @@
-"""Expert-wise bitwidth: int8 / int4 with group-wise scales, chosen per expert by measured sensitivity.
-Lossy by design, so these tests bound the error instead of asking for exact tokens."""
+"""Expert-wise bitwidth: int8 / int4 with group-wise scales, chosen per expert by measured sensitivity; records in
+the CPU-independent stored form (ferry.ops.quant), refused in the older CPU-specific one. Lossy by design, so these
+tests bound the error instead of asking for exact tokens."""
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
 
 from ferry import LLM, SamplingParams
 from ferry.config import ModelConfig
-from ferry.errors import InvalidRequest
+from ferry.errors import InvalidRequest, ModelLoadError
 from ferry.experts.convert import convert_expert_store
 from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import LRUPolicy
-from ferry.experts.quant import QuantLayout, dequantize, quantizable, quantize
+from ferry.experts.quant import QuantLayout, quantizable
 from ferry.experts.store import ExpertStore
 from ferry.models.loader import load_model
-from ferry.ops import quant as ops_quant
-from ferry.ops.quant import pack_int4, unpack_int4
+from ferry.ops.quant import QuantLinear, ReferenceLinear
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.expert_stores import check_store_clean, make_store
+from tests.unit.test_ops_quant import LEVELS, forced_isa
 
 
 @pytest.mark.parametrize("bits,bound", [(8, 0.01), (4, 0.2)])
-def test_group_quantization_error_is_bounded(bits, bound):
-    w = torch.randn(128, 96, generator=torch.Generator().manual_seed(0))
-    codes, scales = quantize(w, bits, 32)
-    assert codes.shape == (128, 96 * bits // 8)
-    assert scales.shape == ((128,) if bits == 8 else (3, 128)) and scales.dtype == torch.bfloat16
-    back = dequantize(codes, scales, bits, 32, torch.empty(128, 96))
-    assert float((back - w).norm() / w.norm()) < bound
+def test_expert_record_quantization_error_is_bounded(bits, bound):
+    gen = torch.Generator().manual_seed(0)
+    gate_up, down = torch.randn(128, 96, generator=gen), torch.randn(96, 64, generator=gen)
+    q = QuantLayout(bits, 32, 96, 64)
+    slot = torch.frombuffer(bytearray(q.encode(gate_up, down)), dtype=torch.uint8)
+    g, d = q.stored(slot)
+    assert g.codes.shape == (128, 96 * bits // 8) and g.scales.dtype == torch.float16
+    assert g.scales.shape == ((128, 1) if bits == 8 else (128, 3))  # int8: per row; int4: per 32 inputs
+    for w, back in zip((gate_up, down), q.unpack(slot, torch.empty(128, 96), torch.empty(96, 64))):
+        assert float((back - w).norm() / w.norm()) < bound
 
 
 def test_int4_codes_round_trip_exactly():
     q = torch.randint(-7, 8, (64, 64), generator=torch.Generator().manual_seed(1)).float()
     q[:, ::32] = 7  # every group's max |w| maps to 7: scale 0.5 exactly
-    codes, scales = quantize(q * 0.5, 4, 32)
-    assert torch.equal(dequantize(codes, scales, 4, 32, torch.empty(64, 64)), q * 0.5)
+    layout = QuantLayout(4, 32, 64, 32)
+    slot = torch.frombuffer(bytearray(layout.encode(q * 0.5, torch.zeros(64, 32))), dtype=torch.uint8)
+    assert torch.equal(layout.unpack(slot, torch.empty(64, 64), torch.empty(64, 32))[0], q * 0.5)
 
 
-def test_int4_packing_is_the_kernels_own():
-    if not ops_quant.available():  # torch's int4 kernel reads another packing: ferry dequantizes instead
-        pytest.skip(ops_quant.unavailable_reason())
-    u = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
-    packed = pack_int4(u)
-    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.int(), 1))
-    assert torch.equal(unpack_int4(packed, 192, 96), u)
-
-
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fused_kernel_computes_the_dequantized_weight(bits):
-    """The bf16 path (fused kernel on the stored bytes) and the float path (dequantize, then matmul) are the
-    same weight: outputs agree to bf16 rounding."""
+def test_slot_linears_compute_the_dequantized_weight(bits, dtype):
+    """The linears over a slot (the kernels, reading the stored bytes in place) and dequantize-then-matmul are
+    the same weight: outputs agree to the kernel's activation rounding."""
     gen = torch.Generator().manual_seed(3)
     gate_up, down = torch.randn(128, 64, generator=gen), torch.randn(64, 64, generator=gen)
     q = QuantLayout(bits, 32, 64, 64)
     slot = torch.frombuffer(bytearray(q.encode(gate_up, down)), dtype=torch.uint8)
     g, _ = q.weights(slot)
-    x = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
-    want = x.float() @ g.dequantize(torch.empty(128, 64)).T
-    assert float((g(x).float() - want).abs().max()) < 0.02 * float(want.abs().max())
+    assert isinstance(g, QuantLinear)
+    x = torch.randn(5, 64, generator=gen).to(dtype)
+    want = ReferenceLinear(q.stored(slot)[0])(x.float())
+    assert float((g(x).float() - want).norm()) < 0.02 * float(want.norm())
     assert q.record_nbytes < (128 * 64 + 64 * 64) * 2  # fewer bytes than the bf16 expert
 
 
-def test_int4_refuses_shapes_the_kernel_cannot_pack():
-    assert quantizable(4, 64, 32) is None
-    assert "multiples of 64" in quantizable(4, 96, 32)
-    assert quantizable(8, 96, 32) is None
+def test_int4_takes_any_multiple_of_32():
+    assert quantizable(4, 64, 32) is None and quantizable(4, 96, 32) is None
+    assert "multiples of 32" in quantizable(4, 96, 48)
+    assert quantizable(8, 96, 48) is None
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def test_store_serves_the_dequantized_experts(stores, bits):
                                 cfg.moe.intermediate_size)
                 want_g, want_d = q.unpack(torch.frombuffer(bytearray(q.encode(w_g, w_d)), dtype=torch.uint8),
                                           torch.empty_like(w_g), torch.empty_like(w_d))
-                assert torch.equal(g, want_g) and torch.equal(d, want_d)
+                assert torch.equal(g.dequantize(torch.empty_like(w_g)), want_g)
+                assert torch.equal(d.dequantize(torch.empty_like(w_d)), want_d)
         check_store_clean(store, 2 * index.slot_nbytes + 100_000)
     finally:
         store.close()
@@ -124,3 +126,35 @@ def test_int8_store_generates_close_to_the_resident_model(stores):
               + 64 * 1024)
     first_tokens_equal = sum(g[0] == w[0] for g, w in zip(got, want))
     assert first_tokens_equal >= 3, (got, want)
+
+
+def test_a_store_of_the_old_packing_asks_for_a_new_convert(tmp_path, stores):
+    """Format-2 stores held int4 in torch's AVX-512 packing: read on another CPU they computed garbage. Refused."""
+    old = tmp_path / "old.experts"
+    shutil.copytree(stores[1]["4"], old)
+    index = json.loads((old / "index.json").read_text())
+    (old / "index.json").write_text(json.dumps({**index, "version": 2}))
+    with pytest.raises(ModelLoadError, match="re-run `ferry convert"):
+        StoreIndex.load(old)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_record_converted_on_one_path_runs_on_every_other(bits):
+    """The same record bytes whatever the level that wrote it, and the same results whatever the level reading it
+    (to float32 rounding): a store copied to a machine of another CPU computes what it computed here."""
+    gen = torch.Generator().manual_seed(11)
+    gate_up, down, x = torch.randn(128, 64, generator=gen), torch.randn(64, 64, generator=gen), torch.randn(3, 64)
+    q = QuantLayout(bits, 32, 64, 64)
+    records, outs = {}, {}
+    for level in LEVELS:
+        with forced_isa(level):
+            records[level] = q.encode(gate_up, down)
+    assert len(set(records.values())) == 1
+    slot = torch.frombuffer(bytearray(records["portable"]), dtype=torch.uint8)
+    for level in LEVELS:
+        with forced_isa(level):
+            g, d = q.weights(slot)
+            outs[level] = d(g(x)[:, :64])
+    for level in LEVELS:
+        torch.testing.assert_close(outs[level], outs["portable"], atol=1e-5 * float(outs["portable"].abs().max()),
+                                   rtol=1e-5)

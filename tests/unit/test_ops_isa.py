@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ferry import ops
-from ferry.ops import cpu, fused, gemv, paged_attention, quant
+from ferry.ops import cpu, fused, gemv, paged_attention
 from ferry.ops.cpu import Isa
 
 AVX2_FLAGS = {"avx2", "fma", "f16c"}
@@ -125,25 +123,6 @@ def test_gemv_below_avx512_is_f_linear_with_the_kernels_results():
     assert gemv.available() and gemv.kernel_calls() == calls + 1  # back at the CPU's level, the same module
 
 
-@needs(Isa.AVX512, "avx512f/bw/vl/dq")
-def test_int4_below_avx512_dequantizes_with_the_kernels_results():
-    if not quant.available():
-        pytest.skip(f"torch's int4 kernel does not run here: {quant.unavailable_reason()}")
-    g = torch.Generator().manual_seed(1)
-    N, K, G = 128, 256, 64
-    codes = torch.randint(0, 16, (N, K), generator=g)
-    scales = (torch.rand(K // G, N, generator=g) / 8).to(torch.bfloat16)
-    w = quant.Int4Linear(quant.pack_int4(codes), scales, G)
-    x = torch.randn(3, K, generator=g).to(torch.bfloat16)
-    y_kernel = w(x)
-    with forced_isa("avx2"):
-        assert not quant.available() and "AVX-512" in quant.unavailable_reason()
-        y = w(x)
-    ref = x.float() @ w.dequantize(torch.empty(N, K)).T
-    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=2**-7)
-    torch.testing.assert_close(y.float(), y_kernel.float(), atol=0.05, rtol=2**-7)
-
-
 def _fused_outputs(dtype: torch.dtype) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(2)
     x, res = (torch.randn(3, 96, generator=g).to(dtype) for _ in range(2))
@@ -180,32 +159,3 @@ def test_paged_attention_portable_build_matches_this_cpus():
         assert paged_attention.available() and paged_attention.KERNEL.loaded().__name__.endswith("_portable")
         portable = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, None, 0.25)
     torch.testing.assert_close(portable, native, atol=2e-6, rtol=1e-5)  # FMA contraction differs: not bit-equal
-
-
-_INT4_UNDER_AVX2_TORCH = """
-import torch
-from ferry.ops import quant
-assert torch.backends.cpu.get_cpu_capability() == "AVX2"
-assert not quant.available() and "AVX2" in quant.unavailable_reason()
-g = torch.Generator().manual_seed(4)
-N, K, G = 128, 256, 64
-w = quant.Int4Linear(quant.pack_int4(torch.randint(0, 16, (N, K), generator=g)),
-                     (torch.rand(K // G, N, generator=g) / 8).to(torch.bfloat16), G)
-x = torch.randn(3, K, generator=g).to(torch.bfloat16)
-want = x.float() @ w.dequantize(torch.empty(N, K)).T
-scale_zero = torch.stack((w.scales, torch.zeros_like(w.scales)), dim=-1)
-raw = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, G, scale_zero).float()
-print(float((w(x).float() - want).abs().max()), float((raw - want).abs().max()), float(want.abs().max()))
-"""
-
-
-@needs(Isa.AVX512, "avx512f/bw/vl/dq")
-def test_int4_where_torch_dispatches_avx2_dequantizes_instead_of_misreading_the_packing():
-    """Torch's AVX2 int4 kernel reads another packing than pack_int4's: it ran without error and gave garbage
-    (issue 19). Torch is made to dispatch AVX2 here (ATEN_CPU_CAPABILITY, read when torch loads: a subprocess)."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
-    out = subprocess.run([sys.executable, "-c", _INT4_UNDER_AVX2_TORCH], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    err, raw_err, scale = map(float, out.split())
-    assert err < 0.02 * scale  # the dequantized path: bf16 rounding
-    assert raw_err > 0.2 * scale  # torch's kernel on this packing: wrong, as the fallback exists to avoid

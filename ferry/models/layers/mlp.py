@@ -34,7 +34,7 @@ class DenseMLP(nn.Module):
         return swiglu(x, self.gate_up, self.down, self.gate_up_bias, self.down_bias)
 
 
-Weight = torch.Tensor | QuantLinear  # dense, or int8/int4 through a fused weight-only kernel (bfloat16 x)
+Weight = torch.Tensor | QuantLinear  # dense, or int8/int4 through the weight-only kernels (ferry.ops.quant)
 
 
 def swiglu(x: torch.Tensor, gate_up: Weight, down: Weight,

@@ -1,0 +1,65 @@
+"""Weight-only int8/int4 linear for small M (qgemv.cpp), on the stored form of ``ferry.ops.quant`` as is.
+
+Built for every level (portable, avx2, avx512, avx512_bf16: the last with AVX512-VNNI dot products); the level in
+force picks the build, so ``FERRY_ISA`` runs the lower paths on this machine too. x is quantized on the fly to int8
+per block of 32 inputs (llama.cpp's Q8_0: scale max|x|/127, round to nearest even); block dot products are exact in
+int32 and summed in float32. Relative error against dequantize-then-matmul: that of Q8_0 activations, about 0.5%
+of the output's norm (tests bound it at 2%); see qgemv.cpp for what each path computes.
+
+``MAX_M`` rows and fewer go to the kernel (decode, an expert's tokens, short prefill chunks); more dequantize the
+weight once per call into a scratch tensor (``dequantize``, in C++, in parallel) for torch's matmul (quant.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from ferry.ops.cpu import Isa
+from ferry.ops.kernel import NativeKernel
+
+KERNEL = NativeKernel("ferry_qgemv", ["qgemv.cpp"], ["-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off"],
+                      min_isa=Isa.PORTABLE)
+
+# Largest M sent to the kernel; above it dequantize + matmul. Measured with bench/qgemv.py (Xeon with AVX-512
+# VNNI, 2 threads, a heavily shared machine: relative numbers only): at M=64 the kernel (any level) was 2-7x
+# faster than dequantize + float32 matmul, at M=512 about 5x slower; it is compute-bound from M ~ 16 and grows
+# linearly in M while dequantize + matmul is mostly the dequantization's fixed cost, so the crossover is a few
+# hundred rows. 128 keeps a margin; rerun the bench on a quiet machine to place it.
+MAX_M = 128
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available() -> bool:
+    return KERNEL.available()
+
+
+def unavailable_reason() -> str | None:
+    return KERNEL.unavailable_reason()
+
+
+def path() -> str | None:
+    """The code path the kernel runs at the level in force ("avx512_vnni", "avx512", "avx2", "portable")."""
+    ext = KERNEL.ext()
+    return ext.path() if ext is not None else None
+
+
+def kernel_calls() -> int:
+    """How many times the small-M kernel ran in this process at the level in force (tests, diagnostics)."""
+    ext = KERNEL.loaded()
+    return int(ext.kernel_calls()) if ext is not None else 0
+
+
+def qlinear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int) -> torch.Tensor | None:
+    """x [M, K] @ W.T -> [M, N] in x's dtype, or None where the kernel does not take the call (caller falls back)."""
+    ext = KERNEL.ext()
+    if ext is None or x.dtype not in DTYPES or x.shape[0] > MAX_M or x.shape[1] % 32:
+        return None
+    return ext.qlinear(x, codes, scales, bits, group)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int, out: torch.Tensor) -> bool:
+    """W [N, K] written into out (float32 or bfloat16, contiguous); False where the kernel cannot (caller does)."""
+    ext = KERNEL.ext()
+    if ext is None or out.dtype not in DTYPES or not out.is_contiguous() or out.shape[1] % 32:
+        return False
+    ext.dequantize(codes, scales, bits, group, out)
+    return True
