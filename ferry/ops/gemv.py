@@ -31,7 +31,7 @@ def _configure(ext: ModuleType, level: Isa) -> None:
     ext.set_max_m(MAX_M[torch.float32], MAX_M[torch.bfloat16])
 
 
-KERNEL = NativeKernel("ferry_gemv", ["gemv.cpp"], ["-O3", "-fopenmp", "-DNDEBUG"], min_isa=Isa.AVX512,
+KERNEL = NativeKernel("ferry_gemv", ["gemv.cpp"], ["-O3", "-fopenmp", "-DNDEBUG", "-Wno-psabi"], min_isa=Isa.PORTABLE,
                       on_load=_configure)
 
 
