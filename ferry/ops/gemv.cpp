@@ -600,7 +600,7 @@ torch::Tensor linear_small_m(const torch::Tensor& x, const torch::Tensor& w,
 
 // Drop-in for F.linear: the kernel when it applies (CPU, float32/bf16 with
 // CPU support, contiguous 2-D weight, 1 <= M <= max_m rows after flattening
-// leading dims, no autograd needed, not float32 M > 8 with a small weight),
+// leading dims, no autograd needed),
 // at::linear otherwise. Doing the checks
 // here keeps the per-call overhead ~1 us instead of ~6 us in Python.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w,
@@ -620,10 +620,10 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w,
   }
   if (ok) {
     M = x.numel() / K;
+    // Every M up to max_m runs here, small weights included (float32 M > 8
+    // used to go to MKL, about as fast there): a row's result must not
+    // depend on how many rows share the call (batch invariance, see above).
     ok = M >= 1 && M <= max_m;
-    // float32 with M > 8 is compute-bound and MKL's sgemm is about as fast;
-    // only weights that must stream from DRAM (>= 1 MiB) still gain.
-    if (ok && dt == at::kFloat && M > 8 && w.size(0) * K * 4 < (int64_t(1) << 20)) ok = false;
   }
   if (ok && has_bias)
     ok = bias->scalar_type() == dt && bias->dim() == 1 && bias->size(0) == w.size(0) &&
