@@ -79,15 +79,19 @@ def test_an_explicit_dtype_is_kept_and_an_emulated_bfloat16_says_so(level, monke
 
 
 def test_the_engine_runs_the_auto_dtype(level, tmp_ckpt_dir, caplog):
-    """A bfloat16 checkpoint on a (faked) AVX2 CPU loads as float32."""
+    """A bfloat16 checkpoint on a (faked) AVX2 CPU loads as float32: its KV blocks are float32's size (the same
+    budget holds as many as --dtype float32 gets, half of bfloat16's)."""
     from ferry import LLM
     from tests.checkpoints import make_checkpoint
 
     level(Isa.AVX2)
     path = make_checkpoint("llama", tmp_ckpt_dir, dtype=torch.bfloat16)
-    with caplog.at_level(logging.INFO, logger="ferry"), LLM(str(path), kv_cache_memory="4M") as llm:
-        weights = [p.dtype for p in llm.engine.parts.runner.model.parameters()]
-    assert weights and set(weights) == {torch.float32}
+    blocks = {}
+    with caplog.at_level(logging.INFO, logger="ferry"):
+        for dtype in ("auto", "float32", "bfloat16"):
+            with LLM(str(path), dtype=dtype, kv_cache_memory="4M") as llm:
+                blocks[dtype] = llm.view().num_kv_blocks
+    assert blocks["auto"] == blocks["float32"] < blocks["bfloat16"]
     assert "dtype float32 (auto: this CPU has no native bfloat16" in caplog.text
 
 
