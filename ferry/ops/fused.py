@@ -5,7 +5,7 @@ kernel cannot be built); the two are bit-identical (the kernel rounds where torc
 -ffp-contract=off so no FMA changes a bit). The source is plain C++ (no intrinsics, no x86 header: it builds on ARM
 too), compiled once per instruction-set level (portable, avx2, avx512, avx512_bf16; ``cpu.isa()`` picks the build,
 ``FERRY_ISA`` forces a lower one); the level only decides which vector instructions the compiler may use, and every
-level's build is bit-identical to the torch sequence (tests/unit/test_ops_paths.py)."""
+level's build is bit-identical to the portable one (tests/unit/test_ops_paths.py)."""
 from __future__ import annotations
 
 import torch
