@@ -42,6 +42,7 @@ def machine() -> dict:
     from ferry.ops import cpu as isa
     return {"cpu": cpu, "cpu_flags": sorted(f for f in isa.cpu_flags() if f.startswith(_ISA_FLAGS)),
             "isa": isa.isa().label, "isa_in_force": isa.describe(),  # FERRY_ISA shows here when it lowers the level
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATEN_CPU_CAPABILITY lowers torch's
             "cores": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "git": sha, "argv": sys.argv,
             "load_average": os.getloadavg()}
