@@ -19,8 +19,13 @@ RESULTS = ROOT / "results"
 SMOKE = ROOT / ".cache" / "smoke"
 
 
+# The CPU flags a record keeps: the instruction sets that decide which kernels run (x86 and ARM names).
+_ISA_FLAGS = ("sse", "avx", "fma", "f16c", "amx", "vnni", "bf16", "asimd", "sve", "i8mm", "dotprod")
+
+
 def machine() -> dict:
-    """CPU, cores, memory, Python and library versions, git sha, command line."""
+    """CPU model and instruction-set flags, the kernel level in force, cores, memory, Python and library versions,
+    git sha, command line."""
     import torch
     import transformers
     cpu = ""
@@ -34,7 +39,11 @@ def machine() -> dict:
     except OSError:
         sha = ""
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
+    from ferry.ops import cpu as isa
+    return {"cpu": cpu, "cpu_flags": sorted(f for f in isa.cpu_flags() if f.startswith(_ISA_FLAGS)),
+            "isa": isa.isa().label, "isa_in_force": isa.describe(),  # FERRY_ISA shows here when it lowers the level
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATEN_CPU_CAPABILITY lowers torch's
+            "cores": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "git": sha, "argv": sys.argv,
             "load_average": os.getloadavg()}
 

@@ -137,7 +137,7 @@ def main() -> None:
         print("warning: ferry kernel not available; both columns measure F.linear", file=sys.stderr)
 
     print(f"threads={args.threads}  isa={cpu.describe()}  kernel={gemv.available()}  dtypes={gemv.supported_dtypes()}")
-    print("GB/s = weight bytes / median time per call; 'read' = AVX-512 streaming read of the same")
+    print("GB/s = weight bytes / median time per call; 'read' = a plain streaming read of the same")
     print("weights (DRAM bandwidth available at that moment); ratio = median per-run torch/ferry time\n")
     hdr = (
         f"{'dtype':5} {'N x K':>11} {'M':>3} | {'torch us':>9} {'GB/s':>6} | {'ferry us':>9} {'GB/s':>6}"
@@ -166,7 +166,9 @@ def main() -> None:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "kernel_available": gemv.available(),
+        "cpu_flags": sorted(f for f in cpu.cpu_flags() if f.startswith(("sse", "avx", "fma", "f16c", "amx", "asimd"))),
         "isa": cpu.describe(),
+        "kernel_level": gemv.KERNEL.ext().isa_level() if gemv.available() else None,
         "max_m": {str(k).replace("torch.", ""): v for k, v in gemv.MAX_M.items()},
         "rotate_mb": args.rotate_mb,
         "runs": args.runs,

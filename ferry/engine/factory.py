@@ -19,7 +19,7 @@ from ferry.experts.store import ExpertStore
 from ferry.kvcache.manager import KVCacheManager
 from ferry.kvcache.policies import KV_POLICIES, KVPolicy, KVShape
 from ferry.models.loader import load_model
-from ferry.ops import warm_up
+from ferry.ops import cpu, warm_up
 from ferry.runner.kv import BlockLayout, PolicyKV, build_policy_kv
 from ferry.runner.runner import Runner
 from ferry.sampling import Sampler
@@ -31,14 +31,30 @@ log = logging.getLogger("ferry")
 
 
 def resolve_dtype(name: str, model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The dtype the model runs in; ``auto`` picks it (``auto_dtype``) and the choice is logged with its reason."""
     if name == "auto":
-        name = model_cfg.checkpoint_dtype
-        if name == "float16" and device.type == "cpu":
-            name = "bfloat16"
+        name, why = auto_dtype(model_cfg.checkpoint_dtype, device)
+        log.info("dtype %s (auto: %s)", name, why)
+    elif name == "bfloat16" and device.type == "cpu" and not cpu.native_bf16():
+        log.info("dtype bfloat16: this CPU has no native bfloat16 (%s), so it is widened to float32 in every "
+                 "kernel; --dtype float32 (or auto) is exact and usually faster here", cpu.describe())
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
-        raise InvalidRequest(f"dtype {name!r} is not supported; use float32 or bfloat16")
+        raise InvalidRequest(f"dtype {name!r} is not supported; use auto, float32 or bfloat16")
     return dtypes[name]
+
+
+def auto_dtype(checkpoint_dtype: str, device: torch.device) -> tuple[str, str]:
+    """(dtype name, why) for ``--dtype auto``: on CPU, bfloat16 only where the CPU computes it natively
+    (``cpu.native_bf16``) and the checkpoint is 16-bit; float32 otherwise, which is exact and, where bfloat16 is
+    emulated, faster (a bf16 checkpoint on an AVX2 CPU runs float32). Elsewhere the checkpoint's dtype."""
+    if device.type != "cpu":
+        return checkpoint_dtype, f"the checkpoint is {checkpoint_dtype}"
+    if checkpoint_dtype not in ("bfloat16", "float16"):
+        return "float32", f"the checkpoint is {checkpoint_dtype}"
+    if cpu.native_bf16():
+        return "bfloat16", f"this CPU computes bfloat16 natively ({cpu.describe()}); the checkpoint is {checkpoint_dtype}"
+    return "float32", f"this CPU has no native bfloat16 ({cpu.describe()}); the checkpoint is {checkpoint_dtype}"
 
 
 def resolve_device(name: str) -> torch.device:

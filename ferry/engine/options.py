@@ -82,7 +82,8 @@ def kv_policy_options() -> list[Option]:
 
 KV_OPTIONS: tuple[Option, ...] = tuple(kv_policy_options())
 ENGINE_OPTIONS: tuple[Option, ...] = (
-    Option("dtype", "auto", str, "weight and activation dtype (auto: the checkpoint's; float16 runs as bfloat16 on CPU)",
+    Option("dtype", "auto", str, "weight and activation dtype (auto: bfloat16 for a 16-bit checkpoint where the CPU computes bfloat16 natively, "
+           "float32 otherwise; logged at start)",
            ("auto", "float32", "bfloat16")),
     Option("device", "cpu", str, "torch device: cpu, or cuda where torch has it"),
     Option("threads", None, int, "torch intra-op threads (default: torch's choice)"),

@@ -7,7 +7,7 @@ which take the module's own fallback wherever the kernel does not run.
   ``~/.cache/ferry/ops/``) in a folder keyed by the level, the sources, the flags and the toolchain.
 - ``kernel``: ``NativeKernel``, one extension chosen for the level in force (never above the CPU's), with the
   reason when its module falls back.
-- ``gemv``: small-M linear for decode (AVX-512; ``F.linear`` below). ``paged_attention``: decode attention read
+- ``gemv``: small-M linear for decode (a body per level: AVX-512 (+BF16), AVX2+FMA, portable vector extensions). ``paged_attention``: decode attention read
   from the paged KV cache (plain, int8, depth-masked). ``fused``: residual add + RMSNorm, SiLU-and-multiply,
   rotary. ``read_pool``: reader threads for the expert store. ``quant``: weight-only int8/int4 weights (stored form,
   ``prepare``) on ``qgemv``'s kernel.

@@ -59,10 +59,11 @@ _LEVEL_CFLAGS = {
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: not Linux, or not readable)."""
+    """The CPU's feature flags from /proc/cpuinfo: x86's "flags", ARM's "Features" (empty where there is none: not
+    Linux, or not readable)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):
                 return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
@@ -123,6 +124,15 @@ def compile_flags(level: Isa) -> list[str]:
         if lower <= level:
             flags += _LEVEL_CFLAGS[lower]
     return flags
+
+
+def native_bf16() -> bool:
+    """True where this process computes bfloat16 natively rather than by widening to float32: x86 at level
+    avx512_bf16 (the CPU's, not lowered by ``FERRY_ISA``; every AMX-BF16 CPU has it too), or an ARM CPU whose
+    /proc/cpuinfo lists bf16 (Armv8.6 BFMMLA/BFDOT: Neoverse V1/N2, Graviton 3, Apple M2)."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in cpu_flags()
+    return isa() >= Isa.AVX512_BF16
 
 
 def describe() -> str:

@@ -2,8 +2,10 @@
 
 Each op runs the kernel on contiguous CPU float32/bfloat16 tensors and its torch sequence otherwise (or where the
 kernel cannot be built); the two are bit-identical (the kernel rounds where torch does, and is built with
--ffp-contract=off so no FMA changes a bit). The source is plain C++: it is built for every level, portable
-included, and the level in force (``cpu.isa()``) only decides which vector instructions the compiler may use."""
+-ffp-contract=off so no FMA changes a bit). The source is plain C++ (no intrinsics, no x86 header: it builds on ARM
+too), compiled once per instruction-set level (portable, avx2, avx512, avx512_bf16; ``cpu.isa()`` picks the build,
+``FERRY_ISA`` forces a lower one); the level only decides which vector instructions the compiler may use, and every
+level's build is bit-identical to the portable one (tests/unit/test_ops_paths.py)."""
 from __future__ import annotations
 
 import torch

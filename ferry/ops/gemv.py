@@ -1,10 +1,25 @@
 """Small-M linear for decode (gemv.cpp): ``linear(x, weight, bias)`` is a drop-in for ``F.linear``.
 
-For decode-sized inputs (few rows of ``x``) at an AVX-512 level it runs a C++ kernel that streams the weight from
-DRAM about twice as fast as ``F.linear``; bfloat16 also needs AVX512_BF16. Everything else, and every CPU (or
-``FERRY_ISA`` override) below AVX-512, goes to ``F.linear``: the kernel is then never built or loaded, so no
-AVX-512 instruction can reach a CPU without it. An AVX2 body (issue 19) slots in as a lower ``min_isa`` with
-``#if FERRY_ISA_LEVEL`` in the source. ``MAX_M`` is handed to the extension when it loads; change it before.
+For decode-sized inputs (1..``MAX_M`` rows of ``x``, float32 or bfloat16) it runs a C++ kernel that reads every
+weight byte once per call, at every instruction-set level (``cpu.isa()``: the CPU's, or ``FERRY_ISA``'s lower one):
+
+- ``avx512_bf16``: AVX-512 FMA for float32, native bf16 dot products (vdpbf16ps) for bfloat16.
+- ``avx512``: AVX-512 FMA; bfloat16 weights are widened to float32 in registers (a 16-bit shift, exact).
+- ``avx2`` (AVX2 + FMA + F16C: Haswell, Zen 1-3, Intel client chips): the same kernel on 256-bit vectors, bfloat16
+  widened in registers. Before issue 19 these CPUs ran ``F.linear`` for decode (0.52x llama.cpp).
+- ``portable``: the same kernel on GCC vector extensions (plain C++, no x86 header: it builds on ARM, where the
+  compiler emits NEON). Chosen over ``F.linear`` so a row's result is the same at every M on every path (below);
+  its speed against ``F.linear`` is not yet measured on a quiet machine (``FERRY_ISA=portable python bench/gemv.py``):
+  on x86 ``F.linear`` dispatches to MKL at the CPU's own width, so the portable body is a correctness floor there.
+
+Everything else (larger M, other dtypes, autograd, non-contiguous weights) goes to ``F.linear``.
+
+Batch invariance: row i of ``linear(x[:m])`` equals ``linear(x[i:i+1])`` bit for bit for every m <= ``MAX_M`` on
+every path: each (row of x, row of W) dot product is accumulated in its own vector along K in the same order and
+reduced by the same lane tree whatever M and the tile configuration (speculative decoding's verify step relies on
+it). ``F.linear`` (M > ``MAX_M``) makes no such promise. Paths differ from each other (FMA vs mul+add, vector
+width, bf16 pair sums) within float tolerance, not bit for bit. ``MAX_M`` is handed to the extension when it
+loads; change it before.
 """
 from __future__ import annotations
 
@@ -18,12 +33,12 @@ from ferry.ops.cpu import Isa
 from ferry.ops.kernel import NativeKernel
 
 # Largest number of rows of x sent to the kernel; above it F.linear. Measured
-# with bench/gemv.py (Zen 4, 2 threads, weights streamed from DRAM): the
-# kernel beats F.linear at every M <= 16 for both dtypes (~2-5x at M=1..4
+# with bench/gemv.py (Zen 4, 2 threads, weights streamed from DRAM, AVX-512):
+# the kernel beats F.linear at every M <= 16 for both dtypes (~2-5x at M=1..4
 # where it runs at DRAM speed, 1.3-3x at M=16 where it is compute-bound).
 # Past 16 the gain fades (even with MKL/oneDNN around M=32), so 16 is the
-# crossover. One exception is decided in C++: float32 with M > 8 and a weight
-# under 1 MiB goes to F.linear (both compute-bound there, MKL about as fast).
+# crossover. Float32 M > 8 with a weight under 1 MiB also runs the kernel
+# (it went to MKL, about as fast there) so that every M <= 16 is batch-invariant.
 MAX_M = {torch.float32: 16, torch.bfloat16: 16}
 
 
@@ -31,12 +46,12 @@ def _configure(ext: ModuleType, level: Isa) -> None:
     ext.set_max_m(MAX_M[torch.float32], MAX_M[torch.bfloat16])
 
 
-KERNEL = NativeKernel("ferry_gemv", ["gemv.cpp"], ["-O3", "-fopenmp", "-DNDEBUG"], min_isa=Isa.AVX512,
+KERNEL = NativeKernel("ferry_gemv", ["gemv.cpp"], ["-O3", "-fopenmp", "-DNDEBUG", "-Wno-psabi"], min_isa=Isa.PORTABLE,
                       on_load=_configure)
 
 
 def available() -> bool:
-    """True if the kernel is built and at least its float32 path runs here."""
+    """True if the kernel is built and runs on this CPU."""
     ext = KERNEL.ext()
     return ext is not None and bool(int(ext.cpu_features()) & 1)
 

@@ -4,7 +4,11 @@ for kv policy lazy, each with its torch fallback (gather the blocks, masked soft
 Legend: B decode requests (one query token each), H query heads, K kv heads, G = H / K, Dh head dim, N cache
 blocks, bs block size, nb blocks per request in the table, C = nb * bs key positions. The query of request b sits
 at position ctx_lens[b] - 1; a key is visible below ctx_lens[b] (and within `window` of the query, if given).
-The source is plain C++, built for every level; the level in force only decides the compiler's vector width."""
+The source is plain C++ (no intrinsics, no x86 header: it builds on ARM too), compiled once per instruction-set level
+(portable, avx2, avx512, avx512_bf16; ``cpu.isa()`` picks the build, ``FERRY_ISA`` forces a lower one): the level
+only decides the vector width the compiler gives its ``omp simd`` dot products and axpys (FMA from avx2 up), so every
+path equals the torch fallback within float tolerance (tests/unit/test_ops_paths.py). The portable build replaces
+the fallback everywhere too: the fallback gathers every request's blocks into a copy first."""
 from __future__ import annotations
 
 import torch

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ferry.ops import cpu, gemv
 
-# The level in force: the CPU's, or the lower one FERRY_ISA names (which these tests then run as).
-HAS_BF16_CPU = cpu.isa() >= cpu.Isa.AVX512_BF16
-HAS_AVX512_CPU = cpu.isa() >= cpu.Isa.AVX512
+# The level in force: the CPU's, or the lower one FERRY_ISA names (which these tests then run as). The kernel has a
+# body for every level (tests/unit/test_ops_paths.py runs each one on this machine).
+HAS_TOOLCHAIN = shutil.which("c++") is not None and shutil.which("ninja") is not None
 
-needs_kernel = pytest.mark.skipif(
-    not HAS_AVX512_CPU,
-    reason=f"needs AVX-512 (avx512f/bw/vl/dq), this process runs at {cpu.describe()}: gemv.linear is F.linear",
-)
+needs_kernel = pytest.mark.skipif(not HAS_TOOLCHAIN, reason="no C++ compiler or ninja: gemv.linear is F.linear")
+
 
 def _dtype_needs(dtype: torch.dtype) -> str:
-    feature = "avx512_bf16" if dtype == torch.bfloat16 else "avx512f/bw/vl/dq"
-    return f"the {dtype} kernel needs {feature}; this process runs at {cpu.describe()}"
+    return f"the {dtype} kernel does not run at {cpu.describe()}"
 
 
 # (K, N): K multiples and non-multiples of 16/32 (tails), odd N (row-block tails).
@@ -65,16 +64,13 @@ def _data(m: int, k: int, n: int, dtype: torch.dtype, bias: bool, seed: int = 0)
 
 
 def test_kernel_builds_where_cpu_supports_it():
-    # A broken build must not silently fall back to F.linear on a capable CPU.
-    if HAS_BF16_CPU:
-        assert gemv.available()
-        feats = gemv.supported_dtypes()
-        assert feats[torch.float32] and feats[torch.bfloat16]
-    elif HAS_AVX512_CPU:  # AVX-512 without bf16 (or FERRY_ISA=avx512): float32 only
-        assert gemv.available() and gemv.supported_dtypes() == {torch.float32: True, torch.bfloat16: False}
-    else:  # never built below AVX-512: F.linear, and the reason says why
-        assert not gemv.available() and not gemv.supported_dtypes()[torch.bfloat16]
-        assert "needs avx512" in gemv.unavailable_reason()
+    # A broken build must not silently fall back to F.linear: every level has a body, both dtypes run.
+    if not HAS_TOOLCHAIN:
+        pytest.skip("no C++ compiler or ninja: no kernel can be built")
+    assert gemv.available(), gemv.unavailable_reason()
+    assert gemv.supported_dtypes() == {torch.float32: True, torch.bfloat16: True}
+    assert gemv.KERNEL.ext().isa_level() == int(cpu.isa())
+    assert bool(gemv.KERNEL.ext().cpu_features() & 4) == (cpu.isa() >= cpu.Isa.AVX512_BF16)  # native bf16
 
 
 @needs_kernel
@@ -121,10 +117,9 @@ def test_dispatch_uses_kernel(dtype):
     with torch.no_grad():
         gemv.linear(x, wg)  # no autograd: kernel
     assert gemv.kernel_calls() - n0 == 4
-    # float32 M > 8 with a weight < 1 MiB: compute-bound, F.linear is as fast.
-    x12 = torch.randn(12, 72).to(dtype)
+    x12 = torch.randn(12, 72).to(dtype)  # every M <= MAX_M, small weights too (batch invariance)
     gemv.linear(x12, w)
-    assert gemv.kernel_calls() - n0 == (5 if dtype == torch.bfloat16 else 4)
+    assert gemv.kernel_calls() - n0 == 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -86,12 +86,8 @@ def test_compile_flags_enable_only_the_levels_instructions():
 def test_warm_up_loads_every_kernel_so_no_request_compiles():
     reasons = ops.warm_up()
     assert set(reasons) == set(ops.KERNELS)
-    for name in ("paged_attention", "fused", "read_pool"):
+    for name in ("gemv", "paged_attention", "fused", "read_pool"):  # a body for every level
         assert reasons[name] is None and ops.KERNELS[name].KERNEL.loaded() is not None, name
-    if cpu.isa() >= Isa.AVX512:
-        assert reasons["gemv"] is None and gemv.KERNEL.loaded() is not None
-    else:
-        assert "needs avx512" in reasons["gemv"] and gemv.KERNEL.loaded() is None
 
 
 def test_engine_start_warms_the_kernels_up_before_any_request(tmp_ckpt_dir, monkeypatch):
@@ -105,22 +101,26 @@ def test_engine_start_warms_the_kernels_up_before_any_request(tmp_ckpt_dir, monk
         assert calls == ["warm_up"]
 
 
+@needs_toolchain
 @needs(Isa.AVX512, "avx512f/bw/vl/dq")
-def test_gemv_below_avx512_is_f_linear_with_the_kernels_results():
+def test_gemv_below_avx512_runs_its_own_build_with_the_kernels_results():
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(3, 256, generator=g), torch.randn(96, 256, generator=g) / 16, torch.randn(96, generator=g)
+    module = gemv.KERNEL.ext()
     calls = gemv.kernel_calls()
     y_kernel = gemv.linear(x, w, b)
     assert gemv.kernel_calls() == calls + 1
-    for text in ("avx2", "portable"):
+    for text, level in (("avx2", 1), ("portable", 0)):
         with forced_isa(text):
-            assert not gemv.available() and not any(gemv.supported_dtypes().values())
-            reason = gemv.unavailable_reason()
-            assert "needs avx512" in reason and f"{text} (FERRY_ISA" in reason
+            assert gemv.available() and all(gemv.supported_dtypes().values())
+            assert gemv.KERNEL.ext() is not module and gemv.KERNEL.ext().isa_level() == level
+            assert gemv.KERNEL.loaded().__name__.endswith(f"_{text}")
+            before = gemv.kernel_calls()
             y = gemv.linear(x, w, b)
-            assert torch.equal(y, F.linear(x, w, b)) and gemv.KERNEL.loaded() is None
+            assert gemv.kernel_calls() == before + 1
             torch.testing.assert_close(y, y_kernel, atol=1e-5, rtol=1e-5)
-    assert gemv.available() and gemv.kernel_calls() == calls + 1  # back at the CPU's level, the same module
+            torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    assert gemv.KERNEL.ext() is module and gemv.kernel_calls() == calls + 1  # back at the CPU's level
 
 
 def _fused_outputs(dtype: torch.dtype) -> list[torch.Tensor]:
