@@ -15,6 +15,8 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
     soak        the abuse campaign (issue 23) against a real `ferry serve` on ferry-tiny: mixed requests with
                 disconnects, bursts, bad bodies, slow sockets, a tokenize flood, SIGTERM/SIGKILL; a table of
                 outcomes and anomalies (~5-10 min; not part of `all`)
+    roofline    the per-operator roofline model (ferry roofline) against the measured step: decode and prefill at
+                batch 1 and 16, float32 and bfloat16, Qwen2.5-0.5B and Llama-1B shapes (~15 min; not part of `all`)
     all         every scenario at its default size, then the benchmark tables (what `make bench` runs);
                 `all --smoke` runs every smoke version and fills copies of the pages in bench/.cache/smoke/
     report      regenerate the README's summary and the tables in docs/ from bench/results/*.json
@@ -26,7 +28,8 @@ import importlib
 import sys
 
 SCENARIOS = ("throughput", "decode", "prefill", "serving", "memory")
-OTHER = {"moe-offload": "moe_offload", "long-context": "long_context", "webui": "webui", "soak": "soak"}  # scenario -> module, run only when asked for
+OTHER = {"moe-offload": "moe_offload", "long-context": "long_context", "webui": "webui", "soak": "soak",
+         "roofline": "roofline"}  # scenario -> module, run only when asked for
 
 
 def run(scenario: str, argv: list[str]) -> int:
