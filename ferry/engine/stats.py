@@ -22,6 +22,7 @@ class EngineStats:
     num_generation_tokens: int = 0  # cumulative
     num_steps: int = 0
     experts: ExpertStats | None = None  # MoE expert store counters (with --expert-store)
+    decode_weight_bytes_per_s: float = 0.0  # weight bytes a decode step reads / its forward time (moving average)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

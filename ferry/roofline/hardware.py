@@ -54,15 +54,6 @@ class HardwareProfile:
         return cls(**d)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or platform.machine()
-
-
 def cache_key(cpu_name: str, isa: str, flags: frozenset[str] | set[str], threads: int, torch_version: str) -> str:
     """What a measurement depends on; a change in any of them measures again."""
     text = "\n".join([f"v{PROFILE_VERSION}", cpu_name, isa, " ".join(sorted(flags)), str(threads), torch_version])
@@ -77,7 +68,7 @@ def load_or_measure(threads: int | None = None, remeasure: bool = False,
                     progress: Callable[[str], None] = lambda msg: None) -> HardwareProfile:
     """The cached profile for this machine at `threads` (default: torch's), measured first if missing or asked."""
     threads = threads or torch.get_num_threads()
-    key = cache_key(cpu_model(), cpu.isa().label, cpu.cpu_flags(), threads, torch.__version__)
+    key = cache_key(cpu.model_name(), cpu.isa().label, cpu.cpu_flags(), threads, torch.__version__)
     path = cache_path(key)
     if path.is_file() and not remeasure:
         try:
@@ -117,7 +108,7 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
     native = cpu.isa() >= cpu.Isa.AVX512_BF16 or "amx_bf16" in cpu.cpu_flags()
     if not native:
         notes.append("bfloat16 is emulated on this CPU (no AVX512_BF16/AMX)")
-    return HardwareProfile(cpu=cpu_model(), isa=cpu.isa().label, threads=threads, torch=torch.__version__,
+    return HardwareProfile(cpu=cpu.model_name(), isa=cpu.isa().label, threads=threads, torch=torch.__version__,
                            read_gbs=gbs, peak_gflops=peaks, bf16_native=native, dispatch_us=disp, notes=tuple(notes))
 
 

@@ -5,6 +5,7 @@ intensity and achieved FLOP/s)."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 from ferry.roofline.analysis import Prediction
@@ -47,7 +48,7 @@ def print_table(result: dict, console=None) -> None:
     """result: run.roofline()'s dict (hardware, workload, rows)."""
     from rich.console import Console
     from rich.table import Table
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 120)  # piped: wide enough for every column
     hw, w = result["hardware"], result["workload"]
     title = (f"{result['model']}: {w['phase']}, batch {w['batch_size']}, "
              + (f"prompt {w['prompt_len']}" if w["phase"] == "prefill" else f"KV {w['kv_len']}")
