@@ -109,3 +109,31 @@ def plot_cases(record: dict, path) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def section(record: dict) -> str:
+    """docs/roofline.md's block: a row per case, then the machine and how to reproduce it."""
+    hw = record["hardware"]
+    peaks = ", ".join(f"{k} {v:.0f}" for k, v in hw["peak_gflops"].items())
+    head = ["model", "dtype", "step", "batch", "predicted ms", "measured ms", "predicted / measured", "within 25%",
+            "largest miss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in record["cases"]:
+        what = f"prefill {c['prompt_len']}" if c["phase"] == "prefill" else f"decode, KV {c['kv_len']}"
+        lines.append("| " + " | ".join([c["model"], c["dtype"], what, str(c["batch_size"]),
+                                        f"{c['predicted_s'] * 1e3:.2f}", f"{c['measured_s'] * 1e3:.2f}",
+                                        f"{c['ratio']:.2f}", "yes" if c["within_25pct"] else "no",
+                                        c["worst_op"] or "—"]) + " |")
+    met = sum(c["within_25pct"] for c in record["cases"])
+    argv = record["machine"].get("argv", [])
+    rest = argv[argv.index("roofline") + 1:] if "roofline" in argv else []
+    return ("### Roofline model against the measured step\n\n"
+            f"{met} of {len(record['cases'])} cases within 25%. Measured on {hw['cpu']} ({hw['isa']}), "
+            f"{hw['threads']} threads, commit `{record['machine'].get('git', '?')}`: read bandwidth "
+            f"{hw['read_gbs']:.1f} GB/s, GEMM GFLOP/s {peaks}, {hw['dispatch_us']:.1f} us per op dispatch. "
+            "Predicted: the sum over operators of max(bytes / bandwidth, FLOPs / peak) + dispatches; measured: "
+            "median wall time of the step; largest miss: the operator whose predicted and measured times differ most."
+            + (f" **{record['note']}**" if record.get("note") else "") + "\n\n" + "\n".join(lines)
+            + f"\n\nReproduce: `python -m bench roofline {' '.join(rest)}`".rstrip() + " (results in "
+            "`bench/results/roofline.json`; per-operator rows per case in its `models` field)."
+            "\n\n![](bench/results/roofline.png)")
