@@ -64,13 +64,19 @@ def main(argv: list[str] | None = None) -> None:
         results = roofline(str(path), loads, hw, steps=args.steps, progress=say)
         record["models"][name] = to_json(results)
         record["cases"] += [case(name, r) for r in results]
+        for c in record["cases"][-len(results):]:
+            say(line(c))
         plot(results, hw, folder / f"roofline-{name}.png")
     save("roofline", record, args.smoke)
     plot_cases(record, folder / "roofline.png")
     for c in record["cases"]:
-        print(f"{c['model']:>14} {c['dtype']:>8} {c['phase']:>7} B={c['batch_size']:<3} predicted "
-              f"{c['predicted_s'] * 1e3:9.2f} ms  measured {c['measured_s'] * 1e3:9.2f} ms  ratio {c['ratio']:.2f}"
-              f"  worst op: {c['worst_op']}")
+        print(line(c))
+
+
+def line(c: dict) -> str:
+    return (f"{c['model']:>14} {c['dtype']:>8} {c['phase']:>7} B={c['batch_size']:<3} predicted "
+            f"{c['predicted_s'] * 1e3:9.2f} ms  measured {c['measured_s'] * 1e3:9.2f} ms  ratio {c['ratio']:.2f}"
+            f"  largest miss: {c['worst_op']}")
 
 
 def case(model: str, result: dict) -> dict:

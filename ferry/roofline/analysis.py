@@ -7,7 +7,7 @@ Legend: T tokens in the step (decode: B, prefill: B * P), B requests, P prompt t
 query sees (kv_len + 1), R tokens it reads (the KV policy's budget), D hidden, I intermediate, H / K query / kv
 heads, Dh head dim, V vocabulary, E experts, A experts per token, L layers.
 
-Predicted time of an operator = max(bytes / bandwidth, FLOPs / peak) + its op dispatches x the measured cost of
+Predicted time of an operator = max(bytes / bandwidth, FLOPs / peak) + its kernel calls x the measured cost of
 one; a step is the sum. Approximations, said once: each byte is counted once per step (K/V of a prefill's
 attention are re-read per query block from cache, not DRAM), the routed experts of a MoE layer are the expected
 number of distinct experts T tokens pick if routing were uniform, int8/int4 weights are costed at the bfloat16
@@ -71,7 +71,7 @@ class OpCost:
     act_bytes: float  # activations read + written
     kv_bytes: float  # KV read + written
     peak: str  # which measured peak bounds its compute: a dtype of HardwareProfile.peak_gflops
-    calls: int  # op dispatches from Python in the step (each costs HardwareProfile.dispatch_us at least)
+    calls: int  # kernel calls from Python in the step (each costs HardwareProfile.dispatch_us at least; views free)
 
     @property
     def bytes(self) -> float:
@@ -151,7 +151,7 @@ def operators(cfg: ModelConfig, w: Workload, policy: KVPolicy | None = None) -> 
         _vector("embedding", 0.0, 2.0 * T * D * ab, 1),
         _vector("attn_norm", L * 7.0 * T * D, L * 4.0 * T * D * ab, L, L * D * ab),  # add + norm: read 2, write 2
         linear_cost("qkv_proj", T, D, cfg.q_size + 2 * cfg.kv_size, w, L),
-        _vector("rotary", L * 3.0 * T * (H + K) * Dh, L * (4.0 * T * (H + K) * Dh + 2.0 * T * Dh) * ab, 3 * L),
+        _vector("rotary", L * 3.0 * T * (H + K) * Dh, L * (4.0 * T * (H + K) * Dh + 2.0 * T * Dh) * ab, 2 * L),
         attention_cost(cfg, w, policy),
         linear_cost("o_proj", T, cfg.q_size, D, w, L),
         _vector("mlp_norm", L * 7.0 * T * D, L * 4.0 * T * D * ab, L, L * D * ab),
@@ -183,13 +183,13 @@ def attention_cost(cfg: ModelConfig, w: Workload, policy: KVPolicy) -> OpCost:
             read = min(policy.read_tokens(ctx), window or ctx)
             pairs = w.batch_size * read  # (query, key) pairs
             kv += w.batch_size * (read + 1) * kv_token  # reads R, writes the new token's
-            calls = 6
+            calls = 4  # K/V written (2), the paged decode kernel, its output copied into place
         else:
             P = w.prompt_len
             span = P if window is None else min(P, window)
             pairs = w.batch_size * sum(min(i + 1, span) for i in range(P)) if window else w.batch_size * P * (P + 1) / 2
             kv += w.batch_size * P * (kv_token + 2 * K * Dh * 4)  # written to the cache; read as float32 copies
-            calls = 3 + 8 * w.batch_size
+            calls = 2 + 5 * w.batch_size  # K/V written; per prompt q/k/v to float32, one SDPA call, output copied
         flops += pairs * H * (4.0 * Dh + 5.0)  # q.k and p.v (2 FLOPs per multiply-add each), softmax ~5 per score
         act += w.num_tokens * H * Dh * (4 + w.act_bytes)  # q read (as float32), output written
     return OpCost("attention", flops, 0.0, act, kv, "float32", calls * L)

@@ -20,7 +20,7 @@ from ferry.ops import cpu
 from ferry.ops.build import build_dir
 from ferry.ops.gemv import linear
 
-PROFILE_VERSION = 1  # bump when what is measured, or how, changes: old cache entries are then ignored
+PROFILE_VERSION = 2  # bump when what is measured, or how, changes: old cache entries are then ignored
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class HardwareProfile:
     read_gbs: float  # DRAM read bandwidth, GB/s (1e9), median of several runs over a buffer far above the LLC
     peak_gflops: dict[str, float]  # dtype -> peak GEMM GFLOP/s (1e9): float32, bfloat16, and int8 where torch has one
     bf16_native: bool  # the CPU computes bfloat16 dot products itself (AVX512_BF16 / AMX); else emulated
-    dispatch_us: float = 0.0  # one small torch op called from Python (the floor of any operator), microseconds
+    dispatch_us: float = 0.0  # one small kernel call from Python (the floor of any operator), microseconds
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def peak(self, dtype: str) -> float:
@@ -101,7 +101,7 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
             notes.append("no int8 GEMM in this torch (torch._int_mm): int8/int4 weights are costed at bfloat16's peak")
         else:
             peaks["int8"] = int8
-        progress("op dispatch cost...")
+        progress("small kernel call cost...")
         disp = dispatch_us()
     finally:
         torch.set_num_threads(before)
@@ -179,16 +179,18 @@ def int8_gemm_gflops(n: int = 1024, runs: int = 4) -> float | None:
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
-def dispatch_us(calls: int = 2000) -> float:
-    """Microseconds of one tiny op called from Python: what an operator costs when it moves almost nothing."""
-    x = torch.ones(8)
-    for _ in range(100):
-        x.add(1.0)
+def dispatch_us(calls: int = 400) -> float:
+    """Microseconds of one small kernel call from Python: ferry's decode linear on a 512 x 512 float32 weight that
+    sits in cache (its arithmetic is ~0.1 us), so what is left is the call, the thread pool's wake-up and barrier:
+    the floor of any operator. On a loaded machine the barrier waits for descheduled threads and this grows."""
+    w, x = torch.randn(512, 512), torch.randn(1, 512)
+    for _ in range(50):
+        linear(x, w)
     samples = []
     for _ in range(5):
         t = time.perf_counter()
         for _ in range(calls):
-            x.add(1.0)
+            linear(x, w)
         samples.append((time.perf_counter() - t) / calls)
     return statistics.median(samples) * 1e6
 
