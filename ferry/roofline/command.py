@@ -79,4 +79,7 @@ def run_command(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(to_json(results), indent=1))
     if args.plot:
         plot(results, hw, args.plot)
-    return 0
+    missing = {r["not_measured"] for r in results if "not_measured" in r}
+    for why in missing:
+        print(f"error: {why}", file=sys.stderr)
+    return 2 if missing else 0

@@ -44,14 +44,18 @@ def llm_options(w: Workload, threads: int | None, kv_policy: str, extra: dict | 
     return opts
 
 
+class CannotRun(Exception):
+    """The step cannot be run as analysed (the analysis stands; the measurement is missing)."""
+
+
 def open_llm(model: str, options: dict) -> LLM:
-    """ferry.LLM(model, **options), with a clear error where this build has no `quantization` keyword yet."""
+    """ferry.LLM(model, **options); CannotRun where this build has no `quantization` keyword."""
     try:
         return LLM(model, **options)
     except TypeError as e:
         if "quantization" in options and "quantization" in str(e):
-            raise SystemExit(f"this ferry has no --quantization yet (LLM rejected the keyword: {e}); the analysis "
-                             f"above is still valid; run without --quantization to measure") from None
+            raise CannotRun(f"this ferry cannot run --quantization {options['quantization']} (LLM rejected the "
+                            f"keyword: {e}); the analysis stands, run without --quantization to measure") from None
         raise
 
 

@@ -9,7 +9,7 @@ from ferry.config import ModelConfig
 from ferry.engine.options import engine_config
 from ferry.roofline.analysis import Workload, kv_policy, operators, predict
 from ferry.roofline.hardware import HardwareProfile
-from ferry.roofline.measure import Measured, llm_options, measure, open_llm
+from ferry.roofline.measure import CannotRun, Measured, llm_options, measure, open_llm
 from ferry.roofline.report import rows
 
 
@@ -42,7 +42,13 @@ def roofline(model: str, workloads: list[Workload], hw: HardwareProfile, policy_
         opts["max_model_len"] = max(max(workloads[i].prompt_len, workloads[i].kv_len) for i in idx) + 128
         opts["max_num_seqs"] = max(64, *(workloads[i].batch_size for i in idx))
         progress(f"loading {model} ({big.dtype}{'' if big.quantization == 'none' else ', ' + big.quantization})...")
-        with open_llm(model, opts) as llm:
+        try:
+            llm = open_llm(model, opts)
+        except CannotRun as e:
+            for i in idx:
+                results[i]["not_measured"] = str(e)
+            continue
+        with llm:
             for i in idx:
                 m: Measured = measure(llm, workloads[i], steps=steps, progress=progress)
                 results[i]["rows"] = rows(results[i]["predictions"], m)

@@ -90,3 +90,18 @@ def test_decode_weight_bandwidth_reaches_metrics(ckpt):
     assert stats.decode_weight_bytes_per_s > 0
     text = ServerMetrics(lambda: EngineStats(decode_weight_bytes_per_s=2.5e9), "m").render().decode()
     assert 'ferry_decode_weight_bytes_per_second{model_name="m"} 2.5e+09' in text
+
+
+def test_a_step_the_engine_cannot_run_keeps_the_analysis(ckpt, fake_hw, tmp_path, capsys):
+    """Until LLM takes `quantization`, --quantization without --no-run prints the analysis and says why nothing was
+    measured (exit 2); once LLM takes it, the step runs and is measured."""
+    from ferry.engine.options import ENGINE_OPTIONS
+    out = tmp_path / "q.json"
+    code = main(["roofline", str(ckpt), "--hardware", str(fake_hw), "--phase", "decode", "--quantization", "int8",
+                 "--steps", "1", "--threads", "1", "--prompt-len", "8", "--json", str(out)])
+    rows = json.loads(out.read_text())[0]["rows"]
+    if any(o.name == "quantization" for o in ENGINE_OPTIONS):
+        assert code == 0 and rows[-1]["measured_s"] > 0
+    else:
+        assert code == 2 and rows[-1]["measured_s"] is None
+        assert "cannot run --quantization int8" in capsys.readouterr().err
