@@ -105,7 +105,7 @@ def plot(results: list[dict], hw: HardwareProfile, path: str | Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOPs / byte)")
     ax.set_ylabel("FLOP/s (measured where run)")
-    ax.set_title(f"{results[0]['model']}: roofline, {hw.cpu}, {hw.threads} threads", fontsize=9)
+    ax.set_title(f"{Path(results[0]['model']).name}: roofline, {hw.cpu}, {hw.threads} threads", fontsize=9)
     ax.grid(which="both", alpha=0.25)
     ax.legend(fontsize=7)
     fig.tight_layout()
