@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from bench.common import SMOKE, RESULTS, new_record, save
@@ -32,6 +33,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed (and as many profiled) steps per case")
     ap.add_argument("--cached-hardware", action="store_true", help="reuse the cached hardware profile")
+    ap.add_argument("--note", default=None, help="a sentence printed with the table (e.g. what else ran on the machine)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 1 thread, few steps")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -53,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     hw = load_or_measure(args.threads, remeasure=not (args.cached_hardware or args.smoke), progress=say)
     record = new_record("roofline", "predicted step time within 25% of measured, decode and prefill, batch 1 and 16",
                         args)
-    record.update(hardware=hw.to_json(), cases=[], models={})
+    record.update(hardware=hw.to_json(), cases=[], models={}, load_average_before=os.getloadavg())
+    if args.note:
+        record["note"] = args.note
     folder = SMOKE if args.smoke else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batch_sizes.split(",")]
