@@ -1,7 +1,7 @@
 """Roofline: does ferry's per-operator roofline model (ferry/roofline/) predict the step time it measures?
 
 Question: for decode and prefill at batch 1 and 16, is the predicted step time (sum over operators of
-max(bytes / measured read bandwidth, FLOPs / measured GEMM peak) + op dispatches x the measured cost of one)
+max(bytes / measured read bandwidth, FLOPs / measured GEMM peak) + calls x the measured cost of one)
 within 25% of the measured step time? Each case records predicted and measured step time, their ratio, and
 every operator's row (where a miss comes from). The hardware profile is measured once per run (not the cache:
 `--cached-hardware` reuses it). Prefill is B prompts of --prompt-len tokens in one step; decode is B requests
@@ -140,8 +140,9 @@ def section(record: dict) -> str:
     return ("### Roofline model against the measured step\n\n"
             f"{met} of {len(record['cases'])} cases within 25%. Measured on {hw['cpu']} ({hw['isa']}), "
             f"{hw['threads']} threads, commit `{record['machine'].get('git', '?')}`: read bandwidth "
-            f"{hw['read_gbs']:.1f} GB/s, GEMM GFLOP/s {peaks}, {hw['dispatch_us']:.1f} us per op dispatch. "
-            "Predicted: the sum over operators of max(bytes / bandwidth, FLOPs / peak) + dispatches; measured: "
+            f"{hw['read_gbs']:.1f} GB/s, GEMM GFLOP/s {peaks}, {hw['dispatch_us']:.1f} us per call on the thread pool, "
+            f"{hw.get('call_us', 0.0):.1f} us per small single-threaded call. "
+            "Predicted: the sum over operators of max(bytes / bandwidth, FLOPs / peak) + calls; measured: "
             "median wall time of the step; largest miss: the operator whose predicted and measured times differ most."
             + (f" **{record['note']}**" if record.get("note") else "") + "\n\n" + "\n".join(lines)
             + f"\n\nReproduce: `python -m bench roofline {' '.join(rest)}`".rstrip() + " (results in "

@@ -7,8 +7,9 @@ Legend: T tokens in the step (decode: B, prefill: B * P), B requests, P prompt t
 query sees (kv_len + 1), R tokens it reads (the KV policy's budget), D hidden, I intermediate, H / K query / kv
 heads, Dh head dim, V vocabulary, E experts, A experts per token, L layers.
 
-Predicted time of an operator = max(bytes / bandwidth, FLOPs / peak) + its kernel calls x the measured cost of
-one; a step is the sum. Approximations, said once: each byte is counted once per step (K/V of a prefill's
+Predicted time of an operator = max(bytes / bandwidth, FLOPs / peak) + its calls x the measured cost of one (a
+call on the thread pool, e.g. a linear, costs the pool's wake-up and barrier; a small single-threaded one, e.g. a
+decode row's norm, only the Python dispatch); a step is the sum. Approximations, said once: each byte is counted once per step (K/V of a prefill's
 attention are re-read per query block from cache, not DRAM), the routed experts of a MoE layer are the expected
 number of distinct experts T tokens pick if routing were uniform, int8/int4 weights are costed at the bfloat16
 GEMM peak (weight-only: activations stay in float), elementwise operators at the float32 peak."""
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # the analysis itself needs no torch
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 QUANTIZATIONS = ("none", "int8", "int4")
 SCALE_BYTES = 2  # one float16 scale per group of a quantized weight's inputs (ferry/ops/quant.py)
+POOL_ROWS = 16  # an elementwise kernel over this many token rows or more runs on the thread pool (fewer: one thread)
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,8 @@ class OpCost:
     act_bytes: float  # activations read + written
     kv_bytes: float  # KV read + written
     peak: str  # which measured peak bounds its compute: a dtype of HardwareProfile.peak_gflops
-    calls: int  # kernel calls from Python in the step (each costs HardwareProfile.dispatch_us at least; views free)
+    calls: int  # kernel calls on the thread pool in the step (each costs HardwareProfile.dispatch_us at least)
+    serial_calls: int = 0  # small single-threaded calls (each costs HardwareProfile.call_us at least; views free)
 
     @property
     def bytes(self) -> float:
@@ -85,7 +88,7 @@ class OpCost:
     def __add__(self, other: "OpCost") -> "OpCost":
         return replace(self, flops=self.flops + other.flops, weight_bytes=self.weight_bytes + other.weight_bytes,
                        act_bytes=self.act_bytes + other.act_bytes, kv_bytes=self.kv_bytes + other.kv_bytes,
-                       calls=self.calls + other.calls)
+                       calls=self.calls + other.calls, serial_calls=self.serial_calls + other.serial_calls)
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,12 @@ def linear_cost(name: str, T: int, n_in: int, n_out: int, w: Workload, layers: i
                   layers * T * (n_in * w.act_bytes + n_out * ob), 0.0, peak, layers)
 
 
-def _vector(name: str, flops: float, act_bytes: float, calls: int, weight_bytes: float = 0.0) -> OpCost:
-    return OpCost(name, flops, weight_bytes, act_bytes, 0.0, "float32", calls)
+def _vector(name: str, flops: float, act_bytes: float, calls: int, weight_bytes: float = 0.0,
+            rows: int = 0) -> OpCost:
+    """An elementwise operator over `rows` token rows: on the thread pool from POOL_ROWS rows, else one thread."""
+    pooled = rows >= POOL_ROWS
+    return OpCost(name, flops, weight_bytes, act_bytes, 0.0, "float32", calls if pooled else 0,
+                  0 if pooled else calls)
 
 
 def operators(cfg: ModelConfig, w: Workload, policy: KVPolicy | None = None) -> list[OpCost]:
@@ -149,23 +156,25 @@ def operators(cfg: ModelConfig, w: Workload, policy: KVPolicy | None = None) -> 
     dense_layers = L - moe_layers
     ops = [
         _vector("embedding", 0.0, 2.0 * T * D * ab, 1),
-        _vector("attn_norm", L * 7.0 * T * D, L * 4.0 * T * D * ab, L, L * D * ab),  # add + norm: read 2, write 2
+        _vector("attn_norm", L * 7.0 * T * D, L * 4.0 * T * D * ab, L, L * D * ab, T),  # add + norm: read 2, write 2
         linear_cost("qkv_proj", T, D, cfg.q_size + 2 * cfg.kv_size, w, L),
-        _vector("rotary", L * 3.0 * T * (H + K) * Dh, L * (4.0 * T * (H + K) * Dh + 2.0 * T * Dh) * ab, 2 * L),
+        _vector("rotary", L * 3.0 * T * (H + K) * Dh, L * (4.0 * T * (H + K) * Dh + 2.0 * T * Dh) * ab, 2 * L,
+                rows=T),
         attention_cost(cfg, w, policy),
         linear_cost("o_proj", T, cfg.q_size, D, w, L),
-        _vector("mlp_norm", L * 7.0 * T * D, L * 4.0 * T * D * ab, L, L * D * ab),
+        _vector("mlp_norm", L * 7.0 * T * D, L * 4.0 * T * D * ab, L, L * D * ab, T),
     ]
     if dense_layers:
         inter = cfg.intermediate_size
         ops += [linear_cost("gate_up", T, D, 2 * inter, w, dense_layers),
-                _vector("act", dense_layers * 5.0 * T * inter, dense_layers * 3.0 * T * inter * ab, dense_layers),
+                _vector("act", dense_layers * 5.0 * T * inter, dense_layers * 3.0 * T * inter * ab, dense_layers,
+                        rows=T),
                 linear_cost("down", T, inter, D, w, dense_layers)]
     if moe_layers:
         ops += moe_costs(cfg, w, moe_layers)
     S = B  # rows that sample: each request's last token
     head = linear_cost("lm_head", S, D, cfg.vocab_size, w, out_bytes=4)
-    ops += [_vector("final_norm", 7.0 * S * D, 2.0 * S * D * ab, 1, D * ab), replace(head, calls=2),
+    ops += [_vector("final_norm", 7.0 * S * D, 2.0 * S * D * ab, 1, D * ab), replace(head, serial_calls=1),
             _vector("sampling", 5.0 * S * cfg.vocab_size, 2.0 * S * cfg.vocab_size * 4, 8)]
     return ops
 
@@ -183,16 +192,17 @@ def attention_cost(cfg: ModelConfig, w: Workload, policy: KVPolicy) -> OpCost:
             read = min(policy.read_tokens(ctx), window or ctx)
             pairs = w.batch_size * read  # (query, key) pairs
             kv += w.batch_size * (read + 1) * kv_token  # reads R, writes the new token's
-            calls = 4  # K/V written (2), the paged decode kernel, its output copied into place
+            pool, serial = 1, 3  # the paged decode kernel; K/V written (2), its output copied into place
         else:
             P = w.prompt_len
             span = P if window is None else min(P, window)
             pairs = w.batch_size * sum(min(i + 1, span) for i in range(P)) if window else w.batch_size * P * (P + 1) / 2
             kv += w.batch_size * P * (kv_token + 2 * K * Dh * 4)  # written to the cache; read as float32 copies
-            calls = 2 + 5 * w.batch_size  # K/V written; per prompt q/k/v to float32, one SDPA call, output copied
+            # per prompt one SDPA call and its output copied back; K/V written, q/k/v to float32 per prompt
+            pool, serial = 2 * w.batch_size, 2 + 3 * w.batch_size
         flops += pairs * H * (4.0 * Dh + 5.0)  # q.k and p.v (2 FLOPs per multiply-add each), softmax ~5 per score
         act += w.num_tokens * H * Dh * (4 + w.act_bytes)  # q read (as float32), output written
-    return OpCost("attention", flops, 0.0, act, kv, "float32", calls * L)
+    return OpCost("attention", flops, 0.0, act, kv, "float32", pool * L, serial * L)
 
 
 def moe_costs(cfg: ModelConfig, w: Workload, layers: int) -> list[OpCost]:
@@ -201,20 +211,21 @@ def moe_costs(cfg: ModelConfig, w: Workload, layers: int) -> list[OpCost]:
     moe, T, D = cfg.moe, w.num_tokens, cfg.hidden_size
     E, A, inter = moe.num_experts, moe.top_k, moe.intermediate_size
     distinct = E * (1 - (1 - A / E) ** T)
-    router = replace(linear_cost("router", T, D, E, w, layers), calls=4 * layers)
+    router = replace(linear_cost("router", T, D, E, w, layers), serial_calls=3 * layers)
     expert = linear_cost("experts", 1, D, 3 * inter, w)  # gate_up + down of one expert (3 I x D), one token
     experts = OpCost("experts", layers * T * A * expert.flops, layers * distinct * expert.weight_bytes,
                      layers * T * A * (2 * D + 5 * inter) * w.act_bytes, 0.0, expert.peak,
-                     layers * (8 + 6 * round(distinct)))
+                     layers * 3 * round(distinct), layers * (8 + 3 * round(distinct)))
     if moe.shared_intermediate_size:
         s = linear_cost("experts", T, D, 3 * moe.shared_intermediate_size + 1, w, layers)
-        experts = experts + replace(s, calls=5 * layers)
+        experts = experts + replace(s, calls=3 * layers, serial_calls=2 * layers)
     return [router, experts]
 
 
 def predict(ops: list[OpCost], hw: HardwareProfile) -> list[Prediction]:
-    return [Prediction(op, op.bytes / hw.bandwidth, op.flops / hw.peak(op.peak), op.calls * hw.dispatch_us * 1e-6)
-            for op in ops]
+    call = hw.call_us or hw.dispatch_us
+    return [Prediction(op, op.bytes / hw.bandwidth, op.flops / hw.peak(op.peak),
+                       (op.calls * hw.dispatch_us + op.serial_calls * call) * 1e-6) for op in ops]
 
 
 def decode_weight_bytes(cfg: ModelConfig, dtype: str = "float32", quantization: str = "none", batch_size: int = 1,

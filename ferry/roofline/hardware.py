@@ -20,7 +20,7 @@ from ferry.ops import cpu
 from ferry.ops.build import build_dir
 from ferry.ops.gemv import linear
 
-PROFILE_VERSION = 2  # bump when what is measured, or how, changes: old cache entries are then ignored
+PROFILE_VERSION = 3  # bump when what is measured, or how, changes: old cache entries are then ignored
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class HardwareProfile:
     read_gbs: float  # DRAM read bandwidth, GB/s (1e9), median of several runs over a buffer far above the LLC
     peak_gflops: dict[str, float]  # dtype -> peak GEMM GFLOP/s (1e9): float32, bfloat16, and int8 where torch has one
     bf16_native: bool  # the CPU computes bfloat16 dot products itself (AVX512_BF16 / AMX); else emulated
-    dispatch_us: float = 0.0  # one small kernel call from Python (the floor of any operator), microseconds
+    dispatch_us: float = 0.0  # one small kernel call on the thread pool from Python (a linear's floor), microseconds
+    call_us: float = 0.0  # one small single-threaded op from Python (a decode row's norm's floor); 0: dispatch_us
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def peak(self, dtype: str) -> float:
@@ -102,14 +103,15 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
         else:
             peaks["int8"] = int8
         progress("small kernel call cost...")
-        disp = dispatch_us()
+        disp, call = dispatch_us(), call_us()
     finally:
         torch.set_num_threads(before)
     native = cpu.isa() >= cpu.Isa.AVX512_BF16 or "amx_bf16" in cpu.cpu_flags()
     if not native:
         notes.append("bfloat16 is emulated on this CPU (no AVX512_BF16/AMX)")
     return HardwareProfile(cpu=cpu.model_name(), isa=cpu.isa().label, threads=threads, torch=torch.__version__,
-                           read_gbs=gbs, peak_gflops=peaks, bf16_native=native, dispatch_us=disp, notes=tuple(notes))
+                           read_gbs=gbs, peak_gflops=peaks, bf16_native=native, dispatch_us=disp, call_us=call,
+                           notes=tuple(notes))
 
 
 def _llc_bytes() -> int:
@@ -191,6 +193,20 @@ def dispatch_us(calls: int = 400) -> float:
         t = time.perf_counter()
         for _ in range(calls):
             linear(x, w)
+        samples.append((time.perf_counter() - t) / calls)
+    return statistics.median(samples) * 1e6
+
+
+def call_us(calls: int = 2000) -> float:
+    """Microseconds of one tiny single-threaded op called from Python (no thread pool: below its grain size)."""
+    x = torch.ones(64)
+    for _ in range(100):
+        x.add(1.0)
+    samples = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls):
+            x.add(1.0)
         samples.append((time.perf_counter() - t) / calls)
     return statistics.median(samples) * 1e6
 

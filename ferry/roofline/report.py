@@ -73,7 +73,7 @@ def _caption(hw: dict) -> str:
     peaks = ", ".join(f"{k} {v:.0f}" for k, v in hw["peak_gflops"].items())
     return (f"{hw['cpu']} ({hw['isa']}{', bf16 native' if hw['bf16_native'] else ', bf16 emulated'}), "
             f"{hw['threads']} threads: read {hw['read_gbs']:.1f} GB/s, GEMM GFLOP/s {peaks}, "
-            f"dispatch {hw['dispatch_us']:.1f} us/op")
+            f"call {hw['dispatch_us']:.1f} us on the thread pool, {hw.get('call_us', 0.0):.1f} us on one thread")
 
 
 def plot(results: list[dict], hw: HardwareProfile, path: str | Path) -> None:

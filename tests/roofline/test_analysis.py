@@ -13,7 +13,8 @@ HF = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64
           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5,
           max_position_embeddings=256, hidden_act="silu", tie_word_embeddings=False)
 HW = HardwareProfile(cpu="fake", isa="portable", threads=1, torch="x", read_gbs=10.0,
-                     peak_gflops={"float32": 100.0, "bfloat16": 200.0}, bf16_native=False, dispatch_us=1.0)
+                     peak_gflops={"float32": 100.0, "bfloat16": 200.0}, bf16_native=False, dispatch_us=1.0,
+                     call_us=0.5)
 
 
 @pytest.fixture
@@ -82,10 +83,13 @@ def test_prediction_is_the_larger_of_memory_and_compute_plus_dispatch(cfg):
     p = preds["gate_up"]
     assert p.memory_s == pytest.approx(p.op.bytes / 10e9)
     assert p.compute_s == pytest.approx(p.op.flops / 100e9)
-    assert p.time_s == pytest.approx(max(p.memory_s, p.compute_s) + p.op.calls * 1e-6)
+    assert p.time_s == pytest.approx(max(p.memory_s, p.compute_s) + (p.op.calls * 1.0 + p.op.serial_calls * 0.5) * 1e-6)
+    assert p.op.calls == 2 and p.op.serial_calls == 0  # a linear per layer, on the thread pool
     assert p.bound == "compute"  # 256 tokens: ~64 FLOPs per weight byte, past this profile's ridge of 10
     d = {q.op.name: q for q in predict(operators(cfg, Workload("decode", batch_size=1)), HW)}["gate_up"]
     assert d.op.intensity < 1 and d.memory_s > d.compute_s
+    norm = {q.op.name: q for q in predict(operators(cfg, Workload("decode", batch_size=1)), HW)}["attn_norm"]
+    assert (norm.op.calls, norm.op.serial_calls) == (0, 2) and norm.overhead_s == pytest.approx(2 * 0.5e-6)
 
 
 def test_bad_workloads_are_refused():
