@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ferry.engine.llm import LLM
@@ -134,7 +133,3 @@ def _inside_scope(e) -> bool:
             return True
         p = p.cpu_parent
     return False
-
-
-def threads_in_use() -> int:
-    return torch.get_num_threads()
