@@ -17,6 +17,8 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
                 outcomes and anomalies (~5-10 min; not part of `all`)
     speculative speculative decoding on ferry-tiny (+ ferry-tiny-draft): tok/s with and without ngram, phrase and
                 draft at concurrency 1 and 8, acceptance, output equivalence (~10 min; not part of `all`)
+    roofline    the per-operator roofline model (ferry roofline) against the measured step: decode and prefill at
+                batch 1 and 16, float32 and bfloat16, Qwen2.5-0.5B and Llama-1B shapes (~15 min; not part of `all`)
     all         every scenario at its default size, then the benchmark tables (what `make bench` runs);
                 `all --smoke` runs every smoke version and fills copies of the pages in bench/.cache/smoke/
     report      regenerate the README's summary and the tables in docs/ from bench/results/*.json
@@ -29,7 +31,8 @@ import sys
 
 SCENARIOS = ("throughput", "decode", "prefill", "serving", "memory")
 OTHER = {"moe-offload": "moe_offload", "long-context": "long_context", "webui": "webui", "soak": "soak",
-         "speculative": "speculative"}  # scenario -> module, run only when asked for
+         "speculative": "speculative",
+         "roofline": "roofline"}  # scenario -> module, run only when asked for
 
 
 def run(scenario: str, argv: list[str]) -> int:

@@ -5,7 +5,7 @@ the README holds the summary (bench/summary.py: one row per question, ferry's ra
 comes from); docs/benchmarks.md holds one table per result file of the dense scenarios (bench/results/<scenario>.json,
 then any <scenario>-<name>.json saved with --out) with every engine's median and ferry's ratio to each peer (median
 of the per-round ratios, min–max), a note on the run (model, threads, parity, bandwidth) and the command that
-reproduces it; docs/moe-offload.md and docs/long-context.md hold their scenario's tables. Where an engine could not
+reproduces it; docs/moe-offload.md, docs/long-context.md and docs/roofline.md hold their scenario's tables. Where an engine could not
 run a case the cell says n/a with a numbered reason under the table. Links are written relative to each page.
 
     python -m bench report            # or: ferry bench report
@@ -29,7 +29,7 @@ TITLES = {"throughput": "Offline throughput", "decode": "Single-stream decode", 
 SCENARIOS = tuple(TITLES)
 # block -> the page (relative to the repo root) whose markers it fills; declared once, used to fill and to link
 PAGE_OF = {"summary": "README.md", **{s: "docs/benchmarks.md" for s in SCENARIOS},
-           "moe-offload": "docs/moe-offload.md", "long-context": "docs/long-context.md"}
+           "moe-offload": "docs/moe-offload.md", "long-context": "docs/long-context.md", "roofline": "docs/roofline.md"}
 PAGES = tuple(dict.fromkeys(PAGE_OF.values()))
 
 
@@ -153,6 +153,12 @@ def render(results: Path = RESULTS) -> dict[str, str]:
     if lc.is_file():
         from bench.long_context import section
         out["long-context"] = section(json.loads(lc.read_text()))
+    rl = results / "roofline.json"  # bench/roofline.py: predicted vs measured step time per case
+    if rl.is_file():
+        from bench.roofline import section as roofline_section
+        out["roofline"] = roofline_section(json.loads(rl.read_text()))
+    else:
+        out["roofline"] = "### Roofline model against the measured step\n\nNot measured yet: `python -m bench roofline`."
     out["summary"] = summary_block(results, out)
     return out
 
@@ -161,7 +167,7 @@ def summary_block(results: Path, blocks: dict[str, str]) -> str:
     """The README's summary table, each row linking to the first heading of its scenario's block."""
     from bench.summary import table
     links = {}
-    for name in (*SCENARIOS, "moe-offload"):
+    for name in (*SCENARIOS, "moe-offload", "roofline"):
         heading = next((line.lstrip("#").strip() for line in blocks.get(name, "").splitlines()
                         if line.startswith("#")), None)
         links[name] = PAGE_OF[name] + (f"#{anchor(heading)}" if heading else "")

@@ -127,6 +127,19 @@ def moe_row(rec: dict, link: str) -> list[str] | None:
     return ["MoE decode, experts on disk", case, *cells, "—", _run(rec, rec["config"]["threads"], link)]
 
 
+def roofline_row(rec: dict, link: str) -> list[str]:
+    """The roofline model's predicted / measured step time per case (no peer: the goal is within 25% everywhere)."""
+    cases = rec["cases"]
+    cell = " / ".join(f"{c['ratio']:.2f}" for c in cases)
+    models = " and ".join(dict.fromkeys(c["model"] for c in cases))
+    dtypes = ", ".join(dict.fromkeys(c["dtype"] for c in cases))
+    batches = " / ".join(str(b) for b in dict.fromkeys(c["batch_size"] for c in cases))
+    met = all(c["within_25pct"] for c in cases)
+    case = f"predicted / measured step time: {models}, {dtypes}, prefill and decode at batch {batches}: {cell}"
+    return ["roofline model", case, "—", "—", "within 25% in every case: " + ("met" if met else "not yet"),
+            _run(rec, rec["hardware"]["threads"], link)]
+
+
 def table(results: Path, links: dict[str, str]) -> str:
     """The summary block, or a line saying how to produce it when no result file exists yet."""
     head = ["question", "case", *[f"ferry / {p}" for p in PEERS], "goal", "run"]
@@ -140,6 +153,8 @@ def table(results: Path, links: dict[str, str]) -> str:
     if (results / "moe_offload.json").is_file():
         row = moe_row(json.loads((results / "moe_offload.json").read_text()), links["moe-offload"])
         rows += [row] if row else []
+    if (results / "roofline.json").is_file():
+        rows.append(roofline_row(json.loads((results / "roofline.json").read_text()), links["roofline"]))
     if not rows:
         return "Not measured yet: `make bench`, then `python -m bench report`."
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]

@@ -1,4 +1,4 @@
-"""`ferry generate | chat | serve | run | convert | bench` — `ferry` and `python -m ferry` are the same CLI.
+"""`ferry generate | chat | serve | run | eval | roofline | convert | bench` — `ferry` and `python -m ferry` are the same CLI.
 
 Engine flags come from ferry/engine/options.py (each is also a keyword of ferry.LLM); sampling flags are
 SamplingParams fields with the same names. `--seed` is the engine's: it makes sampling reproducible."""
@@ -12,6 +12,7 @@ from ferry.engine.options import ENGINE_OPTIONS, add_engine_arguments, engine_kw
 from ferry.errors import FerryError
 from ferry.eval.tasks import TASKS
 from ferry.request import SamplingParams
+from ferry.roofline.command import add_arguments as roofline_arguments
 
 SAMPLING_FLAGS = (  # (SamplingParams field, type, help)
     ("max_tokens", int, "tokens to generate at most"),
@@ -164,6 +165,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_roofline(args: argparse.Namespace) -> int:
+    from ferry.roofline.command import run_command
+
+    return run_command(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """The benchmark suite lives in bench/ of a source checkout (next to ferry/), not in the installed package."""
     from pathlib import Path
@@ -224,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=pathlib.Path, help="write a PNG heat map of accuracy by length and depth")
     add_engine_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("roofline", help="per-operator roofline of a decode / prefill step on this machine's measured "
+                                        "bandwidth and peaks, beside the measured step (LLM-Viewer's analysis)")
+    roofline_arguments(p)
+    p.set_defaults(func=cmd_roofline)
 
     p = sub.add_parser("convert", help="write a MoE model's experts as an expert store (--expert-store DIR)")
     p.add_argument("model")

@@ -6,10 +6,13 @@ Prompts come in through the input processor (ferry/engine/inputs.py); a request 
 and failed alone (ferry/engine/isolation.py); callers outside the engine read it through view()."""
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
-from ferry.config import EngineConfig
+import torch
+
+from ferry.config import EngineConfig, ModelConfig
 from ferry.engine.factory import build_engine_parts
 from ferry.engine.inputs import InputLimits, InputProcessor, ProcessedPrompt, PromptInput
 from ferry.engine.isolation import execute_isolating
@@ -41,6 +44,8 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
+        self.decode_weight_bytes = decode_weight_bytes(parts.runner.model, parts.model_config)
+        self.decode_step_s = 0.0  # moving average of decode-only steps' forward time (/metrics: weight bytes / it)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
@@ -90,10 +95,13 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         start = time.perf_counter()
         result, failed = execute_isolating(self.runner, plan)  # a request whose forward raises fails alone
+        took = time.perf_counter() - start
         if self.parts.speculator is not None and plan.reqs:  # the cost model of --num-speculative-tokens auto
             decode_only = all(len(r.token_ids) == 1 + len(r.draft_token_ids) for r in plan.reqs)
-            self.parts.speculator.step_done(plan.num_tokens, time.perf_counter() - start,
-                                            any(r.draft_token_ids for r in plan.reqs), decode_only)
+            self.parts.speculator.step_done(plan.num_tokens, took, any(r.draft_token_ids for r in plan.reqs),
+                                            decode_only)
+        if plan.reqs and plan.num_tokens == len(plan.reqs):  # decode only: every request computes one token
+            self.decode_step_s = took if not self.decode_step_s else 0.8 * self.decode_step_s + 0.2 * took
         outputs = self._fail(failed)
         progressed = self.scheduler.update(plan, result)
         self.num_steps += 1
@@ -132,7 +140,8 @@ class LLMEngine:
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             num_preemptions=s.num_preemptions, num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens, num_steps=self.num_steps,
-            speculative=self._spec_stats())
+            speculative=self._spec_stats(),
+            decode_weight_bytes_per_s=self.decode_weight_bytes / self.decode_step_s if self.decode_step_s else 0.0)
 
     def view(self) -> EngineView:
         """A read-only snapshot for code outside the engine (eval, bench, tests)."""
@@ -170,6 +179,19 @@ class LLMEngine:
         num_moe_layers = sum(bool(x) for x in moe.sparse_layers)
         return make_plan(measure_costs(store), moe.num_experts, moe.top_k, num_moe_layers, store.cache.num_slots,
                          max_num_seqs)
+
+
+def decode_weight_bytes(model: torch.nn.Module, cfg: ModelConfig) -> int:
+    """Weight bytes a decode step reads, a constant of the model: every parameter and buffer but the embedding
+    table when it is not also the lm_head (a step reads only its rows), routed experts at top_k of num_experts
+    (what batch 1 reads; offloaded experts are not resident and not counted)."""
+    total = 0
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if name == "embed" and not cfg.tie_word_embeddings:
+            continue
+        share = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe and ".experts." in name else 1.0
+        total += int(t.numel() * t.element_size() * share)
+    return total
 
 
 def input_limits(parts: EngineParts) -> InputLimits:

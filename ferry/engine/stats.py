@@ -23,6 +23,7 @@ class EngineStats:
     num_steps: int = 0
     experts: ExpertStats | None = None  # MoE expert store counters (with --expert-store)
     speculative: dict | None = None  # with --speculative-method: method, acceptance (SpecStats.as_dict)
+    decode_weight_bytes_per_s: float = 0.0  # weight bytes a decode step reads / its forward time (moving average)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

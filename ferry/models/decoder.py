@@ -13,6 +13,7 @@ from ferry.models.layers.mlp import MoE, DenseMLP, _meta
 from ferry.models.layers.norm import RMSNorm
 from ferry.models.layers.rotary import Rotary
 from ferry.models.routing import RoutingObservers
+from ferry.models.scopes import scope
 from ferry.ops.fused import rotary_
 
 
@@ -33,25 +34,28 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMetadata,
                 kv_cache: LayerKV) -> torch.Tensor:
         q, k, v = self.project(x, cos, sin)
-        out = kv_cache.attend(q, k, v, meta, self.scale, self.window)  # the KV policy stores k/v and reads
-        return linear(out, self.o, self.o_bias)
+        with scope("attention"):
+            out = kv_cache.attend(q, k, v, meta, self.scale, self.window)  # the KV policy stores k/v and reads
+        with scope("o_proj"):
+            return linear(out, self.o, self.o_bias)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [T, D] -> q [T, H, Dh], k and v [T, K, Dh], rotated."""
         cfg, T = self.cfg, x.shape[0]
-        q, k, v = linear(x, self.qkv, self.qkv_bias).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        if cfg.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cfg.clip_qkv is not None:
-            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q = q.reshape(T, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        # one in-place rotary pass over q and k together: [T, H + K, Dh]
-        qk = torch.cat((q, k), dim=1)
-        q, k = rotary_(qk, cos, sin).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+        with scope("qkv_proj"):
+            q, k, v = linear(x, self.qkv, self.qkv_bias).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            if cfg.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            if cfg.clip_qkv is not None:
+                q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+            q = q.reshape(T, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+            if cfg.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+        with scope("rotary"):  # one in-place rotary pass over q and k together: [T, H + K, Dh]
+            qk = torch.cat((q, k), dim=1)
+            q, k = rotary_(qk, cos, sin).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         return q, k, v
 
 
@@ -71,8 +75,11 @@ class DecoderLayer(nn.Module):
                 meta: AttnMetadata, kv_cache: LayerKV) -> torch.Tensor:
         """h: the previous layer's output (None for the first), added into residual in place; returns this
         layer's output. Same arithmetic as x = x + attn(norm(x)); x = x + mlp(norm(x)), fused."""
-        n = self.input_norm(residual, h)
-        n = self.post_attn_norm(residual, self.attn(n, cos, sin, meta, kv_cache))
+        with scope("attn_norm"):
+            n = self.input_norm(residual, h)
+        a = self.attn(n, cos, sin, meta, kv_cache)
+        with scope("mlp_norm"):
+            n = self.post_attn_norm(residual, a)
         out = self.mlp(n)
         if self.routing is not None:  # residual has the attention output added: + out is the stream
             self.routing.layer_done(self.layer, residual, out)
@@ -115,9 +122,12 @@ class DecoderModel(nn.Module):
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> the first layer's input [T, D] (a copy: layers update it in place)."""
-        return self.embed[input_ids]  # fancy indexing copies
+        with scope("embedding"):
+            return self.embed[input_ids]  # fancy indexing copies
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last layer's output rows x [S, D] -> float32 logits [S, V]."""
-        x = self.norm(x.contiguous())
-        return linear(x, self.embed if self.lm_head is None else self.lm_head).float()
+        with scope("final_norm"):
+            x = self.norm(x.contiguous())
+        with scope("lm_head"):
+            return linear(x, self.embed if self.lm_head is None else self.lm_head).float()

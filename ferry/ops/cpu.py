@@ -140,3 +140,15 @@ def describe() -> str:
     if overridden():
         return f"{isa().label} ({ENV}; the CPU has {detected().label})"
     return isa().label
+
+
+@functools.cache
+def model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (else platform's guess): for records and caches keyed by machine."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -63,6 +63,9 @@ class EngineCollector(Collector):
         yield counter("ferry_prompt_tokens", "Prompt tokens admitted.", s.num_prompt_tokens)
         yield counter("ferry_generation_tokens", "Tokens generated.", s.num_generation_tokens)
         yield counter("ferry_engine_steps", "Engine steps run.", s.num_steps)
+        yield gauge("ferry_decode_weight_bytes_per_second", "Weight bytes a decode step reads / its forward time "
+                    "(moving average over decode-only steps): the achieved weight bandwidth, 0 before any decode.",
+                    s.decode_weight_bytes_per_s)
         if s.experts is not None:
             yield from _expert_metrics(s, gauge, counter)
         if s.speculative is not None:

@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 FAMILIES = {
     "ferry_num_requests_running": "gauge", "ferry_num_requests_waiting": "gauge", "ferry_kv_blocks_used": "gauge",
     "ferry_kv_blocks_total": "gauge", "ferry_kv_cache_usage_ratio": "gauge", "ferry_prefix_cache_hit_rate": "gauge",
-    "ferry_kv_cache_bytes": "gauge", "ferry_kv_host_bytes": "gauge",
+    "ferry_kv_cache_bytes": "gauge", "ferry_kv_host_bytes": "gauge", "ferry_decode_weight_bytes_per_second": "gauge",
     "ferry_num_preemptions": "counter", "ferry_prompt_tokens": "counter", "ferry_generation_tokens": "counter",
     "ferry_time_to_first_token_seconds": "histogram", "ferry_time_per_output_token_seconds": "histogram",
     "ferry_e2e_request_latency_seconds": "histogram", "ferry_request_success": "counter",
@@ -43,6 +43,7 @@ def test_counters_move_as_requests_complete(server):
         assert moved(f"{hist}_sum") > 0, hist
     assert moved("ferry_http_responses_total{status=200}") >= 1
     assert after["ferry_num_requests_running"] == 0 and after["ferry_kv_blocks_used"] == 0
+    assert after["ferry_decode_weight_bytes_per_second"] > 0  # 5 tokens: decode steps ran
     # the same prompt again is served partly from the prefix cache
     httpx.post(server.url + "/v1/completions", json={"prompt": "The quick brown fox", "max_tokens": 1}, timeout=60)
     assert server.wait_idle()["ferry_prefix_cache_queries_total"] > after["ferry_prefix_cache_queries_total"]

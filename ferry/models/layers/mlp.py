@@ -12,6 +12,7 @@ from torch import nn
 from ferry.config import MoEConfig
 from ferry.models.layers.linear import linear
 from ferry.models.routing import RoutingObservers
+from ferry.models.scopes import scope
 from ferry.ops.fused import silu_mul
 from ferry.ops.quant import QuantLinear
 
@@ -39,7 +40,12 @@ Weight = torch.Tensor | QuantLinear  # dense, or int8/int4 through the weight-on
 
 def swiglu(x: torch.Tensor, gate_up: Weight, down: Weight,
            gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _linear(silu_mul(_linear(x, gate_up, gate_up_bias)), down, down_bias)  # [T, 2I] -> [T, I] -> [T, D]
+    with scope("gate_up"):
+        h = _linear(x, gate_up, gate_up_bias)  # [T, 2I]
+    with scope("act"):
+        h = silu_mul(h)  # [T, I]
+    with scope("down"):
+        return _linear(h, down, down_bias)  # [T, D]
 
 
 def _linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -94,7 +100,12 @@ class MoE(nn.Module):
         return top_ids, top_w.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        top_ids, top_w = self.route(x)
+        with scope("router"):
+            top_ids, top_w = self.route(x)
+        with scope("experts"):  # the routed experts and the shared one (their gate_up/act/down scopes count here)
+            return self._experts(x, top_ids, top_w)
+
+    def _experts(self, x: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         flat = top_ids.flatten()  # [T*A]
         order = torch.argsort(flat, stable=True)

@@ -1,0 +1,116 @@
+"""The roofline analysis' arithmetic against hand counts on a tiny config, the quantized weight bytes, the KV
+policy's effect on bytes read, the prediction rule, and the hardware cache key."""
+from __future__ import annotations
+
+import pytest
+
+from ferry.config import ModelConfig
+from ferry.roofline.analysis import Workload, decode_weight_bytes, kv_policy, operators, predict
+from ferry.roofline.hardware import HardwareProfile, cache_key, cache_path
+
+# D=64, H=4 heads of Dh=16, K=2 kv heads, I=128, L=2, V=100
+HF = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
+          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5,
+          max_position_embeddings=256, hidden_act="silu", tie_word_embeddings=False)
+HW = HardwareProfile(cpu="fake", isa="portable", threads=1, torch="x", read_gbs=10.0,
+                     peak_gflops={"float32": 100.0, "bfloat16": 200.0}, bf16_native=False, dispatch_us=1.0,
+                     call_us=0.5)
+
+
+@pytest.fixture
+def cfg() -> ModelConfig:
+    return ModelConfig.from_dict(HF, "tiny")
+
+
+def by_name(ops):
+    return {op.name: op for op in ops}
+
+
+def test_decode_linears_and_attention_match_hand_counts(cfg):
+    w = Workload("decode", batch_size=3, kv_len=9, dtype="float32")  # each query sees 10 tokens
+    ops = by_name(operators(cfg, w))
+    qkv = ops["qkv_proj"]  # [3, 64] @ [64 + 2*32, 64]^T in each of 2 layers
+    assert qkv.flops == 2 * 2 * 3 * 64 * 128
+    assert qkv.weight_bytes == 2 * 64 * 128 * 4
+    assert qkv.act_bytes == 2 * 3 * (64 + 128) * 4
+    att = ops["attention"]  # 3 queries x 10 keys x 4 heads x (2 * 2 * 16 + 5 softmax) per layer
+    assert att.flops == 2 * 3 * 10 * 4 * (4 * 16 + 5)
+    # K and V of 2 kv heads x 16 dims x 4 bytes per token: read 10 tokens, write 1, per request and layer
+    assert att.kv_bytes == 2 * 3 * 11 * (2 * 2 * 16 * 4)
+    head = ops["lm_head"]  # only the 3 sampled rows; float32 logits out
+    assert head.flops == 2 * 3 * 64 * 100 and head.weight_bytes == 64 * 100 * 4
+    assert head.act_bytes == 3 * (64 * 4 + 100 * 4)
+
+
+def test_prefill_attention_is_causal_and_linears_see_every_token(cfg):
+    w = Workload("prefill", batch_size=2, prompt_len=4, dtype="bfloat16")
+    ops = by_name(operators(cfg, w))
+    assert ops["gate_up"].flops == 2 * 2 * (2 * 4) * 64 * 256  # 2 layers, 8 tokens
+    assert ops["gate_up"].weight_bytes == 2 * 64 * 256 * 2  # bfloat16
+    pairs = 2 * (1 + 2 + 3 + 4)  # per layer: 2 prompts, token i sees i + 1 keys
+    assert ops["attention"].flops == 2 * pairs * 4 * (4 * 16 + 5)
+
+
+def test_quantization_changes_only_weight_bytes(cfg):
+    base = by_name(operators(cfg, Workload("decode", dtype="bfloat16")))
+    int8 = by_name(operators(cfg, Workload("decode", dtype="bfloat16", quantization="int8")))
+    int4 = by_name(operators(cfg, Workload("decode", dtype="bfloat16", quantization="int4", group_size=32)))
+    n = 2 * 64 * 128  # qkv weights over 2 layers, 64 inputs each
+    assert base["qkv_proj"].weight_bytes == n * 2
+    assert int8["qkv_proj"].weight_bytes == pytest.approx(n * (1 + 2 / 64))  # a float16 scale per output row
+    assert int4["qkv_proj"].weight_bytes == pytest.approx(n * (0.5 + 2 / 32))  # a float16 scale per 32 inputs
+    for q in (int8, int4):
+        assert q["qkv_proj"].flops == base["qkv_proj"].flops and q["qkv_proj"].act_bytes == base["qkv_proj"].act_bytes
+        assert q["attention"] == base["attention"]
+    assert decode_weight_bytes(cfg, "bfloat16", "int4") < decode_weight_bytes(cfg, "bfloat16", "int8") \
+        < decode_weight_bytes(cfg, "bfloat16")
+
+
+def test_the_kv_policy_sets_the_kv_bytes_read(cfg):
+    w = Workload("decode", batch_size=1, kv_len=63, dtype="float32")
+    full = by_name(operators(cfg, w))["attention"].kv_bytes
+    int8 = by_name(operators(cfg, w, kv_policy(cfg, "int8", dtype="float32")))["attention"].kv_bytes
+    assert int8 == pytest.approx(full * (16 + 4) / (16 * 4))  # Dh int8 bytes + a float32 scale vs Dh float32
+    spans = kv_policy(cfg, "spans", dtype="float32")
+    assert spans.read_tokens(64) <= 64  # the analysis reads what the policy says a query reads
+    read = spans.read_tokens(64)
+    kv = by_name(operators(cfg, w, spans))["attention"].kv_bytes
+    assert kv == pytest.approx(2 * (read + 1) * spans.device_bytes_per_block() / 16 / 2)
+
+
+def test_prediction_is_the_larger_of_memory_and_compute_plus_dispatch(cfg):
+    preds = {p.op.name: p for p in predict(operators(cfg, Workload("prefill", batch_size=4, prompt_len=64)), HW)}
+    p = preds["gate_up"]
+    assert p.memory_s == pytest.approx(p.op.bytes / 10e9)
+    assert p.compute_s == pytest.approx(p.op.flops / 100e9)
+    assert p.time_s == pytest.approx(max(p.memory_s, p.compute_s) + (p.op.calls * 1.0 + p.op.serial_calls * 0.5) * 1e-6)
+    assert p.op.calls == 2 and p.op.serial_calls == 0  # a linear per layer, on the thread pool
+    assert p.bound == "compute"  # 256 tokens: ~64 FLOPs per weight byte, past this profile's ridge of 10
+    d = {q.op.name: q for q in predict(operators(cfg, Workload("decode", batch_size=1)), HW)}["gate_up"]
+    assert d.op.intensity < 1 and d.memory_s > d.compute_s
+    norm = {q.op.name: q for q in predict(operators(cfg, Workload("decode", batch_size=1)), HW)}["attn_norm"]
+    assert (norm.op.calls, norm.op.serial_calls) == (0, 2) and norm.overhead_s == pytest.approx(2 * 0.5e-6)
+
+
+def test_bad_workloads_are_refused():
+    with pytest.raises(ValueError, match="phase"):
+        Workload("train")
+    with pytest.raises(ValueError, match="quantization"):
+        Workload("decode", quantization="int3")
+
+
+def test_cache_key_follows_what_the_measurement_depends_on(monkeypatch, tmp_path):
+    flags = frozenset({"avx2", "fma"})
+    key = cache_key("cpu A", "avx2", flags, 2, "2.5")
+    assert key == cache_key("cpu A", "avx2", set(flags), 2, "2.5")
+    others = [cache_key("cpu B", "avx2", flags, 2, "2.5"), cache_key("cpu A", "portable", flags, 2, "2.5"),
+              cache_key("cpu A", "avx2", flags | {"avx512f"}, 2, "2.5"), cache_key("cpu A", "avx2", flags, 1, "2.5"),
+              cache_key("cpu A", "avx2", flags, 2, "2.6")]
+    assert key not in others and len(set(others)) == len(others)
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path))
+    assert cache_path(key) == tmp_path / "roofline" / f"hardware-{key}.json"
+
+
+def test_profile_round_trips_through_json():
+    assert HardwareProfile.from_json(HW.to_json()) == HW
+    assert HW.peak("int8") == HW.peak("float32")  # an unmeasured format falls back to float32's peak
