@@ -14,6 +14,7 @@ from ferry.config import (
     EngineConfig,
     KVOptions,
     OffloadConfig,
+    QuantConfig,
     SchedulerConfig,
 )
 from ferry.errors import InvalidRequest
@@ -70,6 +71,11 @@ KV_OPTIONS: tuple[Option, ...] = tuple(kv_policy_options())
 ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("dtype", "auto", str, "weight and activation dtype (auto: the checkpoint's; float16 runs as bfloat16 on CPU)",
            ("auto", "float32", "bfloat16")),
+    Option("quantization", None, str, "weight-only quantization of the decoder's linears at load: int8 (per output "
+           "channel) or int4 (group-wise, group size chosen per matrix from its error); activations stay in --dtype. "
+           "A folder from `ferry convert --quantization` is already quantized", ("int8", "int4")),
+    Option("quantization_group_size", None, int, "with --quantization: inputs per scale for every matrix (a multiple "
+           "of 32; None: int8 per channel, int4 chosen per matrix)"),
     Option("device", "cpu", str, "torch device: cpu, or cuda where torch has it"),
     Option("threads", None, int, "torch intra-op threads (default: torch's choice)"),
     Option("max_model_len", None, int, "context length cap (default: the model's, limited by the KV cache)"),
@@ -112,7 +118,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
     for o in ENGINE_OPTIONS:
         if v[o.name] is not None and o.type is not str:
             v[o.name] = o.type(v[o.name])
-        if o.choices and v[o.name] not in o.choices:
+        if o.choices and v[o.name] is not None and v[o.name] not in o.choices:
             raise InvalidRequest(f"{o.name} must be one of {', '.join(o.choices)}, got {v[o.name]!r}")
     if v["max_num_batched_tokens"] is None:
         v["max_num_batched_tokens"] = KV_POLICIES[v["kv_policy"]].default_step_tokens
@@ -137,8 +143,17 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         offload=OffloadConfig(expert_store=v["expert_store"], expert_cache_memory=v["expert_cache_memory"],
                               expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"],
                               explain=v["explain"], expert_correlation_file=v["expert_correlation_file"]),
-        kv_policy=kv_policy.name, kv_options=_kv_options(v),
+        kv_policy=kv_policy.name, kv_options=_kv_options(v), quant=_quant_config(v),
     )
+
+
+def _quant_config(v: dict[str, Any]) -> QuantConfig:
+    group = v["quantization_group_size"]
+    if group is not None and v["quantization"] is None:
+        raise InvalidRequest("quantization_group_size needs quantization (int8 or int4)")
+    if group is not None and (group < 32 or group % 32):
+        raise InvalidRequest(f"quantization_group_size must be a multiple of 32 (32, 64, 128, ...), got {group}")
+    return QuantConfig(method=v["quantization"], group_size=group)
 
 
 def _kv_options(v: dict[str, Any]) -> KVOptions:
