@@ -141,6 +141,9 @@ def folder_weights(manifest: Manifest, expected: dict[str, tuple[int, ...]], dty
 
 def _float(reader: Reader, path: Path, name: str, dtype: torch.dtype, device: torch.device, used: set) -> torch.Tensor:
     if not reader.has(name):
+        if reader.has(f"{name}.codes") or reader.has(f"{name}.0.codes"):
+            raise ModelLoadError(f"{path} holds {name} quantized, but {path.parent / MANIFEST} has no entry for "
+                                 f"{name}: the two do not match; {REDO}")
         raise ModelLoadError(f"{path} has no tensor {name!r} (config.json's model needs it); {REDO}")
     used.add(name)
     t = _get(reader, path, name)
