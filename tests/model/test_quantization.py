@@ -189,6 +189,11 @@ def test_convert_cli(llama, tmp_path, capsys):
     assert "needs --out" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "q8"), "--expert-store", str(tmp_path / "s")]) == 2
     assert "quantized folder" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "q8"), "--prompt", "Once upon", "--max-tokens", "4"]) == 0
+    assert main(["generate", str(llama), "--prompt", "Once upon", "--max-tokens", "4", "--quantization", "int4",
+                 "--quantization-group-size", "32", "--dtype", "bfloat16"]) == 0
+    assert main(["generate", str(tmp_path / "q8"), "--prompt", "Hi", "--quantization", "int4"]) == 2
+    assert "already quantized to int8" in capsys.readouterr().err
 
 
 def test_with_a_kv_policy_and_the_blocks_come_back(llama):
