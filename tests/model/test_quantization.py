@@ -96,6 +96,7 @@ def test_convert_then_load_gives_the_tokens_of_quantizing_at_load(llama, convert
     with LLM(str(converted), dtype="float32", quantization="int4") as same:  # the folder's own scheme: fine
         assert _greedy(same, prompts) == want
     manifest = json.loads((converted / MANIFEST).read_text())
+    assert manifest["matrices"]["lm_head"]["bits"] == 8  # an untied head stays int8 under int4
     assert manifest["bits"] == 4 and manifest["source"]["nbytes"] > 0 and len(manifest["source"]["sha256"]) == 64
     assert (converted / "tokenizer.json").is_file() and (converted / "config.json").is_file()
 
