@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-requests", type=int, default=32, help="throughput: requests per job, all at once")
     ap.add_argument("--input-len", default="32:256", help="throughput: prompt tokens, uniform in lo:hi")
     ap.add_argument("--output-len", default="32:128", help="throughput: output tokens, uniform in lo:hi")
+    ap.add_argument("--llamacpp-extra-bufts", default="on", choices=("on", "off"),
+                    help="llama.cpp's repacked / AMX weight buffers (its default: on); off where they crash on "
+                         "Q8_0/Q4_0 (a segfault at the first decode on this AVX-512/AMX VM, llama-cpp-python 0.3.36)")
     ap.add_argument("--quality-models", default=",".join(QUALITY_MODELS),
                     help=f"models for ferry eval's columns ({', '.join(QUALITY_MODELS)} or folders; empty: none)")
     ap.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens scored per quality model")
@@ -108,7 +111,7 @@ def start_workers(sc: Scenario, stack: ExitStack, precision: str, num_tokens: in
                 opts = engine_options("ferry", args, sc.cfg, dtype, num_tokens, num_seqs, max_len)
                 w = start("ferry", sc.model, dtype, args.threads, **opts, **({"quantization": method} if method else {}))
             elif name == "llama.cpp":
-                w = llamacpp_worker(sc.model, gguf_type, args.threads)
+                w = llamacpp_worker(sc.model, gguf_type, args.threads, args.llamacpp_extra_bufts == "on")
             else:
                 raise Unavailable(f"{name} has no int8/int4 weights comparable to these; not run here")
             out[name] = stack.enter_context(w)
@@ -118,7 +121,7 @@ def start_workers(sc: Scenario, stack: ExitStack, precision: str, num_tokens: in
     return out
 
 
-def llamacpp_worker(model: Path, gguf_type: str, threads: int) -> Worker:
+def llamacpp_worker(model: Path, gguf_type: str, threads: int, extra_bufts: bool = True) -> Worker:
     """llama.cpp on the GGUF of model at gguf_type (f32 / bf16 exported, q8_0 / q4_0 quantized by llama.cpp)."""
     from bench.peers.env import peer_python
     if gguf_type in ("f32", "bf16"):
@@ -129,7 +132,7 @@ def llamacpp_worker(model: Path, gguf_type: str, threads: int) -> Worker:
         path = ensure(model, gguf_type, threads)
     kv_dtype = "float32" if gguf_type == "f32" else "bfloat16"  # the worker keeps f32 KV for f32, else f16
     return Worker("llama.cpp", [peer_python(), str(HERE / "llamacpp_engine.py"), "--worker"],
-                  {"model": str(path), "dtype": kv_dtype, "threads": threads})
+                  {"model": str(path), "dtype": kv_dtype, "threads": threads, "extra_bufts": extra_bufts})
 
 
 def quality(args: argparse.Namespace) -> list[dict]:
