@@ -139,7 +139,8 @@ def quantization_section(rec: dict) -> str:
     return (f"### {QUANT_TITLE} ({rec['model_name']}, {cfg['threads']} thread{'s' * (cfg['threads'] != 1)})\n\n"
             f"{offline_table(rec)}\n\nferry's int8/int4 run with {cfg['quant_dtype']} activations; llama.cpp's "
             "Q8_0/Q4_0 are its own quantizer's output (default per-tensor rules) from the float32 GGUF of the same "
-            f"weights. {offline_note(rec)}\n\n{quality}Reproduce: `{command(rec)}` (results in "
+            "weights" + (", run without its repacked / AMX weight buffers (`--llamacpp-extra-bufts off`: they crash "
+                         "this machine)" if cfg.get("llamacpp_extra_bufts") == "off" else "") + f". {offline_note(rec)}\n\n{quality}Reproduce: `{command(rec)}` (results in "
             "`bench/results/quantization.{json,png}`).\n\n![](bench/results/quantization.png)")
 
 
