@@ -262,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "matrix (a multiple of 32; default: int8 per channel, int4 chosen per matrix)")
     p.add_argument("--out", help="with --quantization: the folder to write (new or empty)")
     p.add_argument("--expert-store", help="output folder of an expert store; run with --expert-store DIR")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="experts' dtype (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="with --expert-store: the experts' dtype (default: auto)")
     p.add_argument("--expert-bits", default="none", choices=("none", "8", "4", "auto"),
-                   help="store experts as int8 / int4 with group-wise scales (lossy); auto: int4 for the least "
+                   help="with --expert-store: store experts as int8 / int4 with group-wise scales (lossy); auto: int4 for the least "
                         "sensitive experts (measured), int8 for the others (default: none)")
     p.add_argument("--int4-fraction", type=float, default=0.5, help="with --expert-bits auto: share of experts at int4")
     p.set_defaults(func=cmd_convert)
