@@ -10,6 +10,9 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
                 llama.cpp mmap, each under the same cgroup memory limit (~15 min; not part of `all`)
     long-context KV policies (full, int8, spans at several budgets): KV bytes/token, sequences at a fixed KV budget,
                 prefill and decode speed, retrieval accuracy and perplexity (~25 min; not part of `all`)
+    quantization ferry float32 / bfloat16 / int8 / int4 against llama.cpp F32 / BF16 / Q8_0 / Q4_0: decode batch 1 and
+                32 requests, plus perplexity and top-1 agreement of each precision from ferry eval (~20 min; not
+                part of `all`)
     webui       the web page's cost: decode tok/s with and without a 1 Hz stats client, idle RSS with the page open
                 (~2 min; not part of `all`)
     soak        the abuse campaign (issue 23) against a real `ferry serve` on ferry-tiny: mixed requests with
@@ -32,7 +35,8 @@ import sys
 SCENARIOS = ("throughput", "decode", "prefill", "serving", "memory")
 OTHER = {"moe-offload": "moe_offload", "long-context": "long_context", "webui": "webui", "soak": "soak",
          "speculative": "speculative",
-         "roofline": "roofline"}  # scenario -> module, run only when asked for
+         "roofline": "roofline",
+         "quantization": "quantization"}  # scenario -> module, run only when asked for
 
 
 def run(scenario: str, argv: list[str]) -> int:

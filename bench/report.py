@@ -27,8 +27,9 @@ RESULTS = ROOT / "bench" / "results"
 TITLES = {"throughput": "Offline throughput", "decode": "Single-stream decode", "prefill": "Prefill",
           "serving": "Online serving against llama.cpp's server", "memory": "Peak memory for the same job"}
 SCENARIOS = tuple(TITLES)
+QUANT_TITLE = "Weight-only quantization against llama.cpp"
 # block -> the page (relative to the repo root) whose markers it fills; declared once, used to fill and to link
-PAGE_OF = {"summary": "README.md", **{s: "docs/benchmarks.md" for s in SCENARIOS},
+PAGE_OF = {"summary": "README.md", **{s: "docs/benchmarks.md" for s in SCENARIOS}, "quantization": "docs/benchmarks.md",
            "moe-offload": "docs/moe-offload.md", "long-context": "docs/long-context.md", "roofline": "docs/roofline.md"}
 PAGES = tuple(dict.fromkeys(PAGE_OF.values()))
 
@@ -128,6 +129,21 @@ def serving_section(rec: dict) -> str:
             "builds the peers into `bench/.cache/`).\n\n![](bench/results/serving.png)")
 
 
+def quantization_section(rec: dict) -> str:
+    """bench/quantization.py's block: the speed table (a precision per case) and ferry eval's quality table."""
+    from bench.quantization import quality_table
+    cfg = rec["config"]
+    quality = (f"Quality (`ferry eval --parts ppl`, {rec['quality'][0]['ppl_tokens']} held-out tokens, float32 "
+               "activations; top-1 agreement: the share of positions where the quantized model's greedy next token is "
+               "float32's):\n\n" + quality_table(rec) + "\n\n") if rec.get("quality") else ""
+    return (f"### {QUANT_TITLE} ({rec['model_name']}, {cfg['threads']} thread{'s' * (cfg['threads'] != 1)})\n\n"
+            f"{offline_table(rec)}\n\nferry's int8/int4 run with {cfg['quant_dtype']} activations; llama.cpp's "
+            "Q8_0/Q4_0 are its own quantizer's output (default per-tensor rules) from the float32 GGUF of the same "
+            "weights" + (", run without its repacked / AMX weight buffers (`--llamacpp-extra-bufts off`: they crash "
+                         "this machine)" if cfg.get("llamacpp_extra_bufts") == "off" else "") + f". {offline_note(rec)}\n\n{quality}Reproduce: `{command(rec)}` (results in "
+            "`bench/results/quantization.{json,png}`).\n\n![](bench/results/quantization.png)")
+
+
 def render(results: Path = RESULTS) -> dict[str, str]:
     """Block name -> its generated content, link targets relative to the repo root."""
     out: dict[str, str] = {}
@@ -149,6 +165,12 @@ def render(results: Path = RESULTS) -> dict[str, str]:
     if moe:
         from bench.moe_report import markdown
         out["moe-offload"] = "\n\n".join(markdown(json.loads(f.read_text())) for f in moe)
+    # bench/quantization.py: the offline table with a precision per case, then ferry eval's quality table
+    quant = [f for f in [results / "quantization.json", *sorted(results.glob("quantization-*.json"))] if f.is_file()]
+    out["quantization"] = "\n\n".join(
+        quantization_section(json.loads(f.read_text())).replace("bench/results/quantization.",
+                                                                      f"bench/results/{f.stem}.") for f in quant) \
+        or f"### {QUANT_TITLE}\n\nNot measured yet: `ferry bench quantization`."
     lc = results / "long_context.json"  # bench/long_context.py: a row per KV policy, ratios to full attention
     if lc.is_file():
         from bench.long_context import section
@@ -167,7 +189,7 @@ def summary_block(results: Path, blocks: dict[str, str]) -> str:
     """The README's summary table, each row linking to the first heading of its scenario's block."""
     from bench.summary import table
     links = {}
-    for name in (*SCENARIOS, "moe-offload", "roofline"):
+    for name in (*SCENARIOS, "moe-offload", "roofline", "quantization"):
         heading = next((line.lstrip("#").strip() for line in blocks.get(name, "").splitlines()
                         if line.startswith("#")), None)
         links[name] = PAGE_OF[name] + (f"#{anchor(heading)}" if heading else "")

@@ -140,6 +140,21 @@ def roofline_row(rec: dict, link: str) -> list[str]:
             _run(rec, rec["hardware"]["threads"], link)]
 
 
+QUANT_GOALS = {"tok/s": 1.0, "output tok/s": 1.5}  # per metric: ferry / llama.cpp at every precision (issue 19)
+
+
+def quantization_row(rec: dict, link: str) -> list[str]:
+    """Per precision: ferry / llama.cpp for decode batch 1 and the 32-request job (e.g. "int4: 1.10x / 1.70x")."""
+    precisions = list(dict.fromkeys(c["dtype"] for c in rec["cases"]))
+    ratio = {(c["dtype"], c["metric"]): c["ratios"].get("llama.cpp", {"median": math.nan})["median"] for c in rec["cases"]}
+    cell = "; ".join(f"{p}: " + " / ".join(_x(ratio.get((p, m), math.nan)) for m in QUANT_GOALS) for p in precisions)
+    met = all(Goal("llama.cpp", at_least=g).met([ratio.get((p, m), math.nan) for p in precisions])
+              for m, g in QUANT_GOALS.items())
+    goal = "decode ≥ 1x, 32 requests ≥ 1.5x llama.cpp at every precision" + (": met" if met else ": not yet")
+    return ["weight-only int8 / int4 (and float32 / bf16) against llama.cpp Q8_0 / Q4_0 (F32 / BF16)",
+            "decode batch 1 / 32 requests, per precision", cell, "—", goal, _run(rec, rec["config"]["threads"], link)]
+
+
 def table(results: Path, links: dict[str, str]) -> str:
     """The summary block, or a line saying how to produce it when no result file exists yet."""
     head = ["question", "case", *[f"ferry / {p}" for p in PEERS], "goal", "run"]
@@ -150,6 +165,8 @@ def table(results: Path, links: dict[str, str]) -> str:
             rec = json.loads(f.read_text())
             rows.append(serving_row(rec, links[scenario]) if scenario == "serving"
                         else offline_row(scenario, rec, links[scenario]))
+    if (results / "quantization.json").is_file():
+        rows.append(quantization_row(json.loads((results / "quantization.json").read_text()), links["quantization"]))
     if (results / "moe_offload.json").is_file():
         row = moe_row(json.loads((results / "moe_offload.json").read_text()), links["moe-offload"])
         rows += [row] if row else []

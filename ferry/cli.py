@@ -135,12 +135,40 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    if (args.expert_store is None) == (args.quantization is None):
+        print("error: ferry convert writes an expert store (--expert-store DIR) or a quantized model "
+              "(--quantization int8|int4 --out DIR): give one of the two", file=sys.stderr)
+        return 2
+    if args.quantization is not None:
+        return _convert_quantized(args)
+    if args.out is not None or args.quantization_group_size is not None:
+        print("error: --out and --quantization-group-size go with --quantization", file=sys.stderr)
+        return 2
     from ferry.experts.convert import convert_expert_store
+    from ferry.quant.folder import read_manifest
 
+    if read_manifest(args.model) is not None:
+        print(f"error: {args.model} is a quantized folder; build the expert store from the original checkpoint",
+              file=sys.stderr)
+        return 2
     index = convert_expert_store(args.model, args.expert_store, args.dtype, args.expert_bits, args.int4_fraction)
     bits = [r.bits for recs in index.experts.values() for r in recs]
     kinds = ", ".join(f"{bits.count(b)} {'int%d' % b if b else index.layout.dtype}" for b in sorted(set(bits)))
     print(f"wrote {len(bits)} experts ({kinds}; {index.total_nbytes / 2**20:.1f} MiB) to {args.expert_store}",
+          file=sys.stderr)
+    return 0
+
+
+def _convert_quantized(args: argparse.Namespace) -> int:
+    from ferry.quant.convert import convert_quantized
+
+    if args.out is None:
+        print("error: --quantization needs --out DIR (the quantized folder to write)", file=sys.stderr)
+        return 2
+    done = convert_quantized(args.model, args.out, args.quantization, args.quantization_group_size)
+    m = done.manifest
+    print(f"wrote {args.out}: {done.summary}; {m.weights_nbytes / 2**20:.1f} MiB (the checkpoint: "
+          f"{done.source_nbytes / 2**20:.1f} MiB); run it with `ferry generate {args.out} ...` or LLM({str(args.out)!r})",
           file=sys.stderr)
     return 0
 
@@ -237,12 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     roofline_arguments(p)
     p.set_defaults(func=cmd_roofline)
 
-    p = sub.add_parser("convert", help="write a MoE model's experts as an expert store (--expert-store DIR)")
+    p = sub.add_parser("convert", help="write a weight-only int8/int4 model (--quantization int4 --out DIR) or a MoE "
+                                       "model's experts as an expert store (--expert-store DIR)")
     p.add_argument("model")
-    p.add_argument("--expert-store", required=True, help="output folder; run with --expert-store DIR")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="experts' dtype (default: auto)")
+    p.add_argument("--quantization", choices=("int8", "int4"), help="quantize every linear of the decoder and write "
+                   "the folder --out: it loads as it is (`ferry generate DIR`)")
+    p.add_argument("--quantization-group-size", type=int, help="with --quantization: inputs per scale for every "
+                   "matrix (a multiple of 32; default: int8 per channel, int4 chosen per matrix)")
+    p.add_argument("--out", help="with --quantization: the folder to write (new or empty)")
+    p.add_argument("--expert-store", help="output folder of an expert store; run with --expert-store DIR")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="with --expert-store: the experts' dtype (default: auto)")
     p.add_argument("--expert-bits", default="none", choices=("none", "8", "4", "auto"),
-                   help="store experts as int8 / int4 with group-wise scales (lossy); auto: int4 for the least "
+                   help="with --expert-store: store experts as int8 / int4 with group-wise scales (lossy); auto: int4 for the least "
                         "sensitive experts (measured), int8 for the others (default: none)")
     p.add_argument("--int4-fraction", type=float, default=0.5, help="with --expert-bits auto: share of experts at int4")
     p.set_defaults(func=cmd_convert)

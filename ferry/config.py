@@ -229,6 +229,14 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization of the decoder's linears at load (ferry/quant/)."""
+
+    method: str | None = None  # int8 | int4; None: the checkpoint's weights as they are
+    group_size: int | None = None  # inputs per scale for every matrix; None: chosen per matrix (int8: per channel)
+
+
+@dataclass(frozen=True)
 class KVOptions:
     """The options of a KV policy (ferry/kvcache/policies/): each policy subclasses it with its own fields (the
     --kv-* flags it reads, with defaults and checks) beside its class. `full` reads none."""
@@ -248,3 +256,4 @@ class EngineConfig:
     kv_policy: str = "full"  # a name in ferry.kvcache.policies.KV_POLICIES
     kv_options: KVOptions = field(default_factory=KVOptions)  # that policy's own options
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)

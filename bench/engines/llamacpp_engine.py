@@ -37,7 +37,8 @@ class Offline:
     unified KV cache of n_ctx tokens."""
 
     def __init__(self, model: str, threads: int, n_ctx: int = 256, n_seq_max: int = 1, kv_type: str = "f16",
-                 flash_attn: str = "auto", n_batch: int = 512, quiet: bool = False, mmap: bool = False) -> None:
+                 flash_attn: str = "auto", n_batch: int = 512, quiet: bool = False, mmap: bool = False,
+                 extra_bufts: bool = True) -> None:
         import llama_cpp as L
         self.L = L
         if quiet:
@@ -51,6 +52,7 @@ class Offline:
         if mmap:  # llama.cpp's default: the weights stay file pages (what runs a model larger than RAM: the
             mp.load_mode = L.LLAMA_LOAD_MODE_MMAP  # kernel reads them back on a page fault; bench/moe_offload.py)
         mp.n_gpu_layers = 0
+        mp.use_extra_bufts = extra_bufts  # False: no repacked / AMX weight buffers (they crash some VMs on Q4_0/Q8_0)
         self.model = L.llama_model_load_from_file(str(model).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model}")
@@ -139,10 +141,11 @@ class LlamaCppEngine(Engine):
     threads, and optionally kv_type, flash_attn, n_batch, mmap (map the GGUF instead of reading it into RAM)."""
 
     def __init__(self, model: str, dtype: str, threads: int, kv_type: str | None = None, flash_attn: str = "auto",
-                 n_batch: int = 512, quiet: bool = True, mmap: bool = False, **_ignored) -> None:
+                 n_batch: int = 512, quiet: bool = True, mmap: bool = False, extra_bufts: bool = True,
+                 **_ignored) -> None:
         kv_type = kv_type or ("f32" if dtype == "float32" else "f16")
         self.llm = Offline(model, threads, kv_type=kv_type, flash_attn=flash_attn, n_batch=n_batch, quiet=quiet,
-                           mmap=mmap)
+                           mmap=mmap, extra_bufts=extra_bufts)
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> dict:
         self.llm.context(sum(len(p) for p in prompts) + sum(max_tokens) + 16, len(prompts))

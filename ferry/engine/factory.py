@@ -166,7 +166,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
 
     experts = build_expert_store(cfg.offload, model_cfg, dtype, device, cfg.scheduler.max_num_seqs)
     try:
-        model = load_model(model_cfg, dtype, device, max_len, experts.layer if experts else None)
+        model = load_model(model_cfg, dtype, device, max_len, experts.layer if experts else None, cfg.quant)
         if experts and experts.prefetcher:
             experts.prefetcher.bind(model)
         if device.type == "cpu":  # load (compile on a miss) every CPU kernel now, not on the first request

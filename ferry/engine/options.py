@@ -14,6 +14,7 @@ from ferry.config import (
     EngineConfig,
     KVOptions,
     OffloadConfig,
+    QuantConfig,
     SchedulerConfig,
     SpeculativeConfig,
 )
@@ -85,6 +86,11 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("dtype", "auto", str, "weight and activation dtype (auto: bfloat16 for a 16-bit checkpoint where the CPU computes bfloat16 natively, "
            "float32 otherwise; logged at start)",
            ("auto", "float32", "bfloat16")),
+    Option("quantization", None, str, "weight-only quantization of the decoder's linears at load: int8 (per output "
+           "channel) or int4 (group-wise, group size chosen per matrix from its error); activations stay in --dtype. "
+           "A folder from `ferry convert --quantization` is already quantized", ("int8", "int4")),
+    Option("quantization_group_size", None, int, "with --quantization: inputs per scale for every matrix (a multiple "
+           "of 32; None: int8 per channel, int4 chosen per matrix)"),
     Option("device", "cpu", str, "torch device: cpu, or cuda where torch has it"),
     Option("threads", None, int, "torch intra-op threads (default: torch's choice)"),
     Option("max_model_len", None, int, "context length cap (default: the model's, limited by the KV cache)"),
@@ -164,6 +170,7 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
                               expert_eviction=v["expert_eviction"], expert_prefetch=v["expert_prefetch"],
                               explain=v["explain"], expert_correlation_file=v["expert_correlation_file"]),
         kv_policy=kv_policy.name, kv_options=_kv_options(v), speculative=speculative,
+        quant=_quant_config(v),
     )
 
 
@@ -190,6 +197,15 @@ def _speculative(v: dict[str, Any], kv_policy: Any) -> SpeculativeConfig:
                              f"cannot run speculative decoding; use --kv-policy {able}, or no --speculative-method")
     return SpeculativeConfig(method, v["num_speculative_tokens"], v["speculative_model"], v["prompt_lookup_min"],
                              v["prompt_lookup_max"])
+
+
+def _quant_config(v: dict[str, Any]) -> QuantConfig:
+    group = v["quantization_group_size"]
+    if group is not None and v["quantization"] is None:
+        raise InvalidRequest("quantization_group_size needs quantization (int8 or int4)")
+    if group is not None and (group < 32 or group % 32):
+        raise InvalidRequest(f"quantization_group_size must be a multiple of 32 (32, 64, 128, ...), got {group}")
+    return QuantConfig(method=v["quantization"], group_size=group)
 
 
 def _kv_options(v: dict[str, Any]) -> KVOptions:

@@ -23,6 +23,11 @@ def table(reports: list[Report]) -> str:
     if all(r.perplexity for r in reports):
         row("perplexity (held-out)", [f"{r.perplexity['perplexity']:.2f}" for r in reports])
         row("  unigram baseline", [f"{r.perplexity['unigram_perplexity']:.1f}" for r in reports])
+    if any(r.agreement for r in reports):
+        row("perplexity vs full precision", [f"{r.agreement['perplexity_change']:+.2%}" if r.agreement else "—"
+                                             for r in reports])
+        row("greedy top-1 agreement per token", [f"{r.agreement['top1_agreement']:.2%}" if r.agreement else "—"
+                                                 for r in reports])
     if all(r.retrieval for r in reports):
         tasks = sorted({c["task"] for c in reports[0].retrieval})
         lengths = sorted({c["length"] for c in reports[0].retrieval})

@@ -4,7 +4,9 @@ What runs (each part can be switched off):
 - perplexity on held-out text (``prompt_logprobs``), next to a unigram model fitted on that very text;
 - retrieval accuracy per task (``ferry.eval.tasks``), context length and needle depth, greedy, exact match;
 - with ``--draft``: the greedy acceptance rate of the draft on the target's own continuations;
-- for MoE models: each expert's share of tokens and how predictable layer l+1's experts are from layer l's.
+- for MoE models: each expert's share of tokens and how predictable layer l+1's experts are from layer l's;
+- beside the full-precision run: the greedy top-1 agreement per token on the perplexity text (how often the
+  model with the options predicts the same next token as the model without them, position by position).
 
 Engine options (a KV policy, quantization, expert offloading...) are the same keywords as ``ferry.LLM``.
 When any are given, the model is evaluated twice, with and without them, and the report shows both.
@@ -59,6 +61,8 @@ class Report:
     retrieval: list[dict] = field(default_factory=list)
     acceptance: dict | None = None
     moe: dict | None = None
+    agreement: dict | None = None  # greedy top-1 agreement with the full-precision run (on the perplexity text)
+    top1: list[int] | None = field(default=None, repr=False)  # the greedy token at each perplexity position
 
     def accuracy(self, task: str | None = None, length: int | None = None) -> float:
         rows = [r for r in self.retrieval if (task is None or r["task"] == task) and (length is None or r["length"] == length)]
@@ -79,13 +83,17 @@ def _text_ids(llm: LLM, cfg: EvalConfig) -> list[int]:
     return llm.tokenizer.encode(Path(cfg.text).read_text(), add_special_tokens=False)
 
 
-def eval_perplexity(llm: LLM, ids: list[int], cfg: EvalConfig) -> dict:
+def eval_perplexity(llm: LLM, ids: list[int], cfg: EvalConfig, top1: list[int] | None = None) -> dict:
+    """Perplexity of ids in windows of cfg.ppl_window; top1, when given, gets the greedy next token at every
+    scored position (what the top-1 agreement between two runs compares)."""
     window = min(cfg.ppl_window, llm.view().max_model_len - 1)
     ids = ids[:cfg.ppl_tokens]
     chunks = [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
     outs = llm.generate([{"prompt_token_ids": c} for c in chunks],
-                        SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False)
+                        SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1), use_tqdm=False)
     lps = [lp.logprob for o in outs for lp in o.prompt_logprobs[1:]]
+    if top1 is not None:
+        top1.extend(lp.top[0][0] for o in outs for lp in o.prompt_logprobs[1:])
     return {"perplexity": metrics.perplexity(lps), "unigram_perplexity": metrics.unigram_perplexity(ids),
             "tokens": len(lps), "window": window}
 
@@ -202,7 +210,8 @@ def evaluate_one(model: str, options: dict[str, Any], cfg: EvalConfig) -> Report
     with LLM(model, **options) as llm:
         ids = _text_ids(llm, cfg)
         if "ppl" in cfg.parts:
-            report.perplexity = eval_perplexity(llm, ids, cfg)
+            report.top1 = []
+            report.perplexity = eval_perplexity(llm, ids, cfg, report.top1)
         if "retrieval" in cfg.parts and cfg.tasks:
             report.retrieval = eval_retrieval(llm, ids, cfg)
         if "draft" in cfg.parts and cfg.draft:
@@ -223,10 +232,15 @@ def evaluate(model: str, options: dict[str, Any], cfg: EvalConfig) -> list[Repor
     setup = {k: v for k, v in options.items() if k in SETUP_OPTIONS}
     reports = [evaluate_one(model, setup, cfg)] if setup != options else []
     reports.append(evaluate_one(model, options, cfg))
+    if len(reports) == 2 and reports[0].top1 is not None:
+        base, other = reports[0].top1, reports[1].top1
+        reports[1].agreement = {"top1_agreement": metrics.acceptance_rate(base, other), "positions": len(base),
+                                "perplexity_change": reports[1].perplexity["perplexity"]
+                                / reports[0].perplexity["perplexity"] - 1}
     return reports
 
 
 def to_json(reports: list[Report], cfg: EvalConfig) -> dict:
     c = asdict(cfg)
     c["text"] = str(cfg.text)
-    return {"config": c, "reports": [asdict(r) for r in reports]}
+    return {"config": c, "reports": [{k: v for k, v in asdict(r).items() if k != "top1"} for r in reports]}

@@ -5,19 +5,27 @@ the fused tensor: the peak is the weights plus one checkpoint tensor.
 
 Public: `load_model` (the whole model), `checkpoint_names` (ferry parameter -> the checkpoint tensors it is
 built from), `read_tensor` (build one parameter) and `read_experts` (one MoE layer's experts, stacked and fused
-exactly as the resident model holds them: what `ferry convert --expert-store` writes)."""
+exactly as the resident model holds them: what `ferry convert --expert-store` writes), `read_weights` (every
+parameter, quantized where a scheme says so: what quantizing at load and `ferry convert --quantization` share)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
-from ferry.config import ModelConfig
-from ferry.errors import ModelLoadError
+from ferry.config import ModelConfig, QuantConfig
+from ferry.errors import InvalidRequest, ModelLoadError
 from ferry.models.checkpoint import Reader, checkpoint_files
 from ferry.models.decoder import DecoderModel
+from ferry.quant.folder import folder_weights, read_manifest, resolve_scheme
+from ferry.quant.model import Stored, describe, install, is_quantized, nbytes, quantize_param, shape_error
+from ferry.quant.scheme import Scheme
+
+log = logging.getLogger("ferry")
+Weights = torch.Tensor | Stored  # a float parameter, or the stored form of a quantized one
 
 
 def checkpoint_names(cfg: ModelConfig, reader: Reader) -> dict[str, list[str] | tuple[str, ...]]:
@@ -111,33 +119,67 @@ def read_experts(cfg: ModelConfig, reader: Reader, layer: int, dtype: torch.dtyp
     return out
 
 
+def read_weights(cfg: ModelConfig, reader: Reader, expected: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                 device: torch.device, scheme: Scheme | None = None) -> Iterator[tuple[str, str, Weights]]:
+    """(parameter, the checkpoint tensors it comes from, value) for every expected parameter (name -> shape) found
+    in the checkpoint: a float tensor in dtype, or with a scheme, the stored form of each quantized one (read at
+    the checkpoint's precision, so quantizing at load and `ferry convert` give the same codes whatever the dtype)."""
+    names = checkpoint_names(cfg, reader)
+    for name, hf_names in tqdm(names.items(), desc=f"loading {Path(cfg.path).name}", unit="tensor", disable=None,
+                               leave=False):
+        if name not in expected:  # served by an offloading expert store
+            continue
+        label = str(hf_names if isinstance(hf_names, list) else hf_names[0])
+        if scheme is not None and is_quantized(name):
+            w = read_tensor(reader, hf_names, torch.float32, torch.device("cpu"))
+            _check_shape(name, label, tuple(w.shape), expected[name])
+            yield name, label, quantize_param(name, w, scheme)
+        else:
+            yield name, label, read_tensor(reader, hf_names, dtype, device)
+
+
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_len: int,
-               experts: Callable[[int], torch.nn.Module] | None = None) -> DecoderModel:
+               experts: Callable[[int], torch.nn.Module] | None = None,
+               quant: QuantConfig = QuantConfig()) -> DecoderModel:
     """experts: layer -> the ExpertWeights of that MoE layer, when experts live elsewhere (an offloading
-    store); their tensors are then not read from the checkpoint."""
+    store); their tensors are then not read from the checkpoint. quant: weight-only quantization of the linears
+    (ferry/quant/); a folder written by `ferry convert --quantization` is loaded as stored."""
     folder = Path(cfg.path)
-    reader = Reader(checkpoint_files(folder))
+    manifest = read_manifest(folder)
+    scheme = resolve_scheme(manifest, quant)
+    if scheme is not None and device.type != "cpu":
+        raise InvalidRequest(f"weight-only quantization runs on --device cpu only, not {device}")
     model = DecoderModel(cfg, max_len)
     if experts is not None:
         for i, layer in enumerate(model.layers):
             if hasattr(layer.mlp, "experts"):
                 layer.mlp.experts = experts(i)
-    expected = dict(model.named_parameters())
-    state = {}
-    names = checkpoint_names(cfg, reader)
-    for name, hf_names in tqdm(names.items(), desc=f"loading {folder.name}", unit="tensor", disable=None, leave=False):
-        if name not in expected:  # served by `experts`
-            continue
-        t = read_tensor(reader, hf_names, dtype, device)
-        want = tuple(expected[name].shape)
-        if tuple(t.shape) != want:
-            raise ModelLoadError(f"{hf_names if isinstance(hf_names, list) else hf_names[0]} has shape "
-                                 f"{tuple(t.shape)} but config.json implies {want} for {name}")
-        state[name] = torch.nn.Parameter(t, requires_grad=False)
-    missing = set(expected) - set(state)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    weights = folder_weights(manifest, expected, dtype, device) if manifest is not None else \
+        read_weights(cfg, Reader(checkpoint_files(folder)), expected, dtype, device, scheme)
+    state, quantized = {}, {}
+    for name, label, value in weights:
+        if isinstance(value, torch.Tensor):
+            _check_shape(name, label, tuple(value.shape), expected[name])
+            state[name] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            reason = shape_error(value, expected[name])
+            if reason:
+                raise ModelLoadError(f"{label}: {name} quantized to {reason}")
+            quantized[name] = value
+    missing = set(expected) - set(state) - set(quantized)
     if missing:
         raise ModelLoadError(f"no weights for {sorted(missing)[:5]}")
+    for name, value in quantized.items():
+        install(model, name, value)
     model.load_state_dict(state, strict=True, assign=True)
     model.init_rotary(device)
+    if quantized:
+        log.info("%s: %d linears quantized in place: %s; %.1f MiB", folder.name, len(quantized), describe(quantized),
+                 sum(nbytes(v) for v in quantized.values()) / 2**20)
     return model.eval()
 
+
+def _check_shape(name: str, label: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if got != want:
+        raise ModelLoadError(f"{label} has shape {got} but config.json implies {want} for {name}")

@@ -43,10 +43,29 @@ def test_evaluate_runs_baseline_beside_options_and_renders(llama, tmp_path):
     # prefix caching is lossless: same perplexity and same retrieval answers either way
     assert reports[0].perplexity == reports[1].perplexity
     assert reports[0].retrieval == reports[1].retrieval
+    assert reports[1].agreement["top1_agreement"] == 1.0 and reports[1].agreement["perplexity_change"] == 0.0
     text = table(reports)
     assert "perplexity (held-out)" in text and "passkey @ 400 tokens" in text
     heatmap(reports, tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_quantization_beside_full_precision(llama, tmp_path):
+    import json
+
+    from ferry.eval.suite import to_json
+
+    cfg = EvalConfig(parts=("ppl",), ppl_tokens=300, ppl_window=100, text=tmp_path / "text.txt")
+    cfg.text.write_text("Once upon a time there was a little fox. " * 200)
+    base, q = evaluate(str(llama), {"dtype": "float32", "quantization": "int4"}, cfg)
+    assert base.options == {"dtype": "float32"} and base.agreement is None
+    assert q.agreement["positions"] == q.perplexity["tokens"] == len(q.top1) == len(base.top1)
+    want = sum(a == b for a, b in zip(base.top1, q.top1)) / len(base.top1)
+    assert q.agreement["top1_agreement"] == want
+    assert q.agreement["perplexity_change"] == pytest.approx(q.perplexity["perplexity"] / base.perplexity["perplexity"] - 1)
+    text = table([base, q])
+    assert "greedy top-1 agreement per token" in text and "perplexity vs full precision" in text
+    assert all("top1" not in r for r in json.loads(json.dumps(to_json([base, q], cfg)))["reports"])
 
 
 def test_moe_routing_report(tmp_ckpt_dir):

@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 from ferry.config import MoEConfig
-from ferry.models.layers.linear import linear
+from ferry.models.layers.linear import Weight, linear
 from ferry.models.routing import RoutingObservers
 from ferry.models.scopes import scope
 from ferry.ops.fused import silu_mul
-from ferry.ops.quant import QuantLinear
 
 
 def _meta(*shape: int) -> nn.Parameter:
@@ -35,23 +34,14 @@ class DenseMLP(nn.Module):
         return swiglu(x, self.gate_up, self.down, self.gate_up_bias, self.down_bias)
 
 
-Weight = torch.Tensor | QuantLinear  # dense, or int8/int4 through the weight-only kernels (ferry.ops.quant)
-
-
 def swiglu(x: torch.Tensor, gate_up: Weight, down: Weight,
            gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
     with scope("gate_up"):
-        h = _linear(x, gate_up, gate_up_bias)  # [T, 2I]
+        h = linear(x, gate_up, gate_up_bias)  # [T, 2I]
     with scope("act"):
         h = silu_mul(h)  # [T, I]
     with scope("down"):
-        return _linear(h, down, down_bias)  # [T, D]
-
-
-def _linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(w, QuantLinear):
-        return w(x) if bias is None else w(x) + bias
-    return linear(x, w, bias)
+        return linear(h, down, down_bias)  # [T, D]
 
 
 class ExpertWeights(Protocol):
@@ -67,14 +57,15 @@ class ExpertWeights(Protocol):
 
 
 class ResidentExperts(nn.Module):
-    """All experts of one layer in memory, stacked: gate_up [E, 2I, D], down [E, D, I]."""
+    """All experts of one layer in memory, stacked: gate_up [E, 2I, D], down [E, D, I] (quantized: a list of E
+    QuantLinear each, put in place by ferry.quant.model.install)."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int) -> None:
         super().__init__()
         self.gate_up = _meta(num_experts, 2 * inter, hidden)
         self.down = _meta(num_experts, hidden, inter)
 
-    def weights(self, expert_ids: Sequence[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    def weights(self, expert_ids: Sequence[int]) -> list[tuple[int, Weight, Weight]]:
         return [(i, self.gate_up[e], self.down[e]) for i, e in enumerate(expert_ids)]
 
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 import torch
 
 from ferry.config import ModelConfig
+from ferry.models.layers.linear import dense
 
 
 def key_basis(cfg: ModelConfig, attn: torch.nn.Module, input_norm: torch.nn.Module,
               rank: int, rope_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's basis [K*Dh, r] (orthonormal columns) and key offset [K*Dh] (the bias, as RoPE scales it),
     float32."""
-    w = attn.qkv[cfg.q_size:cfg.q_size + cfg.kv_size].float() * input_norm.weight.float()[None]  # [K*Dh, D]
+    qkv = dense(attn.qkv, (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size))  # dequantized if quantized
+    w = qkv[cfg.q_size:cfg.q_size + cfg.kv_size].float() * input_norm.weight.float()[None]  # [K*Dh, D]
     if cfg.qk_norm == "head":
         w = w * attn.k_norm.weight.float().repeat(cfg.num_kv_heads)[:, None]
     elif cfg.qk_norm == "full":
