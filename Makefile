@@ -12,9 +12,11 @@ $(BIN)/python:
 
 # torch first, pinned: on these machines torch==2.13.0 is the CPU build on local disk; any other spec
 # would download a multi-GB CUDA build. pyproject accepts a range, so the pin is only for fresh setups.
+# The CPU kernels are compiled here (python -m ferry.ops, a few minutes cold), not at the first engine start.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/python -m ferry.ops
 	touch $(STAMP)
 
 install: $(STAMP) browser

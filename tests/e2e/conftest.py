@@ -74,7 +74,8 @@ class Server:
         assert r.status_code == 200, r.text
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # stop() closes it
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def metrics(self) -> dict[str, float]:

@@ -21,7 +21,8 @@ from ferry.models.loader import load_model
 from ferry.ops.quant import QuantLinear, ReferenceLinear
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.expert_stores import check_store_clean, make_store
-from tests.unit.test_ops_quant import LEVELS, forced_isa
+from tests.unit.test_ops_isa import forced_isa
+from tests.unit.test_ops_quant import LEVELS
 
 
 @pytest.mark.parametrize("bits,bound", [(8, 0.01), (4, 0.2)])

@@ -3,35 +3,16 @@ matmul at every instruction-set level this machine runs (FERRY_ISA forces the lo
 quantized on one path giving the same bytes and results on every other."""
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 from ferry.ops import cpu, qgemv, quant
 from ferry.ops.cpu import Isa
 from ferry.ops.quant import QuantizedWeight, ReferenceLinear, pack_q4, prepare, quantize_weight, unpack_q4
+from tests.unit.test_ops_isa import forced_isa
 
 LEVELS = [level.label for level in Isa if level <= cpu.detected()]
 PATHS = {"portable": {"portable"}, "avx2": {"avx2"}, "avx512": {"avx512"}, "avx512_bf16": {"avx512_vnni", "avx512"}}
-
-
-@contextmanager
-def forced_isa(text: str) -> Iterator[Isa]:
-    """FERRY_ISA=text for the block (read afresh), then the environment and the level as they were."""
-    old = os.environ.get(cpu.ENV)
-    os.environ[cpu.ENV] = text
-    cpu.isa.cache_clear()
-    try:
-        yield cpu.isa()
-    finally:
-        if old is None:
-            del os.environ[cpu.ENV]
-        else:
-            os.environ[cpu.ENV] = old
-        cpu.isa.cache_clear()
 
 
 def emulated(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
