@@ -15,12 +15,12 @@ from ferry.tokenizer import Tokenizer
 def exact_rows(dtype: torch.dtype, device: torch.device) -> int | None:
     """The most rows a step may have for each row's linears to give the bits they give alone (None: no such
     limit is known, the path is not batch-invariant). ferry/ops/gemv's kernel computes a row the same way for any
-    M up to its MAX_M (16); float32 with a weight under 1 MiB goes to torch's F.linear above 8 rows, whose
-    reduction order depends on M. Without the kernel (other CPUs, FERRY_ISA below avx512) every linear is
-    F.linear, not exact: bench/speculative.py measures the agreement there."""
+    M up to its MAX_M (16), at every instruction-set level (ops/qgemv's int8/int4 kernel too, up to its larger
+    MAX_M); above it torch's F.linear, whose reduction order depends on M. Where the kernel cannot be built (no
+    compiler) every linear is F.linear, not exact: bench/speculative.py measures the agreement there."""
     if device.type != "cpu" or not gemv.available() or not gemv.supported_dtypes().get(dtype, False):
         return None
-    return 8 if dtype == torch.float32 else gemv.MAX_M[dtype]
+    return gemv.MAX_M[dtype]
 
 
 def build_speculator(cfg: EngineConfig, model_cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype,

@@ -2,9 +2,9 @@
 greedy and seeded requests, at several batch sizes, with chunked prefill, preemption (recompute and swap), prefix-
 cache hits, a MoE model and a draft model; the KV pool is empty afterwards; bad settings are refused clearly.
 
-These run where the CPU kernels are batch-invariant (ferry/ops/gemv for <= 16 rows, 8 in float32, and the paged
-decode attention): there each verification row computes the bits of a one-row decode step. Elsewhere (other
-CPUs, FERRY_ISA below avx512) exactness is not claimed: bench/speculative.py measures the agreement rate."""
+These run where the CPU kernels are batch-invariant (ferry/ops/gemv for <= 16 rows, and the paged
+decode attention): there each verification row computes the bits of a one-row decode step. Where the kernel
+cannot be built (no compiler) exactness is not claimed: bench/speculative.py measures the agreement rate."""
 from __future__ import annotations
 
 import pathlib

@@ -3,6 +3,7 @@ memory limits, a smoke run."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -100,5 +101,8 @@ def test_smoke_run_is_token_exact_and_counts(tmp_path):
     assert case["configs"]["ferry lru+prefetch"]["prefetch_precision"] is not None
     assert "token_exact" not in case["configs"][INT4_REFERENCE]  # lossy: measured against bf16, not required
     assert 0 <= case["configs"][INT4_REFERENCE]["sequences_as_lossless"] <= 1
-    assert "int4 full / ferry in-memory (lossy)" in case["ratios"]
+    # A smoke decode of a few tokens can time at or under its one-token run on a busy machine (tok/s nan): a ratio
+    # exists only where both rows have a speed.
+    if math.isfinite(case["configs"][REFERENCE]["median"]):
+        assert "int4 full / ferry in-memory (lossy)" in case["ratios"]
     assert (SMOKE / "moe_offload-test.png").is_file()
