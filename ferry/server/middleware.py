@@ -5,7 +5,8 @@
 2. Body: POST bodies larger than max_body_bytes are refused with 413 before they are read whole; a body that
    is not UTF-8, not JSON or not a JSON object is a 400 that says where it breaks. A body that parses is
    passed on as application/json whatever its Content-Type (curl -d sends form encoding by default).
-3. Counts responses by status for /metrics.
+3. /tokenize and /detokenize: 429 before the body is read when the tokenizer pool is full.
+4. Counts responses by status for /metrics.
 """
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ import secrets
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ferry.errors import Overloaded
 from ferry.server.errors import BadRequest, PayloadTooLarge, ServerError, Unauthorized, error_response
 from ferry.server.metrics import ServerMetrics
+from ferry.server.workers import TokenizerWork
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 # open without a key unless --metrics-require-key: what the server runs and how busy it is, and the API's schema.
 # /health stays open in every case: load balancers probe it without credentials and it tells only "ok".
 INTROSPECTION_PREFIXES = ("/metrics", "/docs", "/redoc", "/openapi.json")
 JSON_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
+TOKENIZER_ROUTES = frozenset({"/tokenize", "/detokenize"})  # run on the bounded tokenizer pool
 
 
 # Below Python's own 4,300-digit conversion limit; shorter integers reach the fields, which name their own range
@@ -91,8 +95,9 @@ def parse_json_body(body: bytes) -> None:
 
 class GuardMiddleware:
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics,
-                 metrics_require_key: bool = False) -> None:
+                 metrics_require_key: bool = False, tokenizer_work: TokenizerWork | None = None) -> None:
         self.app = app
+        self.tokenizer_work = tokenizer_work
         self.api_key = api_key
         self.protected = PROTECTED_PREFIXES + (INTROSPECTION_PREFIXES if metrics_require_key else ())
         self.max_body_bytes = max_body_bytes
@@ -111,13 +116,15 @@ class GuardMiddleware:
         try:
             self._check_key(scope)
             if scope["method"] == "POST" and scope["path"] in JSON_ROUTES:
+                if self.tokenizer_work is not None and scope["path"] in TOKENIZER_ROUTES:
+                    self.tokenizer_work.check()
                 body = await self._read_body(scope, receive)
                 if body is None:
                     return  # the client went away (or its body deadline passed) mid-body: nobody to answer
                 parse_json_body(body)
                 scope = _as_json(scope)
                 receive = _replay(body, receive)
-        except ServerError as e:
+        except (ServerError, Overloaded) as e:
             await error_response(e)(scope, receive, counting_send)
             return
         await self.app(scope, receive, counting_send)

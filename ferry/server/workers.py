@@ -49,12 +49,16 @@ class TokenizerWork:
     def pending(self) -> int:
         return self._pending
 
+    def check(self) -> None:
+        """Overloaded (429) when max_pending calls are already in. The guard calls it before reading a /tokenize
+        body, so a flood is turned away without the event loop reading and parsing each large body."""
+        if self._pending >= self.max_pending:
+            raise Overloaded(f"{self._pending} tokenizer calls are in progress (max {self.max_pending}); retry later")
+
     async def run(self, fn: Callable[..., T], *args) -> T:
         """fn(*args) on the pool; Overloaded (429) when max_pending calls are already in."""
         with self._lock:
-            if self._pending >= self.max_pending:
-                raise Overloaded(f"{self._pending} tokenizer calls are in progress (max {self.max_pending}); "
-                                 f"retry later")
+            self.check()
             self._pending += 1
         try:
             future: Future[T] = self._pool.submit(fn, *args)

@@ -52,3 +52,39 @@ def test_workers_yield_the_cpu():
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
     finally:
         work.shutdown()
+
+
+def test_guard_turns_a_full_pool_away_before_reading_the_body():
+    """A flood of /tokenize calls past the bound gets 429 from the guard, which reads no body (the event loop
+    would otherwise read and parse each large text only to refuse it)."""
+    from ferry.engine.stats import EngineStats
+    from ferry.server.metrics import ServerMetrics
+    from ferry.server.middleware import GuardMiddleware
+
+    gate = threading.Event()
+    work = TokenizerWork(workers=1, max_pending=1)
+    sent: list[dict] = []
+
+    async def app(scope, receive, send) -> None:
+        raise AssertionError("the route must not run")
+
+    async def receive() -> dict:
+        raise AssertionError("the body must not be read")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    guard = GuardMiddleware(app, api_key=None, max_body_bytes=1 << 20, metrics=ServerMetrics(EngineStats, "m"),
+                            tokenizer_work=work)
+    scope = {"type": "http", "method": "POST", "path": "/tokenize", "headers": [(b"content-length", b"300000")]}
+
+    async def run() -> None:
+        busy = asyncio.ensure_future(work.run(gate.wait, 10))
+        await asyncio.sleep(0.05)
+        await guard(scope, receive, send)
+        gate.set()
+        await busy
+
+    asyncio.run(run())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 429
+    assert b"tokenizer calls are in progress" in sent[1]["body"]
