@@ -598,6 +598,36 @@ torch::Tensor linear_small_m(const torch::Tensor& x, const torch::Tensor& w,
   return y;
 }
 
+// Rows of a bfloat16 matmul above the kernel's range, rounded up to 8 sizes per
+// power of two (steps of 16 at least): torch's bf16 matmul goes through oneDNN,
+// and ideep keeps one primitive (~250 KB, and 7-35 ms to create) per distinct
+// row count in an LRU of 1024. A server's steps have a new token count almost
+// every time, so without rounding the process grew by ~1 MB per 40 requests and
+// paid a primitive creation per new count; rounded, the distinct counts up to
+// 4096 rows are ~50 per weight shape, at most 12.5% padded rows.
+int64_t bf16_rows_bucket(int64_t m) {
+  int64_t top = 1;
+  while (top * 2 <= m) top *= 2;
+  const int64_t step = std::max<int64_t>(16, top / 8);
+  return (m + step - 1) / step * step;
+}
+
+torch::Tensor bucketed_linear(const torch::Tensor& x, const torch::Tensor& w,
+                              const c10::optional<torch::Tensor>& bias) {
+  if (x.scalar_type() != at::kBFloat16 || w.scalar_type() != at::kBFloat16 || x.dim() < 1 ||
+      x.size(-1) == 0 || !x.device().is_cpu() || (at::GradMode::is_enabled() && x.requires_grad()))
+    return at::linear(x, w, bias);
+  const int64_t K = x.size(-1), M = x.numel() / K, Mb = bf16_rows_bucket(M);
+  if (Mb == M || M <= 16) return at::linear(x, w, bias);
+  auto xp = torch::empty({Mb, K}, x.options());
+  xp.narrow(0, 0, M).copy_(x.reshape({M, K}));
+  xp.narrow(0, M, Mb - M).zero_();
+  torch::Tensor y = at::linear(xp, w, bias).narrow(0, 0, M);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = y.size(1);
+  return y.view(shape);
+}
+
 // Drop-in for F.linear: the kernel when it applies (CPU, float32/bf16 with
 // CPU support, contiguous 2-D weight, 1 <= M <= max_m rows after flattening
 // leading dims, no autograd needed),
@@ -630,7 +660,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w,
          bias->device().is_cpu() && bias->layout() == at::kStrided;
   if (ok && at::GradMode::is_enabled())
     ok = !(x.requires_grad() || w.requires_grad() || (has_bias && bias->requires_grad()));
-  if (!ok) return at::linear(x, w, bias);
+  if (!ok) return bucketed_linear(x, w, bias);
 
   const torch::Tensor x2 = (x.dim() == 2 ? x : x.reshape({M, K})).contiguous();
   c10::optional<torch::Tensor> b2;
@@ -669,6 +699,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "F.linear with the small-M kernel where it applies", py::arg("x"),
         py::arg("w"), py::arg("bias") = py::none());
   m.def("set_max_m", &set_max_m, "largest M using the kernel (float32, bfloat16)");
+  m.def("bf16_rows_bucket", &bf16_rows_bucket, "rows a bfloat16 matmul of m rows above the kernel's range runs with");
   m.def("kernel_calls", &kernel_calls, "number of kernel invocations (for tests)");
   m.def("linear_small_m", &linear_small_m, "y = x @ w.T + b for small M",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("mt") = 0, py::arg("rb") = 0,

@@ -148,6 +148,24 @@ def test_leading_dims_and_fallbacks(dtype):
     torch.testing.assert_close(gemv.linear(xs, w.double()), F.linear(xs, w.double()))
 
 
+@needs_kernel
+def test_bf16_matmuls_above_the_kernel_run_at_few_row_counts():
+    """bfloat16 rows above the kernel's range are rounded up (oneDNN keeps a ~250 KB primitive per row count: a
+    server's ever-new token counts grew the process without bound, ~1 MB per 40 requests); the padded rows never
+    reach the result."""
+    ext = gemv.KERNEL.ext()
+    buckets = {ext.bf16_rows_bucket(m) for m in range(17, 4097)}
+    assert len(buckets) <= 60
+    for m in range(17, 4097):
+        assert m <= ext.bf16_rows_bucket(m) <= max(m + 15, m * 9 // 8)
+    w, b = torch.randn(24, 40).bfloat16(), torch.randn(24).bfloat16()
+    for shape in ((17, 40), (3, 50, 40), (129, 40)):
+        x = torch.randn(*shape).bfloat16()
+        y = gemv.linear(x, w, b)
+        assert y.shape == (*shape[:-1], 24) and y.is_contiguous()
+        torch.testing.assert_close(y, F.linear(x, w, b), rtol=1.6e-2, atol=1e-2)
+
+
 def test_autograd_falls_back():
     x = torch.randn(2, 33, requires_grad=True)
     w = torch.randn(5, 33, requires_grad=True)
