@@ -134,10 +134,28 @@ def gguf_name(hf_name: str) -> str | None:
 
 def _rope_theta(cfg: dict) -> float:
     rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or rope
-    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        raise NotImplementedError(f"rope scaling {scaling} is not converted (dense, unscaled rope only)")
     return float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+
+
+def write_rope_scaling(w, cfg: dict) -> None:
+    """Unscaled rope, or YaRN (ferry-tiny's), written as llama.cpp's own converter writes them
+    (conversion/base.py); any other scaling is refused rather than converted wrong."""
+    import gguf
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        return
+    if kind != "yarn":
+        raise NotImplementedError(f"rope scaling {scaling} is not converted (unscaled rope and yarn only)")
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(scaling["factor"])
+    w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                     ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                     ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                     ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+        if scaling.get(key) is not None:
+            add(scaling[key])
 
 
 def write_hparams(w, cfg: dict, arch: str, ftype: int) -> None:
@@ -151,6 +169,7 @@ def write_hparams(w, cfg: dict, arch: str, ftype: int) -> None:
     w.add_head_count(H)
     w.add_head_count_kv(cfg.get("num_key_value_heads", H))
     w.add_rope_freq_base(_rope_theta(cfg))
+    write_rope_scaling(w, cfg)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(head_dim)
