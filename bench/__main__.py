@@ -19,7 +19,10 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
                 disconnects, bursts, bad bodies, slow sockets, a tokenize flood, SIGTERM/SIGKILL; a table of
                 outcomes and anomalies (~5-10 min; not part of `all`)
     speculative speculative decoding on ferry-tiny (+ ferry-tiny-draft): tok/s with and without ngram, phrase and
-                draft at concurrency 1 and 8, acceptance, output equivalence (~10 min; not part of `all`)
+                draft, and llama.cpp's own draft/n-gram speculation, at concurrency 1, 4, 16: acceptance, output
+                equivalence (~20 min; not part of `all`)
+    verify-cost the cost of verifying k drafts (k+1 rows per request) on the Qwen2.5-0.5B and Llama-1B shapes, batch 1
+                and 16, and the speed-up it predicts at the acceptance `speculative` measured (~15 min)
     roofline    the per-operator roofline model (ferry roofline) against the measured step: decode and prefill at
                 batch 1 and 16, float32 and bfloat16, Qwen2.5-0.5B and Llama-1B shapes (~15 min; not part of `all`)
     all         every scenario at its default size, then the benchmark tables (what `make bench` runs);
@@ -34,7 +37,7 @@ import sys
 
 SCENARIOS = ("throughput", "decode", "prefill", "serving", "memory")
 OTHER = {"moe-offload": "moe_offload", "long-context": "long_context", "webui": "webui", "soak": "soak",
-         "speculative": "speculative",
+         "speculative": "speculative", "verify-cost": "verify_cost",
          "roofline": "roofline",
          "quantization": "quantization"}  # scenario -> module, run only when asked for
 
