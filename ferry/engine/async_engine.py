@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 from ferry.engine.engine import LLMEngine
 from ferry.engine.inputs import ProcessedPrompt, PromptInput
+from ferry.engine.resume import Resume
 from ferry.engine.stats import EngineStats
 from ferry.errors import InvalidRequest, Overloaded
 from ferry.request import RequestOutput, SamplingParams
@@ -27,6 +28,7 @@ class AddRequest:
     request_id: str
     prompt: ProcessedPrompt
     priority: int = 0
+    resume: Resume | None = None
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,11 @@ class AsyncLLM:
         return await asyncio.to_thread(self.inputs.process, prompt, params, fit_max_tokens)
 
     async def generate(self, prompt: PromptInput | ProcessedPrompt, params: SamplingParams | None, request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, resume: Resume | None = None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request; the last has finished=True. Raises InvalidRequest /
         ContextLengthExceeded / Overloaded before the first output. Closing the iterator early aborts it.
-        A ProcessedPrompt (from process(), which the server calls first) carries its params: pass None."""
+        A ProcessedPrompt (from process(), which the server calls first) carries its params: pass None.
+        resume: tokens the request already produced elsewhere (LLMEngine.add_processed)."""
         if self._stop.is_set():
             raise Overloaded("the engine is shutting down")
         if not isinstance(prompt, ProcessedPrompt):
@@ -89,7 +92,7 @@ class AsyncLLM:
             loop, q = asyncio.get_running_loop(), asyncio.Queue()
             self._streams[request_id] = (loop, q)
             self._not_started.add(request_id)
-        self._inbox.put(AddRequest(request_id, prompt, priority))
+        self._inbox.put(AddRequest(request_id, prompt, priority, resume))
         finished = False
         try:
             while True:
@@ -152,9 +155,9 @@ class AsyncLLM:
 
     def _apply(self, cmd: Command) -> None:
         match cmd:
-            case AddRequest(rid, prompt, priority):
+            case AddRequest(rid, prompt, priority, resume):
                 try:
-                    self.engine.add_processed(rid, prompt, priority)
+                    self.engine.add_processed(rid, prompt, priority, resume=resume)
                 except Exception as e:
                     self._deliver(rid, e)
             case Abort(rid):

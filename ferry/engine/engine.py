@@ -18,6 +18,7 @@ from ferry.engine.inputs import InputLimits, InputProcessor, ProcessedPrompt, Pr
 from ferry.engine.isolation import execute_isolating
 from ferry.engine.output import OutputProcessor
 from ferry.engine.parts import EngineParts
+from ferry.engine.resume import Resume
 from ferry.engine.stats import EngineStats
 from ferry.engine.view import EngineView, RequestView
 from ferry.errors import InvalidRequest
@@ -59,17 +60,23 @@ class LLMEngine:
         self.add_processed(request_id, self.inputs.process(prompt, params), priority, arrival_time)
 
     def add_processed(self, request_id: str, prompt: ProcessedPrompt, priority: int = 0,
-                      arrival_time: float | None = None) -> None:
-        """Queue a prompt the input processor already accepted (AsyncLLM processes off the engine thread)."""
+                      arrival_time: float | None = None, resume: Resume | None = None) -> None:
+        """Queue a prompt the input processor already accepted (AsyncLLM processes off the engine thread).
+        resume: the tokens (and logprobs) the request already produced elsewhere (an instance that died, or that
+        handed it over): it continues from there, with the output it would have had without the interruption."""
         if request_id in self.output.groups:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         params, ids = prompt.params, prompt.prompt_token_ids
+        if resume is not None:
+            resume.check(params, len(ids), self.max_model_len)
         now = time.monotonic() if arrival_time is None else arrival_time
         children = [Request(req_id=request_id if params.n == 1 else f"{request_id}#{i}", prompt_token_ids=ids,
                             params=params, arrival_time=now, eos_token_ids=self.parts.eos_token_ids,
                             max_model_len=self.max_model_len, priority=priority, seed_offset=i)
                     for i in range(params.n)]
-        self.output.add(request_id, prompt.prompt, children)
+        for token in resume.output_token_ids if resume is not None else ():
+            children[0].append_output(token)  # recomputed with the prompt, as after a preemption
+        self.output.add(request_id, prompt.prompt, children, resume.logprobs if resume is not None else None)
         for req in children:
             self.scheduler.add(req)
         self.num_prompt_tokens += len(ids) * params.n

@@ -57,7 +57,10 @@ class OutputProcessor:
         self.groups: dict[str, _Group] = {}
         self.child_group: dict[str, _Group] = {}  # child req_id -> its group
 
-    def add(self, request_id: str, prompt: str | None, children: list[Request]) -> None:
+    def add(self, request_id: str, prompt: str | None, children: list[Request],
+            prior_logprobs: list[TokenLogprob] | None = None) -> None:
+        """children may already hold output tokens (a resumed request): their text is made from them at the first
+        step, as if they had just been sampled; prior_logprobs are theirs, when the request asks for logprobs."""
         first = children[0]
         g = _Group(request_id, prompt, first.prompt_token_ids, first.params)
         if first.params.prompt_logprobs is not None:
@@ -65,7 +68,8 @@ class OutputProcessor:
         for i, req in enumerate(children):
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens,
                                            continuation=True)  # " Paris", not "Paris", as vLLM
-            g.children.append(_Child(i, req, detok, [] if req.params.logprobs is not None else None))
+            logprobs = list(prior_logprobs or []) if req.params.logprobs is not None else None
+            g.children.append(_Child(i, req, detok, logprobs))
             self.child_group[req.req_id] = g
         self.groups[request_id] = g
 

@@ -111,6 +111,9 @@ class Sampler:
         if entry is None or entry[0] != key or entry[1].device != device:
             gen = torch.Generator(device=device)
             gen.manual_seed(mix_seed(*key))
+            # one draw per output token: a request resumed with tokens made elsewhere continues its stream there
+            for _ in range(len(req.all_token_ids) - req.num_prompt_tokens):
+                torch.rand(1, generator=gen, dtype=torch.float64, device=device)
             entry = (key, gen)
             self._generators[req.req_id] = entry
         return entry[1]
