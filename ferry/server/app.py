@@ -151,7 +151,8 @@ def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, a
                served_model_name: str | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
                webui: bool = True, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
                body_timeout: float = DEFAULT_BODY_TIMEOUT, max_tokenize_pending: int = DEFAULT_MAX_TOKENIZE_PENDING,
-               metrics_require_key: bool = False, **engine_options: Any) -> None:
+               metrics_require_key: bool = False, instances: int = 1, ray_address: str | None = None,
+               **engine_options: Any) -> None:
     """Load the model, serve it until SIGTERM/SIGINT, drain in-flight requests, return."""
     import uvicorn
 
@@ -159,7 +160,11 @@ def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, a
 
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
-    engine = AsyncLLM.from_options(model, **engine_options)
+    if instances > 1 or ray_address is not None:
+        from ferry.cluster.frontend import ClusterLLM
+        engine = ClusterLLM(model, instances, engine_options, ray_address)
+    else:
+        engine = AsyncLLM.from_options(model, **engine_options)
     app = build_app(engine, served_model_name=served_model_name or str(model), api_key=api_key,
                     request_timeout=request_timeout, webui=webui, max_tokenize_pending=max_tokenize_pending,
                     metrics_require_key=metrics_require_key)
@@ -219,6 +224,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
                        help=f"seconds a client has to send a request body once its headers are in; then the socket "
                             f"is closed (default: {DEFAULT_BODY_TIMEOUT:g})")
+    group.add_argument("--instances", type=int, default=1,
+                       help="engine instances behind this server, each with its own KV cache and --threads, run as "
+                            "Ray actors (default: 1, no Ray); a request on an instance that dies resumes on another")
+    group.add_argument("--ray-address", default=None,
+                       help="with --instances: join this Ray cluster (auto, or HOST:PORT); default: a local Ray "
+                            "started for this server")
     group.add_argument("--max-tokenize-pending", type=int, default=DEFAULT_MAX_TOKENIZE_PENDING,
                        help=f"/tokenize and /detokenize calls in progress at most (one tokenizer thread runs them); "
                             f"more are refused with 429 (default: {DEFAULT_MAX_TOKENIZE_PENDING})")
@@ -228,4 +239,5 @@ def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"host": args.host, "port": args.port, "api_key": args.api_key, "served_model_name": args.served_model_name,
             "request_timeout": args.request_timeout, "webui": args.webui, "header_timeout": args.header_timeout,
             "body_timeout": args.body_timeout, "max_tokenize_pending": args.max_tokenize_pending,
-            "metrics_require_key": args.metrics_require_key}
+            "metrics_require_key": args.metrics_require_key, "instances": args.instances,
+            "ray_address": args.ray_address}

@@ -1,0 +1,208 @@
+"""ClusterLLM: N engine instances (Ray actors, each an EngineInstance with its own KV cache and threads) behind
+the surface the server uses from AsyncLLM (process, generate, abort, stats, is_alive, shutdown, inputs,
+tokenizer), so `ferry serve --instances N` runs the same server code as one instance.
+
+- Prompts are encoded and checked here (the tokenizer and the instances' limits; no model in this process).
+- Dispatch: each request goes to the live instance with the fewest requests in flight from this front end.
+- Losing an instance: a request whose instance dies (killed, out of memory) resumes on another from the tokens it
+  already streamed (ferry/engine/resume.py: the output is the one it would have had); a request that cannot be
+  resumed (n > 1) ends with an explicit error. The dead instance is started again in the background."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ferry.cluster.instance import EngineInstance
+from ferry.config import ModelConfig
+from ferry.engine.inputs import InputProcessor, ProcessedPrompt, PromptInput
+from ferry.engine.resume import Resume
+from ferry.engine.stats import EngineStats
+from ferry.errors import FerryError, InvalidRequest, Overloaded, RequestFailed
+from ferry.request import RequestOutput, SamplingParams
+from ferry.tokenizer import Tokenizer
+
+log = logging.getLogger("ferry")
+
+STATS_INTERVAL = 1.0  # seconds between reads of the instances' stats
+
+
+@dataclass
+class _Slot:
+    index: int
+    actor: Any  # a Ray actor handle of EngineInstance
+    pid: int
+    in_flight: int = 0
+    alive: bool = True
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise InvalidRequest("--instances above 1 runs the instances on Ray, which is not installed: "
+                             "pip install ray (or run with --instances 1)") from None
+    return ray
+
+
+class ClusterLLM:
+    def __init__(self, model: str, instances: int, options: dict[str, Any], ray_address: str | None = None) -> None:
+        if instances < 2:
+            raise InvalidRequest(f"--instances {instances}: a cluster has 2 or more (1 runs without Ray)")
+        ray = _ray()
+        self._ray, self._model, self._options = ray, model, options
+        self._own_ray = not ray.is_initialized()
+        if self._own_ray:
+            try:
+                ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            except Exception as e:  # a bad --ray-address, or Ray cannot start here
+                raise InvalidRequest(f"Ray did not start (--ray-address {ray_address or 'local'}): {e}") from None
+        self._remote = ray.remote(num_cpus=0, max_restarts=0)(EngineInstance)
+        self.tokenizer = Tokenizer.load(model)
+        self.model_config = ModelConfig.from_hf(model)
+        actors = [self._remote.remote(model, options) for _ in range(instances)]
+        infos = ray.get([a.ready.remote() for a in actors])  # raises the first instance's load error
+        self.max_model_len = infos[0]["max_model_len"]
+        self.inputs = InputProcessor(self.tokenizer, infos[0]["limits"])
+        self._slots = [_Slot(i, a, info["pid"]) for i, (a, info) in enumerate(zip(actors, infos))]
+        self._unfinished = 0
+        self._stopping = threading.Event()
+        self._stats = EngineStats()
+        self._poller = threading.Thread(target=self._poll_stats, name="ferry-cluster-stats", daemon=True)
+        self._poller.start()
+        log.info("cluster of %d instances on Ray (pids %s)", instances, [s.pid for s in self._slots])
+
+    # -- the server's side ------------------------------------------------------------------------
+
+    async def process(self, prompt: PromptInput, params: SamplingParams | None = None,
+                      fit_max_tokens: bool = False) -> ProcessedPrompt:
+        return await asyncio.to_thread(self.inputs.process, prompt, params, fit_max_tokens)
+
+    async def generate(self, prompt: PromptInput | ProcessedPrompt, params: SamplingParams | None, request_id: str,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """As AsyncLLM.generate; a request on an instance that dies goes on on another one."""
+        if self._stopping.is_set():
+            raise Overloaded("the server is shutting down")
+        if not isinstance(prompt, ProcessedPrompt):
+            prompt = await self.process(prompt, params)
+        last: RequestOutput | None = None
+        self._unfinished += 1
+        try:
+            for _ in range(len(self._slots) + 1):
+                slot = self._pick()
+                try:
+                    async for out in self._stream(slot, request_id, prompt, priority, self._carry(prompt, last)):
+                        last = out
+                        yield out
+                    return
+                except self._ray.exceptions.RayActorError:
+                    self._lost(slot)
+                    if prompt.params.n != 1:
+                        raise RequestFailed(f"engine instance {slot.index} died while running this request (n > 1 "
+                                            f"cannot be resumed on another instance)") from None
+                    log.warning("instance %d died: request %s resumes on another one with %d tokens", slot.index,
+                                request_id, len(last.outputs[0].token_ids) if last else 0)
+            raise RequestFailed("every engine instance died while running this request")
+        finally:
+            self._unfinished -= 1
+
+    def abort(self, request_id: str) -> None:
+        for slot in self._slots:  # cheap, and the front end need not track where a request runs for this
+            if slot.alive:
+                slot.actor.abort.remote(request_id)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def is_alive(self) -> bool:
+        return any(s.alive for s in self._slots)
+
+    @property
+    def num_unfinished(self) -> int:
+        return self._unfinished
+
+    async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        self._stopping.set()
+        calls = [s.actor.shutdown.remote(drain, timeout) for s in self._slots if s.alive]
+        try:
+            await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            if self._own_ray:
+                self._ray.shutdown()
+
+    # -- instances --------------------------------------------------------------------------------
+
+    async def _stream(self, slot: _Slot, request_id: str, prompt: ProcessedPrompt, priority: int,
+                      resume: Resume | None) -> AsyncIterator[RequestOutput]:
+        slot.in_flight += 1
+        finished = False
+        try:
+            gen = slot.actor.generate.options(num_returns="streaming").remote(request_id, prompt, priority, resume)
+            async for ref in gen:
+                try:
+                    out = await ref
+                except self._ray.exceptions.RayTaskError as e:  # the engine refused it: its own error
+                    if isinstance(e.cause, FerryError):
+                        raise e.cause from None
+                    raise
+                finished = out.finished
+                yield out
+        finally:
+            slot.in_flight -= 1
+            if not finished and slot.alive:
+                slot.actor.abort.remote(request_id)
+
+    @staticmethod
+    def _carry(prompt: ProcessedPrompt, last: RequestOutput | None) -> Resume | None:
+        if last is None or not last.outputs[0].token_ids:
+            return None
+        c = last.outputs[0]
+        return Resume(list(c.token_ids), list(c.logprobs) if prompt.params.logprobs is not None else None)
+
+    def _pick(self) -> _Slot:
+        live = [s for s in self._slots if s.alive]
+        if not live:
+            raise Overloaded("no engine instance is running (they are being restarted); retry later")
+        return min(live, key=lambda s: (s.in_flight, s.index))
+
+    def _lost(self, slot: _Slot) -> None:
+        """Mark the instance dead (once) and start a new one in its place in the background."""
+        if not slot.alive:
+            return
+        slot.alive = False
+        log.error("engine instance %d (pid %d) died; starting a new one", slot.index, slot.pid)
+        threading.Thread(target=self._restart, args=(slot,), name=f"ferry-restart-{slot.index}", daemon=True).start()
+
+    def _restart(self, slot: _Slot) -> None:
+        try:
+            actor = self._remote.remote(self._model, self._options)
+            info = self._ray.get(actor.ready.remote())
+        except Exception:
+            log.exception("engine instance %d could not be started again", slot.index)
+            return
+        slot.actor, slot.pid, slot.in_flight, slot.alive = actor, info["pid"], 0, True
+        log.info("engine instance %d is back (pid %d)", slot.index, slot.pid)
+
+    def instance_pids(self) -> list[int | None]:
+        return [s.pid if s.alive else None for s in self._slots]
+
+    def _poll_stats(self) -> None:
+        while not self._stopping.wait(STATS_INTERVAL):
+            live = [s for s in self._slots if s.alive]
+            try:
+                parts = self._ray.get([s.actor.stats.remote() for s in live], timeout=10)
+            except Exception:  # an instance died between the check and the call: the next round skips it
+                continue
+            self._stats = _sum_stats(parts)
+
+
+def _sum_stats(parts: list[EngineStats]) -> EngineStats:
+    total = EngineStats()
+    for f in fields(EngineStats):
+        values = [getattr(p, f.name) for p in parts]
+        if all(isinstance(v, (int, float)) for v in values) and values:
+            setattr(total, f.name, sum(values))
+    return total

@@ -1,0 +1,38 @@
+"""EngineInstance: one ferry engine (AsyncLLM: its own KV cache, threads and engine loop) inside a Ray actor
+process. The front end streams a request's cumulative outputs from it (a Ray streaming generator), aborts it, and
+reads its stats; it never sees the model."""
+from __future__ import annotations
+
+import os
+from typing import Any, AsyncIterator
+
+from ferry.engine.async_engine import AsyncLLM
+from ferry.engine.inputs import ProcessedPrompt
+from ferry.engine.resume import Resume
+from ferry.engine.stats import EngineStats
+from ferry.request import RequestOutput
+
+
+class EngineInstance:
+    """Wrapped by ray.remote in frontend.py (this module imports no Ray: the engine side stays testable alone)."""
+
+    def __init__(self, model: str, options: dict[str, Any]) -> None:
+        self.llm = AsyncLLM.from_options(model, **options)
+
+    def ready(self) -> dict[str, Any]:
+        """What the front end needs to check prompts without the model: limits, and this process's pid."""
+        return {"limits": self.llm.inputs.limits, "max_model_len": self.llm.max_model_len, "pid": os.getpid()}
+
+    async def generate(self, request_id: str, prompt: ProcessedPrompt, priority: int,
+                       resume: Resume | None) -> AsyncIterator[RequestOutput]:
+        async for out in self.llm.generate(prompt, None, request_id, priority, resume=resume):
+            yield out
+
+    def abort(self, request_id: str) -> None:
+        self.llm.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self.llm.stats()
+
+    async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        await self.llm.shutdown(drain, timeout)
