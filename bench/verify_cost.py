@@ -58,9 +58,8 @@ def step_times(model: Path, batch: int, ks: list[int], args) -> dict[int, list[f
             opts.update(speculative_method="ngram", num_speculative_tokens=k)
         llm = LLM(str(model), **opts)
         eng = llm.engine
-        spec = eng.parts.speculator
-        if spec is not None:
-            spec.proposer, spec.max_rows = AlwaysK(k), None
+        if k:
+            eng.use_proposer(AlwaysK(k), exact_rows_only=False)
         rng = random.Random(0)
         vocab = llm.view().vocab_size
         params = SamplingParams(max_tokens=(args.steps + 4) * (k + 1) + 8, temperature=0, ignore_eos=True)

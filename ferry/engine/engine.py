@@ -11,6 +11,7 @@ import logging
 import time
 
 import torch
+from typing import TYPE_CHECKING
 
 from ferry.config import EngineConfig, ModelConfig
 from ferry.engine.factory import build_engine_parts
@@ -26,6 +27,9 @@ from ferry.experts.planner import Plan, make_plan, measure_costs
 from ferry.kvcache.policies import KV_POLICIES
 from ferry.models.routing import RoutingObservers
 from ferry.request import FinishReason, Request, RequestOutput, SamplingParams
+
+if TYPE_CHECKING:
+    from ferry.speculative.base import Proposer
 
 log = logging.getLogger("ferry")
 
@@ -149,6 +153,17 @@ class LLMEngine:
             num_generation_tokens=self.num_generation_tokens, num_steps=self.num_steps,
             speculative=self._spec_stats(),
             decode_weight_bytes_per_s=self.decode_weight_bytes / self.decode_step_s if self.decode_step_s else 0.0)
+
+    def use_proposer(self, proposer: "Proposer", exact_rows_only: bool = True) -> None:
+        """Draft with `proposer` (ferry/speculative/base.py's port) instead of the --speculative-method's own: a
+        research proposer, or a benchmark's scripted one. exact_rows_only=False lifts the rows-per-step cap that
+        keeps greedy output exact (for measuring verification cost, never for serving)."""
+        spec = self.parts.speculator
+        if spec is None:
+            raise InvalidRequest("use_proposer needs an engine built with a --speculative-method")
+        spec.proposer = proposer
+        if not exact_rows_only:
+            spec.max_rows = None
 
     def view(self) -> EngineView:
         """A read-only snapshot for code outside the engine (eval, bench, tests)."""

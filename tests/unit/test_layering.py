@@ -11,7 +11,7 @@ PKG = pathlib.Path(__file__).resolve().parents[2] / "ferry"
 RANK = {
     "errors": 0, "config": 1, "request": 2, "plan": 3,
     "ops": 4, "models": 5, "quant": 5, "experts": 5, "kvcache": 4, "sampling": 4, "tokenizer": 4, "detokenizer": 4, "tiers": 4,
-    "speculative": 5, "scheduler": 6, "runner": 6, "engine": 7, "default_model": 7, "server": 8, "eval": 8, "roofline": 8, "cli": 9, "__main__": 10, "__init__": 10,
+    "speculative": 5, "scheduler": 6, "runner": 6, "engine": 7, "default_model": 7, "cluster": 8, "server": 8, "eval": 8, "roofline": 8, "cli": 9, "__main__": 10, "__init__": 10,
 }
 TORCH_FREE = ("scheduler", "speculative", "request", "plan", "config", "errors", "kvcache", "engine/inputs.py", "engine/view.py")
 TENSOR_KV = "runner/kv"  # the KV policies' tensor halves
