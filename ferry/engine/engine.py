@@ -9,9 +9,9 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
-from typing import TYPE_CHECKING
 
 from ferry.config import EngineConfig, ModelConfig
 from ferry.engine.factory import build_engine_parts
