@@ -20,7 +20,7 @@ from ferry.cluster.instance import EngineInstance
 from ferry.config import ModelConfig
 from ferry.engine.inputs import InputProcessor, ProcessedPrompt, PromptInput
 from ferry.engine.resume import Resume
-from ferry.engine.stats import EngineStats
+from ferry.engine.stats import EngineStats, InstanceLoad
 from ferry.errors import FerryError, InvalidRequest, Overloaded, RequestFailed
 from ferry.request import RequestOutput, SamplingParams
 from ferry.tokenizer import Tokenizer
@@ -37,6 +37,7 @@ class _Slot:
     pid: int
     in_flight: int = 0
     alive: bool = True
+    restarts: int = 0
 
 
 def _ray():
@@ -184,6 +185,7 @@ class ClusterLLM:
             log.exception("engine instance %d could not be started again", slot.index)
             return
         slot.actor, slot.pid, slot.in_flight, slot.alive = actor, info["pid"], 0, True
+        slot.restarts += 1
         log.info("engine instance %d is back (pid %d)", slot.index, slot.pid)
 
     def instance_pids(self) -> list[int | None]:
@@ -197,6 +199,7 @@ class ClusterLLM:
             except Exception:  # an instance died between the check and the call: the next round skips it
                 continue
             self._stats = _sum_stats(parts)
+            self._stats.instances = [InstanceLoad(s.index, s.alive, s.in_flight, s.restarts) for s in self._slots]
 
 
 def _sum_stats(parts: list[EngineStats]) -> EngineStats:

@@ -6,6 +6,14 @@ from dataclasses import dataclass
 from ferry.experts.stats import ExpertStats
 
 
+@dataclass(frozen=True)
+class InstanceLoad:
+    index: int
+    alive: bool
+    in_flight: int
+    restarts: int
+
+
 @dataclass
 class EngineStats:
     num_running: int = 0  # requests holding KV blocks
@@ -24,6 +32,8 @@ class EngineStats:
     experts: ExpertStats | None = None  # MoE expert store counters (with --expert-store)
     speculative: dict | None = None  # with --speculative-method: method, acceptance (SpecStats.as_dict)
     decode_weight_bytes_per_s: float = 0.0  # weight bytes a decode step reads / its forward time (moving average)
+    # with ferry serve --instances N: per instance (index, alive, requests in flight from the front end, restarts)
+    instances: list[InstanceLoad] | None = None
 
     @property
     def prefix_cache_hit_rate(self) -> float:

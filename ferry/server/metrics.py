@@ -70,6 +70,22 @@ class EngineCollector(Collector):
             yield from _expert_metrics(s, gauge, counter)
         if s.speculative is not None:
             yield from _speculative_metrics(s.speculative, gauge, counter)
+        if s.instances is not None:
+            yield from _instance_metrics(s.instances, names, values)
+
+
+def _instance_metrics(loads: list, names: list[str], values: list[str]) -> Iterator[Metric]:
+    """ferry serve --instances N: each instance's state and load, as the front end sees them."""
+    families = [GaugeMetricFamily("ferry_instance_alive", "1 while the engine instance runs, 0 while it restarts.",
+                                  labels=names + ["instance"]),
+                GaugeMetricFamily("ferry_instance_requests_in_flight", "Requests the front end has on the instance.",
+                                  labels=names + ["instance"]),
+                CounterMetricFamily("ferry_instance_restarts", "Times the instance died and was started again.",
+                                    labels=names + ["instance"])]
+    for load in loads:
+        for family, v in zip(families, (float(load.alive), load.in_flight, load.restarts)):
+            family.add_metric(values + [str(load.index)], v)
+    yield from families
 
 
 def _speculative_metrics(spec: dict, gauge: Callable, counter: Callable) -> Iterator[Metric]:

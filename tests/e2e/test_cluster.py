@@ -70,3 +70,24 @@ def test_a_killed_instance_loses_no_request(cluster):
     while len(_instance_pids()) < 2 and time.monotonic() < deadline:
         time.sleep(1)
     assert len(_instance_pids()) == 2 and pids[0] not in _instance_pids()
+    deadline = time.monotonic() + 10  # the front end reads the instances' state once a second
+    while time.monotonic() < deadline:
+        metrics = httpx.get(cluster.url + "/metrics").text
+        alive = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("ferry_instance_alive{")]
+        restarts = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("ferry_instance_restarts_total{")]
+        if alive == [1.0, 1.0] and sum(restarts) == 1:
+            break
+        time.sleep(0.5)
+    assert alive == [1.0, 1.0] and sum(restarts) == 1, metrics
+    used = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("ferry_kv_blocks_used{")]
+    assert used == [0.0], used
+
+
+def test_without_ray_the_flag_says_what_to_install(monkeypatch, model_path):
+    import sys
+
+    from ferry.cluster.frontend import ClusterLLM
+    from ferry.errors import InvalidRequest
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(InvalidRequest, match="--instances.*pip install ray"):
+        ClusterLLM(str(model_path), 2, {})
