@@ -81,12 +81,23 @@ def pressure_case() -> tuple[list[str], list[SamplingParams]]:
     return prompts, [SamplingParams(max_tokens=40 + 4 * i, temperature=0, ignore_eos=True) for i in range(4)]
 
 
+# Known engine gap, not speculation's: in bfloat16 the output WITHOUT speculation already depends on where prefill
+# chunks start (the same prompts at --max-num-batched-tokens 17, 20, 32 or 2048 instead of 48 change a near-tie
+# token, with no preemption and no speculation; the linears are row-invariant at these shapes, so the prefill
+# attention is the suspect). Recompute re-prefills a preempted request at other chunk boundaries than the run it is
+# compared with, and speculation moves when preemptions happen, so near-ties can flip. Swap keeps the KV bits.
+CHUNK_VARIANT = pytest.mark.xfail(strict=False, reason="bfloat16 prefill is not invariant to chunk boundaries: "
+                                  "recompute may flip a near-tie with or without speculation (see above)")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_chunked_prefill_preemption_and_prefix_hits_are_token_exact(method, mode, dtype):
+def test_chunked_prefill_preemption_and_prefix_hits_are_token_exact(method, mode, dtype, request):
     """One engine under memory pressure: chunked prefill (48 tokens a step), preemption in `mode`, and the same
     prompts twice (the second pass starts from the prefix cache)."""
+    if (mode, dtype) == ("recompute", "bfloat16"):
+        request.applymarker(CHUNK_VARIANT)
     spec = LLM(str(TINY), dtype=dtype, preemption_mode=mode, kv_cache_memory=KV_MEMORY[dtype],
                speculative_method=method, num_speculative_tokens=3, **METHODS[method], **PRESSURE)
     prompts, params = pressure_case()
