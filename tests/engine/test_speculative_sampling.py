@@ -91,3 +91,22 @@ def test_unseeded_sampling_keeps_the_targets_distribution():
     wrong = {t: next_token_probs(draft, prompt_ids + [t]) for t in common}
     wrong_stat, wrong_dof = chi_square_by_context(common, wrong)
     assert wrong_stat > 4 * chi2_critical(wrong_dof), (wrong_stat, wrong_dof)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_requests_with_logprobs_are_drafted_for_and_get_the_logprobs_without_speculation(dtype):
+    """Each verified row's logprobs are the ones its one-token decode step gives (the same logits, bit for bit):
+    the accepted tokens' logprobs, top ones included, equal those without speculation."""
+    prompts = grounded_prompts(4)
+    params = [SamplingParams(max_tokens=14 + 8 * i, temperature=0, logprobs=3, ignore_eos=True) for i in range(2)] + \
+        [SamplingParams(max_tokens=20 + 8 * i, temperature=0.6, seed=5 + i, logprobs=2, ignore_eos=True)
+         for i in range(2)]
+    plain = LLM(str(TINY), dtype=dtype, kv_cache_memory="32M", enable_prefix_caching=False)
+    want = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in plain.generate(prompts, params, use_tqdm=False)]
+    for method, extra in METHODS.items():
+        spec = LLM(str(TINY), dtype=dtype, kv_cache_memory="32M", enable_prefix_caching=False,
+                   speculative_method=method, num_speculative_tokens=3, **extra)
+        got = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in spec.generate(prompts, params, use_tqdm=False)]
+        assert all(len(lps) == len(ids) for ids, lps in got), method
+        assert got == want, method
+        assert spec.view().speculative["num_accepted_tokens"] > 0, method
