@@ -120,3 +120,6 @@ class StepResult:
     # req_id -> the tokens a request with draft tokens gained: its accepted drafts, then the target's own next token
     # (1 to len(draft_token_ids) + 1 tokens; such a request has no entry in sampled_token_ids)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # req_id -> the logprobs of those tokens, one each, when params.logprobs is set (each from the row that sampled
+    # it: the logprobs a one-token decode step would give)
+    spec_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)

@@ -62,3 +62,4 @@ def _bisect(runner: Runner, plan: StepPlan, reqs: list[ScheduledReq], snap: dict
     result.logprobs.update(part.logprobs)
     result.prompt_logprobs.update(part.prompt_logprobs)
     result.spec_token_ids.update(part.spec_token_ids)
+    result.spec_logprobs.update(part.spec_logprobs)

@@ -86,10 +86,12 @@ class OutputProcessor:
             if g is None:
                 continue
             child = g.children[int(req.seed_offset)]
-            if child.logprobs is not None and req.req_id in result.logprobs:
-                child.logprobs.append(result.logprobs[req.req_id])
+            lps = result.spec_logprobs.get(req.req_id) or ([result.logprobs[req.req_id]]
+                                                           if req.req_id in result.logprobs else [])
             new = req.output_token_ids[child.num_tokens:]
             for i, token in enumerate(new):
+                if child.logprobs is not None and i < len(lps):  # one per output token (a step may verify several)
+                    child.logprobs.append(lps[i])
                 child.num_tokens += 1
                 delta = child.detok.add(token)
                 if req.finished and i == len(new) - 1:  # text held back for an incomplete byte sequence is final now

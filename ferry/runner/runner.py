@@ -54,6 +54,8 @@ class Runner:
                 n = len(r.token_ids)
                 kept = accept(r.draft_token_ids, tokens[first:first + n])
                 result.spec_token_ids[r.req_id] = kept
+                if r.params.logprobs is not None:  # row i sampled kept[i]: its logprobs are kept[i]'s
+                    result.spec_logprobs[r.req_id] = list(logprobs[first:first + len(kept)])
                 self.sampler.keep_draws(snap, r, len(kept))  # the rejected rows' draws are taken back
                 verified_rows.update(range(first, first + n))
             for i, (r, tok, lp) in enumerate(zip(inputs.sample_reqs, tokens, logprobs)):

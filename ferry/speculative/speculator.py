@@ -1,7 +1,7 @@
 """Speculator: the scheduler's handle on speculation. Per step it decides which running requests verify drafts
 and how many (a fixed --num-speculative-tokens K, or `auto`: adaptive.py), asks the proposer for them, and after
-the step records what was accepted. Requests that ask for logprobs are not drafted for (their logprobs are one
-per step)."""
+the step records what was accepted. Requests that ask for logprobs are drafted for like the others: each verified
+row gives the logprobs of the token it sampled, the ones a one-token decode step would give."""
 from __future__ import annotations
 
 import time
@@ -32,14 +32,13 @@ class Speculator:
     def draft(self, reqs: Sequence[Request], budget: int, other_rows: int = 0) -> dict[str, list[int]]:
         """Draft tokens for the decoding requests `reqs` (each at its last known token), within `budget` extra
         rows in all; other_rows: prefill rows expected in the same step (the cost model sees them)."""
-        eligible = [r for r in reqs if r.params.logprobs is None]
         k = self.fixed_k if self.fixed_k is not None else self.controller.choose(len(reqs), other_rows)
         self.last_k = k
-        if not eligible or k < 1 or budget < 1:
+        if not reqs or k < 1 or budget < 1:
             return {}
-        share = max(1, budget // len(eligible))  # the rows left, shared evenly
-        caps = [max(0, min(k, share, self._room(r))) for r in eligible]
-        asked = [(r, c) for r, c in zip(eligible, caps) if c > 0]
+        share = max(1, budget // len(reqs))  # the rows left, shared evenly
+        caps = [max(0, min(k, share, self._room(r))) for r in reqs]
+        asked = [(r, c) for r, c in zip(reqs, caps) if c > 0]
         start = time.perf_counter()
         proposals = self.proposer.propose([r for r, _ in asked], [c for _, c in asked]) if asked else []
         drafts: dict[str, list[int]] = {}

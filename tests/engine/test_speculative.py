@@ -1,6 +1,8 @@
-"""Speculative decoding end to end: the output with speculation is the output without it, token for token, for
-greedy and seeded requests, at several batch sizes, with chunked prefill, preemption (recompute and swap), prefix-
-cache hits, a MoE model and a draft model; the KV pool is empty afterwards; bad settings are refused clearly.
+"""Speculative decoding end to end, the cases outside the matrix: stop strings, the int8 KV policy, `auto` draft
+length, a draft model on open-ended text, random target/draft pairs, the expert store under a budget, and bad
+settings refused clearly. The matrix (every method x float32/bfloat16 x batches 1/4/16, chunked prefill, both
+preemption modes, prefix hits, MoE) is test_speculative_matrix.py; sampling (seeded, unseeded distribution,
+logprobs) is test_speculative_sampling.py.
 
 These run where the CPU kernels are batch-invariant (ferry/ops/gemv for <= 16 rows, and the paged
 decode attention): there each verification row computes the bits of a one-row decode step. Where the kernel
@@ -48,15 +50,6 @@ def base():
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8])
-def test_ngram_greedy_is_token_exact_at_every_batch_size(base, batch):
-    prompts = grounded_prompts(batch)
-    spec = LLM(str(TINY), kv_cache_memory="32M", speculative_method="ngram", num_speculative_tokens=4)
-    assert outputs(spec, prompts, GREEDY) == outputs(base, prompts, GREEDY)
-    view = spec.view()
-    assert view.speculative["num_accepted_tokens"] > 0 and view.num_kv_blocks_used == 0
-
-
 def test_stop_strings_end_the_output_where_they_would_without_speculation(base):
     prompts = grounded_prompts(2)
     full = base.generate(prompts, GREEDY, use_tqdm=False)
@@ -84,43 +77,6 @@ def test_auto_draft_length_is_token_exact(base):
     assert spec.view().speculative["num_draft_tokens"] > 0
 
 
-def test_chunked_prefill_and_prefix_hits_are_token_exact(base):
-    shared = TEXT[:400]
-    prompts = [shared + p for p in grounded_prompts(4, 300)]
-    opts = dict(kv_cache_memory="32M", max_num_batched_tokens=48)
-    spec = LLM(str(TINY), speculative_method="ngram", num_speculative_tokens=3, **opts)
-    plain = LLM(str(TINY), **opts)
-    want = outputs(plain, prompts, GREEDY)
-    assert outputs(spec, prompts, GREEDY) == want
-    assert outputs(spec, prompts, GREEDY) == want  # the second time from the prefix cache
-    view = spec.view()
-    assert view.prefix_cache_hits > 0 and view.num_kv_blocks_used == 0
-
-
-@pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_preemption_is_token_exact(mode):
-    prompts = grounded_prompts(4, 160)
-    opts = dict(kv_cache_memory="480K", preemption_mode=mode, swap_space="8M", enable_prefix_caching=False)
-    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
-    spec = LLM(str(TINY), speculative_method="ngram", num_speculative_tokens=3, **opts)
-    plain = LLM(str(TINY), **opts)
-    assert outputs(spec, prompts, params) == outputs(plain, prompts, params)
-    view = spec.view()
-    assert view.num_preemptions > 0 and view.num_kv_blocks_used == 0 and view.num_host_blocks_used == 0
-
-
-def test_seeded_sampling_gives_the_same_text_with_and_without_speculation(base):
-    prompts = grounded_prompts(3)
-    params = [SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=s, ignore_eos=True) for s in (1, 2, 3)]
-    want = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
-    for method in ("ngram", "draft"):
-        extra = {"speculative_model": str(DRAFT)} if method == "draft" else {}
-        spec = LLM(str(TINY), kv_cache_memory="32M", speculative_method=method, num_speculative_tokens=3, **extra)
-        got = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
-        assert got == want, method
-        assert spec.view().speculative["num_draft_tokens"] > 0
-
-
 def test_draft_model_is_token_exact(base):
     prompts = [TEXT[i * 300:i * 300 + 200] for i in range(3)]  # open-ended continuation
     spec = LLM(str(TINY), kv_cache_memory="32M", speculative_method="draft", speculative_model=str(DRAFT),
@@ -146,18 +102,6 @@ def test_random_target_and_random_draft_float32(tmp_ckpt_dir):
         assert got == want
         assert spec.view().num_kv_blocks_used == 0
     assert spec.view().speculative["acceptance_rate"] == 1.0  # the target drafting for itself
-
-
-def test_moe_model_is_token_exact(tmp_ckpt_dir):
-    moe = make_checkpoint("qwen2_moe", tmp_ckpt_dir)
-    prompts = [{"prompt_token_ids": [1] + list(range(10 + i, 50 + 7 * i))} for i in range(2)]
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    plain = LLM(str(moe), dtype="float32", kv_cache_memory="4M")
-    spec = LLM(str(moe), dtype="float32", kv_cache_memory="4M", speculative_method="draft",
-               speculative_model=str(moe), num_speculative_tokens=3)
-    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)] == \
-        [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
-    assert spec.view().speculative["num_accepted_tokens"] > 0
 
 
 def test_moe_with_an_expert_store_under_a_budget_is_token_exact(tmp_ckpt_dir):
