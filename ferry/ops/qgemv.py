@@ -6,8 +6,9 @@ per block of 32 inputs (llama.cpp's Q8_0: scale max|x|/127, round to nearest eve
 int32 and summed in float32. Relative error against dequantize-then-matmul: that of Q8_0 activations, about 0.5%
 of the output's norm (tests bound it at 2%); see qgemv.cpp for what each path computes.
 
-``MAX_M`` rows and fewer go to the kernel (decode, an expert's tokens, short prefill chunks); more dequantize the
-weight once per call into a scratch tensor (``dequantize``, in C++, in parallel) for torch's matmul (quant.py).
+``MAX_M`` rows and fewer go to the kernel (decode, an expert's tokens, short prefill chunks); more (``qmatmul``)
+round x the same way and dequantize the weight a cache-sized tile of rows at a time into a scratch reused across
+calls, each tile multiplied by torch's float32 matmul (no per-call allocation of the dequantized weight).
 """
 from __future__ import annotations
 
@@ -49,10 +50,14 @@ def kernel_calls() -> int:
 
 
 def qlinear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int) -> torch.Tensor | None:
-    """x [M, K] @ W.T -> [M, N] in x's dtype, or None where the kernel does not take the call (caller falls back)."""
+    """x [M, K] @ W.T -> [M, N] in x's dtype (x rounded to Q8_0 at every M), or None where no kernel takes the
+    call (the caller falls back). M <= MAX_M: the small-M kernel; more: ``qmatmul`` (W dequantized per tile into a
+    reused scratch, torch's float32 matmul)."""
     ext = KERNEL.ext()
-    if ext is None or x.dtype not in DTYPES or x.shape[0] > MAX_M or x.shape[1] % 32:
+    if ext is None or x.dtype not in DTYPES or x.shape[1] % 32:
         return None
+    if x.shape[0] > MAX_M:
+        return ext.qmatmul(x, codes, scales, bits, group)
     return ext.qlinear(x, codes, scales, bits, group)
 
 
