@@ -10,10 +10,11 @@ Legend: M rows of x, N outputs, K inputs, G inputs per scale (group).
   of 32 dividing K.
 
 `prepare` returns a `KernelLinear` that reads the stored tensors in place (no repacking, so an expert's cache slot
-is used as read): at most `qgemv.MAX_M` rows of x go to the small-M kernel (ferry/ops/qgemv.cpp: x quantized to
-int8 per block of 32 on the fly, int32 dot products, float32 sums), more rows dequantize the weight a tile at a
-time into a reused scratch and run torch's float32 matmul. `ReferenceLinear` (dequantize, then matmul) is the oracle both are
-tested against. The formats hold no CPU-specific order: a weight converted on one machine runs on any other."""
+is used as read): at most `qgemv.MAX_M[bits]` rows of x go to the small-M kernel (ferry/ops/qgemv.cpp: x quantized
+to int8 per block of 32 on the fly, int32 dot products, float32 sums), more rows dequantize the weight a tile at a
+time into a reused scratch and run torch's float32 matmul. `ReferenceLinear` (dequantize, then matmul) is the
+oracle both are tested against. The formats hold no CPU-specific order: a weight converted on one machine runs on
+any other."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -138,13 +139,13 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 class KernelLinear(QuantLinear):
-    """The stored tensors used in place: the small-M kernel for at most `qgemv.MAX_M` rows of x; for more, x rounded
-    as the kernel rounds it times the weight dequantized a cache-sized tile at a time (in C++, into a scratch tile
-    reused across calls: codes x float16 scales are exact in float32) with torch's float32 matmul, then cast to x's
-    dtype (`qgemv.qlinear`). Every M computes the same product up to float32 rounding, so a token's result does not
-    depend on the batch it runs in (chunked prefill, an offloaded expert's token count) beyond that. The same in
-    bfloat16 would round x and W to 8 bits, and made greedy tokens depend on the batch. Where no kernel is built,
-    the same arithmetic in torch (`round_activations`, `QuantizedWeight.dequantize`)."""
+    """The stored tensors used in place: the small-M kernel for at most `qgemv.MAX_M[bits]` rows of x; for more,
+    x rounded as the kernel rounds it times the weight dequantized a cache-sized tile at a time (in C++, into a
+    scratch tile reused across calls: codes x float16 scales are exact in float32) with torch's float32 matmul,
+    then cast to x's dtype (`qgemv.qlinear`). Every M computes the same product up to float32 rounding, so a
+    token's result does not depend on the batch it runs in (chunked prefill, an offloaded expert's token count)
+    beyond that. The same in bfloat16 would round x and W to 8 bits, and made greedy tokens depend on the batch.
+    Where no kernel is built, the same arithmetic in torch (`round_activations`, `QuantizedWeight.dequantize`)."""
 
     def __init__(self, qw: QuantizedWeight) -> None:
         self.qw = qw

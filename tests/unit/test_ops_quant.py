@@ -80,7 +80,7 @@ def _check_against_reference(bits: int, K: int, group: int, dtype: torch.dtype, 
         calls = qgemv.kernel_calls()
         y = lin(x)
         assert y.dtype == dtype and y.shape == (M, 67)
-        assert qgemv.kernel_calls() == calls + (M <= qgemv.MAX_M)
+        assert qgemv.kernel_calls() == calls + (M <= qgemv.MAX_M[bits])
         ref = ReferenceLinear(qw)(x.float()).double()
         want = emulated(x, qw)  # every M: the kernel's rounding of x (prefill rounds x as decode does)
         scale = float(want.abs().max())
@@ -96,7 +96,7 @@ def test_kernel_matches_dequantize_then_matmul_at_every_level(level, bits, K, gr
         assert quant.available(), quant.unavailable_reason()
         assert qgemv.path() in PATHS[level]
         for dtype in (torch.float32, torch.bfloat16):
-            _check_against_reference(bits, K, group, dtype, [1, 2, 3, 4, 5, 8, 13, 16, 40, qgemv.MAX_M + 9])
+            _check_against_reference(bits, K, group, dtype, [1, 2, 3, 4, 5, 8, 13, 16, 40, qgemv.MAX_M[bits] + 9])
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -159,11 +159,11 @@ def test_scratch_reused_across_shapes_gives_fresh_results(level):
     g = torch.Generator().manual_seed(12)
     weights = [quantize_weight(torch.randn(n, k, generator=g) / 8, bits, grp)
                for n, k, bits, grp in [(70, 512, 4, 32), (33, 96, 8, 96), (129, 256, 8, 64), (40, 64, 4, 64)]]
-    xs = {(m, qw.shape[1]): torch.randn(m, qw.shape[1], generator=g) for qw in weights
-          for m in (1, 3, qgemv.MAX_M + 5)}
+    ms = (1, 3, qgemv.MAX_M[8] + 5, qgemv.MAX_M[4] + 5)
+    xs = {(m, qw.shape[1]): torch.randn(m, qw.shape[1], generator=g) for qw in weights for m in ms}
     with forced_isa(level):
         lins = [prepare(qw) for qw in weights]
-        first = {(i, m): lin(xs[(m, lin.shape[1])]) for i, lin in enumerate(lins) for m in (1, 3, qgemv.MAX_M + 5)}
+        first = {(i, m): lin(xs[(m, lin.shape[1])]) for i, lin in enumerate(lins) for m in ms}
         for (i, m), want in reversed(list(first.items())):
             assert torch.equal(lins[i](xs[(m, lins[i].shape[1])]), want), (i, m)
             torch.testing.assert_close(want.double(), emulated(xs[(m, lins[i].shape[1])], weights[i]),
