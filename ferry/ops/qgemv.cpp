@@ -40,6 +40,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifndef FERRY_ISA_LEVEL
@@ -605,17 +606,38 @@ void dequant_parallel(const uint8_t* codes, const c10::Half* scales, int64_t bit
   });
 }
 
-// x [M, K] rounded as the kernel rounds it (Q8_0: q x d) into float32 xr, rows in parallel.
-template <class T>
-void round_x(const T* x, int64_t M, int64_t K, float* xr) {
+// x [M, K] rounded as the kernel rounds it (Q8_0: q x d, in float32, then stored as O), rows in parallel.
+template <class T, class O>
+void round_x(const T* x, int64_t M, int64_t K, O* xr) {
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
     int8_t q[QK];
     float d;
     for (int64_t i = m0 * (K / QK); i < m1 * (K / QK); ++i) {
       quantize_block(x + i * QK, q, &d);
-      for (int j = 0; j < QK; ++j) xr[i * QK + j] = static_cast<float>(q[j]) * d;
+      for (int j = 0; j < QK; ++j) store_out(xr + i * QK + j, static_cast<float>(q[j]) * d);
     }
   });
+}
+
+// qmatmul in T (float32 or bfloat16): x rounded, W a tile of NT rows at a time, torch's matmul per tile.
+template <class T>
+void qmatmul_in(const torch::Tensor& xc, const uint8_t* c, const c10::Half* s, int64_t bits, int64_t group,
+                torch::Tensor& y) {
+  const int64_t M = xc.size(0), K = xc.size(1), N = y.size(1);
+  auto opts = xc.options();
+  auto xr = torch::empty({M, K}, opts);
+  round_x(xc.data_ptr<T>(), M, K, xr.data_ptr<T>());
+  const int64_t NT = std::min<int64_t>(N, std::max<int64_t>(64, (4 << 20) / (K * (int64_t)sizeof(T))));
+  static thread_local Scratch tile_buf;
+  T* tile = tile_buf.get<T>((size_t)NT * K);
+  for (int64_t n0 = 0; n0 < N; n0 += NT) {
+    const int64_t nt = std::min(NT, N - n0);
+    dequant_parallel(c, s, bits, K, group, n0, n0 + nt, tile);
+    auto w = torch::from_blob(tile, {nt, K}, opts);
+    auto yt = y.narrow(1, n0, nt);  // row stride N
+    if constexpr (std::is_same_v<T, float>) at::mm_out(yt, xr, w.t());  // BLAS writes it in place (ldc)
+    else yt.copy_(at::mm(xr, w.t()));  // oneDNN's bfloat16 matmul wants a contiguous output
+  }
 }
 
 }  // namespace
@@ -635,11 +657,12 @@ torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& scales
   return out;
 }
 
-// y [M, N] = round(x) @ W.T for many rows (prefill): x rounded as the small-M kernel rounds it, W dequantized
-// a tile of rows at a time (at most ~4 MB of float32, so it is still in cache when read) into a scratch tile
-// reused across calls, each tile's product by torch's float32 matmul written straight into y's columns. Float32
-// because codes x float16 scales are exact there, so a token's result matches the small-M kernel's up to float
-// rounding whatever the batch (bfloat16 would round W and x again, and greedy tokens moved with the batch).
+// y [M, N] = round(x) @ W.T for many rows (prefill), in x's dtype: x rounded as the small-M kernel rounds it, W
+// dequantized a tile of rows at a time (about 4 MB, still in cache when read) into a scratch tile reused across
+// calls, each tile's product by torch's matmul written into y's columns. float32 x: codes x float16 scales are
+// exact, so a token's result matches the small-M kernel's up to float rounding whatever the batch. bfloat16 x
+// (sent only where the CPU has native bf16, qgemv.py): x and W rounded once more to bfloat16, as a bfloat16
+// model's prefill (F.linear) is, for the CPU's bf16 matmul (AMX / AVX512-BF16: ~5x float32's at M=512 here).
 torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales, int64_t bits,
                       int64_t group) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "ferry qgemv: x must be a 2-D CPU tensor");
@@ -648,25 +671,13 @@ torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& codes, const 
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "ferry qgemv: x must be float32 or bfloat16, not ", x.scalar_type());
   const torch::Tensor xc = x.contiguous();
-  auto f32 = x.options().dtype(at::kFloat);
-  auto xr = torch::empty({M, K}, f32);
-  auto y = torch::empty({M, N}, f32);
-  if (M == 0 || N == 0) return y.to(x.scalar_type());
-  if (x.scalar_type() == at::kFloat) round_x(xc.data_ptr<float>(), M, K, xr.data_ptr<float>());
-  else round_x(xc.data_ptr<c10::BFloat16>(), M, K, xr.data_ptr<float>());
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
   const uint8_t* c = static_cast<const uint8_t*>(codes.data_ptr());
   const c10::Half* s = scales.data_ptr<c10::Half>();
-  const int64_t NT = std::min<int64_t>(N, std::max<int64_t>(64, (4 << 20) / (K * 4)));
-  static thread_local Scratch tile_buf;
-  float* tile = tile_buf.get<float>((size_t)NT * K);
-  for (int64_t n0 = 0; n0 < N; n0 += NT) {
-    const int64_t nt = std::min(NT, N - n0);
-    dequant_parallel(c, s, bits, K, group, n0, n0 + nt, tile);
-    auto w = torch::from_blob(tile, {nt, K}, f32);
-    auto yt = y.narrow(1, n0, nt);  // row stride N: the matmul writes it in place (ldc)
-    at::mm_out(yt, xr, w.t());
-  }
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  if (x.scalar_type() == at::kFloat) qmatmul_in<float>(xc, c, s, bits, group, y);
+  else qmatmul_in<c10::BFloat16>(xc, c, s, bits, group, y);
+  return y;
 }
 
 std::string path_name() {

@@ -80,7 +80,7 @@ def _check_against_reference(bits: int, K: int, group: int, dtype: torch.dtype, 
         calls = qgemv.kernel_calls()
         y = lin(x)
         assert y.dtype == dtype and y.shape == (M, 67)
-        assert qgemv.kernel_calls() == calls + (M <= qgemv.MAX_M[bits])
+        assert qgemv.kernel_calls() == calls + (M <= qgemv.max_m(dtype, bits))
         ref = ReferenceLinear(qw)(x.float()).double()
         want = emulated(x, qw)  # every M: the kernel's rounding of x (prefill rounds x as decode does)
         scale = float(want.abs().max())
@@ -96,7 +96,8 @@ def test_kernel_matches_dequantize_then_matmul_at_every_level(level, bits, K, gr
         assert quant.available(), quant.unavailable_reason()
         assert qgemv.path() in PATHS[level]
         for dtype in (torch.float32, torch.bfloat16):
-            _check_against_reference(bits, K, group, dtype, [1, 2, 3, 4, 5, 8, 13, 16, 40, qgemv.MAX_M[bits] + 9])
+            ms = [1, 2, 3, 4, 5, 8, 13, 16, 40, qgemv.MAX_M_BF16 + 3, qgemv.max_m(dtype, bits) + 9]
+            _check_against_reference(bits, K, group, dtype, ms)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
