@@ -5,8 +5,9 @@ Each weight is replicated into enough copies to exceed --rotate-mb, every call u
 stream from DRAM as in decode. All variants of a case run interleaved (A, B, C, A, B, C, ...) for --runs rounds;
 the median time per call is reported with its weight bandwidth (bytes of that variant's weight format / time:
 4 B/weight f32, 2 bf16, 1 + scales int8, 0.5 + scales int4). Levels are switched in-process with FERRY_ISA (the
-kernel of each level is built once). "kernel" forces the small-M kernel at the CPU's own level at every M (to
-find the crossover, qgemv.MAX_M); "ferry" is what prepare() runs (kernel up to MAX_M, dequantize + matmul above).
+kernel of each level is built once). "kernel" forces the small-M kernel at the CPU's own level at every M up to
+--kernel-max-m, "qmatmul" the large-M path (W dequantized per tile, float32 matmul) at every M from 16 (the two
+place the crossover, qgemv.MAX_M[bits]); "ferry" is what prepare() runs (kernel up to MAX_M[bits], qmatmul above).
 
     python bench/qgemv.py --threads 2
     python bench/qgemv.py --m 1 16 512 --levels avx512_bf16 avx2 portable --shapes 4864x896
@@ -82,6 +83,10 @@ def variants(n: int, k: int, m: int, dtype: torch.dtype, args) -> dict:
             out[f"kernel int{bits}"] = (None, lambda i, qws=qws, bits=bits: qgemv.KERNEL.ext().qlinear(
                 x, qws[i % len(qws)].codes, qws[i % len(qws)].scales, bits, qws[i % len(qws)].group), qw0.nbytes,
                 len(qws))
+        if m >= 16:
+            out[f"qmatmul int{bits}"] = (None, lambda i, qws=qws, bits=bits: qgemv.KERNEL.ext().qmatmul(
+                x, qws[i % len(qws)].codes, qws[i % len(qws)].scales, bits, qws[i % len(qws)].group), qw0.nbytes,
+                len(qws))
         if args.reference:
             ref = ReferenceLinear(qw0)
             out[f"reference int{bits}"] = (None, lambda i, ref=ref: ref(x), qw0.nbytes, 2)
@@ -152,7 +157,7 @@ def main() -> None:
                     help="FERRY_ISA levels to run ferry at (default: every level this CPU has)")
     ap.add_argument("--cross", action="store_true", help="also F.linear in the other float dtype")
     ap.add_argument("--reference", action="store_true", help="also ReferenceLinear (slow)")
-    ap.add_argument("--kernel-max-m", type=int, default=64, help="largest M for the forced-kernel variant")
+    ap.add_argument("--kernel-max-m", type=int, default=512, help="largest M for the forced-kernel variant")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rotate-mb", type=int, default=160)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "qgemv.json")

@@ -40,6 +40,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifndef FERRY_ISA_LEVEL
@@ -51,37 +52,79 @@ namespace {
 constexpr int QK = 32;  // inputs per block (x's quantization block; int4's packing block)
 std::atomic<int64_t> g_kernel_calls{0};
 
+// Scratch memory reused across calls (one per thread: the caller's for x, each worker's for its scales), so a
+// decode step allocates nothing but its output tensor.
+struct Scratch {
+  void* p = nullptr;
+  size_t cap = 0;
+  ~Scratch() { std::free(p); }
+  template <class T>
+  T* get(size_t n) {
+    const size_t bytes = n * sizeof(T);
+    if (bytes > cap) {
+      std::free(p);
+      cap = (bytes + 4095) & ~size_t(4095);
+      p = std::aligned_alloc(64, cap);
+      TORCH_CHECK(p != nullptr, "ferry qgemv: out of memory for ", cap, " bytes of scratch");
+    }
+    return static_cast<T*>(p);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------------
-// x quantization (every path): x [M, K] -> q int8 [M, K], d float [M, K/32]. Scalar, so all levels agree.
+// x quantization (every path): one block of 32 inputs -> q int8 [32], d float. Scalar, so all levels agree.
 // ---------------------------------------------------------------------------------------------------------
 template <class T>
-void quantize_x(const T* x, int64_t M, int64_t K, int8_t* q, float* d) {
-  const int64_t nb = K / QK;
-  for (int64_t i = 0; i < M * nb; ++i) {
-    const T* xb = x + i * QK;
-    float v[QK], amax = 0.f;
-    for (int j = 0; j < QK; ++j) {
-      v[j] = static_cast<float>(xb[j]);
-      amax = std::max(amax, std::fabs(v[j]));
-    }
-    const float dx = amax / 127.f;
-    const float id = dx > 0.f ? 1.f / dx : 0.f;
-    // round half to even by the 1.5 x 2^23 trick (|v id| <= 127 + ulp): the same bits as nearbyint, without a
-    // libm call at the portable level. Built with -ffp-contract=off, so v * id is rounded before the add.
-    for (int j = 0; j < QK; ++j) {
-      const float t = v[j] * id;
-      const float r = (t + 12582912.f) - 12582912.f;
-      q[i * QK + j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, r)));
-    }
-    d[i] = dx;
+inline void quantize_block(const T* xb, int8_t* q, float* d) {
+  float v[QK], amax = 0.f;
+  for (int j = 0; j < QK; ++j) {
+    v[j] = static_cast<float>(xb[j]);
+    amax = std::max(amax, std::fabs(v[j]));
   }
+  const float dx = amax / 127.f;
+  const float id = dx > 0.f ? 1.f / dx : 0.f;
+  // round half to even by the 1.5 x 2^23 trick (|v id| <= 127 + ulp): the same bits as nearbyint, without a
+  // libm call at the portable level. Built with -ffp-contract=off, so v * id is rounded before the add.
+  for (int j = 0; j < QK; ++j) {
+    const float t = v[j] * id;
+    const float r = (t + 12582912.f) - 12582912.f;
+    q[j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, r)));
+  }
+  *d = dx;
 }
 
-// A weight row's group scales as one float per block of 32 inputs (nb entries, zero-padded to `padded`).
-inline void expand_scales(const c10::Half* s, int64_t nb, int64_t blocks_per_group, int64_t padded,
-                          float* out) {
-  for (int64_t b = 0; b < nb; ++b) out[b] = static_cast<float>(s[b / blocks_per_group]);
-  for (int64_t b = nb; b < padded; ++b) out[b] = 0.f;
+// x [M, K] -> q int8 [M, K], d float [M, K/32].
+template <class T>
+void quantize_x(const T* x, int64_t M, int64_t K, int8_t* q, float* d) {
+  for (int64_t i = 0; i < M * (K / QK); ++i) quantize_block(x + i * QK, q + i * QK, d + i);
+}
+
+inline float half_to_float(c10::Half h) {
+#if FERRY_ISA_LEVEL >= 1
+  return _cvtsh_ss(h.x);  // F16C: every level above portable has it
+#else
+  return static_cast<float>(h);
+#endif
+}
+
+// A weight row's ng group scales as one float per block of 32 inputs (ng x bpg entries, zero-padded to
+// `padded`). No division, and a vector conversion where each group is one block (int4's usual group 32):
+// this ran once per row and block, and with an integer division per block it took ~40% of the kernel's time.
+inline void expand_scales(const c10::Half* s, int64_t ng, int64_t bpg, int64_t padded, float* out) {
+  int64_t b = 0;
+  if (bpg == 1) {
+#if FERRY_ISA_LEVEL >= 1
+    for (; b + 8 <= ng; b += 8)
+      _mm256_storeu_ps(out + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + b))));
+#endif
+    for (; b < ng; ++b) out[b] = half_to_float(s[b]);
+  } else {
+    for (int64_t g = 0; g < ng; ++g) {
+      const float v = half_to_float(s[g]);
+      for (int64_t j = 0; j < bpg; ++j) out[b++] = v;
+    }
+  }
+  for (; b < padded; ++b) out[b] = 0.f;
 }
 
 inline void store_out(float* y, float v) { *y = v; }
@@ -109,9 +152,10 @@ template <int BITS, class T>
 void rows_portable(const uint8_t* codes, const c10::Half* scales, int64_t K, int64_t group, const int8_t* xq,
                    const float* dx, int64_t M, T* y, int64_t N, int64_t n0, int64_t n1) {
   const int64_t nb = K / QK, rowbytes = K * BITS / 8, ng = K / group, bpb = QK * BITS / 8;
-  std::vector<float> wb(nb);
+  static thread_local Scratch scratch;
+  float* wb = scratch.get<float>(nb);
   for (int64_t n = n0; n < n1; ++n) {
-    expand_scales(scales + n * ng, nb, group / QK, nb, wb.data());
+    expand_scales(scales + n * ng, ng, group / QK, nb, wb);
     const uint8_t* row = codes + n * rowbytes;
     for (int64_t m = 0; m < M; ++m) {
       float acc = 0.f;
@@ -366,9 +410,9 @@ template <class P, int MT, int RB, class T>
 FERRY_TGT_VEC void row_block(const uint8_t* codes, const c10::Half* scales, int64_t K, int64_t group,
                              const int8_t* xp, int64_t M, T* y, int64_t N, int64_t n0, float* wb) {
   constexpr int W = P::W, BPS = P::L.bps();
-  const int64_t rowbytes = K * P::L.bits / 8, steps = (rowbytes + W - 1) / W, nb = K / QK, ng = K / group;
+  const int64_t rowbytes = K * P::L.bits / 8, steps = (rowbytes + W - 1) / W, ng = K / group;
   const int64_t wb_stride = steps * BPS + 4;
-  for (int r = 0; r < RB; ++r) expand_scales(scales + (n0 + r) * ng, nb, group / QK, wb_stride, wb + r * wb_stride);
+  for (int r = 0; r < RB; ++r) expand_scales(scales + (n0 + r) * ng, ng, group / QK, wb_stride, wb + r * wb_stride);
   const uint8_t* w = codes + n0 * rowbytes;
   float out[MT * RB];
   for (int64_t m0 = 0; m0 < M; m0 += MT) {
@@ -394,18 +438,20 @@ void launch_vec(const uint8_t* codes, const c10::Half* scales, int64_t K, int64_
                 const float* dx, int64_t M, T* y, int64_t N) {
   constexpr int W = P::W;
   const int64_t rowbytes = K * P::L.bits / 8, steps = (rowbytes + W - 1) / W;
-  std::vector<int8_t> xp((size_t)M * steps * 4 * W + 64);
-  pack_x(xq, dx, M, K, MT, P::L, xp.data());
+  static thread_local Scratch xs;
+  int8_t* xp = xs.get<int8_t>((size_t)M * steps * 4 * W + 64);
+  pack_x(xq, dx, M, K, MT, P::L, xp);
   const int64_t nblocks = (N + RB - 1) / RB, nfull = N / RB;
   const int64_t grain = std::max<int64_t>(1, 65536 / (rowbytes * RB));  // >= 64 KB of codes per task
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> wb(RB * (steps * P::L.bps() + 4));
+    static thread_local Scratch ws;
+    float* wb = ws.get<float>(RB * (steps * P::L.bps() + 4));
     for (int64_t b = b0; b < b1; ++b) {
       if (b < nfull) {
-        row_block<P, MT, RB>(codes, scales, K, group, xp.data(), M, y, N, b * RB, wb.data());
+        row_block<P, MT, RB>(codes, scales, K, group, xp, M, y, N, b * RB, wb);
       } else {
         for (int64_t n = nfull * RB; n < N; ++n)
-          row_block<P, MT, 1>(codes, scales, K, group, xp.data(), M, y, N, n, wb.data());
+          row_block<P, MT, 1>(codes, scales, K, group, xp, M, y, N, n, wb);
       }
     }
   });
@@ -502,57 +548,136 @@ torch::Tensor qlinear(const torch::Tensor& x, const torch::Tensor& codes, const 
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   g_kernel_calls.fetch_add(1, std::memory_order_relaxed);
-  std::vector<int8_t> xq((size_t)M * K);
-  std::vector<float> dx((size_t)M * (K / QK));
+  static thread_local Scratch xq_buf, dx_buf;
+  int8_t* xq = xq_buf.get<int8_t>((size_t)M * K);
+  float* dx = dx_buf.get<float>((size_t)M * (K / QK));
   const uint8_t* c = static_cast<const uint8_t*>(codes.data_ptr());
   const c10::Half* s = scales.data_ptr<c10::Half>();
   if (x.scalar_type() == at::kFloat) {
-    quantize_x(xc.data_ptr<float>(), M, K, xq.data(), dx.data());
-    if (bits == 4) run<4>(c, s, K, group, xq.data(), dx.data(), M, y.data_ptr<float>(), N);
-    else run<8>(c, s, K, group, xq.data(), dx.data(), M, y.data_ptr<float>(), N);
+    quantize_x(xc.data_ptr<float>(), M, K, xq, dx);
+    if (bits == 4) run<4>(c, s, K, group, xq, dx, M, y.data_ptr<float>(), N);
+    else run<8>(c, s, K, group, xq, dx, M, y.data_ptr<float>(), N);
   } else {
     using B = c10::BFloat16;
-    quantize_x(xc.data_ptr<B>(), M, K, xq.data(), dx.data());
-    if (bits == 4) run<4>(c, s, K, group, xq.data(), dx.data(), M, y.data_ptr<B>(), N);
-    else run<8>(c, s, K, group, xq.data(), dx.data(), M, y.data_ptr<B>(), N);
+    quantize_x(xc.data_ptr<B>(), M, K, xq, dx);
+    if (bits == 4) run<4>(c, s, K, group, xq, dx, M, y.data_ptr<B>(), N);
+    else run<8>(c, s, K, group, xq, dx, M, y.data_ptr<B>(), N);
   }
   return y;
 }
+
+namespace {
+
+// Weight rows [n0, n1) dequantized into out (row n0 first): code x float16 scale, each product exact in float32
+// and rounded once to T. Written so the compiler vectorizes the inner loops at the build's level.
+template <int BITS, class T>
+void dequant_rows(const uint8_t* codes, const c10::Half* scales, int64_t K, int64_t group, int64_t n0, int64_t n1,
+                  T* out) {
+  const int64_t ng = K / group, bpg = group / QK;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * K * BITS / 8;
+    T* o = out + (n - n0) * K;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float d = half_to_float(scales[n * ng + g]);
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+        T* ob = o + b * QK;
+        if constexpr (BITS == 8) {
+          const int8_t* c = reinterpret_cast<const int8_t*>(row) + b * QK;
+          for (int j = 0; j < QK; ++j) store_out(ob + j, static_cast<float>(c[j]) * d);
+        } else {
+          const uint8_t* c = row + b * (QK / 2);
+          for (int j = 0; j < QK / 2; ++j) {
+            store_out(ob + j, static_cast<float>((c[j] & 15) - 8) * d);
+            store_out(ob + j + QK / 2, static_cast<float>((c[j] >> 4) - 8) * d);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <class T>
+void dequant_parallel(const uint8_t* codes, const c10::Half* scales, int64_t bits, int64_t K, int64_t group,
+                      int64_t n0, int64_t n1, T* out) {
+  at::parallel_for(n0, n1, std::max<int64_t>(1, 16384 / K), [&](int64_t a, int64_t b) {
+    T* o = out + (a - n0) * K;
+    if (bits == 8) dequant_rows<8>(codes, scales, K, group, a, b, o);
+    else dequant_rows<4>(codes, scales, K, group, a, b, o);
+  });
+}
+
+// x [M, K] rounded as the kernel rounds it (Q8_0: q x d, in float32, then stored as O), rows in parallel.
+template <class T, class O>
+void round_x(const T* x, int64_t M, int64_t K, O* xr) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    int8_t q[QK];
+    float d;
+    for (int64_t i = m0 * (K / QK); i < m1 * (K / QK); ++i) {
+      quantize_block(x + i * QK, q, &d);
+      for (int j = 0; j < QK; ++j) store_out(xr + i * QK + j, static_cast<float>(q[j]) * d);
+    }
+  });
+}
+
+// qmatmul in T (float32 or bfloat16): x rounded, W a tile of NT rows at a time, torch's matmul per tile.
+template <class T>
+void qmatmul_in(const torch::Tensor& xc, const uint8_t* c, const c10::Half* s, int64_t bits, int64_t group,
+                torch::Tensor& y) {
+  const int64_t M = xc.size(0), K = xc.size(1), N = y.size(1);
+  auto opts = xc.options();
+  auto xr = torch::empty({M, K}, opts);
+  round_x(xc.data_ptr<T>(), M, K, xr.data_ptr<T>());
+  const int64_t NT = std::min<int64_t>(N, std::max<int64_t>(64, (4 << 20) / (K * (int64_t)sizeof(T))));
+  static thread_local Scratch tile_buf;
+  T* tile = tile_buf.get<T>((size_t)NT * K);
+  for (int64_t n0 = 0; n0 < N; n0 += NT) {
+    const int64_t nt = std::min(NT, N - n0);
+    dequant_parallel(c, s, bits, K, group, n0, n0 + nt, tile);
+    auto w = torch::from_blob(tile, {nt, K}, opts);
+    auto yt = y.narrow(1, n0, nt);  // row stride N
+    if constexpr (std::is_same_v<T, float>) at::mm_out(yt, xr, w.t());  // BLAS writes it in place (ldc)
+    else yt.copy_(at::mm(xr, w.t()));  // oneDNN's bfloat16 matmul wants a contiguous output
+  }
+}
+
+}  // namespace
 
 // W [N, K] = codes x scales written into out (float32 or bfloat16), in parallel over rows.
 torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& scales, int64_t bits, int64_t group,
                          torch::Tensor out) {
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == codes.size(0),
               "ferry qgemv: out must be a contiguous [N, K] tensor");
-  const int64_t N = out.size(0), K = out.size(1), ng = K / std::max<int64_t>(group, 1);
+  const int64_t N = out.size(0), K = out.size(1);
   check_weight(codes, scales, bits, group, K);
   const uint8_t* c = static_cast<const uint8_t*>(codes.data_ptr());
   const c10::Half* s = scales.data_ptr<c10::Half>();
-  auto body = [&](auto* o) {
-    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t* row = c + n * K * bits / 8;
-        auto* orow = o + n * K;
-        for (int64_t g = 0; g < ng; ++g) {
-          const float d = static_cast<float>(s[n * ng + g]);
-          for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-            float v;
-            if (bits == 8) v = (float)reinterpret_cast<const int8_t*>(row)[k];
-            else {
-              const int64_t blk = k / QK, j = k % QK;
-              const uint8_t byte = row[blk * 16 + (j & 15)];
-              v = (float)((j < 16 ? (byte & 15) : (byte >> 4)) - 8);
-            }
-            store_out(orow + k, v * d);
-          }
-        }
-      }
-    });
-  };
-  if (out.scalar_type() == at::kFloat) body(out.data_ptr<float>());
-  else if (out.scalar_type() == at::kBFloat16) body(out.data_ptr<c10::BFloat16>());
+  if (out.scalar_type() == at::kFloat) dequant_parallel(c, s, bits, K, group, 0, N, out.data_ptr<float>());
+  else if (out.scalar_type() == at::kBFloat16) dequant_parallel(c, s, bits, K, group, 0, N, out.data_ptr<c10::BFloat16>());
   else TORCH_CHECK(false, "ferry qgemv: dequantize writes float32 or bfloat16, not ", out.scalar_type());
   return out;
+}
+
+// y [M, N] = round(x) @ W.T for many rows (prefill), in x's dtype: x rounded as the small-M kernel rounds it, W
+// dequantized a tile of rows at a time (about 4 MB, still in cache when read) into a scratch tile reused across
+// calls, each tile's product by torch's matmul written into y's columns. float32 x: codes x float16 scales are
+// exact, so a token's result matches the small-M kernel's up to float rounding whatever the batch. bfloat16 x
+// (sent only where the CPU has native bf16, qgemv.py): x and W rounded once more to bfloat16, as a bfloat16
+// model's prefill (F.linear) is, for the CPU's bf16 matmul (AMX / AVX512-BF16: ~5x float32's at M=512 here).
+torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales, int64_t bits,
+                      int64_t group) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "ferry qgemv: x must be a 2-D CPU tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  check_weight(codes, scales, bits, group, K);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "ferry qgemv: x must be float32 or bfloat16, not ", x.scalar_type());
+  const torch::Tensor xc = x.contiguous();
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const uint8_t* c = static_cast<const uint8_t*>(codes.data_ptr());
+  const c10::Half* s = scales.data_ptr<c10::Half>();
+  if (x.scalar_type() == at::kFloat) qmatmul_in<float>(xc, c, s, bits, group, y);
+  else qmatmul_in<c10::BFloat16>(xc, c, s, bits, group, y);
+  return y;
 }
 
 std::string path_name() {
@@ -565,6 +690,8 @@ int64_t kernel_calls() { return g_kernel_calls.load(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "y = x @ W.T for a stored int8/int4 weight (small M)", py::arg("x"),
         py::arg("codes"), py::arg("scales"), py::arg("bits"), py::arg("group"));
+  m.def("qmatmul", &qmatmul, "y = round(x) @ W.T for many rows: W dequantized per tile, float32 matmul",
+        py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("bits"), py::arg("group"));
   m.def("dequantize", &dequantize, "W written into out", py::arg("codes"), py::arg("scales"), py::arg("bits"),
         py::arg("group"), py::arg("out"));
   m.def("path", &path_name, "the code path this build runs here");

@@ -6,25 +6,34 @@ per block of 32 inputs (llama.cpp's Q8_0: scale max|x|/127, round to nearest eve
 int32 and summed in float32. Relative error against dequantize-then-matmul: that of Q8_0 activations, about 0.5%
 of the output's norm (tests bound it at 2%); see qgemv.cpp for what each path computes.
 
-``MAX_M`` rows and fewer go to the kernel (decode, an expert's tokens, short prefill chunks); more dequantize the
-weight once per call into a scratch tensor (``dequantize``, in C++, in parallel) for torch's matmul (quant.py).
+``max_m(dtype, bits)`` rows and fewer go to the kernel (decode, an expert's tokens, short prefill chunks); more
+(``qmatmul``) round x the same way and dequantize the weight a cache-sized tile of rows at a time into a scratch reused across
+calls, each tile multiplied by torch's matmul (float32; bfloat16 for bfloat16 x where the CPU computes it natively),
+with no per-call allocation of the dequantized weight.
 """
 from __future__ import annotations
 
 import torch
 
+from ferry.ops import cpu
 from ferry.ops.cpu import Isa
 from ferry.ops.kernel import NativeKernel
 
 KERNEL = NativeKernel("ferry_qgemv", ["qgemv.cpp"], ["-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off"],
                       min_isa=Isa.PORTABLE)
 
-# Largest M sent to the kernel; above it dequantize + matmul. Measured with bench/qgemv.py (Xeon with AVX-512
-# VNNI, 2 threads, a heavily shared machine: relative numbers only): at M=64 the kernel (any level) was 2-7x
-# faster than dequantize + float32 matmul, at M=512 about 5x slower; it is compute-bound from M ~ 16 and grows
-# linearly in M while dequantize + matmul is mostly the dequantization's fixed cost, so the crossover is a few
-# hundred rows. 128 keeps a margin; rerun the bench on a quiet machine to place it.
-MAX_M = 128
+# Largest M sent to the kernel, per bit width; above it ``qmatmul``. First measured with bench/qgemv.py against a
+# per-call dequantize + float32 matmul (kernel 2-7x faster at M=64, 5x slower at M=512). Remeasured after the
+# kernel's scales and qmatmul's tiles (one layer's four Qwen2.5-0.5B linears, bfloat16 x, 1 thread, CPU time,
+# interleaved, shared Xeon): int8 kernel / qmatmul 21 / 41 ms at M=64, 60 / 64 at 128, 123 / 102 at 256, 329 / 191
+# at 512; int4 13 / 45, 30 / 73, 69 / 101, 151 / 188. int4 does twice the multiply-adds per step of the kernel's
+# float work (the per-block scaling), so it stays ahead of the float32 matmul four times longer.
+MAX_M = {8: 128, 4: 512}
+# bfloat16 x on a CPU with native bf16 (cpu.native_bf16): above this qmatmul runs torch's bfloat16 matmul (AMX /
+# AVX512-BF16). Same interleaved run as above, bfloat16 tiles: int8 kernel / qmatmul 10 / 14 ms at M=32, 21 / 16
+# at 64, 52 / 22 at 128, 361 / 50 at 512; int4 7 / 16, 12 / 20, 25 / 23, 170 / 54 (qmatmul at 512: a quarter of its float32
+# time). 32 also keeps speculation's 16 rows (gemv.MAX_M) on the batch-invariant kernel.
+MAX_M_BF16 = 32
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -49,11 +58,22 @@ def kernel_calls() -> int:
 
 
 def qlinear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int) -> torch.Tensor | None:
-    """x [M, K] @ W.T -> [M, N] in x's dtype, or None where the kernel does not take the call (caller falls back)."""
+    """x [M, K] @ W.T -> [M, N] in x's dtype (x rounded to Q8_0 at every M), or None where no kernel takes the
+    call (the caller falls back). M <= max_m(dtype, bits): the small-M kernel; more: ``qmatmul`` (W dequantized per
+    tile into a reused scratch, torch's matmul in float32, or in bfloat16 for bfloat16 x where the CPU has it)."""
     ext = KERNEL.ext()
-    if ext is None or x.dtype not in DTYPES or x.shape[0] > MAX_M or x.shape[1] % 32:
+    if ext is None or x.dtype not in DTYPES or x.shape[1] % 32:
         return None
-    return ext.qlinear(x, codes, scales, bits, group)
+    if x.shape[0] <= MAX_M_BF16 or x.shape[0] <= max_m(x.dtype, bits):
+        return ext.qlinear(x, codes, scales, bits, group)
+    if x.dtype == torch.bfloat16 and not cpu.native_bf16():  # bf16 matmul emulated here: float32 is faster
+        return ext.qmatmul(x.float(), codes, scales, bits, group).to(torch.bfloat16)
+    return ext.qmatmul(x, codes, scales, bits, group)
+
+
+def max_m(dtype: torch.dtype, bits: int) -> int:
+    """The most rows of x in `dtype` that go to the small-M kernel at `bits` (at the level in force)."""
+    return MAX_M_BF16 if dtype == torch.bfloat16 and cpu.native_bf16() else MAX_M[bits]
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int, out: torch.Tensor) -> bool:

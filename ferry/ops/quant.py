@@ -10,10 +10,11 @@ Legend: M rows of x, N outputs, K inputs, G inputs per scale (group).
   of 32 dividing K.
 
 `prepare` returns a `KernelLinear` that reads the stored tensors in place (no repacking, so an expert's cache slot
-is used as read): at most `qgemv.MAX_M` rows of x go to the small-M kernel (ferry/ops/qgemv.cpp: x quantized to
-int8 per block of 32 on the fly, int32 dot products, float32 sums), more rows dequantize the weight into a scratch
-tensor once per call and run torch's matmul. `ReferenceLinear` (dequantize, then matmul) is the oracle both are
-tested against. The formats hold no CPU-specific order: a weight converted on one machine runs on any other."""
+is used as read): at most `qgemv.MAX_M[bits]` rows of x go to the small-M kernel (ferry/ops/qgemv.cpp: x quantized
+to int8 per block of 32 on the fly, int32 dot products, float32 sums), more rows dequantize the weight a tile at a
+time into a reused scratch and run torch's float32 matmul. `ReferenceLinear` (dequantize, then matmul) is the
+oracle both are tested against. The formats hold no CPU-specific order: a weight converted on one machine runs on
+any other."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -138,33 +139,33 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 class KernelLinear(QuantLinear):
-    """The stored tensors used in place: the small-M kernel for at most `qgemv.MAX_M` rows of x; for more, x rounded
-    as the kernel rounds it (`round_activations`) times the weight dequantized (in C++, into a float32 scratch
-    tensor per call: codes x float16 scales are exact there) with torch's float32 matmul, then cast to x's dtype.
-    Every M computes the same product up to float32 rounding, so a token's result does not depend on the batch it
-    runs in (chunked prefill, an offloaded expert's token count) beyond that. Measured about 5x faster at M=512
-    than the kernel (bench/qgemv.py), and 1.2-1.6x slower than the same in bfloat16, which rounds x and W to 8 bits
-    and made greedy tokens depend on the batch."""
+    """The stored tensors used in place: the small-M kernel for at most `qgemv.MAX_M[bits]` rows of x; for more,
+    x rounded as the kernel rounds it times the weight dequantized a cache-sized tile at a time (in C++, into a
+    scratch tile reused across calls: codes x float16 scales are exact in float32) with torch's float32 matmul,
+    then cast to x's dtype (`qgemv.qlinear`). Every M computes the same product up to float32 rounding, so a
+    token's result does not depend on the batch it runs in (chunked prefill, an offloaded expert's token count)
+    beyond that. The same in bfloat16 would round x and W to 8 bits, and made greedy tokens depend on the batch.
+    Where no kernel is built, the same arithmetic in torch (`round_activations`, `QuantizedWeight.dequantize`)."""
 
     def __init__(self, qw: QuantizedWeight) -> None:
         self.qw = qw
+        # the call's arguments, read once: a decode step makes ~100 of these calls, and the Python around the
+        # kernel (attribute and shape look-ups) cost about as much as a small matrix's kernel time
+        self._args = (qw.codes, qw.scales, qw.bits, qw.group)
+        self.shape = qw.shape
 
     @property
     def nbytes(self) -> int:
         """Bytes of the stored weight (codes and scales) a decode step reads."""
         return self.qw.nbytes
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.qw.shape
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        qw, (N, K) = self.qw, self.qw.shape
-        x2 = x.reshape(-1, K)
-        y = qgemv.qlinear(x2, qw.codes, qw.scales, qw.bits, qw.group)
-        if y is None:  # prefill, or no kernel here: in float32, where codes x scales are exact (as the kernel's)
-            y = (round_activations(x2.float()) @ self.dequantize(torch.empty(N, K)).T).to(x.dtype)
-        return y.view(*x.shape[:-1], N)
+        N, K = self.shape
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)
+        y = qgemv.qlinear(x2, *self._args)
+        if y is None:  # no kernel here: in float32, where codes x scales are exact (as the kernel's)
+            y = (round_activations(x2.float()) @ self.qw.dequantize(torch.float32).T).to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
         qw = self.qw

@@ -80,7 +80,7 @@ def _check_against_reference(bits: int, K: int, group: int, dtype: torch.dtype, 
         calls = qgemv.kernel_calls()
         y = lin(x)
         assert y.dtype == dtype and y.shape == (M, 67)
-        assert qgemv.kernel_calls() == calls + (M <= qgemv.MAX_M)
+        assert qgemv.kernel_calls() == calls + (M <= qgemv.max_m(dtype, bits))
         ref = ReferenceLinear(qw)(x.float()).double()
         want = emulated(x, qw)  # every M: the kernel's rounding of x (prefill rounds x as decode does)
         scale = float(want.abs().max())
@@ -96,7 +96,8 @@ def test_kernel_matches_dequantize_then_matmul_at_every_level(level, bits, K, gr
         assert quant.available(), quant.unavailable_reason()
         assert qgemv.path() in PATHS[level]
         for dtype in (torch.float32, torch.bfloat16):
-            _check_against_reference(bits, K, group, dtype, [1, 2, 3, 4, 5, 8, 13, 16, 40, qgemv.MAX_M + 9])
+            ms = [1, 2, 3, 4, 5, 8, 13, 16, 40, qgemv.MAX_M_BF16 + 3, qgemv.max_m(dtype, bits) + 9]
+            _check_against_reference(bits, K, group, dtype, ms)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -134,3 +135,37 @@ def test_leading_dims_and_large_m():
     y = prepare(qw)(big)
     for i in (0, 7, 299):  # a token's result does not depend on the batch it runs in (beyond float rounding)
         torch.testing.assert_close(y[i:i + 1], prepare(qw)(big[i:i + 1]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("bits,group", [(8, 192), (4, 32), (4, 64)])
+def test_a_row_gives_the_same_bits_in_every_batch_up_to_16(level, bits, group):
+    """Speculative verification (ferry/engine/speculation.py) counts on a row's result not depending on the rows
+    beside it for M <= 16: each (row of x, row of W) sum is accumulated in its own lanes in the same order at every
+    tile shape the kernel picks for M."""
+    g = torch.Generator().manual_seed(11)
+    qw = quantize_weight(torch.randn(37, 192, generator=g), bits, group)
+    x = torch.randn(16, 192, generator=g).to(torch.bfloat16)
+    with forced_isa(level):
+        lin = prepare(qw)
+        alone = torch.cat([lin(x[i:i + 1]) for i in range(16)])
+        for m in (2, 3, 4, 5, 7, 16):
+            assert torch.equal(lin(x[:m]), alone[:m]), m
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_scratch_reused_across_shapes_gives_fresh_results(level):
+    """The kernel keeps its scratch (x's codes, packed x, scales, the prefill tile) between calls: a call after a
+    larger or smaller one, at either bit width and either side of MAX_M, computes what it computes first."""
+    g = torch.Generator().manual_seed(12)
+    weights = [quantize_weight(torch.randn(n, k, generator=g) / 8, bits, grp)
+               for n, k, bits, grp in [(70, 512, 4, 32), (33, 96, 8, 96), (129, 256, 8, 64), (40, 64, 4, 64)]]
+    ms = (1, 3, qgemv.MAX_M[8] + 5, qgemv.MAX_M[4] + 5)
+    xs = {(m, qw.shape[1]): torch.randn(m, qw.shape[1], generator=g) for qw in weights for m in ms}
+    with forced_isa(level):
+        lins = [prepare(qw) for qw in weights]
+        first = {(i, m): lin(xs[(m, lin.shape[1])]) for i, lin in enumerate(lins) for m in ms}
+        for (i, m), want in reversed(list(first.items())):
+            assert torch.equal(lins[i](xs[(m, lins[i].shape[1])]), want), (i, m)
+            torch.testing.assert_close(want.double(), emulated(xs[(m, lins[i].shape[1])], weights[i]),
+                                       atol=1e-5 * float(want.abs().max()), rtol=1e-5)
