@@ -2,7 +2,9 @@
 
 Question: with only 100/50/25/12.5% of the experts' bytes allowed in RAM, how much of the all-in-memory decode
 speed is left, at batch 1 and 16, for ferry's (a) on-demand loading, (b) LRU + pre-gating prefetch, (c) full
-setting (correlation-aware eviction + pre-gating prefetch, planner-sized), and for what a user would try
+setting (correlation-aware eviction + pre-gating prefetch, planner-sized), (d) auto, the default (the setting
+chosen online per batch size from measured time per token, ferry/experts/auto.py; its exploration is inside the
+timed runs; "auto / best fixed" pairs it with the fastest of (a)-(c) round by round), and for what a user would try
 instead: transformers + accelerate disk offload (`device_map="auto"`, `max_memory`, `offload_folder`) and
 llama.cpp with its model mmapped?
 
@@ -83,7 +85,7 @@ from bench.moe_setup import (
 QUESTION = ("decode tok/s of a MoE with experts on disk and a RAM budget for them, ferry's modes against "
             "accelerate disk offload and llama.cpp mmap under the same memory limit")
 METRICS = ("lookups_per_step", "num_slots", "hit_rate", "prefetch_precision", "prefetch_recall",
-           "expert_bytes_per_token", "stall_ms_per_token", "disk_bytes_per_token")
+           "expert_bytes_per_token", "stall_ms_per_token", "disk_bytes_per_token", "offload_switches")
 
 
 def sizes_of(model: Path, args, engines: list[str]) -> tuple[Sizes, dict, list[Path]]:
@@ -248,6 +250,8 @@ def summarize(c: Config, ms: list[dict], ref_ids: dict[tuple[str, int], list], B
         vals = [m[key] for m in ms if m.get(key) is not None]
         if vals:
             s[key] = sorted(vals)[len(vals) // 2]
+    if c.name == "ferry auto":  # what it ran at the end of each round (it chooses per batch size)
+        s["offload_settings"] = [m.get("offload_setting") for m in ms]
     want = ref_ids.get((reference_of(c.name), B))
     if c.engine == "ferry" and c.name != reference_of(c.name) and ids[0] is not None and want is not None:
         s["token_exact"] = all(i == want for i in ids)

@@ -97,6 +97,13 @@ def _expert_metrics(s: EngineStats, gauge: Callable, counter: Callable) -> Itera
     yield counter("ferry_expert_io_stall_seconds", "Time forwards waited for expert reads.", e.stall_seconds)
     yield gauge("ferry_expert_io_stall_seconds_per_token", "Time waiting for expert reads per generated token.",
                 e.stall_seconds / s.num_generation_tokens if s.num_generation_tokens else 0.0)
+    yield counter("ferry_expert_offload_switches", "Times --expert-eviction/--expert-prefetch auto changed the "
+                  "setting in force (the log says why).", e.num_offload_switches)
+    if e.offload_setting:
+        setting = gauge("ferry_expert_offload_setting_info", "The offload setting in force (eviction+prefetch), 1.", 1)
+        for sample in setting.samples:
+            sample.labels["setting"] = e.offload_setting
+        yield setting
 
 
 class ServerMetrics:
