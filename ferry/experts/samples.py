@@ -52,18 +52,21 @@ class StepSample:
 class AutoParams:
     """Knobs of AutoOffloadPolicy (see the module docstring); counts are decode steps of one regime."""
 
-    window: int = 4
-    settle: int = 1
+    # a first exploration of the four auto settings costs ~40 decode steps at most (4 x 2 x (4 + 1)), fewer when a
+    # setting is dropped after the first round: short next to a server's life, and 8 steps per setting tell a 15%
+    # difference from +-10% noise per step (tests/unit/test_expert_auto.py)
+    window: int = 4  # steps measured per turn
+    settle: int = 1  # steps skipped after a switch
     rounds: int = 2
-    eliminate: float = 0.2
-    margin: float = 0.05
-    z: float = 2.5
-    monitor: int = 16
-    drift: float = 0.3
-    hit_drift: float = 0.15
-    reexplore: int = 256
-    reexplore_max: int = 4096
-    regime_steps: int = 3
+    eliminate: float = 0.2  # after a round, drop a setting this much slower than the best (and clearly so)
+    margin: float = 0.05  # "clearly faster": by more than this share...
+    z: float = 2.5  # ...and by more than z standard errors (2.0 picked an equally fast setting 1 time in 8)
+    monitor: int = 16  # steps per drift check while exploiting
+    drift: float = 0.3  # time per token off the reference by this share: the regime moved
+    hit_drift: float = 0.15  # hit rate off the reference by this much (absolute): the routing moved
+    reexplore: int = 256  # steps from a decision to the next check, doubled while the choice holds...
+    reexplore_max: int = 4096  # ...up to this
+    regime_steps: int = 3  # steps in a row in a new batch bucket before it counts
 
     def __post_init__(self) -> None:
         for name in ("window", "rounds", "monitor", "reexplore", "regime_steps"):
