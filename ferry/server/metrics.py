@@ -35,9 +35,10 @@ class EngineCollector(Collector):
         s = self._stats()
         names, values = list(self._labels), list(self._labels.values())
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=names)
-            g.add_metric(values, value)
+        def gauge(name: str, doc: str, value: float, extra: dict[str, str] | None = None) -> GaugeMetricFamily:
+            extra = extra or {}
+            g = GaugeMetricFamily(name, doc, labels=names + list(extra))
+            g.add_metric(values + list(extra.values()), value)
             return g
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -100,10 +101,8 @@ def _expert_metrics(s: EngineStats, gauge: Callable, counter: Callable) -> Itera
     yield counter("ferry_expert_offload_switches", "Times --expert-eviction/--expert-prefetch auto changed the "
                   "setting in force (the log says why).", e.num_offload_switches)
     if e.offload_setting:
-        setting = gauge("ferry_expert_offload_setting_info", "The offload setting in force (eviction+prefetch), 1.", 1)
-        for sample in setting.samples:
-            sample.labels["setting"] = e.offload_setting
-        yield setting
+        yield gauge("ferry_expert_offload_setting_info", "The offload setting in force (eviction+prefetch), 1.", 1,
+                    {"setting": e.offload_setting})
 
 
 class ServerMetrics:
