@@ -18,10 +18,12 @@ from bench.engines.worker import Worker, WorkerError
 
 SLACK = 256 << 20
 FERRY_MODES = {  # config name -> ferry.LLM options beside the store and its budget
+    "ferry auto": dict(expert_eviction="auto", expert_prefetch="auto"),  # the default: chosen online per batch size
     "ferry on-demand": dict(expert_eviction="lru", expert_prefetch="none"),
     "ferry lru+prefetch": dict(expert_eviction="lru", expert_prefetch="pregate"),
     "ferry full": dict(expert_eviction="correlation", expert_prefetch="pregate"),
 }
+FIXED_MODES = ("ferry on-demand", "ferry lru+prefetch", "ferry full")  # what auto chooses among, fixed
 REFERENCE = "ferry in-memory"
 PEERS = {"transformers": "accelerate disk offload", "llama.cpp": "llama.cpp mmap"}
 INT4_REFERENCE = "ferry int4 in-memory (lossy)"  # the int4 store with every expert in RAM
@@ -136,14 +138,15 @@ def measure(cfg: Config, prompts: list[list[int]], new_tokens: int, timeout: flo
         rec["token_ids"] = full["token_ids"]
     if s2:
         d = {k: s2[k] - s1[k] for k in ("lookups", "hits", "bytes_read", "stall_seconds", "num_predicted",
-                                        "num_predicted_used", "num_needed")}
+                                        "num_predicted_used", "num_needed", "num_offload_switches")}
         tokens = B * new_tokens
         rec.update(lookups_per_step=d["lookups"] / new_tokens, num_slots=s2["num_slots"],
                    hit_rate=d["hits"] / d["lookups"] if d["lookups"] > 0 else None,
                    prefetch_precision=d["num_predicted_used"] / d["num_predicted"] if d["num_predicted"] > 0 else None,
                    prefetch_recall=d["num_predicted_used"] / d["num_needed"] if d["num_needed"] > 0 else None,
                    expert_bytes_per_token=d["bytes_read"] / tokens, stall_ms_per_token=1e3 * d["stall_seconds"] / tokens,
-                   cache_nbytes=s2["cache_nbytes"], io_mode=s2["io_mode"])
+                   cache_nbytes=s2["cache_nbytes"], io_mode=s2["io_mode"],
+                   offload_setting=s2["offload_setting"], offload_switches=d["num_offload_switches"])
     return rec
 
 

@@ -2,7 +2,10 @@
 
 Question: with only 100/50/25/12.5% of the experts' bytes allowed in RAM, how much of the all-in-memory decode
 speed is left, at batch 1 and 16, for ferry's (a) on-demand loading, (b) LRU + pre-gating prefetch, (c) full
-setting (correlation-aware eviction + pre-gating prefetch, planner-sized), and for what a user would try
+setting (correlation-aware eviction + pre-gating prefetch, planner-sized), (d) auto, the default (the setting
+chosen online per batch size from measured time per token, ferry/experts/auto.py; its exploration is inside the
+timed runs but for the first, which a warm-up of AUTO_WARMUP tokens at each batch size holds; "auto / best fixed"
+pairs it with the fastest of (a)-(c) round by round), and for what a user would try
 instead: transformers + accelerate disk offload (`device_map="auto"`, `max_memory`, `offload_folder`) and
 llama.cpp with its model mmapped?
 
@@ -82,8 +85,13 @@ from bench.moe_setup import (
 
 QUESTION = ("decode tok/s of a MoE with experts on disk and a RAM budget for them, ferry's modes against "
             "accelerate disk offload and llama.cpp mmap under the same memory limit")
+AUTO = "ferry auto"
+# decode steps of ferry auto's warm-up at each batch size: its first exploration (at most 4 settings x 2 rounds x
+# (4 measured + 1 settling) steps) ends there, as it would in a server's first minute; the timed runs see what it
+# settled on, and any later exploration (the first at 256 steps)
+AUTO_WARMUP = 48
 METRICS = ("lookups_per_step", "num_slots", "hit_rate", "prefetch_precision", "prefetch_recall",
-           "expert_bytes_per_token", "stall_ms_per_token", "disk_bytes_per_token")
+           "expert_bytes_per_token", "stall_ms_per_token", "disk_bytes_per_token", "offload_switches")
 
 
 def sizes_of(model: Path, args, engines: list[str]) -> tuple[Sizes, dict, list[Path]]:
@@ -156,7 +164,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
             klotski = args.klotski if budget <= 0.25 and 0 < args.klotski < max(batches) else None
             confs = configs_for(budget, engines, sz, klotski, WORK)
             with ExitStack() as stack:
-                start_all(confs, stack, model, args, files, label, budget, part, warm[max(batches)])
+                start_all(confs, stack, model, args, files, label, budget, part, warm)
                 order = [r for r in refs if r.worker] + confs
                 measured = measure_all(order, batches, prompt_sets, args, runs)
                 for B in batches:
@@ -196,8 +204,9 @@ def interference(ref: Config, prompt_sets: dict, args, store: Path, rounds: int 
 
 
 def start_all(confs: list[Config], stack: ExitStack, model: Path, args, files: list[Path], label: str, budget: float,
-              part: dict, warm: list[list[int]]) -> None:
-    """Start every configuration's worker under its limit, ask ferry full for its plan, warm each up."""
+              part: dict, warm: dict[int, list[list[int]]]) -> None:
+    """Start every configuration's worker under its limit, ask ferry full for its plan, warm each up (ferry auto:
+    long enough at each batch size for its first exploration, AUTO_WARMUP tokens)."""
     for c in confs:
         c.start(stack, model, args.dtype, args.threads, args.timeout, files)
         if c.worker is None:
@@ -208,7 +217,10 @@ def start_all(confs: list[Config], stack: ExitStack, model: Path, args, files: l
                 part["plans"][f"{budget:g}"] = c.call("expert_plan", args.timeout, max_num_seqs=16)
             if c.engine == "transformers":
                 c.info["placement"] = c.call("placement", args.timeout)["counts"]
-            c.call("generate", timeout_of(c, args), prompts=warm, max_tokens=[2] * len(warm))
+            c.call("generate", timeout_of(c, args), prompts=warm[max(warm)], max_tokens=[2] * max(warm))
+            if c.name == AUTO:
+                for prompts in warm.values():
+                    c.call("generate", timeout_of(c, args), prompts=prompts, max_tokens=[AUTO_WARMUP] * len(prompts))
         except _Failed:
             print(f"[moe-offload] {label} budget {budget:g} {c.name}: n/a ({c.why})", flush=True)
 
@@ -248,6 +260,8 @@ def summarize(c: Config, ms: list[dict], ref_ids: dict[tuple[str, int], list], B
         vals = [m[key] for m in ms if m.get(key) is not None]
         if vals:
             s[key] = sorted(vals)[len(vals) // 2]
+    if c.name == AUTO:  # what it ran at the end of each round (it chooses per batch size)
+        s["offload_settings"] = [m.get("offload_setting") for m in ms]
     want = ref_ids.get((reference_of(c.name), B))
     if c.engine == "ferry" and c.name != reference_of(c.name) and ids[0] is not None and want is not None:
         s["token_exact"] = all(i == want for i in ids)

@@ -5,21 +5,28 @@ import math
 from pathlib import Path
 
 from bench.common import summary
-from bench.moe_configs import INT4_FULL, INT4_REFERENCE, PEERS, REFERENCE, column_rank
+from bench.moe_configs import FIXED_MODES, INT4_FULL, INT4_REFERENCE, PEERS, REFERENCE, column_rank
 
+BEST_FIXED = "best fixed"  # per round, the fastest of ferry's fixed settings (FIXED_MODES)
 # (numerator, denominator, column label): per-round ratios summarized into each case
-RATIOS = [("ferry full", REFERENCE, "full / ferry in-memory"),
+RATIOS = [("ferry auto", REFERENCE, "auto / ferry in-memory"), ("ferry auto", BEST_FIXED, "auto / best fixed"),
+          ("ferry auto", "ferry on-demand", "auto / on-demand"),
+          ("ferry full", REFERENCE, "full / ferry in-memory"),
           *[("ferry full", v, f"full / {v}") for v in PEERS.values()],
           ("ferry full", "ferry on-demand", "full / on-demand"), ("ferry full", "ferry lru+prefetch", "full / lru+prefetch"),
           (INT4_FULL, REFERENCE, "int4 full / ferry in-memory (lossy)"),
           (INT4_REFERENCE, REFERENCE, "int4 in-memory / ferry in-memory (lossy)")]
-SHOWN = {"full / ferry in-memory", *(f"full / {v}" for v in PEERS.values()), "int4 full / ferry in-memory (lossy)",
+SHOWN = {"auto / ferry in-memory", "auto / best fixed", "full / ferry in-memory",
+         *(f"full / {v}" for v in PEERS.values()), "int4 full / ferry in-memory (lossy)",
          "int4 in-memory / ferry in-memory (lossy)"}  # the README's ratio columns
 
 
 def add_ratios(case: dict) -> None:
-    """Per round: ferry full (and int4) / all in memory, ferry full / each peer; summaries of them."""
+    """Per round: ferry auto and full (and int4) / all in memory, auto / the best fixed setting, ferry full / each
+    peer; summaries of them."""
     by_round = {n: {m["round"]: m["tok_s"] for m in v.get("measurements", [])} for n, v in case["configs"].items()}
+    fixed = [by_round[n] for n in FIXED_MODES if n in by_round]
+    by_round[BEST_FIXED] = {r: max(f[r] for f in fixed) for r in set.intersection(*map(set, fixed))} if fixed else {}
     ratios = {}
     for num, den, label in RATIOS:
         a, b = by_round.get(num, {}), by_round.get(den, {})
@@ -174,8 +181,9 @@ def _counters_table(p: dict) -> str:
     names = sorted((n for n in dict.fromkeys(n for c in p["cases"] for n in c["configs"]) if "in-memory" not in n),
                    key=column_rank)
     int4 = any(INT4_FULL in c["configs"] for c in p["cases"])
-    head = ["batch", "budget", "hit rate", "prefetch precision", "prefetch recall", "expert MiB read/token",
-            "I/O stall ms/token",
+    auto = any(c["configs"].get("ferry auto", {}).get("offload_settings") for c in p["cases"])
+    head = ["batch", "budget", *(["auto ran (per round)"] if auto else []), "hit rate", "prefetch precision",
+            "prefetch recall", "expert MiB read/token", "I/O stall ms/token",
             *(["int4: hit rate", "int4: expert MiB read/token", "int4: sequences with the lossless tokens"] if int4
               else []),
             *[f"disk MiB/token: {n}" for n in names]]
@@ -185,7 +193,9 @@ def _counters_table(p: dict) -> str:
         if "median" not in f:
             continue
         disk = [c["configs"].get(n, {}).get("disk_bytes_per_token") for n in names]
-        cells = [str(c["batch"]), f"{100 * c['budget']:g}%", _f(f.get("hit_rate"), True),
+        ran = ", ".join(x or "?" for x in c["configs"].get("ferry auto", {}).get("offload_settings", []))
+        cells = [str(c["batch"]), f"{100 * c['budget']:g}%", *([ran or "–"] if auto else []),
+                 _f(f.get("hit_rate"), True),
                  _f(f.get("prefetch_precision"), True), _f(f.get("prefetch_recall"), True),
                  _f((f.get("expert_bytes_per_token") or 0) / 2**20), _f(f.get("stall_ms_per_token"))]
         if int4:

@@ -211,8 +211,8 @@ class SchedulerConfig:
 class OffloadConfig:
     expert_store: str | None = None  # folder written by `ferry convert --expert-store`; None: experts resident
     expert_cache_memory: int | None = None  # bytes of RAM for cached experts (None: every expert); never exceeded
-    expert_eviction: str = "lru"  # lru | correlation
-    expert_prefetch: str = "none"  # none | correlation | pregate
+    expert_eviction: str = "auto"  # auto | lru | correlation (auto: chosen online, ferry/experts/auto.py)
+    expert_prefetch: str = "auto"  # auto | none | correlation | pregate
     explain: bool = False  # print the planner's measured costs and choices at start
     expert_correlation_file: str | None = None  # correlation prefetch statistics: loaded at start, saved at close
 

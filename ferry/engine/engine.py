@@ -23,6 +23,7 @@ from ferry.engine.resume import Resume
 from ferry.engine.stats import EngineStats
 from ferry.engine.view import EngineView, RequestView
 from ferry.errors import InvalidRequest
+from ferry.experts.stats import ExpertStats
 from ferry.experts.planner import Plan, make_plan, measure_costs
 from ferry.kvcache.policies import KV_POLICIES
 from ferry.models.routing import RoutingObservers
@@ -111,6 +112,8 @@ class LLMEngine:
             decode_only = all(len(r.token_ids) == 1 + len(r.draft_token_ids) for r in plan.reqs)
             self.parts.speculator.step_done(plan.num_tokens, took, any(r.draft_token_ids for r in plan.reqs),
                                             decode_only)
+        if self.parts.expert_tuner is not None and plan.reqs and not failed:  # --expert-* auto measures steps
+            self.parts.expert_tuner.step_done(plan.num_tokens, len(plan.reqs), took)
         if plan.reqs and plan.num_tokens == len(plan.reqs):  # decode only: every request computes one token
             self.decode_step_s = took if not self.decode_step_s else 0.8 * self.decode_step_s + 0.2 * took
         outputs = self._fail(failed)
@@ -143,7 +146,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(experts=self.parts.experts.stats() if self.parts.experts else None,
+        return EngineStats(experts=self._expert_stats(),
             num_running=len(s.running), num_waiting=len(s.waiting),
             num_kv_blocks_total=self.kv.pool.num_blocks, num_kv_blocks_used=self.kv.pool.num_used,
             kv_cache_bytes=self.parts.storage.nbytes, kv_host_bytes=self.parts.storage.host_nbytes,
@@ -181,7 +184,17 @@ class LLMEngine:
                                       r.num_output_tokens) for r in s.running),
             num_waiting=len(s.waiting), num_preemptions=s.num_preemptions, prefix_cache_hits=s.prefix_hits,
             kv_stats=dict(getattr(storage, "stats", {})),
-            experts=self.parts.experts.stats() if self.parts.experts else None, speculative=self._spec_stats())
+            experts=self._expert_stats(), speculative=self._spec_stats())
+
+    def _expert_stats(self) -> ExpertStats | None:
+        """The store's counters, and the offload setting in force (its tuner's)."""
+        store, tuner = self.parts.experts, self.parts.expert_tuner
+        if store is None:
+            return None
+        s = store.stats()
+        if tuner is not None:
+            s.offload_setting, s.num_offload_switches = str(tuner.current), tuner.num_switches
+        return s
 
     def _spec_stats(self) -> dict | None:
         spec = self.parts.speculator

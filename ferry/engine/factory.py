@@ -12,10 +12,12 @@ from ferry.engine.parts import EngineParts
 from ferry.engine.speculation import build_speculator
 from ferry.errors import InvalidRequest
 from ferry.experts.planner import make_plan, measure_costs
-from ferry.experts.policies import EVICTION_POLICIES
-from ferry.experts.predictors import PREDICTORS
+from ferry.experts.policies import EVICTION_POLICIES, SwitchedPolicy
+from ferry.experts.predictors import PREDICTORS, ExpertPredictor
 from ferry.experts.prefetch import Prefetcher
+from ferry.experts.samples import Setting, candidate_settings
 from ferry.experts.store import ExpertStore
+from ferry.experts.tuner import OffloadTuner, resolve
 from ferry.kvcache.manager import KVCacheManager
 from ferry.kvcache.policies import KV_POLICIES, KVPolicy, KVShape
 from ferry.models.loader import load_model
@@ -80,7 +82,8 @@ def _tune_malloc() -> None:
 
 
 def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                       max_num_seqs: int) -> ExpertStore | None:
+                       max_num_seqs: int) -> tuple[ExpertStore, OffloadTuner] | None:
+    """The expert store, and the tuner holding its offload setting (chosen online with `auto`)."""
     if cfg.expert_store is None:
         return None
     if model_cfg.moe is None:
@@ -89,25 +92,39 @@ def build_expert_store(cfg: OffloadConfig, model_cfg: ModelConfig, dtype: torch.
         raise InvalidRequest("--expert-store runs on --device cpu only for now")
     moe_layers = [l for l in range(model_cfg.num_layers) if model_cfg.moe.sparse_layers[l]]
     shape = (moe_layers, model_cfg.moe.num_experts, model_cfg.moe.top_k)
-    predictor = PREDICTORS[cfg.expert_prefetch](*shape) if cfg.expert_prefetch != "none" else None
-    if cfg.expert_correlation_file:
-        predictor.persist_to(cfg.expert_correlation_file)
-    store = ExpertStore(cfg.expert_store, model_cfg, dtype, cfg.expert_cache_memory,
-                        EVICTION_POLICIES[cfg.expert_eviction](*shape))
-    if predictor is not None:  # it watches the model's routing once the model is loaded (bind)
-        Prefetcher(store, predictor)
-    if cfg.expert_prefetch != "none" or cfg.explain:
-        try:
+    settings = candidate_settings(cfg.expert_eviction, cfg.expert_prefetch)
+    evictions = {s.eviction: EVICTION_POLICIES[s.eviction](*shape) for s in settings}
+    first = settings[0].eviction
+    policy = evictions[first] if len(evictions) == 1 else SwitchedPolicy(evictions, first)
+    store = ExpertStore(cfg.expert_store, model_cfg, dtype, cfg.expert_cache_memory, policy)
+    try:
+        settings, why = resolve(settings, store)
+        tuner = OffloadTuner(store, settings, why, _predictors(cfg, store, settings, shape), cfg.explain)
+        if store.prefetcher is not None or cfg.explain:
             plan = make_plan(measure_costs(store), model_cfg.moe.num_experts, model_cfg.moe.top_k, len(moe_layers),
                              store.cache.num_slots, max_num_seqs)
-        except BaseException:
-            store.close()
-            raise
-        if store.prefetcher is not None:
-            store.prefetcher.width, store.prefetcher.depth = plan.prefetch_width, plan.prefetch_depth
-        if cfg.explain:
-            print(plan.explain(), file=sys.stderr, flush=True)
-    return store
+            if store.prefetcher is not None:
+                store.prefetcher.width, store.prefetcher.depth = plan.prefetch_width, plan.prefetch_depth
+            if cfg.explain:
+                print(plan.explain() + "\n" + tuner.describe(), file=sys.stderr, flush=True)
+    except BaseException:
+        store.close()
+        raise
+    return store, tuner
+
+
+def _predictors(cfg: OffloadConfig, store: ExpertStore, settings: list[Setting],
+                shape: tuple[list[int], int, int]) -> dict[str, ExpertPredictor]:
+    """Prefetch name -> predictor for the settings, held by a prefetcher attached to the store (it watches the
+    model's routing once the model is loaded: bind). {} when no setting prefetches: no prefetcher."""
+    names = list(dict.fromkeys(s.prefetch for s in settings))
+    if names == ["none"]:
+        return {}
+    predictors = {name: PREDICTORS[name](*shape) for name in names}
+    if cfg.expert_correlation_file:
+        predictors["correlation"].persist_to(cfg.expert_correlation_file)
+    Prefetcher(store, predictors[settings[0].prefetch], choices=list(predictors.values()))
+    return predictors
 
 
 def build_kv_policy(cfg: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> KVPolicy:
@@ -164,7 +181,8 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     if max_len < model_cfg.max_model_len and not cfg.max_model_len:
         log.info("context capped at %d tokens by the KV cache budget", max_len)
 
-    experts = build_expert_store(cfg.offload, model_cfg, dtype, device, cfg.scheduler.max_num_seqs)
+    built = build_expert_store(cfg.offload, model_cfg, dtype, device, cfg.scheduler.max_num_seqs)
+    experts, tuner = built if built is not None else (None, None)
     try:
         model = load_model(model_cfg, dtype, device, max_len, experts.layer if experts else None, cfg.quant)
         if experts and experts.prefetcher:
@@ -180,7 +198,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         eos = frozenset(tokenizer.eos_token_ids) | frozenset(model_cfg.eos_token_ids)
         runner = Runner(model, storage, Sampler(eos, seed=cfg.seed), block_size, device)
         return EngineParts(cfg, model_cfg, tokenizer, kv, storage, scheduler, runner, max_len, eos, experts,
-                           speculator)
+                           speculator, tuner)
     except BaseException:
         if experts:  # its reader threads and cache must not outlive a failed start
             experts.close()

@@ -112,11 +112,15 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("expert_store", None, str, "MoE: read experts on demand from this folder (`ferry convert MODEL --expert-store DIR`)"),
     Option("expert_cache_memory", None, parse_size, "MoE with --expert-store: bytes of RAM for cached experts "
            "(e.g. 256M; default: all experts); never exceeded"),
-    Option("expert_eviction", "lru", str, "MoE with --expert-store: which cached expert to evict", ("lru", "correlation")),
-    Option("expert_prefetch", "none", str, "MoE with --expert-store: how the next layer's experts are predicted and "
-           "read ahead", ("none", "correlation", "pregate")),
+    Option("expert_eviction", "auto", str, "MoE with --expert-store: which cached expert to evict; auto: lru or "
+           "correlation, whichever measures faster per decode batch size (see --expert-prefetch auto)",
+           ("auto", "lru", "correlation")),
+    Option("expert_prefetch", "auto", str, "MoE with --expert-store: how the next layer's experts are predicted and "
+           "read ahead; auto: none or pregate, chosen online per decode batch size from measured time per token (the "
+           "simplest setting unless another is clearly faster; switches logged, --explain says why)",
+           ("auto", "none", "correlation", "pregate")),
     Option("explain", False, _bool, "MoE with --expert-store: print the I/O-compute plan (measured disk and compute "
-           "costs, prefetch width, recommended sequences per step) at start"),
+           "costs, prefetch width, recommended sequences per step) at start, and what auto chooses and why"),
     Option("expert_correlation_file", None, str, "MoE with --expert-prefetch correlation: JSON of co-activation "
            "statistics, loaded at start if it exists and saved at shutdown"),
     Option("speculative_method", None, str, "speculative decoding (output unchanged, see README): ngram (prompt "
@@ -150,8 +154,8 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
     for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "max_waiting"):
         if v[name] < 1:
             raise InvalidRequest(f"{name} must be >= 1, got {v[name]}")
-    if v["expert_store"] is None and (v["expert_cache_memory"] is not None or v["expert_prefetch"] != "none"
-                                      or v["expert_eviction"] != "lru" or v["explain"]):
+    if v["expert_store"] is None and (v["expert_cache_memory"] is not None or v["expert_prefetch"] != "auto"
+                                      or v["expert_eviction"] != "auto" or v["explain"]):
         raise InvalidRequest("expert_cache_memory, expert_eviction, expert_prefetch and explain need expert_store")
     if v["expert_correlation_file"] is not None and v["expert_prefetch"] != "correlation":
         raise InvalidRequest("expert_correlation_file needs expert_prefetch=correlation")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ferry.config import EngineConfig, ModelConfig
 from ferry.experts.store import ExpertStore
+from ferry.experts.tuner import OffloadTuner
 from ferry.kvcache.manager import KVCacheManager
 from ferry.runner.kv import PolicyKV
 from ferry.runner.runner import Runner
@@ -29,3 +30,4 @@ class EngineParts:
     eos_token_ids: frozenset[int]
     experts: ExpertStore | None = None  # MoE experts served from disk (--expert-store)
     speculator: Speculator | None = None  # speculative decoding (--speculative-method); the scheduler drives it
+    expert_tuner: OffloadTuner | None = None  # the expert store's offload setting (with it); told each step's time

@@ -15,6 +15,8 @@ Key = tuple[int, int]  # (layer, expert)
 class EvictionPolicy(abc.ABC):
     """Base: the do-nothing hooks; subclasses implement choose_victim."""
 
+    name = ""  # the --expert-eviction value
+
     def on_access(self, key: Key) -> None:
         """key was used by a forward (a hit, or a load it waited for)."""
 
@@ -42,6 +44,8 @@ class EvictionPolicy(abc.ABC):
 class LRUPolicy(EvictionPolicy):
     """Evict the expert used (or inserted) longest ago."""
 
+    name = "lru"
+
     def __init__(self, moe_layers: Sequence[int] = (), num_experts: int = 1, top_k: int = 1) -> None:
         self.order: OrderedDict[Key, None] = OrderedDict()  # oldest first
 
@@ -67,6 +71,8 @@ class FrequencyCorrelationPolicy(LRUPolicy):
     score = P(used at its layer's next visit) / (layers until that visit). P is the predictor's hint for
     experts it predicted (correlation or pre-gating), else the expert's measured frequency at its layer
     (uses / visits, smoothed). Ties go to the least recently used."""
+
+    name = "correlation"
 
     def __init__(self, moe_layers: Sequence[int] = (), num_experts: int = 1, top_k: int = 1) -> None:
         super().__init__(moe_layers, num_experts, top_k)
@@ -110,6 +116,47 @@ class FrequencyCorrelationPolicy(LRUPolicy):
     def admit(self, key: Key, p: float, victim: Key) -> bool:
         """Only when the guess is worth more than what it displaces (sticky routing keeps a layer's experts hot)."""
         return p / self._distance(key[0]) > self.score(victim)
+
+
+class SwitchedPolicy(EvictionPolicy):
+    """Several policies kept up to date side by side (every hook reaches each), one of which decides: so
+    `--expert-eviction auto` (ferry/experts/tuner.py) can change the deciding one between steps, and it decides
+    from the whole history of accesses rather than from the moment it took over."""
+
+    def __init__(self, policies: dict[str, EvictionPolicy], active: str) -> None:
+        self.policies = policies
+        self.use(active)
+
+    def use(self, name: str) -> None:
+        if name not in self.policies:
+            raise ValueError(f"no eviction policy {name!r} here; have {', '.join(self.policies)}")
+        self.name, self.active = name, self.policies[name]
+
+    def on_access(self, key: Key) -> None:
+        for p in self.policies.values():
+            p.on_access(key)
+
+    def on_insert(self, key: Key) -> None:
+        for p in self.policies.values():
+            p.on_insert(key)
+
+    def on_remove(self, key: Key) -> None:
+        for p in self.policies.values():
+            p.on_remove(key)
+
+    def on_layer(self, layer: int) -> None:
+        for p in self.policies.values():
+            p.on_layer(layer)
+
+    def on_hints(self, hints: dict[Key, float]) -> None:
+        for p in self.policies.values():
+            p.on_hints(hints)
+
+    def choose_victim(self, candidates: Sequence[Key]) -> Key:
+        return self.active.choose_victim(candidates)
+
+    def admit(self, key: Key, p: float, victim: Key) -> bool:
+        return self.active.admit(key, p, victim)
 
 
 EVICTION_POLICIES = {"lru": LRUPolicy, "correlation": FrequencyCorrelationPolicy}

@@ -18,6 +18,8 @@ from ferry.errors import InvalidRequest
 class ExpertPredictor:
     """Base: predicts nothing (on-demand loading only)."""
 
+    name = "none"  # the --expert-prefetch value
+
     def __init__(self, moe_layers: Sequence[int], num_experts: int, top_k: int) -> None:
         self.moe_layers = list(moe_layers)
         self.next_layer = dict(zip(self.moe_layers, self.moe_layers[1:] + self.moe_layers[:1]))
@@ -61,6 +63,8 @@ class CorrelationPredictor(ExpertPredictor):
     """Co-activation counts between layer l's and the next MoE layer's experts, learned online:
     counts[l][a, b] = tokens routed to a at l and to b at the next layer. A token's guess for the next layer
     is the count row-sum of its current experts, normalized; learned statistics can be saved as JSON."""
+
+    name = "correlation"
 
     def __init__(self, moe_layers: Sequence[int], num_experts: int, top_k: int) -> None:
         super().__init__(moe_layers, num_experts, top_k)
@@ -123,6 +127,7 @@ class PreGatePredictor(ExpertPredictor):
     On ferry-tiny-moe (as of commit 0bfb0b4) this is right for 72% of top-2 guesses at batch 1; the layer's own
     input (before its experts' output is added) gave 63%."""
 
+    name = "pregate"
     needs_stream = True
 
     def __init__(self, moe_layers: Sequence[int], num_experts: int, top_k: int) -> None:

@@ -16,6 +16,8 @@ Per MoE layer call (the store has already started that layer's demand reads):
 Legend: T tokens, D hidden, A experts per token."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -37,12 +39,14 @@ class Prefetcher:
     Both are the planner's (ferry.experts.planner)."""
 
     def __init__(self, store: ExpertStore, predictor: ExpertPredictor, width: int | None = None,
-                 depth: int = 1) -> None:
+                 depth: int = 1, choices: Sequence[ExpertPredictor] = ()) -> None:
         self.store = store
         self.predictor = predictor
+        self.choices = list(dict.fromkeys([predictor, *choices]))  # the predictors `use` may switch to
         self.width = width
         self.depth = depth
-        self.confidence = ConfidenceGate()
+        self._gates = {p: ConfidenceGate() for p in self.choices}  # each predictor's probabilities measured apart
+        self.confidence = self._gates[predictor]
         self.stats = PrefetchStats()
         self._predicted: dict[int, set[int]] = {}  # MoE layer -> experts predicted for its next call (and read)
         self._guesses: dict[int, dict[int, tuple[float, int]]] = {}  # every guess: expert -> (probability, distance)
@@ -53,11 +57,24 @@ class Prefetcher:
         """Watch `model`'s routing, and give the predictor what it reads from the loaded model: the MoE
         layers' routers and their input norms (pre-gating)."""
         layers = sorted(self.store.index.layer_files)
-        if isinstance(self.predictor, PreGatePredictor):
-            self.predictor.set_routers({l: model.layers[l].mlp.router for l in layers},
-                                       {l: (model.layers[l].post_attn_norm.weight, model.layers[l].post_attn_norm.eps)
-                                        for l in layers})
+        for predictor in self.choices:
+            if isinstance(predictor, PreGatePredictor):
+                predictor.set_routers({l: model.layers[l].mlp.router for l in layers},
+                                      {l: (model.layers[l].post_attn_norm.weight, model.layers[l].post_attn_norm.eps)
+                                       for l in layers})
         model.routing.add(self)
+
+    def use(self, predictor: ExpertPredictor) -> None:
+        """Guess with `predictor` (one of choices) from the next forward on (--expert-prefetch auto switches
+        between steps, ferry/experts/tuner.py). The old one's pending guesses and unscored predictions go, and
+        the eviction policy forgets its hints; reads in flight land as usual."""
+        if predictor not in self._gates:
+            raise ValueError(f"{type(predictor).__name__} is not one of this prefetcher's choices")
+        if predictor is self.predictor:
+            return
+        self.clear()
+        self.store.policy.on_hints({})
+        self.predictor, self.confidence = predictor, self._gates[predictor]
 
     # -- the routing port (ferry.models.routing.RoutingObserver) ------------------------------------
 
@@ -161,5 +178,6 @@ class Prefetcher:
         self.stats = PrefetchStats()
 
     def close(self) -> None:
-        """The store closes: the predictor may save what it learned."""
-        self.predictor.close()
+        """The store closes: the predictors may save what they learned."""
+        for predictor in self.choices:
+            predictor.close()

@@ -25,6 +25,8 @@ class ExpertStats:
     cache_nbytes: int = 0  # RAM held for experts (never above the budget)
     budget_nbytes: int = 0
     io_mode: str = ""  # direct (O_DIRECT) or fadvise (page cache dropped after each read)
+    offload_setting: str = ""  # eviction+prefetch in force (the engine's tuner: chosen online with auto)
+    num_offload_switches: int = 0  # times auto changed it
 
     @property
     def hit_rate(self) -> float:

@@ -35,9 +35,10 @@ class EngineCollector(Collector):
         s = self._stats()
         names, values = list(self._labels), list(self._labels.values())
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=names)
-            g.add_metric(values, value)
+        def gauge(name: str, doc: str, value: float, extra: dict[str, str] | None = None) -> GaugeMetricFamily:
+            extra = extra or {}
+            g = GaugeMetricFamily(name, doc, labels=names + list(extra))
+            g.add_metric(values + list(extra.values()), value)
             return g
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -113,6 +114,11 @@ def _expert_metrics(s: EngineStats, gauge: Callable, counter: Callable) -> Itera
     yield counter("ferry_expert_io_stall_seconds", "Time forwards waited for expert reads.", e.stall_seconds)
     yield gauge("ferry_expert_io_stall_seconds_per_token", "Time waiting for expert reads per generated token.",
                 e.stall_seconds / s.num_generation_tokens if s.num_generation_tokens else 0.0)
+    yield counter("ferry_expert_offload_switches", "Times --expert-eviction/--expert-prefetch auto changed the "
+                  "setting in force (the log says why).", e.num_offload_switches)
+    if e.offload_setting:
+        yield gauge("ferry_expert_offload_setting_info", "The offload setting in force (eviction+prefetch), 1.", 1,
+                    {"setting": e.offload_setting})
 
 
 class ServerMetrics:

@@ -30,6 +30,18 @@ def test_ratios_pair_the_same_round():
     assert "full / accelerate disk offload" not in case["ratios"]
 
 
+def test_auto_is_paired_with_the_best_fixed_setting_of_each_round():
+    case = {"configs": {"ferry auto": {"measurements": [_m(9, 0), _m(20, 1)]},
+                        "ferry on-demand": {"measurements": [_m(10, 0), _m(16, 1)]},
+                        "ferry lru+prefetch": {"measurements": [_m(6, 0), _m(25, 1)]},
+                        "ferry full": {"measurements": [_m(8, 0)]},  # round 1 failed: only round 0 has all three
+                        REFERENCE: {"measurements": [_m(30, 0), _m(40, 1)]}}}
+    add_ratios(case)
+    assert case["ratios"]["auto / best fixed"]["runs"] == [0.9]
+    assert case["ratios"]["auto / on-demand"]["runs"] == [0.9, 1.25]
+    assert case["ratios"]["auto / ferry in-memory"]["runs"] == [0.3, 0.5]
+
+
 def test_table_shows_reasons_ratios_and_inexact_tokens():
     full = {"median": 8.0, "min": 8.0, "max": 8.0, "runs": [8.0], "hit_rate": 0.5, "prefetch_precision": 0.75,
             "prefetch_recall": 0.6, "expert_bytes_per_token": 2**20, "stall_ms_per_token": 3.0,
