@@ -122,6 +122,10 @@ class DraftModelProposer:
     def observe(self, req: Request, num_new_tokens: int) -> None:
         pass
 
+    def held(self) -> dict:
+        """What the draft model holds now (engine stats): KV blocks and sequences; both 0 when nothing runs."""
+        return {"draft_kv_blocks_used": self.kv.pool.num_used, "draft_sequences": len(self.seqs)}
+
     def release(self, req_id: str) -> None:
         seq = self.seqs.pop(req_id, None)
         if seq is not None:

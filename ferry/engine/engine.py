@@ -198,7 +198,10 @@ class LLMEngine:
 
     def _spec_stats(self) -> dict | None:
         spec = self.parts.speculator
-        return None if spec is None else {"method": spec.method, **spec.stats.as_dict()}
+        if spec is None:
+            return None
+        held = getattr(spec.proposer, "held", None)  # a draft model's own KV: blocks and sequences it holds
+        return {"method": spec.method, **spec.stats.as_dict(), **(held() if held is not None else {})}
 
     @property
     def routing(self) -> RoutingObservers:

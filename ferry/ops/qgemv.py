@@ -29,11 +29,10 @@ KERNEL = NativeKernel("ferry_qgemv", ["qgemv.cpp"], ["-O3", "-fopenmp", "-DNDEBU
 # at 512; int4 13 / 45, 30 / 73, 69 / 101, 151 / 188. int4 does twice the multiply-adds per step of the kernel's
 # float work (the per-block scaling), so it stays ahead of the float32 matmul four times longer.
 MAX_M = {8: 128, 4: 512}
-# bfloat16 x on a CPU with native bf16 (cpu.native_bf16): above this qmatmul runs torch's bfloat16 matmul (AMX /
-# AVX512-BF16). Same interleaved run as above, bfloat16 tiles: int8 kernel / qmatmul 10 / 14 ms at M=32, 21 / 16
-# at 64, 52 / 22 at 128, 361 / 50 at 512; int4 7 / 16, 12 / 20, 25 / 23, 170 / 54 (qmatmul at 512: a quarter of its float32
-# time). 32 also keeps speculation's 16 rows (gemv.MAX_M) on the batch-invariant kernel.
-MAX_M_BF16 = 32
+# bfloat16 x goes to the kernel up to the same rows: below 128 rows the bfloat16 tiles of qmatmul were faster in an
+# interleaved run (int8 kernel / qmatmul 21 / 16 ms at M=64, 52 / 22 at 128), but a MoE expert's rows then took a
+# path that rounds x differently by row count, and offloaded experts (grouped otherwise) stopped giving the
+# in-memory tokens. Above the limit: bfloat16 tiles on native-bf16 CPUs (a quarter of float32's time at 512 rows).
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -64,7 +63,7 @@ def qlinear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: in
     ext = KERNEL.ext()
     if ext is None or x.dtype not in DTYPES or x.shape[1] % 32:
         return None
-    if x.shape[0] <= MAX_M_BF16 or x.shape[0] <= max_m(x.dtype, bits):
+    if x.shape[0] <= max_m(x.dtype, bits):
         return ext.qlinear(x, codes, scales, bits, group)
     if x.dtype == torch.bfloat16 and not cpu.native_bf16():  # bf16 matmul emulated here: float32 is faster
         return ext.qmatmul(x.float(), codes, scales, bits, group).to(torch.bfloat16)
@@ -73,7 +72,7 @@ def qlinear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: in
 
 def max_m(dtype: torch.dtype, bits: int) -> int:
     """The most rows of x in `dtype` that go to the small-M kernel at `bits` (at the level in force)."""
-    return MAX_M_BF16 if dtype == torch.bfloat16 and cpu.native_bf16() else MAX_M[bits]
+    return MAX_M[bits]
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int, out: torch.Tensor) -> bool:

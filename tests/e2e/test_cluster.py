@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("ray")
 
 PROMPTS = [f"w{3 + i} w{40 + 3 * i} w{7 + i}" for i in range(16)]
-BODY = {"max_tokens": 40, "temperature": 0, "ignore_eos": True}
+BODY = {"max_tokens": 160, "temperature": 0, "ignore_eos": True}
 
 
 def _instance_pids() -> list[int]:
@@ -36,14 +36,15 @@ def cluster(start_server):
     return start_server("--instances", "2")
 
 
-def _stream(url: str, prompt: str, lines: list[dict], started: threading.Event) -> None:
+def _stream(url: str, prompt: str, lines: list[dict], started: threading.Barrier) -> None:
     with httpx.stream("POST", url + "/v1/completions", json={**BODY, "prompt": prompt, "stream": True,
                                                             "stream_options": {"include_usage": True}},
                       timeout=300) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 lines.append(json.loads(line[6:]))
-                started.set()
+                if len(lines) == 1:
+                    started.wait(120)
 
 
 def test_a_killed_instance_loses_no_request(cluster):
@@ -52,12 +53,11 @@ def test_a_killed_instance_loses_no_request(cluster):
     pids = _instance_pids()
     assert len(pids) == 2, pids
     outs: list[list[dict]] = [[] for _ in PROMPTS]
-    started = threading.Event()
+    started = threading.Barrier(len(PROMPTS) + 1)  # every stream has its first token, none can have finished
     threads = [threading.Thread(target=_stream, args=(cluster.url, p, o, started)) for p, o in zip(PROMPTS, outs)]
     for t in threads:
         t.start()
-    assert started.wait(120)
-    time.sleep(0.3)
+    started.wait(120)
     os.kill(pids[0], signal.SIGKILL)
     for t in threads:
         t.join(300)
