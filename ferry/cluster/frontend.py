@@ -188,9 +188,6 @@ class ClusterLLM:
         slot.restarts += 1
         log.info("engine instance %d is back (pid %d)", slot.index, slot.pid)
 
-    def instance_pids(self) -> list[int | None]:
-        return [s.pid if s.alive else None for s in self._slots]
-
     def _poll_stats(self) -> None:
         while not self._stopping.wait(STATS_INTERVAL):
             live = [s for s in self._slots if s.alive]
