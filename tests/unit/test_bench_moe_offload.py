@@ -108,13 +108,14 @@ def test_smoke_run_is_token_exact_and_counts(tmp_path):
     for mode in [*FERRY_MODES, INT4_FULL]:
         c = case["configs"][mode]
         assert c["token_exact"] is True, mode
-        assert c["median"] > 0
+        # a few smoke tokens can time at or under the one-token run on a busy machine: nan exactly then
+        for m in c["measurements"]:
+            assert m["tok_s"] > 0 if m["seconds"] > 0 else math.isnan(m["tok_s"]), (mode, m)
         assert 0 <= c["hit_rate"] <= 1 and c["expert_bytes_per_token"] > 0
     assert case["configs"]["ferry lru+prefetch"]["prefetch_precision"] is not None
     assert "token_exact" not in case["configs"][INT4_REFERENCE]  # lossy: measured against bf16, not required
     assert 0 <= case["configs"][INT4_REFERENCE]["sequences_as_lossless"] <= 1
-    # A smoke decode of a few tokens can time at or under its one-token run on a busy machine (tok/s nan): a ratio
-    # exists only where both rows have a speed.
+    # a ratio exists only where both rows have a speed
     if math.isfinite(case["configs"][REFERENCE]["median"]):
         assert "int4 full / ferry in-memory (lossy)" in case["ratios"]
     assert (SMOKE / "moe_offload-test.png").is_file()
