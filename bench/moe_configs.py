@@ -29,17 +29,26 @@ PEERS = {"transformers": "accelerate disk offload", "llama.cpp": "llama.cpp mmap
 INT4_REFERENCE = "ferry int4 in-memory (lossy)"  # the int4 store with every expert in RAM
 INT4_FULL = "ferry int4 full (lossy)"  # the int4 store under the bf16 rows' budget, "ferry full" settings
 GROUPS = "ferry full, groups of"
+GROUPS_REFERENCE = "ferry in-memory, groups of"  # the same groups with every expert in RAM: their tokens
+
+
+def grouped(name: str) -> bool:
+    """Decoded as sequential groups (--max-num-seqs below the batch): run at the largest batch only."""
+    return name.startswith((GROUPS, GROUPS_REFERENCE))
 
 
 def reference_of(name: str) -> str:
-    """The in-memory run whose tokens a configuration must reproduce (a reference: itself)."""
+    """The in-memory run whose tokens a configuration must reproduce (a reference: itself). Groups of k decode
+    in batches of k, which round bf16 differently from one batch of 16: their reference decodes the same groups."""
+    if grouped(name):
+        return name.replace(GROUPS, GROUPS_REFERENCE)
     return INT4_REFERENCE if name in (INT4_FULL, INT4_REFERENCE) else REFERENCE
 
 
 def column_rank(name: str) -> int:
     """Table order: references, ferry's lossless modes, int4 beside them, grouped decoding, then the peers."""
     order = [REFERENCE, INT4_REFERENCE, *FERRY_MODES, INT4_FULL]
-    return order.index(name) if name in order else len(order) + (not name.startswith(GROUPS))
+    return order.index(name) if name in order else len(order) + (not grouped(name))
 
 
 def runtime_bytes(engine: str) -> int:
@@ -166,12 +175,16 @@ class Sizes:
     limits: bool  # cgroup memory limits
 
 
-def reference_configs(engines: list[str], sz: Sizes) -> list[Config]:
-    """Every expert in RAM: ferry with its experts resident, and the int4 store with every expert cached."""
+def reference_configs(engines: list[str], sz: Sizes, klotski: int | None) -> list[Config]:
+    """Every expert in RAM: ferry with its experts resident (also in sequential groups of `klotski` sequences, the
+    reference of the offloaded groups), and the int4 store with every expert cached."""
     out = []
     if "ferry" in engines:
         lim = sz.runtime["ferry"] + sz.nonexpert + sz.experts + SLACK if sz.limits else None
         out.append(Config(REFERENCE, "ferry", dict(kv_cache_memory="64M", max_num_seqs=16), lim))
+        if klotski:
+            out.append(Config(f"{GROUPS_REFERENCE} {klotski}", "ferry",
+                              dict(kv_cache_memory="64M", max_num_seqs=klotski), lim))
         if sz.int4_store is not None:
             from ferry.experts.layout import StoreIndex
             int4_bytes = StoreIndex.load(sz.int4_store).total_nbytes

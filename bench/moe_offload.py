@@ -57,7 +57,6 @@ from pathlib import Path
 from bench import memlimit
 from bench.common import new_record, result_path, summary
 from bench.moe_configs import (
-    GROUPS,
     INT4_REFERENCE,
     REFERENCE,
     SLACK,
@@ -65,6 +64,7 @@ from bench.moe_configs import (
     Sizes,
     _Failed,
     configs_for,
+    grouped,
     measure,
     reference_configs,
     reference_of,
@@ -148,8 +148,9 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
     prompts = lambda seed: {B: (prompts_text(model, B, seed) if text_prompts else
                                 prompts_random(cfg["vocab_size"], B, seed)) for B in batches}
     prompt_sets, warm = prompts(0), prompts(1)
+    grouping = args.klotski if min(budgets) <= 0.25 and 0 < args.klotski < max(batches) else None
     with ExitStack() as outer:
-        refs = reference_configs(engines, sz)  # every expert in memory: speed and tokens, kept for all budgets
+        refs = reference_configs(engines, sz, grouping)  # every expert in memory: speed and tokens, kept for all budgets
         for ref in refs:
             ref.start(outer, model, args.dtype, args.threads, args.timeout, files)
             if ref.worker:
@@ -161,8 +162,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
                   f"{ {B: f'{100 * v:.0f}%' for B, v in part['interference']['slowdown'].items()} }", flush=True)
         ref_ids: dict[tuple[str, int], list] = {}
         for budget in budgets:
-            klotski = args.klotski if budget <= 0.25 and 0 < args.klotski < max(batches) else None
-            confs = configs_for(budget, engines, sz, klotski, WORK)
+            confs = configs_for(budget, engines, sz, grouping if budget <= 0.25 else None, WORK)
             with ExitStack() as stack:
                 start_all(confs, stack, model, args, files, label, budget, part, warm)
                 order = [r for r in refs if r.worker] + confs
@@ -170,7 +170,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
                 for B in batches:
                     case = {"budget": budget, "batch": B, "configs": {}}
                     for c in order:
-                        if c.name.startswith(GROUPS) and B < max(batches):
+                        if grouped(c.name) and B < max(batches):
                             continue
                         s = summarize(c, measured.get((c.name, B), []), ref_ids, B)
                         case["configs"][c.name] = s
@@ -236,7 +236,7 @@ def measure_all(order: list[Config], batches: list[int], prompt_sets: dict, args
     for r in range(rounds):
         for c in order[r % len(order):] + order[:r % len(order)]:
             for B in batches:
-                if c.worker is None or c.why or (c.name.startswith(GROUPS) and B < max(batches)):
+                if c.worker is None or c.why or (grouped(c.name) and B < max(batches)):
                     continue
                 try:
                     m = measure(c, prompt_sets[B], args.new_tokens, timeout_of(c, args))
@@ -252,7 +252,7 @@ def summarize(c: Config, ms: list[dict], ref_ids: dict[tuple[str, int], list], B
     if not ms:
         return {"unavailable": c.why or "not run"}
     ids = [m.pop("token_ids", None) for m in ms]
-    if c.name in (REFERENCE, INT4_REFERENCE):
+    if reference_of(c.name) == c.name:
         ref_ids[(c.name, B)] = ids[0]
     s = summary([m["tok_s"] for m in ms])
     s["measurements"] = ms

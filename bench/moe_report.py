@@ -5,7 +5,8 @@ import math
 from pathlib import Path
 
 from bench.common import summary
-from bench.moe_configs import FIXED_MODES, INT4_FULL, INT4_REFERENCE, PEERS, REFERENCE, column_rank
+from bench.moe_configs import (FIXED_MODES, GROUPS, INT4_FULL, INT4_REFERENCE, PEERS, REFERENCE, column_rank, grouped,
+                               reference_of)
 
 BEST_FIXED = "best fixed"  # per round, the fastest of ferry's fixed settings (FIXED_MODES)
 # (numerator, denominator, column label): per-round ratios summarized into each case
@@ -125,17 +126,16 @@ def markdown(rec: dict) -> str:
     return "\n\n".join(out)
 
 
-def _cell(n: str, v: dict | None, notes: list[str]) -> str:
+def _cell(n: str, v: dict | None, notes: list[str], configs: dict) -> str:
     if v is None:
         return ""
     if "unavailable" in v:
         if v["unavailable"] not in notes:
             notes.append(v["unavailable"])
         return f"n/a ({notes.index(v['unavailable']) + 1})"
-    if n.startswith("ferry full, groups") and v.get("token_exact") is False:
-        # compared with the in-memory run at batch 16: another batch shape rounds bf16 differently
-        return _f(v["median"]) + " (tokens differ from batch 16 †)"
-    return _f(v["median"]) + ("" if v.get("token_exact", True) else " (not exact!)")
+    if grouped(n) and reference_of(n) not in configs:  # a record from before the grouped in-memory reference
+        return _f(v["median"]) + " (tokens not checked †)"
+    return _f(v["median"]) + ("" if v.get("token_exact", True) else " (not exact!)") + (" †" if grouped(n) else "")
 
 
 def _throughput_table(label: str, p: dict, dtype: str) -> str:
@@ -146,7 +146,7 @@ def _throughput_table(label: str, p: dict, dtype: str) -> str:
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes: list[str] = []
     for c in p["cases"]:
-        cells = [str(c["batch"]), f"{100 * c['budget']:g}%", *[_cell(n, c["configs"].get(n), notes) for n in names]]
+        cells = [str(c["batch"]), f"{100 * c['budget']:g}%", *[_cell(n, c["configs"].get(n), notes, c["configs"]) for n in names]]
         for k in ratio_names:
             r = c["ratios"].get(k)
             ok = r is not None and not math.isnan(r["median"])
@@ -169,9 +169,10 @@ def _throughput_table(label: str, p: dict, dtype: str) -> str:
                      f"every read overlapping compute"
                      + (f", which the disk reading at full speed slows by {slow} (measured)" if slow else "")
                      + " (bench/moe_report.py, add_bound)")
-    if any("†" in r for r in rows):
-        notes.append("† groups of 8 decode in batches of 8, whose bf16 rounding differs from batch 16's; the "
-                     "in-memory run with --max-num-seqs 8 gives the same tokens as the offloaded one")
+    if any(n.startswith(GROUPS) for n in names):
+        notes.append("† groups of k: the batch decoded as sequential groups of k sequences (--max-num-seqs k), their "
+                     "tokens are compared with the in-memory run of the same groups (batches of k round bf16 "
+                     "differently from one batch) where the record has that run")
     return intro + "\n\n" + "\n".join(rows) + ("\n\n" + "; ".join(
         (f"({i + 1}) {n}" if n[0] not in "†‡" else n) for i, n in enumerate(notes)) if notes else "")
 

@@ -102,7 +102,7 @@ def test_smoke_run_is_token_exact_and_counts(tmp_path):
     store's in-memory tokens), counters filled."""
     from bench import moe_offload
     moe_offload.main(["--smoke", "--engines", "ferry", "--no-parity", "--no-limit", "--trained", "none",
-                      "--budgets", "0.25", "--batches", "2", "--out", "moe_offload-test"])
+                      "--budgets", "0.25", "--batches", "2", "--klotski", "1", "--out", "moe_offload-test"])
     rec = json.loads((SMOKE / "moe_offload-test.json").read_text())
     (case,) = rec["models"]["random"]["cases"]
     for mode in [*FERRY_MODES, INT4_FULL]:
@@ -113,6 +113,9 @@ def test_smoke_run_is_token_exact_and_counts(tmp_path):
             assert m["tok_s"] > 0 if m["seconds"] > 0 else math.isnan(m["tok_s"]), (mode, m)
         assert 0 <= c["hit_rate"] <= 1 and c["expert_bytes_per_token"] > 0
     assert case["configs"]["ferry lru+prefetch"]["prefetch_precision"] is not None
+    # the batch in sequential groups of 1, checked against the in-memory run of the same groups
+    assert case["configs"]["ferry full, groups of 1"]["token_exact"] is True
+    assert "token_exact" not in case["configs"]["ferry in-memory, groups of 1"]
     assert "token_exact" not in case["configs"][INT4_REFERENCE]  # lossy: measured against bf16, not required
     assert 0 <= case["configs"][INT4_REFERENCE]["sequences_as_lossless"] <= 1
     # a ratio exists only where both rows have a speed
