@@ -31,7 +31,7 @@ class RouteProposer(DraftModelProposer):
             plan = self._depth_plan([seqs[i] for i in live])
             if not plan.reqs:
                 break
-            tokens, feats = self._forward(plan)
+            tokens, feats = self._forward_apart(plan)
             still = []
             for i in live:
                 token = tokens.get(reqs[i].req_id)
@@ -47,6 +47,18 @@ class RouteProposer(DraftModelProposer):
                     runs[i].next_token = token
             live = still
         return runs
+
+    def _forward_apart(self, plan: StepPlan) -> tuple[dict[str, int], dict[str, tuple[float, float, float]]]:
+        """_forward, with the one-token rows apart from the catch-up chunks (a prompt, tokens after a preemption):
+        a decode row then computes what it would in a decode-only step (the batch-invariant kernels), so the small
+        model's tokens do not depend on which other request happened to catch up in the same step."""
+        singles = StepPlan([r for r in plan.reqs if len(r.token_ids) == 1])
+        chunks = StepPlan([r for r in plan.reqs if len(r.token_ids) > 1])
+        if not singles.reqs or not chunks.reqs:
+            return self._forward(plan)
+        tokens, feats = self._forward(singles)
+        more_tokens, more_feats = self._forward(chunks)
+        return {**tokens, **more_tokens}, {**feats, **more_feats}
 
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> tuple[dict[str, int], dict[str, tuple[float, float, float]]]:
