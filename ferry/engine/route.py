@@ -49,16 +49,20 @@ class RouteProposer(DraftModelProposer):
         return runs
 
     def _forward_apart(self, plan: StepPlan) -> tuple[dict[str, int], dict[str, tuple[float, float, float]]]:
-        """_forward, with the one-token rows apart from the catch-up chunks (a prompt, tokens after a preemption):
-        a decode row then computes what it would in a decode-only step (the batch-invariant kernels), so the small
-        model's tokens do not depend on which other request happened to catch up in the same step."""
-        singles = StepPlan([r for r in plan.reqs if len(r.token_ids) == 1])
-        chunks = StepPlan([r for r in plan.reqs if len(r.token_ids) > 1])
-        if not singles.reqs or not chunks.reqs:
-            return self._forward(plan)
-        tokens, feats = self._forward(singles)
-        more_tokens, more_feats = self._forward(chunks)
-        return {**tokens, **more_tokens}, {**feats, **more_feats}
+        """_forward, with the one-token rows together and each catch-up chunk (a prompt, tokens after the target's
+        routed ones) in a forward of its own: a decode row then computes what it would in a decode-only step (the
+        batch-invariant kernels) and a prompt what it would alone, so a request's small-model tokens do not depend
+        on which other requests share the step (threshold 1 gives each request the small model's own output)."""
+        parts = [StepPlan([r for r in plan.reqs if len(r.token_ids) == 1])]
+        parts += [StepPlan([r]) for r in plan.reqs if len(r.token_ids) > 1]
+        tokens: dict[str, int] = {}
+        feats: dict[str, tuple[float, float, float]] = {}
+        for part in parts:
+            if part.reqs:
+                more_tokens, more_feats = self._forward(part)
+                tokens.update(more_tokens)
+                feats.update(more_feats)
+        return tokens, feats
 
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> tuple[dict[str, int], dict[str, tuple[float, float, float]]]:

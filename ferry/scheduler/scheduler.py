@@ -142,12 +142,12 @@ class Scheduler:
         room = self.cfg.max_num_batched_tokens - rows
         if self.speculator.max_rows is not None:
             room = min(room, self.speculator.max_rows - rows)
-        if not decodes or room < 1:
-            self.speculator.skip_step(len(decodes))
+        spec = self.speculator
+        if not decodes or (room < 1 and not spec.routes):  # route: a run of just the next token needs no row
+            spec.skip_step(len(decodes))
             return
         reqs = [self.requests[plan.reqs[i].req_id] for i in decodes]
-        spec = self.speculator
-        drafts = spec.draft(reqs, room, rows - len(decodes))
+        drafts = spec.draft(reqs, max(0, room), rows - len(decodes))
         for i, req in zip(decodes, reqs):
             draft, next_token = drafts.get(req.req_id), spec.next_token(req.req_id)
             if (draft or (draft is not None and next_token is not None)) and \
