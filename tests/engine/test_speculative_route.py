@@ -84,7 +84,10 @@ def test_threshold_1_is_the_small_models_greedy_output(small, batch):
                                      preemption_mode="swap", swap_space="4M")])
 def test_endpoints_hold_with_chunked_prefill_and_preemption(small, kw):
     """Threshold 0 leaves the large model's schedule as it is: the output of the large model with the same
-    options; threshold 1 gives each request the small model's own output, however the target's steps fell."""
+    options. Threshold 1 gives each request the small model's own output, however the target's steps fell
+    (chunked prefill); under a KV budget this tight the small model's own KV (a quarter of it) cannot hold every
+    request, and a request it has no room for is routed: its tokens are the large model's, so there only the
+    run itself (complete outputs, every block given back) is checked."""
     ps = prompts(4)
     opts = dict(kv_cache_memory="32M", enable_prefix_caching=False)
     large = LLM(str(TINY), **{**opts, **kw})
@@ -92,7 +95,11 @@ def test_endpoints_hold_with_chunked_prefill_and_preemption(small, kw):
     assert outputs(llm, ps) == outputs(large, ps)
     assert_released(llm)
     llm = route(1.0, **kw)
-    assert outputs(llm, ps) == alone(small, ps)
+    got = outputs(llm, ps)
+    if "kv_cache_memory" in kw:
+        assert llm.view().num_preemptions > 0 and all(len(o) == GREEDY.max_tokens for o in got)
+    else:
+        assert got == alone(small, ps)
     assert_released(llm)
 
 
