@@ -21,6 +21,9 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
     speculative speculative decoding on ferry-tiny (+ ferry-tiny-draft): tok/s with and without ngram, phrase and
                 draft, and llama.cpp's own draft/n-gram speculation, at concurrency 1, 4, 16: acceptance, output
                 equivalence (~20 min; not part of `all`)
+    route       R2R token routing (--speculative-method route, lossy) on ferry-tiny + ferry-tiny-draft: per router
+                threshold the share of tokens the large model makes, greedy agreement / perplexity under it,
+                retrieval, and tok/s against plain large-model decoding; calibrates the router first (~15 min)
     verify-cost the cost of verifying k drafts (k+1 rows per request) on the Qwen2.5-0.5B and Llama-1B shapes, batch 1
                 and 16, and the speed-up it predicts at the acceptance `speculative` measured (~15 min)
     roofline    the per-operator roofline model (ferry roofline) against the measured step: decode and prefill at
@@ -37,7 +40,7 @@ import sys
 
 SCENARIOS = ("throughput", "decode", "prefill", "serving", "memory")
 OTHER = {"moe-offload": "moe_offload", "long-context": "long_context", "webui": "webui", "soak": "soak",
-         "speculative": "speculative", "verify-cost": "verify_cost",
+         "speculative": "speculative", "verify-cost": "verify_cost", "route": "route",
          "roofline": "roofline",
          "quantization": "quantization"}  # scenario -> module, run only when asked for
 

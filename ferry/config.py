@@ -221,11 +221,13 @@ class OffloadConfig:
 class SpeculativeConfig:
     """Speculative decoding (ferry/speculative/): who drafts and how many tokens a request verifies per step."""
 
-    method: str | None = None  # None (off) | ngram | draft | phrase
+    method: str | None = None  # None (off) | ngram | draft | phrase | route
     num_tokens: int | None = None  # draft tokens per request per step at most; None: auto (adaptive, up to 8)
-    model: str | None = None  # the draft model's folder (method draft)
+    model: str | None = None  # the draft model's folder (method draft), the small model's (method route)
     prompt_lookup_min: int = 2  # n-gram lengths matched (ngram, phrase)
     prompt_lookup_max: int = 5
+    route_threshold: float = 0.5  # route: the large model makes a token whose divergence score is at least this
+    route_router: str | None = None  # route: a calibrated router file; None: score = 1 - top-1 probability
 
 
 @dataclass(frozen=True)

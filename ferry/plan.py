@@ -93,6 +93,11 @@ class ScheduledReq:
     # token_ids = [last known token] + draft_token_ids). Each of its rows samples as a one-token decode at its
     # position would; the runner keeps the longest prefix the target agrees with, plus the target's next token.
     draft_token_ids: list[int] = field(default_factory=list)
+    # route (R2R, lossy; ferry/speculative/route.py): draft_token_ids are the small model's tokens the router let
+    # through, all kept (not verified: the target only computes their KV, one decode row each); the token after them
+    # is route_next_token (the small model's, let through too: no logits needed) or, None, the target's sample
+    route: bool = False
+    route_next_token: int | None = None
 
 
 @dataclass
@@ -117,8 +122,8 @@ class StepResult:
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # req_id -> logprobs, when params.logprobs is set
     # req_id -> (position of the first scored token, logprobs), when params.prompt_logprobs is set
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)
-    # req_id -> the tokens a request with draft tokens gained: its accepted drafts, then the target's own next token
-    # (1 to len(draft_token_ids) + 1 tokens; such a request has no entry in sampled_token_ids)
+    # req_id -> the tokens a request with draft tokens (or route) gained: its accepted drafts, then the target's own
+    # next token or route_next_token (1 to len(draft_token_ids) + 1 tokens; no entry in sampled_token_ids)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # req_id -> the logprobs of those tokens, one each, when params.logprobs is set (each from the row that sampled
     # it: the logprobs a one-token decode step would give)

@@ -80,28 +80,37 @@ class DraftModelProposer:
         live = list(range(len(reqs)))
         for depth in range(max(max_tokens, default=0)):
             live = [i for i in live if len(out[i]) == depth and max_tokens[i] > depth]
-            plan = StepPlan()
-            for i in live:
-                s = seqs[i].req
-                num_new = s.num_tokens - s.num_computed_tokens
-                table = self.kv.allocate_slots(s, num_new)
-                if table is None:  # no room in the draft's KV: this request gets what it has
-                    continue
-                start = s.num_computed_tokens
-                plan.reqs.append(ScheduledReq(s.req_id, s.all_token_ids[start:], start, list(table), True, GREEDY,
-                                              s.all_token_ids, s.num_tokens))
+            plan = self._depth_plan([seqs[i] for i in live])
             if not plan.reqs:
                 break
             result = self.runner.execute(plan)
             for i in live:
-                s, token = seqs[i], result.sampled_token_ids.get(reqs[i].req_id)
-                if token is None:
-                    continue
-                s.req.num_computed_tokens = s.req.num_tokens
-                s.req.all_token_ids.append(token)
-                s.num_fed += 1
-                out[i].append(token)
+                token = result.sampled_token_ids.get(reqs[i].req_id)
+                if token is not None:
+                    out[i].append(self._take(seqs[i], token))
         return out
+
+    def _depth_plan(self, seqs: Sequence[_Seq]) -> StepPlan:
+        """One greedy step of the draft model for seqs: each feeds what it has not computed and samples one token
+        (a sequence the draft's KV has no room for sits the step out)."""
+        plan = StepPlan()
+        for seq in seqs:
+            s = seq.req
+            table = self.kv.allocate_slots(s, s.num_tokens - s.num_computed_tokens)
+            if table is None:  # no room in the draft's KV: this request gets what it has
+                continue
+            start = s.num_computed_tokens
+            plan.reqs.append(ScheduledReq(s.req_id, s.all_token_ids[start:], start, list(table), True, GREEDY,
+                                          s.all_token_ids, s.num_tokens))
+        return plan
+
+    @staticmethod
+    def _take(seq: _Seq, token: int) -> int:
+        """seq computed its tokens and sampled `token`: the draft's own guess, appended."""
+        seq.req.num_computed_tokens = seq.req.num_tokens
+        seq.req.all_token_ids.append(token)
+        seq.num_fed += 1
+        return token
 
     def _sync(self, req: Request) -> _Seq:
         """The draft's sequence for req, its KV rolled back to what it shares with req's verified tokens."""

@@ -125,14 +125,21 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "statistics, loaded at start if it exists and saved at shutdown"),
     Option("speculative_method", None, str, "speculative decoding (output unchanged, see README): ngram (prompt "
            "lookup in the request's own context), draft (a small model, --speculative-model), phrase (a pool of "
-           "verified phrases kept across requests); default: none", ("ngram", "draft", "phrase")),
+           "verified phrases kept across requests); route: LOSSY R2R, the small model --speculative-model "
+           "generates and a router sends only the tokens it flags to the model (--route-threshold); default: none",
+           ("ngram", "draft", "phrase", "route")),
     Option("num_speculative_tokens", "auto", _num_speculative_tokens, "with --speculative-method: draft tokens a "
            "request verifies per step at most; auto: chosen per step from measured acceptance and step cost, 0 when "
            "it would not pay (large batches)"),
-    Option("speculative_model", None, str, "with --speculative-method draft: the draft model's folder (same "
-           "tokenizer as the model)"),
+    Option("speculative_model", None, str, "with --speculative-method draft or route: the draft (small) model's "
+           "folder (same tokenizer as the model)"),
     Option("prompt_lookup_min", 2, int, "with --speculative-method ngram or phrase: shortest n-gram matched"),
     Option("prompt_lookup_max", 5, int, "with --speculative-method ngram or phrase: longest n-gram matched"),
+    Option("route_threshold", 0.5, float, "with --speculative-method route: the model (not the small one) makes "
+           "each token whose router score (estimated chance the small model's token diverges) is at least this; "
+           "0: every token (the model's own greedy output), 1: none (the small model's)"),
+    Option("route_router", None, str, "with --speculative-method route: a router file calibrated on the pair "
+           "(`python -m bench route --calibrate-only`); default: score = 1 - the small model's top-1 probability"),
 )
 _BY_NAME = {o.name: o for o in ENGINE_OPTIONS}
 
@@ -181,17 +188,19 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
 def _speculative(v: dict[str, Any], kv_policy: Any) -> SpeculativeConfig:
     """The speculative_* options, checked against each other and the KV policy."""
     method = v["speculative_method"]
-    given = [name for name in ("speculative_model",) if v[name] is not None]
-    given += [name for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
+    given = [name for name in ("speculative_model", "route_router") if v[name] is not None]
+    given += [name for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "route_threshold")
               if v[name] != _BY_NAME[name].type(_BY_NAME[name].default)]
     if method is None:
         if given:
-            raise InvalidRequest(f"{', '.join(given)} needs speculative_method (ngram, draft or phrase)")
+            raise InvalidRequest(f"{', '.join(given)} needs speculative_method (ngram, draft, phrase or route)")
         return SpeculativeConfig()
-    if method == "draft" and v["speculative_model"] is None:
-        raise InvalidRequest("speculative_method=draft needs speculative_model (the draft model's folder)")
-    if method != "draft" and v["speculative_model"] is not None:
-        raise InvalidRequest(f"speculative_model is for speculative_method=draft, not {method}")
+    _check_route(method, v, given)
+    if method in ("draft", "route") and v["speculative_model"] is None:
+        raise InvalidRequest(f"speculative_method={method} needs speculative_model (the "
+                             f"{'draft' if method == 'draft' else 'small'} model's folder)")
+    if method not in ("draft", "route") and v["speculative_model"] is not None:
+        raise InvalidRequest(f"speculative_model is for speculative_method=draft or route, not {method}")
     if not 1 <= v["prompt_lookup_min"] <= v["prompt_lookup_max"]:
         raise InvalidRequest(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {v['prompt_lookup_min']} and "
                              f"{v['prompt_lookup_max']}")
@@ -200,7 +209,20 @@ def _speculative(v: dict[str, Any], kv_policy: Any) -> SpeculativeConfig:
         raise InvalidRequest(f"--kv-policy {kv_policy.name} cannot take back the KV of rejected draft tokens, so it "
                              f"cannot run speculative decoding; use --kv-policy {able}, or no --speculative-method")
     return SpeculativeConfig(method, v["num_speculative_tokens"], v["speculative_model"], v["prompt_lookup_min"],
-                             v["prompt_lookup_max"])
+                             v["prompt_lookup_max"], v["route_threshold"], v["route_router"])
+
+
+def _check_route(method: str, v: dict[str, Any], given: list[str]) -> None:
+    """The route_* options belong to route, the prompt_lookup_* ones to ngram and phrase."""
+    own = [name for name in given if name.startswith("route_")]
+    if method != "route" and own:
+        raise InvalidRequest(f"{', '.join(own)} is for speculative_method=route, not {method}")
+    lookup = [name for name in given if name.startswith("prompt_lookup_")]
+    if method == "route" and lookup:
+        raise InvalidRequest(f"{', '.join(lookup)} is for speculative_method ngram or phrase, not route")
+    if not 0.0 <= v["route_threshold"] <= 1.0:
+        raise InvalidRequest(f"route_threshold must be in [0, 1] (0: every token to the model, 1: none), got "
+                             f"{v['route_threshold']}")
 
 
 def _quant_config(v: dict[str, Any]) -> QuantConfig:

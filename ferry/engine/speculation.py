@@ -1,5 +1,6 @@
-"""Builds the speculator of --speculative-method (ferry/speculative/): its proposer, and the row limit under which
-a verification step computes every row exactly as a one-row decode step would."""
+"""Builds the speculator of --speculative-method (ferry/speculative/): its proposer (route: the small model and the
+router), and the row limit under which a verification step computes every row exactly as a one-row decode step
+would."""
 from __future__ import annotations
 
 import torch
@@ -32,6 +33,12 @@ def build_speculator(cfg: EngineConfig, model_cfg: ModelConfig, tokenizer: Token
         proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
     elif spec.method == "phrase":
         proposer = PhraseProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+    elif spec.method == "route":
+        from ferry.engine.route import RouteProposer
+        from ferry.speculative.route import RouteSpeculator, Router
+        router = Router.load(spec.route_router)
+        small = RouteProposer.load(spec.model, model_cfg, tokenizer, dtype, device, cfg, max_model_len)
+        return RouteSpeculator(small, spec.num_tokens, exact_rows(dtype, device), router, spec.route_threshold)
     else:
         from ferry.engine.draft import DraftModelProposer  # torch model code only when a draft model is asked for
         proposer = DraftModelProposer.load(spec.model, model_cfg, tokenizer, dtype, device, cfg, max_model_len)

@@ -4,7 +4,9 @@ of each request (ScheduledReq.kv) go to AttnMetadata.decode_kv / PrefillChunk.kv
 Layout: single-token requests first (their attention is batched), then prefill chunks. A request with draft
 tokens (speculative decoding) is laid out as one decode row per token, over its growing context: each row reads
 exactly what a one-token decode at its position would (the step's K/V are written before any row reads), through
-the same kernel, so it computes the same numbers."""
+the same kernel, so it computes the same numbers. A route request (R2R) with drafts is laid out the same way (a
+prompt's last chunk with route set stays a chunk); only its last row samples, when the router sent that token to
+the target."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -66,7 +68,11 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Model
         else:
             table = torch.tensor(r.block_ids, dtype=torch.long, device=device)
             chunks.append(PrefillChunk(q_start, n, r.start_pos, table, r.kv))
-        if r.draft_token_ids:
+        if r.route:  # trusted drafts: only the row after the last one samples, and only when it is routed
+            if r.route_next_token is None:
+                logits_rows.append(q_start + n - 1)
+                sample_reqs.append(row_views(r)[-1])
+        elif r.draft_token_ids:
             verified.append((r, len(sample_reqs)))
             logits_rows.extend(range(q_start, q_start + n))
             sample_reqs.extend(row_views(r))

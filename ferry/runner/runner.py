@@ -8,7 +8,7 @@ from ferry.runner.kv import PolicyKV
 from ferry.plan import StepPlan, StepResult
 from ferry.request import TokenLogprob
 from ferry.runner.inputs import build_inputs
-from ferry.runner.verify import accept
+from ferry.runner.verify import accept, routed
 from ferry.sampling import Sampler
 
 
@@ -64,6 +64,9 @@ class Runner:
                 result.sampled_token_ids[r.req_id] = tok
                 if lp is not None:
                     result.logprobs[r.req_id] = lp
+        for r in plan.reqs:
+            if r.route:
+                result.spec_token_ids[r.req_id] = routed(r, result.sampled_token_ids)
         return result
 
     @staticmethod

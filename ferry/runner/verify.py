@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ferry.plan import ScheduledReq
+
 
 def accept(drafts: Sequence[int], sampled: Sequence[int]) -> list[int]:
     """The tokens a request gains: drafts[i] while it equals sampled[i] (the target's sample after drafts[:i]),
@@ -27,3 +29,10 @@ def accept(drafts: Sequence[int], sampled: Sequence[int]) -> list[int]:
             return out
     out.append(sampled[-1])
     return out
+
+
+def routed(r: ScheduledReq, sampled: dict[str, int]) -> list[int]:
+    """The tokens a route (R2R) request gains: every draft (the router let them through: lossy, not verified), then
+    route_next_token, or the target's sample after the last draft (taken out of `sampled`) where it was routed."""
+    last = r.route_next_token if r.route_next_token is not None else sampled.pop(r.req_id)
+    return list(r.draft_token_ids) + [last]

@@ -6,6 +6,8 @@ several steps), mixing prefill chunks with decodes, prefix-cache hits (computed 
 and recompute after preemption (num_computed_tokens back to 0)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ferry.config import SchedulerConfig
 from ferry.kvcache.manager import KVCacheManager
 from ferry.plan import ScheduledReq, StepPlan, StepResult
@@ -134,19 +136,37 @@ class Scheduler:
         has its tokens (drafts never cost a request its place nor preempt one): within the step's token budget and
         the speculator's row limit (rows past it may not compute a row exactly as a one-row decode would)."""
         decodes = [i for i, s in enumerate(plan.reqs) if s.sample and len(s.token_ids) == 1]
+        if self.speculator.routes:
+            self._route_first_tokens(plan)
         rows = plan.num_tokens
         room = self.cfg.max_num_batched_tokens - rows
         if self.speculator.max_rows is not None:
             room = min(room, self.speculator.max_rows - rows)
-        if not decodes or room < 1:
-            self.speculator.skip_step()
+        spec = self.speculator
+        if not decodes or (room < 1 and not spec.routes):  # route: a run of just the next token needs no row
+            spec.skip_step(len(decodes))
             return
         reqs = [self.requests[plan.reqs[i].req_id] for i in decodes]
-        drafts = self.speculator.draft(reqs, room, rows - len(decodes))
+        drafts = spec.draft(reqs, max(0, room), rows - len(decodes))
         for i, req in zip(decodes, reqs):
-            draft = drafts.get(req.req_id)
-            if draft and (table := self.kv.allocate_slots(req, 1 + len(draft))) is not None:
-                plan.reqs[i] = self._scheduled(req, 1 + len(draft), table, draft)
+            draft, next_token = drafts.get(req.req_id), spec.next_token(req.req_id)
+            if (draft or (draft is not None and next_token is not None)) and \
+                    (table := self.kv.allocate_slots(req, 1 + len(draft))) is not None:
+                s = self._scheduled(req, 1 + len(draft), table, draft)
+                plan.reqs[i] = replace(s, route=True, route_next_token=next_token) if spec.routes else s
+
+    def _route_first_tokens(self, plan: StepPlan) -> None:
+        """Route mode: the token after a prompt (the chunk that ends it samples) is the small model's too unless the
+        router sends it to the target: no extra rows (the chunk is computed anyway), only the sample is replaced."""
+        firsts = [i for i, s in enumerate(plan.reqs) if s.sample and len(s.token_ids) > 1 and not s.draft_token_ids]
+        if not firsts:
+            return
+        reqs = [self.requests[plan.reqs[i].req_id] for i in firsts]
+        self.speculator.draft(reqs, 0)
+        for i, req in zip(firsts, reqs):
+            next_token = self.speculator.next_token(req.req_id)
+            if next_token is not None:
+                plan.reqs[i] = replace(plan.reqs[i], route=True, route_next_token=next_token)
 
     def _room(self, plan: StepPlan) -> int:
         """The most prompt tokens a step can hold next to this step's decodes."""
@@ -188,7 +208,7 @@ class Scheduler:
             req = self.requests.get(s.req_id)
             if req is None:  # finished while the step ran
                 continue
-            if s.draft_token_ids:
+            if s.draft_token_ids or s.route:
                 new = result.spec_token_ids[s.req_id]
                 self._verified(req, s, len(new) - 1)
             else:
@@ -212,8 +232,9 @@ class Scheduler:
 
     def _verified(self, req: Request, s: ScheduledReq, num_accepted: int) -> None:
         """req verified s.draft_token_ids and kept the first num_accepted: its KV counts its last known token and
-        those; the rejected drafts' slots are dropped (tail blocks freed) before the prefix cache sees a block."""
-        req.num_computed_tokens = s.start_pos + 1 + num_accepted
+        those; the rejected drafts' slots are dropped (tail blocks freed) before the prefix cache sees a block.
+        (Route mode keeps every draft: nothing is dropped.)"""
+        req.num_computed_tokens = s.start_pos + len(s.token_ids) - len(s.draft_token_ids) + num_accepted
         self.kv.rollback(req)
         self.kv.commit_step(req, s)
         self.speculator.record(req, len(s.draft_token_ids), num_accepted)

@@ -13,6 +13,8 @@ from ferry.speculative.base import Proposer, SpecStats
 
 
 class Speculator:
+    routes = False  # route (R2R) mode: drafts are trusted, not verified (ferry/speculative/route.py)
+
     def __init__(self, proposer: Proposer, num_tokens: int | None, max_rows: int | None = None,
                  max_auto_tokens: int = 8) -> None:
         """num_tokens: draft tokens per request per step at most (None: `auto`, chosen per step up to
@@ -58,9 +60,13 @@ class Speculator:
             room = min(room, req.params.max_tokens - req.num_output_tokens - 1)
         return room
 
-    def skip_step(self) -> None:
-        """No room for drafts in this step."""
+    def skip_step(self, num_decodes: int = 0) -> None:
+        """No room for drafts in this step (num_decodes: the decodes that run without)."""
         self.last_k = 0
+
+    def next_token(self, req_id: str) -> int | None:
+        """Route mode: the small model's token after req_id's drafts (None: the target samples it)."""
+        return None
 
     def record(self, req: Request, num_drafted: int, num_accepted: int) -> None:
         """req verified num_drafted drafts and accepted num_accepted (it gained num_accepted + 1 tokens)."""
