@@ -97,6 +97,12 @@ def _speculative_metrics(spec: dict, gauge: Callable, counter: Callable) -> Iter
     yield gauge("ferry_spec_decode_acceptance_rate", "Accepted / verified draft tokens.", spec["acceptance_rate"])
     yield gauge("ferry_spec_decode_mean_accepted_length", "Tokens a verifying request gains per step (accepted + 1).",
                 spec["mean_accepted_length"])
+    if "large_fraction" in spec:  # route (R2R): who produced the tokens
+        yield counter("ferry_route_small_tokens", "Tokens the small model produced and the router kept.",
+                      spec["num_small_tokens"])
+        yield counter("ferry_route_large_tokens", "Tokens the router sent to the model.", spec["num_large_tokens"])
+        yield gauge("ferry_route_large_fraction", "Tokens the model produced / all routed tokens.",
+                    spec["large_fraction"])
 
 
 def _expert_metrics(s: EngineStats, gauge: Callable, counter: Callable) -> Iterator[Metric]:
