@@ -6,21 +6,28 @@ tokenizer), so `ferry serve --instances N` runs the same server code as one inst
 - Dispatch: each request goes to the live instance with the fewest requests in flight from this front end.
 - Losing an instance: a request whose instance dies (killed, out of memory) resumes on another from the tokens it
   already streamed (ferry/engine/resume.py: the output is the one it would have had); a request that cannot be
-  resumed (n > 1) ends with an explicit error. The dead instance is started again in the background."""
+  resumed (n > 1) ends with an explicit error. The dead instance is started again in the background.
+- Live migration (migration.py): migrate() moves a running request with its KV to another instance while it
+  decodes; the client's stream goes on from the destination (outputs are cumulative: nothing repeated, nothing
+  lost). Policies (policies.py): --migration-policy balance moves a request from the most to the least loaded
+  instance when they differ by 2 or more; drain() moves every request off an instance (scale-in)."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ferry.cluster.instance import EngineInstance
+from ferry.cluster.migration import MigrationAborted, Moved, migrate
+from ferry.cluster.policies import Running, pick_balance, pick_drain
 from ferry.config import ModelConfig
 from ferry.engine.inputs import InputProcessor, ProcessedPrompt, PromptInput
 from ferry.engine.resume import Resume
-from ferry.engine.stats import EngineStats, InstanceLoad
+from ferry.engine.stats import EngineStats, InstanceLoad, MigrationStats
 from ferry.errors import FerryError, InvalidRequest, Overloaded, RequestFailed
 from ferry.request import RequestOutput, SamplingParams
 from ferry.tokenizer import Tokenizer
@@ -28,6 +35,8 @@ from ferry.tokenizer import Tokenizer
 log = logging.getLogger("ferry")
 
 STATS_INTERVAL = 1.0  # seconds between reads of the instances' stats
+BALANCE_INTERVAL = 0.5  # seconds between looks of the balance policy
+MIGRATION_POLICIES = ("off", "balance")
 
 
 @dataclass
@@ -38,6 +47,16 @@ class _Slot:
     in_flight: int = 0
     alive: bool = True
     restarts: int = 0
+    draining: bool = False  # drain(): no new requests
+
+
+@dataclass
+class _Tracked:
+    """A request the front end streams: where it runs now and how far it is."""
+
+    slot: _Slot
+    prompt: ProcessedPrompt
+    num_output_tokens: int = 0
 
 
 def _ray():
@@ -50,9 +69,12 @@ def _ray():
 
 
 class ClusterLLM:
-    def __init__(self, model: str, instances: int, options: dict[str, Any], ray_address: str | None = None) -> None:
+    def __init__(self, model: str, instances: int, options: dict[str, Any], ray_address: str | None = None,
+                 migration_policy: str = "off") -> None:
         if instances < 2:
             raise InvalidRequest(f"--instances {instances}: a cluster has 2 or more (1 runs without Ray)")
+        if migration_policy not in MIGRATION_POLICIES:
+            raise InvalidRequest(f"--migration-policy {migration_policy!r}: choose one of {MIGRATION_POLICIES}")
         ray = _ray()
         self._ray, self._model, self._options = ray, model, options
         self._own_ray = not ray.is_initialized()
@@ -72,6 +94,12 @@ class ClusterLLM:
         self._unfinished = 0
         self._stopping = threading.Event()
         self._stats = EngineStats()
+        self._migration_policy = migration_policy
+        self._migrations = MigrationStats()
+        self._tracked: dict[str, _Tracked] = {}
+        self._moved: dict[str, tuple[_Slot, Moved]] = {}  # migrated, not yet followed by its stream
+        self._migrating: set[str] = set()
+        self._balancer: asyncio.Task | None = None
         self._poller = threading.Thread(target=self._poll_stats, name="ferry-cluster-stats", daemon=True)
         self._poller.start()
         log.info("cluster of %d instances on Ray (pids %s)", instances, [s.pid for s in self._slots])
@@ -89,17 +117,21 @@ class ClusterLLM:
             raise Overloaded("the server is shutting down")
         if not isinstance(prompt, ProcessedPrompt):
             prompt = await self.process(prompt, params)
+        if self._migration_policy == "balance" and self._balancer is None:
+            self._balancer = asyncio.create_task(self._balance())
         last: RequestOutput | None = None
         self._unfinished += 1
         try:
             for _ in range(len(self._slots) + 1):
                 slot = self._pick()
+                tracked = self._tracked[request_id] = _Tracked(slot, prompt)
                 try:
-                    async for out in self._stream(slot, request_id, prompt, priority, self._carry(prompt, last)):
+                    async for out in self._follow(tracked, request_id, priority, self._carry(prompt, last)):
                         last = out
                         yield out
                     return
                 except self._ray.exceptions.RayActorError:
+                    slot = tracked.slot
                     self._lost(slot)
                     if prompt.params.n != 1:
                         raise RequestFailed(f"engine instance {slot.index} died while running this request (n > 1 "
@@ -109,6 +141,10 @@ class ClusterLLM:
             raise RequestFailed("every engine instance died while running this request")
         finally:
             self._unfinished -= 1
+            self._tracked.pop(request_id, None)
+            moved = self._moved.pop(request_id, None)
+            if moved is not None and moved[0].alive:  # migrated while its client went away
+                moved[0].actor.abort.remote(request_id)
 
     def abort(self, request_id: str) -> None:
         for slot in self._slots:  # cheap, and the front end need not track where a request runs for this
@@ -136,12 +172,38 @@ class ClusterLLM:
 
     # -- instances --------------------------------------------------------------------------------
 
-    async def _stream(self, slot: _Slot, request_id: str, prompt: ProcessedPrompt, priority: int,
+    async def _follow(self, tracked: _Tracked, request_id: str, priority: int,
                       resume: Resume | None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs from its instance, and from each instance it migrates to after that."""
+        slot = tracked.slot
+        gen = slot.actor.generate.options(num_returns="streaming").remote(request_id, tracked.prompt, priority, resume)
+        stopped_at = None
+        while True:
+            finished = False
+            try:
+                async for out in self._stream(slot, request_id, gen):
+                    if stopped_at is not None:  # the first token from the migration's destination
+                        self._migrations.downtime.observe(time.perf_counter() - stopped_at)
+                        stopped_at = None
+                    finished = out.finished
+                    tracked.num_output_tokens = len(out.outputs[0].token_ids)
+                    yield out
+            except self._ray.exceptions.RayActorError:
+                if request_id not in self._moved:  # it had moved on just before its source died
+                    raise
+                self._lost(slot)
+            if finished:
+                return
+            moved = self._moved.pop(request_id, None)
+            if moved is None:
+                raise RequestFailed(f"engine instance {slot.index} ended the request without finishing it")
+            slot, gen, stopped_at = moved[0], moved[1].stream, moved[1].stopped_at
+            tracked.slot = slot
+
+    async def _stream(self, slot: _Slot, request_id: str, gen: Any) -> AsyncIterator[RequestOutput]:
         slot.in_flight += 1
         finished = False
         try:
-            gen = slot.actor.generate.options(num_returns="streaming").remote(request_id, prompt, priority, resume)
             async for ref in gen:
                 try:
                     out = await ref
@@ -164,7 +226,7 @@ class ClusterLLM:
         return Resume(list(c.token_ids), list(c.logprobs) if prompt.params.logprobs is not None else None)
 
     def _pick(self) -> _Slot:
-        live = [s for s in self._slots if s.alive]
+        live = [s for s in self._slots if s.alive and not s.draining]
         if not live:
             raise Overloaded("no engine instance is running (they are being restarted); retry later")
         return min(live, key=lambda s: (s.in_flight, s.index))
@@ -195,8 +257,99 @@ class ClusterLLM:
                 parts = self._ray.get([s.actor.stats.remote() for s in live], timeout=10)
             except Exception:  # an instance died between the check and the call: the next round skips it
                 continue
-            self._stats = _sum_stats(parts)
-            self._stats.instances = [InstanceLoad(s.index, s.alive, s.in_flight, s.restarts) for s in self._slots]
+            stats = _sum_stats(parts)
+            stats.instances = [InstanceLoad(s.index, s.alive, s.in_flight, s.restarts) for s in self._slots]
+            stats.migrations = self._migrations
+            self._stats = stats
+
+    # -- live migration ---------------------------------------------------------------------------
+
+    async def migrate(self, request_id: str, to: int | None = None) -> str:
+        """Move a running request to instance `to` (default: the least loaded other one) while it decodes; its
+        stream goes on from there. Returns the outcome: migrated, aborted_src (the request ended, or cannot
+        move) or aborted_dst (the destination failed); an aborted migration leaves it running where it was."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None:
+            raise InvalidRequest(f"request {request_id!r} is not running on this server")
+        src = tracked.slot
+        others = [s for s in self._slots if s.alive and s is not src and not s.draining]
+        dst = min(others, key=lambda s: (s.in_flight, s.index), default=None) if to is None else self._slots[to]
+        if dst is None or dst is src or not dst.alive:
+            raise InvalidRequest(f"no other live instance to move {request_id!r} to (it is on {src.index})")
+        if request_id in self._migrating:
+            raise InvalidRequest(f"request {request_id!r} is already migrating")
+        self._migrating.add(request_id)
+        try:
+            moved = await migrate(self._ray, request_id, src.actor, dst.actor, self._migrations)
+        except MigrationAborted as e:
+            log.warning("migration of %s from instance %d to %d called off (%s): %s", request_id, src.index,
+                        dst.index, e.outcome, e)
+            if e.died and e.outcome == "aborted_dst":
+                self._lost(dst)  # the source's death is seen by the request's own stream
+            return e.outcome
+        finally:
+            self._migrating.discard(request_id)
+        self._moved[request_id] = (dst, moved)  # before the release ends the source's stream
+        self._migrations.count("migrated")
+        self._migrations.num_blocks += moved.num_blocks
+        try:
+            await src.actor.migration.remote("release", request_id)
+        except self._ray.exceptions.RayActorError:
+            pass  # the source died: its stream ends with that error, and _follow goes on from the destination
+        if request_id not in self._tracked:  # its client left meanwhile
+            self._moved.pop(request_id, None)
+            dst.actor.abort.remote(request_id)
+        log.info("request %s migrated from instance %d to %d", request_id, src.index, dst.index)
+        return "migrated"
+
+    async def drain(self, index: int) -> dict[str, str]:
+        """Scale-in: no new request goes to instance index, and every request on it moves to the others
+        ({request: outcome}). undrain(index) takes it back into service."""
+        self._slots[index].draining = True
+        moves = pick_drain(index, self._load(), self._running())
+        outcomes = await asyncio.gather(*(self.migrate(rid, to) for rid, to in moves), return_exceptions=True)
+        return {rid: o if isinstance(o, str) else f"error: {o}" for (rid, _), o in zip(moves, outcomes)}
+
+    def undrain(self, index: int) -> None:
+        self._slots[index].draining = False
+
+    async def _balance(self) -> None:
+        """--migration-policy balance: one migration at a time, from the most to the least loaded instance."""
+        while not self._stopping.is_set():
+            await asyncio.sleep(BALANCE_INTERVAL)
+            move = pick_balance(self._load(), self._running())
+            if move is not None:
+                try:
+                    await self.migrate(move[0], move[2])
+                except InvalidRequest:  # it finished or its instance died meanwhile
+                    pass
+                except Exception:
+                    log.exception("the balance policy's migration of %s failed", move[0])
+
+    def instance_stats(self) -> list[EngineStats | None]:
+        """Each instance's own stats now (None for one that is down): its KV blocks, requests, counters."""
+        out = []
+        for s in self._slots:
+            try:
+                out.append(self._ray.get(s.actor.stats.remote(), timeout=10) if s.alive else None)
+            except Exception:
+                out.append(None)
+        return out
+
+    def _load(self) -> dict[int, int]:
+        return {s.index: s.in_flight for s in self._slots if s.alive and not s.draining}
+
+    def _running(self) -> list[Running]:
+        out = []
+        for rid, t in self._tracked.items():
+            if rid in self._migrating or rid in self._moved:
+                continue
+            p = t.prompt.params
+            left = (p.max_tokens if p.max_tokens is not None else self.max_model_len) - t.num_output_tokens
+            left = min(left, self.max_model_len - len(t.prompt.prompt_token_ids) - t.num_output_tokens)
+            out.append(Running(rid, t.slot.index, len(t.prompt.prompt_token_ids) + t.num_output_tokens,
+                               t.num_output_tokens, left))
+        return out
 
 
 def _sum_stats(parts: list[EngineStats]) -> EngineStats:

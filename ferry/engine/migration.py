@@ -29,7 +29,14 @@ from ferry.request import FinishReason, Request, RequestStatus
 
 class MigrationFailed(FerryError):
     """A migration step could not be done (the request is not migratable, ended, or the destination lacks room):
-    the migration is called off and the request goes on where it was."""
+    the migration is called off and the request goes on where it was. side: which engine refused."""
+
+    def __init__(self, message: str, side: str) -> None:
+        super().__init__(message)
+        self.side = side  # "source" or "destination"
+
+    def __reduce__(self):  # pickled across processes (Ray) with its side
+        return type(self), (str(self), self.side)
 
 
 @dataclass(frozen=True)
@@ -95,18 +102,19 @@ class Migrations:
     def _migratable(self, request_id: str, first: int) -> Request:
         req = self.parts.scheduler.requests.get(request_id)
         if req is None or req.status is not RequestStatus.RUNNING:
-            raise MigrationFailed(f"request {request_id!r} is not running here")
+            raise MigrationFailed(f"request {request_id!r} is not running here", "source")
         if req.params.n != 1 or req.params.prompt_logprobs is not None:
-            raise MigrationFailed("only a request with n=1 and no prompt_logprobs can migrate")
+            raise MigrationFailed("only a request with n=1 and no prompt_logprobs can migrate", "source")
         if self.parts.speculator is not None:
-            raise MigrationFailed("requests do not migrate under speculative decoding (the draft state stays)")
+            raise MigrationFailed("requests do not migrate under speculative decoding (the draft state stays)",
+                                  "source")
         if any(b < 0 for b in self._table(req)):
             raise MigrationFailed(f"request {request_id!r} has blocks in the slow tier or compacted away "
-                                  f"(--kv-policy {self.parts.kv.policy.name}): only device blocks migrate")
+                                  f"(--kv-policy {self.parts.kv.policy.name}): only device blocks migrate", "source")
         if first == 0:
             self._preemptions[request_id] = req.num_preemptions
         elif self._preemptions.get(request_id) != req.num_preemptions:  # its KV was recomputed: stages are stale
-            raise MigrationFailed(f"request {request_id!r} was preempted during its migration")
+            raise MigrationFailed(f"request {request_id!r} was preempted during its migration", "source")
         return req
 
     def _table(self, req: Request) -> list[int]:
@@ -122,14 +130,15 @@ class Migrations:
         """Reserve blocks.num_blocks fresh blocks for the request and write the stage into them; returns the number
         of its blocks held here. MigrationFailed (nothing reserved by this call) when they are not free."""
         if request_id in self.output.groups or request_id in self.parts.scheduler.requests:
-            raise MigrationFailed(f"request id {request_id!r} is already in use on the destination")
+            raise MigrationFailed(f"request id {request_id!r} is already in use on the destination", "destination")
         held = len(self.parts.kv.block_tables.get(request_id, ()))
         if held != blocks.first:
-            raise MigrationFailed(f"blocks from {blocks.first} arrived for {request_id!r}, which holds {held} here")
+            raise MigrationFailed(f"blocks from {blocks.first} arrived for {request_id!r}, which holds {held} here",
+                                  "destination")
         table = self.parts.kv.reserve(request_id, blocks.num_blocks)
         if table is None:
             raise MigrationFailed(f"the destination has {self.parts.kv.pool.num_free} free KV blocks; "
-                                  f"{request_id!r} needs {blocks.num_blocks} more")
+                                  f"{request_id!r} needs {blocks.num_blocks} more", "destination")
         self.parts.storage.import_blocks(table[blocks.first:], blocks.data)
         return len(table)
 
@@ -145,7 +154,7 @@ class Migrations:
     def _adopt(self, request_id: str, h: Handover) -> None:
         held = self.receive(request_id, h.blocks)
         if held != -(-h.num_computed_tokens // self.block_size):
-            raise MigrationFailed(f"{held} blocks arrived for {h.num_computed_tokens} computed tokens")
+            raise MigrationFailed(f"{held} blocks arrived for {h.num_computed_tokens} computed tokens", "destination")
         params, ids = h.prompt.params, h.prompt.prompt_token_ids
         h.carried.check(params, len(ids), self.parts.max_model_len)
         req = Request(req_id=request_id, prompt_token_ids=ids, params=params, arrival_time=time.monotonic(),
