@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ferry.cluster.instance import EngineInstance
-from ferry.cluster.migration import MigrationAborted, Moved, migrate
-from ferry.cluster.policies import Running, pick_balance, pick_drain
+from ferry.cluster.migration import Moved
+from ferry.cluster.moves import ClusterMoves
 from ferry.config import ModelConfig
 from ferry.engine.inputs import InputProcessor, ProcessedPrompt, PromptInput
 from ferry.engine.resume import Resume
@@ -35,7 +35,6 @@ from ferry.tokenizer import Tokenizer
 log = logging.getLogger("ferry")
 
 STATS_INTERVAL = 1.0  # seconds between reads of the instances' stats
-BALANCE_INTERVAL = 0.5  # seconds between looks of the balance policy
 MIGRATION_POLICIES = ("off", "balance")
 
 
@@ -48,6 +47,7 @@ class _Slot:
     alive: bool = True
     restarts: int = 0
     draining: bool = False  # drain(): no new requests
+    role: str = "both"  # with --instance-roles: prefill (prompts, then hands each request over) or decode
 
 
 @dataclass
@@ -68,11 +68,15 @@ def _ray():
     return ray
 
 
-class ClusterLLM:
+class ClusterLLM(ClusterMoves):
     def __init__(self, model: str, instances: int, options: dict[str, Any], ray_address: str | None = None,
-                 migration_policy: str = "off") -> None:
+                 migration_policy: str = "off", roles: tuple[str, ...] | None = None) -> None:
+        """roles: one per instance (--instance-roles, options.parse_instance_roles): prefill or decode."""
         if instances < 2:
             raise InvalidRequest(f"--instances {instances}: a cluster has 2 or more (1 runs without Ray)")
+        if roles is not None and len(roles) != instances:
+            raise InvalidRequest(f"--instance-roles names {len(roles)} instances and --instances is {instances}: "
+                                 f"give the same number, or leave --instances out")
         if migration_policy not in MIGRATION_POLICIES:
             raise InvalidRequest(f"--migration-policy {migration_policy!r}: choose one of {MIGRATION_POLICIES}")
         ray = _ray()
@@ -90,7 +94,8 @@ class ClusterLLM:
         infos = ray.get([a.ready.remote() for a in actors])  # raises the first instance's load error
         self.max_model_len = infos[0]["max_model_len"]
         self.inputs = InputProcessor(self.tokenizer, infos[0]["limits"])
-        self._slots = [_Slot(i, a, info["pid"]) for i, (a, info) in enumerate(zip(actors, infos))]
+        self._slots = [_Slot(i, a, info["pid"], role=roles[i] if roles else "both")
+                       for i, (a, info) in enumerate(zip(actors, infos))]
         self._unfinished = 0
         self._stopping = threading.Event()
         self._stats = EngineStats()
@@ -100,6 +105,7 @@ class ClusterLLM:
         self._moved: dict[str, tuple[_Slot, Moved]] = {}  # migrated, not yet followed by its stream
         self._migrating: set[str] = set()
         self._balancer: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
         self._poller = threading.Thread(target=self._poll_stats, name="ferry-cluster-stats", daemon=True)
         self._poller.start()
         log.info("cluster of %d instances on Ray (pids %s)", instances, [s.pid for s in self._slots])
@@ -123,7 +129,7 @@ class ClusterLLM:
         self._unfinished += 1
         try:
             for _ in range(len(self._slots) + 1):
-                slot = self._pick()
+                slot = self._pick(new=last is None)
                 tracked = self._tracked[request_id] = _Tracked(slot, prompt)
                 try:
                     async for out in self._follow(tracked, request_id, priority, self._carry(prompt, last)):
@@ -176,7 +182,9 @@ class ClusterLLM:
                       resume: Resume | None) -> AsyncIterator[RequestOutput]:
         """The request's outputs from its instance, and from each instance it migrates to after that."""
         slot = tracked.slot
-        gen = slot.actor.generate.options(num_returns="streaming").remote(request_id, tracked.prompt, priority, resume)
+        hold = slot.role == "prefill" and tracked.prompt.params.n == 1  # it stops after its first token
+        gen = slot.actor.generate.options(num_returns="streaming").remote(request_id, tracked.prompt, priority, resume,
+                                                                          hold)
         stopped_at = None
         while True:
             finished = False
@@ -187,6 +195,11 @@ class ClusterLLM:
                         stopped_at = None
                     finished = out.finished
                     tracked.num_output_tokens = len(out.outputs[0].token_ids)
+                    if hold and not finished and tracked.num_output_tokens:
+                        hold = False
+                        task = asyncio.create_task(self._hand_over(request_id, slot))
+                        self._background.add(task)  # held until done (the loop keeps only weak references)
+                        task.add_done_callback(self._background.discard)
                     yield out
             except self._ray.exceptions.RayActorError:
                 if request_id not in self._moved:  # it had moved on just before its source died
@@ -225,8 +238,11 @@ class ClusterLLM:
         c = last.outputs[0]
         return Resume(list(c.token_ids), list(c.logprobs) if prompt.params.logprobs is not None else None)
 
-    def _pick(self) -> _Slot:
-        live = [s for s in self._slots if s.alive and not s.draining]
+    def _pick(self, new: bool) -> _Slot:
+        """A new request's instance (a prefill one under --instance-roles), or a resumed one's (a decoding one)."""
+        roles = ("prefill", "both") if new else ("decode", "both")
+        live = [s for s in self._slots if s.alive and not s.draining and s.role in roles]
+        live = live or [s for s in self._slots if s.alive and not s.draining]
         if not live:
             raise Overloaded("no engine instance is running (they are being restarted); retry later")
         return min(live, key=lambda s: (s.in_flight, s.index))
@@ -262,70 +278,6 @@ class ClusterLLM:
             stats.migrations = self._migrations
             self._stats = stats
 
-    # -- live migration ---------------------------------------------------------------------------
-
-    async def migrate(self, request_id: str, to: int | None = None) -> str:
-        """Move a running request to instance `to` (default: the least loaded other one) while it decodes; its
-        stream goes on from there. Returns the outcome: migrated, aborted_src (the request ended, or cannot
-        move) or aborted_dst (the destination failed); an aborted migration leaves it running where it was."""
-        tracked = self._tracked.get(request_id)
-        if tracked is None:
-            raise InvalidRequest(f"request {request_id!r} is not running on this server")
-        src = tracked.slot
-        others = [s for s in self._slots if s.alive and s is not src and not s.draining]
-        dst = min(others, key=lambda s: (s.in_flight, s.index), default=None) if to is None else self._slots[to]
-        if dst is None or dst is src or not dst.alive:
-            raise InvalidRequest(f"no other live instance to move {request_id!r} to (it is on {src.index})")
-        if request_id in self._migrating:
-            raise InvalidRequest(f"request {request_id!r} is already migrating")
-        self._migrating.add(request_id)
-        try:
-            moved = await migrate(self._ray, request_id, src.actor, dst.actor, self._migrations)
-        except MigrationAborted as e:
-            log.warning("migration of %s from instance %d to %d called off (%s): %s", request_id, src.index,
-                        dst.index, e.outcome, e)
-            if e.died and e.outcome == "aborted_dst":
-                self._lost(dst)  # the source's death is seen by the request's own stream
-            return e.outcome
-        finally:
-            self._migrating.discard(request_id)
-        self._moved[request_id] = (dst, moved)  # before the release ends the source's stream
-        self._migrations.count("migrated")
-        self._migrations.num_blocks += moved.num_blocks
-        try:
-            await src.actor.migration.remote("release", request_id)
-        except self._ray.exceptions.RayActorError:
-            pass  # the source died: its stream ends with that error, and _follow goes on from the destination
-        if request_id not in self._tracked:  # its client left meanwhile
-            self._moved.pop(request_id, None)
-            dst.actor.abort.remote(request_id)
-        log.info("request %s migrated from instance %d to %d", request_id, src.index, dst.index)
-        return "migrated"
-
-    async def drain(self, index: int) -> dict[str, str]:
-        """Scale-in: no new request goes to instance index, and every request on it moves to the others
-        ({request: outcome}). undrain(index) takes it back into service."""
-        self._slots[index].draining = True
-        moves = pick_drain(index, self._load(), self._running())
-        outcomes = await asyncio.gather(*(self.migrate(rid, to) for rid, to in moves), return_exceptions=True)
-        return {rid: o if isinstance(o, str) else f"error: {o}" for (rid, _), o in zip(moves, outcomes)}
-
-    def undrain(self, index: int) -> None:
-        self._slots[index].draining = False
-
-    async def _balance(self) -> None:
-        """--migration-policy balance: one migration at a time, from the most to the least loaded instance."""
-        while not self._stopping.is_set():
-            await asyncio.sleep(BALANCE_INTERVAL)
-            move = pick_balance(self._load(), self._running())
-            if move is not None:
-                try:
-                    await self.migrate(move[0], move[2])
-                except InvalidRequest:  # it finished or its instance died meanwhile
-                    pass
-                except Exception:
-                    log.exception("the balance policy's migration of %s failed", move[0])
-
     def instance_stats(self) -> list[EngineStats | None]:
         """Each instance's own stats now (None for one that is down): its KV blocks, requests, counters."""
         out = []
@@ -334,21 +286,6 @@ class ClusterLLM:
                 out.append(self._ray.get(s.actor.stats.remote(), timeout=10) if s.alive else None)
             except Exception:
                 out.append(None)
-        return out
-
-    def _load(self) -> dict[int, int]:
-        return {s.index: s.in_flight for s in self._slots if s.alive and not s.draining}
-
-    def _running(self) -> list[Running]:
-        out = []
-        for rid, t in self._tracked.items():
-            if rid in self._migrating or rid in self._moved:
-                continue
-            p = t.prompt.params
-            left = (p.max_tokens if p.max_tokens is not None else self.max_model_len) - t.num_output_tokens
-            left = min(left, self.max_model_len - len(t.prompt.prompt_token_ids) - t.num_output_tokens)
-            out.append(Running(rid, t.slot.index, len(t.prompt.prompt_token_ids) + t.num_output_tokens,
-                               t.num_output_tokens, left))
         return out
 
 

@@ -26,8 +26,8 @@ class EngineInstance:
         return {"limits": self.llm.inputs.limits, "max_model_len": self.llm.max_model_len, "pid": os.getpid()}
 
     async def generate(self, request_id: str, prompt: ProcessedPrompt, priority: int,
-                       resume: Resume | None) -> AsyncIterator[RequestOutput]:
-        async for out in self.llm.generate(prompt, None, request_id, priority, resume=resume):
+                       resume: Resume | None, hold: bool = False) -> AsyncIterator[RequestOutput]:
+        async for out in self.llm.generate(prompt, None, request_id, priority, resume=resume, hold=hold):
             yield out
 
     async def migration(self, op: str, *args: Any) -> Any:

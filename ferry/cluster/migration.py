@@ -41,12 +41,14 @@ class Moved:
     num_blocks: int
 
 
-async def migrate(ray: Any, request_id: str, src: Any, dst: Any, stats: MigrationStats) -> Moved:
+async def migrate(ray: Any, request_id: str, src: Any, dst: Any, stats: MigrationStats, staged: bool = True) -> Moved:
     """Move request_id from actor src to actor dst (EngineInstance handles). Raises MigrationAborted after
-    cleaning up both sides. The caller releases the request on the source once it follows the new stream."""
+    cleaning up both sides. The caller releases the request on the source once it follows the new stream.
+    staged=False: the request is already stopped (a prefill instance's, after its first token): the stop-and-copy
+    alone."""
     held = 0
     try:
-        for _ in range(MAX_STAGES):
+        for _ in range(MAX_STAGES if staged else 0):
             before = held
             blocks = src.migration.remote("export_full", request_id, held)  # an object ref: dst fetches it
             held = await dst.migration.remote("receive", request_id, blocks)

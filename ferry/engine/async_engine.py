@@ -32,6 +32,7 @@ class AddRequest:
     prompt: ProcessedPrompt
     priority: int = 0
     resume: Resume | None = None
+    hold: bool = False  # stop it after its first token, for a decode instance to adopt (prefill/decode split)
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,13 @@ class AsyncLLM:
         return await asyncio.to_thread(self.inputs.process, prompt, params, fit_max_tokens)
 
     async def generate(self, prompt: PromptInput | ProcessedPrompt, params: SamplingParams | None, request_id: str,
-                       priority: int = 0, resume: Resume | None = None) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, resume: Resume | None = None,
+                       hold: bool = False) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request; the last has finished=True. Raises InvalidRequest /
         ContextLengthExceeded / Overloaded before the first output. Closing the iterator early aborts it.
         A ProcessedPrompt (from process(), which the server calls first) carries its params: pass None.
-        resume: tokens the request already produced elsewhere (LLMEngine.add_processed)."""
+        resume: tokens the request already produced elsewhere (LLMEngine.add_processed). hold: stop it once it has
+        its first token (a prefill instance's; the front end then hands it to a decode instance)."""
         if self._stop.is_set():
             raise Overloaded("the engine is shutting down")
         if not isinstance(prompt, ProcessedPrompt):
@@ -109,7 +112,7 @@ class AsyncLLM:
             loop, q = asyncio.get_running_loop(), asyncio.Queue()
             self._streams[request_id] = (loop, q)
             self._not_started.add(request_id)
-        self._inbox.put(AddRequest(request_id, prompt, priority, resume))
+        self._inbox.put(AddRequest(request_id, prompt, priority, resume, hold))
         async for out in self._outputs(request_id, q):
             yield out
 
@@ -205,11 +208,14 @@ class AsyncLLM:
 
     def _apply(self, cmd: Command) -> None:
         match cmd:
-            case AddRequest(rid, prompt, priority, resume):
+            case AddRequest(rid, prompt, priority, resume, hold):
                 try:
                     self.engine.add_processed(rid, prompt, priority, resume=resume)
                 except Exception as e:
                     self._deliver(rid, e)
+                    return
+                if hold:
+                    self.engine.migration.hold_after_prompt(rid)
             case Abort(rid):
                 out = self.engine.abort_request(rid)
                 if out is not None:

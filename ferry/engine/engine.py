@@ -120,6 +120,7 @@ class LLMEngine:
             self.decode_step_s = took if not self.decode_step_s else 0.8 * self.decode_step_s + 0.2 * took
         outputs = self._fail(failed)
         progressed = self.scheduler.update(plan, result)
+        self.migration.after_step(progressed)  # a prefill instance stops requests at their first token
         self.num_steps += 1
         self.num_generation_tokens += len(progressed) + sum(len(t) - 1 for t in result.spec_token_ids.values())
         processed, stopped = self.output.process(progressed, result)

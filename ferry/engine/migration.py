@@ -70,6 +70,22 @@ class Migrations:
         self.parts, self.output = parts, output
         self.block_size = parts.config.cache.block_size
         self._preemptions: dict[str, int] = {}  # request -> its preemptions when its first stage was copied
+        self._held: set[str] = set()  # requests to stop once they have their first token (a prefill instance's)
+
+    # -- prefill/decode split ---------------------------------------------------------------------
+
+    def hold_after_prompt(self, request_id: str) -> None:
+        """Stop the request once its prompt is computed and its first token sampled (suspended, as for a
+        stop-and-copy): a prefill instance hands it to a decode instance then, without decoding it."""
+        self._held.add(request_id)
+
+    def after_step(self, progressed: list[Request]) -> None:
+        """Suspend the held requests that got their first token in this step (and did not finish with it)."""
+        for req in progressed:
+            if req.req_id in self._held:
+                self._held.discard(req.req_id)
+                if not req.finished:
+                    self.parts.scheduler.suspend(req.req_id)
 
     # -- source -----------------------------------------------------------------------------------
 
@@ -79,8 +95,9 @@ class Migrations:
         return self._export(req, first, min(req.num_computed_tokens // self.block_size, len(self._table(req))))
 
     def suspend(self, request_id: str, first: int) -> Handover:
-        """Stop the request (it keeps its blocks) and hand over its blocks from `first` on with its state."""
-        req = self._migratable(request_id, first)
+        """Stop the request (it keeps its blocks) and hand over its blocks from `first` on with its state (a
+        request held after its prompt is already stopped)."""
+        req = self._migratable(request_id, first, held=True)
         prompt_text, logprobs = self.output.carried(request_id)
         blocks = self._export(req, first, -(-req.num_computed_tokens // self.block_size))
         self.parts.scheduler.suspend(request_id)
@@ -91,6 +108,7 @@ class Migrations:
     def release(self, request_id: str) -> None:
         """The request runs on the destination now: its blocks are freed here, and it ends without an output."""
         self._preemptions.pop(request_id, None)
+        self._held.discard(request_id)
         self.parts.scheduler.finish(request_id, FinishReason.ABORT)
         self.output.drop(request_id)
 
@@ -99,9 +117,10 @@ class Migrations:
         self._preemptions.pop(request_id, None)
         return self.parts.scheduler.unsuspend(request_id)
 
-    def _migratable(self, request_id: str, first: int) -> Request:
+    def _migratable(self, request_id: str, first: int, held: bool = False) -> Request:
         req = self.parts.scheduler.requests.get(request_id)
-        if req is None or req.status is not RequestStatus.RUNNING:
+        ok = (RequestStatus.RUNNING, RequestStatus.MIGRATING) if held else (RequestStatus.RUNNING,)
+        if req is None or req.status not in ok:
             raise MigrationFailed(f"request {request_id!r} is not running here", "source")
         if req.params.n != 1 or req.params.prompt_logprobs is not None:
             raise MigrationFailed("only a request with n=1 and no prompt_logprobs can migrate", "source")

@@ -160,9 +160,14 @@ def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, a
 
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
+    roles = engine_options.pop("instance_roles", None)
+    if roles is not None:
+        from ferry.engine.options import parse_instance_roles
+        roles = parse_instance_roles(roles)
+        instances = len(roles) if instances == 1 else instances
     if instances > 1 or ray_address is not None:
         from ferry.cluster.frontend import ClusterLLM
-        engine = ClusterLLM(model, instances, engine_options, ray_address, migration_policy)
+        engine = ClusterLLM(model, instances, engine_options, ray_address, migration_policy, roles)
     else:
         engine = AsyncLLM.from_options(model, **engine_options)
     app = build_app(engine, served_model_name=served_model_name or str(model), api_key=api_key,

@@ -125,3 +125,28 @@ def test_draining_an_instance_moves_every_request_off_it(cluster):
     assert seen["outcomes"] and set(seen["outcomes"].values()) == {"migrated"}, seen
     assert seen["left_on_0"] == []
     assert _blocks_used(cluster) == [0, 0]
+
+
+def test_a_prefill_decode_split_gives_the_colocated_output():
+    from ferry.engine.options import parse_instance_roles
+    pd = ClusterLLM(str(TINY), 2, {"dtype": "float32", "threads": 1, "kv_cache_memory": "16M"},
+                    roles=parse_instance_roles("prefill:1,decode:1"))
+    try:
+        pd._slots[1].role = "both"  # the reference run: prompts and decoding on instance 1 (colocated)...
+        pd._slots[0].draining = True
+        ref_params = PARAMS["greedy"]
+        want, _ = asyncio.run(_collect(pd, "colocated", PROMPT, ref_params))
+        pd._slots[1].role, pd._slots[0].draining = "decode", False  # ...then split again
+        got, _ = asyncio.run(_collect(pd, "split", PROMPT, ref_params))
+        assert got == want
+        seeded = PARAMS["seeded"]
+        pd._slots[0].role = "both"  # seeded: colocated on the prefill instance, then split
+        pd._slots[1].draining = True
+        want, _ = asyncio.run(_collect(pd, "colocated-seeded", PROMPT, seeded))
+        pd._slots[0].role, pd._slots[1].draining = "prefill", False
+        got, _ = asyncio.run(_collect(pd, "split-seeded", PROMPT, seeded))
+        assert got == want
+        assert pd._migrations.outcomes.get("migrated") == 2  # each split request handed over once
+        assert _blocks_used(pd) == [0, 0]
+    finally:
+        asyncio.run(pd.shutdown(drain=False, timeout=30))
