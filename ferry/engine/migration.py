@@ -81,6 +81,9 @@ class Migrations:
 
     def after_step(self, progressed: list[Request]) -> None:
         """Suspend the held requests that got their first token in this step (and did not finish with it)."""
+        if not self._held:
+            return
+        self._held &= self.parts.scheduler.requests.keys()  # forget those that ended before (aborted)
         for req in progressed:
             if req.req_id in self._held:
                 self._held.discard(req.req_id)
