@@ -99,6 +99,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # waiting again after losing its KV (recomputed or swapped)
+    MIGRATING = "migrating"  # out of the steps for a live migration's stop-and-copy; still holds its blocks
     FINISHED = "finished"
 
 

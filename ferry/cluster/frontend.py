@@ -6,21 +6,28 @@ tokenizer), so `ferry serve --instances N` runs the same server code as one inst
 - Dispatch: each request goes to the live instance with the fewest requests in flight from this front end.
 - Losing an instance: a request whose instance dies (killed, out of memory) resumes on another from the tokens it
   already streamed (ferry/engine/resume.py: the output is the one it would have had); a request that cannot be
-  resumed (n > 1) ends with an explicit error. The dead instance is started again in the background."""
+  resumed (n > 1) ends with an explicit error. The dead instance is started again in the background.
+- Live migration (migration.py): migrate() moves a running request with its KV to another instance while it
+  decodes; the client's stream goes on from the destination (outputs are cumulative: nothing repeated, nothing
+  lost). Policies (policies.py): --migration-policy balance moves a request from the most to the least loaded
+  instance when they differ by 2 or more; drain() moves every request off an instance (scale-in)."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ferry.cluster.instance import EngineInstance
+from ferry.cluster.migration import Moved
+from ferry.cluster.moves import ClusterMoves
 from ferry.config import ModelConfig
 from ferry.engine.inputs import InputProcessor, ProcessedPrompt, PromptInput
 from ferry.engine.resume import Resume
-from ferry.engine.stats import EngineStats, InstanceLoad
+from ferry.engine.stats import EngineStats, InstanceLoad, MigrationStats
 from ferry.errors import FerryError, InvalidRequest, Overloaded, RequestFailed
 from ferry.request import RequestOutput, SamplingParams
 from ferry.tokenizer import Tokenizer
@@ -28,6 +35,7 @@ from ferry.tokenizer import Tokenizer
 log = logging.getLogger("ferry")
 
 STATS_INTERVAL = 1.0  # seconds between reads of the instances' stats
+MIGRATION_POLICIES = ("off", "balance")
 
 
 @dataclass
@@ -38,6 +46,17 @@ class _Slot:
     in_flight: int = 0
     alive: bool = True
     restarts: int = 0
+    draining: bool = False  # drain(): no new requests
+    role: str = "both"  # with --instance-roles: prefill (prompts, then hands each request over) or decode
+
+
+@dataclass
+class _Tracked:
+    """A request the front end streams: where it runs now and how far it is."""
+
+    slot: _Slot
+    prompt: ProcessedPrompt
+    num_output_tokens: int = 0
 
 
 def _ray():
@@ -49,10 +68,17 @@ def _ray():
     return ray
 
 
-class ClusterLLM:
-    def __init__(self, model: str, instances: int, options: dict[str, Any], ray_address: str | None = None) -> None:
+class ClusterLLM(ClusterMoves):
+    def __init__(self, model: str, instances: int, options: dict[str, Any], ray_address: str | None = None,
+                 migration_policy: str = "off", roles: tuple[str, ...] | None = None) -> None:
+        """roles: one per instance (--instance-roles, options.parse_instance_roles): prefill or decode."""
         if instances < 2:
             raise InvalidRequest(f"--instances {instances}: a cluster has 2 or more (1 runs without Ray)")
+        if roles is not None and len(roles) != instances:
+            raise InvalidRequest(f"--instance-roles names {len(roles)} instances and --instances is {instances}: "
+                                 f"give the same number, or leave --instances out")
+        if migration_policy not in MIGRATION_POLICIES:
+            raise InvalidRequest(f"--migration-policy {migration_policy!r}: choose one of {MIGRATION_POLICIES}")
         ray = _ray()
         self._ray, self._model, self._options = ray, model, options
         self._own_ray = not ray.is_initialized()
@@ -68,10 +94,18 @@ class ClusterLLM:
         infos = ray.get([a.ready.remote() for a in actors])  # raises the first instance's load error
         self.max_model_len = infos[0]["max_model_len"]
         self.inputs = InputProcessor(self.tokenizer, infos[0]["limits"])
-        self._slots = [_Slot(i, a, info["pid"]) for i, (a, info) in enumerate(zip(actors, infos))]
+        self._slots = [_Slot(i, a, info["pid"], role=roles[i] if roles else "both")
+                       for i, (a, info) in enumerate(zip(actors, infos))]
         self._unfinished = 0
         self._stopping = threading.Event()
         self._stats = EngineStats()
+        self._migration_policy = migration_policy
+        self._migrations = MigrationStats()
+        self._tracked: dict[str, _Tracked] = {}
+        self._moved: dict[str, tuple[_Slot, Moved]] = {}  # migrated, not yet followed by its stream
+        self._migrating: set[str] = set()
+        self._balancer: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
         self._poller = threading.Thread(target=self._poll_stats, name="ferry-cluster-stats", daemon=True)
         self._poller.start()
         log.info("cluster of %d instances on Ray (pids %s)", instances, [s.pid for s in self._slots])
@@ -89,17 +123,21 @@ class ClusterLLM:
             raise Overloaded("the server is shutting down")
         if not isinstance(prompt, ProcessedPrompt):
             prompt = await self.process(prompt, params)
+        if self._migration_policy == "balance" and self._balancer is None:
+            self._balancer = asyncio.create_task(self._balance())
         last: RequestOutput | None = None
         self._unfinished += 1
         try:
             for _ in range(len(self._slots) + 1):
-                slot = self._pick()
+                slot = self._pick(new=last is None)
+                tracked = self._tracked[request_id] = _Tracked(slot, prompt)
                 try:
-                    async for out in self._stream(slot, request_id, prompt, priority, self._carry(prompt, last)):
+                    async for out in self._follow(tracked, request_id, priority, self._carry(prompt, last)):
                         last = out
                         yield out
                     return
                 except self._ray.exceptions.RayActorError:
+                    slot = tracked.slot
                     self._lost(slot)
                     if prompt.params.n != 1:
                         raise RequestFailed(f"engine instance {slot.index} died while running this request (n > 1 "
@@ -109,6 +147,10 @@ class ClusterLLM:
             raise RequestFailed("every engine instance died while running this request")
         finally:
             self._unfinished -= 1
+            self._tracked.pop(request_id, None)
+            moved = self._moved.pop(request_id, None)
+            if moved is not None and moved[0].alive:  # migrated while its client went away
+                moved[0].actor.abort.remote(request_id)
 
     def abort(self, request_id: str) -> None:
         for slot in self._slots:  # cheap, and the front end need not track where a request runs for this
@@ -136,12 +178,45 @@ class ClusterLLM:
 
     # -- instances --------------------------------------------------------------------------------
 
-    async def _stream(self, slot: _Slot, request_id: str, prompt: ProcessedPrompt, priority: int,
+    async def _follow(self, tracked: _Tracked, request_id: str, priority: int,
                       resume: Resume | None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs from its instance, and from each instance it migrates to after that."""
+        slot = tracked.slot
+        hold = slot.role == "prefill" and tracked.prompt.params.n == 1  # it stops after its first token
+        gen = slot.actor.generate.options(num_returns="streaming").remote(request_id, tracked.prompt, priority, resume,
+                                                                          hold)
+        stopped_at = None
+        while True:
+            finished = False
+            try:
+                async for out in self._stream(slot, request_id, gen):
+                    if stopped_at is not None:  # the first token from the migration's destination
+                        self._migrations.downtime.observe(time.perf_counter() - stopped_at)
+                        stopped_at = None
+                    finished = out.finished
+                    tracked.num_output_tokens = len(out.outputs[0].token_ids)
+                    if hold and not finished and tracked.num_output_tokens:
+                        hold = False
+                        task = asyncio.create_task(self._hand_over(request_id, slot))
+                        self._background.add(task)  # held until done (the loop keeps only weak references)
+                        task.add_done_callback(self._background.discard)
+                    yield out
+            except self._ray.exceptions.RayActorError:
+                if request_id not in self._moved:  # it had moved on just before its source died
+                    raise
+                self._lost(slot)
+            if finished:
+                return
+            moved = self._moved.pop(request_id, None)
+            if moved is None:
+                raise RequestFailed(f"engine instance {slot.index} ended the request without finishing it")
+            slot, gen, stopped_at = moved[0], moved[1].stream, moved[1].stopped_at
+            tracked.slot = slot
+
+    async def _stream(self, slot: _Slot, request_id: str, gen: Any) -> AsyncIterator[RequestOutput]:
         slot.in_flight += 1
         finished = False
         try:
-            gen = slot.actor.generate.options(num_returns="streaming").remote(request_id, prompt, priority, resume)
             async for ref in gen:
                 try:
                     out = await ref
@@ -163,8 +238,11 @@ class ClusterLLM:
         c = last.outputs[0]
         return Resume(list(c.token_ids), list(c.logprobs) if prompt.params.logprobs is not None else None)
 
-    def _pick(self) -> _Slot:
-        live = [s for s in self._slots if s.alive]
+    def _pick(self, new: bool) -> _Slot:
+        """A new request's instance (a prefill one under --instance-roles), or a resumed one's (a decoding one)."""
+        roles = ("prefill", "both") if new else ("decode", "both")
+        live = [s for s in self._slots if s.alive and not s.draining and s.role in roles]
+        live = live or [s for s in self._slots if s.alive and not s.draining]
         if not live:
             raise Overloaded("no engine instance is running (they are being restarted); retry later")
         return min(live, key=lambda s: (s.in_flight, s.index))
@@ -195,8 +273,20 @@ class ClusterLLM:
                 parts = self._ray.get([s.actor.stats.remote() for s in live], timeout=10)
             except Exception:  # an instance died between the check and the call: the next round skips it
                 continue
-            self._stats = _sum_stats(parts)
-            self._stats.instances = [InstanceLoad(s.index, s.alive, s.in_flight, s.restarts) for s in self._slots]
+            stats = _sum_stats(parts)
+            stats.instances = [InstanceLoad(s.index, s.alive, s.in_flight, s.restarts) for s in self._slots]
+            stats.migrations = self._migrations
+            self._stats = stats
+
+    def instance_stats(self) -> list[EngineStats | None]:
+        """Each instance's own stats now (None for one that is down): its KV blocks, requests, counters."""
+        out = []
+        for s in self._slots:
+            try:
+                out.append(self._ray.get(s.actor.stats.remote(), timeout=10) if s.alive else None)
+            except Exception:
+                out.append(None)
+        return out
 
 
 def _sum_stats(parts: list[EngineStats]) -> EngineStats:

@@ -1,6 +1,7 @@
 """EngineInstance: one ferry engine (AsyncLLM: its own KV cache, threads and engine loop) inside a Ray actor
-process. The front end streams a request's cumulative outputs from it (a Ray streaming generator), aborts it, and
-reads its stats; it never sees the model."""
+process. The front end streams a request's cumulative outputs from it (a Ray streaming generator), aborts it,
+reads its stats, and drives live migrations through it (migration steps between two instances pass their KV blocks
+through Ray's object store, never through the front end); it never sees the model."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ from typing import Any, AsyncIterator
 
 from ferry.engine.async_engine import AsyncLLM
 from ferry.engine.inputs import ProcessedPrompt
+from ferry.engine.migration import Handover
 from ferry.engine.resume import Resume
 from ferry.engine.stats import EngineStats
 from ferry.request import RequestOutput
@@ -24,8 +26,20 @@ class EngineInstance:
         return {"limits": self.llm.inputs.limits, "max_model_len": self.llm.max_model_len, "pid": os.getpid()}
 
     async def generate(self, request_id: str, prompt: ProcessedPrompt, priority: int,
-                       resume: Resume | None) -> AsyncIterator[RequestOutput]:
-        async for out in self.llm.generate(prompt, None, request_id, priority, resume=resume):
+                       resume: Resume | None, hold: bool = False) -> AsyncIterator[RequestOutput]:
+        async for out in self.llm.generate(prompt, None, request_id, priority, resume=resume, hold=hold):
+            yield out
+
+    async def migration(self, op: str, *args: Any) -> Any:
+        """One step of a live migration on this instance's engine (ferry/engine/migration.py, by name)."""
+        return await self.llm.migration(op, *args)
+
+    async def adopt(self, request_id: str, handover: Handover) -> AsyncIterator[RequestOutput | None]:
+        """Start a request migrating in (its stop-and-copy); yields None once it runs here (the front end then
+        releases it on the source), then its outputs as generate() does."""
+        outputs = await self.llm.adopt(request_id, handover)
+        yield None
+        async for out in outputs:
             yield out
 
     def abort(self, request_id: str) -> None:

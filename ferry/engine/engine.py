@@ -17,6 +17,7 @@ from ferry.config import EngineConfig, ModelConfig
 from ferry.engine.factory import build_engine_parts
 from ferry.engine.inputs import InputLimits, InputProcessor, ProcessedPrompt, PromptInput
 from ferry.engine.isolation import execute_isolating
+from ferry.engine.migration import Migrations
 from ferry.engine.output import OutputProcessor
 from ferry.engine.parts import EngineParts
 from ferry.engine.resume import Resume
@@ -47,6 +48,7 @@ class LLMEngine:
         self.max_model_len = parts.max_model_len
         self.inputs = InputProcessor(parts.tokenizer, input_limits(parts))
         self.output = OutputProcessor(parts.tokenizer)
+        self.migration = Migrations(parts, self.output)  # live migration's engine half (between steps)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
@@ -118,6 +120,7 @@ class LLMEngine:
             self.decode_step_s = took if not self.decode_step_s else 0.8 * self.decode_step_s + 0.2 * took
         outputs = self._fail(failed)
         progressed = self.scheduler.update(plan, result)
+        self.migration.after_step(progressed)  # a prefill instance stops requests at their first token
         self.num_steps += 1
         self.num_generation_tokens += len(progressed) + sum(len(t) - 1 for t in result.spec_token_ids.values())
         processed, stopped = self.output.process(progressed, result)

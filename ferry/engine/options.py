@@ -39,6 +39,26 @@ def parse_size(value: int | str) -> int:
     return size
 
 
+INSTANCE_ROLES = ("prefill", "decode")
+
+
+def parse_instance_roles(value: str | None) -> tuple[str, ...] | None:
+    """--instance-roles prefill:N,decode:M -> one role per instance (prefill ones first)."""
+    if value is None or isinstance(value, tuple):
+        return value
+    counts: dict[str, int] = {}
+    for part in str(value).split(","):
+        m = re.fullmatch(r"\s*([a-z]+)\s*:\s*([0-9]+)\s*", part)
+        if not m or m.group(1) not in INSTANCE_ROLES or m.group(1) in counts or int(m.group(2)) < 1:
+            raise InvalidRequest(f"instance_roles {value!r}: write each role once with a count >= 1, as "
+                                 f"prefill:N,decode:M (e.g. prefill:1,decode:1); roles: {', '.join(INSTANCE_ROLES)}")
+        counts[m.group(1)] = int(m.group(2))
+    if set(counts) != set(INSTANCE_ROLES):
+        raise InvalidRequest(f"instance_roles {value!r} needs both roles, prefill:N and decode:M: prompts run on "
+                             f"the prefill instances and each request then decodes on a decode instance")
+    return tuple(role for role in INSTANCE_ROLES for _ in range(counts[role]))
+
+
 @dataclass(frozen=True)
 class Option:
     name: str  # keyword name; the flag is --name-with-dashes
@@ -140,6 +160,10 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "0: every token (the model's own greedy output), 1: none (the small model's)"),
     Option("route_router", None, str, "with --speculative-method route: a router file calibrated on the pair "
            "(`python -m bench route --calibrate-only`); default: score = 1 - the small model's top-1 probability"),
+    Option("instance_roles", None, parse_instance_roles, "ferry serve: split prompts and decoding over engine "
+           "instances (Splitwise, vLLM's disaggregated prefill), e.g. prefill:1,decode:1 (as many instances as it "
+           "names, on Ray): a request's prompt runs on a prefill instance, then its KV moves to a decode instance "
+           "(one stop-and-copy) where it decodes; default: every instance does both"),
 )
 _BY_NAME = {o.name: o for o in ENGINE_OPTIONS}
 
@@ -166,6 +190,10 @@ def engine_config(model: str, **kwargs: Any) -> EngineConfig:
         raise InvalidRequest("expert_cache_memory, expert_eviction, expert_prefetch and explain need expert_store")
     if v["expert_correlation_file"] is not None and v["expert_prefetch"] != "correlation":
         raise InvalidRequest("expert_correlation_file needs expert_prefetch=correlation")
+    if v["instance_roles"] is not None:
+        raise InvalidRequest("instance_roles splits prompts and decoding over several engine instances: "
+                             "`ferry serve MODEL --instance-roles prefill:1,decode:1`; one engine (LLM, ferry "
+                             "generate) does both")
     kv_policy = KV_POLICIES[v["kv_policy"]]
     speculative = _speculative(v, kv_policy)
     return EngineConfig(
@@ -256,7 +284,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         if o.type is _bool:
             group.add_argument(flag, default=o.default, action=argparse.BooleanOptionalAction, help=o.help)
         else:
-            group.add_argument(flag, default=o.default, type=o.type if o.type is not parse_size else str,
+            # parsed later, where their errors are ours (argparse would replace the message)
+            group.add_argument(flag, default=o.default,
+                               type=o.type if o.type not in (parse_size, parse_instance_roles) else str,
                                choices=o.choices, help=f"{o.help} (default: {o.default})")
 
 

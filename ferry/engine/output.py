@@ -140,6 +140,18 @@ class OutputProcessor:
                 self.child_group.pop(c.req.req_id, None)
         return out
 
+    def carried(self, request_id: str) -> tuple[str | None, list[TokenLogprob] | None]:
+        """An n = 1 request's prompt text and the logprobs of its output so far (what a migration carries)."""
+        g = self.groups[request_id]
+        logprobs = g.children[0].logprobs
+        return g.prompt, list(logprobs) if logprobs is not None else None
+
+    def drop(self, request_id: str) -> None:
+        """Forget a request without an output (it moved to another engine, which streams it from here on)."""
+        g = self.groups.pop(request_id, None)
+        for c in g.children if g else ():
+            self.child_group.pop(c.req.req_id, None)
+
     def children_of(self, request_id: str) -> list[str]:
         g = self.groups.get(request_id)
         return [c.req.req_id for c in g.children] if g else []

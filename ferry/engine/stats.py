@@ -1,7 +1,7 @@
 """Counters the engine keeps for /metrics and benchmarks. Plain data."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ferry.experts.stats import ExpertStats
 
@@ -12,6 +12,37 @@ class InstanceLoad:
     alive: bool
     in_flight: int
     restarts: int
+
+
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class Durations:
+    """A histogram of durations in seconds (plain data: /metrics renders it as a Prometheus histogram)."""
+
+    buckets: tuple[float, ...] = DURATION_BUCKETS  # upper bounds; one more count for +Inf
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    total: float = 0.0
+    num: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.buckets) if seconds <= b), len(self.buckets))] += 1
+        self.total += seconds
+        self.num += 1
+
+
+@dataclass
+class MigrationStats:
+    """Live migrations the front end ran (ferry serve --instances N)."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)  # migrated / aborted_src / aborted_dst -> count
+    num_blocks: int = 0  # KV blocks copied by migrations that completed
+    pause: Durations = field(default_factory=Durations)  # stop-and-copy start -> the destination runs the request
+    downtime: Durations = field(default_factory=Durations)  # stop-and-copy start -> its first token from there
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
 @dataclass
@@ -34,6 +65,7 @@ class EngineStats:
     decode_weight_bytes_per_s: float = 0.0  # weight bytes a decode step reads / its forward time (moving average)
     # with ferry serve --instances N: per instance (index, alive, requests in flight from the front end, restarts)
     instances: list[InstanceLoad] | None = None
+    migrations: MigrationStats | None = None  # with --instances N: live migrations between the instances
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -139,8 +139,12 @@ class KVCacheManager:
         hashes.extend(new)
 
     def free(self, req: Request) -> None:
-        table = self.block_tables.pop(req.req_id, None)
-        self.hashes.pop(req.req_id, None)
+        self.free_table(req.req_id)
+
+    def free_table(self, req_id: str) -> None:
+        """Give back every block of req_id's table (a request's, or a migration's reservation)."""
+        table = self.block_tables.pop(req_id, None)
+        self.hashes.pop(req_id, None)
         if table:
             self.pool.free([b for b in table[::-1] if b >= 0])
             self.host.free([host_entry(b) for b in table if is_host(b)])
@@ -153,6 +157,19 @@ class KVCacheManager:
         for i in range(start, stop):
             self.pool.free([table[i]])
             table[i] = HOLE
+
+    # -- migration (a running request's KV handed over from another engine) -------------------------
+
+    def reserve(self, req_id: str, num_blocks: int) -> list[int] | None:
+        """Grow req_id's table by num_blocks fresh device blocks before its KV arrives (a live migration's
+        destination): the whole table, or None (nothing changed) when they are not free. The table becomes the
+        request's when the engine adopts it; free_table gives it back if the migration is called off."""
+        if num_blocks > self.pool.num_free:
+            return None
+        table = self.block_tables.setdefault(req_id, [])
+        table.extend(self.pool.allocate(num_blocks))
+        self.max_blocks_used = max(self.max_blocks_used, self.pool.num_used)
+        return table
 
     # -- tiering (KV policies with a slow tier) ---------------------------------------------------
 

@@ -59,6 +59,34 @@ class Scheduler:
         if self.speculator is not None:
             self.speculator.release(req.req_id)
 
+    # -- live migration (ferry/engine/migration.py drives these) ---------------------------------
+
+    def suspend(self, req_id: str) -> Request | None:
+        """Take a running request out of the steps, keeping its blocks (a migration's stop-and-copy); None when it
+        is not running. It stays known: finish() (an abort meanwhile) still frees its blocks."""
+        req = self.requests.get(req_id)
+        if req is None or req.status is not RequestStatus.RUNNING:
+            return None
+        self.running.remove(req)
+        req.status = RequestStatus.MIGRATING
+        return req
+
+    def unsuspend(self, req_id: str) -> bool:
+        """The migration was called off: the suspended request runs here again (False when it ended meanwhile)."""
+        req = self.requests.get(req_id)
+        if req is None or req.status is not RequestStatus.MIGRATING:
+            return False
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return True
+
+    def adopt(self, req: Request) -> None:
+        """A request arriving by migration, its KV already in its block table (num_computed_tokens of it): it
+        runs from the next step on, as if it had been admitted here."""
+        self.requests[req.req_id] = req
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

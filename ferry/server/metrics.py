@@ -10,10 +10,10 @@ import time
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ferry.engine.stats import EngineStats
+from ferry.engine.stats import Durations, EngineStats, MigrationStats
 from ferry.request import RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -73,6 +73,35 @@ class EngineCollector(Collector):
             yield from _speculative_metrics(s.speculative, gauge, counter)
         if s.instances is not None:
             yield from _instance_metrics(s.instances, names, values)
+        if s.migrations is not None:
+            yield from _migration_metrics(s.migrations, names, values)
+
+
+def _migration_metrics(m: MigrationStats, names: list[str], values: list[str]) -> Iterator[Metric]:
+    """Live migrations between instances: outcomes, blocks copied, the stop-and-copy pause and the downtime."""
+    outcomes = CounterMetricFamily("ferry_migrations", "Live migrations, by outcome (migrated, aborted_src: the "
+                                   "request ended or could not move, aborted_dst: the destination failed).",
+                                   labels=names + ["outcome"])
+    for outcome in ("migrated", "aborted_src", "aborted_dst"):
+        outcomes.add_metric(values + [outcome], m.outcomes.get(outcome, 0))
+    yield outcomes
+    blocks = CounterMetricFamily("ferry_migration_blocks", "KV blocks copied by completed migrations.", labels=names)
+    blocks.add_metric(values, m.num_blocks)
+    yield blocks
+    yield _histogram("ferry_migration_pause_seconds", "Stop-and-copy: the request stopped on the source until it "
+                     "runs on the destination.", m.pause, names, values)
+    yield _histogram("ferry_migration_downtime_seconds", "Stop-and-copy start to the request's first token from "
+                     "the destination.", m.downtime, names, values)
+
+
+def _histogram(name: str, doc: str, d: Durations, names: list[str], values: list[str]) -> HistogramMetricFamily:
+    h = HistogramMetricFamily(name, doc, labels=names)
+    cumulative, running = [], 0
+    for bound, count in zip([*map(str, d.buckets), "+Inf"], d.counts):
+        running += count
+        cumulative.append((bound, running))
+    h.add_metric(values, cumulative, d.total)
+    return h
 
 
 def _instance_metrics(loads: list, names: list[str], values: list[str]) -> Iterator[Metric]:

@@ -1,0 +1,219 @@
+"""Several engine instances on Ray (`ferry serve --instances N`): what the front end, live migration and the
+prefill/decode split cost and buy, on one machine.
+
+Questions:
+1. throughput: the same cores as one instance x 2 threads (AsyncLLM, no Ray) or two instances x 1 thread
+   (ClusterLLM): output tok/s, TTFT and TPOT p50/p99 under Poisson arrivals with heavy-tailed (Pareto) prompt and
+   output lengths, as Llumnix's traces.
+2. migration: a request moved in the middle of its decoding, by sequence length: the stop-and-copy pause (the
+   request stopped on the source until it runs on the destination), the client-visible gap (the inter-token gap
+   around the move against the request's median gap), and the KV bytes and copy time per block (export + import
+   in one process: the floor a network transfer adds to).
+3. split (Splitwise): prefill:1,decode:1 against 2 colocated instances at the same arrival rate: inter-token
+   latency p50/p99 (the split keeps prompts off the decoding instance) and TTFT.
+
+Method: in-process front ends (ClusterLLM as the server runs it, AsyncLLM for one instance); requests are random
+token ids (no prefix-cache help), temperature 0 with end-of-sequence disabled, so each produces its drawn length.
+
+    python -m bench cluster             # bench/results/cluster.{json,png} (~15 min on 2 cores)
+    python -m bench cluster --smoke     # a small run, bench/.cache/smoke/cluster.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import new_record, result_path
+
+from ferry import SamplingParams  # noqa: E402
+
+TINY = Path(__file__).resolve().parents[1] / "ferry" / "assets" / "ferry-tiny"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench cluster", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(TINY))
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--kv-cache-memory", default="64M")
+    ap.add_argument("--num-requests", type=int, default=48)
+    ap.add_argument("--rate", type=float, default=4.0, help="requests per second (Poisson)")
+    ap.add_argument("--input-len", type=int, nargs=2, default=(16, 1024), help="Pareto-distributed in [lo, hi]")
+    ap.add_argument("--output-len", type=int, nargs=2, default=(8, 256), help="Pareto-distributed in [lo, hi]")
+    ap.add_argument("--migration-lens", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096],
+                    help="prompt tokens of the migrated requests")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="a small run (a few minutes), bench/.cache/smoke/")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.num_requests, args.rate, args.input_len, args.output_len = 8, 8.0, (8, 64), (8, 32)
+        args.migration_lens, args.kv_cache_memory = [32, 96], "16M"
+    return args
+
+
+def _pareto(rng: random.Random, lo: int, hi: int, alpha: float = 1.2) -> int:
+    return min(hi, int(lo * rng.paretovariate(alpha)))
+
+
+def workload(args: argparse.Namespace) -> list[tuple[float, list[int], int]]:
+    """(arrival s, prompt token ids, output tokens) per request, seeded."""
+    rng, t, out = random.Random(args.seed), 0.0, []
+    for _ in range(args.num_requests):
+        t += rng.expovariate(args.rate)
+        prompt = [rng.randrange(10, 500) for _ in range(_pareto(rng, *args.input_len))]
+        out.append((t, prompt, _pareto(rng, *args.output_len)))
+    return out
+
+
+async def _one(llm, rid: str, arrival: float, prompt: list[int], max_tokens: int, t0: float) -> dict:
+    await asyncio.sleep(max(0.0, t0 + arrival - time.perf_counter()))
+    start, times = time.perf_counter(), []
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    n = 0
+    async for out in llm.generate({"prompt_token_ids": prompt}, params, rid):
+        now = time.perf_counter()
+        times += [now] * (len(out.outputs[0].token_ids) - n)
+        n = len(out.outputs[0].token_ids)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return {"ttft": times[0] - start, "tpot": (times[-1] - times[0]) / max(1, n - 1), "gaps": gaps, "tokens": n,
+            "end": times[-1]}
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+async def serve_trace(llm, trace: list, tag: str) -> dict:
+    t0 = time.perf_counter()
+    rows = await asyncio.gather(*(_one(llm, f"{tag}-{i}", a, p, m, t0) for i, (a, p, m) in enumerate(trace)))
+    span = max(r["end"] for r in rows) - t0
+    gaps = [g for r in rows for g in r["gaps"]]
+    return {"output_tok_s": sum(r["tokens"] for r in rows) / span,
+            "ttft_p50_s": _pct([r["ttft"] for r in rows], 0.5), "ttft_p99_s": _pct([r["ttft"] for r in rows], 0.99),
+            "tpot_p50_s": _pct([r["tpot"] for r in rows], 0.5), "tpot_p99_s": _pct([r["tpot"] for r in rows], 0.99),
+            "itl_p50_s": _pct(gaps, 0.5), "itl_p99_s": _pct(gaps, 0.99), "seconds": span}
+
+
+async def migration_gaps(cluster, lens: list[int], seed: int) -> list[dict]:
+    """One request per prompt length, moved once it has 8 tokens: pause, visible gap, blocks."""
+    rng, rows = random.Random(seed), []
+    for n in lens:
+        prompt = [rng.randrange(10, 500) for _ in range(n)]
+        params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+        times, task, moved_at = [], None, None
+        pause0, blocks0 = cluster._migrations.pause.total, cluster._migrations.num_blocks
+        async for out in cluster.generate({"prompt_token_ids": prompt}, params, f"move-{n}"):
+            times.append(time.perf_counter())
+            if task is None and len(out.outputs[0].token_ids) >= 8:
+                task, moved_at = asyncio.create_task(cluster.migrate(f"move-{n}")), len(times)
+        outcome = await task
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        around = gaps[moved_at - 1:moved_at + 3]  # the gap the client sees while the stages and the stop run
+        rows.append({"prompt_tokens": n, "outcome": outcome, "pause_ms": 1e3 * (cluster._migrations.pause.total - pause0),
+                     "blocks": cluster._migrations.num_blocks - blocks0, "median_gap_ms": 1e3 * statistics.median(gaps),
+                     "max_gap_around_move_ms": 1e3 * max(around) if around else float("nan")})
+    return rows
+
+
+def copy_cost(args: argparse.Namespace) -> dict:
+    """KV bytes per block and export + import time per block, in one process (no Ray, no network)."""
+    from ferry import LLM
+    src, dst = (LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, threads=1) for _ in range(2))
+    eng = src.engine
+    eng.add_processed("c", eng.inputs.process({"prompt_token_ids": list(range(10, 10 + max(args.migration_lens)))},
+                                              SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
+    while not any(r.num_output_tokens for r in src.view().running):
+        eng.step()
+    start = time.perf_counter()
+    blocks = eng.migration.export_full("c", 0)
+    mid = time.perf_counter()
+    dst.engine.migration.receive("c", blocks)
+    end = time.perf_counter()
+    dst.engine.migration.cancel("c")
+    eng.abort_request("c")
+    return {"blocks": blocks.num_blocks, "bytes_per_block": blocks.nbytes / blocks.num_blocks,
+            "export_us_per_block": 1e6 * (mid - start) / blocks.num_blocks,
+            "import_us_per_block": 1e6 * (end - mid) / blocks.num_blocks}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ferry.cluster.frontend import ClusterLLM
+    from ferry.engine.async_engine import AsyncLLM
+    from ferry.engine.options import parse_instance_roles
+
+    args = parse_args(argv)
+    record = new_record("cluster", "what do several instances, live migration and the prefill/decode split cost "
+                                   "and buy on one machine?", args)
+    opts = {"dtype": args.dtype, "kv_cache_memory": args.kv_cache_memory, "threads": 1}
+    trace = workload(args)
+    one = AsyncLLM.from_options(args.model, **{**opts, "threads": 2})
+    record["one_instance_2_threads"] = asyncio.run(serve_trace(one, trace, "one"))
+    asyncio.run(one.shutdown())
+    two = ClusterLLM(args.model, 2, opts)
+    record["two_instances_1_thread"] = asyncio.run(serve_trace(two, trace, "two"))
+    record["migrations"] = asyncio.run(migration_gaps(two, args.migration_lens, args.seed))
+    asyncio.run(two.shutdown(drain=False, timeout=60))
+    pd = ClusterLLM(args.model, 2, opts, roles=parse_instance_roles("prefill:1,decode:1"))
+    record["split_prefill_1_decode_1"] = asyncio.run(serve_trace(pd, trace, "pd"))
+    record["split_handovers"] = dict(pd._migrations.outcomes)
+    asyncio.run(pd.shutdown(drain=False, timeout=60))
+    record["copy_cost"] = copy_cost(args)
+    path = result_path("cluster", args.smoke)
+    path.write_text(json.dumps(record, indent=2, default=str))
+    plot(record, path.with_suffix(".png"))
+    print(report(record))
+    print(f"wrote {path}")
+
+
+def report(record: dict) -> str:
+    lines = ["| setup | output tok/s | TTFT p50/p99 s | TPOT p50/p99 s | ITL p50/p99 s |", "|---|---|---|---|---|"]
+    for key in ("one_instance_2_threads", "two_instances_1_thread", "split_prefill_1_decode_1"):
+        r = record[key]
+        lines.append(f"| {key} | {r['output_tok_s']:.1f} | {r['ttft_p50_s']:.3f}/{r['ttft_p99_s']:.3f} | "
+                     f"{r['tpot_p50_s']:.4f}/{r['tpot_p99_s']:.4f} | {r['itl_p50_s']:.4f}/{r['itl_p99_s']:.4f} |")
+    lines += ["", "| prompt tokens | outcome | blocks | pause ms | median gap ms | max gap around the move ms |",
+              "|---|---|---|---|---|---|"]
+    for m in record["migrations"]:
+        lines.append(f"| {m['prompt_tokens']} | {m['outcome']} | {m['blocks']} | {m['pause_ms']:.1f} | "
+                     f"{m['median_gap_ms']:.1f} | {m['max_gap_around_move_ms']:.1f} |")
+    c = record["copy_cost"]
+    lines.append(f"\nKV block: {c['bytes_per_block'] / 1024:.1f} KiB, export {c['export_us_per_block']:.0f} us + "
+                 f"import {c['import_us_per_block']:.0f} us per block (one process)")
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    keys = ("one_instance_2_threads", "two_instances_1_thread", "split_prefill_1_decode_1")
+    labels = ("1 x 2 threads", "2 x 1 thread", "prefill:1,decode:1")
+    for i, (name, q) in enumerate((("itl_p50_s", "ITL p50"), ("itl_p99_s", "ITL p99"))):
+        a.bar([x + 0.4 * i for x in range(3)], [1e3 * record[k][name] for k in keys], 0.4, label=q)
+    a.set_xticks([x + 0.2 for x in range(3)], labels, fontsize=8)
+    a.set_ylabel("inter-token latency, ms")
+    a.legend(fontsize=8)
+    m = record["migrations"]
+    b.plot([r["prompt_tokens"] for r in m], [r["pause_ms"] for r in m], "o-", label="stop-and-copy pause")
+    b.plot([r["prompt_tokens"] for r in m], [r["max_gap_around_move_ms"] for r in m], "s-", label="client gap")
+    b.plot([r["prompt_tokens"] for r in m], [r["median_gap_ms"] for r in m], "^--", label="median token gap")
+    b.set_xlabel("prompt tokens of the migrated request")
+    b.set_ylabel("ms")
+    b.legend(fontsize=8)
+    fig.suptitle(f"cluster: {Path(record['config']['model']).name}, {record['config']['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
