@@ -205,12 +205,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      parts=tuple(args.parts), **({"text": args.text} if args.text else {}))
     defaults = {o.name: o.default for o in ENGINE_OPTIONS}
     options = {k: v for k, v in engine_kwargs(args).items() if v != defaults[k]}
+    if (args.expert_bits is None) != (args.expert_store_size is None):
+        print("error: --expert-bits auto and --expert-store-size SIZE go together (quality of expert stores next to "
+              "their size)", file=sys.stderr)
+        return 2
+    if args.expert_bits is not None:
+        return _eval_expert_bits(args, options, cfg)
     reports = evaluate(args.model, options, cfg)
     print(table(reports))
     if args.json:
         args.json.write_text(json.dumps(to_json(reports, cfg), indent=1))
     if args.plot:
         heatmap(reports, args.plot)
+    return 0
+
+
+def _eval_expert_bits(args: argparse.Namespace, options: dict, cfg) -> int:
+    """ferry eval MODEL --expert-bits auto --expert-store-size SIZE: one table of quality next to size."""
+    import json
+
+    from ferry.eval.bits import bits_json, bits_table, compare_expert_bits
+
+    rows = compare_expert_bits(args.model, args.expert_store_size, options, cfg)
+    print(bits_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"expert_store_size": args.expert_store_size, "rows": bits_json(rows)},
+                                        indent=1))
     return 0
 
 
@@ -278,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seed", type=int, default=0, help="seed of the task generator")
     p.add_argument("--json", type=pathlib.Path, help="write the report as JSON")
     p.add_argument("--plot", type=pathlib.Path, help="write a PNG heat map of accuracy by length and depth")
+    p.add_argument("--expert-bits", choices=("auto",), help="MoE: instead of the suite, perplexity and top-1 agreement "
+                   "of expert stores (uniform int8, int4, and auto at --expert-store-size on recorded and on Gaussian "
+                   "inputs) beside full precision")
+    p.add_argument("--expert-store-size", type=_size, help="with --expert-bits auto: bytes of expert records (e.g. 3M)")
     add_engine_arguments(p)
     p.set_defaults(func=cmd_eval)
 
