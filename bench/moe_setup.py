@@ -111,7 +111,7 @@ def disk_bandwidth(store: Path, threads: tuple[int, ...] = (1, 2, 4), passes: in
     index = StoreIndex.load(store)
     files = {layer: DirectFile(store / name) for layer, name in index.layer_files.items()}
     try:
-        jobs = [(files[layer], rec.offset, index.layout.record_format(rec.bits).record_nbytes)
+        jobs = [(files[layer], rec.offset, index.layout.format_of(rec).record_nbytes)
                 for layer, recs in index.experts.items() for rec in recs]
         best: dict[int, float] = {}
         for n in threads:
@@ -158,7 +158,7 @@ def read_forever(store: Path, threads: int = 2) -> None:
     from ferry.tiers.disk import ALIGN, DirectFile
     index = StoreIndex.load(store)
     files = {layer: DirectFile(Path(store) / name) for layer, name in index.layer_files.items()}
-    jobs = [(files[layer], rec.offset, index.layout.record_format(rec.bits).record_nbytes)
+    jobs = [(files[layer], rec.offset, index.layout.format_of(rec).record_nbytes)
             for layer, recs in index.experts.items() for rec in recs]
 
     def work(seed: int) -> None:

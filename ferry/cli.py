@@ -8,7 +8,7 @@ import argparse
 import pathlib
 import sys
 
-from ferry.engine.options import ENGINE_OPTIONS, add_engine_arguments, engine_kwargs
+from ferry.engine.options import ENGINE_OPTIONS, add_engine_arguments, engine_kwargs, parse_size
 from ferry.errors import FerryError
 from ferry.eval.tasks import TASKS
 from ferry.request import SamplingParams
@@ -151,12 +151,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"error: {args.model} is a quantized folder; build the expert store from the original checkpoint",
               file=sys.stderr)
         return 2
-    index = convert_expert_store(args.model, args.expert_store, args.dtype, args.expert_bits, args.int4_fraction)
+    if (args.expert_bits == "auto") != (args.expert_store_size is not None):
+        print("error: --expert-bits auto chooses each expert's bits to fit --expert-store-size SIZE (e.g. 200M); "
+              "give both, or neither", file=sys.stderr)
+        return 2
+    plan = _plan_expert_bits(args) if args.expert_bits == "auto" else None
+    index = convert_expert_store(args.model, args.expert_store, args.dtype, args.expert_bits, plan)
     bits = [r.bits for recs in index.experts.values() for r in recs]
     kinds = ", ".join(f"{bits.count(b)} {'int%d' % b if b else index.layout.dtype}" for b in sorted(set(bits)))
-    print(f"wrote {len(bits)} experts ({kinds}; {index.total_nbytes / 2**20:.1f} MiB) to {args.expert_store}",
-          file=sys.stderr)
+    print(f"wrote {len(bits)} experts ({kinds}; {index.total_nbytes / 2**20:.1f} MiB) to {args.expert_store}"
+          + (f"; every expert's options and choice: {args.expert_store}/expert_bits.json; a RAM cache slot holds the "
+             f"largest record ({index.slot_nbytes / 2**10:.0f} KiB)" if plan else ""), file=sys.stderr)
     return 0
+
+
+def _plan_expert_bits(args: argparse.Namespace):
+    """--expert-bits auto: record the experts' inputs on held-out text, measure, choose (ferry/experts/allocate.py)."""
+    from ferry.eval.activations import record_expert_inputs
+    from ferry.eval.suite import HELDOUT
+    from ferry.experts.convert import check_store_size, plan_expert_bits
+
+    check_store_size(args.model, args.expert_store_size, args.dtype)  # a bad size fails before the recording
+    calibration = record_expert_inputs(args.model, args.text or HELDOUT, args.calibration_tokens,
+                                       args.calibration_rows, "float32" if args.dtype == "auto" else args.dtype)
+    plan = plan_expert_bits(args.model, calibration, args.expert_store_size, args.dtype,
+                            progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print("\n".join(plan.layer_summary()), file=sys.stderr)
+    return plan
 
 
 def _convert_quantized(args: argparse.Namespace) -> int:
@@ -184,12 +205,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      parts=tuple(args.parts), **({"text": args.text} if args.text else {}))
     defaults = {o.name: o.default for o in ENGINE_OPTIONS}
     options = {k: v for k, v in engine_kwargs(args).items() if v != defaults[k]}
+    if (args.expert_bits is None) != (args.expert_store_size is None):
+        print("error: --expert-bits auto and --expert-store-size SIZE go together (quality of expert stores next to "
+              "their size)", file=sys.stderr)
+        return 2
+    if args.expert_bits is not None:
+        return _eval_expert_bits(args, options, cfg)
     reports = evaluate(args.model, options, cfg)
     print(table(reports))
     if args.json:
         args.json.write_text(json.dumps(to_json(reports, cfg), indent=1))
     if args.plot:
         heatmap(reports, args.plot)
+    return 0
+
+
+def _eval_expert_bits(args: argparse.Namespace, options: dict, cfg) -> int:
+    """ferry eval MODEL --expert-bits auto --expert-store-size SIZE: one table of quality next to size."""
+    import json
+
+    from ferry.eval.bits import bits_json, bits_table, compare_expert_bits
+
+    rows = compare_expert_bits(args.model, args.expert_store_size, options, cfg)
+    print(bits_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"expert_store_size": args.expert_store_size, "rows": bits_json(rows)},
+                                        indent=1))
     return 0
 
 
@@ -257,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seed", type=int, default=0, help="seed of the task generator")
     p.add_argument("--json", type=pathlib.Path, help="write the report as JSON")
     p.add_argument("--plot", type=pathlib.Path, help="write a PNG heat map of accuracy by length and depth")
+    p.add_argument("--expert-bits", choices=("auto",), help="MoE: instead of the suite, perplexity and top-1 agreement "
+                   "of expert stores (uniform int8, int4, and auto at --expert-store-size on recorded and on Gaussian "
+                   "inputs) beside full precision")
+    p.add_argument("--expert-store-size", type=_size, help="with --expert-bits auto: bytes of expert records (e.g. 3M)")
     add_engine_arguments(p)
     p.set_defaults(func=cmd_eval)
 
@@ -276,9 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-store", help="output folder of an expert store; run with --expert-store DIR")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="with --expert-store: the experts' dtype (default: auto)")
     p.add_argument("--expert-bits", default="none", choices=("none", "8", "4", "auto"),
-                   help="with --expert-store: store experts as int8 / int4 with group-wise scales (lossy); auto: int4 for the least "
-                        "sensitive experts (measured), int8 for the others (default: none)")
-    p.add_argument("--int4-fraction", type=float, default=0.5, help="with --expert-bits auto: share of experts at int4")
+                   help="with --expert-store: store experts as int8 / int4 with group-wise scales (lossy); auto: each "
+                        "expert's format (dense, int8, int4 at a group size) chosen to fit --expert-store-size with "
+                        "the least output error measured on inputs recorded from held-out text (default: none)")
+    p.add_argument("--expert-store-size", type=_size, help="with --expert-bits auto: bytes of expert records "
+                   "(e.g. 200M, 1.5G)")
+    p.add_argument("--text", type=pathlib.Path, help="with --expert-bits auto: held-out text to record the experts' "
+                   "inputs on (default: the eval's bundled text; its last --calibration-tokens tokens)")
+    p.add_argument("--calibration-tokens", type=int, default=8192, help="with --expert-bits auto: tokens recorded")
+    p.add_argument("--calibration-rows", type=int, default=128, help="with --expert-bits auto: sampled input rows "
+                   "kept per expert (memory: rows x hidden x 4 bytes per expert)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="benchmark suite against transformers and llama.cpp (source checkout only)",
@@ -288,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="the scenario's options")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except FerryError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ferry.experts.convert import convert_expert_store
+from ferry.config import ModelConfig
+from ferry.eval.activations import record_expert_inputs
+from ferry.eval.suite import HELDOUT
+from ferry.experts.allocate import BitPlan
+from ferry.experts.bitwidth import Format, format_nbytes
+from ferry.experts.convert import convert_expert_store, plan_expert_bits
+from ferry.experts.layout import ExpertLayout
 from ferry.experts.store import ExpertStore
 from tests.checkpoints import make_checkpoint
 
@@ -18,14 +24,25 @@ _BUILT: dict[tuple[str, str, str], tuple[pathlib.Path, pathlib.Path]] = {}
 def make_store(family: str, root: pathlib.Path, dtype: str = "float32",
                bits: str = "none") -> tuple[pathlib.Path, pathlib.Path]:
     """(checkpoint folder, expert store folder) of a tiny random MoE checkpoint; bits as `ferry convert
-    --expert-bits` (auto: a quarter of the experts at int4)."""
+    --expert-bits` (auto: formats chosen on recorded inputs to fit 3/4 of the way from all-int4 to all-int8)."""
     key = (family, dtype, bits)
     if key not in _BUILT:
         ckpt = make_checkpoint(family, root)
         store = root / f"{family}-{dtype}{'' if bits == 'none' else '-int' + bits}.experts"
-        convert_expert_store(ckpt, store, dtype, bits, int4_fraction=0.25)
+        convert_expert_store(ckpt, store, dtype, bits, auto_plan(ckpt, dtype) if bits == "auto" else None)
         _BUILT[key] = (ckpt, store)
     return _BUILT[key]
+
+
+def auto_plan(ckpt: pathlib.Path, dtype: str, fraction: float = 0.75) -> BitPlan:
+    """`--expert-bits auto` for a tiny checkpoint: inputs recorded on 256 tokens of the held-out text, the size
+    `fraction` of the way from every expert at int4 to every expert at int8 (a mix of both)."""
+    cfg = ModelConfig.from_hf(str(ckpt))
+    layout = ExpertLayout.for_shape(dtype, cfg.hidden_size, cfg.moe.intermediate_size, 32)
+    n = cfg.moe.num_experts * sum(cfg.moe.sparse_layers)
+    low, high = (n * format_nbytes(layout, Format(b, 32)) for b in (4, 8))
+    calibration = record_expert_inputs(str(ckpt), HELDOUT, num_tokens=256, max_rows=32)
+    return plan_expert_bits(ckpt, calibration, int(low + fraction * (high - low)), dtype)
 
 
 def serve_layer(store: ExpertStore, layer: int, experts: Sequence[int], x: torch.Tensor,

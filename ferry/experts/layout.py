@@ -29,6 +29,7 @@ class ExpertRecord:
     offset: int  # byte offset of the expert in its layer file (ALIGNed)
     crc32: int  # of the gate_up and down bytes (not the padding)
     bits: int = 0  # 0: dense in the store's dtype; 8 or 4: quantized (quant.py)
+    group: int | None = None  # int4 inputs per scale of this record (0: per channel); None: the layout's group_size
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,17 @@ class ExpertLayout:
         item = DTYPES[dtype].itemsize
         return cls(dtype, hidden, inter, align_up(2 * inter * hidden * item, 64), group_size)
 
-    def record_format(self, bits: int) -> "ExpertLayout | QuantLayout":
-        """The byte layout of a record stored at `bits` (0: this dense layout)."""
+    def record_format(self, bits: int, group: int | None = None) -> "ExpertLayout | QuantLayout":
+        """The byte layout of a record stored at `bits` (0: this dense layout) with int4 `group` (None: the
+        store's group_size; a store from `--expert-bits auto` chooses it per expert)."""
         if bits == 0:
             return self
-        return QuantLayout(bits, self.group_size, self.hidden_size, self.intermediate_size)
+        return QuantLayout(bits, self.group_size if group is None else group, self.hidden_size,
+                           self.intermediate_size)
+
+    def format_of(self, record: "ExpertRecord") -> "ExpertLayout | QuantLayout":
+        """The byte layout of one stored record."""
+        return self.record_format(record.bits, record.group)
 
     def views(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) views into a uint8 slot of record_nbytes."""
@@ -94,13 +101,12 @@ class StoreIndex:
     @property
     def slot_nbytes(self) -> int:
         """RAM for any one expert of the store: its largest record."""
-        bits = {r.bits for recs in self.experts.values() for r in recs}
-        return max(self.layout.record_format(b).record_nbytes for b in bits)
+        return max(self.layout.format_of(r).record_nbytes for recs in self.experts.values() for r in recs)
 
     @property
     def total_nbytes(self) -> int:
         """Every expert's record."""
-        return sum(self.layout.record_format(r.bits).record_nbytes for recs in self.experts.values() for r in recs)
+        return sum(self.layout.format_of(r).record_nbytes for recs in self.experts.values() for r in recs)
 
     def to_json(self) -> str:
         d = {"format": FORMAT, "version": VERSION, "architecture": self.architecture,

@@ -4,8 +4,8 @@
 
 Records hold the stored form of weight-only quantization (ferry/ops/quant.py, the same as dense weights'): the
 same bytes on every CPU, read in place by the kernel the level in force runs (`prepare`), in any engine dtype:
-  - int4: symmetric, one float16 scale per `group` consecutive inputs of a row (max |w| of the group -> 7);
-    codes in llama.cpp's Q4_0 nibble order, scales [N, K/G];
+  - int4: symmetric, one float16 scale per `group` consecutive inputs of a row (max |w| of the group -> 7; group 0:
+    one per row, FineQuant's coarsest granularity); codes in llama.cpp's Q4_0 nibble order, scales [N, K/G];
   - int8: symmetric, one float16 scale per row (scales [N, 1]).
 A record is  gate_up codes | gate_up scales | down codes | down scales, each part 64-byte aligned, padded to
 ALIGN. Store format 3 (layout.py); stores of format 2 held int4 in torch's AVX-512-only packing and are refused."""
@@ -32,12 +32,12 @@ class QuantLayout:
     """Byte layout of one quantized expert record."""
 
     bits: int
-    group: int  # int4 inputs per scale (int8: per row)
+    group: int  # int4 inputs per scale, 0: per row (int8: always per row)
     hidden_size: int  # D
     intermediate_size: int  # I
 
     def _group(self, K: int) -> int:
-        return K if self.bits == 8 else self.group
+        return K if self.bits == 8 or self.group == 0 else self.group
 
     def _parts(self) -> list[tuple[str, int, int, torch.dtype, tuple[int, ...]]]:
         """(name, offset, nbytes, dtype, shape) of each part."""
@@ -63,10 +63,14 @@ class QuantLayout:
     def record_nbytes(self) -> int:
         return align_up(self.payload_nbytes, ALIGN)
 
+    def quantize(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[QuantizedWeight, QuantizedWeight]:
+        """(gate_up, down) in the stored form of this layout: what encode writes and the kernels read."""
+        return (quantize_weight(gate_up, self.bits, self._group(gate_up.shape[1])),
+                quantize_weight(down, self.bits, self._group(down.shape[1])))
+
     def encode(self, gate_up: torch.Tensor, down: torch.Tensor) -> bytes:
         rec = bytearray(self.record_nbytes)
-        g = quantize_weight(gate_up, self.bits, self._group(gate_up.shape[1]))
-        d = quantize_weight(down, self.bits, self._group(down.shape[1]))
+        g, d = self.quantize(gate_up, down)
         tensors = {"gate_up_q": g.codes, "gate_up_s": g.scales, "down_q": d.codes, "down_s": d.scales}
         for name, offset, nbytes, _, _ in self._parts():
             rec[offset:offset + nbytes] = tensors[name].contiguous().view(torch.uint8).flatten().numpy().tobytes()

@@ -47,7 +47,7 @@ class ExpertReads:
             f = DirectFile(path, allow_direct)
         except OSError as e:
             raise ModelLoadError(f"cannot open expert file {path} (layer {layer}): {e}") from None
-        need = max(r.offset + self.layout.record_format(r.bits).record_nbytes for r in self.index.experts[layer])
+        need = max(r.offset + self.layout.format_of(r).record_nbytes for r in self.index.experts[layer])
         if f.size < need:
             f.close()
             raise ModelLoadError(f"expert file {path} (layer {layer}) is truncated: {f.size} bytes, the index "
@@ -63,7 +63,7 @@ class ExpertReads:
         layer, expert = entry.key
         f = self.files[layer]
         rec = self.index.experts[layer][expert]
-        nbytes = self.layout.record_format(rec.bits).record_nbytes
+        nbytes = self.layout.format_of(rec).record_nbytes
         address = self.cache.slab.data_ptr() + entry.slot * self.cache.slot_nbytes
         entry.ticket = self.pool.submit(f.fd, address, nbytes, rec.offset, demand, f.mode == "fadvise")
         self._loading[entry.ticket] = entry
@@ -110,7 +110,7 @@ class ExpertReads:
     def _check(self, entry: Entry, f: DirectFile, nbytes: int, error: int) -> ExpertReadError | None:
         layer, expert = entry.key
         rec = self.index.experts[layer][expert]
-        fmt = self.layout.record_format(rec.bits)
+        fmt = self.layout.format_of(rec)
         if error or nbytes < fmt.record_nbytes:
             why = os.strerror(error) if error else (f"the file is truncated: read {nbytes} of {fmt.record_nbytes} "
                                                     f"bytes at offset {rec.offset}")

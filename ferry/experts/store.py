@@ -149,7 +149,7 @@ class ExpertStore:
                     self.prefetcher.read_guesses()
 
     def _unpack(self, key: Key, slot: int) -> Weights:
-        return self.slots.weights(slot, self.cache.slot(slot), self.index.experts[key[0]][key[1]].bits)
+        return self.slots.weights(slot, self.cache.slot(slot), self.index.experts[key[0]][key[1]])
 
     def _is_ready(self, key: Key) -> bool:
         entry = self.cache.lookup(key)
