@@ -123,7 +123,7 @@ class DecoderModel(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> the first layer's input [T, D] (a copy: layers update it in place)."""
         with scope("embedding"):
-            return embedding(self.embed, input_ids, self.norm.weight.dtype)  # a quantized tied head's rows, or the table's
+            return embedding(self.embed, input_ids, self.norm.weight.dtype)  # a float or a quantized (tied) table
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last layer's output rows x [S, D] -> float32 logits [S, V]. A quantized head takes x in float32: its

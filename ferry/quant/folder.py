@@ -100,7 +100,8 @@ def resolve_scheme(manifest: Manifest | None, quant: QuantConfig, head: str = "l
     stored = manifest.head_stored(head)
     if quant.lm_head is not None and stored != "none" and quant.lm_head != stored:
         raise InvalidRequest(f"{manifest.folder} holds its lm_head at {stored} (by ferry convert), not "
-                             f"{quant.lm_head}; drop --quantization-lm-head, or convert the original checkpoint with it")
+                             f"{quant.lm_head}; drop --quantization-lm-head, or convert the original checkpoint "
+                             f"with it")
     if quant.lm_head is not None:
         wanted = quant.lm_head
     elif stored != "none":
