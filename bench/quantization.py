@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.set_defaults(engines="ferry,llama.cpp")
     ap.add_argument("--quant-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="ferry's activation dtype with int8/int4 weights")
+    ap.add_argument("--quantization-lm-head", default=None, choices=("int8", "int4", "none"),
+                    help="ferry's lm_head with int8/int4 (default: ferry's, int8 per channel; none: kept in float)")
     ap.add_argument("--prompt-len", type=int, default=128, help="decode: prompt tokens")
     ap.add_argument("--max-tokens", type=int, default=64, help="decode: tokens generated")
     ap.add_argument("--num-requests", type=int, default=32, help="throughput: requests per job, all at once")
@@ -109,7 +111,8 @@ def start_workers(sc: Scenario, stack: ExitStack, precision: str, num_tokens: in
         try:
             if name == "ferry":
                 opts = engine_options("ferry", args, sc.cfg, dtype, num_tokens, num_seqs, max_len)
-                w = start("ferry", sc.model, dtype, args.threads, **opts, **({"quantization": method} if method else {}))
+                quant = {"quantization": method, **head_option(args)} if method else {}
+                w = start("ferry", sc.model, dtype, args.threads, **opts, **quant)
             elif name == "llama.cpp":
                 w = llamacpp_worker(sc.model, gguf_type, args.threads, args.llamacpp_extra_bufts == "on")
             else:
@@ -119,6 +122,11 @@ def start_workers(sc: Scenario, stack: ExitStack, precision: str, num_tokens: in
         except (Unavailable, WorkerError, TimeoutError, subprocess.CalledProcessError, NotImplementedError) as e:
             out[name] = str(e).splitlines()[0][:200]
     return out
+
+
+def head_option(args: argparse.Namespace) -> dict:
+    """--quantization-lm-head as ferry's keyword, when given (else ferry's default)."""
+    return {} if args.quantization_lm_head is None else {"quantization_lm_head": args.quantization_lm_head}
 
 
 def llamacpp_worker(model: Path, gguf_type: str, threads: int, extra_bufts: bool = True) -> Worker:
@@ -147,7 +155,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
         path = quality_model(name)
         row = {"model": name, "path": str(path), "ppl_tokens": args.ppl_tokens, "precisions": {}}
         for method in methods:
-            base, q = evaluate(str(path), {"dtype": "float32", "quantization": method}, cfg)
+            base, q = evaluate(str(path), {"dtype": "float32", "quantization": method, **head_option(args)}, cfg)
             row["precisions"]["float32"] = {"perplexity": base.perplexity["perplexity"]}
             row["precisions"][method] = {"perplexity": q.perplexity["perplexity"], **q.agreement}
             print(f"[quantization] {name} {method}: perplexity {q.perplexity['perplexity']:.3f} "

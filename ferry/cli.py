@@ -141,8 +141,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 2
     if args.quantization is not None:
         return _convert_quantized(args)
-    if args.out is not None or args.quantization_group_size is not None:
-        print("error: --out and --quantization-group-size go with --quantization", file=sys.stderr)
+    if args.out is not None or args.quantization_group_size is not None or args.quantization_lm_head is not None:
+        print("error: --out, --quantization-group-size and --quantization-lm-head go with --quantization",
+              file=sys.stderr)
         return 2
     from ferry.experts.convert import convert_expert_store
     from ferry.quant.folder import read_manifest
@@ -186,7 +187,8 @@ def _convert_quantized(args: argparse.Namespace) -> int:
     if args.out is None:
         print("error: --quantization needs --out DIR (the quantized folder to write)", file=sys.stderr)
         return 2
-    done = convert_quantized(args.model, args.out, args.quantization, args.quantization_group_size)
+    done = convert_quantized(args.model, args.out, args.quantization, args.quantization_group_size,
+                             args.quantization_lm_head)
     m = done.manifest
     print(f"wrote {args.out}: {done.summary}; {m.weights_nbytes / 2**20:.1f} MiB (the checkpoint: "
           f"{done.source_nbytes / 2**20:.1f} MiB); run it with `ferry generate {args.out} ...` or LLM({str(args.out)!r})",
@@ -317,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the folder --out: it loads as it is (`ferry generate DIR`)")
     p.add_argument("--quantization-group-size", type=int, help="with --quantization: inputs per scale for every "
                    "matrix (a multiple of 32; default: int8 per channel, int4 chosen per matrix)")
+    p.add_argument("--quantization-lm-head", choices=("int8", "int4", "none"), help="with --quantization: the "
+                   "lm_head's precision (a tied model's embedding table, which is its head; default: int8 per channel)")
     p.add_argument("--out", help="with --quantization: the folder to write (new or empty)")
     p.add_argument("--expert-store", help="output folder of an expert store; run with --expert-store DIR")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="with --expert-store: the experts' dtype (default: auto)")

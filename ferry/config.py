@@ -236,6 +236,7 @@ class QuantConfig:
 
     method: str | None = None  # int8 | int4; None: the checkpoint's weights as they are
     group_size: int | None = None  # inputs per scale for every matrix; None: chosen per matrix (int8: per channel)
+    lm_head: str | None = None  # int8 | int4 | none (kept in float); None: int8, or what a converted folder holds
 
 
 @dataclass(frozen=True)

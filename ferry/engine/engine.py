@@ -28,6 +28,7 @@ from ferry.experts.stats import ExpertStats
 from ferry.experts.planner import Plan, make_plan, measure_costs
 from ferry.kvcache.policies import KV_POLICIES
 from ferry.models.routing import RoutingObservers
+from ferry.quant.model import quantized_nbytes
 from ferry.request import FinishReason, Request, RequestOutput, SamplingParams
 
 if TYPE_CHECKING:
@@ -227,11 +228,13 @@ def decode_weight_bytes(model: torch.nn.Module, cfg: ModelConfig) -> int:
     table when it is not also the lm_head (a step reads only its rows), routed experts at top_k of num_experts
     (what batch 1 reads; offloaded experts are not resident and not counted)."""
     total = 0
-    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+    held = ((n, t.numel() * t.element_size()) for n, t in itertools.chain(model.named_parameters(),
+                                                                          model.named_buffers()))
+    for name, nbytes in itertools.chain(held, quantized_nbytes(model)):  # quantized: codes and scales
         if name == "embed" and not cfg.tie_word_embeddings:
             continue
         share = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe and ".experts." in name else 1.0
-        total += int(t.numel() * t.element_size() * share)
+        total += int(nbytes * share)
     return total
 
 

@@ -111,6 +111,10 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "A folder from `ferry convert --quantization` is already quantized", ("int8", "int4")),
     Option("quantization_group_size", None, int, "with --quantization: inputs per scale for every matrix (a multiple "
            "of 32; None: int8 per channel, int4 chosen per matrix)"),
+    Option("quantization_lm_head", None, str, "with --quantization: the lm_head's precision (a tied model's "
+           "embedding table, which is its head): int8 per channel (default, under int4 too, as llama.cpp keeps its "
+           "output tensor above Q4_0), int4, or none (kept in --dtype). A converted folder keeps its own",
+           ("int8", "int4", "none")),
     Option("device", "cpu", str, "torch device: cpu, or cuda where torch has it"),
     Option("threads", None, int, "torch intra-op threads (default: torch's choice)"),
     Option("max_model_len", None, int, "context length cap (default: the model's, limited by the KV cache)"),
@@ -259,7 +263,9 @@ def _quant_config(v: dict[str, Any]) -> QuantConfig:
         raise InvalidRequest("quantization_group_size needs quantization (int8 or int4)")
     if group is not None and (group < 32 or group % 32):
         raise InvalidRequest(f"quantization_group_size must be a multiple of 32 (32, 64, 128, ...), got {group}")
-    return QuantConfig(method=v["quantization"], group_size=group)
+    if v["quantization_lm_head"] is not None and v["quantization"] is None:
+        raise InvalidRequest("quantization_lm_head needs quantization (int8 or int4)")
+    return QuantConfig(method=v["quantization"], group_size=group, lm_head=v["quantization_lm_head"])
 
 
 def _kv_options(v: dict[str, Any]) -> KVOptions:

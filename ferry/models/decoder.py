@@ -8,7 +8,7 @@ from torch import nn
 
 from ferry.config import ModelConfig
 from ferry.models.layers.attention import AttnMetadata, LayerKV
-from ferry.models.layers.linear import linear
+from ferry.models.layers.linear import QuantLinear, embedding, linear
 from ferry.models.layers.mlp import MoE, DenseMLP, _meta
 from ferry.models.layers.norm import RMSNorm
 from ferry.models.layers.rotary import Rotary
@@ -123,11 +123,14 @@ class DecoderModel(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> the first layer's input [T, D] (a copy: layers update it in place)."""
         with scope("embedding"):
-            return self.embed[input_ids]  # fancy indexing copies
+            return embedding(self.embed, input_ids, self.norm.weight.dtype)  # a float or a quantized (tied) table
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The last layer's output rows x [S, D] -> float32 logits [S, V]."""
+        """The last layer's output rows x [S, D] -> float32 logits [S, V]. A quantized head takes x in float32: its
+        kernel rounds x to int8 blocks either way (bfloat16 x converts exactly), and the logits then skip a
+        rounding to bfloat16 (fewer ties), for the price of casting S rows."""
         with scope("final_norm"):
             x = self.norm(x.contiguous())
         with scope("lm_head"):
-            return linear(x, self.embed if self.lm_head is None else self.lm_head).float()
+            head = self.embed if self.lm_head is None else self.lm_head
+            return linear(x.float() if isinstance(head, QuantLinear) else x, head).float()

@@ -20,8 +20,9 @@ from ferry.config import ModelConfig, QuantConfig
 from ferry.errors import InvalidRequest, ModelLoadError
 from ferry.models.checkpoint import Reader, checkpoint_files
 from ferry.models.decoder import DecoderModel
-from ferry.quant.folder import folder_weights, read_manifest, resolve_scheme
-from ferry.quant.model import Stored, describe, install, is_quantized, nbytes, quantize_param, shape_error
+from ferry.quant.folder import Manifest, folder_weights, read_manifest, resolve_scheme
+from ferry.quant.model import Stored, describe, head_param, install, is_quantized, nbytes, quantize_param, \
+    shape_error
 from ferry.quant.scheme import Scheme
 
 log = logging.getLogger("ferry")
@@ -130,10 +131,10 @@ def read_weights(cfg: ModelConfig, reader: Reader, expected: dict[str, tuple[int
         if name not in expected:  # served by an offloading expert store
             continue
         label = str(hf_names if isinstance(hf_names, list) else hf_names[0])
-        if scheme is not None and is_quantized(name):
+        if scheme is not None and is_quantized(name, scheme, cfg.tie_word_embeddings):
             w = read_tensor(reader, hf_names, torch.float32, torch.device("cpu"))
             _check_shape(name, label, tuple(w.shape), expected[name])
-            yield name, label, quantize_param(name, w, scheme)
+            yield name, label, quantize_param(name, w, scheme, cfg.tie_word_embeddings)
         else:
             yield name, label, read_tensor(reader, hf_names, dtype, device)
 
@@ -146,7 +147,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_l
     (ferry/quant/); a folder written by `ferry convert --quantization` is loaded as stored."""
     folder = Path(cfg.path)
     manifest = read_manifest(folder)
-    scheme = resolve_scheme(manifest, quant)
+    scheme = resolve_scheme(manifest, quant, head_param(cfg.tie_word_embeddings))
     if scheme is not None and device.type != "cpu":
         raise InvalidRequest(f"weight-only quantization runs on --device cpu only, not {device}")
     model = DecoderModel(cfg, max_len)
@@ -155,10 +156,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_l
             if hasattr(layer.mlp, "experts"):
                 layer.mlp.experts = experts(i)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    weights = folder_weights(manifest, expected, dtype, device) if manifest is not None else \
-        read_weights(cfg, Reader(checkpoint_files(folder)), expected, dtype, device, scheme)
     state, quantized = {}, {}
-    for name, label, value in weights:
+    for name, label, value in _weights(cfg, manifest, scheme, expected, dtype, device):
         if isinstance(value, torch.Tensor):
             _check_shape(name, label, tuple(value.shape), expected[name])
             state[name] = torch.nn.Parameter(value, requires_grad=False)
@@ -178,6 +177,25 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_l
         log.info("%s: %d linears quantized in place: %s; %.1f MiB", folder.name, len(quantized), describe(quantized),
                  sum(nbytes(v) for v in quantized.values()) / 2**20)
     return model.eval()
+
+
+def _weights(cfg: ModelConfig, manifest: Manifest | None, scheme: Scheme | None, expected: dict[str, tuple[int, ...]],
+             dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, str, Weights]]:
+    """(parameter, where from, value) for every expected parameter: a converted folder's as stored, else the
+    checkpoint's, quantized per scheme. A folder holding the head in float while the scheme quantizes it (version 1,
+    tied: converted before the lm_head was quantized) has it quantized here, from its float32 values."""
+    if manifest is None:
+        yield from read_weights(cfg, Reader(checkpoint_files(Path(cfg.path))), expected, dtype, device, scheme)
+        return
+    head = head_param(cfg.tie_word_embeddings)
+    late = scheme.head_bits is not None and manifest.head_stored(head) == "none"
+    for name, label, value in folder_weights(manifest, expected, dtype, device, frozenset({head} if late else ())):
+        if late and name == head:
+            _check_shape(name, label, tuple(value.shape), expected[name])
+            log.info("%s: quantizing its %s at load to %s (converted before the lm_head was quantized; `ferry "
+                     "convert` again saves this)", manifest.folder.name, head, scheme.head_name)
+            value = quantize_param(name, value, scheme, cfg.tie_word_embeddings)
+        yield name, label, value
 
 
 def _check_shape(name: str, label: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:

@@ -44,6 +44,10 @@ class QuantLinear(ABC):
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
         """W [N, K] written into out (any float dtype)."""
 
+    @abstractmethod
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ids [T] of W, dequantized -> [T, K] in dtype: a tied embedding's lookup from the quantized head."""
+
 
 QBLOCK = 32  # int4 inputs per packing block
 QMAX = {8: 127, 4: 7}
@@ -73,6 +77,11 @@ class QuantizedWeight:
         q = self.codes.float() if self.bits == 8 else unpack_q4(self.codes).float() - 8
         w = q.reshape(N, K // self.group, self.group) * self.scales.float()[..., None]
         return w.reshape(N, K).to(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ids [T] of W [N, K] -> [T, K] in dtype, reading only those rows' codes and scales; each value is
+        dequantize()'s (code x scale is exact in float32, then one rounding to dtype)."""
+        return QuantizedWeight(self.bits, self.group, self.codes[ids], self.scales[ids]).dequantize(dtype)
 
 
 def check_group(bits: int, K: int, group: int) -> str | None:
@@ -125,6 +134,9 @@ class ReferenceLinear(QuantLinear):
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
         return out.copy_(self.qw.dequantize(out.dtype))
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.qw.rows(ids, dtype)
+
 
 def round_activations(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] rounded as the kernel rounds it (llama.cpp's Q8_0): per block of 32 inputs, scale d = max|x| / 127
@@ -172,6 +184,9 @@ class KernelLinear(QuantLinear):
         if qgemv.dequantize(qw.codes, qw.scales, qw.bits, qw.group, out):
             return out
         return out.copy_(qw.dequantize(out.dtype))
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.qw.rows(ids, dtype)
 
 
 def check(qw: QuantizedWeight) -> None:

@@ -33,7 +33,9 @@ class Converted:
     source_nbytes: int
 
 
-def convert_quantized(model: str | Path, out: str | Path, method: str, group_size: int | None = None) -> Converted:
+def convert_quantized(model: str | Path, out: str | Path, method: str, group_size: int | None = None,
+                      lm_head: str | None = None) -> Converted:
+    """MODEL -> DIR at `method` (int8 | int4); lm_head: the head's precision (int8 | int4 | none; None: int8)."""
     src, out = Path(model), Path(out)
     if read_manifest(src) is not None:
         raise InvalidRequest(f"{src} is already quantized; convert the original checkpoint")
@@ -41,7 +43,7 @@ def convert_quantized(model: str | Path, out: str | Path, method: str, group_siz
         raise InvalidRequest(f"{out} exists and is not empty; choose a new folder for --out")
     if out.resolve() == src.resolve():
         raise InvalidRequest("--out must be a new folder, not the model's own")
-    scheme = Scheme.parse(method, group_size)
+    scheme = Scheme.parse(method, group_size, lm_head)
     if group_size is not None and (group_size < 32 or group_size % 32):
         raise InvalidRequest(f"--quantization-group-size must be a multiple of 32, got {group_size}")
     cfg = ModelConfig.from_hf(str(src))
@@ -60,7 +62,7 @@ def convert_quantized(model: str | Path, out: str | Path, method: str, group_siz
     _copy_side_files(src, out)
     nbytes = write_safetensors(out / WEIGHTS, tensors)
     source = {"path": str(src.resolve()), "nbytes": sum(f.stat().st_size for f in files), "sha256": _sha256(files)}
-    manifest = Manifest(out, scheme.bits, group_size, matrices, nbytes, source)
+    manifest = Manifest(out, scheme.bits, group_size, matrices, nbytes, source, scheme.head_name)
     (out / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1))
     return Converted(manifest, describe(quantized), source["nbytes"])
 

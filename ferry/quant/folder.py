@@ -7,8 +7,14 @@ reads back without quantizing again.
                                                                             of ferry.ops.quant (CPU-independent)
                                               <name>.<e>.codes / .scales    expert e of a stacked MoE parameter
                                               <name>                        a float tensor (embedding, norms, ...)
-    DIR/quantization.json                   format and version, the scheme (bits, forced group size), every
-                                            matrix's bits and group, the weights file's size, the source's hash
+    DIR/quantization.json                   format and version, the scheme (bits, forced group size, the
+                                            lm_head's precision), every matrix's bits and group, the weights
+                                            file's size, the source's hash
+
+Version 2 records `lm_head` (int8 | int4 | none) and may hold a tied model's `embed` quantized (it is the head).
+A version-1 folder (written before the lm_head option) still loads: its untied head is int8 as stored, and a tied
+model's float embedding is quantized at load to the head's precision (the int8 default unless asked otherwise;
+about a second for a 150k vocabulary), so converting again only saves that second.
 
 Everything read is checked against the manifest and config.json (present, dtype, shape, group), so a truncated,
 edited or mismatched folder is a ModelLoadError naming the file and the fix, never wrong tokens."""
@@ -26,9 +32,10 @@ from ferry.config import QuantConfig
 from ferry.errors import InvalidRequest, ModelLoadError
 from ferry.models.checkpoint import DTYPES, Reader
 from ferry.ops.quant import QuantizedWeight, check_group
-from ferry.quant.scheme import BITS, Scheme
+from ferry.quant.scheme import BITS, DEFAULT_HEAD, HEAD_BITS, Scheme
 
-FORMAT, VERSION = "ferry-weight-only", 1
+FORMAT, VERSION = "ferry-weight-only", 2
+READS = (1, 2)  # the versions this ferry loads (1: no lm_head entry, a tied embedding always in float)
 MANIFEST = "quantization.json"
 WEIGHTS = "model-quantized.safetensors"
 CODE_DTYPES = {8: torch.int8, 4: torch.uint8}
@@ -43,11 +50,17 @@ class Manifest:
     matrices: dict[str, dict[str, int]]  # tensor prefix (<name> or <name>.<e>) -> {"bits", "group"}
     weights_nbytes: int
     source: dict
+    lm_head: str | None = None  # int8 | int4 | none as converted; None: a version-1 folder (not recorded)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "bits": self.bits, "group_size": self.group_size,
-                "weights": WEIGHTS, "weights_nbytes": self.weights_nbytes, "source": self.source,
-                "matrices": self.matrices}
+                "lm_head": self.lm_head, "weights": WEIGHTS, "weights_nbytes": self.weights_nbytes,
+                "source": self.source, "matrices": self.matrices}
+
+    def head_stored(self, head: str) -> str:
+        """The precision the folder holds parameter `head` (the lm_head, or a tied model's embed) at."""
+        entry = self.matrices.get(head)
+        return "none" if entry is None else f"int{entry['bits']}"
 
 
 def read_manifest(folder: str | Path) -> Manifest | None:
@@ -59,19 +72,24 @@ def read_manifest(folder: str | Path) -> Manifest | None:
         m = json.loads(path.read_text())
         if m.get("format") != FORMAT:
             raise ModelLoadError(f"{path} is not a ferry quantization manifest (format {m.get('format')!r}); {REDO}")
-        if m.get("version") != VERSION:
-            raise ModelLoadError(f"{path} has format version {m.get('version')!r}; this ferry reads version "
-                                 f"{VERSION}: {REDO}")
+        if m.get("version") not in READS:
+            raise ModelLoadError(f"{path} has format version {m.get('version')!r}; this ferry reads versions "
+                                 f"{', '.join(map(str, READS))}: {REDO}")
+        head = m["lm_head"] if m["version"] >= 2 else None
+        if head is not None and head not in HEAD_BITS:
+            raise ValueError(f"lm_head {head!r} is not one of {', '.join(HEAD_BITS)}")
         return Manifest(Path(folder), int(m["bits"]), m["group_size"], dict(m["matrices"]), int(m["weights_nbytes"]),
-                        dict(m["source"]))
+                        dict(m["source"]), head)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{path} is malformed ({type(e).__name__}: {e}); {REDO}") from None
 
 
-def resolve_scheme(manifest: Manifest | None, quant: QuantConfig) -> Scheme | None:
-    """The scheme to load with: the folder's when it is quantized (options must agree), else the options'."""
+def resolve_scheme(manifest: Manifest | None, quant: QuantConfig, head: str = "lm_head") -> Scheme | None:
+    """The scheme to load with: the folder's when it is quantized (options must agree), else the options'. head:
+    the parameter that is the lm_head (a tied model's embed). A folder whose head is in float takes any
+    --quantization-lm-head (the float table is there to quantize at load); a quantized head only its own."""
     if manifest is None:
-        return Scheme.parse(quant.method, quant.group_size) if quant.method else None
+        return Scheme.parse(quant.method, quant.group_size, quant.lm_head) if quant.method else None
     have = f"int{manifest.bits}"
     if quant.method is not None and BITS[quant.method] != manifest.bits:
         raise InvalidRequest(f"{manifest.folder} is already quantized to {have} (by ferry convert); drop "
@@ -79,7 +97,18 @@ def resolve_scheme(manifest: Manifest | None, quant: QuantConfig) -> Scheme | No
     if quant.group_size is not None and quant.group_size != manifest.group_size:
         raise InvalidRequest(f"{manifest.folder} was converted with group size {manifest.group_size or 'chosen per matrix'}"
                              f", not {quant.group_size}; drop --quantization-group-size or convert again with it")
-    return Scheme(manifest.bits, manifest.group_size)
+    stored = manifest.head_stored(head)
+    if quant.lm_head is not None and stored != "none" and quant.lm_head != stored:
+        raise InvalidRequest(f"{manifest.folder} holds its lm_head at {stored} (by ferry convert), not "
+                             f"{quant.lm_head}; drop --quantization-lm-head, or convert the original checkpoint "
+                             f"with it")
+    if quant.lm_head is not None:
+        wanted = quant.lm_head
+    elif stored != "none":
+        wanted = stored
+    else:  # in float: as converted (version 2), or a version-1 folder, whose tied head was never quantized
+        wanted = manifest.lm_head or DEFAULT_HEAD
+    return Scheme(manifest.bits, manifest.group_size, head_bits=HEAD_BITS[wanted])
 
 
 def tensor_entries(name: str, value: torch.Tensor | QuantizedWeight | list[QuantizedWeight]
@@ -111,8 +140,10 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> in
 
 
 def folder_weights(manifest: Manifest, expected: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                   device: torch.device) -> Iterator[tuple[str, str, torch.Tensor | QuantizedWeight | list]]:
-    """(parameter, where from, value) for every expected parameter (name -> shape), each checked."""
+                   device: torch.device, as_float32: frozenset[str] = frozenset()
+                   ) -> Iterator[tuple[str, str, torch.Tensor | QuantizedWeight | list]]:
+    """(parameter, where from, value) for every expected parameter (name -> shape), each checked. Float parameters
+    named in as_float32 come in float32 on the CPU (the caller quantizes them: a version-1 folder's tied head)."""
     path = manifest.folder / WEIGHTS
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing (listed by {MANIFEST}); {REDO}")
@@ -130,6 +161,8 @@ def folder_weights(manifest: Manifest, expected: dict[str, tuple[int, ...]], dty
             prefixes = [f"{name}.{e}" for e in range(shape[0])] if len(shape) == 3 else [name]
             qs = [_matrix(reader, manifest, p, tuple(shape[-2:]), used) for p in prefixes]
             yield name, str(path), qs if len(shape) == 3 else qs[0]
+        elif name in as_float32:
+            yield name, str(path), _float(reader, path, name, torch.float32, torch.device("cpu"), used)
         else:
             yield name, str(path), _float(reader, path, name, dtype, device, used)
     extra = sorted(set(reader.where) - used)

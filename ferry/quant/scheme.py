@@ -29,6 +29,9 @@ from ferry.errors import InvalidRequest
 from ferry.ops.quant import QBLOCK, QuantizedWeight, check_group, quantize_weight
 
 BITS = {"int8": 8, "int4": 4}
+# --quantization-lm-head: the head's bits (None: kept in float); int8 unless asked, whatever --quantization says
+HEAD_BITS = {"int8": 8, "int4": 4, "none": None}
+DEFAULT_HEAD = "int8"
 # a coarser int4 group is kept while its weight error is at most (1 + INT4_SLACK) x the finest group's (see above)
 INT4_SLACK = 0.15
 
@@ -40,16 +43,30 @@ class Scheme:
     bits: int  # 8 or 4
     group_size: int | None = None  # forced for every matrix that can take it; None: chosen per matrix
     slack: float = INT4_SLACK
+    head_bits: int | None = 8  # the lm_head's (a tied model's embedding, which is its head); None: kept in float
 
     @classmethod
-    def parse(cls, method: str, group_size: int | None = None) -> "Scheme":
+    def parse(cls, method: str, group_size: int | None = None, lm_head: str | None = None) -> "Scheme":
         if method not in BITS:
             raise InvalidRequest(f"quantization must be int8 or int4, got {method!r}")
-        return cls(BITS[method], group_size)
+        if (lm_head or DEFAULT_HEAD) not in HEAD_BITS:
+            raise InvalidRequest(f"quantization_lm_head must be int8, int4 or none, got {lm_head!r}")
+        return cls(BITS[method], group_size, head_bits=HEAD_BITS[lm_head or DEFAULT_HEAD])
 
     @property
     def name(self) -> str:
         return f"int{self.bits}"
+
+    @property
+    def head_name(self) -> str:
+        """The head's setting as --quantization-lm-head spells it: int8, int4 or none."""
+        return "none" if self.head_bits is None else f"int{self.head_bits}"
+
+    def for_head(self) -> "Scheme":
+        """The scheme the lm_head is quantized with: its own bits, the same forced group size and slack."""
+        if self.head_bits is None:
+            raise ValueError("the lm_head is kept in float under this scheme")
+        return Scheme(self.head_bits, self.group_size, self.slack, self.head_bits)
 
     def quantize(self, w: torch.Tensor, name: str) -> QuantizedWeight:
         """w [N, K] (any float dtype) at this scheme's bits and the group chosen for it."""

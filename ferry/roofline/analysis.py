@@ -173,7 +173,9 @@ def operators(cfg: ModelConfig, w: Workload, policy: KVPolicy | None = None) -> 
     if moe_layers:
         ops += moe_costs(cfg, w, moe_layers)
     S = B  # rows that sample: each request's last token
-    head = linear_cost("lm_head", S, D, cfg.vocab_size, w, out_bytes=4)
+    # a quantized model's head is int8 per channel whatever --quantization (ferry/quant/model.py's default)
+    head = linear_cost("lm_head", S, D, cfg.vocab_size, w if w.quantization == "none" else
+                       replace(w, quantization="int8"), out_bytes=4)
     ops += [_vector("final_norm", 7.0 * S * D, 2.0 * S * D * ab, 1, D * ab), replace(head, serial_calls=1),
             _vector("sampling", 5.0 * S * cfg.vocab_size, 2.0 * S * cfg.vocab_size * 4, 8)]
     return ops

@@ -64,7 +64,7 @@ def _load_dequantized(float_model: torch.nn.Module, quantized: dict) -> None:
 
 
 @pytest.mark.parametrize("family,method", [("llama", "int4"), ("llama", "int8"), ("qwen2_moe", "int4"),
-                                           ("mixtral", "int8")])
+                                           ("mixtral", "int8"), ("qwen2", "int4")])
 def test_quantized_model_decodes_as_the_float_model_of_its_dequantized_weights(tmp_ckpt_dir, family, method,
                                                                               monkeypatch):
     """The integration is lossless beyond the weights' own rounding: with every quantized linear on the
@@ -79,6 +79,7 @@ def test_quantized_model_decodes_as_the_float_model_of_its_dequantized_weights(t
         quantized = _quantized_linears(qmodel)
         names = {n.split(".", 2)[-1] for n in quantized if n.startswith("layers.")}
         assert {"attn.qkv", "attn.o"} <= names and ("mlp.down" in names or "mlp.experts.down" in names)
+        assert ("embed" if qmodel.cfg.tie_word_embeddings else "lm_head") in quantized  # the head, tied or not
         assert not any(n in dict(qmodel.named_parameters()) for n in quantized)  # the float tensors are gone
         _load_dequantized(fmodel, quantized)
         assert _greedy(q, prompts) == _greedy(f, prompts)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ferry.errors import InvalidRequest
-from ferry.quant.model import is_quantized
+from ferry.quant.model import is_quantized, quantize_param
 from ferry.quant.scheme import Scheme, candidate_groups, relative_error
 
 
@@ -52,3 +52,16 @@ def test_which_parameters_are_quantized():
                                          "layers.1.mlp.experts.down", "layers.1.mlp.shared.down"))
     assert not any(is_quantized(n) for n in ("embed", "norm.weight", "layers.0.mlp.router", "layers.0.attn.qkv_bias",
                                              "layers.0.mlp.shared_gate", "layers.0.input_norm.weight"))
+
+
+def test_the_head_is_the_embedding_of_a_tied_model_and_takes_its_own_bits():
+    int4, none = Scheme.parse("int4"), Scheme.parse("int4", lm_head="none")
+    assert is_quantized("embed", int4, tied=True) and not is_quantized("lm_head", int4, tied=True)
+    assert is_quantized("lm_head", int4) and not is_quantized("embed", int4)
+    assert not is_quantized("embed", none, tied=True) and not is_quantized("lm_head", none)
+    assert (int4.head_bits, Scheme.parse("int8", lm_head="int4").head_bits) == (8, 4)
+    w = torch.randn(96, 64)
+    assert (quantize_param("embed", w, int4, tied=True).bits, quantize_param("lm_head", w, int4).bits) == (8, 8)
+    assert quantize_param("layers.0.attn.o", w, int4).bits == 4
+    with pytest.raises(InvalidRequest, match="quantization_lm_head must be int8, int4 or none"):
+        Scheme.parse("int8", lm_head="fp8")

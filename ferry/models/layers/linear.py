@@ -19,6 +19,14 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
     return gemv.linear(x, weight, bias)
 
 
+def embedding(weight: Weight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ids [T] of an embedding table [V, D] -> [T, D] in dtype (a copy): a float table's rows, or a quantized
+    table's rows dequantized (a tied model's quantized head: only those rows' codes and scales are read)."""
+    if isinstance(weight, QuantLinear):
+        return weight.rows(ids, dtype)
+    return weight[ids]  # fancy indexing copies
+
+
 def dense(weight: Weight, shape: tuple[int, int]) -> torch.Tensor:
     """The weight as a float tensor [N, K] = shape (a quantized one dequantized to float32): for code that reads
     the matrix itself rather than its product (e.g. a KV policy's key basis)."""
