@@ -71,11 +71,13 @@ class BlockPool:
 
 
 class HostBlockPool:
-    """Host-memory blocks that hold swapped-out KV. No sharing, no caching."""
+    """Host-memory blocks that hold swapped-out KV. No sharing, no caching. Hands out its lowest free ids first, in
+    ascending order, so a swap's blocks tend to be one contiguous group (ferry/runner/kv/storage.py block_runs)."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.free_ids = list(range(num_blocks - 1, -1, -1))
+        self.free_ids = list(range(num_blocks - 1, -1, -1))  # descending: pop() gives the lowest
+        self._sorted = True
 
     @property
     def num_free(self) -> int:
@@ -84,7 +86,12 @@ class HostBlockPool:
     def allocate(self, n: int) -> list[int]:
         if n > len(self.free_ids):
             raise RuntimeError(f"asked for {n} host blocks with {len(self.free_ids)} free")
+        if not self._sorted:  # frees arrive in runs: timsort merges them in near-linear time
+            self.free_ids.sort(reverse=True)
+            self._sorted = True
         return [self.free_ids.pop() for _ in range(n)]
 
     def free(self, blocks: list[int]) -> None:
-        self.free_ids.extend(blocks)
+        if blocks:
+            self.free_ids.extend(blocks)
+            self._sorted = False

@@ -33,6 +33,22 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def block_runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(source start, destination start, length) of the maximal runs in (source, destination) block pairs where both
+    ids go up by one; every pair lands in exactly one run. Block groups (FastSwitch): a swap copies each run at once
+    instead of block by block. The KV manager makes runs likely: a swap gives ascending device ids ascending host
+    ids, and the host pool hands out its lowest free ids first."""
+    runs: list[tuple[int, int, int]] = []
+    for src, dst in sorted(pairs):
+        if runs:
+            s, d, n = runs[-1]
+            if src == s + n and dst == d + n:
+                runs[-1] = (s, d, n + 1)
+                continue
+        runs.append((src, dst, 1))
+    return runs
+
+
 class BlockTensors:
     """device[name]: lead + (N,) + per_block, per device block; host[name] / fast[name]: lead + (Nh,) + per_block,
     per host block, in host memory (the slow tier) or beside the device blocks (an index over host blocks)."""
@@ -72,13 +88,18 @@ class BlockTensors:
                 if self.specs[n].host is not None]
 
     def swap_out(self, dev: torch.Tensor, host: torch.Tensor) -> None:
-        """Copy device blocks dev [n] to host blocks host [n] (every declared tensor with a counterpart)."""
+        """Copy device blocks dev [n] to host blocks host [n] (every declared tensor with a counterpart), one copy
+        per run of contiguous blocks on both sides (block groups, FastSwitch) rather than a gather and a scatter."""
+        runs = block_runs(list(zip(dev.tolist(), host.tolist())))
         for dim, d, h in self._counterparts():
-            h.index_copy_(dim, host.to(h.device), d.index_select(dim, dev.to(d.device)).to(h.device))
+            for src, dst, n in runs:
+                h.narrow(dim, dst, n).copy_(d.narrow(dim, src, n))
 
     def swap_in(self, host: torch.Tensor, dev: torch.Tensor) -> None:
+        runs = block_runs(list(zip(host.tolist(), dev.tolist())))
         for dim, d, h in self._counterparts():
-            d.index_copy_(dim, dev.to(d.device), h.index_select(dim, host.to(h.device)).to(d.device))
+            for src, dst, n in runs:
+                d.narrow(dim, dst, n).copy_(h.narrow(dim, src, n))
 
     def export_blocks(self, block_ids: list[int]) -> dict[str, torch.Tensor]:
         """The device blocks block_ids (a request's, in table order) as plain CPU tensors, one per declared device
