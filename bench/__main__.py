@@ -25,6 +25,9 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
                 and 16, and the speed-up it predicts at the acceptance `speculative` measured (~15 min)
     roofline    the per-operator roofline model (ferry roofline) against the measured step: decode and prefill at
                 batch 1 and 16, float32 and bfloat16, Qwen2.5-0.5B and Llama-1B shapes (~15 min; not part of `all`)
+    fairness    one flooding client + light clients against `ferry serve`, fcfs vs fair (recompute, swap): per-client
+                share and TTFT, Jain's index, total throughput; swap copy cost block by block vs block groups
+                (~10 min; not part of `all`)
     all         every scenario at its default size, then the benchmark tables (what `make bench` runs);
                 `all --smoke` runs every smoke version and fills copies of the pages in bench/.cache/smoke/
     report      regenerate the README's summary and the tables in docs/ from bench/results/*.json
@@ -38,7 +41,7 @@ import sys
 SCENARIOS = ("throughput", "decode", "prefill", "serving", "memory")
 OTHER = {"moe-offload": "moe_offload", "long-context": "long_context", "webui": "webui", "soak": "soak",
          "speculative": "speculative", "verify-cost": "verify_cost",
-         "roofline": "roofline",
+         "roofline": "roofline", "fairness": "fairness",
          "quantization": "quantization"}  # scenario -> module, run only when asked for
 
 
