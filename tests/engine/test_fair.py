@@ -40,8 +40,9 @@ def _run(llama, policy: str, mode: str, kv_blocks: int | None) -> tuple[dict[str
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
-    assert engine.kv.all_free, "KV blocks leaked"
-    assert engine.kv.max_blocks_used <= engine.kv.pool.num_blocks
+    view = engine.view()
+    assert view.num_kv_blocks_used == 0 and view.num_host_blocks_used == 0, "KV blocks leaked"
+    assert view.max_kv_blocks_used <= view.num_kv_blocks
     return done, engine
 
 
@@ -51,11 +52,12 @@ def test_fair_greedy_tokens_equal_fcfs(llama, mode, kv_blocks):
     want, fcfs = _run(llama, "fcfs", mode, kv_blocks)
     got, fair = _run(llama, "fair", mode, kv_blocks)
     assert got == want and len(got) == 9
-    assert fair.scheduler.num_fair_preemptions > 0, "the light client never took a slot from the flood"
-    assert fcfs.scheduler.num_fair_preemptions == 0
+    stats = fair.stats()
+    assert stats.num_fair_preemptions > 0, "the light client never took a slot from the flood"
+    assert fcfs.stats().num_fair_preemptions == 0 and fcfs.stats().client_token_shares is None
     if kv_blocks:
-        assert fair.scheduler.num_preemptions > fair.scheduler.num_fair_preemptions  # KV ran out too
-    shares = fair.stats().client_token_shares
+        assert stats.num_preemptions > stats.num_fair_preemptions  # KV ran out too
+    shares = stats.client_token_shares
     assert set(shares) <= {"flood", "light"} and abs(sum(shares.values()) - 1) < 1e-9
 
 
@@ -74,4 +76,4 @@ def test_user_must_be_a_string(llama):
     with pytest.raises(InvalidRequest, match="'user' must be a string"):
         llm.generate([{"prompt": "hello", "user": 7}], use_tqdm=False)
     out = llm.generate([{"prompt": "hello", "user": "alice"}, "hello"], SamplingParams(max_tokens=3), use_tqdm=False)
-    assert len(out) == 2 and llm.engine.kv.all_free
+    assert len(out) == 2 and llm.view().num_kv_blocks_used == 0
