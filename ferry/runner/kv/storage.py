@@ -49,6 +49,18 @@ def block_runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def _copy_blocks(src: torch.Tensor, dst: torch.Tensor, dim: int, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """dst's blocks dst_ids [n] (along dim) = src's blocks src_ids [n]. Block groups (one copy per contiguous run, no
+    temporary) when the runs average two blocks or more; else one gather and one scatter, which beat a copy per
+    block for scattered blocks (bench/swap_copy.py measures the three ways)."""
+    runs = block_runs(list(zip(src_ids.tolist(), dst_ids.tolist())))
+    if 2 * len(runs) <= len(src_ids):
+        for s, d, n in runs:
+            dst.narrow(dim, d, n).copy_(src.narrow(dim, s, n).to(dst.device))
+    else:
+        dst.index_copy_(dim, dst_ids.to(dst.device), src.index_select(dim, src_ids.to(src.device)).to(dst.device))
+
+
 class BlockTensors:
     """device[name]: lead + (N,) + per_block, per device block; host[name] / fast[name]: lead + (Nh,) + per_block,
     per host block, in host memory (the slow tier) or beside the device blocks (an index over host blocks)."""
@@ -88,18 +100,13 @@ class BlockTensors:
                 if self.specs[n].host is not None]
 
     def swap_out(self, dev: torch.Tensor, host: torch.Tensor) -> None:
-        """Copy device blocks dev [n] to host blocks host [n] (every declared tensor with a counterpart), one copy
-        per run of contiguous blocks on both sides (block groups, FastSwitch) rather than a gather and a scatter."""
-        runs = block_runs(list(zip(dev.tolist(), host.tolist())))
+        """Copy device blocks dev [n] to host blocks host [n] (every declared tensor with a counterpart)."""
         for dim, d, h in self._counterparts():
-            for src, dst, n in runs:
-                h.narrow(dim, dst, n).copy_(d.narrow(dim, src, n))
+            _copy_blocks(d, h, dim, dev, host)
 
     def swap_in(self, host: torch.Tensor, dev: torch.Tensor) -> None:
-        runs = block_runs(list(zip(host.tolist(), dev.tolist())))
         for dim, d, h in self._counterparts():
-            for src, dst, n in runs:
-                d.narrow(dim, dst, n).copy_(h.narrow(dim, src, n))
+            _copy_blocks(h, d, dim, host, dev)
 
     def export_blocks(self, block_ids: list[int]) -> dict[str, torch.Tensor]:
         """The device blocks block_ids (a request's, in table order) as plain CPU tensors, one per declared device
