@@ -47,9 +47,9 @@ def plot(record: dict, path: Path) -> None:
     rows = record["swap_copy"]
     ways = list(rows[0]["seconds"])
     for i, way in enumerate(ways):
-        axes[2].bar([j + i * 0.2 for j in range(len(rows))], [1e3 * r["seconds"][way]["median"] for r in rows], 0.2,
+        axes[2].bar([j + i * 0.27 for j in range(len(rows))], [1e3 * r["seconds"][way]["median"] for r in rows], 0.27,
                     label=way)
-    axes[2].set_xticks([j + 0.3 for j in range(len(rows))],
+    axes[2].set_xticks([j + 0.27 for j in range(len(rows))],
                        [f"{r['blocks']} {r['layout'][:4]}\n{r['shape']}" for r in rows], fontsize=7)
     axes[2].set_yscale("log")
     axes[2].set_ylabel("swap copy, ms (log)")

@@ -1,11 +1,11 @@
 """The copy cost of a swap (part of `python -m bench fairness`): moving a request's KV blocks between the device pool
 and the host pool block by block (one copy per block), as one gather + scatter (`index_select` / `index_copy_`, what
 ferry did before block groups), and in block groups (one copy per run of contiguous blocks, FastSwitch; what
-`ferry/runner/kv/storage.py` does when the runs average two blocks or more; `ferry` is its choice). Cases: the blocks in one contiguous run, and scattered (every other block,
+`ferry/runner/kv/storage.py` does now). Cases: the blocks in one contiguous run, and scattered (every other block,
 the worst case for groups: runs of one).
 
 Legend: L layers, N device blocks, bs block size, K kv heads, Dh head dim. The KV tensor is [L, 2, N, bs, K, Dh], as
-`full`'s; the host pool has the same shape. Timings interleave the four ways in one run (bench/common.py)."""
+`full`'s; the host pool has the same shape. Timings interleave the three ways in one run (bench/common.py)."""
 from __future__ import annotations
 
 import time
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from bench.common import interleaved, summary
-from ferry.runner.kv.storage import _copy_blocks, block_runs
+from ferry.runner.kv.storage import block_runs
 
 SHAPES = {  # name: (L, K, Dh, bs, dtype): the KV of one layer stack, a real model's shape
     "qwen2.5-0.5b": (24, 2, 64, 16, torch.bfloat16),
@@ -46,11 +46,7 @@ def _ways(dev: torch.Tensor, host: torch.Tensor, pairs: list[tuple[int, int]]) -
         for s, d, n in runs:
             host.narrow(2, d, n).copy_(dev.narrow(2, s, n))
 
-    def ferry() -> None:  # what BlockTensors does: groups when runs average 2+ blocks, else gather/scatter
-        _copy_blocks(dev, host, 2, src, dst)
-
-    return {"per_block": timed(per_block), "gather_scatter": timed(gather), "block_groups": timed(groups),
-            "ferry": timed(ferry)}
+    return {"per_block": timed(per_block), "gather_scatter": timed(gather), "block_groups": timed(groups)}
 
 
 def measure(num_blocks_list: list[int], runs: int, shapes: list[str]) -> list[dict]:
@@ -77,9 +73,9 @@ def measure(num_blocks_list: list[int], runs: int, shapes: list[str]) -> list[di
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'shape':14} {'blocks':>6} {'layout':11} {'MB':>7} {'per block':>10} {'gather':>10} {'groups':>10} "
-             f"{'ferry':>10} {'vs gather':>9}"]
+             f"{'vs gather':>9}"]
     for r in rows:
         s = {k: 1e3 * v["median"] for k, v in r["seconds"].items()}
         lines.append(f"{r['shape']:14} {r['blocks']:6} {r['layout']:11} {r['mb']:7.1f} {s['per_block']:8.2f}ms "
-                     f"{s['gather_scatter']:8.2f}ms {s['block_groups']:8.2f}ms {s['ferry']:8.2f}ms {r['groups_vs_gather']:8.2f}x")
+                     f"{s['gather_scatter']:8.2f}ms {s['block_groups']:8.2f}ms {r['groups_vs_gather']:8.2f}x")
     return "\n".join(lines)
