@@ -18,6 +18,9 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # head = evict first
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.num_evictions = 0
+        # times each block was handed out: a block whose count has not moved since a request let it go still holds
+        # exactly that request's KV (nobody writes a block it does not hold)
+        self.generation = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
@@ -41,6 +44,7 @@ class BlockPool:
                 self.block_hash[block] = None
                 self.num_evictions += 1
             self.ref_counts[block] = 1
+            self.generation[block] += 1
             out.append(block)
         return out
 

@@ -11,6 +11,10 @@ class SchedulingPolicy:
     """The port every policy implements. order and pick_victim are required; the rest are hooks a policy that
     tracks service (fair) overrides, no-ops here."""
 
+    # swap-in takes back the device blocks a swapped request left if nobody took them (no copy): for a policy that
+    # switches often (fair); FCFS and priority keep their schedule exactly as before (KVCacheManager.swap_in)
+    reuse_swapped_kv = False
+
     def order(self, waiting: Sequence[Request], running: Sequence[Request] = ()) -> list[Request]:
         """Waiting requests in the order they should be admitted (running: those holding slots now)."""
         raise NotImplementedError

@@ -62,6 +62,7 @@ class ServiceWindow:
 
 
 class FairPolicy(SchedulingPolicy):
+    reuse_swapped_kv = True  # a fairness switch is often short: the swapped request's blocks are still there
     def __init__(self, window_steps: int = WINDOW_STEPS, quantum: int = QUANTUM) -> None:
         self.window = ServiceWindow(window_steps)
         self.quantum = quantum

@@ -120,7 +120,7 @@ class Scheduler:
                 break
             if req.swapped_block_ids is not None:
                 num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-                swapped = self.kv.swap_in(req, num_new)
+                swapped = self.kv.swap_in(req, num_new, self.policy.reuse_swapped_kv)
                 if swapped is None:
                     break
                 pairs, table = swapped

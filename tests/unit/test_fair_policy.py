@@ -182,8 +182,8 @@ def test_preempted_request_takes_its_blocks_back_without_a_copy_on_swap_in():
         plan = s.schedule()
         swapped_in += plan.swap_in
         s.update(plan, StepResult({r.req_id: 7 for r in plan.reqs if r.sample}))
-    assert s.kv.num_swap_in_reused == (8 + 11) // 4  # its full blocks were still on the device
-    assert len(swapped_in) == 1  # only the partial last block is copied back
+    assert s.kv.num_swap_in_reused == -(-(8 + 11) // 4)  # its blocks were still on the device, nobody took them
+    assert not swapped_in  # so nothing is copied back
     assert s.kv.all_free and a.num_output_tokens == 30
 
 
@@ -204,6 +204,9 @@ def test_swap_out_gives_contiguous_device_blocks_contiguous_host_blocks():
     r.num_computed_tokens = 16
     from ferry.runner.kv.storage import block_runs
     pairs = kv.swap_out(r)
-    assert len(block_runs(pairs)) == 1
+    assert len(pairs) == 4 and len(block_runs(pairs)) == 1
+    other = req("o", None, 1, 500, n=64)
+    kv.allocate_slots(other, 64)  # takes every block: r's blocks no longer hold its KV
+    kv.free(other)
     pairs, _ = kv.swap_in(r, 1)
-    assert len(block_runs(pairs)) == 1
+    assert len(pairs) == 4 and len(block_runs(pairs)) == 1 and kv.num_swap_in_reused == 0
