@@ -205,7 +205,7 @@ class KVCacheManager:
         host_ids = [host_of[b] if b >= 0 else b if b == HOLE else host_entry(b) for b in table]
         req.swapped_block_ids = host_ids
         self.pool.free(device[::-1])
-        return [(b, h) for b, h in zip(table, host_ids) if b >= 0]
+        return sorted((b, h) for b, h in zip(table, host_ids) if b >= 0)  # by device id: runs are groups
 
     def swap_in(self, req: Request, num_new_tokens: int,
                 reuse: bool = False) -> tuple[list[tuple[int, int]], list[int]] | None:

@@ -193,7 +193,8 @@ def test_host_pool_hands_out_contiguous_ids_and_runs_group_them():
     first = pool.allocate(4)
     pool.free([first[2], first[0], first[3], first[1]])
     assert pool.allocate(6) == list(range(6))
-    assert block_runs([(7, 2), (5, 0), (6, 1), (9, 3), (10, 4), (3, 9)]) == [(3, 9, 1), (5, 0, 3), (9, 3, 2)]
+    assert block_runs([(3, 9), (5, 0), (6, 1), (7, 2), (9, 3), (10, 4)]) == [(3, 9, 1), (5, 0, 3), (9, 3, 2)]
+    assert block_runs([(5, 0), (6, 1), (5, 0)]) == [(5, 0, 2), (5, 0, 1)]  # order kept: a repeated copy stays last
 
 
 def test_swap_out_gives_contiguous_device_blocks_contiguous_host_blocks():

@@ -34,12 +34,13 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def block_runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(source start, destination start, length) of the maximal runs in (source, destination) block pairs where both
-    ids go up by one; every pair lands in exactly one run. Block groups (FastSwitch): a swap copies each run at once
-    instead of block by block. The KV manager makes runs likely: a swap gives ascending device ids ascending host
-    ids, and the host pool hands out its lowest free ids first."""
+    """(source start, destination start, length) of the runs of consecutive (source, destination) block pairs where
+    both ids go up by one; every pair lands in exactly one run, in the order given (a plan may copy to the same
+    block twice, the later copy winning: the order is kept). Block groups (FastSwitch): a swap copies each run at
+    once instead of block by block. The KV manager makes runs likely: a swap lists its pairs by ascending device id
+    with ascending host ids, and the host pool hands out its lowest free ids first."""
     runs: list[tuple[int, int, int]] = []
-    for src, dst in sorted(pairs):
+    for src, dst in pairs:
         if runs:
             s, d, n = runs[-1]
             if src == s + n and dst == d + n:
