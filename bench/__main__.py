@@ -30,6 +30,9 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
                 batch 1 and 16, float32 and bfloat16, Qwen2.5-0.5B and Llama-1B shapes (~15 min; not part of `all`)
     cluster     several instances on Ray: 1 x 2 threads vs 2 x 1 thread, live migration's pause and client gap by
                 sequence length, per-block copy cost, prefill/decode split vs colocated (~15 min; not part of `all`)
+    fairness    one flooding client + light clients against `ferry serve`, fcfs vs fair (recompute, swap): per-client
+                share and TTFT, Jain's index, total throughput; swap copy cost block by block vs block groups
+                (~10 min; not part of `all`)
     all         every scenario at its default size, then the benchmark tables (what `make bench` runs);
                 `all --smoke` runs every smoke version and fills copies of the pages in bench/.cache/smoke/
     report      regenerate the README's summary and the tables in docs/ from bench/results/*.json
@@ -43,7 +46,7 @@ import sys
 SCENARIOS = ("throughput", "decode", "prefill", "serving", "memory")
 OTHER = {"moe-offload": "moe_offload", "long-context": "long_context", "webui": "webui", "soak": "soak",
          "speculative": "speculative", "verify-cost": "verify_cost", "route": "route",
-         "roofline": "roofline", "cluster": "cluster",
+         "roofline": "roofline", "cluster": "cluster", "fairness": "fairness",
          "quantization": "quantization"}  # scenario -> module, run only when asked for
 
 

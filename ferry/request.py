@@ -114,6 +114,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int = 0  # the engine fills it; LENGTH once num_tokens reaches it
     priority: int = 0  # lower is served first by priority policies; FCFS ignores it
+    user: str | None = None  # the client, for the fair policy's shares (the OpenAI request's `user`); None: shared
     seed_offset: int = 0  # child index of an n > 1 request, mixed into its seed
     # progress
     output_token_ids: list[int] = field(default_factory=list)

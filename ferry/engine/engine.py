@@ -80,7 +80,8 @@ class LLMEngine:
         now = time.monotonic() if arrival_time is None else arrival_time
         children = [Request(req_id=request_id if params.n == 1 else f"{request_id}#{i}", prompt_token_ids=ids,
                             params=params, arrival_time=now, eos_token_ids=self.parts.eos_token_ids,
-                            max_model_len=self.max_model_len, priority=priority, seed_offset=i)
+                            max_model_len=self.max_model_len, priority=priority, user=prompt.user,
+                            seed_offset=i)
                     for i in range(params.n)]
         for token in resume.output_token_ids if resume is not None else ():
             children[0].append_output(token)  # recomputed with the prompt, as after a preemption
@@ -157,6 +158,7 @@ class LLMEngine:
             num_kv_blocks_offloaded=self.kv.num_offloaded,
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             num_preemptions=s.num_preemptions, num_prompt_tokens=self.num_prompt_tokens,
+            num_fair_preemptions=s.num_fair_preemptions, client_token_shares=s.policy.shares(),
             num_generation_tokens=self.num_generation_tokens, num_steps=self.num_steps,
             speculative=self._spec_stats(),
             decode_weight_bytes_per_s=self.decode_weight_bytes / self.decode_step_s if self.decode_step_s else 0.0)

@@ -24,7 +24,7 @@ from ferry.request import SamplingParams
 MAX_CHARS_PER_TOKEN = 64
 
 # "text" | [token ids] | {"prompt": text} | {"prompt_token_ids": [...], "prompt"?: text}
-# | {"messages": [{"role", "content"}...], "add_generation_prompt"?: bool}
+# | {"messages": [{"role", "content"}...], "add_generation_prompt"?: bool}; any dict may name its client: "user"?: str
 PromptInput = str | list[int] | dict[str, Any]
 
 
@@ -41,6 +41,7 @@ class ProcessedPrompt:
     prompt: str | None  # the text, when the caller gave text
     prompt_token_ids: list[int]
     params: SamplingParams
+    user: str | None = None  # the client (the fair policy's key; OpenAI's `user`)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class InputProcessor:
         if fit_max_tokens:
             params = replace(params, max_tokens=self.fit_max_tokens(len(ids), room, params.max_tokens))
         self.check_params(params)
-        return ProcessedPrompt(text, ids, params)
+        return ProcessedPrompt(text, ids, params, _user(prompt))
 
     # -- prompts ----------------------------------------------------------------------------------
 
@@ -195,3 +196,11 @@ def sampling_params(explicit: dict[str, Any], defaults: dict[str, Any] | None = 
     kw = {k: v for k, v in (defaults or {}).items() if k in SAMPLING_KEYS}
     kw.update({k: v for k, v in explicit.items() if not (k in SAMPLING_KEYS and v is None)})
     return SamplingParams(**kw)
+
+
+def _user(prompt: PromptInput) -> str | None:
+    """The client a prompt dict names under "user" (the fair scheduling policy's key), None when it names none."""
+    user = prompt.get("user") if isinstance(prompt, dict) else None
+    if user is not None and not isinstance(user, str):
+        raise InvalidRequest(f"a prompt's 'user' must be a string (the client's name), got {type(user).__name__}")
+    return user

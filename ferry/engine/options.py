@@ -128,7 +128,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "512, 4096 with --kv-policy lazy (it ranks a chunk's tokens by the chunk's last ones)"),
     Option("max_num_seqs", 64, int, "most requests running at once"),
     Option("max_waiting", 1024, int, "most requests queued; more are refused as overloaded"),
-    Option("scheduling_policy", "fcfs", str, "order of admission and preemption", ("fcfs", "priority")),
+    Option("scheduling_policy", "fcfs", str, "order of admission and preemption (fair: equal shares of tokens per client, "
+           "the request's `user`, over a sliding window; over-served clients are preempted)", ("fcfs", "priority", "fair")),
     Option("preemption_mode", "recompute", str, "what happens to the KV of a preempted request", ("recompute", "swap")),
     Option("kv_policy", "full", str, "what the KV cache keeps and a query reads: "
            + ", ".join(cls.summary for cls in KV_POLICIES.values()), tuple(KV_POLICIES)),

@@ -57,6 +57,8 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of which found
     num_preemptions: int = 0  # cumulative
+    num_fair_preemptions: int = 0  # cumulative, of which to give a waiting client its share (--scheduling-policy fair)
+    client_token_shares: dict[str, float] | None = None  # fair: share of the window's tokens per client (top 8 + other)
     num_prompt_tokens: int = 0  # cumulative, of finished and running requests
     num_generation_tokens: int = 0  # cumulative
     num_steps: int = 0

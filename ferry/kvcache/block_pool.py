@@ -18,6 +18,9 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # head = evict first
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.num_evictions = 0
+        # times each block was handed out: a block whose count has not moved since a request let it go still holds
+        # exactly that request's KV (nobody writes a block it does not hold)
+        self.generation = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
@@ -41,6 +44,7 @@ class BlockPool:
                 self.block_hash[block] = None
                 self.num_evictions += 1
             self.ref_counts[block] = 1
+            self.generation[block] += 1
             out.append(block)
         return out
 
@@ -71,11 +75,13 @@ class BlockPool:
 
 
 class HostBlockPool:
-    """Host-memory blocks that hold swapped-out KV. No sharing, no caching."""
+    """Host-memory blocks that hold swapped-out KV. No sharing, no caching. Hands out its lowest free ids first, in
+    ascending order, so a swap's blocks tend to be one contiguous group (ferry/runner/kv/storage.py block_runs)."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.free_ids = list(range(num_blocks - 1, -1, -1))
+        self.free_ids = list(range(num_blocks - 1, -1, -1))  # descending: pop() gives the lowest
+        self._sorted = True
 
     @property
     def num_free(self) -> int:
@@ -84,7 +90,12 @@ class HostBlockPool:
     def allocate(self, n: int) -> list[int]:
         if n > len(self.free_ids):
             raise RuntimeError(f"asked for {n} host blocks with {len(self.free_ids)} free")
+        if not self._sorted:  # frees arrive in runs: timsort merges them in near-linear time
+            self.free_ids.sort(reverse=True)
+            self._sorted = True
         return [self.free_ids.pop() for _ in range(n)]
 
     def free(self, blocks: list[int]) -> None:
-        self.free_ids.extend(blocks)
+        if blocks:
+            self.free_ids.extend(blocks)
+            self._sorted = False

@@ -32,6 +32,8 @@ class KVCacheManager:
         # block: the runner does swap_out first)
         self.pending_offloads: list[tuple[int, int]] = []
         self.num_offloaded = 0  # cumulative blocks moved to the slow tier
+        self.swapped_blocks: dict[str, list[tuple[int, int]]] = {}  # a swapped request's (device block, generation)
+        self.num_swap_in_reused = 0  # cumulative blocks a swap-in took back from the device instead of copying
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -208,37 +210,64 @@ class KVCacheManager:
 
     def swap_out(self, req: Request) -> list[tuple[int, int]]:
         """Move req's device blocks to host blocks (blocks already there stay): returns (device, host) copies to
-        do before the device blocks are reused."""
+        do before the device blocks are reused. Ascending device ids get ascending host ids, so contiguous device
+        blocks copy as one group. The device blocks that nobody takes before the swap-in can be taken back instead
+        of copied (swap_in with reuse): their (block, generation) is kept to know."""
         table = self.block_tables.pop(req.req_id, [])
         self.hashes.pop(req.req_id, None)
+        if not self.policy.uses_host_tier:
+            self.swapped_blocks[req.req_id] = [(b, self.pool.generation[b] if b >= 0 else 0) for b in table]
         device = [b for b in table if b >= 0]
-        fresh = iter(self.host.allocate(len(device)))
-        host_ids = [next(fresh) if b >= 0 else b if b == HOLE else host_entry(b) for b in table]
+        host_of = dict(zip(sorted(device), self.host.allocate(len(device))))
+        host_ids = [host_of[b] if b >= 0 else b if b == HOLE else host_entry(b) for b in table]
         req.swapped_block_ids = host_ids
         self.pool.free(device[::-1])
-        return [(b, h) for b, h in zip(table, host_ids) if b >= 0]
+        return sorted((b, h) for b, h in zip(table, host_ids) if b >= 0)  # by device id: runs are groups
 
-    def swap_in(self, req: Request, num_new_tokens: int) -> tuple[list[tuple[int, int]], list[int]] | None:
-        """Fresh device blocks for a swapped-out request plus room for num_new_tokens more:
-        ((host, device) copies, block table), or None if they don't fit. Blocks the policy calls cold stay in
-        their host blocks."""
+    def swap_in(self, req: Request, num_new_tokens: int,
+                reuse: bool = False) -> tuple[list[tuple[int, int]], list[int]] | None:
+        """Device blocks for a swapped-out request plus room for num_new_tokens more: ((host, device) copies,
+        block table), or None if they don't fit. Blocks the policy calls cold stay in their host blocks. With reuse,
+        device blocks the request left that nobody was given since are taken back without a copy (FastSwitch's
+        reuse: a short preemption costs no copy in; its own blocks only, so the KV is bit for bit the one it swapped
+        out, never a prefix-cache twin computed in another batch). Fresh device blocks go to host blocks in
+        ascending order of both, so contiguous runs copy as one group. reuse is the fair policy's
+        (SchedulingPolicy.reuse_swapped_kv): it changes which blocks stay free, so the schedule, and in bfloat16
+        (prefill is not invariant to chunk boundaries, tests/engine/test_speculative_matrix.py) a near-tie token can
+        differ from the one FCFS's schedule gives."""
         host_ids = req.swapped_block_ids or []
         want = max(len(host_ids), self.num_blocks_for(req.num_computed_tokens + num_new_tokens))
         keep = set(self._cold_blocks(req, len(host_ids))) if self.policy.uses_host_tier else set()
         keep |= {i for i, h in enumerate(host_ids) if h == HOLE}
-        if want - len(keep) > self.pool.num_free:
+        resident = self._resident(self.swapped_blocks.get(req.req_id, []), keep) if reuse else {}
+        reclaimed = sum(1 for b in resident.values() if self.pool.ref_counts[b] == 0)
+        num_fresh = want - len(keep) - len(resident)
+        if num_fresh + reclaimed > self.pool.num_free:
             return None
-        fresh = iter(self.pool.allocate(want - len(keep)))
-        table = [(HOLE if host_ids[i] == HOLE else host_entry(host_ids[i])) if i in keep else next(fresh)
+        self.pool.touch(list(resident.values()))
+        fresh = sorted(self.pool.allocate(num_fresh))
+        copied = sorted((i for i in range(len(host_ids)) if i not in keep and i not in resident),
+                        key=lambda i: host_ids[i])
+        device_of = dict(zip(copied + list(range(len(host_ids), want)), fresh))
+        device_of.update(resident)
+        table = [device_of[i] if i not in keep else HOLE if host_ids[i] == HOLE else host_entry(host_ids[i])
                  for i in range(want)]
         self.block_tables[req.req_id] = table
         self.max_blocks_used = max(self.max_blocks_used, self.pool.num_used)
-        pairs = [(h, b) for h, b in zip(host_ids, table) if b >= 0]
-        self.host.free([h for h, b in zip(host_ids, table) if b >= 0])
+        self.host.free([host_ids[i] for i in range(len(host_ids)) if i not in keep])
+        self.num_swap_in_reused += len(resident)
+        self.swapped_blocks.pop(req.req_id, None)
         req.swapped_block_ids = None
-        return pairs, table
+        return [(host_ids[i], device_of[i]) for i in copied], table
+
+    def _resident(self, left: list[tuple[int, int]], keep: set[int]) -> dict[int, int]:
+        """{table index: device block} of the blocks a swapped-out request left (block, generation) that were not
+        handed out since (the pool's generation count unchanged): they still hold its KV."""
+        return {i: b for i, (b, gen) in enumerate(left)
+                if b >= 0 and i not in keep and self.pool.generation[b] == gen}
 
     def drop_swapped(self, req: Request) -> None:
+        self.swapped_blocks.pop(req.req_id, None)
         if req.swapped_block_ids:
             self.host.free([h for h in req.swapped_block_ids if h != HOLE])
             req.swapped_block_ids = None

@@ -12,7 +12,7 @@ from ferry.config import SchedulerConfig
 from ferry.kvcache.manager import KVCacheManager
 from ferry.plan import ScheduledReq, StepPlan, StepResult
 from ferry.request import FinishReason, Request, RequestStatus
-from ferry.scheduler.policies import SchedulingPolicy
+from ferry.scheduler.base import SchedulingPolicy
 from ferry.speculative import Speculator
 
 
@@ -29,6 +29,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: list[str] = []  # since the last plan, for the runner to drop state
         self.num_preemptions = 0
+        self.num_fair_preemptions = 0  # of which to give a waiting client its share (the policy's displace)
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -55,6 +56,7 @@ class Scheduler:
         req.finish_reason = reason
         self.kv.free(req)
         self.kv.drop_swapped(req)
+        self.policy.release(req)
         self._finished_ids.append(req.req_id)
         if self.speculator is not None:
             self.speculator.release(req.req_id)
@@ -99,6 +101,7 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         scheduled: set[str] = set()
         preempted = False
+        self._rebalance(plan)
 
         for req in list(self.running):
             if budget == 0:
@@ -126,13 +129,28 @@ class Scheduler:
         plan.swap_out.extend(self.kv.take_offloads())  # prefix hits that went cold on admission
         return plan
 
+    def _rebalance(self, plan: StepPlan) -> None:
+        """Preempt the running requests the policy names (fair: over-served clients') while the waiting request it
+        names cannot start: no free running slot, or fewer free KV blocks than its tokens need (ignoring prefix hits:
+        at worst one switch comes early). At most one preemption per running request."""
+        for _ in range(len(self.running)):
+            named = self.policy.displace(self.running, self.waiting)
+            if named is None:
+                return
+            req, victim = named
+            if len(self.running) < self.cfg.max_num_seqs and \
+                    self.kv.pool.num_free >= self.kv.num_blocks_for(req.num_tokens):
+                return
+            self._preempt(victim, plan)
+            self.num_fair_preemptions += 1
+
     def _admit(self, plan: StepPlan, budget: int) -> None:
-        for req in self.policy.order(self.waiting):
+        for req in self.policy.order(self.waiting, self.running):
             if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
                 break
             if req.swapped_block_ids is not None:
                 num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-                swapped = self.kv.swap_in(req, num_new)
+                swapped = self.kv.swap_in(req, num_new, self.policy.reuse_swapped_kv)
                 if swapped is None:
                     break
                 pairs, table = swapped
@@ -242,9 +260,10 @@ class Scheduler:
             else:
                 req.num_computed_tokens = s.start_pos + len(s.token_ids)
                 self.kv.commit_step(req, s)
-                if not s.sample:
-                    continue
-                new = [result.sampled_token_ids[s.req_id]]
+                new = [result.sampled_token_ids[s.req_id]] if s.sample else []
+            self.policy.charge(req)
+            if not new:
+                continue
             for token in new:
                 req.append_output(token)
                 reason = self._stop_reason(req)
@@ -256,6 +275,7 @@ class Scheduler:
             if self.speculator is not None and not req.finished:
                 self.speculator.observe(req, len(new))
             progressed.append(req)
+        self.policy.end_step()
         return progressed
 
     def _verified(self, req: Request, s: ScheduledReq, num_accepted: int) -> None:

@@ -61,6 +61,8 @@ class EngineCollector(Collector):
         yield counter("ferry_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
         yield counter("ferry_prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
         yield counter("ferry_num_preemptions", "Requests preempted (KV recomputed or swapped).", s.num_preemptions)
+        if s.client_token_shares is not None:
+            yield from _fair_metrics(s, names, values, counter)
         yield counter("ferry_prompt_tokens", "Prompt tokens admitted.", s.num_prompt_tokens)
         yield counter("ferry_generation_tokens", "Tokens generated.", s.num_generation_tokens)
         yield counter("ferry_engine_steps", "Engine steps run.", s.num_steps)
@@ -116,6 +118,18 @@ def _instance_metrics(loads: list, names: list[str], values: list[str]) -> Itera
         for family, v in zip(families, (float(load.alive), load.in_flight, load.restarts)):
             family.add_metric(values + [str(load.index)], v)
     yield from families
+
+
+def _fair_metrics(s: EngineStats, names: list[str], values: list[str], counter: Callable) -> Iterator[Metric]:
+    """--scheduling-policy fair: each client's share of the tokens served over the window (the 8 most-served clients
+    by `user`, "-" for none, the rest summed as "other": the label set stays bounded whatever clients send)."""
+    yield counter("ferry_num_fair_preemptions", "Requests preempted to give a waiting client its share.",
+                  s.num_fair_preemptions)
+    family = GaugeMetricFamily("ferry_client_token_share", "Share of the tokens served over the fairness window, by "
+                               "client (request `user`).", labels=names + ["client"])
+    for client, share in s.client_token_shares.items():
+        family.add_metric(values + [client], share)
+    yield family
 
 
 def _speculative_metrics(spec: dict, gauge: Callable, counter: Callable) -> Iterator[Metric]:

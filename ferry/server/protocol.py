@@ -76,7 +76,7 @@ class _Sampling(_Body):
     include_stop_str_in_output: StrictBool = False
     priority: StrictInt = Field(0, ge=-(1 << 31), le=(1 << 31) - 1)  # lower first, with --scheduling-policy priority
     kv_budget: float | None = None  # ferry's: this request's --kv-budget (spans, shadow, layer-budget)
-    user: Text | None = None  # accepted and ignored
+    user: Text | None = None  # the client: --scheduling-policy fair shares tokens between clients
     logit_bias: dict[str, float] | None = None  # refused when non-empty
     best_of: StrictInt | None = Field(None, ge=1, le=MAX_N)  # only best_of == n is accepted
 

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable
 
 from starlette.responses import JSONResponse, Response
@@ -109,6 +109,7 @@ class Serving:
     async def _serve(self, kind: str, body: CompletionRequest | ChatCompletionRequest, prompts: list["ProcessedPrompt"],
                      receive: Receive) -> Response:
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        prompts = [replace(p, user=body.user) for p in prompts]  # the client, for --scheduling-policy fair
         streams = [self.engine.generate(p, None, f"{response_id}-{i}", priority=body.priority)
                    for i, p in enumerate(prompts)]
         call = Call(kind, response_id, body, [p.prompt_token_ids for p in prompts], merge_outputs(streams),

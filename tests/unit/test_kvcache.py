@@ -64,6 +64,9 @@ def test_swap_out_and_in_roundtrip():
     a.num_computed_tokens = 7
     pairs = kv.swap_out(a)
     assert [d for d, _ in pairs] == table and kv.pool.num_free == 4 and kv.host.num_free == 2
+    b = req("b", list(range(100, 116)))
+    kv.allocate_slots(b, 16)  # b takes every block (a's no longer hold its KV: swap-in must copy)
+    kv.free(b)
     back, new_table = kv.swap_in(a, 1)
     assert [h for h, _ in back] == [h for _, h in pairs] and len(new_table) == 2
     assert kv.host.num_free == 4

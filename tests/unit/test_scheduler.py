@@ -94,7 +94,8 @@ def test_preemption_swap_keeps_computed_tokens():
         plan, _ = step(s)
         swapped_out += len(plan.swap_out)
         swapped_in += len(plan.swap_in)
-    assert swapped_out > 0 and swapped_in == swapped_out
+    # every block swapped out comes back: copied in, or taken back from the device where it still sat
+    assert swapped_out > 0 and swapped_in + s.kv.num_swap_in_reused == swapped_out
     assert a.num_output_tokens == b.num_output_tokens == 8
     assert s.kv.all_free
 

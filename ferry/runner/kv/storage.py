@@ -33,6 +33,32 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def block_runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(source start, destination start, length) of the runs of consecutive (source, destination) block pairs where
+    both ids go up by one; every pair lands in exactly one run, in the order given (a plan may copy to the same
+    block twice, the later copy winning: the order is kept). Block groups (FastSwitch): a swap copies each run at
+    once instead of block by block. The KV manager makes runs likely: a swap lists its pairs by ascending device id
+    with ascending host ids, and the host pool hands out its lowest free ids first."""
+    runs: list[tuple[int, int, int]] = []
+    for src, dst in pairs:
+        if runs:
+            s, d, n = runs[-1]
+            if src == s + n and dst == d + n:
+                runs[-1] = (s, d, n + 1)
+                continue
+        runs.append((src, dst, 1))
+    return runs
+
+
+def _copy_blocks(src: torch.Tensor, dst: torch.Tensor, dim: int, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """dst's blocks dst_ids [n] (along dim) = src's blocks src_ids [n], one copy per run of contiguous blocks (block
+    groups), no temporary. Measured (bench/swap_copy.py, noisy shared machine): 12-35x faster than the gather + scatter
+    (index_select / index_copy_) it replaces for contiguous blocks, and no worse than it for scattered blocks at 256
+    blocks (runs of one: a copy per block, which beat the gather's temporary there)."""
+    for s, d, n in block_runs(list(zip(src_ids.tolist(), dst_ids.tolist()))):
+        dst.narrow(dim, d, n).copy_(src.narrow(dim, s, n).to(dst.device))
+
+
 class BlockTensors:
     """device[name]: lead + (N,) + per_block, per device block; host[name] / fast[name]: lead + (Nh,) + per_block,
     per host block, in host memory (the slow tier) or beside the device blocks (an index over host blocks)."""
@@ -74,11 +100,11 @@ class BlockTensors:
     def swap_out(self, dev: torch.Tensor, host: torch.Tensor) -> None:
         """Copy device blocks dev [n] to host blocks host [n] (every declared tensor with a counterpart)."""
         for dim, d, h in self._counterparts():
-            h.index_copy_(dim, host.to(h.device), d.index_select(dim, dev.to(d.device)).to(h.device))
+            _copy_blocks(d, h, dim, dev, host)
 
     def swap_in(self, host: torch.Tensor, dev: torch.Tensor) -> None:
         for dim, d, h in self._counterparts():
-            d.index_copy_(dim, dev.to(d.device), h.index_select(dim, host.to(h.device)).to(d.device))
+            _copy_blocks(h, d, dim, host, dev)
 
     def export_blocks(self, block_ids: list[int]) -> dict[str, torch.Tensor]:
         """The device blocks block_ids (a request's, in table order) as plain CPU tensors, one per declared device
