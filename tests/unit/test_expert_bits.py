@@ -176,6 +176,9 @@ class DequantizedLinear(QuantLinear):
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
         return out.copy_(self.w)
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.w[ids].to(dtype)
+
 
 def test_a_mixed_store_decodes_as_dequantize_then_run(tmp_ckpt_dir):
     """A store of int4 (one scale per row, per 32 inputs), int8 and dense experts, offloaded through a small cache,
