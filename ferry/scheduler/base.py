@@ -2,12 +2,13 @@
 which running request makes room for a waiting one. A policy only orders and picks; the scheduler does the work."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Sequence
 
 from ferry.request import Request
 
 
-class SchedulingPolicy:
+class SchedulingPolicy(ABC):
     """The port every policy implements. order and pick_victim are required; the rest are hooks a policy that
     tracks service (fair) overrides, no-ops here."""
 
@@ -15,13 +16,13 @@ class SchedulingPolicy:
     # switches often (fair); FCFS and priority keep their schedule exactly as before (KVCacheManager.swap_in)
     reuse_swapped_kv = False
 
+    @abstractmethod
     def order(self, waiting: Sequence[Request], running: Sequence[Request] = ()) -> list[Request]:
         """Waiting requests in the order they should be admitted (running: those holding slots now)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pick_victim(self, candidates: Sequence[Request]) -> Request:
         """The running request to preempt when KV blocks run out."""
-        raise NotImplementedError
 
     def displace(self, running: Sequence[Request], waiting: Sequence[Request]) -> tuple[Request, Request] | None:
         """(waiting request, running victim): preempt the victim if the waiting one cannot start otherwise.
