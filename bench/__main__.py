@@ -20,7 +20,7 @@ Scenarios (each writes bench/results/<scenario>.{json,png}; `--smoke` runs a tin
                 outcomes and anomalies (~5-10 min; not part of `all`)
     speculative speculative decoding on ferry-tiny (+ ferry-tiny-draft): tok/s with and without ngram, phrase and
                 draft, and llama.cpp's own draft/n-gram speculation, at concurrency 1, 4, 16: acceptance, output
-                equivalence (~20 min; not part of `all`)
+                equivalence; ferry-tiny-moe with its experts on disk (~5 min; not part of `all`)
     route       R2R token routing (--speculative-method route, lossy) on ferry-tiny + ferry-tiny-draft: per router
                 threshold the share of tokens the large model makes, greedy agreement / perplexity under it,
                 retrieval, and tok/s against plain large-model decoding; calibrates the router first (~15 min)

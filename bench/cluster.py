@@ -6,11 +6,18 @@ Questions:
    (ClusterLLM): output tok/s, TTFT and TPOT p50/p99 under Poisson arrivals with heavy-tailed (Pareto) prompt and
    output lengths, as Llumnix's traces.
 2. migration: a request moved in the middle of its decoding, by sequence length: the stop-and-copy pause (the
-   request stopped on the source until it runs on the destination), the client-visible gap (the inter-token gap
+   request stopped on the source until it runs on the destination), the downtime (until its first token from the
+   destination, also in decode steps: over its median inter-token gap), the client-visible gap (the inter-token gap
    around the move against the request's median gap), and the KV bytes and copy time per block (export + import
    in one process: the floor a network transfer adds to).
 3. split (Splitwise): prefill:1,decode:1 against 2 colocated instances at the same arrival rate: inter-token
    latency p50/p99 (the split keeps prompts off the decoding instance) and TTFT.
+4. front end: what Ray and the front end add, ClusterLLM with one instance x 2 threads against AsyncLLM x 2 threads
+   (no Ray), interleaved rounds of the same trace: TTFT p50 difference and throughput ratio; and the memory of the
+   local Ray the front end starts (proportional set size of its processes, before any instance).
+5. imbalance: a burst that the front end's dispatch (fewest requests in flight) splits badly, long outputs on one
+   instance and short ones on the other, then Poisson arrivals; two instances with --migration-policy off against
+   balance: TTFT and TPOT p50/p99, throughput, migrations.
 
 Method: in-process front ends (ClusterLLM as the server runs it, AsyncLLM for one instance); requests are random
 token ids (no prefix-cache help), temperature 0 with end-of-sequence disabled, so each produces its drawn length.
@@ -30,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import new_record, result_path
+from bench.common import measured_on, new_record, result_path
 
 from ferry import SamplingParams  # noqa: E402
 
@@ -49,12 +56,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--output-len", type=int, nargs=2, default=(8, 256), help="Pareto-distributed in [lo, hi]")
     ap.add_argument("--migration-lens", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096],
                     help="prompt tokens of the migrated requests")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the front-end comparison")
+    ap.add_argument("--burst", type=int, default=16, help="requests of the imbalanced trace's burst (half long)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a small run (a few minutes), bench/.cache/smoke/")
     args = ap.parse_args(argv)
     if args.smoke:
         args.num_requests, args.rate, args.input_len, args.output_len = 8, 8.0, (8, 64), (8, 32)
-        args.migration_lens, args.kv_cache_memory = [32, 96], "16M"
+        args.migration_lens, args.kv_cache_memory, args.rounds, args.burst = [32, 96], "16M", 1, 4
     return args
 
 
@@ -86,6 +95,15 @@ async def _one(llm, rid: str, arrival: float, prompt: list[int], max_tokens: int
             "end": times[-1]}
 
 
+def imbalanced(args: argparse.Namespace) -> list[tuple[float, list[int], int]]:
+    """A burst of args.burst requests at once, long and short outputs alternating (dispatch by requests in flight
+    sends every long one to the first instance, every short one to the second), then the Poisson trace after it."""
+    rng, hi = random.Random(args.seed + 1), args.output_len[1]
+    burst = [(0.001 * i, [rng.randrange(10, 500) for _ in range(64)], hi if i % 2 == 0 else 8)
+             for i in range(args.burst)]
+    return burst + [(1.0 + a, p, m) for a, p, m in workload(args)]
+
+
 def _pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
@@ -109,7 +127,8 @@ async def migration_gaps(cluster, lens: list[int], seed: int) -> list[dict]:
         prompt = [rng.randrange(10, 500) for _ in range(n)]
         params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
         times, task, moved_at = [], None, None
-        pause0, blocks0 = cluster._migrations.pause.total, cluster._migrations.num_blocks
+        m = cluster._migrations
+        pause0, down0, blocks0 = m.pause.total, m.downtime.total, m.num_blocks
         async for out in cluster.generate({"prompt_token_ids": prompt}, params, f"move-{n}"):
             times.append(time.perf_counter())
             if task is None and len(out.outputs[0].token_ids) >= 8:
@@ -117,10 +136,25 @@ async def migration_gaps(cluster, lens: list[int], seed: int) -> list[dict]:
         outcome = await task
         gaps = [b - a for a, b in zip(times, times[1:])]
         around = gaps[moved_at - 1:moved_at + 3]  # the gap the client sees while the stages and the stop run
-        rows.append({"prompt_tokens": n, "outcome": outcome, "pause_ms": 1e3 * (cluster._migrations.pause.total - pause0),
-                     "blocks": cluster._migrations.num_blocks - blocks0, "median_gap_ms": 1e3 * statistics.median(gaps),
+        step = statistics.median(gaps)  # the request's decode step, as its client sees it
+        rows.append({"prompt_tokens": n, "outcome": outcome, "pause_ms": 1e3 * (m.pause.total - pause0),
+                     "downtime_ms": 1e3 * (m.downtime.total - down0), "downtime_steps": (m.downtime.total - down0) / step,
+                     "blocks": m.num_blocks - blocks0, "median_gap_ms": 1e3 * step,
                      "max_gap_around_move_ms": 1e3 * max(around) if around else float("nan")})
     return rows
+
+
+async def front_end_cost(one, cluster, trace: list, rounds: int) -> dict:
+    """Interleaved rounds of the same trace on AsyncLLM (no Ray) and a one-instance ClusterLLM (same threads)."""
+    runs: dict[str, list[dict]] = {"no_ray": [], "ray_1_instance": []}
+    for r in range(rounds):
+        order = [("no_ray", one), ("ray_1_instance", cluster)]
+        for name, llm in order[r % 2:] + order[:r % 2]:
+            runs[name].append(await serve_trace(llm, trace, f"{name}-{r}"))
+    med = {k: {m: statistics.median(run[m] for run in v) for m in v[0]} for k, v in runs.items()}
+    return {**med, "rounds": runs,
+            "ttft_p50_added_ms": 1e3 * (med["ray_1_instance"]["ttft_p50_s"] - med["no_ray"]["ttft_p50_s"]),
+            "throughput_ratio": med["ray_1_instance"]["output_tok_s"] / med["no_ray"]["output_tok_s"]}
 
 
 def copy_cost(args: argparse.Namespace) -> dict:
@@ -154,9 +188,23 @@ def main(argv: list[str] | None = None) -> None:
                                    "and buy on one machine?", args)
     opts = {"dtype": args.dtype, "kv_cache_memory": args.kv_cache_memory, "threads": 1}
     trace = workload(args)
-    one = AsyncLLM.from_options(args.model, **{**opts, "threads": 2})
-    record["one_instance_2_threads"] = asyncio.run(serve_trace(one, trace, "one"))
-    asyncio.run(one.shutdown())
+
+    async def front_end() -> dict:
+        one = AsyncLLM.from_options(args.model, **{**opts, "threads": 2})
+        c1 = ClusterLLM(args.model, 1, {**opts, "threads": 2})
+        record["ray_memory_bytes"] = c1.ray_memory_bytes
+        try:
+            return await front_end_cost(one, c1, trace, args.rounds)
+        finally:
+            await one.shutdown()
+            await c1.shutdown(drain=False, timeout=60)
+    record["front_end"] = asyncio.run(front_end())
+    record["one_instance_2_threads"] = record["front_end"]["no_ray"]
+    for policy in ("off", "balance"):
+        c2 = ClusterLLM(args.model, 2, opts, migration_policy=policy)
+        record[f"imbalanced_{policy}"] = asyncio.run(serve_trace(c2, imbalanced(args), f"imb-{policy}"))
+        record[f"imbalanced_{policy}"]["migrations"] = dict(c2._migrations.outcomes)
+        asyncio.run(c2.shutdown(drain=False, timeout=60))
     two = ClusterLLM(args.model, 2, opts)
     record["two_instances_1_thread"] = asyncio.run(serve_trace(two, trace, "two"))
     record["migrations"] = asyncio.run(migration_gaps(two, args.migration_lens, args.seed))
@@ -179,22 +227,70 @@ def report(record: dict) -> str:
         r = record[key]
         lines.append(f"| {key} | {r['output_tok_s']:.1f} | {r['ttft_p50_s']:.3f}/{r['ttft_p99_s']:.3f} | "
                      f"{r['tpot_p50_s']:.4f}/{r['tpot_p99_s']:.4f} | {r['itl_p50_s']:.4f}/{r['itl_p99_s']:.4f} |")
-    lines += ["", "| prompt tokens | outcome | blocks | pause ms | median gap ms | max gap around the move ms |",
-              "|---|---|---|---|---|---|"]
+    f = record["front_end"]
+    lines.append(f"\nfront end (Ray, 1 instance x 2 threads vs no Ray, median of {len(f['rounds']['no_ray'])} "
+                 f"interleaved rounds): TTFT p50 +{f['ttft_p50_added_ms']:.1f} ms, throughput "
+                 f"{f['throughput_ratio']:.3f}x; local Ray's processes {record['ray_memory_bytes'] / 2**20:.0f} MiB")
+    lines += ["", "| imbalanced trace, 2 instances | output tok/s | TTFT p50/p99 s | TPOT p50/p99 s | migrations |",
+              "|---|---|---|---|---|"]
+    for policy in ("off", "balance"):
+        r = record[f"imbalanced_{policy}"]
+        lines.append(f"| --migration-policy {policy} | {r['output_tok_s']:.1f} | {r['ttft_p50_s']:.3f}/"
+                     f"{r['ttft_p99_s']:.3f} | {r['tpot_p50_s']:.4f}/{r['tpot_p99_s']:.4f} | "
+                     f"{r['migrations'].get('migrated', 0)} |")
+    lines += ["", "| prompt tokens | outcome | blocks | pause ms | downtime ms | downtime in decode steps | "
+                  "median gap ms | max gap around the move ms |", "|---|---|---|---|---|---|---|---|"]
     for m in record["migrations"]:
         lines.append(f"| {m['prompt_tokens']} | {m['outcome']} | {m['blocks']} | {m['pause_ms']:.1f} | "
-                     f"{m['median_gap_ms']:.1f} | {m['max_gap_around_move_ms']:.1f} |")
+                     f"{m['downtime_ms']:.1f} | {m['downtime_steps']:.1f} | {m['median_gap_ms']:.1f} | "
+                     f"{m['max_gap_around_move_ms']:.1f} |")
     c = record["copy_cost"]
     lines.append(f"\nKV block: {c['bytes_per_block'] / 1024:.1f} KiB, export {c['export_us_per_block']:.0f} us + "
                  f"import {c['import_us_per_block']:.0f} us per block (one process)")
     return "\n".join(lines)
 
 
+LINKS_GBIT = (1, 10, 25)  # network links the multi-host table prices a KV block on
+QWEN_05B_BLOCK = 24 * 2 * 16 * 2 * 64 * 2  # Qwen2.5-0.5B's KV block: layers, K/V, tokens, KV heads, head dim, bf16
+
+
+def network_table(copy: dict) -> str:
+    """What moving KV between hosts would cost, from the measured per-block copy cost (export + import, scaled
+    by bytes) plus the bytes on the wire: per block, for a 4K-token request's staged copy, and for its
+    stop-and-copy (the last block only), for ferry-tiny's block and Qwen2.5-0.5B's."""
+    us_per_byte = (copy["export_us_per_block"] + copy["import_us_per_block"]) / copy["bytes_per_block"]
+    lines = ["| KV block | link | per block ms | 4K tokens staged (256 blocks) ms | stop-and-copy (1 block) ms |",
+             "|---|---|---|---|---|"]
+    for name, nbytes in (("ferry-tiny f32, " + f"{copy['bytes_per_block'] / 1024:.0f} KiB", copy["bytes_per_block"]),
+                         (f"Qwen2.5-0.5B bf16, {QWEN_05B_BLOCK / 1024:.0f} KiB", QWEN_05B_BLOCK)):
+        for gbit in LINKS_GBIT:
+            ms = 1e-3 * us_per_byte * nbytes + 1e3 * nbytes * 8 / (gbit * 1e9)
+            lines.append(f"| {name} | {gbit} Gbit/s | {ms:.3f} | {256 * ms:.0f} | {ms:.2f} |")
+    return "\n".join(lines)
+
+
+def section(record: dict) -> str:
+    """docs/cluster.md's block: report()'s tables under the run they come from."""
+    from bench.report import command
+    cfg = record["config"]
+    return ("### Several instances on Ray\n\n"
+            f"{measured_on(record)}; {Path(cfg['model']).name} at {cfg['dtype']}, {cfg['num_requests']} requests, "
+            f"Poisson arrivals at {cfg['rate']:g}/s, prompts {cfg['input_len'][0]}–{cfg['input_len'][1]} and outputs "
+            f"{cfg['output_len'][0]}–{cfg['output_len'][1]} tokens (Pareto), greedy. Pause: from the source's stop to "
+            "the request running on the destination; downtime: from the source's stop to the first token from the "
+            "destination (Llumnix's measure), also over the request's median inter-token gap (its decode step); "
+            "client gap: the largest inter-token gap the client saw around the move.\n\n" + report(record)
+            + "\n\nOn several hosts (`--ray-address`), a block also crosses the network. Priced from the copy cost "
+              "measured above (scaled by bytes) plus the bytes on the wire:\n\n" + network_table(record["copy_cost"])
+            + f"\n\nReproduce: `{command(record)}` (results in `bench/results/cluster.json`)."
+              "\n\n![](bench/results/cluster.png)")
+
+
 def plot(record: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
     keys = ("one_instance_2_threads", "two_instances_1_thread", "split_prefill_1_decode_1")
     labels = ("1 x 2 threads", "2 x 1 thread", "prefill:1,decode:1")
     for i, (name, q) in enumerate((("itl_p50_s", "ITL p50"), ("itl_p99_s", "ITL p99"))):
@@ -209,6 +305,13 @@ def plot(record: dict, path: Path) -> None:
     b.set_xlabel("prompt tokens of the migrated request")
     b.set_ylabel("ms")
     b.legend(fontsize=8)
+    for i, policy in enumerate(("off", "balance")):
+        r = record[f"imbalanced_{policy}"]
+        c.bar([x + 0.4 * i for x in range(2)], [r["ttft_p99_s"], r["tpot_p99_s"] * 100], 0.4,
+              label=f"--migration-policy {policy}")
+    c.set_xticks([0.2, 1.2], ["TTFT p99, s", "TPOT p99, s x 100"], fontsize=8)
+    c.set_title("imbalanced trace, 2 instances", fontsize=9)
+    c.legend(fontsize=8)
     fig.suptitle(f"cluster: {Path(record['config']['model']).name}, {record['config']['dtype']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(str(path), dpi=120)

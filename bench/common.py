@@ -155,3 +155,10 @@ def plot_cases(record: dict, path: Path, ylabel: str, log: bool = False) -> None
     fig.tight_layout()
     fig.savefig(str(path), dpi=120)
     plt.close(fig)
+
+
+def measured_on(record: dict) -> str:
+    """'Measured on <CPU> (<ISA in force>), <cores> cores, commit `<sha>`': the run a docs table comes from."""
+    m = record["machine"]
+    return (f"Measured on {m.get('cpu', '?')} ({m.get('isa_in_force', m.get('isa', '?'))}), {m.get('cores', '?')} "
+            f"cores, commit `{m.get('git', '?')}`")

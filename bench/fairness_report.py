@@ -23,6 +23,36 @@ def print_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def section(record: dict) -> str:
+    """docs/cluster.md's block: a row per (configuration, client), each configuration's Jain's index and total
+    throughput against fcfs, then the swap copy cost."""
+    from bench.common import measured_on
+    from bench.report import command
+    head = ["configuration", "client", "streams", "tok/s", "share", "TTFT p50 s", "TTFT p99 s", "Jain's index",
+            "total tok/s (vs fcfs)", "preemptions (for fairness)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = record["configs"].get("fcfs", {}).get("total_tok_s")
+    for name, c in record["configs"].items():
+        total = f"{c['total_tok_s']:.0f}" + (f" ({c['total_tok_s'] / base:.2f}x)" if base and name != "fcfs" else "")
+        per_config = [name, f"{c['jain']:.3f}", total, f"{c['num_preemptions']:.0f} ({c['num_fair_preemptions']:.0f})"]
+        for client, r in c["clients"].items():
+            cells = [per_config[0], client, str(r["streams"]), f"{r['tok_s']:.1f}", f"{r['share']:.3f}",
+                     f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p99_s']:.2f}", *per_config[1:]]
+            lines.append("| " + " | ".join(cells) + " |")
+            per_config = [""] * 4  # the configuration's own cells on its first row only
+    cfg = record["config"]
+    return ("### Fair scheduling: one flooding client against light ones\n\n"
+            f"{measured_on(record)}; `ferry serve` on {Path(cfg['model']).name}, {cfg['threads']} threads, "
+            f"--max-num-seqs {cfg['max_num_seqs']}; one client with {cfg['flood_streams']} closed-loop streams and "
+            f"{cfg['light_clients']} with {cfg['light_streams']} each, {cfg['max_tokens']} tokens per request, "
+            f"{cfg['duration']:.0f} s measured per configuration. Share: the client's part of the tokens (fair: "
+            "equal parts per client).\n\n" + "\n".join(lines)
+            + "\n\nA swap's copy cost, block by block against gather/scatter and block groups (median of interleaved "
+              "runs):\n\n```\n" + swap_copy.table(record["swap_copy"]) + "\n```"
+            + f"\n\nReproduce: `{command(record)}` (results in `bench/results/fairness.json`)."
+              "\n\n![](bench/results/fairness.png)")
+
+
 def plot(record: dict, path: Path) -> None:
     """Left: each client's share of the tokens per configuration (the equal share dashed). Middle: TTFT p50 per
     client. Right: swap copy time per way, per case."""

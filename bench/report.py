@@ -5,7 +5,9 @@ the README holds the summary (bench/summary.py: one row per question, ferry's ra
 comes from); docs/benchmarks.md holds one table per result file of the dense scenarios (bench/results/<scenario>.json,
 then any <scenario>-<name>.json saved with --out) with every engine's median and ferry's ratio to each peer (median
 of the per-round ratios, min–max), a note on the run (model, threads, parity, bandwidth) and the command that
-reproduces it; docs/moe-offload.md, docs/long-context.md and docs/roofline.md hold their scenario's tables. Where an engine could not
+reproduces it; docs/moe-offload.md, docs/long-context.md, docs/roofline.md, docs/speculative.md (speculative,
+verify-cost, route) and docs/cluster.md (cluster, fairness) hold their scenarios' tables (SECTIONS: each rendered by
+its scenario's module). Where an engine could not
 run a case the cell says n/a with a numbered reason under the table. Links are written relative to each page.
 
     python -m bench report            # or: ferry bench report
@@ -14,6 +16,7 @@ run a case the cell says n/a with a numbered reason under the table. Links are w
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -29,8 +32,15 @@ TITLES = {"throughput": "Offline throughput", "decode": "Single-stream decode", 
 SCENARIOS = tuple(TITLES)
 QUANT_TITLE = "Weight-only quantization against llama.cpp"
 # block -> the page (relative to the repo root) whose markers it fills; declared once, used to fill and to link
+# scenarios whose module renders its own block: block -> (results file stem, module with section(record))
+SECTIONS = {"long-context": ("long_context", "bench.long_context"), "roofline": ("roofline", "bench.roofline"),
+            "speculative": ("speculative", "bench.speculative"), "verify-cost": ("verify_cost", "bench.verify_cost"),
+            "route": ("route", "bench.route"), "cluster": ("cluster", "bench.cluster"),
+            "fairness": ("fairness", "bench.fairness_report")}
 PAGE_OF = {"summary": "README.md", **{s: "docs/benchmarks.md" for s in SCENARIOS}, "quantization": "docs/benchmarks.md",
-           "moe-offload": "docs/moe-offload.md", "long-context": "docs/long-context.md", "roofline": "docs/roofline.md"}
+           "moe-offload": "docs/moe-offload.md", "long-context": "docs/long-context.md", "roofline": "docs/roofline.md",
+           "speculative": "docs/speculative.md", "verify-cost": "docs/speculative.md", "route": "docs/speculative.md",
+           "cluster": "docs/cluster.md", "fairness": "docs/cluster.md"}
 PAGES = tuple(dict.fromkeys(PAGE_OF.values()))
 
 
@@ -171,16 +181,10 @@ def render(results: Path = RESULTS) -> dict[str, str]:
         quantization_section(json.loads(f.read_text())).replace("bench/results/quantization.",
                                                                       f"bench/results/{f.stem}.") for f in quant) \
         or f"### {QUANT_TITLE}\n\nNot measured yet: `ferry bench quantization`."
-    lc = results / "long_context.json"  # bench/long_context.py: a row per KV policy, ratios to full attention
-    if lc.is_file():
-        from bench.long_context import section
-        out["long-context"] = section(json.loads(lc.read_text()))
-    rl = results / "roofline.json"  # bench/roofline.py: predicted vs measured step time per case
-    if rl.is_file():
-        from bench.roofline import section as roofline_section
-        out["roofline"] = roofline_section(json.loads(rl.read_text()))
-    else:
-        out["roofline"] = "### Roofline model against the measured step\n\nNot measured yet: `python -m bench roofline`."
+    for block, (stem, module) in SECTIONS.items():  # each scenario's module renders its record
+        f = results / f"{stem}.json"
+        out[block] = importlib.import_module(module).section(json.loads(f.read_text())) if f.is_file() else \
+            f"Not measured yet: `python -m bench {block}`."
     out["summary"] = summary_block(results, out)
     return out
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/route.py` from the repo root
-from bench.common import interleaved, new_record, ratio, result_path, summary
+from bench.common import interleaved, measured_on, new_record, ratio, result_path, summary
 
 ASSETS = Path(__file__).resolve().parents[1] / "ferry" / "assets"
 LARGE, SMALL = ASSETS / "ferry-tiny", ASSETS / "ferry-tiny-draft"
@@ -232,6 +232,32 @@ def main(argv: list[str] | None = None) -> None:
                   f"{e['large_fraction']:.0%}  agreement {e['agreement']:.1%}  ppl {e['perplexity']:.2f}  "
                   f"exact {e['exact']:.0%}  retrieval {record['retrieval'][m]:.0%}")
     print(f"wrote {path}")
+
+
+def section(record: dict) -> str:
+    """docs/speculative.md's block: per concurrency and configuration, the large model's share of the tokens,
+    speed against it, and the quality kept."""
+    from bench.report import command
+    head = ["concurrency", "configuration", "large model's tokens", "tok/s", "vs large", "greedy agreement",
+            "perplexity under large", "exact output", "retrieval"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in record["cases"]:
+        for m, e in c["engines"].items():
+            r = c["ratios"].get(m, {}).get("median", 1.0)
+            lines.append(f"| {c['concurrency']} | {m} | {e['large_fraction']:.0%} | {e['median']:.0f} | {r:.2f}x | "
+                         f"{e['agreement']:.1%} | {e['perplexity']:.2f} | {e['exact']:.0%} | "
+                         f"{record['retrieval'][m]:.0%} |")
+    cfg, router = record["config"], record["router"]
+    return ("### Small-large token routing (R2R, lossy)\n\n"
+            f"{measured_on(record)}; ferry-tiny (large) and ferry-tiny-draft (small) at {cfg['dtype']}, 2 threads, "
+            f"{cfg['max_tokens']} greedy tokens per request, median of {cfg['runs']} interleaved rounds. `route@T`: the "
+            f"calibrated router (logistic on {', '.join(router['features'])}, fitted on {router['positions']} "
+            f"positions where the models disagree {router['divergence_rate']:.0%} of the time) at threshold T; "
+            "`route-top1@T`: the uncalibrated 1 - top-1 router. Agreement: share of generated tokens that are the "
+            "large model's greedy choice after the same prefix (teacher-forced); exact: share of requests with "
+            "exactly `large`'s tokens.\n\n" + "\n".join(lines)
+            + f"\n\nReproduce: `{command(record)}` (results in `bench/results/route.json`)."
+              "\n\n![](bench/results/route.png)")
 
 
 if __name__ == "__main__":

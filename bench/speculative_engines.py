@@ -21,14 +21,16 @@ GGUF_TYPES = {"float32": ("f32", "f32"), "bfloat16": ("bf16", "bf16")}  # dtype 
 
 
 class FerryConfig:
-    def __init__(self, method: str, dtype: str, threads: int, k: int | None) -> None:
+    def __init__(self, method: str, dtype: str, threads: int, k: int | None, model: Path = ASSETS / "ferry-tiny",
+                 **options) -> None:
+        """options: more LLM(...) keywords (the MoE part: expert_store, expert_cache_memory)."""
         from ferry import LLM
-        opts: dict = dict(kv_cache_memory="256M", threads=threads, dtype=dtype)
+        opts: dict = dict(kv_cache_memory="256M", threads=threads, dtype=dtype, **options)
         if method != "plain":
             opts.update(speculative_method=method, num_speculative_tokens=k or "auto")
         if method == "draft":
             opts["speculative_model"] = str(ASSETS / "ferry-tiny-draft")
-        self.llm = LLM(str(ASSETS / "ferry-tiny"), **opts)
+        self.llm = LLM(str(model), **opts)
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         from ferry import SamplingParams
@@ -39,6 +41,11 @@ class FerryConfig:
     def spec_counts(self) -> tuple[int, int] | None:
         s = self.llm.view().speculative
         return None if s is None else (s["num_draft_tokens"], s["num_accepted_tokens"])
+
+    def expert_counts(self) -> tuple[int, int, int] | None:
+        """(bytes read from the expert store, expert lookups, hits) so far; None without a store."""
+        e = self.llm.view().experts
+        return None if e is None else (e.bytes_read, e.lookups, e.hits)
 
     def close(self) -> None:
         pass

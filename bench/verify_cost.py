@@ -10,11 +10,14 @@ output exact (ferry/engine/speculation.py: exact_rows) is lifted: this measures 
 
 Predicted speed-up at acceptance rate a and draft length k (each draft accepted with probability a, independently,
 as in Leviathan et al.): tokens per step E(a, k) = (1 - a^(k+1)) / (1 - a), speed-up E(a, k) / cost(k), best k
-reported. With bench/results/speculative.json present, each measured method's acceptance gets its predicted
-speed-up beside the one measured on ferry-tiny.
+reported. A draft model adds k of its own steps, each costing its share of the target's weight bytes (the
+in-house pair's ratio, ferry-tiny-draft / ferry-tiny: `draft_ratio`), as on a bandwidth-bound CPU: speed-up
+E(a, k) / (cost(k) + k x draft_ratio). With bench/results/speculative.json present, each measured method's
+acceptance gets its predicted speed-up beside the one measured on ferry-tiny.
 
     python -m bench verify-cost                 # ~15 min; bench/results/verify_cost.json
-    python -m bench verify-cost --smoke         # a tiny shape, B = 1 and 2, k = 0..2"""
+    python -m bench verify-cost --smoke         # a tiny shape, B = 1 and 2, k = 0..2
+    python -m bench verify-cost --predict-only  # the same curves, predictions from a newer speculative.json"""
 from __future__ import annotations
 
 import argparse
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, new_record, result_path
+from bench.common import RESULTS, measured_on, new_record, result_path
 
 
 class AlwaysK:
@@ -83,17 +86,29 @@ def tokens_per_step(a: float, k: int) -> float:
     return k + 1.0 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
 
 
-def predictions(cost: dict[int, float], measured: dict) -> list[dict]:
-    """For every (workload, concurrency, method) of bench/results/speculative.json: predicted vs measured."""
+def draft_ratio() -> float:
+    """A draft token's cost in target steps for a bandwidth-bound pair of the in-house pair's proportions: the
+    draft's weight bytes over the target's (ferry-tiny-draft / ferry-tiny)."""
+    assets = Path(__file__).resolve().parents[1] / "ferry" / "assets"
+    size = {m: sum(f.stat().st_size for f in (assets / m).glob("*.safetensors")) for m in ("ferry-tiny", "ferry-tiny-draft")}
+    return size["ferry-tiny-draft"] / size["ferry-tiny"]
+
+
+def predictions(cost: dict[int, float], measured: dict, per_draft: float) -> list[dict]:
+    """For every (workload, concurrency, method) of bench/results/speculative.json: predicted vs measured. A draft
+    model's k steps cost k x per_draft target steps on top of the verification; n-gram and phrase lookups cost
+    microseconds (left out)."""
     rows = []
     for case in measured.get("cases", []):
         for method, entry in case["engines"].items():
             a = entry.get("acceptance_rate")
             if a is None or method.startswith("llama.cpp"):
                 continue
-            best = max(cost, key=lambda k: tokens_per_step(a, k) / cost[k])
+            extra = per_draft if method == "draft" else 0.0
+            speed = {k: tokens_per_step(a, k) / (cost[k] + k * extra) for k in cost}
+            best = max(speed, key=speed.get)
             rows.append({"workload": case["workload"], "concurrency": case["concurrency"], "method": method,
-                         "acceptance_rate": a, "best_k": best, "predicted": tokens_per_step(a, best) / cost[best],
+                         "acceptance_rate": a, "best_k": best, "predicted": speed[best],
                          "measured_on_ferry_tiny": case["ratios"].get(method, {}).get("median")})
     return rows
 
@@ -109,15 +124,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--predict-only", action="store_true",
+                    help="keep the timed curves of bench/results/verify_cost.json, recompute the predictions from "
+                         "the current bench/results/speculative.json (after a new `speculative` run)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.models, args.batches, args.max_k, args.context, args.steps = "tiny-llama", "1,2", 2, 32, 3
     from bench import models
-    record = new_record("verify_cost", "what does a verification step of k+1 rows per request cost, and what "
-                        "speed-up does that predict at the measured acceptance?", args)
     spec_path = RESULTS / "speculative.json"
     measured = json.loads(spec_path.read_text()) if spec_path.is_file() and not args.smoke else {}
-    record["curves"] = []
+    path = result_path("verify_cost", args.smoke)
+    if args.predict_only:
+        record = json.loads(path.read_text())
+        record["draft_ratio"] = draft_ratio()
+        record["predicted_from"] = measured.get("machine", {}).get("git")  # the speculative run's commit
+        for c in record["curves"]:
+            c["predicted"] = predictions({int(k): v for k, v in c["cost"].items()}, measured, record["draft_ratio"])
+        path.write_text(json.dumps(record, indent=2, default=str))
+        print(f"predictions in {path} recomputed from {spec_path}")
+        return
+    record = new_record("verify_cost", "what does a verification step of k+1 rows per request cost, and what "
+                        "speed-up does that predict at the measured acceptance?", args)
+    record["curves"], record["draft_ratio"] = [], draft_ratio()
     for name in args.models.split(","):
         path = models.resolve(name)
         for batch in map(int, args.batches.split(",")):
@@ -126,12 +154,67 @@ def main(argv: list[str] | None = None) -> None:
             cost = {k: med[k] / med[0] for k in med}
             record["curves"].append({"model": name, "batch": batch, "step_ms": {k: 1000 * v for k, v in med.items()},
                                      "cost": cost, "runs_ms": {k: [1000 * x for x in v] for k, v in times.items()},
-                                     "predicted": predictions(cost, measured)})
-    path = result_path("verify_cost", args.smoke)
+                                     "predicted": predictions(cost, measured, record["draft_ratio"])})
     path.write_text(json.dumps(record, indent=2, default=str))
+    plot(record, path.with_suffix(".png"))
     for c in record["curves"]:
         print(f"{c['model']} B={c['batch']}: cost " + " ".join(f"k{k}={v:.2f}" for k, v in c["cost"].items()))
     print(f"wrote {path}")
+
+
+def plot(record: dict, path: Path) -> None:
+    """Step time with k drafts per request over the plain step, per model and batch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in record["curves"]:
+        ks = sorted(int(k) for k in c["cost"])
+        ax.plot(ks, [c["cost"][k] if k in c["cost"] else c["cost"][str(k)] for k in ks], "o-",
+                label=f"{c['model']}, batch {c['batch']}")
+    ax.set_xlabel("draft tokens per request k (k + 1 rows each)")
+    ax.set_ylabel("step time / plain decode step")
+    ax.legend(fontsize=8)
+    ax.set_title(f"verification cost ({record['machine'].get('cpu')})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+
+
+def section(record: dict) -> str:
+    """docs/speculative.md's block: the cost curves, then the speed-up they predict at the measured acceptance."""
+    from bench.report import command
+    curves = record["curves"]
+    ks = sorted(int(k) for k in curves[0]["cost"])
+    cost = [{int(k): v for k, v in c["cost"].items()} for c in curves]
+    lines = ["| model | batch | plain step ms | " + " | ".join(f"k={k}" for k in ks if k) + " |",
+             "|" + "---|" * (2 + len(ks))]
+    for c, cs in zip(curves, cost):
+        step = {int(k): v for k, v in c["step_ms"].items()}
+        lines.append(f"| {c['model']} | {c['batch']} | {step[0]:.1f} | "
+                     + " | ".join(f"{cs[k]:.2f}" for k in ks if k) + " |")
+    pred = ["| model | batch | workload, concurrency | method | acceptance | best k | predicted speed-up | "
+            "measured on ferry-tiny |", "|---|---|---|---|---|---|---|---|"]
+    for c in curves:
+        for p in c["predicted"]:
+            if p["concurrency"] != c["batch"]:
+                continue
+            got = p["measured_on_ferry_tiny"]
+            pred.append(f"| {c['model']} | {c['batch']} | {p['workload']}, {p['concurrency']} | {p['method']} | "
+                        f"{p['acceptance_rate']:.0%} | {p['best_k']} | {p['predicted']:.2f}x | "
+                        f"{'—' if got is None else format(got, '.2f') + 'x'} |")
+    return ("### What verification costs on real shapes\n\n"
+            f"{measured_on(record)}; random weights of the shapes, {record['config']['context']}-token contexts, "
+            f"median of {record['config']['steps']} steps. Step time with k drafts per request (k + 1 rows each) over "
+            "the plain decode step:\n\n" + "\n".join(lines)
+            + "\n\nThe speed-up those curves predict, (1 - a^(k+1)) / (1 - a) tokens per step over the step's cost at "
+              "the best k, at the acceptance a that `speculative` measured on ferry-tiny (its case at the same "
+              "concurrency as the curve's batch), beside the speed-up measured there. A draft model's k steps are "
+              f"added at {record['draft_ratio']:.2f} of a target step each (the pair's weight bytes); n-gram and "
+              "phrase lookups cost microseconds and are left out:\n\n"
+            + "\n".join(pred)
+            + f"\n\nReproduce: `{command(record)}` (results in `bench/results/verify_cost.json`)."
+              "\n\n![](bench/results/verify_cost.png)")
 
 
 if __name__ == "__main__":

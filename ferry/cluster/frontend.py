@@ -72,8 +72,8 @@ class ClusterLLM(ClusterMoves):
     def __init__(self, model: str, instances: int, options: dict[str, Any], ray_address: str | None = None,
                  migration_policy: str = "off", roles: tuple[str, ...] | None = None) -> None:
         """roles: one per instance (--instance-roles, options.parse_instance_roles): prefill or decode."""
-        if instances < 2:
-            raise InvalidRequest(f"--instances {instances}: a cluster has 2 or more (1 runs without Ray)")
+        if instances < 1:
+            raise InvalidRequest(f"--instances {instances}: give 1 or more")
         if roles is not None and len(roles) != instances:
             raise InvalidRequest(f"--instance-roles names {len(roles)} instances and --instances is {instances}: "
                                  f"give the same number, or leave --instances out")
@@ -82,11 +82,15 @@ class ClusterLLM(ClusterMoves):
         ray = _ray()
         self._ray, self._model, self._options = ray, model, options
         self._own_ray = not ray.is_initialized()
+        self.ray_memory_bytes: int | None = None  # what the local Ray this front end started takes (None: joined)
         if self._own_ray:
             try:
                 ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
             except Exception as e:  # a bad --ray-address, or Ray cannot start here
                 raise InvalidRequest(f"Ray did not start (--ray-address {ray_address or 'local'}): {e}") from None
+            self.ray_memory_bytes = _ray_memory()
+            log.info("started a local Ray (dashboard off): its processes take %.0f MiB (proportional set size)",
+                     self.ray_memory_bytes / 2**20)
         self._remote = ray.remote(num_cpus=0, max_restarts=0)(EngineInstance)
         self.tokenizer = Tokenizer.load(model)
         self.model_config = ModelConfig.from_hf(model)
@@ -295,4 +299,19 @@ def _sum_stats(parts: list[EngineStats]) -> EngineStats:
         values = [getattr(p, f.name) for p in parts]
         if all(isinstance(v, (int, float)) for v in values) and values:
             setattr(total, f.name, sum(values))
+    return total
+
+
+def _ray_memory() -> int:
+    """Bytes the processes of a Ray just started by this one take (its children: the GCS, the raylet and their
+    idle workers), as proportional set size (shared pages split between the processes that share them)."""
+    import psutil
+
+    total = 0
+    for p in psutil.Process().children(recursive=True):
+        try:
+            info = p.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        total += getattr(info, "pss", info.rss)
     return total
