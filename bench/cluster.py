@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--output-len", type=int, nargs=2, default=(8, 256), help="Pareto-distributed in [lo, hi]")
     ap.add_argument("--migration-lens", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096],
                     help="prompt tokens of the migrated requests")
+    ap.add_argument("--migration-model", default="qwen2.5-0.5b",
+                    help="a second model the migrations by length also run on (a bench/models.py shape, or a "
+                         "folder; '' for none): ferry-tiny's decode step is shorter than a Ray call, a real one's not")
+    ap.add_argument("--migration-kv-cache-memory", default="512M", help="per instance, for --migration-model")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the front-end comparison")
     ap.add_argument("--burst", type=int, default=16, help="requests of the imbalanced trace's burst (half long)")
     ap.add_argument("--seed", type=int, default=0)
@@ -64,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.num_requests, args.rate, args.input_len, args.output_len = 8, 8.0, (8, 64), (8, 32)
         args.migration_lens, args.kv_cache_memory, args.rounds, args.burst = [32, 96], "16M", 1, 4
+        args.migration_model, args.migration_kv_cache_memory = "tiny-qwen2", "16M"
     return args
 
 
@@ -135,9 +140,9 @@ async def migration_gaps(cluster, lens: list[int], seed: int) -> list[dict]:
                 task, moved_at = asyncio.create_task(cluster.migrate(f"move-{n}")), len(times)
         outcome = await task
         gaps = [b - a for a, b in zip(times, times[1:])]
-        around = gaps[moved_at - 1:moved_at + 3]  # the gap the client sees while the stages and the stop run
+        around = gaps[moved_at - 1:]  # from the move's start (stages, then the stop) to the end of the request
         step = statistics.median(gaps)  # the request's decode step, as its client sees it
-        rows.append({"prompt_tokens": n, "outcome": outcome, "pause_ms": 1e3 * (m.pause.total - pause0),
+        rows.append({"model": Path(cluster._model).name, "prompt_tokens": n, "outcome": outcome, "pause_ms": 1e3 * (m.pause.total - pause0),
                      "downtime_ms": 1e3 * (m.downtime.total - down0), "downtime_steps": (m.downtime.total - down0) / step,
                      "blocks": m.num_blocks - blocks0, "median_gap_ms": 1e3 * step,
                      "max_gap_around_move_ms": 1e3 * max(around) if around else float("nan")})
@@ -209,6 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     record["two_instances_1_thread"] = asyncio.run(serve_trace(two, trace, "two"))
     record["migrations"] = asyncio.run(migration_gaps(two, args.migration_lens, args.seed))
     asyncio.run(two.shutdown(drain=False, timeout=60))
+    if args.migration_model:  # the same moves on a model whose decode step is not shorter than a Ray call
+        from bench import models
+        big = ClusterLLM(str(models.resolve(args.migration_model)), 2,
+                         {"dtype": "auto", "kv_cache_memory": args.migration_kv_cache_memory, "threads": 1})
+        record["migrations"] += asyncio.run(migration_gaps(big, args.migration_lens, args.seed))
+        asyncio.run(big.shutdown(drain=False, timeout=60))
     pd = ClusterLLM(args.model, 2, opts, roles=parse_instance_roles("prefill:1,decode:1"))
     record["split_prefill_1_decode_1"] = asyncio.run(serve_trace(pd, trace, "pd"))
     record["split_handovers"] = dict(pd._migrations.outcomes)
@@ -238,10 +249,10 @@ def report(record: dict) -> str:
         lines.append(f"| --migration-policy {policy} | {r['output_tok_s']:.1f} | {r['ttft_p50_s']:.3f}/"
                      f"{r['ttft_p99_s']:.3f} | {r['tpot_p50_s']:.4f}/{r['tpot_p99_s']:.4f} | "
                      f"{r['migrations'].get('migrated', 0)} |")
-    lines += ["", "| prompt tokens | outcome | blocks | pause ms | downtime ms | downtime in decode steps | "
-                  "median gap ms | max gap around the move ms |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | prompt tokens | outcome | blocks | pause ms | downtime ms | downtime in decode steps | "
+                  "median gap ms | client's largest gap from the move on, ms |", "|---|---|---|---|---|---|---|---|---|"]
     for m in record["migrations"]:
-        lines.append(f"| {m['prompt_tokens']} | {m['outcome']} | {m['blocks']} | {m['pause_ms']:.1f} | "
+        lines.append(f"| {m['model']} | {m['prompt_tokens']} | {m['outcome']} | {m['blocks']} | {m['pause_ms']:.1f} | "
                      f"{m['downtime_ms']:.1f} | {m['downtime_steps']:.1f} | {m['median_gap_ms']:.1f} | "
                      f"{m['max_gap_around_move_ms']:.1f} |")
     c = record["copy_cost"]
@@ -279,7 +290,7 @@ def section(record: dict) -> str:
             f"{cfg['output_len'][0]}–{cfg['output_len'][1]} tokens (Pareto), greedy. Pause: from the source's stop to "
             "the request running on the destination; downtime: from the source's stop to the first token from the "
             "destination (Llumnix's measure), also over the request's median inter-token gap (its decode step); "
-            "client gap: the largest inter-token gap the client saw around the move.\n\n" + report(record)
+            "client gap: the largest inter-token gap the client saw from the move's start to its last token.\n\n" + report(record)
             + "\n\nOn several hosts (`--ray-address`), a block also crosses the network. Priced from the copy cost "
               "measured above (scaled by bytes) plus the bytes on the wire:\n\n" + network_table(record["copy_cost"])
             + f"\n\nReproduce: `{command(record)}` (results in `bench/results/cluster.json`)."
@@ -298,12 +309,13 @@ def plot(record: dict, path: Path) -> None:
     a.set_xticks([x + 0.2 for x in range(3)], labels, fontsize=8)
     a.set_ylabel("inter-token latency, ms")
     a.legend(fontsize=8)
-    m = record["migrations"]
-    b.plot([r["prompt_tokens"] for r in m], [r["pause_ms"] for r in m], "o-", label="stop-and-copy pause")
-    b.plot([r["prompt_tokens"] for r in m], [r["max_gap_around_move_ms"] for r in m], "s-", label="client gap")
-    b.plot([r["prompt_tokens"] for r in m], [r["median_gap_ms"] for r in m], "^--", label="median token gap")
+    for model in dict.fromkeys(r["model"] for r in record["migrations"]):
+        m = [r for r in record["migrations"] if r["model"] == model]
+        b.plot([r["prompt_tokens"] for r in m], [r["downtime_steps"] for r in m], "o-", label=f"{model}: downtime")
+    b.axhline(2.0, color="k", lw=0.8, ls="--", label="2 decode steps")
+    b.set_xscale("log", base=2)
     b.set_xlabel("prompt tokens of the migrated request")
-    b.set_ylabel("ms")
+    b.set_ylabel("decode steps (the request's median token gap)")
     b.legend(fontsize=8)
     for i, policy in enumerate(("off", "balance")):
         r = record[f"imbalanced_{policy}"]

@@ -31,7 +31,8 @@ def test_cluster_smoke_records_every_measure():
     assert f["ray_1_instance"]["output_tok_s"] > 0 and f["throughput_ratio"] > 0
     assert record["ray_memory_bytes"] > 10 * 2**20  # the GCS and the raylet, at least
     assert record["imbalanced_off"]["migrations"] == {}  # no policy, no move
-    assert [m["prompt_tokens"] for m in record["migrations"]] == [32, 96]
+    assert [(m["model"], m["prompt_tokens"]) for m in record["migrations"]] == [
+        ("ferry-tiny", 32), ("ferry-tiny", 96), ("tiny-qwen2", 32), ("tiny-qwen2", 96)]
     assert all(m["outcome"] == "migrated" and m["blocks"] >= m["prompt_tokens"] // 16 and m["pause_ms"] > 0
                for m in record["migrations"]), record["migrations"]
     assert record["split_handovers"].get("migrated") == 8  # every request of the trace (8) went prefill -> decode
