@@ -9,10 +9,13 @@ heads, Dh head dim, V vocabulary, E experts, A experts per token, L layers.
 
 Predicted time of an operator = max(bytes / bandwidth, FLOPs / peak) + its calls x the measured cost of one (a
 call on the thread pool, e.g. a linear, costs the pool's wake-up and barrier; a small single-threaded one, e.g. a
-decode row's norm, only the Python dispatch); a step is the sum. Approximations, said once: each byte is counted once per step (K/V of a prefill's
-attention are re-read per query block from cache, not DRAM), the routed experts of a MoE layer are the expected
-number of distinct experts T tokens pick if routing were uniform, int8/int4 weights are costed at the bfloat16
-GEMM peak (weight-only: activations stay in float), elementwise operators at the float32 peak."""
+decode row's norm, only the Python dispatch); a step is the sum. A float linear's peak is what the engine's own
+linear reached over that many rows of x on this machine (HardwareProfile.linear_gflops: a decode kernel over 16
+rows does not run at a large GEMM's peak), where the profile has it. Approximations, said once: each byte is
+counted once per step (K/V of a prefill's attention are re-read per query block from cache, not DRAM), the routed
+experts of a MoE layer are the expected number of distinct experts T tokens pick if routing were uniform,
+int8/int4 weights are costed at the bfloat16 GEMM peak (weight-only: activations stay in float), elementwise
+operators at the float32 peak."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -75,6 +78,7 @@ class OpCost:
     peak: str  # which measured peak bounds its compute: a dtype of HardwareProfile.peak_gflops
     calls: int  # kernel calls on the thread pool in the step (each costs HardwareProfile.dispatch_us at least)
     serial_calls: int = 0  # small single-threaded calls (each costs HardwareProfile.call_us at least; views free)
+    rows: int = 0  # a float linear's rows of x: its compute is bounded by the engine's linear at that many rows
 
     @property
     def bytes(self) -> float:
@@ -136,7 +140,8 @@ def linear_cost(name: str, T: int, n_in: int, n_out: int, w: Workload, layers: i
     peak = w.dtype if w.quantization == "none" else "bfloat16"
     ob = w.act_bytes if out_bytes is None else out_bytes
     return OpCost(name, layers * 2.0 * T * n_in * n_out, layers * wb * n_in * n_out,
-                  layers * T * (n_in * w.act_bytes + n_out * ob), 0.0, peak, layers)
+                  layers * T * (n_in * w.act_bytes + n_out * ob), 0.0, peak, layers,
+                  rows=T if w.quantization == "none" else 0)
 
 
 def _vector(name: str, flops: float, act_bytes: float, calls: int, weight_bytes: float = 0.0,
@@ -226,7 +231,7 @@ def moe_costs(cfg: ModelConfig, w: Workload, layers: int) -> list[OpCost]:
 
 def predict(ops: list[OpCost], hw: HardwareProfile) -> list[Prediction]:
     call = hw.call_us or hw.dispatch_us
-    return [Prediction(op, op.bytes / hw.bandwidth, op.flops / hw.peak(op.peak),
+    return [Prediction(op, op.bytes / hw.bandwidth, op.flops / hw.peak(op.peak, op.rows),
                        (op.calls * hw.dispatch_us + op.serial_calls * call) * 1e-6) for op in ops]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,8 @@ from ferry.ops import cpu
 from ferry.ops.build import build_dir
 from ferry.ops.gemv import linear
 
-PROFILE_VERSION = 3  # bump when what is measured, or how, changes: old cache entries are then ignored
+PROFILE_VERSION = 4  # bump when what is measured, or how, changes: old cache entries are then ignored
+LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048)  # rows of x at which the engine's linear is measured
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,16 @@ class HardwareProfile:
     dispatch_us: float = 0.0  # one small kernel call on the thread pool from Python (a linear's floor), microseconds
     call_us: float = 0.0  # one small single-threaded op from Python (a decode row's norm's floor); 0: dispatch_us
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # dtype -> {rows: GFLOP/s} of the engine's own linear (ferry.ops.gemv.linear: the decode kernel up to its
+    # MAX_M rows, torch's GEMM above) on a weight that stays in cache: what a linear of that many rows can reach
+    linear_gflops: dict[str, dict[int, float]] = field(default_factory=dict)
 
-    def peak(self, dtype: str) -> float:
-        """FLOP/s of a GEMM in `dtype` (falls back to float32 where that dtype was not measured)."""
+    def peak(self, dtype: str, rows: int = 0) -> float:
+        """FLOP/s of a GEMM in `dtype` (falls back to float32 where that dtype was not measured); with rows, of the
+        engine's linear over that many rows of x (interpolated between the measured counts, log-linearly)."""
+        table = self.linear_gflops.get(dtype)
+        if rows and table:
+            return _interpolate({int(k): v for k, v in table.items()}, rows) * 1e9
         return self.peak_gflops.get(dtype, self.peak_gflops["float32"]) * 1e9
 
     @property
@@ -53,6 +62,21 @@ class HardwareProfile:
         d = dict(d)
         d["notes"] = tuple(d.get("notes", ()))
         return cls(**d)
+
+
+def _interpolate(table: dict[int, float], rows: int) -> float:
+    """table's value at rows, linear in log(rows) between the two measured counts around it (clamped at the ends)."""
+    keys = sorted(table)
+    if rows <= keys[0]:
+        return table[keys[0]]
+    if rows >= keys[-1]:
+        return table[keys[-1]]
+    hi = next(k for k in keys if k >= rows)
+    lo = keys[keys.index(hi) - 1]
+    if hi == rows:
+        return table[hi]
+    f = (math.log(rows) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return table[lo] + f * (table[hi] - table[lo])
 
 
 def cache_key(cpu_name: str, isa: str, flags: frozenset[str] | set[str], threads: int, torch_version: str) -> str:
@@ -102,6 +126,8 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
             notes.append("no int8 GEMM in this torch (torch._int_mm): int8/int4 weights are costed at bfloat16's peak")
         else:
             peaks["int8"] = int8
+        progress("the engine's linear by rows...")
+        by_rows = {dtype: linear_gflops(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
         progress("small kernel call cost...")
         disp, call = dispatch_us(), call_us()
     finally:
@@ -111,7 +137,7 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
         notes.append("bfloat16 is emulated on this CPU (no AVX512_BF16/AMX)")
     return HardwareProfile(cpu=cpu.model_name(), isa=cpu.isa().label, threads=threads, torch=torch.__version__,
                            read_gbs=gbs, peak_gflops=peaks, bf16_native=native, dispatch_us=disp, call_us=call,
-                           notes=tuple(notes))
+                           notes=tuple(notes), linear_gflops=by_rows)
 
 
 def _llc_bytes() -> int:
@@ -160,6 +186,25 @@ def gemm_gflops(dtype: torch.dtype, n: int = 1024, runs: int = 4) -> float:
             torch.mm(a, b)
         times.append((time.perf_counter() - t) / reps)
     return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def linear_gflops(dtype: torch.dtype, n: int = 2048, k: int = 1024, runs: int = 3) -> dict[int, float]:
+    """GFLOP/s of the engine's linear (ferry.ops.gemv.linear) at each of LINEAR_ROWS rows of x, on an n x k weight
+    that stays in cache (compute and call costs, not DRAM: the roofline adds the bytes itself)."""
+    w = torch.randn(n, k).to(dtype)
+    out = {}
+    for rows in LINEAR_ROWS:
+        x = torch.randn(rows, k).to(dtype)
+        linear(x, w)
+        reps = _reps(lambda: linear(x, w), 0.02)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            for _ in range(reps):
+                linear(x, w)
+            times.append((time.perf_counter() - t) / reps)
+        out[rows] = 2 * rows * n * k / statistics.median(times) / 1e9
+    return out
 
 
 def int8_gemm_gflops(n: int = 1024, runs: int = 4) -> float | None:

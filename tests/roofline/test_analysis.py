@@ -114,3 +114,20 @@ def test_cache_key_follows_what_the_measurement_depends_on(monkeypatch, tmp_path
 def test_profile_round_trips_through_json():
     assert HardwareProfile.from_json(HW.to_json()) == HW
     assert HW.peak("int8") == HW.peak("float32")  # an unmeasured format falls back to float32's peak
+
+
+def test_a_float_linear_is_bounded_by_the_engines_linear_at_its_rows(cfg):
+    """With measured rates by rows, a linear's compute time uses the rate at its own rows (interpolated in
+    log(rows)); elementwise operators, and profiles without the table, keep the GEMM peak."""
+    table = {"float32": {"1": 10.0, "16": 50.0, "256": 90.0}}  # as JSON stores it: string keys
+    hw = HardwareProfile.from_json({**HW.to_json(), "linear_gflops": table})
+    assert hw.peak("float32", 16) == 50e9 and hw.peak("float32", 4) == pytest.approx(30e9)  # log2: 1/2 way
+    assert hw.peak("float32", 1000) == 90e9 and hw.peak("float32") == 100e9 and hw.peak("bfloat16", 16) == 200e9
+    w = Workload("decode", batch_size=16, kv_len=9, dtype="float32")
+    ops = by_name(operators(cfg, w))
+    with_table = {p.op.name: p for p in predict(list(ops.values()), hw)}
+    plain = {p.op.name: p for p in predict(list(ops.values()), HW)}
+    assert ops["gate_up"].rows == 16
+    assert with_table["gate_up"].compute_s == pytest.approx(ops["gate_up"].flops / 50e9)
+    assert plain["gate_up"].compute_s == pytest.approx(ops["gate_up"].flops / 100e9)
+    assert with_table["act"].compute_s == plain["act"].compute_s  # not a linear: the GEMM peak
