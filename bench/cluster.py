@@ -18,6 +18,9 @@ Questions:
 5. imbalance: a burst that the front end's dispatch (fewest requests in flight) splits badly, long outputs on one
    instance and short ones on the other, then Poisson arrivals; two instances with --migration-policy off against
    balance: TTFT and TPOT p50/p99, throughput, migrations.
+6. dispatch: a shared-prefix trace (a few long system prompts, each request one of them plus its own short
+   question), two instances with --dispatch-policy least-loaded against cache-aware: TTFT p50/p99, throughput and
+   the instances' prefix cache hit rate.
 
 Method: in-process front ends (ClusterLLM as the server runs it, AsyncLLM for one instance); requests are random
 token ids (no prefix-cache help), temperature 0 with end-of-sequence disabled, so each produces its drawn length.
@@ -62,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--migration-kv-cache-memory", default="512M", help="per instance, for --migration-model")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the front-end comparison")
     ap.add_argument("--burst", type=int, default=16, help="requests of the imbalanced trace's burst (half long)")
+    ap.add_argument("--prefixes", type=int, default=4, help="system prompts of the shared-prefix trace")
+    ap.add_argument("--prefix-len", type=int, default=768, help="tokens of each system prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a small run (a few minutes), bench/.cache/smoke/")
     args = ap.parse_args(argv)
@@ -69,6 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.num_requests, args.rate, args.input_len, args.output_len = 8, 8.0, (8, 64), (8, 32)
         args.migration_lens, args.kv_cache_memory, args.rounds, args.burst = [32, 96], "16M", 1, 4
         args.migration_model, args.migration_kv_cache_memory = "tiny-qwen2", "16M"
+        args.prefixes, args.prefix_len = 2, 64
     return args
 
 
@@ -107,6 +113,17 @@ def imbalanced(args: argparse.Namespace) -> list[tuple[float, list[int], int]]:
     burst = [(0.001 * i, [rng.randrange(10, 500) for _ in range(64)], hi if i % 2 == 0 else 8)
              for i in range(args.burst)]
     return burst + [(1.0 + a, p, m) for a, p, m in workload(args)]
+
+
+def shared_prefix(args: argparse.Namespace) -> list[tuple[float, list[int], int]]:
+    """args.num_requests Poisson arrivals, each one of args.prefixes system prompts of args.prefix_len tokens plus
+    its own 32-token question, 32 tokens out."""
+    rng, t, out = random.Random(args.seed + 2), 0.0, []
+    systems = [[rng.randrange(10, 500) for _ in range(args.prefix_len)] for _ in range(args.prefixes)]
+    for _ in range(args.num_requests):
+        t += rng.expovariate(args.rate)
+        out.append((t, rng.choice(systems) + [rng.randrange(10, 500) for _ in range(32)], 32))
+    return out
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -210,6 +227,13 @@ def main(argv: list[str] | None = None) -> None:
         record[f"imbalanced_{policy}"] = asyncio.run(serve_trace(c2, imbalanced(args), f"imb-{policy}"))
         record[f"imbalanced_{policy}"]["migrations"] = dict(c2._migrations.outcomes)
         asyncio.run(c2.shutdown(drain=False, timeout=60))
+    for policy in ("least-loaded", "cache-aware"):
+        c2 = ClusterLLM(args.model, 2, opts, dispatch_policy=policy)
+        row = record[f"prefix_{policy}"] = asyncio.run(serve_trace(c2, shared_prefix(args), f"pre-{policy}"))
+        parts = [s for s in c2.instance_stats() if s is not None]
+        row["prefix_cache_hit_rate"] = sum(s.prefix_cache_hits for s in parts) / max(
+            1, sum(s.prefix_cache_queries for s in parts))
+        asyncio.run(c2.shutdown(drain=False, timeout=60))
     two = ClusterLLM(args.model, 2, opts)
     record["two_instances_1_thread"] = asyncio.run(serve_trace(two, trace, "two"))
     record["migrations"] = asyncio.run(migration_gaps(two, args.migration_lens, args.seed))
@@ -249,6 +273,12 @@ def report(record: dict) -> str:
         lines.append(f"| --migration-policy {policy} | {r['output_tok_s']:.1f} | {r['ttft_p50_s']:.3f}/"
                      f"{r['ttft_p99_s']:.3f} | {r['tpot_p50_s']:.4f}/{r['tpot_p99_s']:.4f} | "
                      f"{r['migrations'].get('migrated', 0)} |")
+    lines += ["", "| shared-prefix trace, 2 instances | output tok/s | TTFT p50/p99 s | prefix cache hit rate |",
+              "|---|---|---|---|"]
+    for policy in ("least-loaded", "cache-aware"):
+        r = record[f"prefix_{policy}"]
+        lines.append(f"| --dispatch-policy {policy} | {r['output_tok_s']:.1f} | {r['ttft_p50_s']:.3f}/"
+                     f"{r['ttft_p99_s']:.3f} | {r['prefix_cache_hit_rate']:.0%} |")
     lines += ["", "| model | prompt tokens | outcome | blocks | pause ms | downtime ms | downtime in decode steps | "
                   "median gap ms | client's largest gap from the move on, ms |", "|---|---|---|---|---|---|---|---|---|"]
     for m in record["migrations"]:

@@ -3,7 +3,9 @@ the surface the server uses from AsyncLLM (process, generate, abort, stats, is_a
 tokenizer), so `ferry serve --instances N` runs the same server code as one instance.
 
 - Prompts are encoded and checked here (the tokenizer and the instances' limits; no model in this process).
-- Dispatch: each request goes to the live instance with the fewest requests in flight from this front end.
+- Dispatch (dispatch.py): `cache-aware` (default) sends a request where the longest prefix of its prompt went
+  before unless that instance is much more loaded, `least-loaded` to the instance whose KV its requests commit
+  least (tokens held and prompt tokens to compute, from the front end's own view).
 - Losing an instance: a request whose instance dies (killed, out of memory) resumes on another from the tokens it
   already streamed (ferry/engine/resume.py: the output is the one it would have had); a request that cannot be
   resumed (n > 1) ends with an explicit error. The dead instance is started again in the background.
@@ -21,6 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from ferry.cluster.dispatch import DISPATCH_POLICIES, Candidate, PrefixIndex, pick_instance
 from ferry.cluster.instance import EngineInstance
 from ferry.cluster.migration import Moved
 from ferry.cluster.moves import ClusterMoves
@@ -48,6 +51,8 @@ class _Slot:
     restarts: int = 0
     draining: bool = False  # drain(): no new requests
     role: str = "both"  # with --instance-roles: prefill (prompts, then hands each request over) or decode
+    capacity_tokens: int = 1  # its KV cache, in tokens
+    prefixes: PrefixIndex | None = None  # what prompts were sent here (cache-aware dispatch)
 
 
 @dataclass
@@ -70,8 +75,11 @@ def _ray():
 
 class ClusterLLM(ClusterMoves):
     def __init__(self, model: str, instances: int, options: dict[str, Any], ray_address: str | None = None,
-                 migration_policy: str = "off", roles: tuple[str, ...] | None = None) -> None:
+                 migration_policy: str = "off", roles: tuple[str, ...] | None = None,
+                 dispatch_policy: str = "cache-aware") -> None:
         """roles: one per instance (--instance-roles, options.parse_instance_roles): prefill or decode."""
+        if dispatch_policy not in DISPATCH_POLICIES:
+            raise InvalidRequest(f"--dispatch-policy {dispatch_policy!r}: choose one of {DISPATCH_POLICIES}")
         if instances < 1:
             raise InvalidRequest(f"--instances {instances}: give 1 or more")
         if roles is not None and len(roles) != instances:
@@ -98,8 +106,10 @@ class ClusterLLM(ClusterMoves):
         infos = ray.get([a.ready.remote() for a in actors])  # raises the first instance's load error
         self.max_model_len = infos[0]["max_model_len"]
         self.inputs = InputProcessor(self.tokenizer, infos[0]["limits"])
-        self._slots = [_Slot(i, a, info["pid"], role=roles[i] if roles else "both")
+        self._slots = [_Slot(i, a, info["pid"], role=roles[i] if roles else "both",
+                             capacity_tokens=info["kv_tokens"], prefixes=PrefixIndex(info["block_size"]))
                        for i, (a, info) in enumerate(zip(actors, infos))]
+        self._dispatch_policy = dispatch_policy
         self._unfinished = 0
         self._stopping = threading.Event()
         self._stats = EngineStats()
@@ -133,7 +143,7 @@ class ClusterLLM(ClusterMoves):
         self._unfinished += 1
         try:
             for _ in range(len(self._slots) + 1):
-                slot = self._pick(new=last is None)
+                slot = self._pick(prompt.prompt_token_ids, new=last is None)
                 tracked = self._tracked[request_id] = _Tracked(slot, prompt)
                 try:
                     async for out in self._follow(tracked, request_id, priority, self._carry(prompt, last)):
@@ -242,14 +252,23 @@ class ClusterLLM(ClusterMoves):
         c = last.outputs[0]
         return Resume(list(c.token_ids), list(c.logprobs) if prompt.params.logprobs is not None else None)
 
-    def _pick(self, new: bool) -> _Slot:
-        """A new request's instance (a prefill one under --instance-roles), or a resumed one's (a decoding one)."""
+    def _pick(self, prompt: list[int], new: bool) -> _Slot:
+        """A new request's instance (a prefill one under --instance-roles), or a resumed one's (a decoding one), by
+        the dispatch policy; the prompt is remembered there (cache-aware dispatch)."""
         roles = ("prefill", "both") if new else ("decode", "both")
         live = [s for s in self._slots if s.alive and not s.draining and s.role in roles]
         live = live or [s for s in self._slots if s.alive and not s.draining]
         if not live:
             raise Overloaded("no engine instance is running (they are being restarted); retry later")
-        return min(live, key=lambda s: (s.in_flight, s.index))
+        load = {s.index: 0 for s in live}
+        for t in self._tracked.values():  # KV its requests hold or will: prompt + output so far
+            if t.slot.index in load:
+                load[t.slot.index] += len(t.prompt.prompt_token_ids) + t.num_output_tokens
+        index = pick_instance([Candidate(s.index, load[s.index], s.capacity_tokens, s.prefixes.match(prompt),
+                                         s.in_flight) for s in live], self._dispatch_policy)
+        slot = self._slots[index]
+        slot.prefixes.add(prompt)
+        return slot
 
     def _lost(self, slot: _Slot) -> None:
         """Mark the instance dead (once) and start a new one in its place in the background."""
@@ -267,6 +286,7 @@ class ClusterLLM(ClusterMoves):
             log.exception("engine instance %d could not be started again", slot.index)
             return
         slot.actor, slot.pid, slot.in_flight, slot.alive = actor, info["pid"], 0, True
+        slot.prefixes.clear()  # a new process: an empty prefix cache
         slot.restarts += 1
         log.info("engine instance %d is back (pid %d)", slot.index, slot.pid)
 

@@ -22,8 +22,11 @@ class EngineInstance:
         self.llm = AsyncLLM.from_options(model, **options)
 
     def ready(self) -> dict[str, Any]:
-        """What the front end needs to check prompts without the model: limits, and this process's pid."""
-        return {"limits": self.llm.inputs.limits, "max_model_len": self.llm.max_model_len, "pid": os.getpid()}
+        """What the front end needs to check prompts without the model (limits), to dispatch (the KV cache in
+        tokens, its block size) and this process's pid."""
+        block = self.llm.engine.config.cache.block_size
+        return {"limits": self.llm.inputs.limits, "max_model_len": self.llm.max_model_len, "pid": os.getpid(),
+                "kv_tokens": self.llm.stats().num_kv_blocks_total * block, "block_size": block}
 
     async def generate(self, request_id: str, prompt: ProcessedPrompt, priority: int,
                        resume: Resume | None, hold: bool = False) -> AsyncIterator[RequestOutput]:

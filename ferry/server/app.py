@@ -152,7 +152,7 @@ def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, a
                webui: bool = True, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
                body_timeout: float = DEFAULT_BODY_TIMEOUT, max_tokenize_pending: int = DEFAULT_MAX_TOKENIZE_PENDING,
                metrics_require_key: bool = False, instances: int = 1, ray_address: str | None = None,
-               migration_policy: str = "off", **engine_options: Any) -> None:
+               migration_policy: str = "off", dispatch_policy: str = "cache-aware", **engine_options: Any) -> None:
     """Load the model, serve it until SIGTERM/SIGINT, drain in-flight requests, return."""
     import uvicorn
 
@@ -167,7 +167,7 @@ def run_server(model: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, a
         instances = len(roles) if instances == 1 else instances
     if instances > 1 or ray_address is not None:
         from ferry.cluster.frontend import ClusterLLM
-        engine = ClusterLLM(model, instances, engine_options, ray_address, migration_policy, roles)
+        engine = ClusterLLM(model, instances, engine_options, ray_address, migration_policy, roles, dispatch_policy)
     else:
         engine = AsyncLLM.from_options(model, **engine_options)
     app = build_app(engine, served_model_name=served_model_name or str(model), api_key=api_key,
@@ -239,6 +239,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --instances: balance moves a running request with its KV from the most to the "
                             "least loaded instance while it decodes (live migration) when they differ by 2 or more "
                             "requests (default: off)")
+    group.add_argument("--dispatch-policy", choices=("cache-aware", "least-loaded"), default="cache-aware",
+                       help="with --instances: cache-aware sends a request to the instance that saw the longest "
+                            "prefix of its prompt unless it is much busier; least-loaded to the instance whose KV "
+                            "its requests commit least (default: cache-aware)")
     group.add_argument("--max-tokenize-pending", type=int, default=DEFAULT_MAX_TOKENIZE_PENDING,
                        help=f"/tokenize and /detokenize calls in progress at most (one tokenizer thread runs them); "
                             f"more are refused with 429 (default: {DEFAULT_MAX_TOKENIZE_PENDING})")
@@ -249,4 +253,5 @@ def server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "request_timeout": args.request_timeout, "webui": args.webui, "header_timeout": args.header_timeout,
             "body_timeout": args.body_timeout, "max_tokenize_pending": args.max_tokenize_pending,
             "metrics_require_key": args.metrics_require_key, "instances": args.instances,
-            "ray_address": args.ray_address, "migration_policy": args.migration_policy}
+            "ray_address": args.ray_address, "migration_policy": args.migration_policy,
+            "dispatch_policy": args.dispatch_policy}

@@ -3,6 +3,7 @@ only when the gap is worth it, choosing the one with the most work left per toke
 request of an instance to the others, evening their loads; and the migration counters reach /metrics."""
 from __future__ import annotations
 
+from ferry.cluster.dispatch import CACHE_AWARE_TOLERANCE, Candidate, PrefixIndex, pick_instance
 from ferry.cluster.policies import MIN_TOKENS_LEFT, Running, pick_balance, pick_drain
 from ferry.engine.stats import EngineStats, MigrationStats
 from ferry.server.metrics import ServerMetrics
@@ -53,3 +54,27 @@ def test_migrations_reach_metrics():
                  'ferry_migration_downtime_seconds_bucket{le="0.05",model_name="m"} 1.0'):
         assert line in text, line
     assert "ferry_migration" not in ServerMetrics(lambda: EngineStats(), "m").render().decode()
+
+
+def test_dispatch_goes_to_the_least_committed_kv_unless_a_prefix_hit_is_close_enough():
+    cap = 1000
+    idle, busy = Candidate(0, 100, cap, 0, 1), Candidate(1, 300, cap, 0, 1)
+    assert pick_instance([busy, idle]) == 0 and pick_instance([busy, idle], "least-loaded") == 0
+    hit = Candidate(1, 100 + int(CACHE_AWARE_TOLERANCE * cap), cap, 64, 3)  # as loaded as the tolerance allows
+    assert pick_instance([idle, hit]) == 1 and pick_instance([idle, hit], "least-loaded") == 0
+    far = Candidate(1, 101 + int(CACHE_AWARE_TOLERANCE * cap), cap, 64, 3)
+    assert pick_instance([idle, far]) == 0  # the hit is not worth that much more load
+    same = [Candidate(0, 0, cap, 0, 2), Candidate(1, 0, cap, 0, 1)]
+    assert pick_instance(same) == 1  # equal load: fewer requests in flight
+
+
+def test_prefix_index_matches_whole_blocks_of_a_prefix_it_was_sent():
+    index = PrefixIndex(block_size=4, max_blocks=3)
+    assert index.match(list(range(12))) == 0
+    index.add(list(range(10)))  # two full blocks; the last 2 tokens are not a block
+    assert index.match(list(range(12))) == 8 and index.match(list(range(7))) == 4
+    assert index.match([9] + list(range(1, 12))) == 0  # a block's hash covers every token before it
+    index.add([100, 101, 102, 103, 104, 105, 106, 107])  # 2 more blocks: the oldest one is dropped (at most 3)
+    assert index.match(list(range(12))) == 0 and index.match(list(range(100, 108))) == 8
+    index.clear()
+    assert index.match(list(range(100, 108))) == 0
