@@ -161,8 +161,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     bits = [r.bits for recs in index.experts.values() for r in recs]
     kinds = ", ".join(f"{bits.count(b)} {'int%d' % b if b else index.layout.dtype}" for b in sorted(set(bits)))
     print(f"wrote {len(bits)} experts ({kinds}; {index.total_nbytes / 2**20:.1f} MiB) to {args.expert_store}"
-          + (f"; every expert's options and choice: {args.expert_store}/expert_bits.json; a RAM cache slot holds the "
-             f"largest record ({index.slot_nbytes / 2**10:.0f} KiB)" if plan else ""), file=sys.stderr)
+          + (f"; every expert's options and choice: {args.expert_store}/expert_bits.json; --expert-cache-memory "
+             f"{index.total_nbytes / 2**20:.1f}M holds every expert" if plan else ""), file=sys.stderr)
     return 0
 
 

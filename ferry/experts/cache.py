@@ -1,11 +1,16 @@
-"""The RAM expert cache: fixed slots carved from one ALIGNed slab of at most the budget's bytes.
+"""The RAM expert cache: slots carved from one ALIGNed slab of at most the budget's bytes.
 
 The slab is allocated once and never grown, so the budget holds by construction; a slot holds one expert
-record (layout.py) and is filled by one aligned read. An entry is loading (its slot is being read into)
-or done (ready, or failed); pinned entries are being computed with. Only done, unpinned entries can be
-evicted; which one, the policy decides. One thread uses it: the forward's (reader threads only fill slots)."""
+record (layout.py) and is filled by one aligned read. Records of one size share a class of slots: a store with
+one format has one class; a mixed-bit store (`--expert-bits auto`) has one per record size, each given the share
+of the budget its experts have of the store's bytes, so that a small int4 expert does not take a slot sized for a
+dense one. An entry is loading (its slot is being read into) or done (ready, or failed); pinned entries are being
+computed with. Only done, unpinned entries of the incoming expert's class can be evicted; which one, the policy
+decides. One thread uses it: the forward's (reader threads only fill slots)."""
 from __future__ import annotations
 
+from collections import Counter
+from itertools import accumulate
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,18 +32,35 @@ class Entry:
     prefetched: bool = False  # loaded by a prefetch and not used since
 
 
+def carve(budget_bytes: int, counts: dict[int, int]) -> list[int]:
+    """The record size of each slot: each size class (record bytes -> experts of that size) gets the share of the
+    budget its experts have of the store's bytes, as whole slots; InvalidRequest if a class gets none."""
+    total = sum(size * n for size, n in counts.items())
+    sizes: list[int] = []
+    for size in sorted(counts):
+        n = int(budget_bytes * size * counts[size] / total) // size
+        if n < 1:
+            raise InvalidRequest(f"expert_cache_memory={budget_bytes} bytes holds no expert of {size} bytes "
+                                 f"({counts[size]} such in this store); raise --expert-cache-memory")
+        sizes += [size] * n
+    return sizes
+
+
 class ExpertCache:
-    def __init__(self, budget_bytes: int, slot_nbytes: int, policy: EvictionPolicy) -> None:
-        self.num_slots = budget_bytes // slot_nbytes
-        if self.num_slots < 1:
-            raise InvalidRequest(f"expert_cache_memory={budget_bytes} bytes holds no expert ({slot_nbytes} bytes "
-                                 "each in this store); raise --expert-cache-memory")
-        self.slot_nbytes = slot_nbytes
+    def __init__(self, budget_bytes: int, sizes: int | dict[Key, int], policy: EvictionPolicy) -> None:
+        """sizes: every expert's record bytes (one int: all the same)."""
+        self.size_of = (lambda key: sizes) if isinstance(sizes, int) else sizes.__getitem__
+        self.sizes = carve(budget_bytes, {sizes: 1} if isinstance(sizes, int) else Counter(sizes.values()))
+        self.offsets = [0] + list(accumulate(self.sizes))[:-1]  # slot -> its byte offset in the slab
+        self.free_slots: dict[int, list[int]] = {size: [] for size in self.sizes}  # record size -> free slots
+        for index in reversed(range(len(self.sizes))):
+            self.free_slots[self.sizes[index]].append(index)
+        self.num_slots = len(self.sizes)
+        self.slot_nbytes = max(self.sizes)  # the largest record: a slot of any class holds at most this
         self.policy = policy
-        raw = torch.empty(self.num_slots * slot_nbytes + ALIGN, dtype=torch.uint8)
+        raw = torch.empty(self.nbytes + ALIGN, dtype=torch.uint8)
         start = (-raw.data_ptr()) % ALIGN
-        self.slab: torch.Tensor | None = raw[start:start + self.num_slots * slot_nbytes]  # O_DIRECT-aligned
-        self.free_slots = list(range(self.num_slots - 1, -1, -1))
+        self.slab: torch.Tensor | None = raw[start:start + self.nbytes]  # O_DIRECT-aligned (records ALIGN-sized)
         self.entries: dict[Key, Entry] = {}
         self.max_slots_used = 0
         self.num_evictions = 0
@@ -46,18 +68,22 @@ class ExpertCache:
     @property
     def nbytes(self) -> int:
         """RAM the cache holds for experts: the slab, whatever is in it."""
-        return self.num_slots * self.slot_nbytes
+        return self.offsets[-1] + self.sizes[-1]
 
     @property
     def num_used(self) -> int:
-        return self.num_slots - len(self.free_slots)
+        return self.num_slots - sum(map(len, self.free_slots.values()))
 
     @property
     def all_free(self) -> bool:
-        return not self.entries and len(self.free_slots) == self.num_slots
+        return not self.entries and self.num_used == 0
+
+    def address(self, index: int) -> int:
+        """Where slot `index` starts in memory (the reads write there)."""
+        return self.slab.data_ptr() + self.offsets[index]
 
     def slot(self, index: int) -> torch.Tensor:
-        return self.slab[index * self.slot_nbytes:(index + 1) * self.slot_nbytes]
+        return self.slab[self.offsets[index]:self.offsets[index] + self.sizes[index]]
 
     def lookup(self, key: Key) -> Entry | None:
         return self.entries.get(key)
@@ -67,11 +93,13 @@ class ExpertCache:
         """A new loading entry for key in a free slot, or in the slot of an evicted one: done, unpinned, not
         protected (unless allow_protected), among `only` when given, and one `admit` accepts. None when no slot
         can be had now."""
-        if not self.free_slots:
-            victims = [k for k, e in self.entries.items() if e.done and not e.pins and k not in protect
-                       and (only is None or k in only)]
+        size = self.size_of(key)
+        free = self.free_slots[size]
+        if not free:
+            mine = [(k, e) for k, e in self.entries.items() if e.done and not e.pins and self.sizes[e.slot] == size]
+            victims = [k for k, e in mine if k not in protect and (only is None or k in only)]
             if not victims and allow_protected:
-                victims = [k for k, e in self.entries.items() if e.done and not e.pins]
+                victims = [k for k, _ in mine]
             if not victims:
                 return None
             victim = self.policy.choose_victim(victims)
@@ -79,7 +107,7 @@ class ExpertCache:
                 return None
             self.remove(self.entries[victim])
             self.num_evictions += 1
-        entry = Entry(key, self.free_slots.pop())
+        entry = Entry(key, free.pop())
         self.entries[key] = entry
         self.policy.on_insert(key)
         self.max_slots_used = max(self.max_slots_used, self.num_used)
@@ -88,7 +116,7 @@ class ExpertCache:
     def remove(self, entry: Entry) -> None:
         assert not entry.pins and entry.done, "removing an expert that is in use or being read"
         del self.entries[entry.key]
-        self.free_slots.append(entry.slot)
+        self.free_slots[self.sizes[entry.slot]].append(entry.slot)
         self.policy.on_remove(entry.key)
 
     def clear(self) -> None:

@@ -80,7 +80,8 @@ def measure_costs(store: ExpertStore, num_probe: int = 4) -> Costs:
     store.reset_stats()
     bandwidth = read_bytes / read_s if read_bytes and read_s > 0 else 2.5e9  # all cached already: a typical disk
     c1, c16 = min(timings[1]), min(timings[16])
-    return Costs(bandwidth, store.index.slot_nbytes, c1, max(c16 - c1, 0.0) / 15)
+    mean_nbytes = store.index.total_nbytes // (len(store.index.experts) * store.index.num_experts)  # mixed bits
+    return Costs(bandwidth, mean_nbytes, c1, max(c16 - c1, 0.0) / 15)
 
 
 def make_plan(costs: Costs, num_experts: int, top_k: int, num_layers: int, num_slots: int,

@@ -64,7 +64,7 @@ class ExpertReads:
         f = self.files[layer]
         rec = self.index.experts[layer][expert]
         nbytes = self.layout.format_of(rec).record_nbytes
-        address = self.cache.slab.data_ptr() + entry.slot * self.cache.slot_nbytes
+        address = self.cache.address(entry.slot)
         entry.ticket = self.pool.submit(f.fd, address, nbytes, rec.offset, demand, f.mode == "fadvise")
         self._loading[entry.ticket] = entry
 

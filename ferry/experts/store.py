@@ -84,9 +84,10 @@ class ExpertStore:
     def _init_cache(self, budget_bytes: int | None, policy: EvictionPolicy) -> None:
         """The slab of slots, from the budget less the slot layout's scratch (both count against it)."""
         scratch_nbytes = self.slots.scratch_nbytes
-        total = len(self.index.layer_files) * self.index.num_experts * self.index.slot_nbytes + scratch_nbytes
-        budget = total if budget_bytes is None else budget_bytes
-        self.cache = ExpertCache(max(budget - scratch_nbytes, 0), self.index.slot_nbytes, policy)
+        sizes = {(layer, e): self.layout.format_of(r).record_nbytes
+                 for layer, recs in self.index.experts.items() for e, r in enumerate(recs)}
+        budget = sum(sizes.values()) + scratch_nbytes if budget_bytes is None else budget_bytes
+        self.cache = ExpertCache(max(budget - scratch_nbytes, 0), sizes, policy)
         self._stats = ExpertStats(num_slots=self.cache.num_slots, cache_nbytes=self.cache.nbytes + scratch_nbytes,
                                   budget_nbytes=budget)
 

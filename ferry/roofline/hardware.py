@@ -126,10 +126,10 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
             notes.append("no int8 GEMM in this torch (torch._int_mm): int8/int4 weights are costed at bfloat16's peak")
         else:
             peaks["int8"] = int8
-        progress("the engine's linear by rows...")
-        by_rows = {dtype: linear_gflops(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
         progress("small kernel call cost...")
         disp, call = dispatch_us(), call_us()
+        progress("the engine's linear by rows...")
+        by_rows = {dtype: linear_gflops(getattr(torch, dtype), disp) for dtype in ("float32", "bfloat16")}
     finally:
         torch.set_num_threads(before)
     native = cpu.isa() >= cpu.Isa.AVX512_BF16 or "amx_bf16" in cpu.cpu_flags()
@@ -188,9 +188,11 @@ def gemm_gflops(dtype: torch.dtype, n: int = 1024, runs: int = 4) -> float:
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
-def linear_gflops(dtype: torch.dtype, n: int = 2048, k: int = 1024, runs: int = 3) -> dict[int, float]:
+def linear_gflops(dtype: torch.dtype, call_us: float, n: int = 2048, k: int = 1024,
+                  runs: int = 3) -> dict[int, float]:
     """GFLOP/s of the engine's linear (ferry.ops.gemv.linear) at each of LINEAR_ROWS rows of x, on an n x k weight
-    that stays in cache (compute and call costs, not DRAM: the roofline adds the bytes itself)."""
+    that stays in cache, the cost of the call itself (call_us, which the roofline adds per call) taken out: its
+    compute, not DRAM (the roofline adds the bytes itself)."""
     w = torch.randn(n, k).to(dtype)
     out = {}
     for rows in LINEAR_ROWS:
@@ -203,7 +205,7 @@ def linear_gflops(dtype: torch.dtype, n: int = 2048, k: int = 1024, runs: int = 
             for _ in range(reps):
                 linear(x, w)
             times.append((time.perf_counter() - t) / reps)
-        out[rows] = 2 * rows * n * k / statistics.median(times) / 1e9
+        out[rows] = 2 * rows * n * k / max(statistics.median(times) - call_us * 1e-6, 1e-7) / 1e9
     return out
 
 

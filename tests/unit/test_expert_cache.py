@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ferry.config import ModelConfig
+from ferry.errors import InvalidRequest
 from ferry.experts.cache import ExpertCache
 from ferry.experts.layout import StoreIndex
 from ferry.experts.policies import FrequencyCorrelationPolicy, LRUPolicy
@@ -155,3 +156,22 @@ def test_a_layer_needing_more_experts_than_the_cache_streams_them(tmp_ckpt_dir):
     pattern = [(l, list(range(8))) for _ in range(20) for l in (0, 1)]
     hit_rate = _hit_rate(folder, ModelConfig.from_hf(ckpt), FrequencyCorrelationPolicy, 6, pattern)
     assert hit_rate >= 0.15, hit_rate  # 6 - READ_AHEAD = 3 kept of the 16 a forward needs (~0.19); at once: 0
+
+
+def test_a_mixed_bit_store_gets_a_class_of_slots_per_record_size():
+    """Records of 4 KiB and 12 KiB (an int4 and a dense expert, say): each size gets its share of the budget as its
+    own slots, an expert only ever takes (and evicts from) its own size's slots, and the slab fits the budget."""
+    sizes = {(0, e): 4096 for e in range(6)} | {(1, e): 3 * 4096 for e in range(2)}  # 24 KiB + 24 KiB
+    budget = 4096 * 6  # half the store: 3 small slots + 1 large one
+    cache = ExpertCache(budget, sizes, LRUPolicy())
+    assert sorted(cache.sizes) == [4096] * 3 + [3 * 4096] and cache.nbytes <= budget
+    assert all(cache.address(i) % 4096 == 0 and cache.slot(i).numel() == cache.sizes[i] for i in range(4))
+    small = [cache.reserve((0, e), set(), False) for e in range(3)]
+    big = cache.reserve((1, 0), set(), False)
+    assert cache.sizes[big.slot] == 3 * 4096 and {cache.sizes[e.slot] for e in small} == {4096}
+    for e in small + [big]:
+        e.done = True
+    assert cache.reserve((1, 1), set(), False).slot == big.slot  # evicts the large expert, not a small one
+    assert cache.reserve((0, 3), set(), False).slot == small[0].slot  # the least recent small one
+    with pytest.raises(InvalidRequest, match="holds no expert of 12288 bytes"):
+        ExpertCache(4096 * 3, sizes, LRUPolicy())  # half of it for the large class: less than one slot
