@@ -28,6 +28,7 @@ REFERENCE = "ferry in-memory"
 PEERS = {"transformers": "accelerate disk offload", "llama.cpp": "llama.cpp mmap"}
 INT4_REFERENCE = "ferry int4 in-memory (lossy)"  # the int4 store with every expert in RAM
 INT4_FULL = "ferry int4 full (lossy)"  # the int4 store under the bf16 rows' budget, "ferry full" settings
+AUTO_BITS = "ferry auto-bits full (lossy)"  # an --expert-bits auto store of the int4 store's size, "ferry full"
 GROUPS = "ferry full, groups of"
 GROUPS_REFERENCE = "ferry in-memory, groups of"  # the same groups with every expert in RAM: their tokens
 
@@ -42,12 +43,14 @@ def reference_of(name: str) -> str:
     in batches of k, which round bf16 differently from one batch of 16: their reference decodes the same groups."""
     if grouped(name):
         return name.replace(GROUPS, GROUPS_REFERENCE)
+    if name == AUTO_BITS:
+        return AUTO_BITS  # its own tokens (lossy): how far they are from the lossless ones is reported
     return INT4_REFERENCE if name in (INT4_FULL, INT4_REFERENCE) else REFERENCE
 
 
 def column_rank(name: str) -> int:
     """Table order: references, ferry's lossless modes, int4 beside them, grouped decoding, then the peers."""
-    order = [REFERENCE, INT4_REFERENCE, *FERRY_MODES, INT4_FULL]
+    order = [REFERENCE, INT4_REFERENCE, *FERRY_MODES, INT4_FULL, AUTO_BITS]
     return order.index(name) if name in order else len(order) + (not grouped(name))
 
 
@@ -171,6 +174,7 @@ class Sizes:
     store: Path  # lossless expert store
     store_bytes: int
     int4_store: Path | None  # int4 expert store (None: no int4 rows)
+    auto_store: Path | None  # --expert-bits auto store of the int4 store's bytes (None: no auto-bits rows)
     runtime: dict[str, int]  # engine -> resident bytes after its imports ({} without limits)
     limits: bool  # cgroup memory limits
 
@@ -208,6 +212,9 @@ def configs_for(budget: float, engines: list[str], sz: Sizes, klotski: int | Non
         if sz.int4_store is not None and budget < 1:
             out.append(Config(INT4_FULL, "ferry", {**ferry_common, **FERRY_MODES["ferry full"],
                                                    "expert_store": str(sz.int4_store)}, limit("ferry")))
+        if sz.auto_store is not None and budget < 1:  # the same bytes as int4, each expert's format chosen
+            out.append(Config(AUTO_BITS, "ferry", {**ferry_common, **FERRY_MODES["ferry full"],
+                                                   "expert_store": str(sz.auto_store)}, limit("ferry")))
         if klotski:  # the largest batch decoded as sequential groups of `klotski` sequences (--max-num-seqs)
             out.append(Config(f"{GROUPS} {klotski}", "ferry",
                               {**ferry_common, **FERRY_MODES["ferry full"], "max_num_seqs": klotski}, limit("ferry")))

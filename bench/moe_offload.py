@@ -31,8 +31,11 @@ Every ferry offload run must give the same greedy tokens as ferry with every exp
 Lossy rows, beside them (--no-int4 to skip): the int4 expert store (`ferry convert --expert-bits 4`, run through
 ferry's int4 kernel, ferry/ops/qgemv.cpp) all in RAM ("ferry int4 in-memory (lossy)"), and under each budget's RAM
 (budget x the lossless store's bytes, same memory limit) with ferry full's settings ("ferry int4 full (lossy)");
-the int4 offload run must give the int4 in-memory run's tokens. Its ratio to the lossless all-in-memory run is
-reported next to the lossless one; quality is `ferry eval`'s business, not this scenario's.
+the int4 offload run must give the int4 in-memory run's tokens. "ferry auto-bits full (lossy)": an `--expert-bits
+auto` store of the int4 store's bytes (each expert's format chosen from its inputs recorded on the eval's held-out
+text: the same bytes spent where they lose least), under each budget's RAM with ferry full's settings. Their ratios
+to the lossless all-in-memory run are reported next to the lossless ones, with the share of sequences that keep
+the lossless tokens; perplexity is `ferry eval`'s business, not this scenario's.
 Decode tok/s = B x (N - 1) / (time of N tokens - time of 1 token), prompts of 16 tokens, after a warm-up; the
 counters per token (hit rate, bytes read, stall) are over the N-token run.
 
@@ -57,6 +60,7 @@ from pathlib import Path
 from bench import memlimit
 from bench.common import new_record, result_path, summary
 from bench.moe_configs import (
+    AUTO_BITS,
     INT4_REFERENCE,
     REFERENCE,
     SLACK,
@@ -100,12 +104,14 @@ def sizes_of(model: Path, args, engines: list[str]) -> tuple[Sizes, dict, list[P
     from ferry.experts.layout import StoreIndex
     store = expert_store(model, args.dtype)
     int4_store = None if args.no_int4 or "ferry" not in engines else expert_store(model, args.dtype, "4")
+    auto_store = expert_store(model, args.dtype, "auto", StoreIndex.load(int4_store).total_nbytes) \
+        if int4_store else None
     nonexpert, experts = weight_bytes(model, 4 if args.dtype == "float32" else 2)
     cfg = json.loads((model / "config.json").read_text())
     embeddings = cfg["vocab_size"] * cfg["hidden_size"] * (4 if args.dtype == "float32" else 2)
     embeddings *= 1 if cfg.get("tie_word_embeddings") else 2
     layer_bytes = (nonexpert - embeddings + experts) // cfg["num_hidden_layers"]  # one decoder layer's weights
-    files = [model, store] + ([int4_store] if int4_store else [])
+    files = [model, store] + [s for s in (int4_store, auto_store) if s]
     if "llama.cpp" in engines:
         from bench.peers.gguf_export import ensure
         try:
@@ -114,7 +120,8 @@ def sizes_of(model: Path, args, engines: list[str]) -> tuple[Sizes, dict, list[P
             pass  # the llama.cpp config says why when it starts
     limits = not args.no_limit and memlimit.available() is None
     runtime = {e: runtime_bytes(e) for e in engines} if limits else {}
-    sz = Sizes(nonexpert, experts, layer_bytes, store, StoreIndex.load(store).total_nbytes, int4_store, runtime, limits)
+    sz = Sizes(nonexpert, experts, layer_bytes, store, StoreIndex.load(store).total_nbytes, int4_store, auto_store,
+               runtime, limits)
     return sz, cfg, files
 
 
@@ -134,6 +141,9 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
     if sz.int4_store:
         from ferry.experts.layout import StoreIndex
         part["int4_store_bytes"] = StoreIndex.load(sz.int4_store).total_nbytes
+    if sz.auto_store:
+        part["auto_store"] = str(sz.auto_store)
+        part["auto_store_bytes"] = StoreIndex.load(sz.auto_store).total_nbytes
     record["models"][label] = part
     if "ferry" in engines:
         part["disk"] = disk_bandwidth(sz.store)
@@ -266,7 +276,7 @@ def summarize(c: Config, ms: list[dict], ref_ids: dict[tuple[str, int], list], B
     if c.engine == "ferry" and c.name != reference_of(c.name) and ids[0] is not None and want is not None:
         s["token_exact"] = all(i == want for i in ids)
     lossless = ref_ids.get((REFERENCE, B))
-    if reference_of(c.name) == INT4_REFERENCE and ids[0] is not None and lossless is not None:  # lossy: how far
+    if reference_of(c.name) in (INT4_REFERENCE, AUTO_BITS) and ids[0] is not None and lossless is not None:  # lossy
         s["sequences_as_lossless"] = sum(a == b for a, b in zip(ids[0], lossless)) / len(lossless)
     if c.cgroup is not None:
         s.update(limit_bytes=c.limit, peak_bytes=c.cgroup.peak_bytes, limit_hits=c.cgroup.failcnt)

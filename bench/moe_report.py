@@ -5,8 +5,8 @@ import math
 from pathlib import Path
 
 from bench.common import summary
-from bench.moe_configs import (FIXED_MODES, GROUPS, INT4_FULL, INT4_REFERENCE, PEERS, REFERENCE, column_rank, grouped,
-                               reference_of)
+from bench.moe_configs import (AUTO_BITS, FIXED_MODES, GROUPS, INT4_FULL, INT4_REFERENCE, PEERS, REFERENCE, column_rank,
+                               grouped, reference_of)
 
 BEST_FIXED = "best fixed"  # per round, the fastest of ferry's fixed settings (FIXED_MODES)
 # (numerator, denominator, column label): per-round ratios summarized into each case
@@ -16,10 +16,11 @@ RATIOS = [("ferry auto", REFERENCE, "auto / ferry in-memory"), ("ferry auto", BE
           *[("ferry full", v, f"full / {v}") for v in PEERS.values()],
           ("ferry full", "ferry on-demand", "full / on-demand"), ("ferry full", "ferry lru+prefetch", "full / lru+prefetch"),
           (INT4_FULL, REFERENCE, "int4 full / ferry in-memory (lossy)"),
-          (INT4_REFERENCE, REFERENCE, "int4 in-memory / ferry in-memory (lossy)")]
+          (INT4_REFERENCE, REFERENCE, "int4 in-memory / ferry in-memory (lossy)"),
+          (AUTO_BITS, REFERENCE, "auto-bits full / ferry in-memory (lossy)")]
 SHOWN = {"auto / ferry in-memory", "auto / best fixed", "full / ferry in-memory",
          *(f"full / {v}" for v in PEERS.values()), "int4 full / ferry in-memory (lossy)",
-         "int4 in-memory / ferry in-memory (lossy)"}  # the README's ratio columns
+         "int4 in-memory / ferry in-memory (lossy)", "auto-bits full / ferry in-memory (lossy)"}  # README ratios
 
 
 def add_ratios(case: dict) -> None:
@@ -157,8 +158,14 @@ def _throughput_table(label: str, p: dict, dtype: str) -> str:
         rows.append("| " + " | ".join(cells) + " |")
     int4 = (f"; int4 store {p['int4_store_bytes'] / 2**20:.0f} MiB, its rows get the bf16 rows' RAM"
             if p.get("int4_store_bytes") else "")
+    auto = ""
+    if p.get("auto_store_bytes"):
+        agree = [f"{c['configs'][AUTO_BITS]['sequences_as_lossless']:.0%}" for c in p["cases"]
+                 if "sequences_as_lossless" in c["configs"].get(AUTO_BITS, {})]
+        auto = (f"; auto-bits store (`--expert-bits auto`, the int4 store's size) {p['auto_store_bytes'] / 2**20:.0f}"
+                f" MiB, sequences with the lossless tokens per offloaded case {' / '.join(agree) or 'n/a'}")
     intro = (f"**{label}: {p['model_name']}** ({p['expert_bytes'] / 2**20:.0f} MiB of experts + "
-             f"{p['nonexpert_bytes'] / 2**20:.0f} MiB of other weights in {dtype}{int4}; decode tok/s, "
+             f"{p['nonexpert_bytes'] / 2**20:.0f} MiB of other weights in {dtype}{int4}{auto}; decode tok/s, "
              f"{p['new_tokens']} tokens after 16-token prompts; memory limit: {p['memory_limit']})")
     if bound:
         slow = p.get("interference", {}).get("slowdown", {})

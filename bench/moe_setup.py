@@ -13,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / ".cache" / "moe_offload"
 TRAINED = ROOT.parent / "ferry" / "assets" / "ferry-tiny-moe"
+CALIBRATION_TOKENS = 2048  # held-out tokens the --expert-bits auto store's plan records the experts' inputs on
 RANDOM_NAME = "olmoe-32e-1g"
 RANDOM_SHAPE = dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", hidden_size=1024, intermediate_size=512,
                     num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, num_experts=32,
@@ -61,13 +62,15 @@ def weight_bytes(model: Path, dtype_bytes: int = 2) -> tuple[int, int]:
     return rest, experts
 
 
-def expert_store(model: Path, dtype: str, bits: str = "none") -> Path:
-    """The model's expert store (bits "none": lossless, in dtype; "4": int4, lossy), converted once (again when the
-    model's files are newer)."""
+def expert_store(model: Path, dtype: str, bits: str = "none", size: int | None = None) -> Path:
+    """The model's expert store (bits "none": lossless, in dtype; "4": int4, lossy; "auto": each expert's format
+    chosen from its recorded inputs to fit `size` bytes, lossy), converted once (again when the model's files are
+    newer)."""
     from ferry.errors import ModelLoadError
     from ferry.experts.convert import convert_expert_store
     from ferry.experts.layout import StoreIndex
-    store = WORK / (f"{model.name}-{dtype}.experts" if bits == "none" else f"{model.name}-int{bits}.experts")
+    name = {"none": f"{model.name}-{dtype}", "auto": f"{model.name}-{dtype}-auto{size}"}.get(bits, f"{model.name}-int{bits}")
+    store = WORK / f"{name}.experts"
     newest = max(p.stat().st_mtime for p in model.glob("*") if p.is_file())
     if (store / "index.json").exists() and (store / "index.json").stat().st_mtime < newest:
         shutil.rmtree(store)
@@ -77,8 +80,19 @@ def expert_store(model: Path, dtype: str, bits: str = "none") -> Path:
             return store
         except ModelLoadError:  # an older format (e.g. version-1 int4 records): convert again
             shutil.rmtree(store)
-    convert_expert_store(model, store, dtype, bits)
+    convert_expert_store(model, store, dtype, bits, auto_plan(model, dtype, size) if bits == "auto" else None)
     return store
+
+
+def auto_plan(model: Path, dtype: str, size: int):
+    """`ferry convert --expert-bits auto --expert-store-size size`'s plan: the experts' inputs recorded on the
+    eval's held-out text (CALIBRATION_TOKENS of it), every expert measured at every format, formats chosen."""
+    from ferry.eval.activations import record_expert_inputs
+    from ferry.eval.suite import HELDOUT
+    from ferry.experts.convert import plan_expert_bits
+    calibration = record_expert_inputs(str(model), HELDOUT, CALIBRATION_TOKENS, 128, "float32")
+    return plan_expert_bits(model, calibration, size, dtype,
+                            progress=lambda line: print(f"[moe-offload] {line}", flush=True))
 
 
 def prompts_random(vocab: int, batch: int, seed: int, length: int = 16) -> list[list[int]]:

@@ -11,7 +11,7 @@ import pytest
 
 from bench import memlimit
 from bench.common import SMOKE
-from bench.moe_configs import FERRY_MODES, INT4_FULL, INT4_REFERENCE, REFERENCE
+from bench.moe_configs import AUTO_BITS, FERRY_MODES, INT4_FULL, INT4_REFERENCE, REFERENCE
 from bench.moe_report import add_bound, add_ratios, markdown
 
 
@@ -118,6 +118,8 @@ def test_smoke_run_is_token_exact_and_counts(tmp_path):
     assert "token_exact" not in case["configs"]["ferry in-memory, groups of 1"]
     assert "token_exact" not in case["configs"][INT4_REFERENCE]  # lossy: measured against bf16, not required
     assert 0 <= case["configs"][INT4_REFERENCE]["sequences_as_lossless"] <= 1
+    auto = case["configs"][AUTO_BITS]  # --expert-bits auto at the budget's size: lossy, its agreement measured
+    assert "token_exact" not in auto and 0 <= auto["sequences_as_lossless"] <= 1 and auto["hit_rate"] > 0
     # a ratio exists only where both rows have a speed
     if math.isfinite(case["configs"][REFERENCE]["median"]):
         assert "int4 full / ferry in-memory (lossy)" in case["ratios"]
