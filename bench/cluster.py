@@ -200,42 +200,42 @@ def copy_cost(args: argparse.Namespace) -> dict:
             "import_us_per_block": 1e6 * (end - mid) / blocks.num_blocks}
 
 
-def main(argv: list[str] | None = None) -> None:
+def _run(cluster, trace: list, tag: str) -> dict:
+    """One trace on a ClusterLLM, which is shut down after it."""
+    try:
+        return asyncio.run(serve_trace(cluster, trace, tag))
+    finally:
+        asyncio.run(cluster.shutdown(drain=False, timeout=60))
+
+
+def policies(args: argparse.Namespace, opts: dict, record: dict) -> None:
+    """The imbalanced trace under each migration policy, the shared-prefix trace under each dispatch policy, and
+    the usual trace on a prefill/decode split, each on 2 instances."""
     from ferry.cluster.frontend import ClusterLLM
-    from ferry.engine.async_engine import AsyncLLM
     from ferry.engine.options import parse_instance_roles
-
-    args = parse_args(argv)
-    record = new_record("cluster", "what do several instances, live migration and the prefill/decode split cost "
-                                   "and buy on one machine?", args)
-    opts = {"dtype": args.dtype, "kv_cache_memory": args.kv_cache_memory, "threads": 1}
-    trace = workload(args)
-
-    async def front_end() -> dict:
-        one = AsyncLLM.from_options(args.model, **{**opts, "threads": 2})
-        c1 = ClusterLLM(args.model, 1, {**opts, "threads": 2})
-        record["ray_memory_bytes"] = c1.ray_memory_bytes
-        try:
-            return await front_end_cost(one, c1, trace, args.rounds)
-        finally:
-            await one.shutdown()
-            await c1.shutdown(drain=False, timeout=60)
-    record["front_end"] = asyncio.run(front_end())
-    record["one_instance_2_threads"] = record["front_end"]["no_ray"]
     for policy in ("off", "balance"):
-        c2 = ClusterLLM(args.model, 2, opts, migration_policy=policy)
-        record[f"imbalanced_{policy}"] = asyncio.run(serve_trace(c2, imbalanced(args), f"imb-{policy}"))
-        record[f"imbalanced_{policy}"]["migrations"] = dict(c2._migrations.outcomes)
-        asyncio.run(c2.shutdown(drain=False, timeout=60))
+        c = ClusterLLM(args.model, 2, opts, migration_policy=policy)
+        moves = c._migrations.outcomes  # filled while the trace runs
+        record[f"imbalanced_{policy}"] = {**_run(c, imbalanced(args), f"imb-{policy}"), "migrations": dict(moves)}
     for policy in ("least-loaded", "cache-aware"):
-        c2 = ClusterLLM(args.model, 2, opts, dispatch_policy=policy)
-        row = record[f"prefix_{policy}"] = asyncio.run(serve_trace(c2, shared_prefix(args), f"pre-{policy}"))
-        parts = [s for s in c2.instance_stats() if s is not None]
-        row["prefix_cache_hit_rate"] = sum(s.prefix_cache_hits for s in parts) / max(
-            1, sum(s.prefix_cache_queries for s in parts))
-        asyncio.run(c2.shutdown(drain=False, timeout=60))
+        c = ClusterLLM(args.model, 2, opts, dispatch_policy=policy)
+        row = record[f"prefix_{policy}"] = asyncio.run(serve_trace(c, shared_prefix(args), f"pre-{policy}"))
+        stats = [s for s in c.instance_stats() if s is not None]
+        asyncio.run(c.shutdown(drain=False, timeout=60))
+        row["prefix_cache_hit_rate"] = sum(s.prefix_cache_hits for s in stats) / max(
+            1, sum(s.prefix_cache_queries for s in stats))
+    pd = ClusterLLM(args.model, 2, opts, roles=parse_instance_roles("prefill:1,decode:1"))
+    handovers = pd._migrations.outcomes
+    record["split_prefill_1_decode_1"] = _run(pd, workload(args), "pd")
+    record["split_handovers"] = dict(handovers)
+
+
+def migrations(args: argparse.Namespace, opts: dict, record: dict) -> None:
+    """The usual trace on 2 instances x 1 thread, then one request per length moved mid-decode, on ferry-tiny
+    and on --migration-model."""
+    from ferry.cluster.frontend import ClusterLLM
     two = ClusterLLM(args.model, 2, opts)
-    record["two_instances_1_thread"] = asyncio.run(serve_trace(two, trace, "two"))
+    record["two_instances_1_thread"] = asyncio.run(serve_trace(two, workload(args), "two"))
     record["migrations"] = asyncio.run(migration_gaps(two, args.migration_lens, args.seed))
     asyncio.run(two.shutdown(drain=False, timeout=60))
     if args.migration_model:  # the same moves on a model whose decode step is not shorter than a Ray call
@@ -244,10 +244,30 @@ def main(argv: list[str] | None = None) -> None:
                          {"dtype": "auto", "kv_cache_memory": args.migration_kv_cache_memory, "threads": 1})
         record["migrations"] += asyncio.run(migration_gaps(big, args.migration_lens, args.seed))
         asyncio.run(big.shutdown(drain=False, timeout=60))
-    pd = ClusterLLM(args.model, 2, opts, roles=parse_instance_roles("prefill:1,decode:1"))
-    record["split_prefill_1_decode_1"] = asyncio.run(serve_trace(pd, trace, "pd"))
-    record["split_handovers"] = dict(pd._migrations.outcomes)
-    asyncio.run(pd.shutdown(drain=False, timeout=60))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ferry.cluster.frontend import ClusterLLM
+    from ferry.engine.async_engine import AsyncLLM
+
+    args = parse_args(argv)
+    record = new_record("cluster", "what do several instances, live migration and the prefill/decode split cost "
+                                   "and buy on one machine?", args)
+    opts = {"dtype": args.dtype, "kv_cache_memory": args.kv_cache_memory, "threads": 1}
+
+    async def front_end() -> dict:
+        one = AsyncLLM.from_options(args.model, **{**opts, "threads": 2})
+        c1 = ClusterLLM(args.model, 1, {**opts, "threads": 2})
+        record["ray_memory_bytes"] = c1.ray_memory_bytes
+        try:
+            return await front_end_cost(one, c1, workload(args), args.rounds)
+        finally:
+            await one.shutdown()
+            await c1.shutdown(drain=False, timeout=60)
+    record["front_end"] = asyncio.run(front_end())
+    record["one_instance_2_threads"] = record["front_end"]["no_ray"]
+    policies(args, opts, record)
+    migrations(args, opts, record)
     record["copy_cost"] = copy_cost(args)
     path = result_path("cluster", args.smoke)
     path.write_text(json.dumps(record, indent=2, default=str))
