@@ -184,7 +184,8 @@ def copy_cost(args: argparse.Namespace) -> dict:
     from ferry import LLM
     src, dst = (LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, threads=1) for _ in range(2))
     eng = src.engine
-    eng.add_processed("c", eng.inputs.process({"prompt_token_ids": list(range(10, 10 + max(args.migration_lens)))},
+    prompt = [10 + i % 490 for i in range(max(args.migration_lens))]  # in every model's vocabulary
+    eng.add_processed("c", eng.inputs.process({"prompt_token_ids": prompt},
                                               SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
     while not any(r.num_output_tokens for r in src.view().running):
         eng.step()

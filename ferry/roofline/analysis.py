@@ -11,11 +11,13 @@ Predicted time of an operator = max(bytes / bandwidth, FLOPs / peak) + its calls
 call on the thread pool, e.g. a linear, costs the pool's wake-up and barrier; a small single-threaded one, e.g. a
 decode row's norm, only the Python dispatch); a step is the sum. A float linear's peak is what the engine's own
 linear reached over that many rows of x on this machine (HardwareProfile.linear_gflops: a decode kernel over 16
-rows does not run at a large GEMM's peak), where the profile has it. Approximations, said once: each byte is
-counted once per step (K/V of a prefill's attention are re-read per query block from cache, not DRAM), the routed
-experts of a MoE layer are the expected number of distinct experts T tokens pick if routing were uniform,
-int8/int4 weights are costed at the bfloat16 GEMM peak (weight-only: activations stay in float), elementwise
-operators at the float32 peak."""
+rows does not run at a large GEMM's peak), where the profile has it; over the few rows where the profile also
+timed it streaming weights from DRAM (HardwareProfile.linear_stream), its weight is read at that measured cost per
+byte and per call (a decode kernel's reads, compute and ramp-up overlap in ways bandwidth and peak alone do not
+predict). Approximations, said once: each byte is counted once per step (K/V of a prefill's attention are
+re-read per query block from cache, not DRAM), the routed experts of a MoE layer are the expected number of
+distinct experts T tokens pick if routing were uniform, int8/int4 weights are costed at the bfloat16 GEMM peak
+(weight-only: activations stay in float), elementwise operators at the float32 peak."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -230,9 +232,21 @@ def moe_costs(cfg: ModelConfig, w: Workload, layers: int) -> list[OpCost]:
 
 
 def predict(ops: list[OpCost], hw: HardwareProfile) -> list[Prediction]:
-    call = hw.call_us or hw.dispatch_us
-    return [Prediction(op, op.bytes / hw.bandwidth, op.flops / hw.peak(op.peak, op.rows),
-                       (op.calls * hw.dispatch_us + op.serial_calls * call) * 1e-6) for op in ops]
+    return [_predict(op, hw) for op in ops]
+
+
+def _predict(op: OpCost, hw: HardwareProfile) -> Prediction:
+    """max(memory, compute) + calls; a float linear over few rows, where the profile timed the engine's linear
+    streaming its weights from DRAM, reads its weight at that measured cost (per byte, and per call in place of
+    the pool's dispatch)."""
+    serial = op.serial_calls * (hw.call_us or hw.dispatch_us) * 1e-6
+    compute = op.flops / hw.peak(op.peak, op.rows)
+    streamed = hw.streamed(op.peak, op.rows) if op.rows else None
+    if streamed is None:
+        return Prediction(op, op.bytes / hw.bandwidth, compute, op.calls * hw.dispatch_us * 1e-6 + serial)
+    per_call, per_byte = streamed
+    memory = op.weight_bytes * per_byte + (op.act_bytes + op.kv_bytes) / hw.bandwidth
+    return Prediction(op, memory, compute, op.calls * per_call + serial)
 
 
 def decode_weight_bytes(cfg: ModelConfig, dtype: str = "float32", quantization: str = "none", batch_size: int = 1,

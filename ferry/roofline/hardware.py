@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,9 +19,9 @@ import torch
 from ferry.ops import cpu
 from ferry.ops.build import build_dir
 from ferry.ops.gemv import linear
+from ferry.roofline.linears import interpolate, linear_gflops, linear_stream, repetitions
 
-PROFILE_VERSION = 4  # bump when what is measured, or how, changes: old cache entries are then ignored
-LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048)  # rows of x at which the engine's linear is measured
+PROFILE_VERSION = 5  # bump when what is measured, or how, changes: old cache entries are then ignored
 
 
 @dataclass(frozen=True)
@@ -40,14 +39,28 @@ class HardwareProfile:
     # dtype -> {rows: GFLOP/s} of the engine's own linear (ferry.ops.gemv.linear: the decode kernel up to its
     # MAX_M rows, torch's GEMM above) on a weight that stays in cache: what a linear of that many rows can reach
     linear_gflops: dict[str, dict[int, float]] = field(default_factory=dict)
+    # dtype -> {rows: (us per call, ns per weight byte)} of the engine's linear streaming its weights from DRAM, fitted
+    # over two weight sizes (linears.py): what a decode step's linears really cost, overlap of reads and compute and
+    # each call's ramp-up included
+    linear_stream: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)
 
     def peak(self, dtype: str, rows: int = 0) -> float:
         """FLOP/s of a GEMM in `dtype` (falls back to float32 where that dtype was not measured); with rows, of the
         engine's linear over that many rows of x (interpolated between the measured counts, log-linearly)."""
         table = self.linear_gflops.get(dtype)
         if rows and table:
-            return _interpolate({int(k): v for k, v in table.items()}, rows) * 1e9
+            return interpolate({int(k): v for k, v in table.items()}, rows) * 1e9
         return self.peak_gflops.get(dtype, self.peak_gflops["float32"]) * 1e9
+
+    def streamed(self, dtype: str, rows: int) -> tuple[float, float] | None:
+        """(seconds per call, seconds per weight byte) of the engine's linear over `rows` rows with its weight in
+        DRAM; None past the measured rows (compute-bound there: peak(dtype, rows) applies) or where not measured."""
+        table = {int(k): v for k, v in self.linear_stream.get(dtype, {}).items()}
+        if not table or not rows or rows > max(table):
+            return None
+        call = interpolate({k: v[0] for k, v in table.items()}, rows)
+        per_byte = interpolate({k: v[1] for k, v in table.items()}, rows)
+        return call * 1e-6, per_byte * 1e-9
 
     @property
     def bandwidth(self) -> float:
@@ -62,21 +75,6 @@ class HardwareProfile:
         d = dict(d)
         d["notes"] = tuple(d.get("notes", ()))
         return cls(**d)
-
-
-def _interpolate(table: dict[int, float], rows: int) -> float:
-    """table's value at rows, linear in log(rows) between the two measured counts around it (clamped at the ends)."""
-    keys = sorted(table)
-    if rows <= keys[0]:
-        return table[keys[0]]
-    if rows >= keys[-1]:
-        return table[keys[-1]]
-    hi = next(k for k in keys if k >= rows)
-    lo = keys[keys.index(hi) - 1]
-    if hi == rows:
-        return table[hi]
-    f = (math.log(rows) - math.log(lo)) / (math.log(hi) - math.log(lo))
-    return table[lo] + f * (table[hi] - table[lo])
 
 
 def cache_key(cpu_name: str, isa: str, flags: frozenset[str] | set[str], threads: int, torch_version: str) -> str:
@@ -128,8 +126,9 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
             peaks["int8"] = int8
         progress("small kernel call cost...")
         disp, call = dispatch_us(), call_us()
-        progress("the engine's linear by rows...")
+        progress("the engine's linear by rows, on cached and on streamed weights...")
         by_rows = {dtype: linear_gflops(getattr(torch, dtype), disp) for dtype in ("float32", "bfloat16")}
+        stream = {dtype: linear_stream(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
     finally:
         torch.set_num_threads(before)
     native = cpu.isa() >= cpu.Isa.AVX512_BF16 or "amx_bf16" in cpu.cpu_flags()
@@ -137,7 +136,7 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
         notes.append("bfloat16 is emulated on this CPU (no AVX512_BF16/AMX)")
     return HardwareProfile(cpu=cpu.model_name(), isa=cpu.isa().label, threads=threads, torch=torch.__version__,
                            read_gbs=gbs, peak_gflops=peaks, bf16_native=native, dispatch_us=disp, call_us=call,
-                           notes=tuple(notes), linear_gflops=by_rows)
+                           notes=tuple(notes), linear_gflops=by_rows, linear_stream=stream)
 
 
 def _llc_bytes() -> int:
@@ -178,7 +177,7 @@ def gemm_gflops(dtype: torch.dtype, n: int = 1024, runs: int = 4) -> float:
     """GFLOP/s of a square n x n x n GEMM in dtype (compute-bound: the matrices fit in the LLC)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)
-    reps = _reps(lambda: torch.mm(a, b))
+    reps = repetitions(lambda: torch.mm(a, b))
     times = []
     for _ in range(runs):
         t = time.perf_counter()
@@ -186,27 +185,6 @@ def gemm_gflops(dtype: torch.dtype, n: int = 1024, runs: int = 4) -> float:
             torch.mm(a, b)
         times.append((time.perf_counter() - t) / reps)
     return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
-def linear_gflops(dtype: torch.dtype, call_us: float, n: int = 2048, k: int = 1024,
-                  runs: int = 3) -> dict[int, float]:
-    """GFLOP/s of the engine's linear (ferry.ops.gemv.linear) at each of LINEAR_ROWS rows of x, on an n x k weight
-    that stays in cache, the cost of the call itself (call_us, which the roofline adds per call) taken out: its
-    compute, not DRAM (the roofline adds the bytes itself)."""
-    w = torch.randn(n, k).to(dtype)
-    out = {}
-    for rows in LINEAR_ROWS:
-        x = torch.randn(rows, k).to(dtype)
-        linear(x, w)
-        reps = _reps(lambda: linear(x, w), 0.02)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            for _ in range(reps):
-                linear(x, w)
-            times.append((time.perf_counter() - t) / reps)
-        out[rows] = 2 * rows * n * k / max(statistics.median(times) - call_us * 1e-6, 1e-7) / 1e9
-    return out
 
 
 def int8_gemm_gflops(n: int = 1024, runs: int = 4) -> float | None:
@@ -256,9 +234,3 @@ def call_us(calls: int = 2000) -> float:
             x.add(1.0)
         samples.append((time.perf_counter() - t) / calls)
     return statistics.median(samples) * 1e6
-
-
-def _reps(fn: Callable[[], object], target_s: float = 0.05) -> int:
-    t = time.perf_counter()
-    fn()
-    return max(1, int(target_s / max(time.perf_counter() - t, 1e-6)))

@@ -131,3 +131,20 @@ def test_a_float_linear_is_bounded_by_the_engines_linear_at_its_rows(cfg):
     assert with_table["gate_up"].compute_s == pytest.approx(ops["gate_up"].flops / 50e9)
     assert plain["gate_up"].compute_s == pytest.approx(ops["gate_up"].flops / 100e9)
     assert with_table["act"].compute_s == plain["act"].compute_s  # not a linear: the GEMM peak
+
+
+def test_a_few_row_linear_reads_its_weight_at_the_streamed_cost(cfg):
+    """Where the profile timed the engine's linear streaming weights (per call, per byte), a linear over that many
+    rows costs its weight bytes at the per-byte cost and its calls at the per-call cost; more rows than were timed
+    fall back to bandwidth and peak."""
+    stream = {"float32": {"1": [20.0, 0.05], "16": [40.0, 0.1]}}  # us per call, ns per byte (JSON: string keys)
+    hw = HardwareProfile.from_json({**HW.to_json(), "linear_stream": stream})
+    assert hw.streamed("float32", 4) == pytest.approx((30e-6, 0.075e-9)) and hw.streamed("float32", 32) is None
+    assert hw.streamed("bfloat16", 4) is None
+    one = by_name(operators(cfg, Workload("decode", batch_size=1, kv_len=9, dtype="float32")))["down"]
+    (p,) = predict([one], hw)
+    assert p.memory_s == pytest.approx(one.weight_bytes * 0.05e-9 + one.act_bytes / 10e9)
+    assert p.overhead_s == pytest.approx(one.calls * 20e-6)
+    wide = by_name(operators(cfg, Workload("decode", batch_size=64, kv_len=9, dtype="float32")))["down"]
+    (q,) = predict([wide], hw)
+    assert q.memory_s == pytest.approx(wide.bytes / 10e9) and q.overhead_s == pytest.approx(wide.calls * 1e-6)
