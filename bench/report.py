@@ -193,7 +193,7 @@ def summary_block(results: Path, blocks: dict[str, str]) -> str:
     """The README's summary table, each row linking to the first heading of its scenario's block."""
     from bench.summary import table
     links = {}
-    for name in (*SCENARIOS, "moe-offload", "roofline", "quantization"):
+    for name in (*SCENARIOS, "moe-offload", "roofline", "quantization", "speculative"):
         heading = next((line.lstrip("#").strip() for line in blocks.get(name, "").splitlines()
                         if line.startswith("#")), None)
         links[name] = PAGE_OF[name] + (f"#{anchor(heading)}" if heading else "")

@@ -140,6 +140,30 @@ def roofline_row(rec: dict, link: str) -> list[str]:
             _run(rec, rec["hardware"]["threads"], link)]
 
 
+def speculative_row(rec: dict, link: str) -> list[str]:
+    """Per case, ferry's best speed-up from speculation against llama.cpp's best from its own, and issue 20's goals."""
+    def best(case: dict, llama: bool) -> float:
+        rs = [r["median"] for m, r in case["ratios"].items() if m.startswith("llama.cpp") == llama]
+        return max(rs) if rs else math.nan
+    cases = rec["cases"]
+    cell = "; ".join(f"{c['workload']} at {c['concurrency']}: {_x(best(c, False))} vs {_x(best(c, True))}"
+                     for c in cases)
+    ferry = {(c["workload"], c["concurrency"]): c["ratios"] for c in cases}
+    equal = all(e.get("equivalence") == 1.0 for c in cases for m, e in c["engines"].items()
+                if not m.startswith("llama.cpp"))
+    goals = [("gain ≥ llama.cpp's in every case", all(best(c, False) >= best(c, True) for c in cases)),
+             ("≥ 0.97x at 16 on every workload", all(r["median"] >= 0.97 for c in cases if c["concurrency"] == 16
+                                                     for m, r in c["ratios"].items() if not m.startswith("llama"))),
+             ("n-gram or phrase ≥ 2x, grounded at 1", max((ferry.get(("grounded", 1), {}).get(m, {"median": 0.0})
+                                                           ["median"] for m in ("ngram", "phrase")), default=0) >= 2),
+             ("draft ≥ 1.3x, open at 1", ferry.get(("open", 1), {}).get("draft", {"median": 0.0})["median"] >= 1.3),
+             ("greedy output identical", equal)]
+    return ["speculative decoding: ferry's speed-up over no speculation vs llama.cpp's over none",
+            f"ferry-tiny + ferry-tiny-draft, {rec['config']['dtype']}, workload at concurrency: {cell}", "see case",
+            "—", "; ".join(f"{g}: {'met' if ok else 'not yet'}" for g, ok in goals),
+            _run(rec, rec["config"]["threads"], link)]
+
+
 QUANT_GOALS = {"tok/s": 1.0, "output tok/s": 1.5}  # per metric: ferry / llama.cpp at every precision (issue 19)
 
 
@@ -170,6 +194,8 @@ def table(results: Path, links: dict[str, str]) -> str:
     if (results / "moe_offload.json").is_file():
         row = moe_row(json.loads((results / "moe_offload.json").read_text()), links["moe-offload"])
         rows += [row] if row else []
+    if (results / "speculative.json").is_file():
+        rows.append(speculative_row(json.loads((results / "speculative.json").read_text()), links["speculative"]))
     if (results / "roofline.json").is_file():
         rows.append(roofline_row(json.loads((results / "roofline.json").read_text()), links["roofline"]))
     if not rows:

@@ -14,7 +14,8 @@ linear reached over that many rows of x on this machine (HardwareProfile.linear_
 rows does not run at a large GEMM's peak), where the profile has it; over the few rows where the profile also
 timed it streaming weights from DRAM (HardwareProfile.linear_stream), its weight is read at that measured cost per
 byte and per call (a decode kernel's reads, compute and ramp-up overlap in ways bandwidth and peak alone do not
-predict). Approximations, said once: each byte is counted once per step (K/V of a prefill's attention are
+predict); an elementwise operator moves its bytes at the rate the engine's own elementwise kernels reached
+(HardwareProfile.vector_gbs). Approximations, said once: each byte is counted once per step (K/V of a prefill's attention are
 re-read per query block from cache, not DRAM), the routed experts of a MoE layer are the expected number of
 distinct experts T tokens pick if routing were uniform, int8/int4 weights are costed at the bfloat16 GEMM peak
 (weight-only: activations stay in float), elementwise operators at the float32 peak."""
@@ -81,6 +82,7 @@ class OpCost:
     calls: int  # kernel calls on the thread pool in the step (each costs HardwareProfile.dispatch_us at least)
     serial_calls: int = 0  # small single-threaded calls (each costs HardwareProfile.call_us at least; views free)
     rows: int = 0  # a float linear's rows of x: its compute is bounded by the engine's linear at that many rows
+    vector: str = ""  # an elementwise operator's data dtype: it moves its bytes at the engine's measured vector rate
 
     @property
     def bytes(self) -> float:
@@ -147,11 +149,12 @@ def linear_cost(name: str, T: int, n_in: int, n_out: int, w: Workload, layers: i
 
 
 def _vector(name: str, flops: float, act_bytes: float, calls: int, weight_bytes: float = 0.0,
-            rows: int = 0) -> OpCost:
-    """An elementwise operator over `rows` token rows: on the thread pool from POOL_ROWS rows, else one thread."""
+            rows: int = 0, dtype: str = "float32") -> OpCost:
+    """An elementwise operator over `rows` token rows of `dtype` data: on the thread pool from POOL_ROWS rows,
+    else one thread."""
     pooled = rows >= POOL_ROWS
     return OpCost(name, flops, weight_bytes, act_bytes, 0.0, "float32", calls if pooled else 0,
-                  0 if pooled else calls)
+                  0 if pooled else calls, vector=dtype)
 
 
 def operators(cfg: ModelConfig, w: Workload, policy: KVPolicy | None = None) -> list[OpCost]:
@@ -162,20 +165,20 @@ def operators(cfg: ModelConfig, w: Workload, policy: KVPolicy | None = None) -> 
     moe_layers = sum(cfg.moe.sparse_layers) if cfg.moe else 0
     dense_layers = L - moe_layers
     ops = [
-        _vector("embedding", 0.0, 2.0 * T * D * ab, 1),
-        _vector("attn_norm", L * 7.0 * T * D, L * 4.0 * T * D * ab, L, L * D * ab, T),  # add + norm: read 2, write 2
+        _vector("embedding", 0.0, 2.0 * T * D * ab, 1, dtype=w.dtype),
+        _vector("attn_norm", L * 7.0 * T * D, L * 4.0 * T * D * ab, L, L * D * ab, T, w.dtype),  # read 2, write 2
         linear_cost("qkv_proj", T, D, cfg.q_size + 2 * cfg.kv_size, w, L),
         _vector("rotary", L * 3.0 * T * (H + K) * Dh, L * (4.0 * T * (H + K) * Dh + 2.0 * T * Dh) * ab, 2 * L,
-                rows=T),
+                rows=T, dtype=w.dtype),
         attention_cost(cfg, w, policy),
         linear_cost("o_proj", T, cfg.q_size, D, w, L),
-        _vector("mlp_norm", L * 7.0 * T * D, L * 4.0 * T * D * ab, L, L * D * ab, T),
+        _vector("mlp_norm", L * 7.0 * T * D, L * 4.0 * T * D * ab, L, L * D * ab, T, w.dtype),
     ]
     if dense_layers:
         inter = cfg.intermediate_size
         ops += [linear_cost("gate_up", T, D, 2 * inter, w, dense_layers),
                 _vector("act", dense_layers * 5.0 * T * inter, dense_layers * 3.0 * T * inter * ab, dense_layers,
-                        rows=T),
+                        rows=T, dtype=w.dtype),
                 linear_cost("down", T, inter, D, w, dense_layers)]
     if moe_layers:
         ops += moe_costs(cfg, w, moe_layers)
@@ -183,7 +186,8 @@ def operators(cfg: ModelConfig, w: Workload, policy: KVPolicy | None = None) -> 
     # a quantized model's head is int8 per channel whatever --quantization (ferry/quant/model.py's default)
     head = linear_cost("lm_head", S, D, cfg.vocab_size, w if w.quantization == "none" else
                        replace(w, quantization="int8"), out_bytes=4)
-    ops += [_vector("final_norm", 7.0 * S * D, 2.0 * S * D * ab, 1, D * ab), replace(head, serial_calls=1),
+    ops += [_vector("final_norm", 7.0 * S * D, 2.0 * S * D * ab, 1, D * ab, dtype=w.dtype),
+            replace(head, serial_calls=1),
             _vector("sampling", 5.0 * S * cfg.vocab_size, 2.0 * S * cfg.vocab_size * 4, 8)]
     return ops
 
@@ -243,7 +247,8 @@ def _predict(op: OpCost, hw: HardwareProfile) -> Prediction:
     compute = op.flops / hw.peak(op.peak, op.rows)
     streamed = hw.streamed(op.peak, op.rows) if op.rows else None
     if streamed is None:
-        return Prediction(op, op.bytes / hw.bandwidth, compute, op.calls * hw.dispatch_us * 1e-6 + serial)
+        rate = hw.vector_gbs.get(op.vector, hw.read_gbs) if op.vector else hw.read_gbs
+        return Prediction(op, op.bytes / (rate * 1e9), compute, op.calls * hw.dispatch_us * 1e-6 + serial)
     per_call, per_byte = streamed
     memory = op.weight_bytes * per_byte + (op.act_bytes + op.kv_bytes) / hw.bandwidth
     return Prediction(op, memory, compute, op.calls * per_call + serial)

@@ -19,9 +19,9 @@ import torch
 from ferry.ops import cpu
 from ferry.ops.build import build_dir
 from ferry.ops.gemv import linear
-from ferry.roofline.linears import interpolate, linear_gflops, linear_stream, repetitions
+from ferry.roofline.linears import interpolate, linear_gflops, linear_stream, repetitions, vector_gbs
 
-PROFILE_VERSION = 5  # bump when what is measured, or how, changes: old cache entries are then ignored
+PROFILE_VERSION = 6  # bump when what is measured, or how, changes: old cache entries are then ignored
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class HardwareProfile:
     # over two weight sizes (linears.py): what a decode step's linears really cost, overlap of reads and compute and
     # each call's ramp-up included
     linear_stream: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)
+    # dtype -> GB/s the engine's elementwise kernels (add + RMSNorm, SiLU-and-multiply) move on prefill-sized rows
+    vector_gbs: dict[str, float] = field(default_factory=dict)
 
     def peak(self, dtype: str, rows: int = 0) -> float:
         """FLOP/s of a GEMM in `dtype` (falls back to float32 where that dtype was not measured); with rows, of the
@@ -129,6 +131,7 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
         progress("the engine's linear by rows, on cached and on streamed weights...")
         by_rows = {dtype: linear_gflops(getattr(torch, dtype), disp) for dtype in ("float32", "bfloat16")}
         stream = {dtype: linear_stream(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
+        vector = {dtype: vector_gbs(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
     finally:
         torch.set_num_threads(before)
     native = cpu.isa() >= cpu.Isa.AVX512_BF16 or "amx_bf16" in cpu.cpu_flags()
@@ -136,7 +139,7 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
         notes.append("bfloat16 is emulated on this CPU (no AVX512_BF16/AMX)")
     return HardwareProfile(cpu=cpu.model_name(), isa=cpu.isa().label, threads=threads, torch=torch.__version__,
                            read_gbs=gbs, peak_gflops=peaks, bf16_native=native, dispatch_us=disp, call_us=call,
-                           notes=tuple(notes), linear_gflops=by_rows, linear_stream=stream)
+                           notes=tuple(notes), linear_gflops=by_rows, linear_stream=stream, vector_gbs=vector)
 
 
 def _llc_bytes() -> int:

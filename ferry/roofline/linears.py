@@ -1,6 +1,7 @@
 """The engine's own linear measured on this machine, for the roofline: at each number of rows of x, its compute
 rate on a weight that stays in cache (linear_gflops), and its cost streaming weights from DRAM (linear_stream:
-per call and per weight byte, fitted over two weight sizes, so small and large weights are both priced). A decode
+per call and per weight byte, fitted over two weight sizes, so small and large weights are both priced); and the
+rate its elementwise kernels move prefill-sized activations at (vector_gbs). A decode
 step's linears stream from DRAM at a few rows: there the kernel's reads, compute and per-call ramp-up overlap in
 ways a bandwidth and a peak alone do not predict."""
 from __future__ import annotations
@@ -36,7 +37,7 @@ def interpolate(table: dict[int, float], rows: int) -> float:
     return table[lo] + f * (table[hi] - table[lo])
 
 
-def linear_gflops(dtype: torch.dtype, call_us: float, n: int = 2048, k: int = 1024,
+def linear_gflops(dtype: torch.dtype, call_us: float, n: int = 8192, k: int = 1024,
                   runs: int = 3) -> dict[int, float]:
     """GFLOP/s of the engine's linear (ferry.ops.gemv.linear) at each of LINEAR_ROWS rows of x, on an n x k weight
     that stays in cache, the cost of the call itself (call_us, which the roofline adds per call) taken out: its
@@ -86,3 +87,26 @@ def repetitions(fn: Callable[[], object], target_s: float = 0.05) -> int:
     t = time.perf_counter()
     fn()
     return max(1, int(target_s / max(time.perf_counter() - t, 1e-6)))
+
+
+def vector_gbs(dtype: torch.dtype, rows: int = 512, width: int = 4864, runs: int = 5) -> float:
+    """GB/s the engine's elementwise kernels move over a prefill-sized activation (rows x width): SiLU-and-multiply
+    of [rows, 2 width] and residual add + RMSNorm of [rows, width], bytes read and written over their time."""
+    from ferry.ops.fused import add_rms_norm, silu_mul
+    gate_up = torch.randn(rows, 2 * width).to(dtype)
+    x, res, w = torch.randn(rows, width).to(dtype), torch.randn(rows, width).to(dtype), torch.ones(width).to(dtype)
+    item = gate_up.element_size()
+    moved = rows * width * item * (3 + 4)  # silu_mul: read 2, write 1; add + norm: read 2, write 2
+
+    def both() -> None:
+        silu_mul(gate_up)
+        add_rms_norm(x, res, w, 1e-6)
+    both()
+    reps = repetitions(both, 0.05)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        for _ in range(reps):
+            both()
+        times.append((time.perf_counter() - t) / reps)
+    return moved / statistics.median(times) / 1e9

@@ -148,3 +148,11 @@ def test_a_few_row_linear_reads_its_weight_at_the_streamed_cost(cfg):
     wide = by_name(operators(cfg, Workload("decode", batch_size=64, kv_len=9, dtype="float32")))["down"]
     (q,) = predict([wide], hw)
     assert q.memory_s == pytest.approx(wide.bytes / 10e9) and q.overhead_s == pytest.approx(wide.calls * 1e-6)
+
+
+def test_elementwise_operators_move_their_bytes_at_the_measured_vector_rate(cfg):
+    hw = HardwareProfile.from_json({**HW.to_json(), "vector_gbs": {"bfloat16": 2.0}})
+    ops = by_name(operators(cfg, Workload("prefill", batch_size=4, prompt_len=32, dtype="bfloat16")))
+    act, gate_up = predict([ops["act"]], hw)[0], predict([ops["gate_up"]], hw)[0]
+    assert ops["act"].vector == "bfloat16" and act.memory_s == pytest.approx(ops["act"].bytes / 2e9)
+    assert gate_up.memory_s == pytest.approx(ops["gate_up"].bytes / 10e9)  # a linear: the read bandwidth

@@ -124,3 +124,20 @@ def test_summary_moe_row_says_why_a_peer_has_no_ratio():
     assert row[3] == "n/a (over the 120 s limit per call)"
     del rec["models"]["random"]
     assert moe_row(rec, "x") is None
+
+
+def test_speculative_row_compares_gains_and_judges_issue_20s_goals():
+    from bench.summary import speculative_row
+
+    def case(workload, c, ratios, eq=1.0):
+        engines = {m: {"equivalence": eq} for m in ["plain", "llama.cpp", *ratios]}
+        return {"workload": workload, "concurrency": c, "engines": engines,
+                "ratios": {m: {"median": r} for m, r in ratios.items()}}
+    rec = {"config": {"dtype": "bfloat16", "threads": 2}, "machine": {"git": "abc", "cpu": "X"},
+           "cases": [case("grounded", 1, {"ngram": 2.1, "draft": 1.0, "llama.cpp-ngram": 1.5}),
+                     case("open", 1, {"draft": 1.2, "llama.cpp-draft": 0.7}),
+                     case("open", 16, {"ngram": 0.96, "llama.cpp-ngram": 0.9})]}
+    row = speculative_row(rec, "docs/speculative.md")
+    assert "grounded at 1: 2.10x vs 1.50x" in row[1] and "open at 16: 0.96x vs 0.90x" in row[1]
+    assert row[4] == ("gain ≥ llama.cpp's in every case: met; ≥ 0.97x at 16 on every workload: not yet; n-gram or "
+                      "phrase ≥ 2x, grounded at 1: met; draft ≥ 1.3x, open at 1: not yet; greedy output identical: met")
