@@ -205,7 +205,7 @@ class ClusterLLM(ClusterMoves):
             try:
                 async for out in self._stream(slot, request_id, gen):
                     if stopped_at is not None:  # the first token from the migration's destination
-                        self._migrations.downtime.observe(time.perf_counter() - stopped_at)
+                        self._migrations.downtime.observe(time.time() - stopped_at)
                         stopped_at = None
                     finished = out.finished
                     tracked.num_output_tokens = len(out.outputs[0].token_ids)

@@ -37,11 +37,12 @@ class EngineInstance:
         """One step of a live migration on this instance's engine (ferry/engine/migration.py, by name)."""
         return await self.llm.migration(op, *args)
 
-    async def adopt(self, request_id: str, handover: Handover) -> AsyncIterator[RequestOutput | None]:
-        """Start a request migrating in (its stop-and-copy); yields None once it runs here (the front end then
-        releases it on the source), then its outputs as generate() does."""
+    async def adopt(self, request_id: str, handover: Handover) -> AsyncIterator[RequestOutput | float]:
+        """Start a request migrating in (its stop-and-copy); once it runs here yields the time (time.time()) the
+        source stopped it (the front end then releases it on the source and times the pause), then its outputs as
+        generate() does."""
         outputs = await self.llm.adopt(request_id, handover)
-        yield None
+        yield handover.stopped_at
         async for out in outputs:
             yield out
 

@@ -34,7 +34,7 @@ class MigrationAborted(Exception):
 @dataclass
 class Moved:
     """A completed migration: the destination's output stream of the request (past its adoption), and when the
-    stop-and-copy started (for the downtime, measured at the first token from there)."""
+    source stopped the request (time.time(), for the downtime, measured at the first token from there)."""
 
     stream: Any  # a Ray ObjectRefGenerator of EngineInstance.adopt
     stopped_at: float
@@ -54,16 +54,15 @@ async def migrate(ray: Any, request_id: str, src: Any, dst: Any, stats: Migratio
             held = await dst.migration.remote("receive", request_id, blocks)
             if held - before <= LAST_STAGE_BLOCKS:
                 break
-        stopped_at = time.perf_counter()
         handover = src.migration.remote("suspend", request_id, held)
         stream = dst.adopt.options(num_returns="streaming").remote(request_id, handover)
-        await (await stream.__anext__())  # None once the destination runs it; raises if it could not
+        stopped_at = await (await stream.__anext__())  # once the destination runs it; raises if it could not
     except Exception as e:
         outcome = _side(ray, e, src)
         await _call_off(request_id, src, dst)
         stats.count(outcome)
         raise MigrationAborted(outcome, _reason(e), isinstance(e, ray.exceptions.RayActorError)) from None
-    stats.pause.observe(time.perf_counter() - stopped_at)
+    stats.pause.observe(time.time() - stopped_at)  # both clocks this host's (or NTP-close across hosts)
     return Moved(stream, stopped_at, held)
 
 

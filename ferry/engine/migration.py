@@ -63,6 +63,7 @@ class Handover:
     num_computed_tokens: int  # tokens whose KV the blocks hold; the next step computes the rest
     num_cached_prompt_tokens: int
     blocks: KVBlocks
+    stopped_at: float = 0.0  # time.time() when the source stopped the request: its downtime starts there
 
 
 class Migrations:
@@ -71,6 +72,7 @@ class Migrations:
         self.block_size = parts.config.cache.block_size
         self._preemptions: dict[str, int] = {}  # request -> its preemptions when its first stage was copied
         self._held: set[str] = set()  # requests to stop once they have their first token (a prefill instance's)
+        self._stopped: dict[str, float] = {}  # held requests stopped after their first token -> time.time() then
 
     # -- prefill/decode split ---------------------------------------------------------------------
 
@@ -83,12 +85,15 @@ class Migrations:
         """Suspend the held requests that got their first token in this step (and did not finish with it)."""
         if not self._held:
             return
-        self._held &= self.parts.scheduler.requests.keys()  # forget those that ended before (aborted)
+        live = self.parts.scheduler.requests.keys()
+        self._held &= live  # forget those that ended before (aborted)
+        self._stopped = {rid: t for rid, t in self._stopped.items() if rid in live}
         for req in progressed:
             if req.req_id in self._held:
                 self._held.discard(req.req_id)
                 if not req.finished:
                     self.parts.scheduler.suspend(req.req_id)
+                    self._stopped[req.req_id] = time.time()
 
     # -- source -----------------------------------------------------------------------------------
 
@@ -106,18 +111,20 @@ class Migrations:
         self.parts.scheduler.suspend(request_id)
         return Handover(ProcessedPrompt(prompt_text, list(req.prompt_token_ids), req.params), req.priority,
                         Resume(list(req.output_token_ids), logprobs), req.num_computed_tokens,
-                        req.num_cached_prompt_tokens, blocks)
+                        req.num_cached_prompt_tokens, blocks, self._stopped.pop(request_id, time.time()))
 
     def release(self, request_id: str) -> None:
         """The request runs on the destination now: its blocks are freed here, and it ends without an output."""
         self._preemptions.pop(request_id, None)
         self._held.discard(request_id)
+        self._stopped.pop(request_id, None)
         self.parts.scheduler.finish(request_id, FinishReason.ABORT)
         self.output.drop(request_id)
 
     def unsuspend(self, request_id: str) -> bool:
         """Call the migration off: the request runs here again (False if it is not suspended, or ended)."""
         self._preemptions.pop(request_id, None)
+        self._stopped.pop(request_id, None)
         return self.parts.scheduler.unsuspend(request_id)
 
     def _migratable(self, request_id: str, first: int, held: bool = False) -> Request:

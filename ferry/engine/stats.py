@@ -38,8 +38,8 @@ class MigrationStats:
 
     outcomes: dict[str, int] = field(default_factory=dict)  # migrated / aborted_src / aborted_dst -> count
     num_blocks: int = 0  # KV blocks copied by migrations that completed
-    pause: Durations = field(default_factory=Durations)  # stop-and-copy start -> the destination runs the request
-    downtime: Durations = field(default_factory=Durations)  # stop-and-copy start -> its first token from there
+    pause: Durations = field(default_factory=Durations)  # the source stops the request -> the destination runs it
+    downtime: Durations = field(default_factory=Durations)  # the source stops the request -> its first token there
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1

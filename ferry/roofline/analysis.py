@@ -15,10 +15,12 @@ rows does not run at a large GEMM's peak), where the profile has it; over the fe
 timed it streaming weights from DRAM (HardwareProfile.linear_stream), its weight is read at that measured cost per
 byte and per call (a decode kernel's reads, compute and ramp-up overlap in ways bandwidth and peak alone do not
 predict); an elementwise operator moves its bytes at the rate the engine's own elementwise kernels reached
-(HardwareProfile.vector_gbs). Approximations, said once: each byte is counted once per step (K/V of a prefill's attention are
-re-read per query block from cache, not DRAM), the routed experts of a MoE layer are the expected number of
-distinct experts T tokens pick if routing were uniform, int8/int4 weights are costed at the bfloat16 GEMM peak
-(weight-only: activations stay in float), elementwise operators at the float32 peak."""
+(HardwareProfile.vector_gbs); attention costs, per request (decode) or prompt (prefill) and layer, what the
+engine's attention took for one at small sizes (HardwareProfile.attention_us), where its calls and per-request
+work, not bytes or FLOPs, set the time. Approximations, said once: each byte is counted once per step (K/V of a
+prefill's attention are re-read per query block from cache, not DRAM), the routed experts of a MoE layer are the
+expected number of distinct experts T tokens pick if routing were uniform, int8/int4 weights are costed at the
+bfloat16 GEMM peak (weight-only: activations stay in float), elementwise operators at the float32 peak."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -82,7 +84,10 @@ class OpCost:
     calls: int  # kernel calls on the thread pool in the step (each costs HardwareProfile.dispatch_us at least)
     serial_calls: int = 0  # small single-threaded calls (each costs HardwareProfile.call_us at least; views free)
     rows: int = 0  # a float linear's rows of x: its compute is bounded by the engine's linear at that many rows
-    vector: str = ""  # an elementwise operator's data dtype: it moves its bytes at the engine's measured vector rate
+    kind: str = ""  # "vector" (elementwise: bytes at the engine's measured vector rate), "decode" / "prefill"
+    # (attention: per request and layer at the engine's measured attention cost), "" (the rest)
+    dtype: str = ""  # the data dtype of a vector or attention operator
+    requests: int = 0  # attention: (request, layer) pairs it runs
 
     @property
     def bytes(self) -> float:
@@ -154,7 +159,7 @@ def _vector(name: str, flops: float, act_bytes: float, calls: int, weight_bytes:
     else one thread."""
     pooled = rows >= POOL_ROWS
     return OpCost(name, flops, weight_bytes, act_bytes, 0.0, "float32", calls if pooled else 0,
-                  0 if pooled else calls, vector=dtype)
+                  0 if pooled else calls, kind="vector", dtype=dtype)
 
 
 def operators(cfg: ModelConfig, w: Workload, policy: KVPolicy | None = None) -> list[OpCost]:
@@ -215,7 +220,8 @@ def attention_cost(cfg: ModelConfig, w: Workload, policy: KVPolicy) -> OpCost:
             pool, serial = 2 * w.batch_size, 2 + 3 * w.batch_size
         flops += pairs * H * (4.0 * Dh + 5.0)  # q.k and p.v (2 FLOPs per multiply-add each), softmax ~5 per score
         act += w.num_tokens * H * Dh * (4 + w.act_bytes)  # q read (as float32), output written
-    return OpCost("attention", flops, 0.0, act, kv, "float32", pool * L, serial * L)
+    return OpCost("attention", flops, 0.0, act, kv, "float32", pool * L, serial * L, kind=w.phase, dtype=w.dtype,
+                  requests=w.batch_size * L)
 
 
 def moe_costs(cfg: ModelConfig, w: Workload, layers: int) -> list[OpCost]:
@@ -246,9 +252,13 @@ def _predict(op: OpCost, hw: HardwareProfile) -> Prediction:
     serial = op.serial_calls * (hw.call_us or hw.dispatch_us) * 1e-6
     compute = op.flops / hw.peak(op.peak, op.rows)
     streamed = hw.streamed(op.peak, op.rows) if op.rows else None
+    calls = op.calls * hw.dispatch_us * 1e-6 + serial
+    per_request = hw.attention_us.get(op.dtype, {}).get(op.kind)  # None unless attention the profile measured
+    if per_request is not None:
+        calls = op.requests * per_request * 1e-6
     if streamed is None:
-        rate = hw.vector_gbs.get(op.vector, hw.read_gbs) if op.vector else hw.read_gbs
-        return Prediction(op, op.bytes / (rate * 1e9), compute, op.calls * hw.dispatch_us * 1e-6 + serial)
+        rate = hw.vector_gbs.get(op.dtype, hw.read_gbs) if op.kind == "vector" else hw.read_gbs
+        return Prediction(op, op.bytes / (rate * 1e9), compute, calls)
     per_call, per_byte = streamed
     memory = op.weight_bytes * per_byte + (op.act_bytes + op.kv_bytes) / hw.bandwidth
     return Prediction(op, memory, compute, op.calls * per_call + serial)

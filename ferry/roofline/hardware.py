@@ -19,9 +19,10 @@ import torch
 from ferry.ops import cpu
 from ferry.ops.build import build_dir
 from ferry.ops.gemv import linear
-from ferry.roofline.linears import interpolate, linear_gflops, linear_stream, repetitions, vector_gbs
+from ferry.roofline.kernels import (attention_us, interpolate, linear_gflops, linear_stream, repetitions,
+                                    vector_gbs)
 
-PROFILE_VERSION = 6  # bump when what is measured, or how, changes: old cache entries are then ignored
+PROFILE_VERSION = 7  # bump when what is measured, or how, changes: old cache entries are then ignored
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,13 @@ class HardwareProfile:
     # MAX_M rows, torch's GEMM above) on a weight that stays in cache: what a linear of that many rows can reach
     linear_gflops: dict[str, dict[int, float]] = field(default_factory=dict)
     # dtype -> {rows: (us per call, ns per weight byte)} of the engine's linear streaming its weights from DRAM, fitted
-    # over two weight sizes (linears.py): what a decode step's linears really cost, overlap of reads and compute and
+    # over two weight sizes (kernels.py): what a decode step's linears really cost, overlap of reads and compute and
     # each call's ramp-up included
     linear_stream: dict[str, dict[int, tuple[float, float]]] = field(default_factory=dict)
     # dtype -> GB/s the engine's elementwise kernels (add + RMSNorm, SiLU-and-multiply) move on prefill-sized rows
     vector_gbs: dict[str, float] = field(default_factory=dict)
+    # dtype -> {"decode": us per request and layer, "prefill": us per prompt and layer} of the engine's attention
+    attention_us: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def peak(self, dtype: str, rows: int = 0) -> float:
         """FLOP/s of a GEMM in `dtype` (falls back to float32 where that dtype was not measured); with rows, of the
@@ -132,6 +135,7 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
         by_rows = {dtype: linear_gflops(getattr(torch, dtype), disp) for dtype in ("float32", "bfloat16")}
         stream = {dtype: linear_stream(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
         vector = {dtype: vector_gbs(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
+        attention = {dtype: attention_us(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
     finally:
         torch.set_num_threads(before)
     native = cpu.isa() >= cpu.Isa.AVX512_BF16 or "amx_bf16" in cpu.cpu_flags()
@@ -139,7 +143,8 @@ def measure(threads: int, progress: Callable[[str], None] = lambda msg: None, ru
         notes.append("bfloat16 is emulated on this CPU (no AVX512_BF16/AMX)")
     return HardwareProfile(cpu=cpu.model_name(), isa=cpu.isa().label, threads=threads, torch=torch.__version__,
                            read_gbs=gbs, peak_gflops=peaks, bf16_native=native, dispatch_us=disp, call_us=call,
-                           notes=tuple(notes), linear_gflops=by_rows, linear_stream=stream, vector_gbs=vector)
+                           notes=tuple(notes), linear_gflops=by_rows, linear_stream=stream, vector_gbs=vector,
+                           attention_us=attention)
 
 
 def _llc_bytes() -> int:

@@ -90,9 +90,9 @@ def _migration_metrics(m: MigrationStats, names: list[str], values: list[str]) -
     blocks = CounterMetricFamily("ferry_migration_blocks", "KV blocks copied by completed migrations.", labels=names)
     blocks.add_metric(values, m.num_blocks)
     yield blocks
-    yield _histogram("ferry_migration_pause_seconds", "Stop-and-copy: the request stopped on the source until it "
+    yield _histogram("ferry_migration_pause_seconds", "Stop-and-copy: from the source stopping the request until it "
                      "runs on the destination.", m.pause, names, values)
-    yield _histogram("ferry_migration_downtime_seconds", "Stop-and-copy start to the request's first token from "
+    yield _histogram("ferry_migration_downtime_seconds", "The source stopping the request to its first token from "
                      "the destination.", m.downtime, names, values)
 
 

@@ -154,5 +154,13 @@ def test_elementwise_operators_move_their_bytes_at_the_measured_vector_rate(cfg)
     hw = HardwareProfile.from_json({**HW.to_json(), "vector_gbs": {"bfloat16": 2.0}})
     ops = by_name(operators(cfg, Workload("prefill", batch_size=4, prompt_len=32, dtype="bfloat16")))
     act, gate_up = predict([ops["act"]], hw)[0], predict([ops["gate_up"]], hw)[0]
-    assert ops["act"].vector == "bfloat16" and act.memory_s == pytest.approx(ops["act"].bytes / 2e9)
+    assert ops["act"].kind == "vector" and act.memory_s == pytest.approx(ops["act"].bytes / 2e9)
     assert gate_up.memory_s == pytest.approx(ops["gate_up"].bytes / 10e9)  # a linear: the read bandwidth
+
+
+def test_attention_costs_the_measured_time_per_request_and_layer(cfg):
+    hw = HardwareProfile.from_json({**HW.to_json(), "attention_us": {"float32": {"decode": 30.0, "prefill": 200.0}}})
+    for phase, us in (("decode", 30.0), ("prefill", 200.0)):
+        att = by_name(operators(cfg, Workload(phase, batch_size=3, prompt_len=8, kv_len=9)))["attention"]
+        assert att.requests == 3 * 2 and predict([att], hw)[0].overhead_s == pytest.approx(6 * us * 1e-6)
+        assert predict([att], HW)[0].overhead_s == pytest.approx(att.calls * 1e-6 + att.serial_calls * 0.5e-6)

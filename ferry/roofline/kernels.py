@@ -1,9 +1,10 @@
-"""The engine's own linear measured on this machine, for the roofline: at each number of rows of x, its compute
-rate on a weight that stays in cache (linear_gflops), and its cost streaming weights from DRAM (linear_stream:
-per call and per weight byte, fitted over two weight sizes, so small and large weights are both priced); and the
-rate its elementwise kernels move prefill-sized activations at (vector_gbs). A decode
-step's linears stream from DRAM at a few rows: there the kernel's reads, compute and per-call ramp-up overlap in
-ways a bandwidth and a peak alone do not predict."""
+"""The engine's own kernels measured on this machine, for the roofline: its linear at each number of rows of x,
+on a weight that stays in cache (linear_gflops: the compute rate) and streaming weights from DRAM (linear_stream:
+per call and per weight byte, fitted over two weight sizes, so small and large weights are both priced); the rate
+its elementwise kernels move prefill-sized activations at (vector_gbs); and its attention per request or prompt
+at small sizes (attention_us). A decode step's linears stream from DRAM at a few rows, and its attention and
+elementwise work is a string of small calls: there reads, compute and call costs overlap in ways a bandwidth and
+a peak alone do not predict."""
 from __future__ import annotations
 
 import math
@@ -110,3 +111,42 @@ def vector_gbs(dtype: torch.dtype, rows: int = 512, width: int = 4864, runs: int
             both()
         times.append((time.perf_counter() - t) / reps)
     return moved / statistics.median(times) / 1e9
+
+
+def attention_us(dtype: torch.dtype, batch: int = 16, ctx: int = 128, prompt: int = 32, heads: int = 14,
+                 kv_heads: int = 2, head_dim: int = 64, bs: int = 16, runs: int = 5) -> dict[str, float]:
+    """Microseconds of the engine's attention per request and layer at small sizes, where its calls and per-request
+    work, not bytes or FLOPs, set the time: "decode" the paged decode kernel over `batch` requests of `ctx` cached
+    tokens (per request), "prefill" one prompt of `prompt` tokens through the model's prefill path (ferry/models/
+    layers/attention.py: to float32, SDPA, back)."""
+    import torch.nn.functional as F
+
+    from ferry.ops.paged_attention import paged_decode_attention
+    nb = -(-ctx // bs)
+    k_cache = torch.randn(batch * nb, bs, kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(batch * nb, bs, kv_heads, head_dim).to(dtype)
+    tables = torch.arange(batch * nb, dtype=torch.int64).view(batch, nb)
+    lens = torch.full((batch,), ctx, dtype=torch.int64)
+    q = torch.randn(batch, heads, head_dim).to(dtype)
+    qp, kp, vp = (torch.randn(prompt, h, head_dim).to(dtype) for h in (heads, kv_heads, kv_heads))
+
+    def decode() -> None:
+        paged_decode_attention(q, k_cache, v_cache, tables, lens, None, 0.125).to(dtype)
+
+    def prefill() -> None:
+        o = F.scaled_dot_product_attention(qp.float().transpose(0, 1)[None], kp.float().transpose(0, 1)[None],
+                                           vp.float().transpose(0, 1)[None], is_causal=True, scale=0.125,
+                                           enable_gqa=True)
+        o[0].transpose(0, 1).to(dtype)
+    out = {}
+    for name, fn, per in (("decode", decode, batch), ("prefill", prefill, 1)):
+        fn()
+        reps = repetitions(fn, 0.02)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times.append((time.perf_counter() - t) / reps)
+        out[name] = statistics.median(times) / per * 1e6
+    return out
