@@ -37,7 +37,7 @@ class Goal:
 # scenario -> (question, goals); the goals are the project's targets for the dense engine (none for memory)
 QUESTIONS: dict[str, tuple[str, tuple[Goal, ...]]] = {
     "throughput": ("offline throughput", (Goal("llama.cpp", at_least=1.5), Goal("transformers", at_least=4.0))),
-    "decode": ("single-stream decode", (Goal("llama.cpp", at_least=0.8),)),
+    "decode": ("single-stream decode", (Goal("llama.cpp", at_least=1.0),)),
     "prefill": ("prefill", (Goal("llama.cpp", at_least=1.0),)),
     "serving": ("online serving, TTFT p99 (lower is better)", (Goal("llama.cpp", below=1.0),)),
     "memory": ("peak memory, same job (lower is better)", ()),
