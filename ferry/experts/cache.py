@@ -10,8 +10,8 @@ decides. One thread uses it: the forward's (reader threads only fill slots)."""
 from __future__ import annotations
 
 from collections import Counter
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable
 
 import torch

@@ -19,7 +19,7 @@ import torch
 from ferry.ops import cpu
 from ferry.ops.build import build_dir
 from ferry.ops.gemv import linear
-from ferry.roofline.kernels import (attention_us, interpolate, linear_gflops, linear_stream, repetitions,
+from ferry.roofline.kernels import (attention_us, interpolate, linear_gflops, linear_stream, time_per_call,
                                     vector_gbs)
 
 PROFILE_VERSION = 7  # bump when what is measured, or how, changes: old cache entries are then ignored
@@ -184,15 +184,7 @@ def read_bandwidth_gbs(runs: int = 7, size: int | None = None) -> float:
 def gemm_gflops(dtype: torch.dtype, n: int = 1024, runs: int = 4) -> float:
     """GFLOP/s of a square n x n x n GEMM in dtype (compute-bound: the matrices fit in the LLC)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    reps = repetitions(lambda: torch.mm(a, b))
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
-        times.append((time.perf_counter() - t) / reps)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return 2 * n ** 3 / time_per_call(lambda: torch.mm(a, b), runs) / 1e9
 
 
 def int8_gemm_gflops(n: int = 1024, runs: int = 4) -> float | None:

@@ -47,15 +47,8 @@ def linear_gflops(dtype: torch.dtype, call_us: float, n: int = 8192, k: int = 10
     out = {}
     for rows in LINEAR_ROWS:
         x = torch.randn(rows, k).to(dtype)
-        linear(x, w)
-        reps = repetitions(lambda: linear(x, w), 0.02)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            for _ in range(reps):
-                linear(x, w)
-            times.append((time.perf_counter() - t) / reps)
-        out[rows] = 2 * rows * n * k / max(statistics.median(times) - call_us * 1e-6, 1e-7) / 1e9
+        seconds = time_per_call(lambda: linear(x, w), runs, 0.02)
+        out[rows] = 2 * rows * n * k / max(seconds - call_us * 1e-6, 1e-7) / 1e9
     return out
 
 
@@ -90,6 +83,19 @@ def repetitions(fn: Callable[[], object], target_s: float = 0.05) -> int:
     return max(1, int(target_s / max(time.perf_counter() - t, 1e-6)))
 
 
+def time_per_call(fn: Callable[[], object], runs: int, target_s: float = 0.05) -> float:
+    """Median seconds of one call of fn over `runs` timed batches of about target_s each, after a warm-up call."""
+    fn()
+    reps = repetitions(fn, target_s)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        times.append((time.perf_counter() - t) / reps)
+    return statistics.median(times)
+
+
 def vector_gbs(dtype: torch.dtype, rows: int = 512, width: int = 4864, runs: int = 5) -> float:
     """GB/s the engine's elementwise kernels move over a prefill-sized activation (rows x width): SiLU-and-multiply
     of [rows, 2 width] and residual add + RMSNorm of [rows, width], bytes read and written over their time."""
@@ -102,15 +108,7 @@ def vector_gbs(dtype: torch.dtype, rows: int = 512, width: int = 4864, runs: int
     def both() -> None:
         silu_mul(gate_up)
         add_rms_norm(x, res, w, 1e-6)
-    both()
-    reps = repetitions(both, 0.05)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        for _ in range(reps):
-            both()
-        times.append((time.perf_counter() - t) / reps)
-    return moved / statistics.median(times) / 1e9
+    return moved / time_per_call(both, runs) / 1e9
 
 
 def attention_us(dtype: torch.dtype, batch: int = 16, ctx: int = 128, prompt: int = 32, heads: int = 14,
@@ -138,15 +136,5 @@ def attention_us(dtype: torch.dtype, batch: int = 16, ctx: int = 128, prompt: in
                                            vp.float().transpose(0, 1)[None], is_causal=True, scale=0.125,
                                            enable_gqa=True)
         o[0].transpose(0, 1).to(dtype)
-    out = {}
-    for name, fn, per in (("decode", decode, batch), ("prefill", prefill, 1)):
-        fn()
-        reps = repetitions(fn, 0.02)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times.append((time.perf_counter() - t) / reps)
-        out[name] = statistics.median(times) / per * 1e6
-    return out
+    return {"decode": time_per_call(decode, runs, 0.02) / batch * 1e6,
+            "prefill": time_per_call(prefill, runs, 0.02) * 1e6}
