@@ -246,22 +246,19 @@ def predict(ops: list[OpCost], hw: HardwareProfile) -> list[Prediction]:
 
 
 def _predict(op: OpCost, hw: HardwareProfile) -> Prediction:
-    """max(memory, compute) + calls; a float linear over few rows, where the profile timed the engine's linear
-    streaming its weights from DRAM, reads its weight at that measured cost (per byte, and per call in place of
-    the pool's dispatch)."""
+    """max(memory, compute) + calls, each priced from the profile's measures of the engine's own kernels where it
+    has them (module docstring)."""
     serial = op.serial_calls * (hw.call_us or hw.dispatch_us) * 1e-6
     compute = op.flops / hw.peak(op.peak, op.rows)
     streamed = hw.streamed(op.peak, op.rows) if op.rows else None
-    calls = op.calls * hw.dispatch_us * 1e-6 + serial
-    per_request = hw.attention_us.get(op.dtype, {}).get(op.kind)  # None unless attention the profile measured
-    if per_request is not None:
-        calls = op.requests * per_request * 1e-6
-    if streamed is None:
-        rate = hw.vector_gbs.get(op.dtype, hw.read_gbs) if op.kind == "vector" else hw.read_gbs
-        return Prediction(op, op.bytes / (rate * 1e9), compute, calls)
-    per_call, per_byte = streamed
-    memory = op.weight_bytes * per_byte + (op.act_bytes + op.kv_bytes) / hw.bandwidth
-    return Prediction(op, memory, compute, op.calls * per_call + serial)
+    if streamed is not None:  # a float linear over few rows: its weight read at the measured streaming cost
+        per_call, per_byte = streamed
+        memory = op.weight_bytes * per_byte + (op.act_bytes + op.kv_bytes) / hw.bandwidth
+        return Prediction(op, memory, compute, op.calls * per_call + serial)
+    per_request = hw.attention_us.get(op.dtype, {}).get(op.kind)  # attention the profile measured, else None
+    calls = op.requests * per_request * 1e-6 if per_request is not None else op.calls * hw.dispatch_us * 1e-6 + serial
+    rate = hw.vector_gbs.get(op.dtype, hw.read_gbs) if op.kind == "vector" else hw.read_gbs
+    return Prediction(op, op.bytes / (rate * 1e9), compute, calls)
 
 
 def decode_weight_bytes(cfg: ModelConfig, dtype: str = "float32", quantization: str = "none", batch_size: int = 1,
