@@ -2,9 +2,9 @@
 
 The slab is allocated once and never grown, so the budget holds by construction; a slot holds one expert
 record (layout.py) and is filled by one aligned read. Records of one size share a class of slots: a store with
-one format has one class; a mixed-bit store (`--expert-bits auto`) has one per record size, each given the share
-of the budget its experts have of the store's bytes, so that a small int4 expert does not take a slot sized for a
-dense one. An entry is loading (its slot is being read into) or done (ready, or failed); pinned entries are being
+one format has one class; a mixed-bit store (`--expert-bits auto`) has one per record size, each given a slot and
+then the share of the budget its experts have of the store's bytes, so that a small int4 expert does not take a
+slot sized for a dense one (a budget below one slot of every size: slots of the largest size, for any record). An entry is loading (its slot is being read into) or done (ready, or failed); pinned entries are being
 computed with. Only done, unpinned entries of the incoming expert's class can be evicted; which one, the policy
 decides. One thread uses it: the forward's (reader threads only fill slots)."""
 from __future__ import annotations
@@ -32,25 +32,29 @@ class Entry:
     prefetched: bool = False  # loaded by a prefetch and not used since
 
 
-def carve(budget_bytes: int, counts: dict[int, int]) -> list[int]:
-    """The record size of each slot: each size class (record bytes -> experts of that size) gets the share of the
-    budget its experts have of the store's bytes, as whole slots; InvalidRequest if a class gets none."""
+def carve(budget_bytes: int, counts: dict[int, int]) -> tuple[list[int], dict[int, int]]:
+    """(the size of each slot, record size -> the slot size it takes), from the record sizes' counts (record bytes ->
+    experts of that size). Each size gets a slot, then the rest of the budget in proportion to its experts' bytes;
+    a budget too small for one slot of every size has slots of the largest size, which take any record."""
+    big = max(counts)
+    if sum(counts) > budget_bytes:
+        if budget_bytes < big:
+            raise InvalidRequest(f"expert_cache_memory={budget_bytes} bytes holds no expert of {big} bytes "
+                                 f"({counts[big]} such in this store); raise --expert-cache-memory")
+        return [big] * (budget_bytes // big), {size: big for size in counts}
     total = sum(size * n for size, n in counts.items())
-    sizes: list[int] = []
-    for size in sorted(counts):
-        n = int(budget_bytes * size * counts[size] / total) // size
-        if n < 1:
-            raise InvalidRequest(f"expert_cache_memory={budget_bytes} bytes holds no expert of {size} bytes "
-                                 f"({counts[size]} such in this store); raise --expert-cache-memory")
-        sizes += [size] * n
-    return sizes
+    per_size = {size: max(1, int(budget_bytes * size * n / total) // size) for size, n in counts.items()}
+    while sum(size * n for size, n in per_size.items()) > budget_bytes:  # the slots given above the shares
+        per_size[max((s for s in per_size if per_size[s] > 1), key=per_size.get)] -= 1
+    return [size for size in sorted(per_size) for _ in range(per_size[size])], {size: size for size in counts}
 
 
 class ExpertCache:
     def __init__(self, budget_bytes: int, sizes: int | dict[Key, int], policy: EvictionPolicy) -> None:
         """sizes: every expert's record bytes (one int: all the same)."""
-        self.size_of = (lambda key: sizes) if isinstance(sizes, int) else sizes.__getitem__
-        self.sizes = carve(budget_bytes, {sizes: 1} if isinstance(sizes, int) else Counter(sizes.values()))
+        record = (lambda key: sizes) if isinstance(sizes, int) else sizes.__getitem__
+        self.sizes, slot_of = carve(budget_bytes, {sizes: 1} if isinstance(sizes, int) else Counter(sizes.values()))
+        self.size_of = lambda key: slot_of[record(key)]  # the size of the slots key's record takes
         self.offsets = [0] + list(accumulate(self.sizes))[:-1]  # slot -> its byte offset in the slab
         self.free_slots: dict[int, list[int]] = {size: [] for size in self.sizes}  # record size -> free slots
         for index in reversed(range(len(self.sizes))):

@@ -173,5 +173,7 @@ def test_a_mixed_bit_store_gets_a_class_of_slots_per_record_size():
         e.done = True
     assert cache.reserve((1, 1), set(), False).slot == big.slot  # evicts the large expert, not a small one
     assert cache.reserve((0, 3), set(), False).slot == small[0].slot  # the least recent small one
+    one = ExpertCache(3 * 4096, sizes, LRUPolicy())  # not a slot of each size: one large slot takes either
+    assert one.sizes == [3 * 4096] and one.reserve((0, 0), set(), False).slot == 0
     with pytest.raises(InvalidRequest, match="holds no expert of 12288 bytes"):
-        ExpertCache(4096 * 3, sizes, LRUPolicy())  # half of it for the large class: less than one slot
+        ExpertCache(2 * 4096, sizes, LRUPolicy())  # not even the largest record
