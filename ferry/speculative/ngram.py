@@ -13,6 +13,7 @@ from typing import Sequence
 from ferry.request import Request
 
 MAX_CANDIDATES = 32  # most recent occurrences of the min_n-gram checked for a longer match
+SEP = -1  # separates the segments of a sequence of several texts (no token id is negative)
 
 
 class ContextIndex:
@@ -31,18 +32,26 @@ class ContextIndex:
 
     def lookup(self, tokens: Sequence[int], max_n: int, k: int) -> list[int]:
         """Up to k tokens that followed the best earlier match of tokens' suffix ([] if none)."""
-        size, n = len(tokens), self.min_n
-        if k < 1 or size <= n:
+        if k < 1 or len(tokens) <= self.min_n:
             return []
         self.update(tokens)
+        return self.follow(tokens, tokens, max_n, k)
+
+    def follow(self, seq: Sequence[int], query: Sequence[int], max_n: int, k: int) -> list[int]:
+        """Up to k tokens that follow, in seq (the indexed sequence), the best match of query's suffix: the
+        longest (up to max_n), the most recent among equals. A match followed by nothing, or by SEP, is no
+        match; what follows stops at SEP."""
+        size, n = len(query), self.min_n
+        if k < 1 or size < n:
+            return []
         best_end, best_len = -1, 0
         checked = 0
-        for s in reversed(self.starts.get(tuple(tokens[size - n:]), ())):
+        for s in reversed(self.starts.get(tuple(query[size - n:]), ())):
             end = s + n
-            if end >= size:  # the suffix itself: nothing follows it
+            if end >= len(seq) or seq[end] == SEP:
                 continue
             m = n
-            while m < max_n and end - m - 1 >= 0 and tokens[end - m - 1] == tokens[size - m - 1]:
+            while m < max_n and end - m - 1 >= 0 and m < size and seq[end - m - 1] == query[size - m - 1]:
                 m += 1
             if m > best_len:
                 best_end, best_len = end, m
@@ -51,8 +60,10 @@ class ContextIndex:
             checked += 1
             if checked >= MAX_CANDIDATES:
                 break
-        return list(tokens[best_end:best_end + k]) if best_end >= 0 else []
-
+        if best_end < 0:
+            return []
+        out = list(seq[best_end:best_end + k])
+        return out[:out.index(SEP)] if SEP in out else out
 
 def lookup(tokens: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
     """ContextIndex.lookup on a fresh index (one-off calls and tests)."""

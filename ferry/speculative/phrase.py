@@ -1,59 +1,55 @@
-"""`phrase`: an Ouroboros-style phrase pool. Phrases the target verified (every request's output, as it grows) are
-kept in one pool shared across requests: the n tokens before a position (n in [prompt_lookup_min,
-prompt_lookup_max]) map to the PHRASE_LEN tokens that followed. A request is offered the longest phrase whose key
-matches its last tokens, or its own context's n-gram continuation (prompt lookup) when that is longer.
-Memory is bounded: at most max_entries keys, least recently used dropped first."""
+"""`phrase`: an Ouroboros-style phrase pool. The text the target verified (every request's output) is kept in one
+pool shared across requests: a bounded corpus of segments, indexed like a request's own context (ngram.py). A
+request is offered what followed, in the pool, the longest match of its last tokens (n in [prompt_lookup_min,
+prompt_lookup_max]), or its own context's n-gram continuation (prompt lookup) when that is longer.
+
+A request's output joins the pool in chunks of HARVEST_EVERY tokens while it runs and the rest when it ends, each
+chunk with the max_n tokens before it (its first keys): a few dict operations per token, not per step. Memory is
+bounded: past max_tokens the older half of the corpus is dropped."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Sequence
 
 from ferry.request import Request
-from ferry.speculative.ngram import NgramProposer
+from ferry.speculative.ngram import SEP, ContextIndex, NgramProposer
 
-PHRASE_LEN = 8  # tokens kept per phrase
+HARVEST_EVERY = 32  # a running request's verified output joins the pool in chunks of this many tokens
 
 
 class PhrasePool:
-    def __init__(self, min_n: int, max_n: int, max_entries: int = 1 << 16) -> None:
+    def __init__(self, min_n: int, max_n: int, max_tokens: int = 1 << 20) -> None:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"the phrase pool needs 1 <= prompt_lookup_min <= prompt_lookup_max, got {min_n}, {max_n}")
         self.min_n = min_n
         self.max_n = max_n
-        self.max_entries = max_entries
-        self.phrases: OrderedDict[tuple[int, ...], tuple[int, ...]] = OrderedDict()
+        self.max_tokens = max_tokens
+        self.corpus: list[int] = []  # segments, each followed by SEP
+        self.index = ContextIndex(min_n)
 
     def __len__(self) -> int:
-        return len(self.phrases)
+        return len(self.corpus)
 
-    def add(self, tokens: Sequence[int], start: int, stop: int) -> None:
-        """Index the phrases that begin at positions start..stop-1 of tokens (each with its n-gram keys)."""
-        for e in range(max(start, self.min_n), stop):
-            phrase = tuple(tokens[e:e + PHRASE_LEN])
-            if not phrase:
-                continue
-            for n in range(self.min_n, min(self.max_n, e) + 1):
-                key = tuple(tokens[e - n:e])
-                self.phrases[key] = phrase
-                self.phrases.move_to_end(key)
-        while len(self.phrases) > self.max_entries:
-            self.phrases.popitem(last=False)
+    def add(self, segment: Sequence[int]) -> None:
+        """Keep segment (verified tokens) as one more text of the pool."""
+        self.corpus.extend(segment)
+        self.corpus.append(SEP)
+        if len(self.corpus) > self.max_tokens:
+            self.corpus = self.corpus[len(self.corpus) - self.max_tokens // 2:]
+            self.index = ContextIndex(self.min_n)
+        self.index.update(self.corpus)
 
     def find(self, tokens: Sequence[int], k: int) -> list[int]:
-        """Up to k tokens of the phrase whose key is the longest suffix of tokens ([] if none)."""
-        for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
-            phrase = self.phrases.get(tuple(tokens[len(tokens) - n:]))
-            if phrase is not None:
-                return list(phrase[:k])
-        return []
+        """Up to k tokens that followed, in the pool, the longest match of tokens' suffix ([] if none)."""
+        return self.index.follow(self.corpus, tokens, self.max_n, k)
 
 
 class PhraseProposer:
     name = "phrase"
 
-    def __init__(self, min_n: int, max_n: int, max_entries: int = 1 << 16) -> None:
-        self.pool = PhrasePool(min_n, max_n, max_entries)
+    def __init__(self, min_n: int, max_n: int, max_tokens: int = 1 << 20) -> None:
+        self.pool = PhrasePool(min_n, max_n, max_tokens)
         self.own = NgramProposer(min_n, max_n)  # each request's own context, indexed
+        self.harvested: dict[str, tuple[Request, int]] = {}  # running request -> its tokens in the pool so far
 
     def propose(self, reqs: Sequence[Request], max_tokens: Sequence[int]) -> list[list[int]]:
         out = []
@@ -64,10 +60,18 @@ class PhraseProposer:
         return out
 
     def observe(self, req: Request, num_new_tokens: int) -> None:
-        """Harvest the phrases of req's output that the new tokens completed (a phrase's tokens all verified)."""
-        size = req.num_tokens
-        lo = max(req.num_prompt_tokens, size - num_new_tokens - PHRASE_LEN + 1)
-        self.pool.add(req.all_token_ids, lo, size - PHRASE_LEN + 1)
+        """req's output grew by verified tokens: a full chunk of them joins the pool."""
+        _, done = self.harvested.setdefault(req.req_id, (req, req.num_prompt_tokens))
+        if req.num_tokens - done >= HARVEST_EVERY:
+            self._harvest(req, done)
+            self.harvested[req.req_id] = (req, req.num_tokens)
 
     def release(self, req_id: str) -> None:
+        """req_id ended: the rest of its output joins the pool."""
         self.own.release(req_id)
+        req, done = self.harvested.pop(req_id, (None, 0))
+        if req is not None and req.num_tokens > done:
+            self._harvest(req, done)
+
+    def _harvest(self, req: Request, done: int) -> None:
+        self.pool.add(req.all_token_ids[max(0, done - self.pool.max_n):])

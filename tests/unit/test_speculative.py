@@ -13,7 +13,7 @@ from ferry.scheduler.scheduler import Scheduler
 from ferry.speculative import Speculator
 from ferry.speculative.adaptive import EXPLORE_EVERY, AdaptiveK
 from ferry.speculative.ngram import NgramProposer, lookup
-from ferry.speculative.phrase import PHRASE_LEN, PhraseProposer
+from ferry.speculative.phrase import HARVEST_EVERY, PhraseProposer
 
 
 def test_lookup_takes_the_longest_suffix_and_its_most_recent_match():
@@ -38,15 +38,45 @@ def test_incremental_index_finds_what_a_fresh_lookup_finds():
 
 
 def test_phrase_pool_offers_phrases_across_requests_in_bounded_memory():
-    proposer = PhraseProposer(2, 3, max_entries=50)
+    proposer = PhraseProposer(2, 3, max_tokens=64)
     a = Request("a", [1, 2], SamplingParams(), 0.0)
-    for t in range(10, 30):
+    b = Request("b", [40, 41, 15, 16], SamplingParams(), 0.0)  # ends with a phrase key of request a's output
+    for t in range(10, 10 + HARVEST_EVERY - 1):
         a.append_output(t)
         proposer.observe(a, 1)
-    assert len(proposer.pool) <= 50
-    b = Request("b", [40, 41, 15, 16], SamplingParams(), 0.0)  # ends with a phrase key of request a's output
+    assert proposer.propose([b], [4]) == [[]]  # a's output is not in the pool before a full chunk
+    a.append_output(10 + HARVEST_EVERY - 1)
+    proposer.observe(a, 1)
     assert proposer.propose([b], [4]) == [[17, 18, 19, 20]]
-    assert len(proposer.propose([b], [PHRASE_LEN + 4])[0]) == PHRASE_LEN
+    c = Request("c", [10 + HARVEST_EVERY - 2, 10 + HARVEST_EVERY - 1], SamplingParams(), 0.0)
+    for t in (100, 101, 102):
+        a.append_output(t)
+    assert proposer.propose([c], [4]) == [[]]  # the rest of a joins at its end
+    proposer.release("a")
+    assert proposer.propose([c], [4]) == [[100, 101, 102]]  # what follows stops at the end of a's text
+    assert not proposer.harvested
+    for i in range(20):  # other requests' output pushes a's out: the pool keeps at most max_tokens tokens
+        d = Request(f"d{i}", [0], SamplingParams(), 0.0)
+        for t in range(500, 510):
+            d.append_output(t + i)
+        proposer.observe(d, 10)
+        proposer.release(d.req_id)
+        assert len(proposer.pool) <= 64
+    assert proposer.propose([b], [4]) == [[]]
+
+
+def test_phrase_pool_matches_the_longest_suffix():
+    proposer = PhraseProposer(1, 3)
+    for i, text in enumerate(([5, 6, 7, 1], [9, 6, 7, 2], [4, 6, 7, 3])):
+        r = Request(f"r{i}", text[:1], SamplingParams(), 0.0)
+        for t in text[1:]:
+            r.append_output(t)
+        proposer.observe(r, 1)
+        proposer.release(r.req_id)
+    q = Request("q", [8, 9, 6, 7], SamplingParams(), 0.0)
+    assert proposer.propose([q], [2]) == [[2]]  # "9 6 7" beats the more recent "6 7"
+    q2 = Request("q2", [0, 6, 7], SamplingParams(), 0.0)
+    assert proposer.propose([q2], [2]) == [[3]]  # equal lengths: the most recent
 
 
 def test_adaptive_k_speculates_when_rows_are_cheap_and_drafts_land():
