@@ -1,13 +1,14 @@
 """Weight-only quantization: speed against llama.cpp at each precision, and what each precision costs in quality.
 
-Question: at float32, bfloat16, int8 and int4, how fast does ferry decode one stream and run a 32-request job
-against llama.cpp on the same weights at the matching precision (F32, BF16, Q8_0, Q4_0) — and how much perplexity
+Question: at float32, bfloat16, int8 and int4, how fast does ferry decode one stream, read a 512- and a 2K-token
+prompt and run a 32-request job against llama.cpp on the same weights at the matching precision (F32, BF16, Q8_0, Q4_0) — and how much perplexity
 and greedy top-1 agreement does each precision give up (ferry eval, on the trained in-house models)?
 - ferry int8/int4: `--quantization` at load (FineQuant's per-matrix group sizes, ferry/quant/), activations in
   --quant-dtype (bfloat16 by default: what the int kernels run fastest with where the CPU has it);
 - llama.cpp Q8_0/Q4_0: the float32 GGUF of the same safetensors, quantized by llama.cpp's own quantizer
   (`llama_model_quantize`, bench/peers/gguf_quantize.py) with its default per-tensor rules; KV in f16 as llama.cpp;
-- decode: a --prompt-len prompt, time(--max-tokens) - time(1 token), as bench/decode.py; throughput: --num-requests
+- decode: a --prompt-len prompt, time(--max-tokens) - time(1 token), as bench/decode.py; prefill: prompt tokens /
+  time to the first token, as bench/prefill.py; throughput: --num-requests
   requests of mixed lengths at once, as bench/throughput.py; engines alternate, --runs rounds after a warm-up;
 - quality: `ferry eval --parts ppl` (perplexity of the held-out text, top-1 agreement with float32 on the same
   positions) of each --quality-models model at each precision (perplexity on random weights would say nothing).
@@ -27,7 +28,7 @@ from pathlib import Path
 from bench.common import parse_range
 from bench.engines import HERE, Unavailable, Worker, start
 from bench.engines.worker import WorkerError
-from bench.offline import Scenario, add_arguments, engine_options, kv_bytes, parse_args, timed, warm_up
+from bench.offline import Scenario, add_arguments, engine_options, parse_args, timed, warm_up
 from bench.throughput import workload
 
 # precision -> (ferry's dtype, ferry's --quantization, llama.cpp's GGUF type)
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="ferry's lm_head with int8/int4 (default: ferry's, int8 per channel; none: kept in float)")
     ap.add_argument("--prompt-len", type=int, default=128, help="decode: prompt tokens")
     ap.add_argument("--max-tokens", type=int, default=64, help="decode: tokens generated")
+    ap.add_argument("--prefill-lens", default="512,2048", help="prefill: prompt lengths in tokens (empty: none)")
     ap.add_argument("--num-requests", type=int, default=32, help="throughput: requests per job, all at once")
     ap.add_argument("--input-len", default="32:256", help="throughput: prompt tokens, uniform in lo:hi")
     ap.add_argument("--output-len", default="32:128", help="throughput: output tokens, uniform in lo:hi")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quality-models", default=",".join(QUALITY_MODELS),
                     help=f"models for ferry eval's columns ({', '.join(QUALITY_MODELS)} or folders; empty: none)")
     ap.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens scored per quality model")
-    args = parse_args(ap, argv, prompt_len=16, max_tokens=8, num_requests=8, input_len="4:24", output_len="2:8",
+    args = parse_args(ap, argv, prompt_len=16, max_tokens=8, prefill_lens="32", num_requests=8, input_len="4:24", output_len="2:8",
                       dtypes="float32,int8,int4", quality_models="stories260k", ppl_tokens=1024)
     unknown = set(args.dtypes.split(",")) - set(PRECISIONS)
     if unknown:
@@ -71,12 +73,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def measure(sc: Scenario, args: argparse.Namespace, precision: str) -> None:
-    """The decode and the throughput case of one precision, every engine alternating."""
+    """The decode, prefill and throughput cases of one precision, every engine alternating."""
     vocab = sc.cfg["vocab_size"]
     inp, outp = parse_range(args.input_len), parse_range(args.output_len)
     n = args.num_requests
-    tokens = max(n * (inp[1] + outp[1]), args.prompt_len + args.max_tokens)
-    max_len = max(inp[1] + outp[1], args.prompt_len + args.max_tokens) + 16
+    prefill_lens = [int(x) for x in args.prefill_lens.split(",") if x]
+    longest = max([args.prompt_len + args.max_tokens, *prefill_lens])
+    tokens = max(n * (inp[1] + outp[1]), longest)
+    max_len = max(inp[1] + outp[1], longest) + 16
     rng = random.Random(0)
     with ExitStack() as stack:
         workers = start_workers(sc, stack, precision, tokens, n, max_len)
@@ -86,6 +90,10 @@ def measure(sc: Scenario, args: argparse.Namespace, precision: str) -> None:
                                                                        "max_tokens": args.max_tokens})
                for e, w in workers.items()}
         sc.case(f"decode batch 1, {args.prompt_len}-token prompt, {args.max_tokens} tokens", precision, "tok/s", fns)
+        for length in prefill_lens:  # as bench/prefill.py: a fresh prompt per call, tokens / time to first token
+            fresh = (lambda length=length: {"prompt": [rng.randrange(3, vocab) for _ in range(length)]})
+            fns = {e: timed(w, args.timeout, "prefill", "tok_s", fresh) for e, w in workers.items()}
+            sc.case(f"prefill {length} tokens", precision, "tok/s", fns, prompt_len=length)
         calls: dict[str, int] = {}
 
         def job(engine: str) -> dict:

@@ -117,8 +117,7 @@ def attention_us(dtype: torch.dtype, batch: int = 16, ctx: int = 128, prompt: in
     work, not bytes or FLOPs, set the time: "decode" the paged decode kernel over `batch` requests of `ctx` cached
     tokens (per request), "prefill" one prompt of `prompt` tokens through the model's prefill path (ferry/models/
     layers/attention.py: to float32, SDPA, back)."""
-    import torch.nn.functional as F
-
+    from ferry.models.layers.attention import prefill_attention
     from ferry.ops.paged_attention import paged_decode_attention
     nb = -(-ctx // bs)
     k_cache = torch.randn(batch * nb, bs, kv_heads, head_dim).to(dtype)
@@ -132,9 +131,6 @@ def attention_us(dtype: torch.dtype, batch: int = 16, ctx: int = 128, prompt: in
         paged_decode_attention(q, k_cache, v_cache, tables, lens, None, 0.125).to(dtype)
 
     def prefill() -> None:
-        o = F.scaled_dot_product_attention(qp.float().transpose(0, 1)[None], kp.float().transpose(0, 1)[None],
-                                           vp.float().transpose(0, 1)[None], is_causal=True, scale=0.125,
-                                           enable_gqa=True)
-        o[0].transpose(0, 1).to(dtype)
+        prefill_attention(qp, kp, vp, None, 0.125).to(dtype)
     return {"decode": time_per_call(decode, runs, 0.02) / batch * 1e6,
             "prefill": time_per_call(prefill, runs, 0.02) * 1e6}

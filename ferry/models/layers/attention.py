@@ -3,7 +3,9 @@
 Tokens of one step are laid out flat: first `num_decodes` single-token requests (batched together),
 then prefill chunks (one attention call each). Legend: T tokens in the step, H query heads,
 K kv heads, G = H / K, Dh head dim, B decode requests, L longest context among them, bs block size.
-Attention math runs in float32 whatever the weight dtype (bf16 SDPA is much slower on CPU).
+Prefill attention runs in float32 whatever the weight dtype: its result then does not depend on how a prompt was
+cut into chunks (in bfloat16 it does, visibly, and speculative decoding changes the chunks: its output would differ
+from the output without it), and where bf16 is emulated float32 is faster anyway.
 """
 from __future__ import annotations
 
@@ -108,12 +110,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             ctx = chunk.start_pos + chunk.q_len
             kc = _gather(k_cache, chunk.block_ids[None])[0, :ctx]
             vc = _gather(v_cache, chunk.block_ids[None])[0, :ctx]
-        mask = meta.prefill_mask(i, window)
-        o = F.scaled_dot_product_attention(
-            q[rows].float().transpose(0, 1)[None], kc.float().transpose(0, 1)[None], vc.float().transpose(0, 1)[None],
-            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
-        out[rows] = o[0].transpose(0, 1).to(q.dtype)
+        out[rows] = prefill_attention(q[rows], kc, vc, meta.prefill_mask(i, window), scale).to(q.dtype)
     return out.view(T, H * Dh)
+
+
+def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float) -> torch.Tensor:
+    """q [Q, H, Dh], kc/vc [C, K, Dh], mask [Q, C] bool (True: visible) or None (causal from the first key)
+    -> float32 [Q, H, Dh]."""
+    o = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1)[None], kc.float().transpose(0, 1)[None], vc.float().transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from ferry.models.layers.attention import AttnMetadata
+from ferry.models.layers.attention import AttnMetadata, prefill_attention
 
 Reader = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -27,15 +26,6 @@ def weighted_values(probs: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
     """probs [B, K, G, C], vc [B, C, K, Dh] -> [B, H, Dh]."""
     B, K, G, _ = probs.shape
     return torch.matmul(probs, vc.transpose(1, 2)).reshape(B, K * G, -1)
-
-
-def prefill_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor | None,
-                      scale: float) -> torch.Tensor:
-    """q [Q, H, Dh], kc/vc [C, K, Dh], mask [Q, C] bool (True: visible) or None (causal) -> float32 [Q, H, Dh]."""
-    o = F.scaled_dot_product_attention(
-        q.float().transpose(0, 1)[None], kc.float().transpose(0, 1)[None], vc.float().transpose(0, 1)[None],
-        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
-    return o[0].transpose(0, 1)
 
 
 def attend_dense(q: torch.Tensor, meta: AttnMetadata, scale: float, window: int | None,

@@ -8,11 +8,10 @@ Legend: L layers, N blocks, bs block size, K kv heads, Dh head dim, B decode req
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from typing import Any
 
-from ferry.models.layers.attention import AttnMetadata, LayerKV
+from ferry.models.layers.attention import AttnMetadata, LayerKV, prefill_attention
 from ferry.ops.paged_attention import available as paged_decode_attention_available, paged_decode_attention_int8
 from ferry.runner.kv.base import PolicyKV, register_policy_kv
 from ferry.runner.kv.storage import BlockLayout, BlockTensors
@@ -64,11 +63,7 @@ class Int8Layer(LayerKV):
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             ctx = chunk.start_pos + chunk.q_len
             kc, vc = self._read(0, chunk.block_ids)[:ctx], self._read(1, chunk.block_ids)[:ctx]  # [C, K, Dh]
-            mask = meta.prefill_mask(i, window)
-            o = F.scaled_dot_product_attention(
-                q[rows].float().transpose(0, 1)[None], kc.transpose(0, 1)[None], vc.transpose(0, 1)[None],
-                attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
-            out[rows] = o[0].transpose(0, 1).to(q.dtype)
+            out[rows] = prefill_attention(q[rows], kc, vc, meta.prefill_mask(i, window), scale).to(q.dtype)
         return out.view(T, H * Dh)
 
 

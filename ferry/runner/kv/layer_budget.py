@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from ferry.models.layers.attention import AttnMetadata, LayerKV, write_kv
 from ferry.plan import HOLE, Compaction, StepPlan
 from ferry.runner.kv.base import POLICY_KV, PolicyKV, gather_blocks, register_policy_kv
-from ferry.runner.kv.dense import decode_probs, prefill_attention, weighted_values
+from ferry.models.layers.attention import prefill_attention
+from ferry.runner.kv.dense import decode_probs, weighted_values
 from ferry.runner.kv.full import FullKV, PagedLayer
 from ferry.runner.kv.int8 import Int8Layer
 from ferry.runner.kv.merge import MergeLayer

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ferry.models.layers.attention import AttnMetadata, LayerKV, PrefillChunk, write_kv
+from ferry.models.layers.attention import AttnMetadata, LayerKV, PrefillChunk, prefill_attention, write_kv
 from ferry.ops.paged_attention import available as paged_decode_attention_available, paged_decode_attention
 from ferry.runner.kv.base import StorageKV, gather_blocks
 from ferry.runner.kv.storage import BlockLayout
@@ -96,10 +95,7 @@ class TieredLayer(LayerKV):
                 kc, vc = (gather_blocks(c, chunk.block_ids)[:ctx] for c in (self.k_cache, self.v_cache))
             else:
                 kc, vc, mask = self._prefill_kv(q[rows], chunk, scale)
-            o = F.scaled_dot_product_attention(
-                q[rows].float().transpose(0, 1)[None], kc.float().transpose(0, 1)[None],
-                vc.float().transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
-            out[rows] = o[0].transpose(0, 1).to(q.dtype)
+            out[rows] = prefill_attention(q[rows], kc, vc, mask, scale).to(q.dtype)
         return out.view(T, H * Dh)
 
     def _prefill_kv(self, q: torch.Tensor, chunk: PrefillChunk,
