@@ -287,6 +287,8 @@ class ClusterLLM(ClusterMoves):
             return
         slot.alive = False
         slot.link.close("the instance died")
+        if self._stopping.is_set():  # shutdown() closed it
+            return
         log.error("engine instance %d (pid %d) died; starting a new one", slot.index, slot.pid)
         threading.Thread(target=self._restart, args=(slot,), name=f"ferry-restart-{slot.index}", daemon=True).start()
 

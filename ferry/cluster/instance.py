@@ -54,6 +54,7 @@ class EngineInstance:
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         await self.llm.shutdown(drain, timeout)
+        self.server.close()
 
 
 class InstanceServer:
@@ -68,22 +69,37 @@ class InstanceServer:
         self._outbox: list[tuple] = []
         self._writer: asyncio.StreamWriter | None = None
         self._pumps: set[asyncio.Task] = set()
-        threading.Thread(target=self.loop.run_until_complete, args=(self._serve(),), name="ferry-link",
-                         daemon=True).start()
+        threading.Thread(target=self.loop.run_forever, name="ferry-link", daemon=True).start()
+        self._serving = asyncio.run_coroutine_threadsafe(self._serve(), self.loop)
+
+    def close(self) -> None:
+        """Close the link (from any thread): the front end's streams still open on it raise InstanceDied."""
+        self.loop.call_soon_threadsafe(self._close)
+
+    def _close(self) -> None:
+        if self._writer is None:  # not connected yet
+            self._serving.cancel()
+        else:
+            self._writer.close()
 
     async def adopt(self, request_id: str, handover: Handover) -> float:
         self._start(request_id, await self.llm.adopt(request_id, handover))
         return handover.stopped_at
 
     async def _serve(self) -> None:
-        reader, self._writer = await asyncio.open_connection(sock=await self._accept())
+        try:
+            conn = await self._accept()
+        finally:
+            self._listener.close()  # one front end only
+        reader, self._writer = await asyncio.open_connection(sock=conn)
         try:
             while True:
                 size = HEADER.unpack(await reader.readexactly(HEADER.size))[0]
                 for message in pickle.loads(await reader.readexactly(size)):
                     self._apply(message)
         except (asyncio.IncompleteReadError, OSError):
-            pass  # the front end went away: its requests end here too
+            pass  # the front end went away (or close()): its requests end here too
+        self._writer.close()
         for task in list(self._pumps):
             task.cancel()
 
@@ -98,8 +114,10 @@ class InstanceServer:
                 got = await asyncio.wait_for(_recv_exactly(loop, conn, TOKEN_BYTES), ACCEPT_TIMEOUT)
             except (asyncio.TimeoutError, OSError):
                 got = b""
+            except BaseException:
+                conn.close()
+                raise
             if hmac.compare_digest(got, self._token):
-                self._listener.close()
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return conn
             conn.close()
