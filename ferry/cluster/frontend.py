@@ -312,14 +312,27 @@ class ClusterLLM(ClusterMoves):
     def _poll_stats(self) -> None:
         while not self._stopping.wait(STATS_INTERVAL):
             live = [s for s in self._slots if s.alive]
+            refs = [s.actor.stats.remote() for s in live]
             try:
-                parts = self._ray.get([s.actor.stats.remote() for s in live], timeout=10)
+                parts = self._ray.get(refs, timeout=10)
             except Exception:  # an instance died between the check and the call: the next round skips it
+                self._close_dead(live, refs)
                 continue
             stats = _sum_stats(parts)
             stats.instances = [InstanceLoad(s.index, s.alive, s.in_flight, s.restarts) for s in self._slots]
             stats.migrations = self._migrations
             self._stats = stats
+
+    def _close_dead(self, slots: list[_Slot], refs: list[Any]) -> None:
+        """Close the link of each instance Ray reports dead: its streams then resume elsewhere (the connection to
+        a host that died may never close by itself)."""
+        for slot, ref in zip(slots, refs):
+            try:
+                self._ray.get(ref, timeout=0)
+            except self._ray.exceptions.RayActorError:
+                slot.link.close("Ray reports the instance dead")
+            except Exception:
+                pass
 
     def instance_stats(self) -> list[EngineStats | None]:
         """Each instance's own stats now (None for one that is down): its KV blocks, requests, counters."""
