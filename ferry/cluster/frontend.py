@@ -253,7 +253,7 @@ class ClusterLLM(ClusterMoves):
         finally:
             gen.close()
             slot.in_flight -= 1
-            if not finished and slot.alive:
+            if not finished and not gen.moved_away and slot.alive:  # its client left, or it failed
                 slot.link.abort(request_id)
 
     @staticmethod

@@ -48,6 +48,7 @@ class Stream:
     def __init__(self, link: "InstanceLink", request_id: str) -> None:
         self.link, self.request_id = link, request_id
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.moved_away = False  # it ended with "end": the instance released it (nothing there to abort)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
@@ -58,6 +59,7 @@ class Stream:
                     if value.finished:
                         return
                 elif kind == "end":
+                    self.moved_away = True
                     return
                 else:  # "err", or the link's InstanceDied
                     raise value
