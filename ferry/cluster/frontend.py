@@ -3,6 +3,8 @@ the surface the server uses from AsyncLLM (process, generate, abort, stats, is_a
 tokenizer), so `ferry serve --instances N` runs the same server code as one instance.
 
 - Prompts are encoded and checked here (the tokenizer and the instances' limits; no model in this process).
+- Requests go to an instance and their outputs come back over the front end's own connection to it (link.py),
+  not through Ray: Ray starts, watches and restarts the instances and carries stats and migration steps.
 - Dispatch (dispatch.py): `cache-aware` (default) sends a request where the longest prefix of its prompt went
   before unless that instance is much more loaded, `least-loaded` to the instance whose KV its requests commit
   least (tokens held and prompt tokens to compute, from the front end's own view).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -25,13 +28,14 @@ from typing import Any, AsyncIterator
 
 from ferry.cluster.dispatch import DISPATCH_POLICIES, Candidate, PrefixIndex, pick_instance
 from ferry.cluster.instance import EngineInstance
+from ferry.cluster.link import TOKEN_BYTES, InstanceDied, InstanceLink, Stream
 from ferry.cluster.migration import Moved
 from ferry.cluster.moves import ClusterMoves
 from ferry.config import ModelConfig
 from ferry.engine.inputs import InputProcessor, ProcessedPrompt, PromptInput
 from ferry.engine.resume import Resume
 from ferry.engine.stats import EngineStats, InstanceLoad, MigrationStats
-from ferry.errors import FerryError, InvalidRequest, Overloaded, RequestFailed
+from ferry.errors import InvalidRequest, Overloaded, RequestFailed
 from ferry.request import RequestOutput, SamplingParams
 from ferry.tokenizer import Tokenizer
 
@@ -46,6 +50,7 @@ class _Slot:
     index: int
     actor: Any  # a Ray actor handle of EngineInstance
     pid: int
+    link: InstanceLink  # requests and their outputs
     in_flight: int = 0
     alive: bool = True
     restarts: int = 0
@@ -100,14 +105,17 @@ class ClusterLLM(ClusterMoves):
             log.info("started a local Ray (dashboard off): its processes take %.0f MiB (proportional set size)",
                      self.ray_memory_bytes / 2**20)
         self._remote = ray.remote(num_cpus=0, max_restarts=0)(EngineInstance)
+        self._died = (ray.exceptions.RayActorError, InstanceDied)  # what a dead instance raises here
+        self._token = secrets.token_bytes(TOKEN_BYTES)  # the links' secret, given to the instances through Ray
         self.tokenizer = Tokenizer.load(model)
         self.model_config = ModelConfig.from_hf(model)
-        actors = [self._remote.remote(model, options) for _ in range(instances)]
+        actors = [self._remote.remote(model, options, self._token) for _ in range(instances)]
         infos = ray.get([a.ready.remote() for a in actors])  # raises the first instance's load error
         self.max_model_len = infos[0]["max_model_len"]
         self.inputs = InputProcessor(self.tokenizer, infos[0]["limits"])
-        self._slots = [_Slot(i, a, info["pid"], role=roles[i] if roles else "both",
-                             capacity_tokens=info["kv_tokens"], prefixes=PrefixIndex(info["block_size"]))
+        self._slots = [_Slot(i, a, info["pid"], InstanceLink(info["address"], self._token, str(i)),
+                             role=roles[i] if roles else "both", capacity_tokens=info["kv_tokens"],
+                             prefixes=PrefixIndex(info["block_size"]))
                        for i, (a, info) in enumerate(zip(actors, infos))]
         self._dispatch_policy = dispatch_policy
         self._unfinished = 0
@@ -150,7 +158,7 @@ class ClusterLLM(ClusterMoves):
                         last = out
                         yield out
                     return
-                except self._ray.exceptions.RayActorError:
+                except self._died:
                     slot = tracked.slot
                     self._lost(slot)
                     if prompt.params.n != 1:
@@ -163,13 +171,14 @@ class ClusterLLM(ClusterMoves):
             self._unfinished -= 1
             self._tracked.pop(request_id, None)
             moved = self._moved.pop(request_id, None)
-            if moved is not None and moved[0].alive:  # migrated while its client went away
-                moved[0].actor.abort.remote(request_id)
+            if moved is not None:  # migrated while its client went away
+                moved[1].stream.close()
+                moved[0].link.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         for slot in self._slots:  # cheap, and the front end need not track where a request runs for this
             if slot.alive:
-                slot.actor.abort.remote(request_id)
+                slot.link.abort(request_id)
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -187,6 +196,8 @@ class ClusterLLM(ClusterMoves):
         try:
             await asyncio.gather(*calls, return_exceptions=True)
         finally:
+            for s in self._slots:
+                s.link.close()
             if self._own_ray:
                 self._ray.shutdown()
 
@@ -197,8 +208,12 @@ class ClusterLLM(ClusterMoves):
         """The request's outputs from its instance, and from each instance it migrates to after that."""
         slot = tracked.slot
         hold = slot.role == "prefill" and tracked.prompt.params.n == 1  # it stops after its first token
-        gen = slot.actor.generate.options(num_returns="streaming").remote(request_id, tracked.prompt, priority, resume,
-                                                                          hold)
+        gen = slot.link.open(request_id)
+        try:
+            slot.link.send("generate", request_id, tracked.prompt, priority, resume, hold)
+        except BaseException:
+            gen.close()
+            raise
         stopped_at = None
         while True:
             finished = False
@@ -215,7 +230,7 @@ class ClusterLLM(ClusterMoves):
                         self._background.add(task)  # held until done (the loop keeps only weak references)
                         task.add_done_callback(self._background.discard)
                     yield out
-            except self._ray.exceptions.RayActorError:
+            except self._died:
                 if request_id not in self._moved:  # it had moved on just before its source died
                     raise
                 self._lost(slot)
@@ -227,23 +242,19 @@ class ClusterLLM(ClusterMoves):
             slot, gen, stopped_at = moved[0], moved[1].stream, moved[1].stopped_at
             tracked.slot = slot
 
-    async def _stream(self, slot: _Slot, request_id: str, gen: Any) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, slot: _Slot, request_id: str, gen: Stream) -> AsyncIterator[RequestOutput]:
+        """The request's outputs from one instance (the engine's own error, if it refused it, is raised as is)."""
         slot.in_flight += 1
         finished = False
         try:
-            async for ref in gen:
-                try:
-                    out = await ref
-                except self._ray.exceptions.RayTaskError as e:  # the engine refused it: its own error
-                    if isinstance(e.cause, FerryError):
-                        raise e.cause from None
-                    raise
+            async for out in gen:
                 finished = out.finished
                 yield out
         finally:
+            gen.close()
             slot.in_flight -= 1
-            if not finished and slot.alive:
-                slot.actor.abort.remote(request_id)
+            if not finished and not gen.moved_away and slot.alive:  # its client left, or it failed
+                slot.link.abort(request_id)
 
     @staticmethod
     def _carry(prompt: ProcessedPrompt, last: RequestOutput | None) -> Resume | None:
@@ -275,17 +286,25 @@ class ClusterLLM(ClusterMoves):
         if not slot.alive:
             return
         slot.alive = False
+        slot.link.close("the instance died")
+        if self._stopping.is_set():  # shutdown() closed it
+            return
         log.error("engine instance %d (pid %d) died; starting a new one", slot.index, slot.pid)
         threading.Thread(target=self._restart, args=(slot,), name=f"ferry-restart-{slot.index}", daemon=True).start()
 
     def _restart(self, slot: _Slot) -> None:
         try:
-            actor = self._remote.remote(self._model, self._options)
+            self._ray.kill(slot.actor)  # its link broke but its process may live on: no engine left behind
+        except Exception:
+            pass  # gone already
+        try:
+            actor = self._remote.remote(self._model, self._options, self._token)
             info = self._ray.get(actor.ready.remote())
+            link = InstanceLink(info["address"], self._token, str(slot.index))
         except Exception:
             log.exception("engine instance %d could not be started again", slot.index)
             return
-        slot.actor, slot.pid, slot.in_flight, slot.alive = actor, info["pid"], 0, True
+        slot.actor, slot.pid, slot.link, slot.in_flight, slot.alive = actor, info["pid"], link, 0, True
         slot.prefixes.clear()  # a new process: an empty prefix cache
         slot.restarts += 1
         log.info("engine instance %d is back (pid %d)", slot.index, slot.pid)
@@ -293,14 +312,27 @@ class ClusterLLM(ClusterMoves):
     def _poll_stats(self) -> None:
         while not self._stopping.wait(STATS_INTERVAL):
             live = [s for s in self._slots if s.alive]
+            refs = [s.actor.stats.remote() for s in live]
             try:
-                parts = self._ray.get([s.actor.stats.remote() for s in live], timeout=10)
+                parts = self._ray.get(refs, timeout=10)
             except Exception:  # an instance died between the check and the call: the next round skips it
+                self._close_dead(live, refs)
                 continue
             stats = _sum_stats(parts)
             stats.instances = [InstanceLoad(s.index, s.alive, s.in_flight, s.restarts) for s in self._slots]
             stats.migrations = self._migrations
             self._stats = stats
+
+    def _close_dead(self, slots: list[_Slot], refs: list[Any]) -> None:
+        """Close the link of each instance Ray reports dead: its streams then resume elsewhere (the connection to
+        a host that died may never close by itself)."""
+        for slot, ref in zip(slots, refs):
+            try:
+                self._ray.get(ref, timeout=0)
+            except self._ray.exceptions.RayActorError:
+                slot.link.close("Ray reports the instance dead")
+            except Exception:
+                pass
 
     def instance_stats(self) -> list[EngineStats | None]:
         """Each instance's own stats now (None for one that is down): its KV blocks, requests, counters."""

@@ -2,7 +2,8 @@
 go to the destination while the request keeps decoding there (stages, each reserving the destination's blocks
 before writing them), until a stage finds at most LAST_STAGE_BLOCKS new full blocks; then the stop-and-copy: the
 source suspends the request and hands over its last blocks and its state, the destination adopts it. Blocks travel
-from actor to actor through Ray's object store (the front end passes object refs, never the data).
+from actor to actor through Ray's object store (the front end passes object refs, never the data); the request's
+outputs from the destination come on the front end's link to it (link.py), where its stream is opened first.
 
 Any failure calls the migration off on both sides (the destination gives back what it reserved, the source runs
 the request again) and the request goes on where it was. The engine half is ferry/engine/migration.py."""
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ferry.cluster.link import InstanceDied, Stream
 from ferry.engine.migration import MigrationFailed
 from ferry.engine.stats import MigrationStats
 
@@ -36,32 +38,35 @@ class Moved:
     """A completed migration: the destination's output stream of the request (past its adoption), and when the
     source stopped the request (time.time(), for the downtime, measured at the first token from there)."""
 
-    stream: Any  # a Ray ObjectRefGenerator of EngineInstance.adopt
+    stream: Stream  # on the destination's link
     stopped_at: float
     num_blocks: int
 
 
 async def migrate(ray: Any, request_id: str, src: Any, dst: Any, stats: MigrationStats, staged: bool = True) -> Moved:
-    """Move request_id from actor src to actor dst (EngineInstance handles). Raises MigrationAborted after
-    cleaning up both sides. The caller releases the request on the source once it follows the new stream.
-    staged=False: the request is already stopped (a prefill instance's, after its first token): the stop-and-copy
-    alone."""
-    held = 0
+    """Move request_id from instance src to instance dst (the front end's slots: .actor, an EngineInstance handle,
+    and .link). Raises MigrationAborted after cleaning up both sides. The caller releases the request on the
+    source once it follows the new stream. staged=False: the request is already stopped (a prefill instance's,
+    after its first token): the stop-and-copy alone."""
+    held, stream = 0, None
     try:
         for _ in range(MAX_STAGES if staged else 0):
             before = held
-            blocks = src.migration.remote("export_full", request_id, held)  # an object ref: dst fetches it
-            held = await dst.migration.remote("receive", request_id, blocks)
+            blocks = src.actor.migration.remote("export_full", request_id, held)  # an object ref: dst fetches it
+            held = await dst.actor.migration.remote("receive", request_id, blocks)
             if held - before <= LAST_STAGE_BLOCKS:
                 break
-        handover = src.migration.remote("suspend", request_id, held)
-        stream = dst.adopt.options(num_returns="streaming").remote(request_id, handover)
-        stopped_at = await (await stream.__anext__())  # once the destination runs it; raises if it could not
+        handover = src.actor.migration.remote("suspend", request_id, held)
+        stream = dst.link.open(request_id)
+        stopped_at = await dst.actor.adopt.remote(request_id, handover)  # once dst runs it; raises if it could not
     except Exception as e:
-        outcome = _side(ray, e, src)
-        await _call_off(request_id, src, dst)
+        if stream is not None:
+            stream.close()
+        outcome = _side(ray, e, src.actor)
+        await _call_off(request_id, src.actor, dst.actor)
         stats.count(outcome)
-        raise MigrationAborted(outcome, _reason(e), isinstance(e, ray.exceptions.RayActorError)) from None
+        died = isinstance(e, (ray.exceptions.RayActorError, InstanceDied))
+        raise MigrationAborted(outcome, _reason(e), died) from None
     stats.pause.observe(time.time() - stopped_at)  # both clocks this host's (or NTP-close across hosts)
     return Moved(stream, stopped_at, held)
 

@@ -58,7 +58,7 @@ class ClusterMoves:
             raise InvalidRequest(f"request {request_id!r} is already migrating")
         self._migrating.add(request_id)
         try:
-            moved = await migrate(self._ray, request_id, src.actor, dst.actor, self._migrations, staged)
+            moved = await migrate(self._ray, request_id, src, dst, self._migrations, staged)
         except MigrationAborted as e:
             log.warning("moving %s from instance %d to %d called off (%s): %s", request_id, src.index, dst.index,
                         e.outcome, e)
@@ -76,7 +76,8 @@ class ClusterMoves:
             pass  # the source died: its stream ends with that error, and _follow goes on from the destination
         if request_id not in self._tracked:  # its client left meanwhile
             self._moved.pop(request_id, None)
-            dst.actor.abort.remote(request_id)
+            moved.stream.close()
+            dst.link.abort(request_id)
         log.info("request %s moved from instance %d to %d", request_id, src.index, dst.index)
         return "migrated"
 
