@@ -39,7 +39,7 @@ from ferry.ops.kernel import NativeKernel
 # Past 16 the gain fades (even with MKL/oneDNN around M=32), so 16 is the
 # crossover. Float32 M > 8 with a weight under 1 MiB also runs the kernel
 # (it went to MKL, about as fast there) so that every M <= 16 is batch-invariant.
-MAX_M = {torch.float32: 16, torch.bfloat16: 16}
+MAX_M = {torch.float32: 32, torch.bfloat16: 16}
 
 
 def _configure(ext: ModuleType, level: Isa) -> None:

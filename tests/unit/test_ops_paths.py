@@ -53,13 +53,14 @@ def test_gemv_every_path_gives_the_portable_paths_results(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_gemv_row_results_do_not_depend_on_the_batch(dtype):
-    """Row i of linear(x[:m]) is bit-identical to linear(x[i:i+1]) for every m <= 16 on every path (speculative
+    """Row i of linear(x[:m]) is bit-identical to linear(x[i:i+1]) for every m <= MAX_M on every path (speculative
     decoding's verify step must give what single decode steps give)."""
+    rows = gemv.MAX_M[dtype]
     for level in LEVELS:
         with forced_isa(level.label):
             for k, n in [(33, 17), (896, 67), (896, 1000)]:  # the last one: N above one row block per thread
-                x, w, b = _data(16, k, n, dtype, bias=True)
-                alone = [gemv.linear(x[i:i + 1], w, b) for i in range(16)]
+                x, w, b = _data(rows, k, n, dtype, bias=True)
+                alone = [gemv.linear(x[i:i + 1], w, b) for i in range(rows)]
                 calls = gemv.kernel_calls()
                 for m in range(1, gemv.MAX_M[dtype] + 1):
                     y = gemv.linear(x[:m], w, b)
