@@ -215,6 +215,8 @@ class Regime:
     reference: Measured | None = None  # the first monitor window after the decision
     recent: Measured = field(default_factory=Measured)
     drift_windows: int = 0  # consecutive monitor windows off the reference
+    drift_hold: int = 0  # steps after a decision in which a move of time per token alone does not explore again
+    time_drift: bool = False  # this exploration began because time per token alone moved
 
 
 def bucket_of(num_seqs: int) -> int:

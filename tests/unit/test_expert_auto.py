@@ -235,3 +235,33 @@ def test_two_settings_that_read_alike_do_not_take_turns(seed):
     machine.run(policy, 3000, batch=16)
     choices = _choices(log)
     assert len(choices) >= 3 and len(set(choices)) == 1 and choices[0] in ("correlation+none", "correlation+pregate")
+
+
+def test_load_swings_of_the_machine_do_not_keep_it_exploring():
+    """On-demand is best throughout, but the machine's load slows every step by 60% for 150 steps out of 300 (the
+    other jobs of a shared machine), hit rates unchanged: each swing looks like a drift of time per token. As each
+    exploration confirms on-demand, the next time drift waits longer (64, 128, 256... steps): over 3000 steps it
+    explores a handful of times (19 times without the hold, 88% of steps on on-demand), not at every swing."""
+    log = []
+    policy = AutoOffloadPolicy(SETTINGS, log=log.append)
+    table = {ON_DEMAND: 1.0, CORR: 1.2, PREGATE: 1.3, FULL: 1.4}
+    machine = FakeMachine(lambda step, batch, s: table[s] * (1.6 if step // 150 % 2 else 1.0), noise=0.05)
+    trace = machine.run(policy, 3000)
+    drifts = [m for m in log if "exploring again (time per token" in m]
+    assert 1 <= len(drifts) <= 6
+    assert trace.count(ON_DEMAND) > 0.94 * len(trace)
+
+
+def test_a_hit_rate_drift_is_never_held_back():
+    """Time swings that held back the time-drift checks do not hold back a change of routing: once pre-gating's hit
+    rate falls (a new topic at step 1500), it explores again within a few monitor windows."""
+    log = []
+    policy = AutoOffloadPolicy(SETTINGS, AutoParams(reexplore=4096), log=log.append)
+    cost = lambda step, batch, s: ({ON_DEMAND: 1.0, CORR: 1.0, PREGATE: 0.6, FULL: 0.9} if step < 1500 else
+                                   {ON_DEMAND: 1.0, CORR: 0.7, PREGATE: 1.6, FULL: 1.5})[s] * (2.0 if step // 40 % 2 else 1.0)
+    hit = lambda step, s: 0.6 if step < 1500 or s != PREGATE else 0.2
+    machine = FakeMachine(cost, noise=0.05, hit_rate=hit)
+    trace = machine.run(policy, 1800)
+    assert trace[1499] == PREGATE and trace[-1] == CORR
+    assert any("exploring again (hit rate" in m for m in log)
+    assert trace.index(CORR, 1500) < 1500 + 3 * policy.params.monitor + 40
