@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -127,13 +128,21 @@ class _Failed(Exception):
     pass
 
 
+# 1-token runs per ferry measurement, their median subtracted: a ferry decode of the trained MoE takes tens of ms, so
+# one slow 1-token run (a scheduler hiccup) made a single difference read 2-3x its tok/s (or negative); the peers'
+# decodes take seconds, one run each
+ONE_TOKEN_RUNS = 3
+
+
 def measure(cfg: Config, prompts: list[list[int]], new_tokens: int, timeout: float) -> dict:
     """Decode tok/s of one batch, and per generated token the disk bytes read (and ferry's expert counters)."""
     B = len(prompts)
     pid = cfg.worker.proc.pid
     ferry = cfg.engine == "ferry"
     io0 = disk_read_bytes(pid)
-    one = cfg.call("generate", timeout, prompts=[p[::-1] for p in prompts], max_tokens=[1] * B)["seconds"]
+    one = statistics.median([
+        cfg.call("generate", timeout, prompts=[p[::-1] for p in prompts], max_tokens=[1] * B)["seconds"]
+        for _ in range(ONE_TOKEN_RUNS if ferry else 1)])
     s1 = cfg.call("expert_stats", timeout) if ferry else {}
     io1 = disk_read_bytes(pid)
     kw = {"return_ids": True} if ferry else {}

@@ -5,7 +5,7 @@ speed is left, at batch 1 and 16, for ferry's (a) on-demand loading, (b) LRU + p
 setting (correlation-aware eviction + pre-gating prefetch, planner-sized), (d) auto, the default (the setting
 chosen online per batch size from measured time per token, ferry/experts/auto.py; its exploration is inside the
 timed runs but for the first, which a warm-up of AUTO_WARMUP tokens at each batch size holds; "auto / best fixed"
-pairs it with the fastest of (a)-(c) round by round), and for what a user would try
+pairs it round by round with the one of (a)-(c) with the best median), and for what a user would try
 instead: transformers + accelerate disk offload (`device_map="auto"`, `max_memory`, `offload_folder`) and
 llama.cpp with its model mmapped?
 
@@ -36,7 +36,8 @@ auto` store of the int4 store's bytes (each expert's format chosen from its inpu
 text: the same bytes spent where they lose least), under each budget's RAM with ferry full's settings. Their ratios
 to the lossless all-in-memory run are reported next to the lossless ones, with the share of sequences that keep
 the lossless tokens; perplexity is `ferry eval`'s business, not this scenario's.
-Decode tok/s = B x (N - 1) / (time of N tokens - time of 1 token), prompts of 16 tokens, after a warm-up; the
+Decode tok/s = B x (N - 1) / (time of N tokens - time of 1 token), prompts of 16 tokens, after a warm-up (ferry:
+the median of 3 one-token runs; N = 24 on the random model, 64 on the trained one, whose steps take 2-10 ms); the
 counters per token (hit rate, bytes read, stall) are over the N-token run.
 
     python -m bench moe-offload                    # ~15 min on 2 idle cores (first run: builds, converts, exports)
@@ -126,8 +127,9 @@ def sizes_of(model: Path, args, engines: list[str]) -> tuple[Sizes, dict, list[P
 
 
 def run_model(label: str, model: Path, args, engines: list[str], text_prompts: bool, record: dict,
-              runs: int) -> dict:
-    """Every budget x config x batch on one model, `runs` rounds; returns the model's part of the record."""
+              runs: int, new_tokens: int) -> dict:
+    """Every budget x config x batch on one model, `runs` rounds of `new_tokens` tokens per sequence; returns the
+    model's part of the record."""
     t0 = time.perf_counter()
     budgets = [float(b) for b in args.budgets.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -136,7 +138,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
             "expert_bytes": sz.experts, "store_bytes": sz.store_bytes, "runtime_bytes": sz.runtime,
             "slack_bytes": SLACK, "int4_store": str(sz.int4_store) if sz.int4_store else None,
             "memory_limit": "cgroup" if sz.limits else f"none ({args.no_limit and '--no-limit' or memlimit.available()})",
-            "budgets": budgets, "batches": batches, "new_tokens": args.new_tokens, "runs": runs, "cases": [],
+            "budgets": budgets, "batches": batches, "new_tokens": new_tokens, "runs": runs, "cases": [],
             "plans": {}}
     if sz.int4_store:
         from ferry.experts.layout import StoreIndex
@@ -167,7 +169,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
                 ref.call("generate", args.timeout, prompts=warm[max(batches)], max_tokens=[2] * max(batches))
         ref = next((r for r in refs if r.name == REFERENCE and r.worker), None)
         if ref is not None:
-            part["interference"] = interference(ref, prompt_sets, args, sz.store)
+            part["interference"] = interference(ref, prompt_sets, args, sz.store, new_tokens)
             print(f"[moe-offload] {label}: reading the disk at full speed beside it slows in-memory decode by "
                   f"{ {B: f'{100 * v:.0f}%' for B, v in part['interference']['slowdown'].items()} }", flush=True)
         ref_ids: dict[tuple[str, int], list] = {}
@@ -176,7 +178,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
             with ExitStack() as stack:
                 start_all(confs, stack, model, args, files, label, budget, part, warm)
                 order = [r for r in refs if r.worker] + confs
-                measured = measure_all(order, batches, prompt_sets, args, runs)
+                measured = measure_all(order, batches, prompt_sets, args, runs, new_tokens)
                 for B in batches:
                     case = {"budget": budget, "batch": B, "configs": {}}
                     for c in order:
@@ -198,7 +200,7 @@ def run_model(label: str, model: Path, args, engines: list[str], text_prompts: b
     return part
 
 
-def interference(ref: Config, prompt_sets: dict, args, store: Path, rounds: int = 5) -> dict:
+def interference(ref: Config, prompt_sets: dict, args, store: Path, new_tokens: int, rounds: int = 5) -> dict:
     """How much the disk reading at full speed (another process, background_reads) slows ferry's all-in-memory
     decode, per batch: the overlap of reads and compute an offloading engine counts on is not free on every
     machine (on a virtual disk the host's I/O work can take the guest's CPU time). Runs alternate, quiet first."""
@@ -206,9 +208,9 @@ def interference(ref: Config, prompt_sets: dict, args, store: Path, rounds: int 
     for B, prompts in prompt_sets.items():
         quiet, busy = [], []
         for _ in range(rounds):
-            quiet.append(measure(ref, prompts, args.new_tokens, args.timeout)["seconds"])
+            quiet.append(measure(ref, prompts, new_tokens, args.timeout)["seconds"])
             with background_reads(store):
-                busy.append(measure(ref, prompts, args.new_tokens, args.timeout)["seconds"])
+                busy.append(measure(ref, prompts, new_tokens, args.timeout)["seconds"])
         slowdown[B] = max(0.0, statistics.median(busy) / statistics.median(quiet) - 1)
     return {"slowdown": slowdown, "rounds": rounds}
 
@@ -239,8 +241,8 @@ def timeout_of(c: Config, args) -> float:
     return args.timeout if c.engine == "ferry" else args.peer_timeout
 
 
-def measure_all(order: list[Config], batches: list[int], prompt_sets: dict, args,
-                rounds: int) -> dict[tuple[str, int], list[dict]]:
+def measure_all(order: list[Config], batches: list[int], prompt_sets: dict, args, rounds: int,
+                new_tokens: int) -> dict[tuple[str, int], list[dict]]:
     """`rounds` rounds over the configurations (the first one rotating), each batch size in turn."""
     runs: dict[tuple[str, int], list[dict]] = {}
     for r in range(rounds):
@@ -249,7 +251,7 @@ def measure_all(order: list[Config], batches: list[int], prompt_sets: dict, args
                 if c.worker is None or c.why or (grouped(c.name) and B < max(batches)):
                     continue
                 try:
-                    m = measure(c, prompt_sets[B], args.new_tokens, timeout_of(c, args))
+                    m = measure(c, prompt_sets[B], new_tokens, timeout_of(c, args))
                 except _Failed:
                     continue
                 m["round"] = r
@@ -294,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budgets", default=None, help="fractions of the experts' bytes in RAM (1,0.5,0.25,0.125)")
     ap.add_argument("--batches", default=None, help="sequences decoded together (1,16)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence (24)")
+    ap.add_argument("--trained-new-tokens", type=int, default=None,
+                    help="tokens per sequence on the trained model (64: its steps take 2-10 ms, so 24 tokens timed "
+                         "a few ms of decode and its in-memory row read 557-1614 tok/s across budgets)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=None, help="threads of every engine (2)")
     ap.add_argument("--runs", type=int, default=1, help="rounds on the random model (its peers take minutes)")
@@ -311,8 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="result name (default moe_offload)")
     args = ap.parse_args(argv)
     # --smoke shrinks only what the command line left unset
-    sizes = dict(threads=1, new_tokens=4, batches="1,4", budgets="1,0.25", trained_runs=1) if args.smoke else \
-        dict(threads=2, new_tokens=24, batches="1,16", budgets="1,0.5,0.25,0.125", trained_runs=5)
+    sizes = dict(threads=1, new_tokens=4, trained_new_tokens=4, batches="1,4", budgets="1,0.25", trained_runs=1) \
+        if args.smoke else dict(threads=2, new_tokens=24, trained_new_tokens=64, batches="1,16",
+                                budgets="1,0.5,0.25,0.125", trained_runs=5)
     for k, v in sizes.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -325,9 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     if args.model != "none":
         model = Path(args.model) if args.model else random_model(args.smoke)
-        run_model("random" if not args.model else "model", model, args, engines, False, record, args.runs)
+        run_model("random" if not args.model else "model", model, args, engines, False, record, args.runs,
+                  args.new_tokens)
     if args.trained != "none":
-        run_model("trained", Path(args.trained), args, ["ferry"], True, record, args.trained_runs)
+        run_model("trained", Path(args.trained), args, ["ferry"], True, record, args.trained_runs,
+                  args.trained_new_tokens)
     record["duration_s"] = time.perf_counter() - started
     path = result_path((args.out or "moe_offload"), args.smoke)
     path.write_text(json.dumps(record, indent=1, default=str))

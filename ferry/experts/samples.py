@@ -1,6 +1,7 @@
 """What AutoOffloadPolicy (auto.py) reasons with: offload settings, one decode step's measurements, a setting's
-samples in one regime (median time per token and its standard error, hit rate, precision, stall, read rate), and
-the choice among them: the simplest setting no other beats clearly."""
+samples in one regime (median time per token and its standard error, bytes read per token turn by turn, hit rate,
+precision, stall, read rate), and the choice among them: the simplest setting no other beats clearly, unless one as
+fast within noise reads clearly fewer bytes."""
 from __future__ import annotations
 
 import math
@@ -61,6 +62,12 @@ class AutoParams:
     eliminate: float = 0.2  # after a round, drop a setting this much slower than the best (and clearly so)
     margin: float = 0.05  # "clearly faster": by more than this share...
     z: float = 2.5  # ...and by more than z standard errors (2.0 picked an equally fast setting 1 time in 8)
+    # "clearly fewer bytes": bytes read per token lower by more than this share overall and in every round, and by
+    # more than z_bytes standard errors. Bytes per token hardly depend on the machine's load, time per token does: on a shared
+    # machine 8 steps per setting cannot tell a 10-15% gain from noise (the trained MoE at 25%, batch 16: correlation
+    # eviction 26% hits, 12% fewer bytes and 17% faster than LRU's 0% hits, and auto stayed on LRU), the bytes can
+    fewer_bytes: float = 0.05
+    z_bytes: float = 4.0  # a batch of 1 reads 0 to a few experts a step: at 2.5 (and 3.5) chance alone fired (sims)
     monitor: int = 16  # steps per drift check while exploiting
     drift: float = 0.3  # time per token off the reference by this share: the regime moved
     hit_drift: float = 0.15  # hit rate off the reference by this much (absolute): the routing moved
@@ -82,6 +89,8 @@ class Measured:
 
     costs: list[float] = field(default_factory=list)  # seconds per token, per step
     turns: list[float] = field(default_factory=list)  # the median of each exploration turn's costs, in order
+    turn_bytes: list[float] = field(default_factory=list)  # bytes read per token in each turn, in order
+    step_bytes: list[float] = field(default_factory=list)  # bytes read per token, per step
     seconds: float = 0.0
     tokens: int = 0
     lookups: int = 0
@@ -90,9 +99,11 @@ class Measured:
     bytes_read: int = 0
     num_predicted: int = 0
     num_predicted_used: int = 0
+    _turn_start: tuple[int, int] = (0, 0)  # bytes_read and tokens when the current turn began
 
     def add(self, s: StepSample) -> None:
         self.costs.append(s.seconds / s.num_seqs)
+        self.step_bytes.append(s.bytes_read / s.num_seqs)
         self.seconds += s.seconds
         self.tokens += s.num_seqs
         self.lookups += s.lookups
@@ -104,6 +115,9 @@ class Measured:
 
     def end_turn(self, num_steps: int) -> None:
         self.turns.append(statistics.median(self.costs[-num_steps:]))
+        bytes_before, tokens_before = self._turn_start
+        self.turn_bytes.append((self.bytes_read - bytes_before) / max(self.tokens - tokens_before, 1))
+        self._turn_start = (self.bytes_read, self.tokens)
 
     @property
     def median(self) -> float:
@@ -112,6 +126,16 @@ class Measured:
     def stderr(self, spread: float) -> float:
         """Standard error of the median, given the relative spread of one step's cost (see `spread`)."""
         return 1.2533 * spread * self.median / math.sqrt(len(self.costs)) if self.costs else math.inf
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_read / self.tokens if self.tokens else math.inf
+
+    def bytes_stderr(self) -> float:
+        """Standard error of the mean bytes per token over the steps (a batch of 1 reads 0 or several experts a
+        step: its bytes vary a lot from step to step, a batch of 16's hardly)."""
+        n = len(self.step_bytes)
+        return statistics.stdev(self.step_bytes) / math.sqrt(n) if n > 1 else math.inf
 
     @property
     def hit_rate(self) -> float | None:
@@ -141,14 +165,35 @@ def beats(b: Measured, a: Measured, p: AutoParams, noise: float) -> bool:
             and all(tb < ta for ta, tb in zip(a.turns, b.turns)))
 
 
+def reads_less(b: Measured, a: Measured, p: AutoParams) -> bool:
+    """b reads clearly fewer bytes per token than a: by more than `fewer_bytes`, by more than z_bytes standard errors of
+    the two means (the steps' own variation: routing, not load), and by more than `fewer_bytes` in every round."""
+    gap = a.bytes_per_token - b.bytes_per_token
+    return (b.bytes_per_token < a.bytes_per_token * (1 - p.fewer_bytes)
+            and gap > p.z_bytes * math.hypot(a.bytes_stderr(), b.bytes_stderr())
+            and all(tb < ta * (1 - p.fewer_bytes) for ta, tb in zip(a.turn_bytes, b.turn_bytes)))
+
+
+def as_fast(b: Measured, a: Measured, p: AutoParams, noise: float) -> bool:
+    """b is as fast as a within noise: its median no more than `margin` slower, and a does not beat it clearly."""
+    return b.median <= a.median * (1 + p.margin) and not beats(a, b, p, noise)
+
+
 def choose(measured: dict[Setting, Measured], candidates: Sequence[Setting], p: AutoParams) -> Setting:
-    """The simplest candidate (candidates: simplest first) that no other beats clearly. The fastest one is never
-    beaten, so there always is one."""
+    """The simplest candidate (candidates: simplest first; the setting in force first when exploring again) that no
+    other beats clearly (the fastest one is never beaten, so there always is one); then, among candidates as fast
+    as it within noise that no other beats clearly, one that reads clearly fewer bytes per token than it, if any:
+    the first in order that no other such one reads clearly less than (so two that read alike do not take turns)."""
     noise = spread([measured[c] for c in candidates])
-    for c in candidates:
-        if not any(beats(measured[b], measured[c], p, noise) for b in candidates if b != c):
+    unbeaten = [c for c in candidates if not any(beats(measured[b], measured[c], p, noise)
+                                                 for b in candidates if b != c)]
+    timed = unbeaten[0] if unbeaten else min(candidates, key=lambda c: measured[c].median)
+    lighter = [c for c in unbeaten if reads_less(measured[c], measured[timed], p)
+               and as_fast(measured[c], measured[timed], p, noise)]
+    for c in lighter:
+        if not any(reads_less(measured[b], measured[c], p) for b in lighter if b != c):
             return c
-    return min(candidates, key=lambda c: measured[c].median)
+    return timed
 
 
 @dataclass
@@ -170,6 +215,8 @@ class Regime:
     reference: Measured | None = None  # the first monitor window after the decision
     recent: Measured = field(default_factory=Measured)
     drift_windows: int = 0  # consecutive monitor windows off the reference
+    drift_hold: int = 0  # steps after a decision in which a move of time per token alone does not explore again
+    time_drift: bool = False  # this exploration began because time per token alone moved
 
 
 def bucket_of(num_seqs: int) -> int:

@@ -21,8 +21,10 @@ class FakeMachine:
     a setting measures."""
 
     def __init__(self, cost: Callable[[int, int, Setting], float], noise: float = 0.0, seed: int = 0,
-                 hit_rate: Callable[[int, Setting], float] = lambda step, s: 0.5) -> None:
+                 hit_rate: Callable[[int, Setting], float] = lambda step, s: 0.5,
+                 reads: Callable[[Setting], float] = lambda s: 1000.0, reads_noise: float = 0.0) -> None:
         self.cost, self.noise, self.rng, self.hit_rate = cost, noise, random.Random(seed), hit_rate
+        self.reads, self.reads_noise = reads, reads_noise  # bytes read per token of each setting, +-noise uniform
         self.step = 0
 
     def run(self, policy: AutoOffloadPolicy, steps: int, batch: int = 1) -> list[Setting]:
@@ -33,8 +35,10 @@ class FakeMachine:
             trace.append(s)
             seconds = batch * self.cost(self.step, batch, s) * (1 + self.rng.uniform(-self.noise, self.noise))
             hits = round(100 * self.hit_rate(self.step, s))
+            nbytes = batch * self.reads(s) * (1 + (self.rng.uniform(-self.reads_noise, self.reads_noise)
+                                                   if self.reads_noise else 0.0))
             policy.observe(StepSample(batch, seconds, lookups=100, hits=hits, stall_seconds=seconds / 10,
-                                      bytes_read=1000, num_predicted=10 * (s.prefetch != "none"),
+                                      bytes_read=round(nbytes), num_predicted=10 * (s.prefetch != "none"),
                                       num_predicted_used=8 * (s.prefetch != "none")))
             self.step += 1
         return trace
@@ -172,3 +176,92 @@ def test_bad_parameters_are_refused():
         AutoParams(reexplore=100, reexplore_max=10)
     with pytest.raises(ValueError, match="at least one setting"):
         AutoOffloadPolicy([])
+
+
+# bytes read per token: what each setting reads at batch 16 with a quarter of the experts cached (the trained MoE's
+# 25% cell: LRU evicts each expert just before its reuse, correlation eviction keeps a quarter of them, pre-gating
+# adds the reads of its wrong guesses)
+READS = {ON_DEMAND: 1000.0, CORR: 880.0, PREGATE: 1010.0, FULL: 880.0}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_as_fast_within_noise_but_clearly_fewer_bytes_wins(seed):
+    """Correlation eviction 13% faster, which +-20% noise per step hides in 8 steps 4 times in 10 (time alone kept
+    on-demand then); it reads 12% fewer bytes per token (+-5% per step): the first decision takes it and says why,
+    and it holds."""
+    log = []
+    policy = AutoOffloadPolicy(SETTINGS, log=log.append)
+    machine = FakeMachine(_costs({ON_DEMAND: 1.0, CORR: 0.87, PREGATE: 1.0, FULL: 0.9}), noise=0.2, seed=seed,
+                          reads=READS.get, reads_noise=0.05)
+    trace = machine.run(policy, 1500, batch=16)
+    choices = _choices(log)
+    assert choices[0] == "correlation+none" and "fewer bytes per token" in next(m for m in log if "chose" in m)
+    assert sum(c != "correlation+none" for c in choices) <= 1  # time's noise may still win one exploration
+    assert trace[-1] == CORR and trace.count(CORR) > 0.7 * len(trace)
+
+
+def test_fewer_bytes_never_buy_a_clearly_slower_setting():
+    """Correlation eviction reads 20% less but takes 30% longer per token (say its bookkeeping on a tiny model):
+    time decides, on-demand stays."""
+    log = []
+    policy = AutoOffloadPolicy(SETTINGS, log=log.append)
+    machine = FakeMachine(_costs({ON_DEMAND: 1.0, CORR: 1.3, PREGATE: 1.1, FULL: 1.3}), noise=0.1, seed=1,
+                          reads={ON_DEMAND: 1000.0, CORR: 800.0, PREGATE: 1000.0, FULL: 800.0}.get)
+    trace = machine.run(policy, 1000)
+    assert set(_choices(log)) == {"lru+none"} and trace[-1] == ON_DEMAND
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bytes_that_differ_only_by_chance_do_not_move_it(seed):
+    """All four equally fast and reading alike on average, but a batch of 1 reads 0 to 2x the mean in a step:
+    the bytes rule never fires (time per token alone decides, as in the tests above)."""
+    log = []
+    policy = AutoOffloadPolicy(SETTINGS, log=log.append)
+    machine = FakeMachine(_costs({ON_DEMAND: 1.0, CORR: 1.02, PREGATE: 1.03, FULL: 1.04}), noise=0.1, seed=seed,
+                          reads_noise=1.0)
+    machine.run(policy, 2000)
+    assert len(_choices(log)) >= 3 and _choices(log)[0] == "lru+none"
+    assert not any("fewer bytes" in m for m in log)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_two_settings_that_read_alike_do_not_take_turns(seed):
+    """Correlation eviction with and without pre-gating: as fast and as light as each other, both clearly lighter
+    than LRU: whichever the first decision takes, every later one keeps it."""
+    log = []
+    policy = AutoOffloadPolicy(SETTINGS, log=log.append)
+    machine = FakeMachine(_costs({ON_DEMAND: 1.0, CORR: 0.97, PREGATE: 1.0, FULL: 0.97}), noise=0.2, seed=seed,
+                          reads=READS.get, reads_noise=0.05)
+    machine.run(policy, 3000, batch=16)
+    choices = _choices(log)
+    assert len(choices) >= 3 and len(set(choices)) == 1 and choices[0] in ("correlation+none", "correlation+pregate")
+
+
+def test_load_swings_of_the_machine_do_not_keep_it_exploring():
+    """On-demand is best throughout, but the machine's load slows every step by 60% for 150 steps out of 300 (the
+    other jobs of a shared machine), hit rates unchanged: each swing looks like a drift of time per token. As each
+    exploration confirms on-demand, the next time drift waits longer (64, 128, 256... steps): over 3000 steps it
+    explores a handful of times (19 times without the hold, 88% of steps on on-demand), not at every swing."""
+    log = []
+    policy = AutoOffloadPolicy(SETTINGS, log=log.append)
+    table = {ON_DEMAND: 1.0, CORR: 1.2, PREGATE: 1.3, FULL: 1.4}
+    machine = FakeMachine(lambda step, batch, s: table[s] * (1.6 if step // 150 % 2 else 1.0), noise=0.05)
+    trace = machine.run(policy, 3000)
+    drifts = [m for m in log if "exploring again (time per token" in m]
+    assert 1 <= len(drifts) <= 6
+    assert trace.count(ON_DEMAND) > 0.94 * len(trace)
+
+
+def test_a_hit_rate_drift_is_never_held_back():
+    """Time swings that held back the time-drift checks do not hold back a change of routing: once pre-gating's hit
+    rate falls (a new topic at step 1500), it explores again within a few monitor windows."""
+    log = []
+    policy = AutoOffloadPolicy(SETTINGS, AutoParams(reexplore=4096), log=log.append)
+    cost = lambda step, batch, s: ({ON_DEMAND: 1.0, CORR: 1.0, PREGATE: 0.6, FULL: 0.9} if step < 1500 else
+                                   {ON_DEMAND: 1.0, CORR: 0.7, PREGATE: 1.6, FULL: 1.5})[s] * (2.0 if step // 40 % 2 else 1.0)
+    hit = lambda step, s: 0.6 if step < 1500 or s != PREGATE else 0.2
+    machine = FakeMachine(cost, noise=0.05, hit_rate=hit)
+    trace = machine.run(policy, 1800)
+    assert trace[1499] == PREGATE and trace[-1] == CORR
+    assert any("exploring again (hit rate" in m for m in log)
+    assert trace.index(CORR, 1500) < 1500 + 3 * policy.params.monitor + 40
