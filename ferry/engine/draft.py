@@ -118,8 +118,10 @@ class DraftModelProposer:
         if seq is None:
             seq = self.seqs[req.req_id] = _Seq(Request(req.req_id, [], GREEDY, 0.0))
         mine, theirs = seq.req.all_token_ids, req.all_token_ids
-        common = 0
+        # mine is req's tokens at the last sync (they only grow) and then the draft's num_fed guesses: only those
+        # can differ
         limit = min(seq.req.num_computed_tokens, len(theirs))
+        common = min(len(mine) - seq.num_fed, limit)
         while common < limit and mine[common] == theirs[common]:
             common += 1
         seq.req.num_computed_tokens = min(common, len(theirs) - 1)  # at least one token to feed
