@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 BALANCE_GAP = 0.25  # of a KV cache: the usage gap between the most and the least loaded instance that starts a move
 SHORT_USAGE = 0.75  # of a KV cache: a source below this has room for its queue: moving off it buys nothing yet
+HEADROOM = 0.1  # of a KV cache: kept free on the destination for its own requests' growth (Llumnix's watermark)
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,12 @@ class Load:
 
 
 def pick_balance(load: dict[int, Load], running: list[Running], gap: float = BALANCE_GAP,
-                 short: float = SHORT_USAGE) -> tuple[str, int, int] | None:
+                 short: float = SHORT_USAGE, headroom: float = HEADROOM) -> tuple[str, int, int] | None:
     """(request, from, to): one request from the instance with the highest KV usage to the one with the lowest,
     when the source is short of KV (usage at least `short`) and the usages differ by `gap` or more. The request is
     the one whose move frees the most KV on the source (the most tokens), among those that fit in the destination's
-    free KV and do not leave it more loaded than the source (no ping-pong); None when nothing is worth moving."""
+    free KV less `headroom` (what its own requests grow into) and do not leave it more loaded than the source (no
+    ping-pong); None when nothing is worth moving."""
     if len(load) < 2:
         return None
     src = max(load, key=lambda i: (load[i].usage, -i))
@@ -50,7 +52,7 @@ def pick_balance(load: dict[int, Load], running: list[Running], gap: float = BAL
     if s.usage < short or s.usage - d.usage < gap:
         return None
     fits = [r for r in running if r.instance == src and r.num_output_tokens >= 1
-            and d.tokens + r.num_tokens <= d.capacity
+            and d.tokens + r.num_tokens <= (1 - headroom) * d.capacity
             and (d.tokens + r.num_tokens) / max(1, d.capacity) <= (s.tokens - r.num_tokens) / max(1, s.capacity)]
     if not fits:
         return None
