@@ -15,9 +15,10 @@ Questions:
 4. front end: what Ray and the front end add, ClusterLLM with one instance x 2 threads against AsyncLLM x 2 threads
    (no Ray), interleaved rounds of the same trace: TTFT p50 difference and throughput ratio; and the memory of the
    local Ray the front end starts (proportional set size of its processes, before any instance).
-5. imbalance: a burst that the front end's dispatch (fewest requests in flight) splits badly, long outputs on one
-   instance and short ones on the other, then Poisson arrivals; two instances with --migration-policy off against
-   balance: TTFT and TPOT p50/p99, throughput, migrations.
+5. imbalance (Llumnix's case): dispatch cannot know output lengths, so a burst puts the long outputs on one
+   instance, whose small KV cache they outgrow, then Poisson arrivals with long and short prompts; two instances
+   with --migration-policy off against balance, interleaved rounds of the same trace, pooled: TTFT and TPOT
+   p50/p99, throughput, preemptions, migrations (`--only imbalanced` runs this part alone).
 6. dispatch: a shared-prefix trace (a few long system prompts, each request one of them plus its own short
    question), two instances with --dispatch-policy least-loaded against cache-aware: TTFT p50/p99, throughput and
    the instances' prefix cache hit rate.
@@ -65,13 +66,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--migration-kv-cache-memory", default="512M", help="per instance, for --migration-model")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the front-end comparison")
     ap.add_argument("--burst", type=int, default=16, help="requests of the imbalanced trace's burst (half long)")
-    ap.add_argument("--long-output", type=int, default=320, help="output tokens of the burst's long requests")
-    ap.add_argument("--imbalance-kv-cache-memory", default="8M",
-                    help="per instance on the imbalanced trace: the long outputs must outgrow one instance's KV")
-    ap.add_argument("--imbalance-requests", type=int, default=32, help="Poisson arrivals after the burst")
+    ap.add_argument("--long-output", type=int, default=512, help="output tokens of the burst's long requests")
+    ap.add_argument("--imbalance-kv-cache-memory", default="12M",
+                    help="per instance on the imbalanced trace: the long outputs must outgrow one instance's KV, "
+                         "not both")
+    ap.add_argument("--imbalance-requests", type=int, default=48, help="Poisson arrivals after the burst")
+    ap.add_argument("--imbalance-rate", type=float, default=8.0, help="their rate, per second")
     ap.add_argument("--imbalance-prompt-max", type=int, default=1536,
                     help="longest prompt of the arrivals (Pareto from 64): a long one needs most of a KV cache")
-    ap.add_argument("--imbalance-at", type=float, default=1.0, help="seconds after the burst they start")
+    ap.add_argument("--imbalance-at", type=float, default=0.5, help="seconds after the burst they start")
     ap.add_argument("--imbalance-rounds", type=int, default=2,
                     help="interleaved rounds of the imbalanced trace (off, balance, off, ...), pooled")
     ap.add_argument("--only", choices=("imbalanced",), help="run only this part (and write no results file)")
@@ -84,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.num_requests, args.rate, args.input_len, args.output_len = 8, 8.0, (8, 64), (8, 32)
         args.migration_lens, args.kv_cache_memory, args.rounds, args.burst = [32, 96], "16M", 1, 4
         args.long_output, args.imbalance_kv_cache_memory, args.imbalance_requests = 64, "4M", 6
-        args.imbalance_rounds, args.imbalance_at = 1, 0.3
+        args.imbalance_rounds, args.imbalance_at, args.imbalance_prompt_max = 1, 0.3, 512
         args.migration_model, args.migration_kv_cache_memory = "tiny-qwen2", "16M"
         args.prefixes, args.prefix_len = 2, 64
     return args
@@ -123,14 +126,16 @@ def imbalanced(args: argparse.Namespace) -> list[tuple[float, list[int], int]]:
     is full. A burst of args.burst requests with 64-token prompts, outputs alternating args.long_output and 8 tokens
     (all alike when they arrive: dispatch by committed KV alternates them, every long one on the first instance);
     the long ones outgrow its KV cache (args.imbalance_kv_cache_memory) while the short ones free the second. Then
-    args.imbalance_requests Poisson arrivals at args.rate from args.imbalance_at s, prompts 64-512 and outputs
-    8-64 tokens (Pareto): the ones sent to the full instance queue or are preempted there."""
+    args.imbalance_requests Poisson arrivals at args.imbalance_rate from args.imbalance_at s, outputs 8-64 tokens
+    (Pareto), a third of the prompts long (half to all of args.imbalance_prompt_max), the rest 64 to a quarter of
+    it (Pareto): when dispatch sends one to the instance of the long outputs, it finds the KV taken by requests
+    that do not end soon, and waits there (or is preempted) while the other instance's KV frees."""
     rng = random.Random(args.seed + 1)
     burst = [(0.001 * i, [rng.randrange(10, 500) for _ in range(64)], args.long_output if i % 2 == 0 else 8)
              for i in range(args.burst)]
     t, rest = args.imbalance_at, []
     for _ in range(args.imbalance_requests):
-        t += rng.expovariate(args.rate)
+        t += rng.expovariate(args.imbalance_rate)
         hi = args.imbalance_prompt_max  # a third of the prompts long: they need most of a KV cache
         n = rng.randrange(hi // 2, hi + 1) if rng.random() < 1 / 3 else _pareto(rng, 64, hi // 4)
         prompt = [rng.randrange(10, 500) for _ in range(n)]
@@ -367,8 +372,9 @@ def report(record: dict) -> str:
 
 
 def imbalance_table(record: dict) -> str:
-    lines = ["| imbalanced trace, 2 instances | output tok/s | TTFT p50/p99 s | TPOT p50/p99 s | preemptions | "
-             "migrations |", "|---|---|---|---|---|---|"]
+    rounds = record["imbalanced_off"].get("rounds", 1)
+    lines = ["| imbalanced trace, 2 instances | output tok/s | TTFT p50/p99 s | TPOT p50/p99 s | "
+             f"preemptions ({rounds} rounds) | migrations ({rounds} rounds) |", "|---|---|---|---|---|---|"]
     for policy in ("off", "balance"):
         r = record[f"imbalanced_{policy}"]
         lines.append(f"| --migration-policy {policy} | {r['output_tok_s']:.1f} | {r['ttft_p50_s']:.3f}/"
