@@ -15,9 +15,10 @@ Questions:
 4. front end: what Ray and the front end add, ClusterLLM with one instance x 2 threads against AsyncLLM x 2 threads
    (no Ray), interleaved rounds of the same trace: TTFT p50 difference and throughput ratio; and the memory of the
    local Ray the front end starts (proportional set size of its processes, before any instance).
-5. imbalance: a burst that the front end's dispatch (fewest requests in flight) splits badly, long outputs on one
-   instance and short ones on the other, then Poisson arrivals; two instances with --migration-policy off against
-   balance: TTFT and TPOT p50/p99, throughput, migrations.
+5. imbalance (Llumnix's case): dispatch cannot know output lengths, so a burst puts the long outputs on one
+   instance, whose small KV cache they outgrow, then Poisson arrivals with long and short prompts; two instances
+   with --migration-policy off against balance, interleaved rounds of the same trace, pooled: TTFT and TPOT
+   p50/p99, throughput, preemptions, migrations (`--only imbalanced` runs this part alone).
 6. dispatch: a shared-prefix trace (a few long system prompts, each request one of them plus its own short
    question), two instances with --dispatch-policy least-loaded against cache-aware: TTFT p50/p99, throughput and
    the instances' prefix cache hit rate.
@@ -65,6 +66,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--migration-kv-cache-memory", default="512M", help="per instance, for --migration-model")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the front-end comparison")
     ap.add_argument("--burst", type=int, default=16, help="requests of the imbalanced trace's burst (half long)")
+    ap.add_argument("--long-output", type=int, default=512, help="output tokens of the burst's long requests")
+    ap.add_argument("--imbalance-kv-cache-memory", default="12M",
+                    help="per instance on the imbalanced trace: the long outputs must outgrow one instance's KV, "
+                         "not both")
+    ap.add_argument("--imbalance-requests", type=int, default=48, help="Poisson arrivals after the burst")
+    ap.add_argument("--imbalance-rate", type=float, default=8.0, help="their rate, per second")
+    ap.add_argument("--imbalance-prompt-max", type=int, default=1536,
+                    help="longest prompt of the arrivals (Pareto from 64): a long one needs most of a KV cache")
+    ap.add_argument("--imbalance-at", type=float, default=0.5, help="seconds after the burst they start")
+    ap.add_argument("--imbalance-rounds", type=int, default=2,
+                    help="interleaved rounds of the imbalanced trace (off, balance, off, ...), pooled")
+    ap.add_argument("--only", choices=("imbalanced",), help="run only this part (and write no results file)")
     ap.add_argument("--prefixes", type=int, default=4, help="system prompts of the shared-prefix trace")
     ap.add_argument("--prefix-len", type=int, default=768, help="tokens of each system prompt")
     ap.add_argument("--seed", type=int, default=0)
@@ -73,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.num_requests, args.rate, args.input_len, args.output_len = 8, 8.0, (8, 64), (8, 32)
         args.migration_lens, args.kv_cache_memory, args.rounds, args.burst = [32, 96], "16M", 1, 4
+        args.long_output, args.imbalance_kv_cache_memory, args.imbalance_requests = 64, "4M", 6
+        args.imbalance_rounds, args.imbalance_at, args.imbalance_prompt_max = 1, 0.3, 512
         args.migration_model, args.migration_kv_cache_memory = "tiny-qwen2", "16M"
         args.prefixes, args.prefix_len = 2, 64
     return args
@@ -107,12 +122,25 @@ async def _one(llm, rid: str, arrival: float, prompt: list[int], max_tokens: int
 
 
 def imbalanced(args: argparse.Namespace) -> list[tuple[float, list[int], int]]:
-    """A burst of args.burst requests at once, long and short outputs alternating (dispatch by requests in flight
-    sends every long one to the first instance, every short one to the second), then the Poisson trace after it."""
-    rng, hi = random.Random(args.seed + 1), args.output_len[1]
-    burst = [(0.001 * i, [rng.randrange(10, 500) for _ in range(64)], hi if i % 2 == 0 else 8)
+    """Llumnix's case: output lengths that dispatch cannot know pile the long requests on one instance until its KV
+    is full. A burst of args.burst requests with 64-token prompts, outputs alternating args.long_output and 8 tokens
+    (all alike when they arrive: dispatch by committed KV alternates them, every long one on the first instance);
+    the long ones outgrow its KV cache (args.imbalance_kv_cache_memory) while the short ones free the second. Then
+    args.imbalance_requests Poisson arrivals at args.imbalance_rate from args.imbalance_at s, outputs 8-64 tokens
+    (Pareto), a third of the prompts long (half to all of args.imbalance_prompt_max), the rest 64 to a quarter of
+    it (Pareto): when dispatch sends one to the instance of the long outputs, it finds the KV taken by requests
+    that do not end soon, and waits there (or is preempted) while the other instance's KV frees."""
+    rng = random.Random(args.seed + 1)
+    burst = [(0.001 * i, [rng.randrange(10, 500) for _ in range(64)], args.long_output if i % 2 == 0 else 8)
              for i in range(args.burst)]
-    return burst + [(1.0 + a, p, m) for a, p, m in workload(args)]
+    t, rest = args.imbalance_at, []
+    for _ in range(args.imbalance_requests):
+        t += rng.expovariate(args.imbalance_rate)
+        hi = args.imbalance_prompt_max  # a third of the prompts long: they need most of a KV cache
+        n = rng.randrange(hi // 2, hi + 1) if rng.random() < 1 / 3 else _pareto(rng, 64, hi // 4)
+        prompt = [rng.randrange(10, 500) for _ in range(n)]
+        rest.append((t, prompt, _pareto(rng, 8, 64)))
+    return burst + rest
 
 
 def shared_prefix(args: argparse.Namespace) -> list[tuple[float, list[int], int]]:
@@ -131,15 +159,23 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-async def serve_trace(llm, trace: list, tag: str) -> dict:
+async def trace_rows(llm, trace: list, tag: str) -> tuple[list[dict], float]:
+    """Each request's measures, and the seconds from the trace's start to its last token."""
     t0 = time.perf_counter()
     rows = await asyncio.gather(*(_one(llm, f"{tag}-{i}", a, p, m, t0) for i, (a, p, m) in enumerate(trace)))
-    span = max(r["end"] for r in rows) - t0
+    return list(rows), max(r["end"] for r in rows) - t0
+
+
+def summarize(rows: list[dict], seconds: float) -> dict:
     gaps = [g for r in rows for g in r["gaps"]]
-    return {"output_tok_s": sum(r["tokens"] for r in rows) / span,
+    return {"output_tok_s": sum(r["tokens"] for r in rows) / seconds,
             "ttft_p50_s": _pct([r["ttft"] for r in rows], 0.5), "ttft_p99_s": _pct([r["ttft"] for r in rows], 0.99),
             "tpot_p50_s": _pct([r["tpot"] for r in rows], 0.5), "tpot_p99_s": _pct([r["tpot"] for r in rows], 0.99),
-            "itl_p50_s": _pct(gaps, 0.5), "itl_p99_s": _pct(gaps, 0.99), "seconds": span}
+            "itl_p50_s": _pct(gaps, 0.5), "itl_p99_s": _pct(gaps, 0.99), "seconds": seconds}
+
+
+async def serve_trace(llm, trace: list, tag: str) -> dict:
+    return summarize(*await trace_rows(llm, trace, tag))
 
 
 async def migration_gaps(cluster, lens: list[int], seed: int) -> list[dict]:
@@ -215,14 +251,10 @@ def _run(cluster, trace: list, tag: str) -> dict:
 
 
 def policies(args: argparse.Namespace, opts: dict, record: dict) -> None:
-    """The imbalanced trace under each migration policy, the shared-prefix trace under each dispatch policy, and
-    the usual trace on a prefill/decode split, each on 2 instances."""
+    """The shared-prefix trace under each dispatch policy, and the usual trace on a prefill/decode split, each on
+    2 instances."""
     from ferry.cluster.frontend import ClusterLLM
     from ferry.engine.options import parse_instance_roles
-    for policy in ("off", "balance"):
-        c = ClusterLLM(args.model, 2, opts, migration_policy=policy)
-        moves = c._migrations.outcomes  # filled while the trace runs
-        record[f"imbalanced_{policy}"] = {**_run(c, imbalanced(args), f"imb-{policy}"), "migrations": dict(moves)}
     for policy in ("least-loaded", "cache-aware"):
         c = ClusterLLM(args.model, 2, opts, dispatch_policy=policy)
         row = record[f"prefix_{policy}"] = asyncio.run(serve_trace(c, shared_prefix(args), f"pre-{policy}"))
@@ -234,6 +266,34 @@ def policies(args: argparse.Namespace, opts: dict, record: dict) -> None:
     handovers = pd._migrations.outcomes
     record["split_prefill_1_decode_1"] = _run(pd, workload(args), "pd")
     record["split_handovers"] = dict(handovers)
+
+
+def imbalance(args: argparse.Namespace, opts: dict, record: dict) -> None:
+    """The imbalanced trace on 2 instances, --migration-policy off and balance in interleaved rounds (the same trace
+    each time: the machine's noise hits both alike), pooled over the rounds: TTFT, TPOT, throughput, the
+    instances' preemptions and the migrations."""
+    from ferry.cluster.frontend import ClusterLLM
+    trace = imbalanced(args)
+    opts = {**opts, "kv_cache_memory": args.imbalance_kv_cache_memory}
+    rows, seconds = {"off": [], "balance": []}, {"off": 0.0, "balance": 0.0}
+    counts = {p: {"preemptions": 0, "migrations": {}} for p in rows}
+    for r in range(args.imbalance_rounds):
+        for policy in rows:
+            c = ClusterLLM(args.model, 2, opts, migration_policy=policy)
+            try:
+                got, span = asyncio.run(trace_rows(c, trace, f"imb-{policy}-{r}"))
+                stats = [s for s in c.instance_stats() if s is not None]
+            finally:
+                asyncio.run(c.shutdown(drain=False, timeout=60))
+            rows[policy] += got
+            seconds[policy] += span
+            counts[policy]["preemptions"] += sum(s.num_preemptions for s in stats)
+            for outcome, n in c._migrations.outcomes.items():
+                counts[policy]["migrations"][outcome] = counts[policy]["migrations"].get(outcome, 0) + n
+            print(f"imbalanced {policy} round {r}: {summarize(got, span)} {counts[policy]}", flush=True)
+    for policy in rows:
+        record[f"imbalanced_{policy}"] = {**summarize(rows[policy], seconds[policy]), **counts[policy],
+                                          "rounds": args.imbalance_rounds}
 
 
 def migrations(args: argparse.Namespace, opts: dict, record: dict) -> None:
@@ -260,6 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     record = new_record("cluster", "what do several instances, live migration and the prefill/decode split cost "
                                    "and buy on one machine?", args)
     opts = {"dtype": args.dtype, "kv_cache_memory": args.kv_cache_memory, "threads": 1}
+    if args.only == "imbalanced":
+        imbalance(args, opts, record)
+        print(imbalance_table(record))
+        return
 
     async def front_end() -> dict:
         one = AsyncLLM.from_options(args.model, **{**opts, "threads": 2})
@@ -272,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
             await c1.shutdown(drain=False, timeout=60)
     record["front_end"] = asyncio.run(front_end())
     record["one_instance_2_threads"] = record["front_end"]["no_ray"]
+    imbalance(args, opts, record)
     policies(args, opts, record)
     migrations(args, opts, record)
     record["copy_cost"] = copy_cost(args)
@@ -292,13 +357,7 @@ def report(record: dict) -> str:
     lines.append(f"\nfront end (Ray, 1 instance x 2 threads vs no Ray, median of {len(f['rounds']['no_ray'])} "
                  f"interleaved rounds): TTFT p50 +{f['ttft_p50_added_ms']:.1f} ms, throughput "
                  f"{f['throughput_ratio']:.3f}x; local Ray's processes {record['ray_memory_bytes'] / 2**20:.0f} MiB")
-    lines += ["", "| imbalanced trace, 2 instances | output tok/s | TTFT p50/p99 s | TPOT p50/p99 s | migrations |",
-              "|---|---|---|---|---|"]
-    for policy in ("off", "balance"):
-        r = record[f"imbalanced_{policy}"]
-        lines.append(f"| --migration-policy {policy} | {r['output_tok_s']:.1f} | {r['ttft_p50_s']:.3f}/"
-                     f"{r['ttft_p99_s']:.3f} | {r['tpot_p50_s']:.4f}/{r['tpot_p99_s']:.4f} | "
-                     f"{r['migrations'].get('migrated', 0)} |")
+    lines += ["", imbalance_table(record)]
     lines += ["", "| shared-prefix trace, 2 instances | output tok/s | TTFT p50/p99 s | prefix cache hit rate |",
               "|---|---|---|---|"]
     for policy in ("least-loaded", "cache-aware"):
@@ -314,6 +373,18 @@ def report(record: dict) -> str:
     c = record["copy_cost"]
     lines.append(f"\nKV block: {c['bytes_per_block'] / 1024:.1f} KiB, export {c['export_us_per_block']:.0f} us + "
                  f"import {c['import_us_per_block']:.0f} us per block (one process)")
+    return "\n".join(lines)
+
+
+def imbalance_table(record: dict) -> str:
+    rounds = record["imbalanced_off"].get("rounds", 1)
+    lines = ["| imbalanced trace, 2 instances | output tok/s | TTFT p50/p99 s | TPOT p50/p99 s | "
+             f"preemptions ({rounds} rounds) | migrations ({rounds} rounds) |", "|---|---|---|---|---|---|"]
+    for policy in ("off", "balance"):
+        r = record[f"imbalanced_{policy}"]
+        lines.append(f"| --migration-policy {policy} | {r['output_tok_s']:.1f} | {r['ttft_p50_s']:.3f}/"
+                     f"{r['ttft_p99_s']:.3f} | {r['tpot_p50_s']:.4f}/{r['tpot_p99_s']:.4f} | "
+                     f"{r.get('preemptions', 0)} | {r['migrations'].get('migrated', 0)} |")
     return "\n".join(lines)
 
 

@@ -13,8 +13,8 @@ tokenizer), so `ferry serve --instances N` runs the same server code as one inst
   resumed (n > 1) ends with an explicit error. The dead instance is started again in the background.
 - Live migration (migration.py): migrate() moves a running request with its KV to another instance while it
   decodes; the client's stream goes on from the destination (outputs are cumulative: nothing repeated, nothing
-  lost). Policies (policies.py): --migration-policy balance moves a request from the most to the least loaded
-  instance when they differ by 2 or more; drain() moves every request off an instance (scale-in)."""
+  lost). Policies (policies.py): --migration-policy balance moves a request from the instance whose KV is
+  most committed (the load dispatch reads) to the least when that one is short of KV and they differ enough; drain() moves every request off an instance (scale-in)."""
 from __future__ import annotations
 
 import asyncio
@@ -271,15 +271,21 @@ class ClusterLLM(ClusterMoves):
         live = live or [s for s in self._slots if s.alive and not s.draining]
         if not live:
             raise Overloaded("no engine instance is running (they are being restarted); retry later")
-        load = {s.index: 0 for s in live}
-        for t in self._tracked.values():  # KV its requests hold or will: prompt + output so far
-            if t.slot.index in load:
-                load[t.slot.index] += len(t.prompt.prompt_token_ids) + t.num_output_tokens
+        load = self._kv_tokens(live)
         index = pick_instance([Candidate(s.index, load[s.index], s.capacity_tokens, s.prefixes.match(prompt),
                                          s.in_flight) for s in live], self._dispatch_policy)
         slot = self._slots[index]
         slot.prefixes.add(prompt)
         return slot
+
+    def _kv_tokens(self, slots: list[_Slot]) -> dict[int, int]:
+        """KV tokens each instance's requests hold or will (prompt + output so far; a queued prompt counts whole):
+        the load both dispatch and the balance policy read."""
+        load = {s.index: 0 for s in slots}
+        for t in self._tracked.values():
+            if t.slot.index in load:
+                load[t.slot.index] += len(t.prompt.prompt_token_ids) + t.num_output_tokens
+        return load
 
     def _lost(self, slot: _Slot) -> None:
         """Mark the instance dead (once) and start a new one in its place in the background."""

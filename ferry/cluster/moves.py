@@ -3,8 +3,8 @@ state it reads: _slots, _tracked, _moved, _migrating, _migrations, _stopping, _r
 
 - migrate(request, to): live migration in stages (migration.py) while the request decodes;
 - drain(index) / undrain(index): scale-in, every request off an instance (policies.pick_drain);
-- _balance(): --migration-policy balance, one move at a time from the most to the least loaded instance
-  (policies.pick_balance);
+- _balance(): --migration-policy balance, one move at a time from the instance whose KV is most committed to the
+  least (policies.pick_balance; the load dispatch reads: KV tokens held plus queued prompts, over the KV cache);
 - _hand_over(request): the prefill/decode split: a request a prefill instance stopped at its first token goes to
   the least loaded decode instance in one stop-and-copy.
 
@@ -17,12 +17,12 @@ import logging
 from typing import Any
 
 from ferry.cluster.migration import MigrationAborted, migrate
-from ferry.cluster.policies import Running, pick_balance, pick_drain
+from ferry.cluster.policies import Load, Running, pick_balance, pick_drain
 from ferry.errors import InvalidRequest
 
 log = logging.getLogger("ferry")
 
-BALANCE_INTERVAL = 0.5  # seconds between looks of the balance policy
+BALANCE_INTERVAL = 0.1  # seconds between looks of the balance policy (a look is cheap: the front end's own view)
 DECODE_ROLES = ("decode", "both")
 
 
@@ -108,19 +108,19 @@ class ClusterMoves:
 
     def _least_loaded(self, exclude: Any, roles: tuple[str, ...]) -> Any:
         ok = [s for s in self._slots if s.alive and not s.draining and s is not exclude and s.role in roles]
-        return min(ok, key=lambda s: (s.in_flight, s.index), default=None)
+        load = self._kv_tokens(ok)
+        return min(ok, key=lambda s: (load[s.index] / max(1, s.capacity_tokens), s.in_flight, s.index), default=None)
 
-    def _load(self) -> dict[int, int]:
-        """Requests in flight per instance that decodes (what balance evens out)."""
-        return {s.index: s.in_flight for s in self._slots if s.alive and not s.draining and s.role in DECODE_ROLES}
+    def _load(self) -> dict[int, Load]:
+        """KV tokens committed per instance that decodes, over its KV cache (what balance evens out)."""
+        ok = [s for s in self._slots if s.alive and not s.draining and s.role in DECODE_ROLES]
+        return {i: Load(n, self._slots[i].capacity_tokens) for i, n in self._kv_tokens(ok).items()}
 
     def _running(self) -> list[Running]:
         out = []
         for rid, t in self._tracked.items():
             if rid in self._migrating or rid in self._moved:
                 continue
-            p, num_prompt = t.prompt.params, len(t.prompt.prompt_token_ids)
-            left = min(p.max_tokens if p.max_tokens is not None else self.max_model_len,
-                       self.max_model_len - num_prompt) - t.num_output_tokens
-            out.append(Running(rid, t.slot.index, num_prompt + t.num_output_tokens, t.num_output_tokens, left))
+            num_prompt = len(t.prompt.prompt_token_ids)
+            out.append(Running(rid, t.slot.index, num_prompt + t.num_output_tokens, t.num_output_tokens))
         return out
