@@ -36,9 +36,11 @@ from ferry.ops.kernel import NativeKernel
 # with bench/gemv.py (Zen 4, 2 threads, weights streamed from DRAM, AVX-512):
 # the kernel beats F.linear at every M <= 16 for both dtypes (~2-5x at M=1..4
 # where it runs at DRAM speed, 1.3-3x at M=16 where it is compute-bound).
-# Past 16 the gain fades (even with MKL/oneDNN around M=32), so 16 is the
-# crossover. Float32 M > 8 with a weight under 1 MiB also runs the kernel
-# (it went to MKL, about as fast there) so that every M <= 16 is batch-invariant.
+# bfloat16 stops at 16: above it oneDNN's AMX / bf16 GEMM is faster. float32
+# goes on to 32: MKL's sgemm streams a DRAM-resident weight at a fraction of
+# the bandwidth at 17-32 rows, and the 32-request float32 job of `bench
+# quantization` went from 1.38x to 1.57x llama.cpp with it (Sapphire Rapids).
+# Every M <= MAX_M is batch-invariant (small weights too).
 MAX_M = {torch.float32: 32, torch.bfloat16: 16}
 
 
